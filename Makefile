@@ -1,0 +1,31 @@
+# Every target sets up .venv itself, so a fresh clone needs only `make test` or `make run`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test check fmt bench run clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check: $(STAMP)
+	$(BIN)/ruff check tokenpool tests
+	$(BIN)/ruff format --check tokenpool tests
+	$(BIN)/mypy tokenpool
+
+fmt: $(STAMP)
+	$(BIN)/ruff format tokenpool tests
+	$(BIN)/ruff check --fix tokenpool tests
+
+bench: $(STAMP)
+	$(BIN)/python -m tokenpool.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
