@@ -25,6 +25,7 @@ from ._errors import (
 from ._model import Lease, Reason, Stats, Status, TokenStatus, Usage
 from ._ops import (
     Activate,
+    ActivateMany,
     Clear,
     GetHistory,
     GetLease,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activate",
+    "ActivateMany",
     "Clear",
     "Clock",
     "GetHistory",

@@ -24,7 +24,7 @@ import structlog
 import trio
 
 from ._errors import TokenPoolError, UnavailableError
-from ._model import Change, Started
+from ._model import Change, Lease
 from ._ops import Op, ReleaseLease
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class Request:
         self.results: list[object] = []
         self.state = QUEUED
         self.task: trio.lowlevel.Task | None = None
-        self.grants: list[Started] = []
+        self.grants: list[Lease] = []
 
     def finish(self) -> None:
         """Mark answered and wake the caller if it is parked."""
@@ -135,14 +135,14 @@ class Actor:
                 await self._undo(request.grants)
             raise
 
-    async def _undo(self, grants: list[Started]) -> None:
+    async def _undo(self, grants: list[Lease]) -> None:
         """Release the leases an abandoned request granted (shielded: we are cancelled)."""
-        ops = [ReleaseLease(g.lease.token_id, g.lease.id) for g in grants]
+        ops = [ReleaseLease(lease.token_id, lease.id) for lease in grants]
         with trio.CancelScope(shield=True):
             try:
                 await self.send.send(Request(ops))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                log.warning("undo_lost", leases=[g.lease.id for g in grants])
+                log.warning("undo_lost", leases=[lease.id for lease in grants])
 
     def close(self) -> None:
         """Stop taking requests; the actor answers what is queued, then returns."""
@@ -214,7 +214,7 @@ class Actor:
                     log.exception("op_failed", op=repr(op))
                     results.append(error)
             if track:
-                request.grants = [c for c in changes[mark:] if type(c) is Started]
+                request.grants = [c for c in changes[mark:] if type(c) is Lease]
             request.state = APPLIED
 
     def _deliver(self, batch: list[Request], changes: list[Change]) -> None:

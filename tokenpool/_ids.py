@@ -14,35 +14,36 @@ from ._errors import InvalidArgumentError
 
 USER_ID_MAX_BYTES = 128
 
-_REFILL = 16 * 4096
+_BATCH = 4096
 
 
 class IdSource:
-    """Mints random (version 4) UUID strings from a buffer of ``os.urandom``.
+    """Mints random (version 4) UUID strings from ``os.urandom``, 4,096 at a time.
 
-    ``str(uuid.uuid4())`` makes one system call and several objects per id
-    (about 2 µs); activations mint an id each, so the ids are cut from a
-    64 KiB buffer of the same kernel randomness instead (about 0.4 µs).
+    ``str(uuid.uuid4())`` makes a system call and several objects per id
+    (about 2 µs); every activation mints one, so ids are cut from one large
+    read of the same kernel randomness instead (about 0.6 µs each).
     """
 
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("_ready",)
 
     def __init__(self) -> None:
-        self._buf = b""
-        self._pos = 0
+        self._ready: list[str] = []
 
     def __call__(self) -> str:
-        pos = self._pos
-        if pos >= len(self._buf):
-            self._buf = os.urandom(_REFILL)
-            pos = 0
-        self._pos = pos + 16
-        n = int.from_bytes(self._buf[pos : pos + 16])
-        # RFC 9562 version 4, variant 10.
-        n = (n & ~(0xF << 76) | (0x4 << 76)) & ~(0x3 << 62) | (0x2 << 62)
-        h = f"{n:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        ready = self._ready
+        if not ready:
+            h = os.urandom(16 * _BATCH).hex()
+            # RFC 9562: version nibble 4, variant bits 10.
+            ready += [
+                f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
+                f"{_VARIANT[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
+                for i in range(0, 32 * _BATCH, 32)
+            ]
+        return ready.pop()
 
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 new_id = IdSource()
 

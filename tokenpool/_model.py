@@ -98,13 +98,8 @@ class Stats:
 
 
 # -- changes: what the state emits for the write-behind store ---------------
-
-
-@attrs.frozen(slots=True)
-class Started:
-    """A lease was granted."""
-
-    lease: Lease
+# A ``Lease`` in a change list means "granted", a ``Usage`` means "ended":
+# the values themselves, with no wrapper, since every activation makes them.
 
 
 @attrs.frozen(slots=True)
@@ -112,13 +107,6 @@ class Renewed:
     """A lease's ``expires_at`` moved; ``lease`` is the lease as it is now."""
 
     lease: Lease
-
-
-@attrs.frozen(slots=True)
-class Ended:
-    """A lease ended; ``usage`` is its history entry."""
-
-    usage: Usage
 
 
 @attrs.frozen(slots=True)
@@ -136,4 +124,4 @@ class TokensRemoved:
     token_ids: tuple[str, ...]
 
 
-Change = Started | Renewed | Ended | TokensAdded | TokensRemoved
+Change = Lease | Usage | Renewed | TokensAdded | TokensRemoved

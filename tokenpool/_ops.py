@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import attrs
 
+from ._errors import InvalidArgumentError
 from ._model import Change, Lease, Stats, TokenStatus, Usage
 from ._state import PoolState
 
@@ -40,6 +41,22 @@ class Activate(Op):
         lease, made = state.activate(self.user_id, now)
         changes += made
         return lease
+
+
+@attrs.frozen(slots=True)
+class ActivateMany(Op):
+    """``pool.activate_many(user_ids)``: a lease (or an ``InvalidArgumentError``) per user."""
+
+    user_ids: tuple[str, ...]
+    writes: ClassVar[bool] = True
+    needs_room: ClassVar[bool] = True
+
+    def apply(
+        self, state: PoolState, now: datetime, changes: list[Change]
+    ) -> list[Lease | InvalidArgumentError]:
+        results, made = state.activate_many(self.user_ids, now)
+        changes += made
+        return results
 
 
 @attrs.frozen(slots=True)

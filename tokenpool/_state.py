@@ -30,7 +30,7 @@ The rules:
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
@@ -44,11 +44,9 @@ from ._errors import (
 from ._ids import check_user_id, check_uuid, new_id
 from ._model import (
     Change,
-    Ended,
     Lease,
     Reason,
     Renewed,
-    Started,
     Stats,
     Status,
     TokensAdded,
@@ -84,6 +82,7 @@ class PoolState:
         self.revision = revision
         self._ids = ids
         self._now: datetime | None = None
+        self._expires = datetime.min  # now + ttl for the current ``now``, computed once
         # token id -> created_at, in creation order (the stable order of tokens()).
         self._tokens: dict[str, datetime] = {}
         self._available: OrderedDict[str, None] = OrderedDict()
@@ -93,7 +92,11 @@ class PoolState:
         # (expires_at, fence, token_id, lease_id); an entry is live only while
         # that lease is current with that expires_at.
         self._deadlines: list[tuple[datetime, int, str, str]] = []
-        self._history: dict[str, deque[Usage]] = {}
+        # token id -> its ended leases, oldest first; created on a token's first
+        # ended lease (a million idle tokens cost no lists) and trimmed in steps
+        # to the newest ``history_limit`` entries (amortised O(1) per append).
+        self._history: dict[str, list[Usage]] = {}
+        self._history_trim = history_limit + max(1, history_limit // 4)
         self.activations = 0
         self.evictions = 0
         self.expirations = 0
@@ -105,10 +108,13 @@ class PoolState:
 
     def _tick(self, now: datetime, changes: list[Change]) -> datetime:
         """Move the pool's time to ``now`` (never back) and end every lease due by then."""
-        last = self._now
-        if last is not None and now < last:
-            now = last
-        self._now = now
+        if now is not self._now:
+            last = self._now
+            if last is not None and now < last:
+                now = last
+            else:
+                self._now = now
+                self._expires = now + self.ttl
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             expires_at, _fence, token_id, lease_id = heapq.heappop(deadlines)
@@ -147,7 +153,6 @@ class PoolState:
                 raise InvalidArgumentError(f"token {token_id} is already in the pool")
             self._tokens[token_id] = now
             self._available[token_id] = None
-            self._history[token_id] = deque(maxlen=self.history_limit)
             added.append(token_id)
         if not added:
             return []
@@ -180,7 +185,7 @@ class PoolState:
                 removed.append(token_id)
             for token_id in removed:
                 del self._tokens[token_id]
-                del self._history[token_id]
+                self._history.pop(token_id, None)
             self.revision += 1
             changes.append(TokensRemoved(tuple(removed)))
         return changes
@@ -202,35 +207,69 @@ class PoolState:
     def restore_history(self, usages: Iterable[Usage]) -> None:
         """Put back recent history loaded from the store, oldest first."""
         for usage in usages:
-            history = self._history.get(usage.token_id)
-            if history is not None:
-                history.append(usage)
+            if usage.token_id in self._tokens:
+                self._remember(usage)
 
     # -- operations that change the pool ------------------------------------
 
     def activate(self, user_id: str, now: datetime) -> tuple[Lease, list[Change]]:
         """Lease a token to ``user_id`` (rule 1). Raises ``InvalidArgumentError``."""
-        check_user_id(user_id)
         changes: list[Change] = []
         now = self._tick(now, changes)
-        held = self._by_user.get(user_id)
-        if held is not None:
-            return held, changes
+        return self._activate(user_id, now, changes), changes
+
+    def activate_many(
+        self, user_ids: Iterable[str], now: datetime
+    ) -> tuple[list[Lease | InvalidArgumentError], list[Change]]:
+        """``activate`` for each user in order; a malformed user id yields its error."""
+        changes: list[Change] = []
+        now = self._tick(now, changes)
+        results: list[Lease | InvalidArgumentError] = []
+        activate = self._activate
+        for user_id in user_ids:
+            try:
+                results.append(activate(user_id, now, changes))
+            except InvalidArgumentError as error:
+                results.append(error)
+        return results, changes
+
+    def _activate(self, user_id: str, now: datetime, changes: list[Change]) -> Lease:
+        # The hot path of the whole service, hence inlined by hand.
+        by_user = self._by_user
+        if type(user_id) is str:
+            held = by_user.get(user_id)
+            if held is not None:
+                return held  # a key of _by_user was checked when it was granted
+        check_user_id(user_id)
+        leases = self._leases
         if self._available:
             token_id = self._available.popitem(last=False)[0]
-        elif self._leases:
-            token_id, oldest = next(iter(self._leases.items()))
+        elif leases:
+            token_id, oldest = leases.popitem(last=False)
+            del by_user[oldest.user_id]
+            usage = Usage(oldest.id, token_id, oldest.user_id, oldest.activated_at, now, _EVICTED)
+            history = self._history.get(token_id)
+            if history is None or len(history) >= self._history_trim:
+                self._remember(usage)
+            else:
+                history.append(usage)
+            changes.append(usage)
             self.evictions += 1
-            changes.append(self._end(oldest, now, _EVICTED))
-            del self._available[token_id]
         else:
             raise UnavailableError("the pool has no tokens")
-        self.revision += 1
+        self.revision = fence = self.revision + 1
         self.activations += 1
-        lease = Lease(self._ids(), token_id, user_id, self.revision, now, now + self.ttl)
-        self._grant(lease)
-        changes.append(Started(lease))
-        return lease, changes
+        expires_at = self._expires
+        lease_id = self._ids()
+        lease = Lease(lease_id, token_id, user_id, fence, now, expires_at)
+        leases[token_id] = lease
+        by_user[user_id] = lease
+        deadlines = self._deadlines
+        heapq.heappush(deadlines, (expires_at, fence, token_id, lease_id))
+        if len(deadlines) > 2 * len(leases) + 64:
+            self._compact_deadlines()
+        changes.append(lease)
+        return lease
 
     def release(
         self, token_id: str, user_id: str | None, now: datetime
@@ -252,9 +291,9 @@ class PoolState:
             raise NotHolderError(f"user {user_id!r} does not hold token {token_id}")
         self.revision += 1
         self.releases += 1
-        ended = self._end(lease, now, Reason.RELEASED)
-        changes.append(ended)
-        return ended.usage, changes
+        usage = self._end(lease, now, Reason.RELEASED)
+        changes.append(usage)
+        return usage, changes
 
     def release_lease(self, token_id: str, lease_id: str, now: datetime) -> list[Change]:
         """End that exact lease ``released`` if it is still current; else do nothing.
@@ -277,15 +316,15 @@ class PoolState:
         (it ended, or another lease replaced it), ``UnknownTokenError``,
         ``InvalidArgumentError``.
         """
-        token_id = self._token_id(token_id)
         lease_id = check_uuid(lease_id, "lease_id")
+        token_id = self._token_id(token_id)
         changes: list[Change] = []
         now = self._tick(now, changes)
         lease = self._leases.get(token_id)
         if lease is None or lease.id != lease_id:
             raise NotHolderError(f"lease {lease_id} is not the current lease of token {token_id}")
         renewed = Lease(
-            lease.id, token_id, lease.user_id, lease.fence, lease.activated_at, now + self.ttl
+            lease.id, token_id, lease.user_id, lease.fence, lease.activated_at, self._expires
         )
         # Replace in place: renewing keeps the lease's place in activation order.
         self._leases[token_id] = renewed
@@ -312,8 +351,8 @@ class PoolState:
 
     def validate(self, token_id: str, lease_id: str) -> bool:
         """Whether that lease is the token's current one. Raises ``UnknownTokenError``."""
-        token_id = self._token_id(token_id)
         lease_id = check_uuid(lease_id, "lease_id")
+        token_id = self._token_id(token_id)
         lease = self._leases.get(token_id)
         return lease is not None and lease.id == lease_id
 
@@ -337,15 +376,16 @@ class PoolState:
 
     def history(self, token_id: str, limit: int = 100) -> list[Usage]:
         """The token's ended leases kept in memory, newest first, at most ``limit``."""
-        token_id = self._token_id(token_id)
         check_limit(limit)
-        history = self._history[token_id]
-        count = min(limit, len(history))
+        token_id = self._token_id(token_id)
+        history = self._history.get(token_id, ())
+        count = min(limit, len(history), self.history_limit)
         return [history[-1 - i] for i in range(count)]
 
     def history_kept(self, token_id: str) -> int:
         """How many entries of the token's history are in memory (the rest are in the store)."""
-        return len(self._history[self._token_id(token_id)])
+        kept = len(self._history.get(self._token_id(token_id), ()))
+        return min(kept, self.history_limit)
 
     def leases(self) -> list[Lease]:
         """Every active lease, oldest activation first."""
@@ -393,22 +433,34 @@ class PoolState:
         deadlines = self._deadlines
         heapq.heappush(deadlines, (lease.expires_at, lease.fence, lease.token_id, lease.id))
         if len(deadlines) > 2 * len(self._leases) + 64:
-            # Stale entries (ended or renewed leases) outnumber live ones: rebuild
-            # from the live leases, O(n) once per n pushes.
-            self._deadlines = [
-                (lease.expires_at, lease.fence, lease.token_id, lease.id)
-                for lease in self._leases.values()
-            ]
-            heapq.heapify(self._deadlines)
+            self._compact_deadlines()
 
-    def _end(self, lease: Lease, ended_at: datetime, reason: Reason) -> Ended:
+    def _compact_deadlines(self) -> None:
+        # Stale entries (ended or renewed leases) outnumber live ones: rebuild
+        # from the live leases, O(n) once per n pushes.
+        self._deadlines = [
+            (lease.expires_at, lease.fence, lease.token_id, lease.id)
+            for lease in self._leases.values()
+        ]
+        heapq.heapify(self._deadlines)
+
+    def _end(self, lease: Lease, ended_at: datetime, reason: Reason) -> Usage:
         token_id = lease.token_id
         del self._leases[token_id]
         del self._by_user[lease.user_id]
         self._available[token_id] = None
         usage = Usage(lease.id, token_id, lease.user_id, lease.activated_at, ended_at, reason)
-        self._history[token_id].append(usage)
-        return Ended(usage)
+        self._remember(usage)
+        return usage
+
+    def _remember(self, usage: Usage) -> None:
+        history = self._history.get(usage.token_id)
+        if history is None:
+            self._history[usage.token_id] = [usage]
+            return
+        history.append(usage)
+        if len(history) > self._history_trim:
+            del history[: -self.history_limit]
 
     @staticmethod
     def _status(token_id: str, lease: Lease | None) -> TokenStatus:

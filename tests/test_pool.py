@@ -1,0 +1,345 @@
+"""The embedded pool: the actor, its timer and the library API, on trio's MockClock."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+import tokenpool
+from tokenpool import (
+    Activate,
+    Clock,
+    GetLease,
+    InvalidArgumentError,
+    NotActiveError,
+    NotHolderError,
+    Reason,
+    Release,
+    UnavailableError,
+    UnknownTokenError,
+    Usage,
+)
+from tokenpool._actor import Actor, Request
+from tokenpool._model import Change
+from tokenpool._ops import Op
+from tokenpool._state import PoolState
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def pool_state(pool: tokenpool.Pool) -> PoolState:
+    return pool._actor.state
+
+
+async def test_lease_fields_come_from_the_pool_clock(autojump_clock: trio.abc.Clock) -> None:
+    async with tokenpool.open_pool(size=3, ttl=60, clock=Clock(T0)) as pool:
+        await trio.sleep(5)
+        lease = await pool.activate("alice")
+    assert (T0 + timedelta(seconds=5), T0 + timedelta(seconds=65)) == (
+        lease.activated_at,
+        lease.expires_at,
+    )
+    assert lease.activated_at.tzinfo is not None
+
+
+async def test_expiry_fires_on_time_without_any_request(autojump_clock: trio.abc.Clock) -> None:
+    async with tokenpool.open_pool(size=3, ttl=120, clock=Clock(T0)) as pool:
+        lease = await pool.activate("alice")
+        await trio.sleep(119.999)
+        assert pool_state(pool).stats().active == 1
+        await trio.sleep(0.002)
+        # Read the state directly: no request has reached the actor since activate.
+        state = pool_state(pool)
+        assert (state.stats().active, state.stats().expirations) == (0, 1)
+        (usage,) = state.history(lease.token_id)
+        assert (Reason.EXPIRED, lease.expires_at) == (usage.reason, usage.ended_at)
+
+
+async def test_timer_follows_the_nearest_deadline_as_leases_come_and_go(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with tokenpool.open_pool(size=5, ttl=10, clock=Clock(T0)) as pool:
+        a = await pool.activate("a")
+        await trio.sleep(3)
+        b = await pool.activate("b")
+        await pool.release(a.token_id)  # the timer was set for a; now b is next
+        await trio.sleep(7.5)
+        assert b == await pool.lease_of("b")
+        await trio.sleep(3)
+        assert await pool.lease_of("b") is None
+        stats = await pool.stats()
+        assert (stats.releases, stats.expirations) == (1, 1)
+
+
+async def test_full_pool_evicts_the_oldest_lease(autojump_clock: trio.abc.Clock) -> None:
+    async with tokenpool.open_pool(size=2, ttl=100) as pool:
+        a = await pool.activate("a")
+        await trio.sleep(1)
+        b = await pool.activate("b")
+        await trio.sleep(1)
+        c = await pool.activate("c")
+        assert a.token_id == c.token_id
+        assert await pool.lease_of("a") is None
+        assert b == await pool.lease_of("b")
+        (usage,) = await pool.history(a.token_id)
+        assert (usage.reason, usage.user_id) == (Reason.EVICTED, "a")
+        assert not await pool.validate(a.token_id, a.id)
+        assert await pool.validate(c.token_id, c.id)
+        assert c.fence > b.fence > a.fence
+
+
+async def test_activate_twice_returns_the_same_lease() -> None:
+    async with tokenpool.open_pool(size=2) as pool:
+        first = await pool.activate("a")
+        assert first == await pool.activate("a")
+        assert (await pool.stats()).activations == 1
+
+
+async def test_release_checks_the_holder() -> None:
+    async with tokenpool.open_pool(size=2) as pool:
+        lease = await pool.activate("a")
+        with pytest.raises(NotHolderError, match="'b'"):
+            await pool.release(lease.token_id, "b")
+        usage = await pool.release(lease.token_id.upper(), "a")
+        assert (lease.id, Reason.RELEASED) == (usage.id, usage.reason)
+        with pytest.raises(NotActiveError):
+            await pool.release(lease.token_id)
+        with pytest.raises(UnknownTokenError):
+            await pool.release("6f1c1a8e-0000-4000-8000-000000000000")
+
+
+async def test_renew_moves_expiry(autojump_clock: trio.abc.Clock) -> None:
+    async with tokenpool.open_pool(size=1, ttl=10, clock=Clock(T0)) as pool:
+        lease = await pool.activate("a")
+        await trio.sleep(8)
+        renewed = await pool.renew(lease.token_id, lease.id)
+        assert T0 + timedelta(seconds=18) == renewed.expires_at
+        await trio.sleep(9)
+        assert await pool.validate(lease.token_id, lease.id)
+        await trio.sleep(1)
+        assert not await pool.validate(lease.token_id, lease.id)
+        with pytest.raises(NotHolderError):
+            await pool.renew(lease.token_id, lease.id)
+
+
+async def test_clear_ends_everything() -> None:
+    async with tokenpool.open_pool(size=4) as pool:
+        for user in "abc":
+            await pool.activate(user)
+        assert await pool.clear() == 3
+        statuses = await pool.tokens()
+        assert [s.status for s in statuses] == ["available"] * 4
+        assert (await pool.stats()).clears == 3
+
+
+async def test_tokens_are_in_a_stable_order() -> None:
+    async with tokenpool.open_pool(size=5) as pool:
+        before = [t.id for t in await pool.tokens()]
+        await pool.activate("a")
+        after = await pool.tokens()
+        assert before == [t.id for t in after]
+        assert sorted(["active"] + ["available"] * 4) == sorted(t.status for t in after)
+        one = after[2]
+        assert one == await pool.token(one.id.upper())
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: p.activate(""), "empty"),
+        (lambda p: p.activate("has space"), "whitespace"),
+        (lambda p: p.activate("x" * 129), "129 bytes"),
+        (lambda p: p.token("not-a-uuid"), "not a UUID"),
+        (lambda p: p.history("00000000-0000-4000-8000-000000000000", limit=0), "limit"),
+        (lambda p: p.validate("00000000-0000-4000-8000-000000000000", "zzz"), "lease_id"),
+    ],
+)
+async def test_invalid_input_is_rejected_and_changes_nothing(call, message) -> None:  # type: ignore[no-untyped-def]
+    async with tokenpool.open_pool(size=2) as pool:
+        before = await pool.stats()
+        with pytest.raises(InvalidArgumentError, match=message):
+            await call(pool)
+        assert before == await pool.stats()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"size": 0}, {"size": -1}, {"ttl": 0}, {"ttl": -5}, {"durability": "maybe"}],
+)
+async def test_bad_settings_are_rejected(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        async with tokenpool.open_pool(**kwargs):  # type: ignore[arg-type]
+            pass
+
+
+async def test_batch_applies_in_order_and_returns_errors_as_values() -> None:
+    async with tokenpool.open_pool(size=1) as pool:
+        results = await pool.batch(
+            [Activate("a"), Activate("b"), GetLease("a"), Activate(""), GetLease("b")]
+        )
+        a, b, a_after, bad, b_after = results
+        assert isinstance(a, tokenpool.Lease) and isinstance(b, tokenpool.Lease)
+        assert a.token_id == b.token_id
+        assert a_after is None
+        assert isinstance(bad, InvalidArgumentError)
+        assert b == b_after
+
+
+async def test_batch_is_one_actor_message() -> None:
+    async with tokenpool.open_pool(size=10) as pool:
+        before = pool._actor.requests
+        leases = await pool.activate_many([f"u{i}" for i in range(500)])
+        assert pool._actor.requests - before == 1
+        assert len({lease.id for lease in leases if isinstance(lease, tokenpool.Lease)}) == 500
+        assert (await pool.stats()).active == 10
+
+
+async def test_a_failing_op_does_not_take_the_actor_down() -> None:
+    class Broken(Op):
+        def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> object:
+            raise RuntimeError("bug")
+
+    async with tokenpool.open_pool(size=1) as pool:
+        (error,) = await pool.batch([Broken()])
+        assert isinstance(error, RuntimeError)
+        assert (await pool.activate("a")).user_id == "a"
+
+
+async def test_closed_pool_answers_unavailable() -> None:
+    async with tokenpool.open_pool(size=1) as pool:
+        pass
+    with pytest.raises(UnavailableError, match="closed"):
+        await pool.activate("a")
+
+
+async def test_an_error_in_the_body_comes_out_plain() -> None:
+    with pytest.raises(KeyError):
+        async with tokenpool.open_pool(size=1):
+            raise KeyError("mine")
+
+
+async def test_hundreds_of_tasks_keep_the_invariants(autojump_clock: trio.abc.Clock) -> None:
+    rng = random.Random(7)
+    granted: list[tokenpool.Lease] = []
+
+    async def client(n: int, pool: tokenpool.Pool) -> None:
+        for _ in range(20):
+            user = f"user-{rng.randrange(60)}"
+            lease = await pool.activate(user)
+            assert user == lease.user_id
+            granted.append(lease)
+            await trio.sleep(rng.random() * 3)
+            if rng.random() < 0.5:
+                with contextlib.suppress(NotHolderError, NotActiveError):
+                    await pool.release(lease.token_id, user)  # unless evicted or expired
+
+    async with tokenpool.open_pool(size=8, ttl=2.5) as pool:
+        async with trio.open_nursery() as nursery:
+            for n in range(300):
+                nursery.start_soon(client, n, pool)
+        state = pool_state(pool)
+        stats = state.stats()
+        leases = state.leases()
+        histories = [u for t in state.token_ids() for u in state.history(t, 10_000)]
+    assert len({lease.token_id for lease in leases}) == len(leases)
+    assert len({lease.user_id for lease in leases}) == len(leases)
+    assert stats.activations == len({lease.id for lease in granted})
+    assert stats.activations == len(leases) + len(histories)
+    assert len(histories) == len({u.id for u in histories})
+    assert stats.evictions > 0 and stats.expirations > 0 and stats.releases > 0
+
+
+async def test_cancelled_while_queued_is_never_applied() -> None:
+    async with tokenpool.open_pool(size=1) as pool:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await pool.activate("ghost")
+        assert scope.cancelled_caught
+        assert await pool.lease_of("ghost") is None
+        assert (await pool.stats()).activations == 0
+
+
+class HeldWriter:
+    """A fake write-behind store that commits only when the test says so."""
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+        self.waiting: list[Request] = []
+
+    def full(self) -> bool:
+        return False
+
+    def submit(self, changes: list[Change], waiters: list[Request] | None) -> None:
+        self.changes += changes
+        self.waiting += waiters or []
+
+    def commit(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for request in waiting:
+            request.finish()
+
+
+async def test_cancelled_after_grant_but_before_reply_releases_the_lease() -> None:
+    writer = HeldWriter()
+    clock = Clock()
+    clock.start()
+    state = PoolState(ttl=60)
+    state.resize(2, clock.now())
+    actor = Actor(state, clock, writer=writer, sync=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        with trio.move_on_after(1):
+            await actor.call([Activate("impatient")])  # the commit never comes in time
+        await trio.testing.wait_all_tasks_blocked()
+        writer.commit()
+        results = await _commit_while(actor, writer, [GetLease("impatient")])
+        assert results == [None]
+        ended = [c for c in writer.changes if type(c) is Usage]
+        assert [(u.user_id, u.reason) for u in ended] == [("impatient", Reason.RELEASED)]
+        actor.close()
+
+
+async def test_a_lease_held_before_is_not_released_when_the_caller_gives_up() -> None:
+    writer = HeldWriter()
+    clock = Clock()
+    clock.start()
+    state = PoolState(ttl=60)
+    state.resize(2, clock.now())
+    actor = Actor(state, clock, writer=writer, sync=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        (lease,) = await _commit_while(actor, writer, [Activate("holder")])
+        with trio.move_on_after(1):
+            await actor.call([Activate("holder")])  # idempotent: grants nothing new
+        writer.commit()
+        assert [lease] == await _commit_while(actor, writer, [GetLease("holder")])
+        actor.close()
+
+
+async def _commit_while(actor: Actor, writer: HeldWriter, ops: list[Op]) -> list[object]:
+    async with trio.open_nursery() as nursery:
+        done: list[object] = []
+
+        async def call() -> None:
+            done.extend(await actor.call(ops))
+
+        nursery.start_soon(call)
+        while not done:
+            await trio.testing.wait_all_tasks_blocked()
+            writer.commit()
+            await trio.lowlevel.checkpoint()
+    return done
+
+
+async def test_release_op_in_batch_reports_errors() -> None:
+    async with tokenpool.open_pool(size=1) as pool:
+        lease = await pool.activate("a")
+        results = await pool.batch([Release(lease.token_id, "b"), Release(lease.token_id, "a")])
+        assert isinstance(results[0], NotHolderError)
+        assert isinstance(results[1], tokenpool.Usage)

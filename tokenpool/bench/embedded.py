@@ -1,0 +1,144 @@
+"""The embedded pool: the pure state (the ceiling), the actor, and the batch path."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+from datetime import UTC, datetime, timedelta
+from functools import partial
+
+import trio
+import trio.lowlevel
+
+from .. import open_pool
+from .._state import PoolState
+from ._measure import Figure, repeat
+
+
+def _pure_round_trips(state: PoolState, seconds: float) -> float:
+    """activate + release on the state itself, no actor: the ceiling."""
+    now = datetime.now(UTC)
+    step = timedelta(microseconds=1)
+    users = [f"user-{i}" for i in range(1000)]
+    done = 0
+    start = time.perf_counter()
+    end = start + seconds
+    while time.perf_counter() < end:
+        for user in users:
+            lease, _ = state.activate(user, now)
+            state.release(lease.token_id, user, now)
+            now += step
+        done += len(users)
+    return done / (time.perf_counter() - start)
+
+
+def _pure_activations(state: PoolState, seconds: float) -> float:
+    """activate of users never seen before (every call grants; a full pool evicts)."""
+    now = datetime.now(UTC)
+    done = 0
+    start = time.perf_counter()
+    end = start + seconds
+    while time.perf_counter() < end:
+        for user in [f"fresh-{next(_fresh)}" for _ in range(1000)]:
+            state.activate(user, now)
+        done += 1000
+    return done / (time.perf_counter() - start)
+
+
+_fresh = itertools.count()
+
+
+async def _actor_rate(pool_size: int, tasks: int, seconds: float, mode: str) -> float:
+    """Operations per second through the actor from ``tasks`` concurrent tasks."""
+    count = 0
+    async with open_pool(size=pool_size, ttl=3600) as pool:
+
+        async def worker(n: int, deadline: float) -> None:
+            nonlocal count
+            users = [f"user-{n}-{i}" for i in range(64)]
+            i = 0
+            while trio.current_time() < deadline:
+                user = users[i % 64]
+                i += 1
+                if mode == "round-trip":
+                    lease = await pool.activate(user)
+                    await pool.release(lease.token_id, user)
+                elif mode == "activate":
+                    await pool.activate(f"fresh-{next(_fresh)}")
+                else:  # batch
+                    await pool.activate_many([f"fresh-{next(_fresh)}" for _ in range(1000)])
+                    count += 999
+                count += 1
+
+        await trio.lowlevel.checkpoint()
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for n in range(tasks):
+                nursery.start_soon(worker, n, start + seconds)
+        elapsed = trio.current_time() - start
+    return count / elapsed
+
+
+def run(quick: bool) -> list[Figure]:
+    seconds = 0.4 if quick else 1.5
+    runs = 3 if quick else 5
+    figures: list[Figure] = []
+    for size in (100, 1_000_000):
+        state = PoolState(ttl=3600)
+        state.resize(size, datetime.now(UTC))
+        gc.freeze()
+        label = f"size {size:,}"
+        figures += [
+            repeat(
+                f"state activate+release, {label}",
+                "round trips/s",
+                runs,
+                partial(_pure_round_trips, state, seconds),
+                size=size,
+                path="state",
+            ),
+            repeat(
+                f"state activate (new user), {label}",
+                "activations/s",
+                runs,
+                partial(_pure_activations, state, seconds),
+                size=size,
+                path="state",
+            ),
+        ]
+        del state
+        gc.unfreeze()
+        for tasks in (1, 10, 100):
+            figures.append(
+                repeat(
+                    f"actor activate+release, {tasks} tasks, {label}",
+                    "round trips/s",
+                    runs,
+                    partial(trio.run, _actor_rate, size, tasks, seconds, "round-trip"),
+                    size=size,
+                    tasks=tasks,
+                    path="actor",
+                )
+            )
+        figures += [
+            repeat(
+                f"actor activate (new user), 100 tasks, {label}",
+                "activations/s",
+                runs,
+                partial(trio.run, _actor_rate, size, 100, seconds, "activate"),
+                size=size,
+                tasks=100,
+                path="actor",
+            ),
+            repeat(
+                f"activate_many of 1,000 users, 1 task, {label}",
+                "activations/s",
+                runs,
+                partial(trio.run, _actor_rate, size, 1, seconds, "batch"),
+                size=size,
+                tasks=1,
+                path="batch",
+            ),
+        ]
+    return figures
