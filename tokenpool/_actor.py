@@ -37,7 +37,7 @@ MAX_BATCH = 1024
 """The most requests the actor applies before it hands changes on and replies."""
 
 # Request states.
-QUEUED, APPLIED, DONE, CANCELLED, ABANDONED = range(5)
+QUEUED, APPLIED, DONE, CANCELLED, ABANDONED, TIMED_OUT = range(6)
 
 
 class Request:
@@ -48,7 +48,7 @@ class Request:
     switch, and its abort hook implements the cancellation rule above.
     """
 
-    __slots__ = ("grants", "ops", "results", "state", "task")
+    __slots__ = ("changed", "grants", "ops", "results", "state", "task")
 
     def __init__(self, ops: Sequence[Op]) -> None:
         self.ops = ops
@@ -56,6 +56,7 @@ class Request:
         self.state = QUEUED
         self.task: trio.lowlevel.Task | None = None
         self.grants: list[Lease] = []
+        self.changed = False
 
     def finish(self) -> None:
         """Mark answered and wake the caller if it is parked."""
@@ -67,10 +68,21 @@ class Request:
 
     def fail(self, error: TokenPoolError) -> None:
         """Answer every op with ``error`` (the request could not be carried out)."""
-        if self.state in (DONE, CANCELLED, ABANDONED):
+        if self.state in (DONE, CANCELLED, ABANDONED, TIMED_OUT):
             return
         self.results = [error] * len(self.ops)
         self.finish()
+
+    def time_out(self, error: TokenPoolError) -> None:
+        """Answer ``error`` to a request applied but not committed in time (``sync`` mode).
+
+        Its caller then releases the leases it was granted, as for a cancelled caller.
+        """
+        if self.state != APPLIED:
+            return
+        self.results = [error] * len(self.ops)
+        self.finish()
+        self.state = TIMED_OUT
 
     async def wait(self) -> list[object]:
         """Park until answered; see the module's cancellation rule."""
@@ -129,11 +141,14 @@ class Actor:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise UnavailableError("the pool is closed") from None
         try:
-            return await request.wait()
+            results = await request.wait()
         except trio.Cancelled:
             if request.state == ABANDONED and request.grants:
                 await self._undo(request.grants)
             raise
+        if request.state == TIMED_OUT and request.grants:
+            await self._undo(request.grants)
+        return results
 
     async def _undo(self, grants: list[Lease]) -> None:
         """Release the leases an abandoned request granted (shielded: we are cancelled)."""
@@ -213,7 +228,8 @@ class Actor:
                 except Exception as error:  # a bug: answer it, keep serving everyone else
                     log.exception("op_failed", op=repr(op))
                     results.append(error)
-            if track:
+            if track and len(changes) > mark:
+                request.changed = True
                 request.grants = [c for c in changes[mark:] if type(c) is Lease]
             request.state = APPLIED
 
@@ -225,7 +241,16 @@ class Actor:
                     request.finish()
             return
         if self.sync:
-            waiting = [r for r in batch if r.state == APPLIED]
+            # Requests that changed something wait for their commit; the rest
+            # (reads, an activate that found the user's lease) are answered
+            # now, so reads keep working while the store is down.
+            waiting = []
+            for request in batch:
+                if request.state == APPLIED:
+                    if request.changed:
+                        waiting.append(request)
+                    else:
+                        request.finish()
             writer.submit(changes, waiting)
         else:
             if changes:

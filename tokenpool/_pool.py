@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar, cast
 
+import attrs
+import structlog
 import trio
 
 from ._actor import Actor
 from ._clock import Clock
-from ._errors import InvalidArgumentError, TokenPoolError
-from ._ids import new_id
+from ._errors import InvalidArgumentError, TokenPoolError, UnavailableError
+from ._ids import check_uuid
 from ._model import Lease, Stats, TokenStatus, Usage
 from ._ops import (
     Activate,
@@ -29,6 +31,10 @@ from ._ops import (
     Validate,
 )
 from ._state import PoolState
+from ._store import EPOCH_SHIFT, Batch, Store, StoreError, open_store
+from ._writer import Writer
+
+log = structlog.get_logger("tokenpool.pool")
 
 T = TypeVar("T")
 
@@ -45,9 +51,20 @@ class Pool:
     once the pool is closed.
     """
 
-    def __init__(self, actor: Actor, *, name: str) -> None:
+    def __init__(
+        self,
+        actor: Actor,
+        *,
+        name: str,
+        store: Store | None = None,
+        writer: Writer | None = None,
+        durability: str = "async",
+    ) -> None:
         self._actor = actor
+        self._store = store
+        self._writer = writer
         self.name = name
+        self.durability = durability if store is not None else "none"
 
     async def _one(self, op: Op, kind: type[T]) -> T:
         (result,) = await self._actor.call((op,))
@@ -99,12 +116,43 @@ class Pool:
         return cast("Lease | None", await self._one(GetLease(user_id), object))
 
     async def history(self, token_id: str, limit: int = 100) -> list[Usage]:
-        """The token's ended leases, newest first, at most ``limit`` (1 to 10,000)."""
-        return await self._one(GetHistory(token_id, limit), list)
+        """The token's ended leases, newest first, at most ``limit`` (1 to 10,000).
+
+        The newest entries come from memory; with a store, older ones are read
+        from it (in a worker thread, never in the actor). Raises
+        ``UnknownTokenError``, ``InvalidArgumentError``, and ``UnavailableError``
+        when the store is needed and cannot be read.
+        """
+        recent: list[Usage] = await self._one(GetHistory(token_id, limit), list)
+        if self._store is None or len(recent) >= limit:
+            return recent
+        token_id = check_uuid(token_id, "token_id")
+        try:
+            stored = await trio.to_thread.run_sync(self._store.history, token_id, limit)
+        except StoreError as error:
+            raise UnavailableError(str(error)) from None
+        merged = {u.id: u for u in stored}
+        merged.update((u.id, u) for u in recent)
+        newest_first = sorted(
+            merged.values(), key=lambda u: (u.ended_at, u.started_at), reverse=True
+        )
+        return newest_first[:limit]
 
     async def stats(self) -> Stats:
-        """The pool's size, counters and revision."""
-        return await self._one(GetStats(), Stats)
+        """The pool's size, counters and revision, and its store's state."""
+        stats: Stats = await self._one(GetStats(), Stats)
+        writer = self._writer
+        if writer is None or self._store is None:
+            return stats
+        return attrs.evolve(
+            stats,
+            store=self._store.kind,
+            durability=self.durability,
+            link=writer.link,
+            backlog=writer.backlog,
+            last_commit_at=writer.last_commit_at,
+            write_lag=writer.last_lag,
+        )
 
     async def batch(self, ops: Sequence[Op]) -> list[object]:
         """Apply many operations in one trip through the actor, in order.
@@ -138,13 +186,25 @@ async def open_pool(
     history_limit: int = 1000,
     clock: Clock | None = None,
     queue_size: int = 4096,
+    max_backlog: int = 100_000,
+    flush_interval: float = 0.002,
+    write_timeout: float = 5.0,
 ) -> AsyncIterator[Pool]:
     """Open a pool of ``size`` tokens leased for ``ttl`` seconds; close it on exit.
 
-    ``store`` is where the pool persists (``None``: memory only). The actor
-    runs in a nursery owned by this context manager; on exit it stops taking
-    requests, answers those already queued and stops.
-    Raises ``InvalidArgumentError`` for a bad setting.
+    ``store`` is where the pool persists: a ``postgresql://`` URL, a
+    ``sqlite:///path`` URL, or ``None`` for memory only. With a store, the
+    pool is rebuilt from it on open (same token ids, same leases; leases that
+    expired meanwhile end ``expired``) and every change is written behind in
+    batches. ``durability="async"`` answers callers at once (a change is
+    committed within about ``flush_interval`` plus one write);
+    ``"sync"`` answers only once the change has committed.
+
+    The actor (and the writer) run in a nursery owned by this context manager;
+    on exit it stops taking requests, answers those queued, flushes the store
+    and closes it. Raises ``InvalidArgumentError`` for a bad setting,
+    ``PoolLockedError`` when another process owns the pool, ``UnavailableError``
+    when the store cannot be reached.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidArgumentError(f"size must be a positive integer, not {size!r}")
@@ -152,26 +212,97 @@ async def open_pool(
         raise InvalidArgumentError(f"ttl must be a positive number of seconds, not {ttl!r}")
     if durability not in ("async", "sync"):
         raise InvalidArgumentError(f"durability must be 'async' or 'sync', not {durability!r}")
-    if store is not None:
-        raise InvalidArgumentError("persistent stores are not available yet; use store=None")
+    if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
+        raise InvalidArgumentError(f"name must be 1 to 64 printable characters, not {name!r}")
+    if isinstance(history_limit, bool) or not isinstance(history_limit, int) or history_limit < 1:
+        raise InvalidArgumentError(
+            f"history_limit must be a positive integer, not {history_limit!r}"
+        )
     clock = clock or Clock()
     clock.start()
-    state = PoolState(ttl=float(ttl), history_limit=history_limit)
-    state.add_tokens((new_id() for _ in range(size)), clock.now())
+    backend = (
+        open_store(store, write_timeout=write_timeout, durability=durability) if store else None
+    )
+    writer: Writer | None = None
+    if backend is None:
+        state = PoolState(ttl=float(ttl), history_limit=history_limit)
+        state.resize(size, clock.now())
+    else:
+        state = await _recover(backend, name, size, float(ttl), history_limit, clock)
+        writer = Writer(
+            backend,
+            now=clock.now,
+            max_backlog=max_backlog,
+            flush_interval=flush_interval if durability == "async" else 0.0,
+            write_timeout=write_timeout,
+        )
     if size >= LARGE_POOL:
         # Move the token maps to the GC's permanent generation: full collections
         # would otherwise rescan a million entries that are never garbage.
         gc.freeze()
-    actor = Actor(state, clock, queue_size=queue_size)
+    actor = Actor(state, clock, writer=writer, sync=durability == "sync", queue_size=queue_size)
+    pool = Pool(actor, name=name, store=backend, writer=writer, durability=durability)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(actor.run)
+            if writer is not None:
+                await nursery.start(writer.run)
+
+            async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+                await actor.run(task_status=task_status)
+                if writer is not None:
+                    await writer.close()  # after the actor: its last changes are queued
+
+            await nursery.start(serve)
             try:
-                yield Pool(actor, name=name)
+                yield pool
             finally:
                 actor.close()
     except BaseExceptionGroup as group:
         raise _single(group) from None
+    finally:
+        if backend is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(backend.close)
+
+
+async def _recover(
+    store: Store, name: str, size: int, ttl: float, history_limit: int, clock: Clock
+) -> PoolState:
+    """Rebuild the pool from its store; commit what recovery changed before serving."""
+    started = trio.current_time()
+    try:
+        snapshot = await trio.to_thread.run_sync(store.open, name, ttl)
+    except StoreError as error:
+        raise UnavailableError(str(error)) from None
+    state = PoolState(ttl=ttl, history_limit=history_limit, revision=snapshot.epoch << EPOCH_SHIFT)
+    state.restore_tokens(snapshot.tokens)
+    for lease in snapshot.leases:
+        state.restore_lease(lease)
+    state.restore_counters(snapshot.ended)
+    now = clock.now()
+    changes = state.advance(now)  # leases that expired while we were down
+    expired = len(changes)
+    changes += state.resize(size, now)
+    if changes:
+        batch = Batch()
+        batch.add(changes)
+        try:
+            await trio.to_thread.run_sync(store.write, batch)
+        except StoreError as error:
+            await trio.to_thread.run_sync(store.close)
+            raise UnavailableError(str(error)) from None
+    log.info(
+        "pool_recovered",
+        pool=name,
+        store=store.url,
+        epoch=snapshot.epoch,
+        tokens=state.size,
+        leases=len(snapshot.leases) - expired,
+        expired_while_down=expired,
+        flags_repaired=snapshot.repaired,
+        seconds=round(trio.current_time() - started, 3),
+    )
+    return state
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -159,6 +159,12 @@ class PoolState:
         self.revision += 1
         return [TokensAdded(tuple(added), now)]
 
+    def restore_tokens(self, tokens: Iterable[tuple[str, datetime]]) -> None:
+        """Put back tokens loaded from the store (recovery), in their stable order."""
+        for token_id, created_at in tokens:
+            self._tokens[check_uuid(token_id, "token_id")] = created_at
+            self._available[token_id] = None
+
     def resize(self, size: int, now: datetime) -> list[Change]:
         """Grow or shrink the pool to ``size`` tokens.
 
@@ -172,7 +178,9 @@ class PoolState:
         self._tick(now, changes)
         missing = size - len(self._tokens)
         if missing > 0:
-            changes += self.add_tokens((self._ids() for _ in range(missing)), now)
+            # Sorted: the stores load tokens in (created_at, id) order, so the
+            # order of tokens() is the same before and after a restart.
+            changes += self.add_tokens(sorted(self._ids() for _ in range(missing)), now)
         elif missing < 0:
             removed: list[str] = []
             while len(self._tokens) - len(removed) > size and self._available:
@@ -204,11 +212,13 @@ class PoolState:
         self._grant(lease)
         self.revision = max(self.revision, lease.fence)
 
-    def restore_history(self, usages: Iterable[Usage]) -> None:
-        """Put back recent history loaded from the store, oldest first."""
-        for usage in usages:
-            if usage.token_id in self._tokens:
-                self._remember(usage)
+    def restore_counters(self, ended: dict[str, int]) -> None:
+        """Put back the lifetime counters from the store's history (``renewals`` is not kept)."""
+        self.expirations = ended.get(Reason.EXPIRED, 0)
+        self.evictions = ended.get(Reason.EVICTED, 0)
+        self.releases = ended.get(Reason.RELEASED, 0)
+        self.clears = ended.get(Reason.CLEARED, 0)
+        self.activations = len(self._leases) + sum(ended.values())
 
     # -- operations that change the pool ------------------------------------
 

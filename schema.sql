@@ -1,0 +1,1 @@
+tokenpool/_store/postgres.sql

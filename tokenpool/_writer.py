@@ -1,0 +1,234 @@
+"""Write-behind: the task that carries the actor's changes to the store in batches.
+
+The actor never waits on the database: it hands each batch of changes to
+``submit`` (no await, no I/O) and moves on. This task takes everything
+queued, coalesces it into one ``Batch`` and writes it in ONE transaction on
+the store's thread (one thread per pool, so writes keep their order). While
+a write is in flight new changes queue up, so the next batch is bigger: group
+commit falls out of the design.
+
+Rules it keeps:
+- A batch is idempotent (rows keyed by lease id), so after an ambiguous
+  failure it is retried whole, grown by whatever arrived meanwhile.
+- Every attempt has a deadline (the store's ``statement_timeout`` and a
+  client-side ``fail_after``); failures back off exponentially with jitter,
+  capped at ``retry_cap``. The link's state changes (up, retrying, down,
+  fenced) are logged once each, not once per attempt.
+- The backlog (changes not yet committed) is bounded: at ``max_backlog``
+  ``full()`` turns true and the actor refuses activations with
+  ``UnavailableError`` until it drains.
+- ``sync`` durability: callers are answered only when the batch holding
+  their change has committed; one waiting longer than ``write_timeout`` is
+  answered ``UnavailableError`` (and the leases it was granted are released).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from ._errors import UnavailableError
+from ._model import Change
+from ._store import Batch, FencedError, Store, StoreError
+
+if TYPE_CHECKING:
+    from ._actor import Request
+
+log = structlog.get_logger("tokenpool.writer")
+
+MAX_BATCH_CHANGES = 50_000
+
+
+class _Entry:
+    __slots__ = ("changes", "submitted", "waiters")
+
+    def __init__(self, changes: list[Change], waiters: list[Request], submitted: float) -> None:
+        self.changes = changes
+        self.waiters = waiters
+        self.submitted = submitted
+
+
+class Writer:
+    """Write-behind for one pool's store. Run ``run`` in a task; ``close`` drains it."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        now: Callable[[], datetime],
+        max_backlog: int = 100_000,
+        flush_interval: float = 0.002,
+        write_timeout: float = 5.0,
+        retry_cap: float = 5.0,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        self.store = store
+        self._now = now
+        self.max_backlog = max_backlog
+        self.flush_interval = flush_interval
+        self.write_timeout = write_timeout
+        self.retry_cap = retry_cap
+        self.shutdown_timeout = shutdown_timeout
+        self._entries: deque[_Entry] = deque()
+        self._wakeup = trio.Event()
+        self._closing = False
+        self._limiter = trio.CapacityLimiter(1)
+        self.backlog = 0
+        self.link = "up"
+        self.fenced = False
+        self.last_commit_at: datetime | None = None
+        self.last_lag: float | None = None
+        self.lags: deque[float] = deque(maxlen=10_000)
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
+        self.commits = 0
+        self.failures = 0
+        self.lost = 0
+
+    # -- the actor's side (no await) --------------------------------------------
+
+    def full(self) -> bool:
+        return self.fenced or self.backlog >= self.max_backlog
+
+    def submit(self, changes: list[Change], waiters: list[Request] | None) -> None:
+        if not changes:
+            if not waiters:
+                return
+            if not self._entries:
+                # Nothing of theirs or anyone's is uncommitted: answer now.
+                for request in waiters:
+                    request.finish()
+                return
+        self._entries.append(_Entry(changes, waiters or [], trio.current_time()))
+        self.backlog += len(changes)
+        self._wakeup.set()
+
+    # -- the task ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if not self._entries:
+                if self._closing:
+                    return
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            if self.fenced:
+                self._fail_waiters(0.0, "this process no longer owns the pool (fenced)")
+                if self._closing:
+                    self._give_up()
+                    return
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            if self.flush_interval and not self._closing:
+                await trio.sleep(self.flush_interval)
+            await self._flush()
+
+    async def close(self) -> None:
+        """Stop once everything queued is written (or ``shutdown_timeout`` passed)."""
+        self._closing = True
+        self._wakeup.set()
+
+    async def _flush(self) -> None:
+        batch = Batch()
+        taken = 0
+        for entry in self._entries:
+            if batch.changes and batch.changes + len(entry.changes) > MAX_BATCH_CHANGES:
+                break
+            batch.add(entry.changes)
+            taken += 1
+        attempt = 0
+        started = trio.current_time()
+        while batch:
+            try:
+                with trio.fail_after(self.write_timeout + 1):
+                    await trio.to_thread.run_sync(
+                        self.store.write, batch, limiter=self._limiter, abandon_on_cancel=True
+                    )
+                break
+            except FencedError as error:
+                self.fenced = True
+                self._set_link("fenced", error)
+                return
+            except (StoreError, trio.TooSlowError) as error:
+                attempt += 1
+                self.failures += 1
+                self._set_link("retrying" if attempt < 3 else "down", error)
+                self._fail_waiters(
+                    self.write_timeout,
+                    "the store did not commit in time; the change is kept and will be written",
+                )
+                if self._closing and trio.current_time() - started > self.shutdown_timeout:
+                    self._give_up()
+                    return
+                delay = min(self.retry_cap, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                await trio.sleep(delay)
+                # Retry with whatever arrived meanwhile: the same rows again plus newer ones.
+                for entry in list(self._entries)[taken:]:
+                    if batch.changes + len(entry.changes) > MAX_BATCH_CHANGES:
+                        break
+                    batch.add(entry.changes)
+                    taken += 1
+        now = trio.current_time()
+        if batch:
+            self._set_link("up", None)
+            self.commits += 1
+            self.last_commit_at = self._now()
+            self.batch_sizes.append(batch.changes)
+        for _ in range(taken):
+            entry = self._entries.popleft()
+            self.backlog -= len(entry.changes)
+            if entry.changes:
+                self.last_lag = now - entry.submitted
+                self.lags.append(self.last_lag)
+            for request in entry.waiters:
+                request.finish()
+
+    def _fail_waiters(self, older_than: float, why: str) -> None:
+        """Answer ``UnavailableError`` to sync callers waiting longer than ``older_than`` s."""
+        now = trio.current_time()
+        for entry in self._entries:
+            if entry.waiters and now - entry.submitted >= older_than:
+                error = UnavailableError(why)
+                for request in entry.waiters:
+                    request.time_out(error)
+                entry.waiters = []
+
+    def _give_up(self) -> None:
+        lost = sum(len(e.changes) for e in self._entries)
+        self.lost += lost
+        if lost:
+            log.error("changes_not_written", changes=lost, store=self.store.url, link=self.link)
+        for entry in self._entries:
+            for request in entry.waiters:
+                request.time_out(UnavailableError("the pool closed before the change was written"))
+        self._entries.clear()
+        self.backlog = 0
+
+    def _set_link(self, state: str, error: BaseException | None) -> None:
+        if state == self.link:
+            return
+        previous, self.link = self.link, state
+        if state == "up":
+            log.info("store_link_up", store=self.store.url, was=previous, backlog=self.backlog)
+        elif state == "fenced":
+            log.error("store_fenced", store=self.store.url, error=str(error))
+        else:
+            log.warning(
+                f"store_link_{state}", store=self.store.url, error=str(error), backlog=self.backlog
+            )
+
+    def lag_percentiles(self) -> tuple[float, float] | None:
+        """p50 and p99 of recent write lags (seconds from submit to commit)."""
+        if len(self.lags) < 2:
+            return None
+        cuts = statistics.quantiles(self.lags, n=100)
+        return cuts[49], cuts[98]
