@@ -119,9 +119,10 @@ class Pool:
         """The token's ended leases, newest first, at most ``limit`` (1 to 10,000).
 
         The newest entries come from memory; with a store, older ones are read
-        from it (in a worker thread, never in the actor). Raises
-        ``UnknownTokenError``, ``InvalidArgumentError``, and ``UnavailableError``
-        when the store is needed and cannot be read.
+        from it (in a worker thread, never in the actor). While the store
+        cannot be read, the entries in memory are returned (reads keep working
+        through an outage) and a warning is logged. Raises
+        ``UnknownTokenError``, ``InvalidArgumentError``.
         """
         recent: list[Usage] = await self._one(GetHistory(token_id, limit), list)
         if self._store is None or len(recent) >= limit:
@@ -130,7 +131,8 @@ class Pool:
         try:
             stored = await trio.to_thread.run_sync(self._store.history, token_id, limit)
         except StoreError as error:
-            raise UnavailableError(str(error)) from None
+            log.warning("history_from_memory_only", token_id=token_id, error=str(error))
+            return recent
         merged = {u.id: u for u in stored}
         merged.update((u.id, u) for u in recent)
         newest_first = sorted(

@@ -230,17 +230,19 @@ class PostgresStore:
             raise StoreError(f"write to {self.url} failed: {error}") from error
 
     def _statements(self, conn: psycopg.Connection[Any], batch: Batch) -> None:
+        # Arrays go in binary (%b): psycopg dumps text arrays element by element
+        # with a quoting regex, five times slower than the binary dumpers.
         name = self.name
         if batch.tokens_added:
             conn.execute(
                 "INSERT INTO tokens (id, pool, created_at)"
-                " SELECT u.id, %s, u.at FROM unnest(%s::uuid[], %s::timestamptz[]) AS u(id, at)"
+                " SELECT u.id, %s, u.at FROM unnest(%b::uuid[], %b::timestamptz[]) AS u(id, at)"
                 " ON CONFLICT (id) DO NOTHING",
                 (name, [t for t, _ in batch.tokens_added], [at for _, at in batch.tokens_added]),
             )
         if batch.users:
             conn.execute(
-                "INSERT INTO users (id) SELECT unnest(%s::text[]) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO users (id) SELECT unnest(%b::text[]) ON CONFLICT (id) DO NOTHING",
                 (list(batch.users),),
             )
         if batch.history:
@@ -249,8 +251,8 @@ class PostgresStore:
                 "INSERT INTO token_usage_history"
                 " (id, token_id, pool, user_id, started_at, ended_at, expiration_reason)"
                 " SELECT u.id, u.token_id, %s, u.user_id, u.started_at, u.ended_at, u.reason"
-                " FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::timestamptz[],"
-                " %s::timestamptz[], %s::expiration_reason[])"
+                " FROM unnest(%b::uuid[], %b::uuid[], %b::text[], %b::timestamptz[],"
+                " %b::timestamptz[], %b::expiration_reason[])"
                 " AS u(id, token_id, user_id, started_at, ended_at, reason)"
                 " ON CONFLICT (id) DO NOTHING",
                 (
@@ -264,15 +266,15 @@ class PostgresStore:
                 ),
             )
         if batch.ended:
-            conn.execute("DELETE FROM token_assignments WHERE id = ANY(%s::uuid[])", (batch.ended,))
+            conn.execute("DELETE FROM token_assignments WHERE id = ANY(%b::uuid[])", (batch.ended,))
         if batch.assignments:
             a = list(batch.assignments.values())
             conn.execute(
                 "INSERT INTO token_assignments"
                 " (id, token_id, pool, user_id, fence, assigned_at, expires_at)"
                 " SELECT u.id, u.token_id, %s, u.user_id, u.fence, u.assigned_at, u.expires_at"
-                " FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::bigint[],"
-                " %s::timestamptz[], %s::timestamptz[])"
+                " FROM unnest(%b::uuid[], %b::uuid[], %b::text[], %b::bigint[],"
+                " %b::timestamptz[], %b::timestamptz[])"
                 " AS u(id, token_id, user_id, fence, assigned_at, expires_at)"
                 " ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at",
                 (
@@ -288,14 +290,14 @@ class PostgresStore:
         if batch.available:
             conn.execute(
                 "UPDATE tokens t SET available = u.available"
-                " FROM unnest(%s::uuid[], %s::boolean[]) AS u(id, available)"
+                " FROM unnest(%b::uuid[], %b::boolean[]) AS u(id, available)"
                 " WHERE t.id = u.id AND t.available IS DISTINCT FROM u.available",
                 (list(batch.available), list(batch.available.values())),
             )
         if batch.tokens_removed:
             conn.execute(
                 "UPDATE tokens SET retired_at = now(), available = false"
-                " WHERE id = ANY(%s::uuid[]) AND retired_at IS NULL",
+                " WHERE id = ANY(%b::uuid[]) AND retired_at IS NULL",
                 (batch.tokens_removed,),
             )
 

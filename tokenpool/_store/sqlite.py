@@ -12,15 +12,18 @@ import fcntl
 import os
 import socket
 import sqlite3
-import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from .._errors import InvalidArgumentError, PoolLockedError
 from .._model import Lease, Reason, Usage
 from . import Batch, FencedError, Snapshot, StoreError
+
+T = TypeVar("T")
 
 _NOW = "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
 
@@ -44,7 +47,13 @@ def sqlite_path(url: str) -> Path:
 
 
 class SqliteStore:
-    """Every pool of one SQLite file."""
+    """Every pool of one SQLite file.
+
+    All SQLite calls run on one thread of the store's own: CPython's sqlite3
+    can crash when a connection is touched from several threads, even one at
+    a time (a cursor finalised on another thread), so the public methods hand
+    their work to that thread and wait for it.
+    """
 
     kind = "sqlite"
 
@@ -59,7 +68,10 @@ class SqliteStore:
         self.epoch = 0
         self._conn: sqlite3.Connection | None = None
         self._lock_file: IO[bytes] | None = None
-        self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenpool-sqlite")
+
+    def _on_thread(self, fn: Callable[..., T], *args: object) -> T:
+        return self._thread.submit(fn, *args).result()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -71,6 +83,9 @@ class SqliteStore:
         return conn
 
     def open(self, name: str, ttl: float) -> Snapshot:
+        return self._on_thread(self._open, name, ttl)
+
+    def _open(self, name: str, ttl: float) -> Snapshot:
         self.name = name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(f"{self.path.name}.{name}.lock")
@@ -130,7 +145,7 @@ class SqliteStore:
                 ).fetchall()
             )
         except sqlite3.Error as error:
-            self.close()
+            self._close()
             raise StoreError(f"cannot open pool {name!r} in {self.path}: {error}") from error
         self._conn = conn
         self.epoch = int(epoch)
@@ -143,30 +158,31 @@ class SqliteStore:
         return Snapshot(self.epoch, tokens, leases, len(repaired), ended)
 
     def write(self, batch: Batch) -> None:
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise StoreError("the SQLite store is closed")
+        self._on_thread(self._write, batch)
+
+    def _write(self, batch: Batch) -> None:
+        conn = self._conn
+        if conn is None:
+            raise StoreError("the SQLite store is closed")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    fenced = (
-                        conn.execute(
-                            f"UPDATE pools SET written_at = {_NOW}"
-                            " WHERE name = ? AND owner_epoch = ?",
-                            (self.name, self.epoch),
-                        ).rowcount
-                        != 1
-                    )
-                    if fenced:
-                        raise FencedError(f"pool {self.name!r} was taken over by a newer owner")
-                    self._statements(conn, batch)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            except sqlite3.Error as error:
-                raise StoreError(f"write to {self.path} failed: {error}") from error
+                fenced = (
+                    conn.execute(
+                        f"UPDATE pools SET written_at = {_NOW} WHERE name = ? AND owner_epoch = ?",
+                        (self.name, self.epoch),
+                    ).rowcount
+                    != 1
+                )
+                if fenced:
+                    raise FencedError(f"pool {self.name!r} was taken over by a newer owner")
+                self._statements(conn, batch)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            raise StoreError(f"write to {self.path} failed: {error}") from error
 
     def _statements(self, conn: sqlite3.Connection, batch: Batch) -> None:
         name = self.name
@@ -236,18 +252,24 @@ class SqliteStore:
             )
 
     def history(self, token_id: str, limit: int) -> list[Usage]:
-        with self._lock:
-            if self._conn is None:
-                raise StoreError("the SQLite store is closed")
-            rows = self._conn.execute(
-                "SELECT id, token_id, user_id, started_at, ended_at, expiration_reason"
-                " FROM token_usage_history WHERE token_id = ?"
-                " ORDER BY ended_at DESC, started_at DESC LIMIT ?",
-                (token_id, limit),
-            ).fetchall()
+        return self._on_thread(self._history, token_id, limit)
+
+    def _history(self, token_id: str, limit: int) -> list[Usage]:
+        if self._conn is None:
+            raise StoreError("the SQLite store is closed")
+        rows = self._conn.execute(
+            "SELECT id, token_id, user_id, started_at, ended_at, expiration_reason"
+            " FROM token_usage_history WHERE token_id = ?"
+            " ORDER BY ended_at DESC, started_at DESC LIMIT ?",
+            (token_id, limit),
+        ).fetchall()
         return [Usage(r[0], r[1], r[2], _dt(r[3]), _dt(r[4]), Reason(r[5])) for r in rows]
 
     def close(self) -> None:
+        self._on_thread(self._close)
+        self._thread.shutdown()
+
+    def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -1,0 +1,293 @@
+"""What survives crashes and database outages: real processes, real PostgreSQL."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hypothesis.strategies as st
+import pytest
+import trio
+from hypothesis import given, settings
+
+import tokenpool
+from tokenpool import Lease, Usage
+from tokenpool._model import Change, Renewed
+from tokenpool._state import PoolState
+from tokenpool._store import Batch
+
+from .conftest import Cluster
+from .dbutil import query
+from .strategies import CountingIds
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- coalescing: a batch writes what the changes one by one would have -------
+
+
+def apply_one_by_one(changes: list[Change], db: dict[str, dict[str, object]]) -> None:
+    for change in changes:
+        if type(change) is Lease:
+            db["assignments"][change.id] = change
+        elif type(change) is Usage:
+            db["assignments"].pop(change.id, None)
+            db["history"][change.id] = change
+        elif type(change) is Renewed:
+            db["assignments"][change.lease.id] = change.lease
+
+
+def apply_batch(batch: Batch, db: dict[str, dict[str, object]]) -> None:
+    for usage in batch.history:
+        db["history"].setdefault(usage.id, usage)
+    for lease_id in batch.ended:
+        db["assignments"].pop(lease_id, None)
+    db["assignments"].update(batch.assignments)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.sampled_from("aarc"), st.integers(0, 6)), max_size=60),
+    cuts=st.sets(st.integers(0, 60)),
+)
+def test_coalesced_batches_write_the_same_rows_as_each_change(
+    ops: list[tuple[str, int]], cuts: set[int]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    state = PoolState(ttl=10, ids=CountingIds())
+    changes: list[Change] = list(state.resize(3, now))
+    for op, n in ops:
+        now += timedelta(seconds=n)
+        changes += state.advance(now)
+        if op == "a":
+            changes += state.activate(f"u{n}", now)[1]
+        elif op == "r" and state.leases():
+            lease = state.leases()[n % len(state.leases())]
+            changes += state.renew(lease.token_id, lease.id, now)[1]
+        elif op == "c":
+            changes += state.clear(now)[1]
+    expected: dict[str, dict[str, object]] = {"assignments": {}, "history": {}}
+    apply_one_by_one(changes, expected)
+    actual: dict[str, dict[str, object]] = {"assignments": {}, "history": {}}
+    bounds = sorted({0, len(changes), *(c for c in cuts if c < len(changes))})
+    for start, end in itertools.pairwise(bounds):
+        batch = Batch()
+        batch.add(changes[start:end])
+        apply_batch(batch, actual)
+        apply_batch(batch, actual)  # a retried batch changes nothing more
+    assert expected == actual
+    assert {lease.id: lease for lease in state.leases()} == actual["assignments"]
+
+
+# -- database outages ---------------------------------------------------------
+
+
+async def churn(pool: tokenpool.Pool, seconds: float, prefix: str, errors: list[str]) -> int:
+    """Activations and releases from 8 tasks for ``seconds`` (a few thousand a second,
+    a busy service rather than a saturated CPU); returns how many succeeded."""
+    done = 0
+
+    async def client(n: int) -> None:
+        nonlocal done
+        i = 0
+        deadline = trio.current_time() + seconds
+        while trio.current_time() < deadline:
+            i += 1
+            try:
+                lease = await pool.activate(f"{prefix}-{n}-{i % 50}")
+                done += 1
+                if i % 3 == 0:
+                    await pool.release(lease.token_id)
+            except (tokenpool.NotActiveError, tokenpool.NotHolderError):
+                pass
+            except tokenpool.UnavailableError as error:
+                errors.append(str(error))
+                await trio.sleep(0.01)
+            await trio.sleep(0.001)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(8):
+            nursery.start_soon(client, n)
+    return done
+
+
+async def settle(pool: tokenpool.Pool, seconds: float = 30) -> None:
+    with trio.fail_after(seconds):
+        while (await pool.stats()).backlog or (await pool.stats()).link != "up":
+            await trio.sleep(0.02)
+
+
+async def assert_store_matches(pool: tokenpool.Pool, url: str) -> None:
+    """The store holds every ended lease exactly once and exactly the active leases."""
+    await settle(pool)
+    stats = await pool.stats()
+    ended = stats.evictions + stats.expirations + stats.releases + stats.clears
+    history = query(url, "SELECT id FROM token_usage_history")
+    assert ended == len(history) == len({r[0] for r in history})
+    live = {lease.token_id: lease.id for lease in pool._actor.state.leases()}
+    assert live == dict(query(url, "SELECT token_id, id FROM token_assignments"))
+    flags = dict(query(url, "SELECT id, available FROM tokens WHERE retired_at IS NULL"))
+    assert {t: t not in live for t in flags} == {t: bool(f) for t, f in flags.items()}
+
+
+async def test_killed_database_connections_lose_nothing(pg_url: str) -> None:
+    async with tokenpool.open_pool(size=20, store=pg_url) as pool:
+        errors: list[str] = []
+
+        async def killer() -> None:
+            for _ in range(5):
+                await trio.sleep(0.2)
+                pid = pool._store._backend_pid  # type: ignore[union-attr]
+                query(pg_url, "SELECT pg_terminate_backend(?)", pid)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(killer)
+            done = await churn(pool, 1.5, "k", errors)
+        assert done > 300
+        assert [] == errors  # async mode keeps serving through it
+        assert (await pool.stats()).activations >= done
+        await assert_store_matches(pool, pg_url)
+
+
+async def test_async_mode_serves_through_a_stopped_database(
+    pg_cluster: Cluster, cluster_url: str
+) -> None:
+    async with tokenpool.open_pool(size=20, store=cluster_url, write_timeout=1) as pool:
+        errors: list[str] = []
+        await churn(pool, 0.3, "before", errors)
+        await trio.to_thread.run_sync(pg_cluster.stop, "immediate")
+        during = await churn(pool, 1.5, "during", errors)
+        stats = await pool.stats()
+        assert stats.link in ("retrying", "down")
+        assert stats.backlog > 0
+        assert during > 300 and [] == errors
+        await trio.to_thread.run_sync(pg_cluster.start)
+        await assert_store_matches(pool, cluster_url)
+
+
+async def test_sync_mode_answers_unavailable_in_time_and_recovers(
+    pg_cluster: Cluster, cluster_url: str
+) -> None:
+    async with tokenpool.open_pool(
+        size=5, store=cluster_url, durability="sync", write_timeout=1
+    ) as pool:
+        await pool.activate("before")
+        await trio.to_thread.run_sync(pg_cluster.stop, "immediate")
+        started = trio.current_time()
+        with pytest.raises(tokenpool.UnavailableError, match="in time"):
+            await pool.activate("during")
+        assert trio.current_time() - started < 1 + 1 + 0.5  # write_timeout + client slack
+        assert "before" == (await pool.lease_of("before")).user_id  # type: ignore[union-attr]
+        assert await pool.lease_of("during") is None  # the unconfirmed grant was released
+        await trio.to_thread.run_sync(pg_cluster.start)
+        with trio.fail_after(20):
+            while True:
+                try:
+                    await pool.activate("after")
+                    break
+                except tokenpool.UnavailableError:
+                    await trio.sleep(0.1)
+        await assert_store_matches(pool, cluster_url)
+
+
+async def test_full_backlog_refuses_activations_keeps_reads_and_drains(
+    pg_cluster: Cluster, cluster_url: str
+) -> None:
+    async with tokenpool.open_pool(
+        size=5, store=cluster_url, max_backlog=50, write_timeout=1
+    ) as pool:
+        lease = await pool.activate("first")
+        await trio.to_thread.run_sync(pg_cluster.stop, "immediate")
+        with pytest.raises(tokenpool.UnavailableError, match="backlog"):
+            for i in range(200):
+                await pool.activate(f"user-{i}")
+        assert (await pool.stats()).backlog >= 50
+        await pool.tokens()  # reads keep working
+        await pool.history(lease.token_id)
+        await trio.to_thread.run_sync(pg_cluster.start)
+        await settle(pool)
+        await pool.activate("after")
+        await assert_store_matches(pool, cluster_url)
+
+
+# -- crashes ------------------------------------------------------------------
+
+
+def run_and_kill(url: str, durability: str, seconds: float) -> tuple[list[list[str]], float]:
+    """Run the crash worker for ``seconds`` of load, SIGKILL it; return its acks and the kill time.
+
+    Its output goes to a file, not a pipe: a full pipe would stall the worker.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.crash_worker", url, durability],
+            cwd=ROOT,
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            out.seek(0)
+            if "READY" in out.read(4096):
+                break
+            if proc.poll() is not None:
+                err.seek(0)
+                raise AssertionError(f"the crash worker died before it was ready:\n{err.read()}")
+            assert time.monotonic() < deadline, "the crash worker never got ready"
+            time.sleep(0.02)
+        time.sleep(seconds)
+        killed_at = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        out.seek(0)
+        lines = out.read().splitlines()
+    # The last line may be cut in the middle of a write: keep only whole acks.
+    acks = [line.split() for line in lines if line.startswith("ACK ") and len(line.split()) == 5]
+    return acks, killed_at
+
+
+def stored_lease_ids(url: str) -> set[str]:
+    rows = query(
+        url, "SELECT id FROM token_assignments UNION ALL SELECT id FROM token_usage_history"
+    )
+    return {r[0] for r in rows}
+
+
+def assert_one_holder_per_token(url: str) -> None:
+    rows = query(url, "SELECT token_id, count(*) FROM token_assignments GROUP BY token_id")
+    assert all(count == 1 for _, count in rows)
+
+
+async def test_sigkill_in_sync_mode_loses_no_acknowledged_lease(store_url: str) -> None:
+    acks, _ = await trio.to_thread.run_sync(run_and_kill, store_url, "sync", 1.0)
+    assert len(acks) > 50
+    missing = {a[2] for a in acks} - stored_lease_ids(store_url)
+    assert set() == missing
+    assert_one_holder_per_token(store_url)
+    async with tokenpool.open_pool(size=20, ttl=600, store=store_url) as pool:
+        lease = await pool.activate("after-crash")
+        assert lease.fence > max(int(a[4]) for a in acks)
+
+
+async def test_sigkill_in_async_mode_loses_only_the_last_moments(store_url: str) -> None:
+    acks, killed_at = await trio.to_thread.run_sync(run_and_kill, store_url, "async", 1.0)
+    assert len(acks) > 50
+    stored = stored_lease_ids(store_url)
+    lost = [a for a in acks if a[2] not in stored]
+    # Everything acknowledged more than a flush (2 ms) plus one write before the kill
+    # is stored; allow 0.5 s for a slow machine.
+    assert [] == [a for a in lost if float(a[1]) < killed_at - 0.5]
+    assert_one_holder_per_token(store_url)
+    async with tokenpool.open_pool(size=20, ttl=600, store=store_url) as pool:
+        lease = await pool.activate("after-crash")
+        assert lease.fence > max(int(a[4]) for a in acks)  # even past the lost tail
+        leases = pool._actor.state.leases()
+        assert len({x.token_id for x in leases}) == len(leases)
