@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import embedded
+from . import embedded, persistence
+
+SECTIONS = {"embedded": embedded.run, "persistence": persistence.run}
 from ._measure import machine, table
 
 
@@ -16,9 +18,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenpool.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs, for development")
     parser.add_argument("--out", default="bench-results", help="where results.json goes")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})",
+    )
     args = parser.parse_args(argv)
     started = time.time()
-    figures = embedded.run(args.quick)
+    figures = []
+    for section in args.only.split(","):
+        if section not in SECTIONS:
+            parser.error(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        print(f"running {section} ...", flush=True)
+        figures += SECTIONS[section](args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     about = machine()
