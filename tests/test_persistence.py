@@ -18,8 +18,7 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 async def settle(pool: tokenpool.Pool) -> None:
     """Wait (real time, briefly) until the writer has committed everything queued."""
     with trio.fail_after(10):
-        while (await pool.stats()).backlog:
-            await trio.sleep(0.005)
+        await pool.flush()
 
 
 async def test_restart_keeps_tokens_leases_and_history(store_url: str) -> None:
@@ -99,6 +98,14 @@ async def test_async_durability_commits_within_the_flush_interval(store_url: str
         assert "up" == stats.link
         assert [(lease.id,)] == query(store_url, "SELECT id FROM token_assignments")
         assert [("alice",)] == query(store_url, "SELECT id FROM users")
+
+
+async def test_flush_waits_for_the_commit(store_url: str) -> None:
+    async with tokenpool.open_pool(size=2, store=store_url, flush_interval=0.05) as pool:
+        lease = await pool.activate("alice")
+        await pool.flush()
+        assert [(lease.id,)] == query(store_url, "SELECT id FROM token_assignments")
+        assert 0 == (await pool.stats()).backlog
 
 
 async def test_available_flag_follows_assignments_and_is_repaired_on_start(

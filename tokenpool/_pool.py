@@ -156,6 +156,14 @@ class Pool:
             write_lag=writer.last_lag,
         )
 
+    async def flush(self) -> None:
+        """Wait until every change made so far is committed to the store (no-op in memory).
+
+        Raises ``UnavailableError`` if this process no longer owns the pool.
+        """
+        if self._writer is not None:
+            await self._writer.flush()
+
     async def batch(self, ops: Sequence[Op]) -> list[object]:
         """Apply many operations in one trip through the actor, in order.
 

@@ -90,6 +90,9 @@ class Writer:
         self.commits = 0
         self.failures = 0
         self.lost = 0
+        self._submitted = 0  # entries ever queued
+        self._done = 0  # entries ever committed (or given up)
+        self._progress = trio.Event()
 
     # -- the actor's side (no await) --------------------------------------------
 
@@ -106,6 +109,7 @@ class Writer:
                     request.finish()
                 return
         self._entries.append(_Entry(changes, waiters or [], trio.current_time()))
+        self._submitted += 1
         self.backlog += len(changes)
         self._wakeup.set()
 
@@ -132,6 +136,17 @@ class Writer:
                 await trio.sleep(self.flush_interval)
             await self._flush()
 
+    async def flush(self) -> None:
+        """Wait until every change submitted so far is committed.
+
+        Raises ``UnavailableError`` if the pool no longer owns the store.
+        """
+        target = self._submitted
+        while self._done < target:
+            if self.fenced:
+                raise UnavailableError("this process no longer owns the pool (fenced)")
+            await self._progress.wait()
+
     async def close(self) -> None:
         """Stop once everything queued is written (or ``shutdown_timeout`` passed)."""
         self._closing = True
@@ -157,6 +172,7 @@ class Writer:
             except FencedError as error:
                 self.fenced = True
                 self._set_link("fenced", error)
+                self._progress.set()  # flush() callers: raise rather than wait forever
                 return
             except (StoreError, trio.TooSlowError) as error:
                 attempt += 1
@@ -183,6 +199,9 @@ class Writer:
             self.commits += 1
             self.last_commit_at = self._now()
             self.batch_sizes.append(batch.changes)
+        self._done += taken
+        self._progress.set()
+        self._progress = trio.Event()
         for _ in range(taken):
             entry = self._entries.popleft()
             self.backlog -= len(entry.changes)
@@ -210,8 +229,10 @@ class Writer:
         for entry in self._entries:
             for request in entry.waiters:
                 request.time_out(UnavailableError("the pool closed before the change was written"))
+        self._done += len(self._entries)
         self._entries.clear()
         self.backlog = 0
+        self._progress.set()
 
     def _set_link(self, state: str, error: BaseException | None) -> None:
         if state == self.link:

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from . import embedded, persistence
+from ._measure import machine, table
 
 SECTIONS = {"embedded": embedded.run, "persistence": persistence.run}
-from ._measure import machine, table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,8 +56,7 @@ async def _offered_load(url: str, rate: int, seconds: float) -> dict[str, float]
                 sent += due
             await trio.sleep_until(now + 0.001)
         elapsed = trio.current_time() - start
-        while writer.backlog:
-            await trio.sleep(0.005)
+        await pool.flush()
         lags = list(writer.lags)
         written = sum(writer.batch_sizes)
     return {
