@@ -142,7 +142,10 @@ class Pool:
 
     async def stats(self) -> Stats:
         """The pool's size, counters and revision, and its store's state."""
-        stats: Stats = await self._one(GetStats(), Stats)
+        return self.with_store(await self._one(GetStats(), Stats))
+
+    def with_store(self, stats: Stats) -> Stats:
+        """``stats`` (from a ``GetStats`` op in a batch) with the store's figures filled in."""
         writer = self._writer
         if writer is None or self._store is None:
             return stats

@@ -1,0 +1,5 @@
+"""``python -m tokenpool serve ...``: the same as the ``tokenpool`` command."""
+
+from ._cli import main
+
+raise SystemExit(main())
