@@ -24,6 +24,10 @@ fmt: $(STAMP)
 	$(BIN)/ruff format tokenpool tests
 	$(BIN)/ruff check --fix tokenpool tests
 
+# The service on its embedded default: SQLite in data/tokenpool.db, RESP on 127.0.0.1:7379.
+run: $(STAMP)
+	$(BIN)/tokenpool serve $(RUN_ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python -m tokenpool.bench $(BENCH_ARGS)
 

@@ -1,0 +1,161 @@
+"""The sans-IO RESP codec on its own: round trips, arbitrary splits, hostile bytes, limits."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenpool._resp import NEED_DATA, Error, ProtocolError, RespParser, Simple, encode
+
+args_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=40)
+commands = st.lists(st.lists(args_text, min_size=1, max_size=8), min_size=1, max_size=10)
+words = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc")),
+    min_size=1,
+    max_size=20,
+).filter(lambda w: w.split() == [w])
+
+
+def as_resp(command: list[str]) -> bytes:
+    return encode(command)  # an array of bulk strings is exactly what clients send
+
+
+def parse_all(parser: RespParser) -> list[list[str]]:
+    out = []
+    while (command := parser.next_command()) is not NEED_DATA:
+        out.append(command)
+    return out
+
+
+def parse_chunks(chunks: list[bytes]) -> list[list[str]]:
+    parser = RespParser()
+    out: list[list[str]] = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        out += parse_all(parser)
+    return out
+
+
+@given(commands)
+def test_resp_arrays_round_trip(cmds: list[list[str]]) -> None:
+    data = b"".join(as_resp(c) for c in cmds)
+    assert cmds == parse_chunks([data])
+
+
+@given(commands, st.data())
+def test_any_split_of_the_bytes_gives_the_same_commands(
+    cmds: list[list[str]], data: st.DataObject
+) -> None:
+    raw = b"".join(as_resp(c) for c in cmds)
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(raw)), max_size=20)))
+    chunks = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    assert cmds == parse_chunks(chunks)
+
+
+def test_fed_byte_by_byte() -> None:
+    raw = b"*2\r\n$8\r\nACTIVATE\r\n$3\r\nbob\r\nPING\r\n"
+    assert [["ACTIVATE", "bob"], ["PING"]] == parse_chunks(
+        [raw[i : i + 1] for i in range(len(raw))]
+    )
+
+
+@given(st.lists(st.lists(words, min_size=1, max_size=5), min_size=1, max_size=5))
+def test_inline_commands(cmds: list[list[str]]) -> None:
+    raw = b"".join((" ".join(c) + "\r\n").encode() for c in cmds)
+    assert cmds == parse_chunks([raw])
+    assert cmds == parse_chunks([raw.replace(b"\r\n", b"\n")])  # nc sends bare LF
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_protocol_errors(raw: bytes) -> None:
+    parser = RespParser()
+    parser.feed(raw)
+    with contextlib.suppress(ProtocolError):
+        parse_all(parser)
+
+
+@settings(max_examples=300)
+@given(commands, st.binary(min_size=1, max_size=50))
+def test_garbage_after_valid_commands_keeps_the_valid_ones(
+    cmds: list[list[str]], garbage: bytes
+) -> None:
+    parser = RespParser()
+    parser.feed(b"".join(as_resp(c) for c in cmds) + garbage)
+    got: list[list[str]] = []
+    try:
+        while (command := parser.next_command()) is not NEED_DATA:
+            got.append(command)
+    except ProtocolError:
+        pass
+    assert cmds == got[: len(cmds)]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"*3\r\n$3\r\nSET\r\n:1\r\n", "expected '$', got ':'"),
+        (b"*1\r\n$abc\r\n", "invalid bulk length"),
+        (b"*1\r\n$-3\r\n", "invalid bulk length"),
+        (b"*abc\r\n", "invalid multibulk length"),
+        (b"*99999999999999999999\r\n", "invalid multibulk length"),
+        (b"*1048576\r\n", "too many arguments"),
+        (b"*33\r\n", "too many arguments"),
+        (b"*1\r\n$70000\r\n", "too big bulk string"),
+        (b"*1\r\n$3\r\nabcXY", "not terminated by CRLF"),
+        (b"*1\r\n$2\r\n\xff\xfe\r\n", "UTF-8"),
+        (b"x" * (64 * 1024 + 1), "too big inline request"),
+        (b"*1\r\n$" + b"9" * 40, "too big bulk length"),
+        (b"*1\r\n$+5\r\n", "invalid bulk length"),
+        (b" ".join([b"a"] * 33) + b"\r\n", "too many arguments"),
+    ],
+)
+def test_negative_protocol_cases(raw: bytes, message: str) -> None:
+    parser = RespParser()
+    parser.feed(raw)
+    with pytest.raises(ProtocolError, match=re.escape(message)):
+        parse_all(parser)
+
+
+def test_empty_multibulk_and_empty_lines_are_ignored() -> None:
+    assert [["PING"]] == parse_chunks([b"*0\r\n*-1\r\n\r\n\r\nPING\r\n"])
+
+
+def test_partial_command_is_remembered_and_buffer_stays_small() -> None:
+    parser = RespParser()
+    parser.feed(b"*2\r\n$4\r\nPING\r\n")
+    assert parser.next_command() is NEED_DATA
+    assert parser.in_command
+    parser.feed(b"$2\r\nhi\r\n")
+    assert ["PING", "hi"] == parser.next_command()
+    assert not parser.in_command
+    for _ in range(10_000):
+        parser.feed(b"*1\r\n$4\r\nPING\r\n")
+        parse_all(parser)
+    assert parser.buffered < 100
+
+
+@pytest.mark.parametrize(
+    ("value", "proto", "wire"),
+    [
+        (Simple("OK"), 2, b"+OK\r\n"),
+        (Error("NOTHOLDER", "not yours\r\nx"), 2, b"-NOTHOLDER not yours  x\r\n"),
+        (42, 2, b":42\r\n"),
+        (None, 2, b"$-1\r\n"),
+        (None, 3, b"_\r\n"),
+        ("héllo", 2, b"$6\r\nh\xc3\xa9llo\r\n"),
+        ({"a": 1}, 2, b"*2\r\n$1\r\na\r\n:1\r\n"),
+        ({"a": 1}, 3, b"%1\r\n$1\r\na\r\n:1\r\n"),
+        ([1, [None]], 3, b"*2\r\n:1\r\n*1\r\n_\r\n"),
+        (True, 3, b"#t\r\n"),
+        (True, 2, b":1\r\n"),
+        (1.5, 3, b",1.5\r\n"),
+        (1.5, 2, b"$3\r\n1.5\r\n"),
+    ],
+)
+def test_encode(value: object, proto: int, wire: bytes) -> None:
+    assert wire == encode(value, proto)  # type: ignore[arg-type]

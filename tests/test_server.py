@@ -1,0 +1,416 @@
+"""The RESP server over real sockets, with real clients (redis-py, redis-cli, raw bytes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import trio
+import trustme
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+import tokenpool
+from tokenpool._server import RespServer, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@asynccontextmanager
+async def running(
+    size: int = 5,
+    ttl: float = 60,
+    ssl_context: ssl.SSLContext | None = None,
+    **settings: Any,
+) -> AsyncIterator[tuple[RespServer, int]]:
+    async with tokenpool.open_pool(size=size, ttl=ttl) as pool:
+        server = RespServer(
+            pool, Settings(port=0, **settings), ssl_context=ssl_context, config={"size": str(size)}
+        )
+        async with trio.open_nursery() as nursery:
+            (port, *_) = await nursery.start(server.serve)
+            yield server, port
+            server.shutdown()
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    return await trio.to_thread.run_sync(fn)
+
+
+def client(port: int, protocol: int = 2, **kw: Any) -> redis.Redis:
+    """A redis-py client that fails at once instead of retrying (the tests want the error)."""
+    return redis.Redis(
+        port=port, protocol=protocol, decode_responses=True, retry=Retry(NoBackoff(), 0), **kw
+    )
+
+
+async def raw(port: int, payload: bytes, *, read_until_close: bool = False) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(payload)
+        data = b""
+        with trio.move_on_after(2):
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if not read_until_close and data.endswith(b"\r\n"):
+                    break
+    return data
+
+
+def as_dict(reply: Any) -> dict[str, Any]:
+    """A field/value reply as a dict, whether it came as a RESP3 map or a RESP2 flat array."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_every_command_through_redis_py(protocol: int) -> None:
+    async with running(size=3) as (_server, port):
+
+        def scenario() -> None:
+            r = client(port, protocol)
+            assert r.ping()
+            lease = as_dict(r.execute_command("ACTIVATE", "alice"))
+            assert {"id", "token_id", "user_id", "fence", "activated_at", "expires_at"} == set(
+                lease
+            )
+            assert "alice" == lease["user_id"] and lease["expires_at"].endswith("Z")
+            assert lease == as_dict(r.execute_command("LEASE", "alice"))
+            assert r.execute_command("LEASE", "nobody") is None
+            token = as_dict(r.execute_command("TOKEN", lease["token_id"]))
+            assert ("active", "alice") == (token["status"], token["current_user_id"])
+            tokens = [as_dict(t) for t in r.execute_command("TOKENS")]
+            assert 3 == len(tokens) and {"", "alice"} == {t["current_user_id"] for t in tokens}
+            assert 1 == r.execute_command("VALIDATE", lease["token_id"], lease["id"])
+            renewed = as_dict(r.execute_command("RENEW", lease["token_id"], lease["id"]))
+            assert renewed["expires_at"] >= lease["expires_at"]
+            assert 1 == r.execute_command("RELEASE", lease["token_id"], "alice")
+            assert 0 == r.execute_command("VALIDATE", lease["token_id"], lease["id"])
+            (usage,) = [
+                as_dict(u) for u in r.execute_command("HISTORY", lease["token_id"], "LIMIT", "5")
+            ]
+            assert (lease["id"], "released") == (usage["id"], usage["reason"])
+            r.execute_command("ACTIVATE", "bob")
+            assert 1 == r.execute_command("CLEAR")
+            stats = as_dict(r.execute_command("STATS"))
+            assert (2, 1, 1) == (stats["activations"], stats["releases"], stats["clears"])
+            info = r.info()  # redis-py parses the INFO text format
+            assert (2, 3, "memory") == (info["activations"], info["size"], info["store"])
+            assert 2 == r.info("pool")["activations"]
+            assert {"size": "3"} == as_dict(r.execute_command("CONFIG", "GET", "*"))
+            assert {} == as_dict(r.execute_command("CONFIG", "GET", "save"))
+            assert 0 == r.execute_command("DBSIZE")
+            assert r.execute_command("SELECT", "0")
+            assert r.client_setname("me") and "me" == r.client_getname()
+            assert isinstance(r.client_id(), int)
+            assert "x" == r.echo("x")
+
+        await in_thread(scenario)
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (["NOSUCH", "x"], "unknown command 'NOSUCH'"),
+        (["ACTIVATE"], "wrong number of arguments for 'activate' command"),
+        (["ACTIVATE", "a b"], "INVALID"),
+        (["TOKEN", "not-a-uuid"], "INVALID"),
+        (["TOKEN", "00000000-0000-4000-8000-000000000000"], "UNKNOWN"),
+        (["HISTORY", "00000000-0000-4000-8000-000000000000", "LIMIT", "x"], "INVALID"),
+        (["AUTH", "pw"], "without any password configured"),
+        (["CONFIG", "SET", "size", "5"], "not supported"),
+        (["SELECT", "1"], "out of range"),
+        (["HELLO", "4"], "NOPROTO"),
+    ],
+)
+async def test_errors_name_what_was_wrong_and_keep_the_connection(
+    command: list[str], code: str
+) -> None:
+    async with running() as (_server, port):
+
+        def scenario() -> None:
+            r = client(port)
+            with pytest.raises(redis.RedisError, match=code):
+                r.execute_command(*command)
+            assert r.ping()  # same connection still served
+
+        await in_thread(scenario)
+
+
+async def test_holder_errors() -> None:
+    async with running(size=1) as (_server, port):
+
+        def scenario() -> None:
+            r = client(port)
+            lease = as_dict(r.execute_command("ACTIVATE", "a"))
+            with pytest.raises(redis.ResponseError, match=r"^NOTHOLDER"):
+                r.execute_command("RELEASE", lease["token_id"], "b")
+            r.execute_command("RELEASE", lease["token_id"])
+            with pytest.raises(redis.ResponseError, match=r"^NOTACTIVE"):
+                r.execute_command("RELEASE", lease["token_id"])
+            with pytest.raises(redis.ResponseError, match=r"^NOTHOLDER"):
+                r.execute_command("RENEW", lease["token_id"], lease["id"])
+
+        await in_thread(scenario)
+
+
+async def test_a_pipeline_is_one_trip_through_the_actor() -> None:
+    async with running(size=10) as (server, port):
+        before = server.pool._actor.requests
+        payload = b"".join(b"ACTIVATE user-%d\r\n" % i for i in range(200)) + b"PING\r\n"
+        reply = await raw(port, payload)
+        assert 200 == reply.count(b"$7\r\nuser_id\r\n")
+        assert reply.endswith(b"+PONG\r\n")
+        assert 1 == server.pool._actor.requests - before
+
+
+async def test_pipelined_hello_and_auth_take_effect_in_order() -> None:
+    async with running(password="s3cret") as (_server, port):
+        reply = await raw(
+            port, b"ACTIVATE a\r\nAUTH wrong\r\nAUTH s3cret\r\nHELLO 3\r\nLEASE nobody\r\n"
+        )
+        assert reply.startswith(b"-NOAUTH ")
+        assert b"-WRONGPASS " in reply
+        assert b"+OK\r\n%7\r\n" in reply  # AUTH ok, then HELLO's reply as a RESP3 map
+        assert reply.endswith(b"_\r\n")  # RESP3 null after HELLO 3
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_password_through_redis_py(protocol: int) -> None:
+    async with running(password="s3cret") as (_server, port):
+
+        def scenario() -> None:
+            with pytest.raises(redis.AuthenticationError):
+                client(port, protocol, password="wrong").ping()
+            with pytest.raises(redis.RedisError, match=r"Authentication required|authenticated"):
+                client(port, protocol).execute_command("ACTIVATE", "a")
+            r = client(port, protocol, password="s3cret")  # RESP3: HELLO 3 AUTH default s3cret
+            assert "a" == as_dict(r.execute_command("ACTIVATE", "a"))["user_id"]
+
+        await in_thread(scenario)
+
+
+async def test_tls() -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    async with running(ssl_context=server_ctx, idle_timeout=1) as (_server, port):
+
+        def scenario() -> None:
+            with ca.cert_pem.tempfile() as ca_file:
+                r = client(port, ssl=True, ssl_ca_certs=ca_file)
+                assert "a" == as_dict(r.execute_command("ACTIVATE", "a"))["user_id"]
+            with pytest.raises(redis.ConnectionError):
+                client(port, ssl=True).ping()  # untrusted: the default CAs do not know ours
+            with pytest.raises(redis.ConnectionError):
+                client(port, socket_timeout=3).ping()  # plaintext to a TLS port
+
+        await in_thread(scenario)
+
+
+async def test_quit_closes_after_ok() -> None:
+    async with running() as (_server, port):
+        assert b"+PONG\r\n$2\r\nhi\r\n+OK\r\n" == await raw(
+            port, b"PING\r\nPING hi\r\nQUIT\r\nPING\r\n", read_until_close=True
+        )
+
+
+async def test_many_concurrent_clients() -> None:
+    async with running(size=50) as (server, port):
+        replies: list[bytes] = []
+
+        async def one(i: int) -> None:
+            replies.append(await raw(port, b"ACTIVATE u%d\r\n" % i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(300):
+                nursery.start_soon(one, i)
+        assert 300 == sum(1 for r in replies if b"user_id" in r)
+        stats = await server.pool.stats()
+        assert (300, 50) == (stats.activations, stats.active)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"*3\r\n$3\r\nSET\r\n:1\r\n",
+        b"*1\r\n$-7\r\n",
+        b"*1\r\n$2\r\n\xff\xfe\r\n",
+        b"*99999999\r\n",
+        b"\x00\x01\x02" * 30000,
+    ],
+)
+async def test_protocol_errors_close_only_that_connection(garbage: bytes) -> None:
+    async with running() as (_server, port):
+        other = await trio.open_tcp_stream("127.0.0.1", port)
+        reply = await raw(port, garbage, read_until_close=True)
+        assert reply.startswith(b"-ERR Protocol error: ")
+        await other.send_all(b"PING\r\n")
+        assert b"+PONG\r\n" == await other.receive_some(100)
+        await other.aclose()
+
+
+async def test_http_on_the_resp_port_is_refused_without_harm() -> None:
+    async with running() as (_server, port):
+        reply = await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", read_until_close=True)
+        assert reply.startswith(b"-ERR unknown command 'GET'")
+        assert b"+PONG\r\n" == await raw(port, b"PING\r\n")
+
+
+async def test_a_stalled_half_command_is_dropped_after_the_idle_timeout() -> None:
+    async with running(idle_timeout=0.3) as (_server, port):
+        idle = await trio.open_tcp_stream("127.0.0.1", port)
+        started = trio.current_time()
+        reply = await raw(port, b"*2\r\n$8\r\nACTIVATE\r\n", read_until_close=True)
+        assert b"" == reply
+        assert trio.current_time() - started < 1.5
+        await trio.sleep(0.5)
+        await idle.send_all(b"PING\r\n")  # an idle connection with nothing pending stays
+        assert b"+PONG\r\n" == await idle.receive_some(100)
+        await idle.aclose()
+
+
+async def test_max_clients() -> None:
+    async with running(max_clients=2) as (_server, port):
+        a = await trio.open_tcp_stream("127.0.0.1", port)
+        b = await trio.open_tcp_stream("127.0.0.1", port)
+        await a.send_all(b"PING\r\n")
+        await a.receive_some(10)
+        await b.send_all(b"PING\r\n")
+        await b.receive_some(10)
+        assert b"-ERR max number of clients reached\r\n" == await raw(
+            port, b"", read_until_close=True
+        )
+        await a.aclose()
+        await trio.sleep(0.05)
+        assert b"+PONG\r\n" == await raw(port, b"PING\r\n")
+        await b.aclose()
+
+
+async def test_replies_past_the_output_bound_drop_the_client() -> None:
+    async with running(size=100, max_output=100_000) as (_server, port):
+        reply = await raw(port, b"TOKENS\r\n" * 200, read_until_close=True)
+        assert b"" == reply  # dropped before anything was sent
+        assert b"+PONG\r\n" == await raw(port, b"PING\r\n")
+
+
+async def test_a_client_that_never_reads_is_dropped() -> None:
+    async with running(size=100, idle_timeout=0.5) as (server, port):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        sent = 0
+        with trio.move_on_after(5):
+            while True:
+                try:
+                    sent += sock.send(b"TOKENS\r\n" * 100)
+                except BlockingIOError:
+                    await trio.sleep(0.01)
+                except OSError:
+                    break  # the server closed it
+                if server.clients == 0:
+                    break
+        assert 0 == server.clients
+        sock.close()
+
+
+# -- the real process, as a user starts it -----------------------------------
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenpool", "serve", "--port", "0", "--log-format", "json", *args],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        event = json.loads(line)
+        if event["event"] == "listening":
+            return proc, int(event["ports"][0])
+        if event.get("level") == "error":
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(line)
+    proc.communicate()
+    raise AssertionError(f"the server exited: {proc.returncode}")
+
+
+def stop_server(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=15)  # drains and closes stderr
+    return proc.returncode
+
+
+def test_end_to_end_subprocess_sigterm_keeps_everything(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/pool.db"
+    proc, port = start_server("--dsn", store, "--size", "3")
+    try:
+        r = client(port)
+        leases = [as_dict(r.execute_command("ACTIVATE", f"u{i}")) for i in range(5)]
+        r.close()
+    finally:
+        assert 0 == stop_server(proc)
+    proc, port = start_server("--dsn", store, "--size", "3")
+    try:
+        r = client(port)
+        for lease in leases[2:]:
+            assert lease == as_dict(r.execute_command("LEASE", lease["user_id"]))
+        stats = as_dict(r.execute_command("STATS"))
+        assert (5, 2, "sqlite") == (stats["activations"], stats["evictions"], stats["store"])
+        r.close()
+    finally:
+        assert 0 == stop_server(proc)
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-cli") is None and os.environ.get("CI") != "true",
+    reason="redis-cli is not installed",
+)
+def test_redis_cli(tmp_path: Path) -> None:
+    proc, port = start_server("--dsn", "memory", "--requirepass", "pw")
+    try:
+        cli = ["redis-cli", "-p", str(port), "--no-auth-warning", "-a", "pw"]
+        out = subprocess.run(
+            [*cli, "ACTIVATE", "carol"], capture_output=True, text=True, check=True
+        )
+        assert "carol" in out.stdout.split("\n")
+        info = subprocess.run([*cli, "INFO"], capture_output=True, text=True, check=True)
+        assert "activations:1" in info.stdout
+        wrong = subprocess.run(
+            ["redis-cli", "-p", str(port), "ACTIVATE", "x"], capture_output=True, text=True
+        )
+        assert "NOAUTH" in wrong.stdout + wrong.stderr
+    finally:
+        assert 0 == stop_server(proc)
+
+
+def test_non_loopback_bind_without_password_is_refused() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenpool", "serve", "--host", "0.0.0.0", "--dsn", "memory"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert 2 == out.returncode
+    assert "--requirepass" in out.stderr
