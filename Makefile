@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test check fmt bench run clean
+.PHONY: test check fmt bench bench-tools run clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,15 @@ fmt: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tokenpool serve $(RUN_ARGS)
 
-bench: $(STAMP)
+# redis-benchmark (and redis-server, the ceiling) for the server figures: installed
+# with apt-get when we can, else the bench says what is missing and skips them.
+bench-tools:
+	@command -v redis-benchmark >/dev/null && command -v redis-server >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && apt-get install -y -qq redis-tools redis-server >/dev/null; } || \
+	  echo "note: install redis-tools and redis-server for the server benchmarks"
+
+bench: $(STAMP) bench-tools
 	$(BIN)/python -m tokenpool.bench $(BENCH_ARGS)
 
 clean:

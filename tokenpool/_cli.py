@@ -175,6 +175,10 @@ async def serve(args: argparse.Namespace) -> int:
         "port": str(args.port),
         "bind": args.host,
         "tls": "yes" if ssl_context else "no",
+        # redis-benchmark reads these two at start; the Redis persistence they
+        # describe does not apply (the store is set by --dsn).
+        "save": "",
+        "appendonly": "no",
     }
     async with open_pool(
         size=args.size, ttl=args.ttl, name=args.name, store=store, durability=args.durability

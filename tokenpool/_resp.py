@@ -91,8 +91,53 @@ class RespParser:
         self._pos = self._scan = end + 1
         return line[:-1] if line.endswith(b"\r") else line
 
+    def _complete_array(self) -> list[str] | None:
+        """The hot path: a whole, well-formed RESP array already in the buffer.
+
+        Returns None for anything else (incomplete, unusual or malformed) and
+        leaves it to the careful path below, which owns every error message.
+        """
+        buf = self._buf
+        pos = self._pos
+        end = buf.find(b"\r\n", pos + 1, pos + 8)
+        if end < 0:
+            return None
+        digits = buf[pos + 1 : end]
+        if not digits.isdigit():
+            return None
+        count = int(digits)
+        if not 0 < count <= self.max_args:
+            return None
+        size = len(buf)
+        p = end + 2
+        args = []
+        for _ in range(count):
+            if buf[p : p + 1] != b"$":
+                return None
+            end = buf.find(b"\r\n", p + 1, p + 10)
+            if end < 0:
+                return None
+            digits = buf[p + 1 : end]
+            if not digits.isdigit():
+                return None
+            start = end + 2
+            stop = start + int(digits)
+            if stop + 2 > size or stop - start > self.max_bulk or buf[stop : stop + 2] != b"\r\n":
+                return None
+            try:
+                args.append(buf[start:stop].decode())
+            except UnicodeDecodeError:
+                return None
+            p = stop + 2
+        self._pos = self._scan = p
+        return args
+
     def next_command(self) -> list[str] | _NeedData:
         """The next complete command, or ``NEED_DATA``. Raises ``ProtocolError``."""
+        if self._args is None and self._pos < len(self._buf) and self._buf[self._pos] == 0x2A:
+            fast = self._complete_array()
+            if fast is not None:
+                return fast
         while True:
             if self._args is None:
                 if self._pos >= len(self._buf):

@@ -24,6 +24,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Any
 
 import attrs
 import structlog
@@ -59,6 +60,44 @@ def iso(value: datetime | None) -> str:
     if value is None:
         return ""
     return value.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+_iso_cache: dict[datetime, bytes] = {}
+
+
+def _iso_bytes(value: datetime) -> bytes:
+    # Leases granted in one batch share their two datetimes: format each once.
+    cached = _iso_cache.get(value)
+    if cached is None:
+        if len(_iso_cache) > 4096:
+            _iso_cache.clear()
+        cached = _iso_cache[value] = iso(value).encode()
+    return cached
+
+
+_LEASE_WIRE = (
+    b"%b$2\r\nid\r\n$36\r\n%b\r\n$8\r\ntoken_id\r\n$36\r\n%b\r\n$7\r\nuser_id\r\n$%d\r\n%b\r\n"
+    b"$5\r\nfence\r\n:%d\r\n$12\r\nactivated_at\r\n$%d\r\n%b\r\n$10\r\nexpires_at\r\n$%d\r\n%b\r\n"
+)
+
+
+def lease_wire(lease: Lease, proto: int) -> bytes:
+    """``encode(lease_reply(lease), proto)``, about five times faster: ACTIVATE's reply."""
+    user = lease.user_id.encode()
+    start = _iso_bytes(lease.activated_at)
+    end = _iso_bytes(lease.expires_at)
+    return _LEASE_WIRE % (
+        b"%6\r\n" if proto == 3 else b"*12\r\n",
+        lease.id.encode(),
+        lease.token_id.encode(),
+        len(user),
+        user,
+        lease.fence,
+        len(start),
+        start,
+        len(end),
+        end,
+    )
 
 
 def lease_reply(lease: Lease) -> dict[str, Reply]:
@@ -149,6 +188,7 @@ Later = Callable[[], Awaitable[Reply]]
 class _Deferred:
     op: Op
     format: Format
+    wire: Callable[[Any, int], bytes] | None = None  # a hand-made encoder for hot replies
 
 
 @attrs.frozen
@@ -312,36 +352,47 @@ class RespServer:
     # -- commands -------------------------------------------------------------
 
     async def _execute(self, commands: list[list[str]], session: Session) -> bytes:
-        plans: list[tuple[Plan, int]] = []
+        # Each planned command becomes its reply bytes (encoded now, with the
+        # protocol in force at its place in the pipeline), or a deferred op
+        # whose result is encoded once the batch comes back.
+        planned: list[bytes | tuple[_Deferred | _After, int]] = []
         ops: list[Op] = []
         for argv in commands:
             self.commands += 1
             plan = self._plan(argv, session)
             if isinstance(plan, _Deferred):
                 ops.append(plan.op)
-            plans.append((plan, session.proto))
+                planned.append((plan, session.proto))
+            elif isinstance(plan, _After):
+                planned.append((plan, session.proto))
+            else:
+                planned.append(encode(plan, session.proto))
             if session.quit:
                 break
         results = await self.pool.batch(ops) if ops else []
         out: list[bytes] = []
         i = 0
-        for plan, proto in plans:
+        for item in planned:
+            if type(item) is bytes:
+                out.append(item)
+                continue
+            assert isinstance(item, tuple)
+            plan, proto = item
             if isinstance(plan, _Deferred):
                 result = results[i]
                 i += 1
-                reply = (
-                    error_reply(result)
-                    if isinstance(result, BaseException)
-                    else plan.format(result)
-                )
-            elif isinstance(plan, _After):
+                if isinstance(result, BaseException):
+                    out.append(encode(error_reply(result), proto))
+                elif plan.wire is not None:
+                    out.append(plan.wire(result, proto))
+                else:
+                    out.append(encode(plan.format(result), proto))
+            else:
                 try:
                     reply = await plan.run()
                 except TokenPoolError as error:
                     reply = error_reply(error)
-            else:
-                reply = plan
-            out.append(encode(reply, proto))
+                out.append(encode(reply, proto))
         if session.failed_auth:
             session.failed_auth = False
             await trio.sleep(self.settings.auth_delay)
@@ -464,12 +515,12 @@ def _lease_or_nil(result: object) -> Reply:
 
 @command("ACTIVATE", 1, 1)
 def _activate(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(Activate(args[0]), lambda lease: lease_reply(lease))  # type: ignore[arg-type]
+    return _Deferred(Activate(args[0]), lease_reply, lease_wire)  # type: ignore[arg-type]
 
 
 @command("RENEW", 2, 2)
 def _renew(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(Renew(args[0], args[1]), lambda lease: lease_reply(lease))  # type: ignore[arg-type]
+    return _Deferred(Renew(args[0], args[1]), lease_reply, lease_wire)  # type: ignore[arg-type]
 
 
 @command("VALIDATE", 2, 2)

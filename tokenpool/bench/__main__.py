@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import embedded, persistence
+from . import embedded, persistence, server
 from ._measure import machine, table
 
-SECTIONS = {"embedded": embedded.run, "persistence": persistence.run}
+SECTIONS = {"embedded": embedded.run, "persistence": persistence.run, "server": server.run}
 
 
 def main(argv: list[str] | None = None) -> int:
