@@ -17,7 +17,7 @@ words = st.text(
     alphabet=st.characters(blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc")),
     min_size=1,
     max_size=20,
-).filter(lambda w: w.split() == [w])
+).filter(lambda w: w.split() == [w] and not w.startswith("*"))  # '*' starts a RESP array
 
 
 def as_resp(command: list[str]) -> bytes:
