@@ -233,16 +233,25 @@ def run_and_kill(url: str, durability: str, seconds: float) -> tuple[list[list[s
             stderr=err,
             text=True,
         )
-        deadline = time.monotonic() + 30
-        while True:
-            out.seek(0)
-            if "READY" in out.read(4096):
-                break
-            if proc.poll() is not None:
-                err.seek(0)
-                raise AssertionError(f"the crash worker died before it was ready:\n{err.read()}")
-            assert time.monotonic() < deadline, "the crash worker never got ready"
-            time.sleep(0.02)
+        deadline = time.monotonic() + 90
+        try:
+            while True:
+                out.seek(0)
+                if "READY" in out.read(4096):
+                    break
+                if proc.poll() is not None:
+                    err.seek(0)
+                    raise AssertionError(
+                        f"the crash worker died before it was ready:\n{err.read()}"
+                    )
+                if time.monotonic() > deadline:
+                    err.seek(0)
+                    raise AssertionError(f"the crash worker never got ready:\n{err.read()}")
+                time.sleep(0.02)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         time.sleep(seconds)
         killed_at = time.monotonic()
         proc.send_signal(signal.SIGKILL)
