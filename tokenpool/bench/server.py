@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -43,8 +42,6 @@ def tokenpool_server(*args: str) -> Iterator[int]:
             "0",
             "--log-format",
             "json",
-            "--log-level",
-            "warning",
             "--max-clients",
             "20000",
             *args,
@@ -52,7 +49,6 @@ def tokenpool_server(*args: str) -> Iterator[int]:
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "TOKENPOOL_LOG_LEVEL": "info"},
     )
     assert proc.stderr is not None
     port = 0
