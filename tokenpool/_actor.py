@@ -17,7 +17,7 @@ made stay (they end leases, which a retry cannot undo or repeat harmfully).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -128,7 +128,6 @@ class Actor:
         self.closed = False
         self.batches = 0
         self.requests = 0
-        self.on_expire: Callable[[list[Change]], None] | None = None
 
     async def call(self, ops: Sequence[Op]) -> list[object]:
         """Apply ``ops`` in one message; return a result or an error per op."""

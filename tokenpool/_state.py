@@ -380,10 +380,6 @@ class PoolState:
         """The user's active lease, or ``None``."""
         return self._by_user.get(check_user_id(user_id))
 
-    def lease_on(self, token_id: str) -> Lease | None:
-        """The token's current lease, or ``None``."""
-        return self._leases.get(self._token_id(token_id))
-
     def history(self, token_id: str, limit: int = 100) -> list[Usage]:
         """The token's ended leases kept in memory, newest first, at most ``limit``."""
         check_limit(limit)

@@ -25,7 +25,6 @@ Rules it keeps:
 from __future__ import annotations
 
 import random
-import statistics
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
@@ -87,8 +86,6 @@ class Writer:
         self.last_lag: float | None = None
         self.lags: deque[float] = deque(maxlen=10_000)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
-        self.commits = 0
-        self.failures = 0
         self.lost = 0
         self._submitted = 0  # entries ever queued
         self._done = 0  # entries ever committed (or given up)
@@ -101,13 +98,9 @@ class Writer:
 
     def submit(self, changes: list[Change], waiters: list[Request] | None) -> None:
         if not changes:
-            if not waiters:
-                return
-            if not self._entries:
-                # Nothing of theirs or anyone's is uncommitted: answer now.
-                for request in waiters:
-                    request.finish()
-                return
+            for request in waiters or ():
+                request.finish()  # nothing of theirs to commit
+            return
         self._entries.append(_Entry(changes, waiters or [], trio.current_time()))
         self._submitted += 1
         self.backlog += len(changes)
@@ -176,7 +169,6 @@ class Writer:
                 return
             except (StoreError, trio.TooSlowError) as error:
                 attempt += 1
-                self.failures += 1
                 self._set_link("retrying" if attempt < 3 else "down", error)
                 self._fail_waiters(
                     self.write_timeout,
@@ -196,7 +188,6 @@ class Writer:
         now = trio.current_time()
         if batch:
             self._set_link("up", None)
-            self.commits += 1
             self.last_commit_at = self._now()
             self.batch_sizes.append(batch.changes)
         self._done += taken
@@ -246,10 +237,3 @@ class Writer:
             log.warning(
                 f"store_link_{state}", store=self.store.url, error=str(error), backlog=self.backlog
             )
-
-    def lag_percentiles(self) -> tuple[float, float] | None:
-        """p50 and p99 of recent write lags (seconds from submit to commit)."""
-        if len(self.lags) < 2:
-            return None
-        cuts = statistics.quantiles(self.lags, n=100)
-        return cuts[49], cuts[98]
