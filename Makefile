@@ -28,15 +28,29 @@ fmt: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tokenpool serve $(RUN_ARGS)
 
-# redis-benchmark (and redis-server, the ceiling) for the server figures: installed
-# with apt-get when we can, else the bench says what is missing and skips them.
-bench-tools:
-	@command -v redis-benchmark >/dev/null && command -v redis-server >/dev/null || \
-	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    apt-get update -qq && apt-get install -y -qq redis-tools redis-server >/dev/null; } || \
-	  echo "note: install redis-tools and redis-server for the server benchmarks"
+# The peers' drivers: redis-benchmark and redis-server (redis-tools, redis-server) and
+# pgbench (the PostgreSQL server package), installed with apt-get when we can; else the
+# bench says exactly what is missing and skips what needs it.
+BENCH_STAMP := $(VENV)/.bench-installed
 
-bench: $(STAMP) bench-tools
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench-tools:
+	@missing=""; \
+	  command -v redis-benchmark >/dev/null || missing="$$missing redis-tools"; \
+	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	  command -v pgbench >/dev/null || missing="$$missing postgresql"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -qq && apt-get install -y -qq $$missing >/dev/null || \
+	        echo "note: could not install$$missing; the bench skips what needs them"; \
+	    else echo "note: install$$missing for the peer benchmarks"; fi; \
+	  fi
+
+# BENCH_ARGS=--quick for a short run (under 2 minutes); the full run takes under 20.
+bench: $(BENCH_STAMP) bench-tools
 	$(BIN)/python -m tokenpool.bench $(BENCH_ARGS)
 
 clean:

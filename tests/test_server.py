@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -166,6 +167,21 @@ async def test_holder_errors() -> None:
                 r.execute_command("RELEASE", lease["token_id"])
             with pytest.raises(redis.ResponseError, match=r"^NOTHOLDER"):
                 r.execute_command("RENEW", lease["token_id"], lease["id"])
+
+        await in_thread(scenario)
+
+
+async def test_info_counts_every_error_reply() -> None:
+    """Benchmarks read total_error_replies to tell refusals from served requests."""
+    async with running(size=1) as (_server, port):
+
+        def scenario() -> None:
+            r = client(port)
+            for command in (["NOSUCH"], ["ACTIVATE", "a b"], ["RELEASE", str(uuid.uuid4())]):
+                with pytest.raises(redis.ResponseError):
+                    r.execute_command(*command)
+            r.execute_command("ACTIVATE", "a")
+            assert 3 == r.info("stats")["total_error_replies"]
 
         await in_thread(scenario)
 

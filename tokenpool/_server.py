@@ -219,6 +219,7 @@ class RespServer:
         self.connections = 0
         self.rejected = 0
         self.commands = 0
+        self.errors = 0  # error replies sent (INFO's total_error_replies, as in Redis)
         self._next_id = 0
         self._listeners: trio.CancelScope | None = None
         self._waiting: set[trio.CancelScope] = set()
@@ -366,6 +367,8 @@ class RespServer:
             elif isinstance(plan, _After):
                 planned.append((plan, session.proto))
             else:
+                if type(plan) is Error:
+                    self.errors += 1
                 planned.append(encode(plan, session.proto))
             if session.quit:
                 break
@@ -382,6 +385,7 @@ class RespServer:
                 result = results[i]
                 i += 1
                 if isinstance(result, BaseException):
+                    self.errors += 1
                     out.append(encode(error_reply(result), proto))
                 elif plan.wire is not None:
                     out.append(plan.wire(result, proto))
@@ -391,6 +395,7 @@ class RespServer:
                 try:
                     reply = await plan.run()
                 except TokenPoolError as error:
+                    self.errors += 1
                     reply = error_reply(error)
                 out.append(encode(reply, proto))
         if session.failed_auth:
@@ -471,6 +476,7 @@ class RespServer:
                 "total_connections_received": self.connections,
                 "total_commands_processed": self.commands,
                 "rejected_connections": self.rejected,
+                "total_error_replies": self.errors,
                 "instantaneous_ops_per_sec": 0,
             },
             "keyspace": {"db0": f"keys={stats.active},expires={stats.active},avg_ttl=0"},

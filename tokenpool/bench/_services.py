@@ -1,0 +1,167 @@
+"""The processes and databases a benchmark runs against, started and stopped by the bench.
+
+Every server is started on a free port of 127.0.0.1 and stopped afterwards; every
+PostgreSQL figure uses a schema of its own on ``TOKENPOOL_BENCH_DSN`` (default: the
+local server), dropped afterwards. Nothing here touches the machine's redis on 6379.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import attrs
+import psycopg
+
+DSN = os.environ.get("TOKENPOOL_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process now (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@attrs.frozen
+class Server:
+    """A server process the bench started: where it listens and its pid."""
+
+    port: int
+    pid: int
+
+
+@contextmanager
+def tokenpool_server(*args: str) -> Iterator[Server]:
+    """``python -m tokenpool serve`` on a free port, stopped with SIGTERM afterwards."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tokenpool",
+            "serve",
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+            "--max-clients",
+            "20000",
+            *args,
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    port = 0
+    for line in proc.stderr:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "listening":
+            port = int(event["ports"][0])
+            break
+    if not port:
+        proc.kill()
+        raise RuntimeError(f"tokenpool serve did not start: {proc.communicate()}")
+    # Keep reading its log so a full pipe never stalls it.
+    drain = subprocess.Popen(["cat"], stdin=proc.stderr, stdout=subprocess.DEVNULL)
+    try:
+        yield Server(port, proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        drain.wait(timeout=5)
+
+
+def _wait_for_port(port: int, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@contextmanager
+def redis_server() -> Iterator[Server]:
+    """A redis-server of our own on a free port: no persistence, the machine's defaults."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found (Debian/Ubuntu: apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no"]
+        + ["--bind", "127.0.0.1", "--maxclients", "20000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port)
+        yield Server(port, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def pg_schema(prefix: str = "bench") -> Iterator[str]:
+    """A fresh schema's name on ``DSN``, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    try:
+        yield name
+    finally:
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def store_url(schema: str) -> str:
+    """The tokenpool store URL of a schema on ``DSN``."""
+    return f"{DSN}?schema={schema}"
+
+
+def versions() -> dict[str, str]:
+    """The versions of every system a figure names."""
+    import psycopg as pg
+    import trio
+
+    out = {"python": sys.version.split()[0], "trio": trio.__version__, "psycopg": pg.__version__}
+    for tool, argv in (
+        ("redis-server", ["redis-server", "--version"]),
+        ("redis-benchmark", ["redis-benchmark", "--version"]),
+        ("pgbench", ["pgbench", "--version"]),
+    ):
+        if shutil.which(argv[0]):
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            out[tool] = done.stdout.strip().split("\n")[0]
+    try:
+        with psycopg.connect(DSN, connect_timeout=3) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            out["postgresql"] = str(row[0]) if row else "?"
+    except psycopg.Error as error:
+        out["postgresql"] = f"unreachable ({error})"
+    return out
