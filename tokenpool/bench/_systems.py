@@ -1,0 +1,142 @@
+"""The systems under test, started side by side for one section and driven alike.
+
+Every RESP system (tokenpool in ``async`` and ``sync`` durability with PostgreSQL
+as its store, Redis + Lua) takes the same redis-benchmark command line but for the
+command itself; the PostgreSQL-only pool takes pgbench. Each run checks that the
+system refused nothing (``INFO``'s ``total_error_replies``), so a figure never
+counts refusals as served requests.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import attrs
+
+from . import _peers
+from ._drivers import Run, pgbench, sized_redis_benchmark
+from ._services import DSN, pg_schema, redis_server, store_url, tokenpool_server
+
+TTL = 3600.0  # long enough that nothing expires during a run: every system does the same work
+
+
+@attrs.frozen
+class RespSystem:
+    """A system driven by redis-benchmark."""
+
+    name: str
+    port: int
+    pid: int
+    activate: tuple[str, ...]  # redis-benchmark's command; __rand_int__ is the user
+
+    def errors(self) -> int:
+        """Error replies the server has sent so far (a raw INFO: no client library's extras)."""
+        pattern = re.compile(rb"total_error_replies:(\d+)\r\n")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(b"INFO stats\r\n")
+            data = b""
+            while (match := pattern.search(data)) is None:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError(f"{self.name}: INFO has no total_error_replies")
+                data += chunk
+        return int(match.group(1))
+
+    def run(
+        self,
+        *,
+        clients: int,
+        pipeline: int,
+        users: int,
+        seconds: float,
+        command: tuple[str, ...] | None = None,
+    ) -> Run:
+        before = self.errors()
+        result = sized_redis_benchmark(
+            self.port,
+            list(command or self.activate),
+            clients=clients,
+            pipeline=pipeline,
+            keyspace=users,
+            seconds=seconds,
+        )
+        refused = self.errors() - before
+        if refused:
+            raise RuntimeError(
+                f"{self.name} refused {refused} requests (clients {clients}, pipeline"
+                f" {pipeline}): its figure would count errors as service"
+            )
+        return result
+
+
+@attrs.frozen
+class PgSystem:
+    """The PostgreSQL-only pool, driven by pgbench."""
+
+    name: str
+    schema: str
+    synchronous_commit: bool
+
+    def run(
+        self, *, clients: int, users: int, seconds: float, rate: float | None = None
+    ) -> Run:
+        return pgbench(
+            DSN,
+            _peers.pg_script(TTL),
+            clients=clients,
+            seconds=seconds,
+            variables={"users": str(users)},
+            options=_peers.pg_options(self.schema, self.synchronous_commit),
+            rate=rate,
+        )
+
+
+@contextmanager
+def tokenpool_resp(
+    name: str, size: int, store: str = "postgresql", durability: str = "async"
+) -> Iterator[RespSystem]:
+    """``tokenpool serve`` of ``size`` tokens on a fresh PostgreSQL schema (or in memory)."""
+    with ExitStack() as stack:
+        if store == "memory":
+            dsn = "memory"
+        else:
+            dsn = store_url(stack.enter_context(pg_schema("bench_tp")))
+        server = stack.enter_context(
+            tokenpool_server(
+                "--dsn", dsn, "--durability", durability, "--size", str(size), "--ttl", str(TTL)
+            )
+        )
+        yield RespSystem(name, server.port, server.pid, ("ACTIVATE", "__rand_int__"))
+
+
+@contextmanager
+def redis_lua(size: int) -> Iterator[RespSystem]:
+    """A redis-server of our own holding the Redis + Lua pool of ``size`` tokens."""
+    with redis_server() as server:
+        sha = _peers.redis_pool(server.port, size)
+        yield RespSystem(
+            "redis+lua", server.port, server.pid, tuple(_peers.redis_activate(sha, TTL))
+        )
+
+
+@contextmanager
+def pg_only(size: int) -> Iterator[tuple[PgSystem, PgSystem]]:
+    """The PostgreSQL-only pool of ``size`` tokens, at synchronous_commit on and off."""
+    with pg_schema("bench_pgonly") as schema:
+        _peers.pg_pool(schema, size)
+        yield (
+            PgSystem("postgresql-only (sync commit on)", schema, True),
+            PgSystem("postgresql-only (sync commit off)", schema, False),
+        )
+
+
+def pg_max_clients() -> int:
+    """How many pgbench clients the server takes (its max_connections, less some slack)."""
+    import psycopg
+
+    with psycopg.connect(DSN) as conn:
+        row = conn.execute("SHOW max_connections").fetchone()
+    return int(row[0]) - 10 if row else 90
