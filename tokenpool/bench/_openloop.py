@@ -26,7 +26,7 @@ class OpenLoopRun:
     """What an open-loop run offered and what came back (latencies in ms)."""
 
     offered: float
-    achieved: float
+    rps: float  # achieved
     p50: float
     p99: float
     p999: float
@@ -120,7 +120,7 @@ def open_loop(
     latencies.sort()
     return OpenLoopRun(
         offered=rate,
-        achieved=len(latencies) / elapsed if elapsed > 0 else 0.0,
+        rps=len(latencies) / elapsed if elapsed > 0 else 0.0,
         p50=_percentile(latencies, 50),
         p99=_percentile(latencies, 99),
         p999=_percentile(latencies, 99.9),
