@@ -26,6 +26,7 @@ class Run:
     p999: float
     requests: int
     seconds: float
+    refused: int = 0  # error replies among ``requests``: not counted in ``rps``
 
 
 _PERCENTILE = re.compile(r"^\s*([\d.]+)% <= ([\d.]+) milliseconds", re.M)
@@ -52,8 +53,10 @@ def redis_benchmark(
 ) -> Run:
     """One redis-benchmark run (``__rand_int__`` in ``command`` ranges over ``keyspace``)."""
     out = subprocess.run(
-        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients)]
-        + ["-n", str(requests), "-P", str(pipeline), "-r", str(keyspace), *command],
+        [
+            *("redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients)),
+            *("-n", str(requests), "-P", str(pipeline), "-r", str(keyspace), *command),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

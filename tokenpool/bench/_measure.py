@@ -85,11 +85,17 @@ def table(figures: list[Figure]) -> str:
 def run_figures(label: str, runs: list[Any], **params: Any) -> list[Figure]:
     """Throughput and latency figures from repeated driver runs (anything with rps, p50, ...)."""
     return [
-        Figure(f"{label}: {title}", unit, tuple(getattr(r, attr) for r in runs), {**params, "metric": attr})
+        Figure(
+            f"{label}: {title}",
+            unit,
+            tuple(getattr(r, attr) for r in runs),
+            {**params, "metric": attr},
+        )
         for attr, title, unit in (
             ("rps", "requests/s", "requests/s"),
             ("p50", "p50", "ms"),
             ("p99", "p99", "ms"),
             ("p999", "p99.9", "ms"),
+            ("refused", "refused", "requests"),
         )
     ]

@@ -34,6 +34,10 @@ class OpenLoopRun:
     errors: int
     unanswered: int
 
+    @property
+    def refused(self) -> int:
+        return self.errors + self.unanswered
+
 
 def encode(*args: str) -> bytes:
     parts = [b"*%d\r\n" % len(args)]

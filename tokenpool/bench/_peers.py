@@ -46,7 +46,7 @@ def pg_pool(schema: str, size: int) -> None:
     with psycopg.connect(DSN, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
         conn.execute(f'SET search_path TO "{schema}"')
-        conn.execute(source)  # type: ignore[arg-type]  # our own file, not user input
+        conn.execute(source.encode())  # our own file, not user input
         with conn.cursor().copy("COPY tokens (id, freed) FROM STDIN") as copy:
             for i in range(size):
                 copy.write_row((uuid.uuid4(), i))

@@ -115,8 +115,10 @@ def redis_server() -> Iterator[Server]:
         raise RuntimeError("redis-server not found (Debian/Ubuntu: apt-get install redis-server)")
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no"]
-        + ["--bind", "127.0.0.1", "--maxclients", "20000"],
+        [
+            *(binary, "--port", str(port), "--save", "", "--appendonly", "no"),
+            *("--bind", "127.0.0.1", "--maxclients", "20000"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -81,10 +81,10 @@ async def _actor_rate(pool_size: int, tasks: int, seconds: float, mode: str) -> 
 
 
 def run(quick: bool) -> list[Figure]:
-    seconds = 0.4 if quick else 1.5
+    seconds = 0.3 if quick else 1.0
     runs = 3 if quick else 5
     figures: list[Figure] = []
-    for size in (100, 1_000_000):
+    for size in (100, 10_000, 1_000_000):
         state = PoolState(ttl=3600)
         state.resize(size, datetime.now(UTC))
         gc.freeze()
@@ -109,7 +109,7 @@ def run(quick: bool) -> list[Figure]:
         ]
         del state
         gc.unfreeze()
-        for tasks in (1, 10, 100):
+        for tasks in (100,) if quick else (1, 10, 100):
             figures.append(
                 repeat(
                     f"actor activate+release, {tasks} tasks, {label}",
@@ -119,6 +119,7 @@ def run(quick: bool) -> list[Figure]:
                     size=size,
                     tasks=tasks,
                     path="actor",
+                    mode="round-trip",
                 )
             )
         figures += [
@@ -130,6 +131,7 @@ def run(quick: bool) -> list[Figure]:
                 size=size,
                 tasks=100,
                 path="actor",
+                mode="activate",
             ),
             repeat(
                 f"activate_many of 1,000 users, 1 task, {label}",

@@ -30,7 +30,7 @@ def _request(template: tuple[str, ...], rng: random.Random) -> bytes:
 
 def run(quick: bool) -> list[Figure]:
     reps = 3
-    seconds = 3.0 if quick else 30.0
+    seconds = 1.5 if quick else 30.0
     if not quick:
         reps = 1  # a 30 s run holds ~600k samples: its percentiles are already stable
     samples: dict[tuple[str, int], list[Any]] = {}
@@ -43,12 +43,10 @@ def run(quick: bool) -> list[Figure]:
         for _ in range(reps):
             for rate in RATES:
                 for system in resp:
-                    before = system.errors()
+                    system.settle()
                     result = open_loop(
                         system.port, partial(_request, system.activate), rate=rate, seconds=seconds
                     )
-                    if result.errors or result.unanswered or system.errors() != before:
-                        raise RuntimeError(f"{system.name} did not serve every request: {result}")
                     samples.setdefault((system.name, rate), []).append(result)
                 samples.setdefault((pg.name, rate), []).append(
                     pg.run(clients=50, users=USERS, seconds=seconds, rate=rate)
@@ -57,6 +55,7 @@ def run(quick: bool) -> list[Figure]:
     for (name, rate), runs in samples.items():
         for attr, title, unit in (
             ("rps", "served/s", "requests/s"),
+            ("refused", "refused or unanswered", "requests"),
             ("p50", "p50", "ms"),
             ("p99", "p99", "ms"),
             ("p999", "p99.9", "ms"),
