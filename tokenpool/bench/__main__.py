@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from . import compare, embedded, memory, openloop, persistence, profile, report, scaling
 from ._drivers import missing
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     for section in chosen:
         if section not in every:
             parser.error(f"unknown section {section!r}; known: {', '.join(every)}")
+    # The pools the bench opens log at info; only their warnings belong on this screen.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     started = time.time()
     figures: list[Figure] = []
     skipped: dict[str, str] = {}

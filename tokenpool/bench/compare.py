@@ -28,7 +28,7 @@ SIZE = 10_000
 
 def run(quick: bool) -> list[Figure]:
     reps = 3
-    seconds = 0.8 if quick else 2.0
+    seconds = 0.5 if quick else 2.0
     clients_set = (50,) if quick else (1, 50, 500)
     users_set = (100_000,) if quick else (1_000, 100_000)
     pg_cap = pg_max_clients()
