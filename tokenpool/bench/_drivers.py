@@ -29,6 +29,10 @@ class Run:
     refused: int = 0  # error replies among ``requests``: not counted in ``rps``
 
 
+class RefusedError(RuntimeError):
+    """The server answered an error, and redis-benchmark stops at the first one."""
+
+
 _PERCENTILE = re.compile(r"^\s*([\d.]+)% <= ([\d.]+) milliseconds", re.M)
 _THROUGHPUT = re.compile(r"throughput summary: ([\d.]+) requests per second")
 _ELAPSED = re.compile(r"(\d+) requests completed in ([\d.]+) seconds")
@@ -52,7 +56,7 @@ def redis_benchmark(
     keyspace: int,
 ) -> Run:
     """One redis-benchmark run (``__rand_int__`` in ``command`` ranges over ``keyspace``)."""
-    out = subprocess.run(
+    done = subprocess.run(
         [
             *("redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients)),
             *("-n", str(requests), "-P", str(pipeline), "-r", str(keyspace), *command),
@@ -60,8 +64,13 @@ def redis_benchmark(
         capture_output=True,
         text=True,
         timeout=600,
-        check=True,
-    ).stdout
+        check=False,
+    )
+    if done.returncode != 0:
+        if "Error from server" in done.stdout + done.stderr:
+            raise RefusedError(done.stdout.rsplit("\r", 1)[-1].strip()[-300:])
+        raise RuntimeError(f"redis-benchmark failed: {done.stderr[-1000:]}")
+    out = done.stdout
     # Progress lines end in \r; the report follows the last one.
     report = out.rsplit("\r", 1)[-1]
     points = [(float(p), float(ms)) for p, ms in _PERCENTILE.findall(report)]

@@ -23,15 +23,17 @@ class Figure:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.runs)
+        """The median of the runs that gave a value (a refused run gives NaN)."""
+        valid = [r for r in self.runs if r == r]
+        return statistics.median(valid) if valid else float("nan")
 
     def as_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "unit": self.unit,
             "median": self.median,
-            "min": min(self.runs),
-            "max": max(self.runs),
+            "min": min((r for r in self.runs if r == r), default=float("nan")),
+            "max": max((r for r in self.runs if r == r), default=float("nan")),
             "runs": list(self.runs),
             "params": self.params,
         }
@@ -63,6 +65,8 @@ def machine() -> dict[str, Any]:
 
 def fmt(value: float) -> str:
     """A rate or a time in a short human form."""
+    if value != value:
+        return "refused"
     if value >= 100_000:
         return f"{value / 1000:,.0f}k"
     if value >= 10_000:
@@ -78,6 +82,8 @@ def table(figures: list[Figure]) -> str:
     for f in figures:
         lines.append(
             f"| {f.name} | {fmt(f.median)} | {fmt(min(f.runs))} | {fmt(max(f.runs))} | {f.unit} |"
+            if f.median == f.median
+            else f"| {f.name} | refused | | | {f.unit} |"
         )
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 import attrs
 
 from . import _peers
-from ._drivers import Run, pgbench, sized_redis_benchmark
+from ._drivers import RefusedError, Run, pgbench, sized_redis_benchmark
 from ._services import DSN, pg_schema, redis_server, store_url, tokenpool_server
 
 TTL = 3600.0  # long enough that nothing expires during a run: every system does the same work
@@ -72,14 +72,20 @@ class RespSystem:
     ) -> Run:
         self.settle()
         before = self.errors()
-        result = sized_redis_benchmark(
-            self.port,
-            list(command or self.activate),
-            clients=clients,
-            pipeline=pipeline,
-            keyspace=users,
-            seconds=seconds,
-        )
+        try:
+            result = sized_redis_benchmark(
+                self.port,
+                list(command or self.activate),
+                clients=clients,
+                pipeline=pipeline,
+                keyspace=users,
+                seconds=seconds,
+            )
+        except RefusedError:
+            # redis-benchmark stops at the first error reply: no rate to report, only
+            # that the system refused (tokenpool: its write backlog filled up).
+            nan = float("nan")
+            return Run(nan, nan, nan, nan, 0, 0.0, refused=max(1, self.errors() - before))
         # Refusals (a full write backlog: the writer's sustained limit) are not service.
         refused = self.errors() - before
         served = max(0.0, 1 - refused / result.requests)

@@ -30,7 +30,8 @@ def _ratio(a: Fig | None, b: Fig | None) -> list[float] | None:
     if a is None or b is None:
         return None
     runs = list(zip(a["runs"], b["runs"], strict=False))
-    return [x / y for x, y in runs if y] or None
+    # A refused run (NaN) has no ratio.
+    return [x / y for x, y in runs if y and x == x and y == y] or None
 
 
 Goal = tuple[str, Callable[[list[Fig]], list[float] | None], float, str]
