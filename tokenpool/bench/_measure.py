@@ -80,10 +80,10 @@ def table(figures: list[Figure]) -> str:
     """A Markdown table of figures."""
     lines = ["| figure | median | min | max | unit |", "|---|---:|---:|---:|---|"]
     for f in figures:
+        row = f.as_json()
         lines.append(
-            f"| {f.name} | {fmt(f.median)} | {fmt(min(f.runs))} | {fmt(max(f.runs))} | {f.unit} |"
-            if f.median == f.median
-            else f"| {f.name} | refused | | | {f.unit} |"
+            f"| {f.name} | {fmt(row['median'])} | {fmt(row['min'])} | {fmt(row['max'])}"
+            f" | {f.unit} |"
         )
     return "\n".join(lines)
 
