@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test check fmt bench bench-tools run clean
+.PHONY: test check fmt bench bench-tools chaos run clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ bench-tools:
 # BENCH_ARGS=--quick for a short run (under 2 minutes); the full run takes under 20.
 bench: $(BENCH_STAMP) bench-tools
 	$(BIN)/python -m tokenpool.bench $(BENCH_ARGS)
+
+# The long reliability runs (the short ones are in `make test`): histories checked for
+# linearizability, SIGKILL/SIGTERM under load, hostile clients; prints a summary table.
+CHAOS_DSN ?= $(or $(TOKENPOOL_TEST_DSN),postgresql://postgres@127.0.0.1:5432/test)
+chaos: $(STAMP)
+	$(BIN)/python -m tokenpool.chaos --clients 64 --operations 200000 --dsn $(CHAOS_DSN) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -89,6 +90,23 @@ class Cluster:
         pg_ctl = _pg_bin("pg_ctl")
         assert pg_ctl
         self._run(pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def _pids(self) -> list[int]:
+        """The postmaster and every backend of this cluster."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the cluster: a hung database, connections left open."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
 
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):

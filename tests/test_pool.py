@@ -26,7 +26,7 @@ from tokenpool import (
     Usage,
 )
 from tokenpool._actor import Actor, Request
-from tokenpool._model import Change
+from tokenpool._model import Change, Lease
 from tokenpool._ops import Op
 from tokenpool._state import PoolState
 
@@ -271,6 +271,7 @@ class HeldWriter:
     def __init__(self) -> None:
         self.changes: list[Change] = []
         self.waiting: list[Request] = []
+        self.committed_fence = 0
 
     def full(self) -> bool:
         return False
@@ -280,9 +281,38 @@ class HeldWriter:
         self.waiting += waiters or []
 
     def commit(self) -> None:
+        fences = [c.fence for c in self.changes if type(c) is Lease]
+        self.committed_fence = max([self.committed_fence, *fences])
         waiting, self.waiting = self.waiting, []
         for request in waiting:
             request.finish()
+
+
+async def test_sync_never_hands_out_a_lease_before_its_grant_is_committed() -> None:
+    """Two activations of one user: the one that finds the other's pending grant waits
+    for that commit too, so a crash cannot take back a lease anyone was told about."""
+    writer = HeldWriter()
+    clock = Clock()
+    clock.start()
+    state = PoolState(ttl=60)
+    state.resize(2, clock.now())
+    actor = Actor(state, clock, writer=writer, sync=True)
+    answered: list[object] = []
+
+    async def activate() -> None:
+        answered.extend(await actor.call([Activate("twice")]))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        nursery.start_soon(activate)
+        nursery.start_soon(activate)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [] == answered  # neither answered: the grant is not committed
+        writer.commit()
+        await trio.testing.wait_all_tasks_blocked()
+        first, second = answered
+        assert first == second
+        actor.close()
 
 
 async def test_cancelled_after_grant_but_before_reply_releases_the_lease() -> None:

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from redis.retry import Retry
 
 import tokenpool
 from tokenpool._server import RespServer, Settings
+from tokenpool.chaos import server as chaos_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,11 +90,11 @@ async def test_every_command_through_redis_py(protocol: int) -> None:
             r = client(port, protocol)
             assert r.ping()
             lease = as_dict(r.execute_command("ACTIVATE", "alice"))
-            assert {"id", "token_id", "user_id", "fence", "activated_at", "expires_at"} == set(
-                lease
-            )
+            fields = {"id", "token_id", "user_id", "fence", "activated_at", "expires_at"}
+            assert fields | {"revision"} == set(lease)
             assert "alice" == lease["user_id"] and lease["expires_at"].endswith("Z")
-            assert lease == as_dict(r.execute_command("LEASE", "alice"))
+            held = {k: v for k, v in lease.items() if k != "revision"}
+            assert held == as_dict(r.execute_command("LEASE", "alice"))
             assert r.execute_command("LEASE", "nobody") is None
             token = as_dict(r.execute_command("TOKEN", lease["token_id"]))
             assert ("active", "alice") == (token["status"], token["current_user_id"])
@@ -101,14 +103,21 @@ async def test_every_command_through_redis_py(protocol: int) -> None:
             assert 1 == r.execute_command("VALIDATE", lease["token_id"], lease["id"])
             renewed = as_dict(r.execute_command("RENEW", lease["token_id"], lease["id"]))
             assert renewed["expires_at"] >= lease["expires_at"]
-            assert 1 == r.execute_command("RELEASE", lease["token_id"], "alice")
+            # Mutating replies carry the revision that applied them.
+            assert lease["fence"] == lease["revision"]
+            assert renewed["revision"] == lease["revision"] + 1
+            assert renewed["revision"] + 1 == r.execute_command(
+                "RELEASE", lease["token_id"], "alice"
+            )
             assert 0 == r.execute_command("VALIDATE", lease["token_id"], lease["id"])
             (usage,) = [
                 as_dict(u) for u in r.execute_command("HISTORY", lease["token_id"], "LIMIT", "5")
             ]
             assert (lease["id"], "released") == (usage["id"], usage["reason"])
-            r.execute_command("ACTIVATE", "bob")
-            assert 1 == r.execute_command("CLEAR")
+            bob = as_dict(r.execute_command("ACTIVATE", "bob"))
+            assert {"cleared": 1, "revision": bob["revision"] + 1} == as_dict(
+                r.execute_command("CLEAR")
+            )
             stats = as_dict(r.execute_command("STATS"))
             assert (2, 1, 1) == (stats["activations"], stats["releases"], stats["clears"])
             info = r.info()  # redis-py parses the INFO text format
@@ -239,6 +248,21 @@ async def test_tls() -> None:
                 client(port, socket_timeout=3).ping()  # plaintext to a TLS port
 
         await in_thread(scenario)
+
+
+async def test_a_slow_tls_handshake_is_cut_off() -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    async with running(ssl_context=server_ctx, idle_timeout=0.5) as (_server, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        started = trio.current_time()
+        await stream.send_all(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+        with trio.fail_after(5):
+            while await stream.receive_some(100):
+                pass
+        assert trio.current_time() - started < 3
+        await stream.aclose()
 
 
 async def test_quit_closes_after_ok() -> None:
@@ -382,7 +406,8 @@ def test_end_to_end_subprocess_sigterm_keeps_everything(tmp_path: Path) -> None:
     proc, port = start_server("--dsn", store, "--size", "3")
     try:
         r = client(port)
-        leases = [as_dict(r.execute_command("ACTIVATE", f"u{i}")) for i in range(5)]
+        granted = [as_dict(r.execute_command("ACTIVATE", f"u{i}")) for i in range(5)]
+        leases = [{k: v for k, v in g.items() if k != "revision"} for g in granted]
         r.close()
     finally:
         assert 0 == stop_server(proc)
@@ -418,6 +443,34 @@ def test_redis_cli(tmp_path: Path) -> None:
         assert "NOAUTH" in wrong.stdout + wrong.stderr
     finally:
         assert 0 == stop_server(proc)
+
+
+def test_no_password_ever_reaches_the_log() -> None:
+    """Neither the configured password nor a wrong guess appears in any log line."""
+    with chaos_server.running("--dsn", "memory", "--requirepass", "s3cret-Pw-9") as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"AUTH guess-Pw-123\r\n")
+            assert sock.recv(100).startswith(b"-WRONGPASS")
+            sock.sendall(b"AUTH s3cret-Pw-9\r\n")
+            assert b"+OK\r\n" == sock.recv(100)
+        assert 0 == server.stop()
+    text = json.dumps(server.log)
+    assert "auth_failed" in text
+    assert "s3cret-Pw-9" not in text and "guess-Pw-123" not in text
+
+
+async def test_failed_auth_attempts_are_slowed() -> None:
+    async with running(password="pw", auth_delay=0.2) as (_server, port):
+
+        def scenario() -> float:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                started = time.monotonic()
+                for _ in range(3):
+                    sock.sendall(b"AUTH wrong\r\n")
+                    assert sock.recv(100).startswith(b"-WRONGPASS")
+                return time.monotonic() - started
+
+        assert await in_thread(scenario) >= 3 * 0.2
 
 
 def test_non_loopback_bind_without_password_is_refused() -> None:

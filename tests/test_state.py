@@ -27,8 +27,8 @@ from tokenpool import (
 )
 from tokenpool._model import Renewed
 from tokenpool._state import PoolState
+from tokenpool.chaos.reference import NaivePool
 
-from .reference import NaivePool
 from .strategies import USERS, CountingIds, invalid_user_ids, not_uuids, users, valid_user_ids
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -101,6 +101,9 @@ class Request:
 class Writer(Protocol):
     """What the actor needs of the write-behind store (the seam for persistence)."""
 
+    committed_fence: int
+    """The highest fence of a grant known committed."""
+
     def full(self) -> bool:
         """Whether the backlog is at its bound (activations are refused)."""
 
@@ -246,7 +249,7 @@ class Actor:
             waiting = []
             for request in batch:
                 if request.state == APPLIED:
-                    if request.changed:
+                    if request.changed or _holds_uncommitted(request.results, writer):
                         waiting.append(request)
                     else:
                         request.finish()
@@ -268,3 +271,22 @@ class Actor:
                 self._receive.receive_nowait().fail(error)
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
+
+
+def _holds_uncommitted(results: list[object], writer: Writer) -> bool:
+    """Whether a result hands out a lease whose grant is not committed yet.
+
+    In ``sync`` mode a caller told "this is your lease" must be able to rely on it
+    surviving a crash, even when its activation only found the lease another caller's
+    pending grant made (two activations of one user in one batch).
+    """
+    committed = writer.committed_fence
+    for result in results:
+        if type(result) is Lease:
+            if result.fence > committed:
+                return True
+        elif type(result) is list:
+            for item in result:  # activate_many
+                if type(item) is Lease and item.fence > committed:
+                    return True
+    return False

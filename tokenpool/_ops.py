@@ -163,6 +163,15 @@ class GetHistory(Op):
 
 
 @attrs.frozen(slots=True)
+class Revision(Op):
+    """The pool's revision now. The RESP server sends one after each mutating command
+    in the same batch, so the reply can carry the revision that applied it."""
+
+    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> int:
+        return state.revision
+
+
+@attrs.frozen(slots=True)
 class GetStats(Op):
     """``pool.stats()``: the pool's counters (the store's figures are added by the pool)."""
 

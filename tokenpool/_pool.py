@@ -253,6 +253,8 @@ async def open_pool(
         # Move the token maps to the GC's permanent generation: full collections
         # would otherwise rescan a million entries that are never garbage.
         gc.freeze()
+    if writer is not None:
+        writer.committed_fence = state.revision  # everything recovered is committed
     actor = Actor(state, clock, writer=writer, sync=durability == "sync", queue_size=queue_size)
     pool = Pool(actor, name=name, store=backend, writer=writer, durability=durability)
     try:

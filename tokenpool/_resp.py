@@ -280,3 +280,12 @@ def _encode(value: Reply, proto: int, out: list[bytes]) -> None:
 def _line(text: str) -> bytes:
     """A simple string or error line: no CR or LF may break the framing."""
     return text.replace("\r", " ").replace("\n", " ").encode()
+
+
+def encode_command(*args: str) -> bytes:
+    """A command as a client sends it: a RESP array of bulk strings (the load generators)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)

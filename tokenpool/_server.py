@@ -43,6 +43,7 @@ from ._ops import (
     Op,
     Release,
     Renew,
+    Revision,
     Validate,
 )
 from ._pool import Pool
@@ -78,16 +79,18 @@ def _iso_bytes(value: datetime) -> bytes:
 _LEASE_WIRE = (
     b"%b$2\r\nid\r\n$36\r\n%b\r\n$8\r\ntoken_id\r\n$36\r\n%b\r\n$7\r\nuser_id\r\n$%d\r\n%b\r\n"
     b"$5\r\nfence\r\n:%d\r\n$12\r\nactivated_at\r\n$%d\r\n%b\r\n$10\r\nexpires_at\r\n$%d\r\n%b\r\n"
+    b"$8\r\nrevision\r\n:%d\r\n"
 )
 
 
-def lease_wire(lease: Lease, proto: int) -> bytes:
-    """``encode(lease_reply(lease), proto)``, about five times faster: ACTIVATE's reply."""
+def lease_wire(result: tuple[Lease, int], proto: int) -> bytes:
+    """``encode(revised_lease_reply(result), proto)``, about five times faster: ACTIVATE's reply."""
+    lease, revision = result
     user = lease.user_id.encode()
     start = _iso_bytes(lease.activated_at)
     end = _iso_bytes(lease.expires_at)
     return _LEASE_WIRE % (
-        b"%6\r\n" if proto == 3 else b"*12\r\n",
+        b"%7\r\n" if proto == 3 else b"*14\r\n",
         lease.id.encode(),
         lease.token_id.encode(),
         len(user),
@@ -97,6 +100,7 @@ def lease_wire(lease: Lease, proto: int) -> bytes:
         start,
         len(end),
         end,
+        revision,
     )
 
 
@@ -109,6 +113,13 @@ def lease_reply(lease: Lease) -> dict[str, Reply]:
         "activated_at": iso(lease.activated_at),
         "expires_at": iso(lease.expires_at),
     }
+
+
+def revised_lease_reply(result: object) -> Reply:
+    """A lease granted or renewed, with the pool revision that applied it."""
+    assert isinstance(result, tuple)
+    lease, revision = result
+    return {**lease_reply(lease), "revision": revision}
 
 
 def token_reply(token: TokenStatus) -> dict[str, Reply]:
@@ -189,6 +200,9 @@ class _Deferred:
     op: Op
     format: Format
     wire: Callable[[Any, int], bytes] | None = None  # a hand-made encoder for hot replies
+    # A mutating command: the batch gets a Revision() right after the op, and the
+    # formatters get (result, revision), so the reply carries the revision that applied it.
+    revised: bool = False
 
 
 @attrs.frozen
@@ -197,6 +211,7 @@ class _After:
 
 
 Plan = Reply | _Deferred | _After
+_REVISION = Revision()
 
 
 class RespServer:
@@ -363,6 +378,8 @@ class RespServer:
             plan = self._plan(argv, session)
             if isinstance(plan, _Deferred):
                 ops.append(plan.op)
+                if plan.revised:
+                    ops.append(_REVISION)
                 planned.append((plan, session.proto))
             elif isinstance(plan, _After):
                 planned.append((plan, session.proto))
@@ -384,6 +401,11 @@ class RespServer:
             if isinstance(plan, _Deferred):
                 result = results[i]
                 i += 1
+                if plan.revised:
+                    revision = results[i]
+                    i += 1
+                    if not isinstance(result, BaseException):
+                        result = (result, revision)
                 if isinstance(result, BaseException):
                     self.errors += 1
                     out.append(encode(error_reply(result), proto))
@@ -406,6 +428,12 @@ class RespServer:
     def _plan(self, argv: list[str], session: Session) -> Plan:
         name = argv[0].upper()
         spec = COMMANDS.get(name)
+        if name in ("POST", "HOST:"):
+            # An HTTP request on the RESP port (a browser, or a cross-protocol attack):
+            # refuse it and close, as Redis does.
+            log.warning("http_request_refused", client=session.id, peer=session.peer)
+            session.quit = True
+            return Error("ERR", "Protocol error: an HTTP request on the RESP port")
         if spec is None:
             shown = " ".join(f"'{a[:40]}'" for a in argv[1:4])
             return Error(
@@ -521,12 +549,12 @@ def _lease_or_nil(result: object) -> Reply:
 
 @command("ACTIVATE", 1, 1)
 def _activate(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(Activate(args[0]), lease_reply, lease_wire)  # type: ignore[arg-type]
+    return _Deferred(Activate(args[0]), revised_lease_reply, lease_wire, revised=True)
 
 
 @command("RENEW", 2, 2)
 def _renew(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(Renew(args[0], args[1]), lease_reply, lease_wire)  # type: ignore[arg-type]
+    return _Deferred(Renew(args[0], args[1]), revised_lease_reply, lease_wire, revised=True)
 
 
 @command("VALIDATE", 2, 2)
@@ -537,7 +565,7 @@ def _validate(server: RespServer, session: Session, args: list[str]) -> Plan:
 @command("RELEASE", 1, 2)
 def _release(server: RespServer, session: Session, args: list[str]) -> Plan:
     user = args[1] if len(args) > 1 else None
-    return _Deferred(Release(args[0], user), lambda _usage: 1)
+    return _Deferred(Release(args[0], user), lambda result: result[1], revised=True)  # type: ignore[index]
 
 
 @command("LEASE", 1, 1)
@@ -576,7 +604,11 @@ def _history(server: RespServer, session: Session, args: list[str]) -> Plan:
 
 @command("CLEAR", 0, 0)
 def _clear(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(Clear(), lambda count: count)  # type: ignore[arg-type,return-value]
+    return _Deferred(
+        Clear(),
+        lambda result: {"cleared": result[0], "revision": result[1]},  # type: ignore[index]
+        revised=True,
+    )
 
 
 @command("STATS", 0, 0)

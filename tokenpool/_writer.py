@@ -34,7 +34,7 @@ import structlog
 import trio
 
 from ._errors import UnavailableError
-from ._model import Change
+from ._model import Change, Lease
 from ._store import Batch, FencedError, Store, StoreError
 
 if TYPE_CHECKING:
@@ -87,6 +87,9 @@ class Writer:
         self.lags: deque[float] = deque(maxlen=10_000)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
         self.lost = 0
+        # The highest fence of a grant known committed: a sync caller handed a lease
+        # granted earlier (an idempotent activate) waits until it is past this.
+        self.committed_fence = 0
         self._submitted = 0  # entries ever queued
         self._done = 0  # entries ever committed (or given up)
         self._progress = trio.Event()
@@ -98,6 +101,10 @@ class Writer:
 
     def submit(self, changes: list[Change], waiters: list[Request] | None) -> None:
         if not changes:
+            if waiters and self._entries:
+                # They saw changes still queued: answer them when the newest commits.
+                self._entries[-1].waiters.extend(waiters)
+                return
             for request in waiters or ():
                 request.finish()  # nothing of theirs to commit
             return
@@ -180,6 +187,10 @@ class Writer:
                 delay = min(self.retry_cap, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
                 await trio.sleep(delay)
                 # Retry with whatever arrived meanwhile: the same rows again plus newer ones.
+                # The failed attempt may have committed after all (a hung database that
+                # woke up): its leases' assignment rows may exist, so a newer entry that
+                # ends one of them must delete the row, not skip it as never written.
+                batch.fresh.clear()
                 for entry in list(self._entries)[taken:]:
                     if batch.changes + len(entry.changes) > MAX_BATCH_CHANGES:
                         break
@@ -196,6 +207,9 @@ class Writer:
         for _ in range(taken):
             entry = self._entries.popleft()
             self.backlog -= len(entry.changes)
+            for change in entry.changes:
+                if type(change) is Lease and change.fence > self.committed_fence:
+                    self.committed_fence = change.fence
             if entry.changes:
                 self.last_lag = now - entry.submitted
                 self.lags.append(self.last_lag)

@@ -1,6 +1,7 @@
 """A deliberately naive model of the pool rules: lists and linear scans, no cleverness.
 
-The state machine tests compare ``PoolState`` against it step by step.
+The state machine tests compare ``PoolState`` against it step by step, and the
+history checker replays a server's recorded history through it.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from tokenpool import Lease, Reason, Usage
+from .._model import Lease, Reason, Usage
 
 
 class NaivePool:

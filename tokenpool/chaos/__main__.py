@@ -1,0 +1,76 @@
+"""``python -m tokenpool.chaos [RUN ...] [--clients N] [--operations N] [--dsn URL]``.
+
+Runs the reliability runs against real ``tokenpool serve`` processes and prints a
+summary table (operations, clients, faults injected, anomalies found,
+acknowledged changes lost, double holders, peak memory). Exits 1 if any run
+found an anomaly. ``make chaos`` runs the long versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from . import runs
+from .history import Workload
+
+RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
+    "history": lambda a: runs.history_run(_workload(a), dsn=a.dsn, durability="async")[0],
+    "history-sync": lambda a: runs.history_run(_workload(a), dsn=a.dsn, durability="sync")[0],
+    "crash-sync": lambda a: runs.crash_run(_workload(a), dsn=a.dsn, durability="sync"),
+    "crash-async": lambda a: runs.crash_run(_workload(a), dsn=a.dsn, durability="async"),
+    "sigterm": lambda a: runs.crash_run(
+        _workload(a), dsn=a.dsn, durability="async", terminate=True
+    ),
+    "hostile": lambda a: runs.hostile_run(),
+}
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    return Workload(clients=args.clients, operations=args.operations, seed=args.seed)
+
+
+def table(rows: list[runs.Summary]) -> str:
+    lines = [
+        "| run | operations | clients | faults injected | anomalies | acknowledged lost"
+        " | double holders | max memory |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.run} | {r.operations:,} | {r.clients} | {r.faults} | {r.anomalies}"
+            f" | {r.lost_acknowledged} | {r.double_holders} | {r.max_rss_mb:.0f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenpool.chaos", description=__doc__)
+    parser.add_argument("runs", nargs="*", default=list(RUNS), help=f"of {', '.join(RUNS)}")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--operations", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--dsn", default=None, help="PostgreSQL URL (default: a throwaway SQLite file)"
+    )
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.runs:
+        if name not in RUNS:
+            parser.error(f"unknown run {name!r}; known: {', '.join(RUNS)}")
+        print(f"running {name} ...", flush=True)
+        rows.append(RUNS[name](args))
+        for line in rows[-1].detail:
+            print(f"  {line}")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in rows], f, indent=2)
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

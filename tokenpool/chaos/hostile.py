@@ -1,0 +1,153 @@
+"""Hostile and broken clients against a running server: it stays up, the others are
+served, its memory and file descriptors stay bounded.
+
+- ``NEGATIVE``: Redis's own negative protocol cases (unbalanced multibulk, wrong
+  and negative lengths, huge counts, an HTTP request on the RESP port), each on a
+  connection of its own, each answered with a protocol error and a close.
+- ``random_bytes``: many connections sending random bytes and RESP-shaped garbage.
+- ``slowloris``: many connections sending a byte a second, each of which must be
+  dropped within the per-command deadline of its first byte.
+"""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+import trio
+
+# (name, payload, what the reply must start with; None: a close with no reply is fine)
+NEGATIVE: list[tuple[str, bytes, bytes | None]] = [
+    ("huge multibulk count", b"*3000000000\r\n", b"-ERR Protocol error"),
+    ("multibulk count past the limit", b"*20000000\r\n", b"-ERR Protocol error"),
+    ("huge bulk length", b"*1\r\n$3000000000\r\n", b"-ERR Protocol error"),
+    ("bulk length past the limit", b"*1\r\n$20000000\r\n", b"-ERR Protocol error"),
+    ("negative bulk length", b"*1\r\n$-10\r\n", b"-ERR Protocol error"),
+    ("bulk length not a number", b"*1\r\n$blabla\r\n", b"-ERR Protocol error"),
+    ("multibulk count not a number", b"*blabla\r\n", b"-ERR Protocol error"),
+    ("bulk without a $", b"*1\r\nfoo\r\n", b"-ERR Protocol error"),
+    ("bulk longer than said", b"*1\r\n$3\r\nPINGX\r\n", b"-ERR Protocol error"),
+    ("an HTTP request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"-ERR"),
+    ("a POST with a body", b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", b"-ERR"),
+    ("non-UTF-8 argument", b"*2\r\n$4\r\nECHO\r\n$2\r\n\xff\xfe\r\n", b"-ERR Protocol error"),
+    ("inline line past 64 KiB", b"PING " + b"a" * 70_000 + b"\r\n", b"-ERR Protocol error"),
+    ("33 arguments", b"*33\r\n" + b"$1\r\na\r\n" * 33, b"-ERR Protocol error"),
+]
+
+
+@attrs.frozen
+class Outcome:
+    name: str
+    reply: bytes
+    closed: bool
+
+
+async def _exchange(port: int, payload: bytes, seconds: float) -> tuple[bytes, bool]:
+    """Send ``payload``; collect what comes back until close or ``seconds``."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    data = b""
+    closed = False
+    async with stream:
+        try:
+            await stream.send_all(payload)
+            with trio.move_on_after(seconds):
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+                closed = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            closed = True
+    return data, closed
+
+
+async def negative(port: int, seconds: float = 5.0) -> list[Outcome]:
+    """Every case of ``NEGATIVE``, each on a fresh connection."""
+    out = []
+    for name, payload, _ in NEGATIVE:
+        reply, closed = await _exchange(port, payload, seconds)
+        out.append(Outcome(name, reply, closed))
+    return out
+
+
+def _garbage(rng: random.Random) -> bytes:
+    choice = rng.randrange(5)
+    if choice == 0:
+        return rng.randbytes(rng.randrange(1, 4096))
+    if choice == 1:
+        return b"*%d\r\n" % rng.choice([-1, 0, 1, 33, 2**31, 10**12])
+    if choice == 2:
+        return b"*2\r\n$%d\r\n" % rng.choice([-5, 0, 3, 70_000, 2**40]) + rng.randbytes(8)
+    if choice == 3:
+        return b"GET /%s HTTP/1.1\r\n\r\n" % rng.randbytes(4).hex().encode()
+    return bytes(rng.choice(b"*$:+-\r\n0123456789abc ") for _ in range(rng.randrange(1, 200)))
+
+
+async def random_bytes(port: int, connections: int, rounds: int, seed: int = 1) -> int:
+    """``connections`` clients each sending up to ``rounds`` chunks of garbage.
+
+    Returns how many connections the server closed (a protocol error closes one).
+    """
+    closed = 0
+
+    async def one(n: int) -> None:
+        nonlocal closed
+        rng = random.Random(seed * 10_007 + n)
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            return
+        async with stream:
+            try:
+                for _ in range(rounds):
+                    await stream.send_all(_garbage(rng))
+                    with trio.move_on_after(0.2):
+                        if not await stream.receive_some(65536):
+                            closed += 1
+                            return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                closed += 1
+
+    async with trio.open_nursery() as nursery:
+        for n in range(connections):
+            nursery.start_soon(one, n)
+    return closed
+
+
+async def slowloris(port: int, connections: int, deadline: float) -> list[float]:
+    """Each connection starts a command, then sends one byte a second.
+
+    Returns, per connection, seconds from its first byte until the server closed it
+    (``inf`` if it was still open after ``deadline`` plus 5 s).
+    """
+    out: list[float] = []
+    payload = b"*2\r\n$4\r\nPING\r\n$100\r\n" + b"x" * 100
+
+    async def one() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            first = trio.current_time()
+            try:
+                with trio.move_on_after(deadline + 5):
+                    for byte in payload:
+                        await stream.send_all(bytes([byte]))
+                        with trio.move_on_after(1.0):
+                            if not await stream.receive_some(1024):
+                                out.append(trio.current_time() - first)
+                                return
+                out.append(float("inf"))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                out.append(trio.current_time() - first)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(connections):
+            nursery.start_soon(one)
+    return out
+
+
+async def ping(port: int) -> bool:
+    """Whether a well-behaved client is served."""
+    try:
+        with trio.fail_after(5):
+            reply, _ = await _exchange(port, b"PING\r\n", 0.5)
+    except (OSError, trio.TooSlowError):
+        return False
+    return reply.startswith(b"+PONG")

@@ -1,0 +1,411 @@
+"""The reliability runs: each starts real server processes, injects its fault, records
+a history with many clients, checks it, and returns one summary row."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import psycopg
+import trio
+
+from .checker import Anomaly, Report, StoredLease, check
+from .history import Operation, Workload, pool_revision, pool_tokens, record
+from .server import Process, open_fds, rss_bytes, running, start, stored_leases
+
+TTL = "3600"  # no lease expires during a run: the reference model has no clock
+
+
+@attrs.define
+class Summary:
+    """One row of the reliability table."""
+
+    run: str
+    operations: int
+    clients: int
+    faults: str
+    anomalies: int
+    lost_acknowledged: int
+    double_holders: int
+    max_rss_mb: float
+    detail: list[str] = attrs.Factory(list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.anomalies or self.lost_acknowledged or self.double_holders)
+
+
+@contextmanager
+def store(dsn: str | None) -> Iterator[str]:
+    """A fresh store: a schema of its own on ``dsn`` (PostgreSQL), else a SQLite file."""
+    if dsn is None:
+        with tempfile.TemporaryDirectory(prefix="tokenpool-chaos-") as tmp:
+            yield f"sqlite:///{os.path.join(tmp, 'pool.db')}"
+        return
+    schema = f"chaos_{uuid.uuid4().hex[:10]}"
+    try:
+        yield f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
+    finally:
+        with psycopg.connect(dsn.split("?")[0], autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'.encode())
+
+
+class _Memory:
+    """Samples a process's resident memory in the background."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, rss_bytes(self.pid))
+            except OSError:
+                return
+            self._stop.wait(0.1)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 2**20
+
+
+def _summary(name: str, report: Report, workload: Workload, faults: str, rss: float) -> Summary:
+    kinds = [a.kind for a in report.anomalies]
+    return Summary(
+        run=name,
+        operations=report.operations,
+        clients=workload.clients,
+        faults=faults,
+        anomalies=len(report.anomalies),
+        lost_acknowledged=kinds.count("lost change"),
+        double_holders=sum(1 for a in report.anomalies if a.kind == "wrong grant"),
+        max_rss_mb=rss,
+        detail=[f"{a.kind}: {a.detail}" for a in report.anomalies[:10]],
+    )
+
+
+def history_run(
+    workload: Workload, *, dsn: str | None = None, size: int = 8, durability: str = "async"
+) -> tuple[Summary, Report]:
+    """Many clients against one server; the whole history checked against the model."""
+    with store(dsn) as url:
+        args = ("--dsn", url, "--size", str(size), "--ttl", TTL, "--durability", durability)
+        with running(*args) as server:
+            memory = _Memory(server.pid)
+            tokens, start, end, history = trio.run(_record, server, workload)
+            code = server.stop()
+            rss = memory.stop()
+        stored = stored_leases(url)
+    report = check(history, tokens=tokens, start_revision=start, end_revision=end, stored=stored)
+    faults = f"{report.lost} connections dropped mid-request"
+    if code != 0:
+        report.anomalies.append(_exit_anomaly(code))
+    return _summary(f"history ({durability})", report, workload, faults, rss), report
+
+
+async def _record(server: Process, workload: Workload) -> tuple[list[str], int, int, Any]:
+    tokens = await pool_tokens(server.port)
+    start = await pool_revision(server.port)
+    history = await record(server.port, workload)
+    await trio.sleep(0.5)  # requests sent on dropped connections may still be in flight
+    end = await pool_revision(server.port)
+    return tokens, start, end, history
+
+
+def _exit_anomaly(code: int) -> Anomaly:
+    return Anomaly("unclean exit", f"the server exited {code} on SIGTERM")
+
+
+def wait_serving(port: int, seconds: float) -> float:
+    """Seconds until the server on ``port`` answers PING (raises after ``seconds``)."""
+    import socket
+
+    begun = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return time.monotonic() - begun
+        except OSError:
+            pass
+        if time.monotonic() - begun > seconds:
+            raise TimeoutError(f"nothing served on port {port} within {seconds} s")
+        time.sleep(0.05)
+
+
+def check_crash(
+    history: list[Operation],
+    stored: list[StoredLease],
+    *,
+    killed_at: float,
+    durability: str,
+    window: float,
+) -> tuple[list[Anomaly], dict[str, float]]:
+    """What a crash may and may not do, checked on the history and the store after it.
+
+    - An acknowledged grant is in the store afterwards (active or ended); in
+      ``async`` mode one acknowledged within ``window`` seconds before the kill
+      may be missing (the stated loss window), never an older one.
+    - No token ever had two holders: per token, the stored leases do not overlap.
+    - Fences only grow: every grant acknowledged after the restart has a higher
+      fence than every grant acknowledged before the kill.
+    """
+    anomalies: list[Anomaly] = []
+    known = {s.id for s in stored}
+    grants = [
+        op
+        for op in history
+        if op.kind == "activate" and op.ok and int(op.value["fence"]) == op.revision
+    ]
+    lost_ages: list[float] = []
+    for op in grants:
+        if op.value["id"] in known:
+            continue
+        age = killed_at - (op.completed or 0.0)
+        lost_ages.append(age)
+        if durability == "sync" or age > window or age < 0:
+            anomalies.append(
+                Anomaly(
+                    "lost change",
+                    f"grant of {op.value['token_id']} to {op.args[0]} (fence"
+                    f" {op.value['fence']}), acknowledged {age:.3f} s before the kill, is gone",
+                )
+            )
+    by_token: dict[str, list[StoredLease]] = {}
+    for s in stored:
+        by_token.setdefault(s.token_id, []).append(s)
+    for token, leases in by_token.items():
+        # Leases of one batch share a start time: on a tie the one that ended (at that
+        # very time) came first; the active one, if any, is last.
+        never = datetime.max.replace(tzinfo=UTC)
+        leases.sort(key=lambda s: (s.started_at or never, s.ended_at or never))
+        for before, after in itertools.pairwise(leases):
+            if before.ended_at is None or (
+                after.started_at is not None and before.ended_at > after.started_at
+            ):
+                anomalies.append(
+                    Anomaly(
+                        "double holder",
+                        f"token {token}: lease {before.id} ({before.user_id}) still held"
+                        f" when lease {after.id} ({after.user_id}) began",
+                    )
+                )
+    # Writes commit in order, so what a crash loses is a tail: every lost grant is newer
+    # than every acknowledged grant that survived from before the kill.
+    kept = [
+        int(op.value["fence"])
+        for op in grants
+        if op.value["id"] in known and (op.completed or 0) < killed_at
+    ]
+    lost_fences = [int(op.value["fence"]) for op in grants if op.value["id"] not in known]
+    if kept and lost_fences and min(lost_fences) < max(kept):
+        anomalies.append(
+            Anomaly(
+                "lost change",
+                f"grant with fence {min(lost_fences)} is gone while a later one"
+                f" ({max(kept)}) survived: not a tail",
+            )
+        )
+    before_kill = [int(op.value["fence"]) for op in grants if (op.completed or 0) < killed_at]
+    after_kill = [int(op.value["fence"]) for op in grants if op.invoked > killed_at]
+    if before_kill and after_kill and min(after_kill) <= max(before_kill):
+        anomalies.append(
+            Anomaly(
+                "fence went back",
+                f"a grant after the restart has fence {min(after_kill)}, not above"
+                f" {max(before_kill)} from before the kill",
+            )
+        )
+    figures = {
+        "lost_in_window": float(len(lost_ages)),
+        "max_lost_age_s": max(lost_ages, default=0.0),
+        "grants": float(len(grants)),
+    }
+    return anomalies, figures
+
+
+def crash_run(
+    workload: Workload,
+    *,
+    dsn: str | None = None,
+    durability: str = "sync",
+    size: int = 8,
+    kill_after: float = 1.5,
+    window: float = 1.0,
+    terminate: bool = False,
+) -> Summary:
+    """SIGKILL the server under load, restart it, keep going; check what survived.
+
+    With ``terminate``, SIGTERM instead: then nothing may be lost (no window), and
+    the server must exit 0.
+    """
+    port = free_port()
+    with store(dsn) as url:
+        args = ("--dsn", url, "--size", str(size), "--ttl", TTL, "--durability", durability)
+        holder = {"server": start(*args, port=port)}
+        memory = _Memory(holder["server"].pid)
+        facts: dict[str, float] = {}
+
+        async def fault() -> None:
+            await trio.sleep(kill_after)
+            facts["killed_at"] = trio.current_time()
+            if terminate:
+                facts["exit"] = await trio.to_thread.run_sync(holder["server"].stop)
+            else:
+                await trio.to_thread.run_sync(holder["server"].kill)
+            begun = time.monotonic()
+            holder["server"] = await trio.to_thread.run_sync(lambda: start(*args, port=port))
+            await trio.to_thread.run_sync(wait_serving, port, 30.0)
+            facts["restart_s"] = time.monotonic() - begun
+
+        async def main() -> list[Operation]:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fault)
+                history = await record(port, workload)
+            return history
+
+        try:
+            history = trio.run(main)
+        finally:
+            rss = memory.stop()
+            code = holder["server"].stop()
+        stored = stored_leases(url)
+    anomalies, figures = check_crash(
+        history,
+        stored,
+        killed_at=facts["killed_at"],
+        durability="sync" if terminate else durability,  # SIGTERM: nothing may be lost
+        window=window,
+    )
+    if terminate and facts.get("exit") != 0:
+        anomalies.append(_exit_anomaly(int(facts.get("exit", -1))))
+    if code != 0:
+        anomalies.append(_exit_anomaly(code))
+    if facts["restart_s"] > 5.0:
+        anomalies.append(
+            Anomaly("slow restart", f"serving again took {facts['restart_s']:.1f} s (over 5 s)")
+        )
+    lost_ops = sum(1 for op in history if op.lost)
+    faults = (
+        f"{'SIGTERM' if terminate else 'SIGKILL'} under load,"
+        f" restart in {facts['restart_s']:.2f} s;"
+        f" {lost_ops} calls cut off; {figures['lost_in_window']:.0f} acknowledged grants"
+        f" lost in the window (oldest {figures['max_lost_age_s'] * 1000:.0f} ms before the kill)"
+    )
+    return Summary(
+        run=f"{'sigterm' if terminate else 'crash'} ({durability})",
+        operations=len(history),
+        clients=workload.clients,
+        faults=faults,
+        anomalies=len(anomalies),
+        lost_acknowledged=sum(1 for a in anomalies if a.kind == "lost change"),
+        double_holders=sum(1 for a in anomalies if a.kind == "double holder"),
+        max_rss_mb=rss,
+        detail=[f"{a.kind}: {a.detail}" for a in anomalies[:10]],
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hostile_run(
+    *, slowloris_connections: int = 1000, garbage_connections: int = 200, idle_timeout: float = 2
+) -> Summary:
+    """Negative protocol cases, random bytes and slowloris against one server at once,
+    while a well-behaved client keeps being served."""
+    from . import hostile
+
+    anomalies: list[Anomaly] = []
+    with running("--dsn", "memory", "--size", "8", "--idle-timeout", str(idle_timeout)) as server:
+        memory = _Memory(server.pid)
+        fds_before = open_fds(server.pid)
+        facts: dict[str, Any] = {}
+
+        async def main() -> None:
+            served = 0
+            async with trio.open_nursery() as nursery:
+
+                async def good_client() -> None:
+                    nonlocal served
+                    while True:
+                        if not await hostile.ping(server.port):
+                            anomalies.append(Anomaly("starved", "a well-behaved PING failed"))
+                        served += 1
+                        await trio.sleep(0.2)
+
+                nursery.start_soon(good_client)
+                facts["negative"] = await hostile.negative(server.port)
+                facts["garbage_closed"] = await hostile.random_bytes(
+                    server.port, garbage_connections, rounds=20
+                )
+                facts["slowloris"] = await hostile.slowloris(
+                    server.port, slowloris_connections, idle_timeout
+                )
+                nursery.cancel_scope.cancel()
+            facts["served"] = served
+
+        trio.run(main)
+        for (name, _payload, expected), outcome in zip(
+            hostile.NEGATIVE, facts["negative"], strict=True
+        ):
+            if expected is not None and not outcome.reply.startswith(expected):
+                anomalies.append(
+                    Anomaly("negative case", f"{name}: answered {outcome.reply[:80]!r}")
+                )
+            if not outcome.closed:
+                anomalies.append(Anomaly("negative case", f"{name}: connection left open"))
+        slow = facts["slowloris"]
+        late = [t for t in slow if t > idle_timeout + 1.5]
+        if late:
+            anomalies.append(
+                Anomaly(
+                    "slowloris",
+                    f"{len(late)} of {len(slow)} connections lived past the"
+                    f" {idle_timeout} s deadline (longest {max(late):.1f} s)",
+                )
+            )
+        if server.proc.poll() is not None:
+            anomalies.append(Anomaly("crash", f"the server exited {server.proc.returncode}"))
+        time.sleep(0.5)
+        fds_after = open_fds(server.pid)
+        if fds_after > fds_before + 5:
+            anomalies.append(
+                Anomaly("fd leak", f"{fds_before} file descriptors before, {fds_after} after")
+            )
+        rss = memory.stop()
+    faults = (
+        f"{len(hostile.NEGATIVE)} negative protocol cases, {garbage_connections} random-byte"
+        f" clients ({facts['garbage_closed']} closed by the server), {len(slow)} slowloris"
+        f" connections (closed after {min(slow):.1f} to {max(slow):.1f} s)"
+    )
+    return Summary(
+        run="hostile clients",
+        operations=facts["served"],
+        clients=1 + garbage_connections + len(slow),
+        faults=faults,
+        anomalies=len(anomalies),
+        lost_acknowledged=0,
+        double_holders=0,
+        max_rss_mb=rss,
+        detail=[f"{a.kind}: {a.detail}" for a in anomalies[:10]],
+    )

@@ -1,0 +1,155 @@
+"""A real ``tokenpool serve`` process for the reliability runs, and its tables afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import IO, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import attrs
+import psycopg
+
+from .checker import StoredLease
+
+
+@attrs.define
+class Process:
+    """A server the run started: its port, and the process to signal."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    log: list[dict[str, Any]]
+    reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._close()
+
+    def _close(self) -> None:
+        if self.reader is not None:
+            self.reader.join(timeout=10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def stop(self) -> int:
+        """SIGTERM, as an operator stops it; return its exit code once its log is read."""
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        self._close()
+        return code
+
+
+def _drain(stream: IO[str], log: list[dict[str, Any]]) -> None:
+    for line in stream:
+        try:
+            log.append(json.loads(line))
+        except ValueError:
+            log.append({"event": "unparsed", "line": line})
+
+
+def start(*args: str, port: int = 0) -> Process:
+    """``python -m tokenpool serve`` with ``args``; returns once it listens."""
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "tokenpool", "serve", "--port", str(port)),
+            *("--log-format", "json", *args),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    log: list[dict[str, Any]] = []
+    for line in proc.stderr:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        log.append(event)
+        if event.get("event") == "listening":
+            reader = threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True)
+            reader.start()
+            return Process(proc, int(event["ports"][0]), log, reader)
+    proc.wait(timeout=30)
+    raise RuntimeError(f"tokenpool serve did not start: {log[-5:]}")
+
+
+@contextmanager
+def running(*args: str) -> Iterator[Process]:
+    """A server for the length of the block, stopped with SIGTERM (SIGKILL if it hangs)."""
+    server = start(*args)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            try:
+                server.stop()
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def stored_leases(dsn: str, pool: str = "default") -> list[StoredLease]:
+    """Every lease the store holds for ``pool``: the active ones and the ended ones."""
+    active = (
+        "SELECT id, token_id, user_id, fence, assigned_at FROM token_assignments WHERE pool = {p}"
+    )
+    ended = (
+        "SELECT id, token_id, user_id, expiration_reason, started_at, ended_at"
+        " FROM token_usage_history WHERE pool = {p}"
+    )
+    if dsn.startswith("sqlite:///"):
+        path = dsn.removeprefix("sqlite:///")
+        with sqlite3.connect(path) as conn:
+            rows_a = conn.execute(active.format(p="?"), (pool,)).fetchall()
+            rows_e = conn.execute(ended.format(p="?"), (pool,)).fetchall()
+    else:
+        parts = urlsplit(dsn)
+        query = dict(parse_qsl(parts.query))
+        schema = query.pop("schema", "tokenpool")
+        plain = urlunsplit(parts._replace(query=urlencode(query)))
+        with psycopg.connect(plain) as conn:
+            conn.execute(f'SET search_path TO "{schema}"'.encode())
+            rows_a = conn.execute(active.format(p="%s").encode(), (pool,)).fetchall()
+            rows_e = conn.execute(ended.format(p="%s").encode(), (pool,)).fetchall()
+    return [
+        StoredLease(str(i), str(t), u, int(f), None, _when(at)) for i, t, u, f, at in rows_a
+    ] + [
+        StoredLease(str(i), str(t), u, None, str(r), _when(s), _when(e))
+        for i, t, u, r, s, e in rows_e
+    ]
+
+
+def _when(value: Any) -> datetime:
+    """A stored time (PostgreSQL: datetime; SQLite: ISO text or epoch) as an aware datetime."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
