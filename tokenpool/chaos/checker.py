@@ -25,13 +25,13 @@ during a run), so expiry is left to the model-based state tests.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
 
-from .._model import Lease, Usage
+from .._model import Lease, Reason, Usage
 from .history import Operation
 from .reference import NaivePool
 
@@ -75,6 +75,22 @@ def _time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+class _Model(NaivePool):
+    """The naive model with each token's history indexed: long runs read it often."""
+
+    def __init__(self, token_ids: list[str], ttl: timedelta, ids: Callable[[], str]) -> None:
+        super().__init__(token_ids, ttl, ids)
+        self.by_token: dict[str, list[Usage]] = {}
+
+    def _end(self, lease: Lease, at: datetime, reason: Reason) -> Usage:
+        usage = super()._end(lease, at, reason)
+        self.by_token.setdefault(usage.token_id, []).append(usage)
+        return usage
+
+    def history_of(self, token_id: str) -> list[Usage]:
+        return self.by_token.get(token_id, [])[::-1]
+
+
 class _Ids:
     """The model takes each lease id from the reply it is checking."""
 
@@ -94,7 +110,7 @@ def _noop(op: Operation) -> bool:
     return op.kind == "clear" and int(op.value["cleared"]) == 0
 
 
-def _read_answer(model: NaivePool, op: Operation) -> Any:
+def _read_answer(model: _Model, op: Operation) -> Any:
     """What the model answers for a read, or for a mutating call that failed."""
     kind, args = op.kind, op.args
     if kind == "validate":
@@ -107,7 +123,8 @@ def _read_answer(model: NaivePool, op: Operation) -> Any:
         lease = model.token_lease(args[0])
         return ("available", "") if lease is None else ("active", lease.user_id)
     if kind == "history":
-        return [(u.id, u.user_id, u.reason.value) for u in model.history_of(args[0])[:5]]
+        newest = model.by_token.get(args[0], [])[:-6:-1]  # HISTORY ... LIMIT 5
+        return [(u.id, u.user_id, u.reason.value) for u in newest]
     if kind == "release":
         lease = model.token_lease(args[0])
         if lease is None:
@@ -289,7 +306,7 @@ def check(
 
     # Rules 2 and 3: replay.
     ids = _Ids()
-    model = NaivePool(tokens, timedelta(seconds=ttl), ids)
+    model = _Model(tokens, timedelta(seconds=ttl), ids)
     model.revision = start_revision
     unsatisfied: dict[int, tuple[int, int, Operation]] = {}
     nxt = 0
