@@ -205,3 +205,23 @@ async def test_bad_store_url_is_invalid_argument() -> None:
     with pytest.raises(tokenpool.InvalidArgumentError, match="store"):
         async with tokenpool.open_pool(store="mysql://x"):
             pass
+
+
+async def test_user_ids_with_quotes_and_backslashes_are_stored_as_given(store_url: str) -> None:
+    """User ids may hold any printable character; the store's array literals escape them."""
+    users = ['a"b', "c\\d", "{x,y}", "é,ü", 'q"\\"']
+    async with tokenpool.open_pool(size=3, store=store_url) as pool:
+        for user in users:
+            await pool.activate(user)
+        await pool.flush()
+    assert set(users) == {r[0] for r in query(store_url, "SELECT id FROM users")}
+    held = {r[0] for r in query(store_url, "SELECT user_id FROM token_assignments")}
+    ended = {r[0] for r in query(store_url, "SELECT user_id FROM token_usage_history")}
+    assert (set(users[2:]), set(users[:2])) == (held, ended)
+    async with tokenpool.open_pool(size=3, store=store_url) as pool:
+        assert users[2:] == [lease.user_id for lease in await _leases(pool)]
+
+
+async def _leases(pool: tokenpool.Pool) -> list[tokenpool.Lease]:
+    leases = [await pool.lease_of(u) for u in ("{x,y}", "é,ü", 'q"\\"')]
+    return [lease for lease in leases if lease is not None]

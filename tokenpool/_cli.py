@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--durability", choices=("async", "sync"), default=_env("DURABILITY", "async")
     )
     serve.add_argument(
+        "--flush-interval",
+        type=float,
+        default=float(_env("FLUSH_INTERVAL", "0.002") or 0.002),
+        help="async mode: seconds the writer gathers changes before a commit (default 0.002)",
+    )
+    serve.add_argument(
         "--requirepass",
         default=_env("REQUIREPASS", None) or _env("PASSWORD", None),
         help="password clients must AUTH with (also TOKENPOOL_PASSWORD)",
@@ -169,6 +175,7 @@ async def serve(args: argparse.Namespace) -> int:
         "ttl": f"{args.ttl:g}",
         "name": args.name,
         "durability": args.durability,
+        "flush-interval": f"{args.flush_interval:g}",
         "store": shown_store,
         "maxclients": str(args.max_clients),
         "timeout": f"{args.idle_timeout:g}",
@@ -181,7 +188,12 @@ async def serve(args: argparse.Namespace) -> int:
         "appendonly": "no",
     }
     async with open_pool(
-        size=args.size, ttl=args.ttl, name=args.name, store=store, durability=args.durability
+        size=args.size,
+        ttl=args.ttl,
+        name=args.name,
+        store=store,
+        durability=args.durability,
+        flush_interval=args.flush_interval,
     ) as pool:
         server = RespServer(pool, settings, ssl_context=ssl_context, config=config)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -32,6 +32,26 @@ log = structlog.get_logger("tokenpool.store")
 _SCHEMA_LOCK = 0x746F6B656E706F6F  # "tokenpoo": serialises schema set-up between processes
 
 
+def _plain(values: list[str]) -> str:
+    """An array literal of values that need no quoting (UUIDs, numbers, enum labels)."""
+    return "{" + ",".join(values) + "}"
+
+
+def _texts(values: list[str]) -> str:
+    """An array literal of arbitrary text: every element quoted, quotes and backslashes escaped."""
+    if not values:
+        return "{}"
+    raw = "".join(values)
+    if "\\" in raw or '"' in raw:
+        values = [v.replace("\\", "\\\\").replace('"', '\\"') for v in values]
+    return '{"' + '","'.join(values) + '"}'
+
+
+def _times(values: list[datetime]) -> str:
+    """An array literal of timestamps (ISO 8601 with offset: nothing to quote)."""
+    return "{" + ",".join([v.isoformat() for v in values]) + "}"
+
+
 def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
@@ -230,20 +250,25 @@ class PostgresStore:
             raise StoreError(f"write to {self.url} failed: {error}") from error
 
     def _statements(self, conn: psycopg.Connection[Any], batch: Batch) -> None:
-        # Arrays go in binary (%b): psycopg dumps text arrays element by element
-        # with a quoting regex, five times slower than the binary dumpers.
+        # Arrays go as text literals built with str.join (C speed), cast on the server:
+        # psycopg's array dumpers work element by element in Python, and this thread
+        # shares the GIL with the actor, so every microsecond here is one it waits.
         name = self.name
         if batch.tokens_added:
             conn.execute(
                 "INSERT INTO tokens (id, pool, created_at)"
-                " SELECT u.id, %s, u.at FROM unnest(%b::uuid[], %b::timestamptz[]) AS u(id, at)"
+                " SELECT u.id, %s, u.at FROM unnest(%s::uuid[], %s::timestamptz[]) AS u(id, at)"
                 " ON CONFLICT (id) DO NOTHING",
-                (name, [t for t, _ in batch.tokens_added], [at for _, at in batch.tokens_added]),
+                (
+                    name,
+                    _plain([t for t, _ in batch.tokens_added]),
+                    _times([at for _, at in batch.tokens_added]),
+                ),
             )
         if batch.users:
             conn.execute(
-                "INSERT INTO users (id) SELECT unnest(%b::text[]) ON CONFLICT (id) DO NOTHING",
-                (list(batch.users),),
+                "INSERT INTO users (id) SELECT unnest(%s::text[]) ON CONFLICT (id) DO NOTHING",
+                (_texts(list(batch.users)),),
             )
         if batch.history:
             h = batch.history
@@ -251,54 +276,59 @@ class PostgresStore:
                 "INSERT INTO token_usage_history"
                 " (id, token_id, pool, user_id, started_at, ended_at, expiration_reason)"
                 " SELECT u.id, u.token_id, %s, u.user_id, u.started_at, u.ended_at, u.reason"
-                " FROM unnest(%b::uuid[], %b::uuid[], %b::text[], %b::timestamptz[],"
-                " %b::timestamptz[], %b::expiration_reason[])"
+                " FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::timestamptz[],"
+                " %s::timestamptz[], %s::expiration_reason[])"
                 " AS u(id, token_id, user_id, started_at, ended_at, reason)"
                 " ON CONFLICT (id) DO NOTHING",
                 (
                     name,
-                    [u.id for u in h],
-                    [u.token_id for u in h],
-                    [u.user_id for u in h],
-                    [u.started_at for u in h],
-                    [u.ended_at for u in h],
-                    [u.reason.value for u in h],
+                    _plain([u.id for u in h]),
+                    _plain([u.token_id for u in h]),
+                    _texts([u.user_id for u in h]),
+                    _times([u.started_at for u in h]),
+                    _times([u.ended_at for u in h]),
+                    _plain([u.reason.value for u in h]),
                 ),
             )
         if batch.ended:
-            conn.execute("DELETE FROM token_assignments WHERE id = ANY(%b::uuid[])", (batch.ended,))
+            conn.execute(
+                "DELETE FROM token_assignments WHERE id = ANY(%s::uuid[])", (_plain(batch.ended),)
+            )
         if batch.assignments:
             a = list(batch.assignments.values())
             conn.execute(
                 "INSERT INTO token_assignments"
                 " (id, token_id, pool, user_id, fence, assigned_at, expires_at)"
                 " SELECT u.id, u.token_id, %s, u.user_id, u.fence, u.assigned_at, u.expires_at"
-                " FROM unnest(%b::uuid[], %b::uuid[], %b::text[], %b::bigint[],"
-                " %b::timestamptz[], %b::timestamptz[])"
+                " FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::bigint[],"
+                " %s::timestamptz[], %s::timestamptz[])"
                 " AS u(id, token_id, user_id, fence, assigned_at, expires_at)"
                 " ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at",
                 (
                     name,
-                    [x.id for x in a],
-                    [x.token_id for x in a],
-                    [x.user_id for x in a],
-                    [x.fence for x in a],
-                    [x.activated_at for x in a],
-                    [x.expires_at for x in a],
+                    _plain([x.id for x in a]),
+                    _plain([x.token_id for x in a]),
+                    _texts([x.user_id for x in a]),
+                    _plain([str(x.fence) for x in a]),
+                    _times([x.activated_at for x in a]),
+                    _times([x.expires_at for x in a]),
                 ),
             )
         if batch.available:
             conn.execute(
                 "UPDATE tokens t SET available = u.available"
-                " FROM unnest(%b::uuid[], %b::boolean[]) AS u(id, available)"
+                " FROM unnest(%s::uuid[], %s::boolean[]) AS u(id, available)"
                 " WHERE t.id = u.id AND t.available IS DISTINCT FROM u.available",
-                (list(batch.available), list(batch.available.values())),
+                (
+                    _plain(list(batch.available)),
+                    _plain(["t" if v else "f" for v in batch.available.values()]),
+                ),
             )
         if batch.tokens_removed:
             conn.execute(
                 "UPDATE tokens SET retired_at = now(), available = false"
-                " WHERE id = ANY(%b::uuid[]) AND retired_at IS NULL",
-                (batch.tokens_removed,),
+                " WHERE id = ANY(%s::uuid[]) AND retired_at IS NULL",
+                (_plain(batch.tokens_removed),),
             )
 
     def history(self, token_id: str, limit: int) -> list[Usage]:

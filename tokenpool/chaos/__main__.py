@@ -13,6 +13,8 @@ import json
 import sys
 from collections.abc import Callable
 
+import attrs
+
 from . import runs
 from .history import Workload
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([r.__dict__ for r in rows], f, indent=2)
+            json.dump([attrs.asdict(r) for r in rows], f, indent=2)
     return 0 if all(r.ok for r in rows) else 1
 
 
