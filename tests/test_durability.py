@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -270,30 +271,34 @@ async def test_full_backlog_refuses_activations_keeps_reads_and_drains(
 def run_and_kill(url: str, durability: str, seconds: float) -> tuple[list[list[str]], float]:
     """Run the crash worker for ``seconds`` of load, SIGKILL it; return its acks and the kill time.
 
-    Its output goes to a file, not a pipe: a full pipe would stall the worker.
+    Its output goes to a file, not a pipe: a full pipe would stall the worker. The worker
+    appends through a file of its own (O_APPEND) and we read through another, so our
+    reads never move the offset its writes go to.
     """
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.crash_worker", url, durability],
-            cwd=ROOT,
-            stdout=out,
-            stderr=err,
-            text=True,
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path, err_path = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        with open(out_path, "a") as out_w, open(err_path, "a") as err_w:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.crash_worker", url, durability],
+                cwd=ROOT,
+                stdout=out_w,
+                stderr=err_w,
+                text=True,
+            )
+
+        def read(path: str) -> str:
+            with open(path) as f:
+                return f.read()
+
         deadline = time.monotonic() + 90
         try:
-            while True:
-                out.seek(0)
-                if "READY" in out.read(4096):
-                    break
+            while "READY" not in read(out_path)[:4096]:
                 if proc.poll() is not None:
-                    err.seek(0)
                     raise AssertionError(
-                        f"the crash worker died before it was ready:\n{err.read()}"
+                        f"the crash worker died before it was ready:\n{read(err_path)}"
                     )
                 if time.monotonic() > deadline:
-                    err.seek(0)
-                    raise AssertionError(f"the crash worker never got ready:\n{err.read()}")
+                    raise AssertionError(f"the crash worker never got ready:\n{read(err_path)}")
                 time.sleep(0.02)
         except BaseException:
             proc.kill()
@@ -303,8 +308,7 @@ def run_and_kill(url: str, durability: str, seconds: float) -> tuple[list[list[s
         killed_at = time.monotonic()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        out.seek(0)
-        lines = out.read().splitlines()
+        lines = read(out_path).splitlines()
     # The last line may be cut in the middle of a write: keep only whole acks.
     acks = [line.split() for line in lines if line.startswith("ACK ") and len(line.split()) == 5]
     return acks, killed_at
