@@ -20,7 +20,8 @@ import tokenpool
 from tokenpool import Lease, Usage
 from tokenpool._model import Change, Renewed
 from tokenpool._state import PoolState
-from tokenpool._store import Batch
+from tokenpool._store import Batch, StoreError
+from tokenpool._store.postgres import PostgresStore
 
 from .conftest import Cluster
 from .dbutil import query
@@ -355,3 +356,28 @@ async def test_sigkill_in_async_mode_loses_only_the_last_moments(store_url: str)
         assert lease.fence > max(int(a[4]) for a in acks)  # even past the lost tail
         leases = pool._actor.state.leases()
         assert len({x.token_id for x in leases}) == len(leases)
+
+
+async def test_a_retry_after_a_commit_whose_ack_was_lost_deletes_what_it_ends(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first write commits but its acknowledgement is lost (the connection dropped
+    after COMMIT). The lease it granted is released before the retry, so the retry
+    must delete that lease's assignment row rather than take it as never written."""
+    real = PostgresStore.write
+    lost = []
+
+    def ack_lost_once(self: PostgresStore, batch: Batch) -> None:
+        real(self, batch)
+        if batch.assignments and not lost:
+            lost.append(batch.changes)
+            raise StoreError("the connection dropped after COMMIT (simulated)")
+
+    monkeypatch.setattr(PostgresStore, "write", ack_lost_once)
+    async with tokenpool.open_pool(size=3, store=pg_url) as pool:
+        lease = await pool.activate("a")
+        with trio.fail_after(10):
+            while not lost:  # the grant's write committed, and its ack was "lost"
+                await trio.sleep(0.001)
+        await pool.release(lease.token_id)  # queued while the writer backs off
+        await assert_store_matches(pool, pg_url)
