@@ -24,7 +24,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import structlog
@@ -195,8 +195,11 @@ Format = Callable[[object], Reply]
 Later = Callable[[], Awaitable[Reply]]
 
 
-@attrs.frozen
-class _Deferred:
+class _Deferred(NamedTuple):
+    """An op for the actor and how to turn its result into a reply. A named tuple, not
+    attrs: one is made per command, and a frozen attrs ``__init__`` cost 3.5% of a
+    pipelined ACTIVATE's server time."""
+
     op: Op
     format: Format
     wire: Callable[[Any, int], bytes] | None = None  # a hand-made encoder for hot replies
