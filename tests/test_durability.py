@@ -22,8 +22,8 @@ from tokenpool._model import Change, Renewed
 from tokenpool._state import PoolState
 from tokenpool._store import Batch, StoreError
 from tokenpool._store.postgres import PostgresStore
+from tokenpool.chaos.cluster import Cluster
 
-from .conftest import Cluster
 from .dbutil import query
 from .strategies import CountingIds
 

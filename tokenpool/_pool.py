@@ -133,12 +133,16 @@ class Pool:
         except StoreError as error:
             log.warning("history_from_memory_only", token_id=token_id, error=str(error))
             return recent
-        merged = {u.id: u for u in stored}
-        merged.update((u.id, u) for u in recent)
-        newest_first = sorted(
-            merged.values(), key=lambda u: (u.ended_at, u.started_at), reverse=True
+        # Memory holds the token's newest entries in their exact order (leases of one
+        # batch can share every timestamp, so times alone cannot order them); what
+        # only the store has is older than all of it.
+        known = {u.id for u in recent}
+        older = sorted(
+            (u for u in stored if u.id not in known),
+            key=lambda u: (u.ended_at, u.started_at),
+            reverse=True,
         )
-        return newest_first[:limit]
+        return (recent + older)[:limit]
 
     async def stats(self) -> Stats:
         """The pool's size, counters and revision, and its store's state."""

@@ -185,7 +185,7 @@ class Writer:
                     self._give_up()
                     return
                 delay = min(self.retry_cap, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
-                await trio.sleep(delay)
+                await self._back_off(delay)
                 # Retry with whatever arrived meanwhile: the same rows again plus newer ones.
                 # The failed attempt may have committed after all (a hung database that
                 # woke up): its leases' assignment rows may exist, so a newer entry that
@@ -216,11 +216,24 @@ class Writer:
             for request in entry.waiters:
                 request.finish()
 
+    async def _back_off(self, delay: float) -> None:
+        """Sleep ``delay`` before a retry, answering sync callers whose time runs out
+        meanwhile: a backoff of up to ``retry_cap`` must not stretch their deadline."""
+        wake = trio.current_time() + delay
+        while (now := trio.current_time()) < wake:
+            await trio.sleep(min(wake - now, 0.1))
+            self._fail_waiters(
+                self.write_timeout,
+                "the store did not commit in time; the change is kept and will be written",
+            )
+
     def _fail_waiters(self, older_than: float, why: str) -> None:
         """Answer ``UnavailableError`` to sync callers waiting longer than ``older_than`` s."""
         now = trio.current_time()
         for entry in self._entries:
-            if entry.waiters and now - entry.submitted >= older_than:
+            if now - entry.submitted < older_than:
+                break  # entries queue in submission order: the rest are younger
+            if entry.waiters:
                 error = UnavailableError(why)
                 for request in entry.waiters:
                     request.time_out(error)

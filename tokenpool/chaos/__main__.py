@@ -26,6 +26,8 @@ RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
     "sigterm": lambda a: runs.crash_run(
         _workload(a), dsn=a.dsn, durability="async", terminate=True
     ),
+    "outage-async": lambda a: runs.outage_run(_workload(a), durability="async"),
+    "outage-sync": lambda a: runs.outage_run(_workload(a), durability="sync"),
     "hostile": lambda a: runs.hostile_run(),
 }
 

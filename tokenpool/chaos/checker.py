@@ -182,6 +182,8 @@ def check(
     for op in history:
         if op.lost:
             continue
+        if not op.ok and op.value == "UNAVAILABLE":
+            continue  # refused before it was applied (async mode, the backlog full)
         if _noop(op):
             reads.append(op)  # changed nothing: checked as a read at its revision
         elif op.ok and op.revision is not None:

@@ -110,12 +110,18 @@ async def pool_tokens(port: int) -> list[str]:
         await client.aclose()
 
 
-async def pool_revision(port: int) -> int:
+async def pool_stats(port: int) -> dict[str, Any]:
+    """The server's STATS as a dict."""
     client = await _Client.open(port)
     try:
-        return int(_pairs(await client.call("STATS"))["revision"])
+        stats: dict[str, Any] = _pairs(await client.call("STATS"))
+        return stats
     finally:
         await client.aclose()
+
+
+async def pool_revision(port: int) -> int:
+    return int((await pool_stats(port))["revision"])
 
 
 @attrs.define
