@@ -246,6 +246,31 @@ async def test_sync_mode_answers_unavailable_while_the_database_hangs(
         await assert_store_matches(pool, cluster_url)
 
 
+async def test_sync_callers_time_out_on_time_while_retries_back_off(
+    pg_cluster: Cluster, cluster_url: str
+) -> None:
+    """The writer's retry backoff grows toward 5 s while the database is down; a sync
+    caller must still be answered within write_timeout (+ slack), not after a backoff."""
+    async with tokenpool.open_pool(
+        size=5, store=cluster_url, durability="sync", write_timeout=1
+    ) as pool:
+        await pool.activate("before")
+        await trio.to_thread.run_sync(pg_cluster.stop, "immediate")
+        try:
+            for i in range(4):  # let the backoff grow
+                with pytest.raises(tokenpool.UnavailableError):
+                    await pool.activate(f"early-{i}")
+            waits = []
+            for i in range(3):
+                started = trio.current_time()
+                with pytest.raises(tokenpool.UnavailableError):
+                    await pool.activate(f"late-{i}")
+                waits.append(trio.current_time() - started)
+        finally:
+            await trio.to_thread.run_sync(pg_cluster.start)
+        assert max(waits) < 1 + 1 + 0.5  # write_timeout + client slack
+
+
 async def test_full_backlog_refuses_activations_keeps_reads_and_drains(
     pg_cluster: Cluster, cluster_url: str
 ) -> None:

