@@ -134,11 +134,18 @@ class Pool:
             log.warning("history_from_memory_only", token_id=token_id, error=str(error))
             return recent
         # Memory holds the token's newest entries in their exact order (leases of one
-        # batch can share every timestamp, so times alone cannot order them); what
-        # only the store has is older than all of it.
+        # batch can share every timestamp, so times alone cannot order them). From the
+        # store take only what ended before the oldest of them: the entries trimmed
+        # from memory or from before a restart. Anything newer that the store has by
+        # now ended after this read's snapshot and belongs to a later state.
         known = {u.id for u in recent}
+        horizon = recent[-1].ended_at if recent else None
         older = sorted(
-            (u for u in stored if u.id not in known),
+            (
+                u
+                for u in stored
+                if u.id not in known and (horizon is None or u.ended_at < horizon)
+            ),
             key=lambda u: (u.ended_at, u.started_at),
             reverse=True,
         )
