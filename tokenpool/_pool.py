@@ -141,11 +141,7 @@ class Pool:
         known = {u.id for u in recent}
         horizon = recent[-1].ended_at if recent else None
         older = sorted(
-            (
-                u
-                for u in stored
-                if u.id not in known and (horizon is None or u.ended_at < horizon)
-            ),
+            (u for u in stored if u.id not in known and (horizon is None or u.ended_at < horizon)),
             key=lambda u: (u.ended_at, u.started_at),
             reverse=True,
         )
