@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import trio
@@ -225,3 +226,26 @@ async def test_user_ids_with_quotes_and_backslashes_are_stored_as_given(store_ur
 async def _leases(pool: tokenpool.Pool) -> list[tokenpool.Lease]:
     leases = [await pool.lease_of(u) for u in ("{x,y}", "é,ü", 'q"\\"')]
     return [lease for lease in leases if lease is not None]
+
+
+async def test_history_is_one_snapshot_even_when_the_store_has_caught_up(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HISTORY reads memory, then the store for older entries. A lease that ends in
+    between is in the store by then, but not in the memory snapshot: the reply must not
+    mix the two states (the history checker caught exactly this)."""
+    async with tokenpool.open_pool(size=1, store=pg_url) as pool:
+        a = await pool.activate("a")
+        await pool.release(a.token_id)
+        b = await pool.activate("b")  # the same (only) token
+        store_type = type(pool._store)
+        real = store_type.history
+
+        def racing(self: Any, token_id: str, limit: int) -> Any:
+            trio.from_thread.run(pool.release, b.token_id)  # b ends after the memory read
+            trio.from_thread.run(pool.flush)  # and its row is committed before ours
+            return real(self, token_id, limit)
+
+        monkeypatch.setattr(store_type, "history", racing)
+        entries = await pool.history(a.token_id, limit=5)
+        assert [a.id] == [u.id for u in entries]
