@@ -431,13 +431,13 @@ class RespServer:
     def _plan(self, argv: list[str], session: Session) -> Plan:
         name = argv[0].upper()
         spec = COMMANDS.get(name)
-        if name in ("POST", "HOST:"):
-            # An HTTP request on the RESP port (a browser, or a cross-protocol attack):
-            # refuse it and close, as Redis does.
-            log.warning("http_request_refused", client=session.id, peer=session.peer)
-            session.quit = True
-            return Error("ERR", "Protocol error: an HTTP request on the RESP port")
         if spec is None:
+            if name in ("POST", "HOST:"):
+                # An HTTP request on the RESP port (a browser, or a cross-protocol
+                # attack): refuse it and close, as Redis does.
+                log.warning("http_request_refused", client=session.id, peer=session.peer)
+                session.quit = True
+                return Error("ERR", "Protocol error: an HTTP request on the RESP port")
             shown = " ".join(f"'{a[:40]}'" for a in argv[1:4])
             return Error(
                 "ERR", f"unknown command '{argv[0][:40]}', with args beginning with: {shown}"

@@ -45,6 +45,9 @@ log = structlog.get_logger("tokenpool.writer")
 MAX_BATCH_CHANGES = 50_000
 
 
+_NOT_IN_TIME = "the store did not commit in time; the change is kept and will be written"
+
+
 class _Entry:
     __slots__ = ("changes", "submitted", "waiters")
 
@@ -177,10 +180,7 @@ class Writer:
             except (StoreError, trio.TooSlowError) as error:
                 attempt += 1
                 self._set_link("retrying" if attempt < 3 else "down", error)
-                self._fail_waiters(
-                    self.write_timeout,
-                    "the store did not commit in time; the change is kept and will be written",
-                )
+                self._fail_waiters(self.write_timeout, _NOT_IN_TIME)
                 if self._closing and trio.current_time() - started > self.shutdown_timeout:
                     self._give_up()
                     return
@@ -207,9 +207,12 @@ class Writer:
         for _ in range(taken):
             entry = self._entries.popleft()
             self.backlog -= len(entry.changes)
-            for change in entry.changes:
-                if type(change) is Lease and change.fence > self.committed_fence:
-                    self.committed_fence = change.fence
+            # Fences grow in change order, so an entry's newest grant is its last Lease:
+            # scan from the end and stop there (this runs on the actor's thread).
+            for change in reversed(entry.changes):
+                if type(change) is Lease:
+                    self.committed_fence = max(self.committed_fence, change.fence)
+                    break
             if entry.changes:
                 self.last_lag = now - entry.submitted
                 self.lags.append(self.last_lag)
@@ -222,10 +225,7 @@ class Writer:
         wake = trio.current_time() + delay
         while (now := trio.current_time()) < wake:
             await trio.sleep(min(wake - now, 0.1))
-            self._fail_waiters(
-                self.write_timeout,
-                "the store did not commit in time; the change is kept and will be written",
-            )
+            self._fail_waiters(self.write_timeout, _NOT_IN_TIME)
 
     def _fail_waiters(self, older_than: float, why: str) -> None:
         """Answer ``UnavailableError`` to sync callers waiting longer than ``older_than`` s."""
