@@ -7,13 +7,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import psycopg
+
+from .server import free_port
 
 
 def answers(dsn: str) -> bool:
@@ -43,19 +44,13 @@ def can_make_cluster() -> bool:
     return pg_binary("initdb") is not None and pg_binary("pg_ctl") is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Cluster:
     """A throwaway PostgreSQL cluster in a temp dir, that tests may stop, kill and restart."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tokenpool-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self._as_user: list[str] = []
         if os.geteuid() == 0:

@@ -20,7 +20,15 @@ import trio
 
 from .checker import Anomaly, Report, StoredLease, check
 from .history import Operation, Workload, pool_revision, pool_stats, pool_tokens, record
-from .server import Process, open_fds, rss_bytes, running, start, stored_leases
+from .server import (
+    Process,
+    free_port,
+    open_fds,
+    rss_bytes,
+    running,
+    start,
+    stored_leases,
+)
 
 TTL = "3600"  # no lease expires during a run: the reference model has no clock
 
@@ -73,7 +81,7 @@ class _Memory:
         while not self._stop.is_set():
             try:
                 self.peak = max(self.peak, rss_bytes(self.pid))
-            except OSError:
+            except (OSError, RuntimeError):  # the process is gone
                 return
             self._stop.wait(0.1)
 
@@ -83,18 +91,21 @@ class _Memory:
         return self.peak / 2**20
 
 
-def _summary(name: str, report: Report, workload: Workload, faults: str, rss: float) -> Summary:
-    kinds = [a.kind for a in report.anomalies]
+def _summary(
+    name: str, anomalies: list[Anomaly], *, operations: int, clients: int, faults: str, rss: float
+) -> Summary:
+    """One table row; a wrong grant (history check) and overlapping stored leases (crash
+    check) are both a token with two holders."""
     return Summary(
         run=name,
-        operations=report.operations,
-        clients=workload.clients,
+        operations=operations,
+        clients=clients,
         faults=faults,
-        anomalies=len(report.anomalies),
-        lost_acknowledged=kinds.count("lost change"),
-        double_holders=sum(1 for a in report.anomalies if a.kind == "wrong grant"),
+        anomalies=len(anomalies),
+        lost_acknowledged=sum(1 for a in anomalies if a.kind == "lost change"),
+        double_holders=sum(1 for a in anomalies if a.kind in ("double holder", "wrong grant")),
         max_rss_mb=rss,
-        detail=[f"{a.kind}: {a.detail}" for a in report.anomalies[:10]],
+        detail=[f"{a.kind}: {a.detail}" for a in anomalies[:10]],
     )
 
 
@@ -114,7 +125,15 @@ def history_run(
     faults = f"{report.lost} connections dropped mid-request"
     if code != 0:
         report.anomalies.append(_exit_anomaly(code))
-    return _summary(f"history ({durability})", report, workload, faults, rss), report
+    summary = _summary(
+        f"history ({durability})",
+        report.anomalies,
+        operations=report.operations,
+        clients=workload.clients,
+        faults=faults,
+        rss=rss,
+    )
+    return summary, report
 
 
 async def _record(server: Process, workload: Workload) -> tuple[list[str], int, int, Any]:
@@ -308,25 +327,14 @@ def crash_run(
         f" {lost_ops} calls cut off; {figures['lost_in_window']:.0f} acknowledged grants"
         f" lost in the window (oldest {figures['max_lost_age_s'] * 1000:.0f} ms before the kill)"
     )
-    return Summary(
-        run=f"{'sigterm' if terminate else 'crash'} ({durability})",
+    return _summary(
+        f"{'sigterm' if terminate else 'crash'} ({durability})",
+        anomalies,
         operations=len(history),
         clients=workload.clients,
         faults=faults,
-        anomalies=len(anomalies),
-        lost_acknowledged=sum(1 for a in anomalies if a.kind == "lost change"),
-        double_holders=sum(1 for a in anomalies if a.kind == "double holder"),
-        max_rss_mb=rss,
-        detail=[f"{a.kind}: {a.detail}" for a in anomalies[:10]],
+        rss=rss,
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hostile_run(
@@ -399,16 +407,13 @@ def hostile_run(
         f" clients ({facts['garbage_closed']} closed by the server), {len(slow)} slowloris"
         f" connections (closed after {min(slow):.1f} to {max(slow):.1f} s)"
     )
-    return Summary(
-        run="hostile clients",
+    return _summary(
+        "hostile clients",
+        anomalies,
         operations=facts["served"],
         clients=1 + garbage_connections + len(slow),
         faults=faults,
-        anomalies=len(anomalies),
-        lost_acknowledged=0,
-        double_holders=0,
-        max_rss_mb=rss,
-        detail=[f"{a.kind}: {a.detail}" for a in anomalies[:10]],
+        rss=rss,
     )
 
 
@@ -512,14 +517,11 @@ def outage_run(
         f" {p99 * 1000:.1f} ms (before: {p99_before * 1000:.1f} ms), longest"
         f" {longest * 1000:.0f} ms, {refused} answered UNAVAILABLE"
     )
-    return Summary(
-        run=f"database outage ({durability})",
+    return _summary(
+        f"database outage ({durability})",
+        anomalies,
         operations=len(history),
         clients=workload.clients,
         faults=faults,
-        anomalies=len(anomalies),
-        lost_acknowledged=sum(1 for a in anomalies if a.kind == "lost change"),
-        double_holders=sum(1 for a in anomalies if a.kind in ("double holder", "wrong grant")),
-        max_rss_mb=rss,
-        detail=[f"{a.kind}: {a.detail}" for a in anomalies[:10]],
+        rss=rss,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -143,12 +144,20 @@ def _when(value: Any) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free right now (for a server that must keep its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def rss_bytes(pid: int) -> int:
+    """Resident memory of a process now (Linux ``/proc``)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    return 0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def open_fds(pid: int) -> int:
