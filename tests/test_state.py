@@ -16,24 +16,26 @@ from hypothesis.stateful import (
 )
 
 from tokenpool import (
+    FullError,
     InvalidArgumentError,
     Lease,
     NotActiveError,
     NotHolderError,
-    Reason,
     TokenPoolError,
     UnknownTokenError,
     Usage,
 )
-from tokenpool._model import Renewed
-from tokenpool._state import PoolState
+from tokenpool._model import END, GRANT, RENEW, lease_value, to_datetime, to_us, usage_value
+from tokenpool._settings import PoolSettings
+from tokenpool._state import WAITING, PoolState
 from tokenpool.chaos.reference import NaivePool
 
 from .strategies import USERS, CountingIds, invalid_user_ids, not_uuids, users, valid_user_ids
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+T0_US = to_us(T0)
 TTL = 10.0
-US = timedelta(microseconds=1)
+S = 1_000_000
 
 
 def error_code(call: object) -> str:
@@ -47,57 +49,133 @@ def error_code(call: object) -> str:
 class PoolMachine(RuleBasedStateMachine):
     """Drives PoolState and NaivePool with the same operations and compares everything."""
 
-    @initialize(size=st.integers(min_value=1, max_value=5))
-    def setup(self, size: int) -> None:
+    @initialize(
+        size=st.integers(min_value=1, max_value=5),
+        when_full=st.sampled_from(["evict", "reject", "wait"]),
+        min_hold=st.sampled_from([0.0, 0.0, 2.0, 6.0]),
+        max_lifetime=st.sampled_from([None, None, 4.0, 15.0]),
+        history_memory=st.sampled_from([3, 10_000]),
+    )
+    def setup(
+        self,
+        size: int,
+        when_full: str,
+        min_hold: float,
+        max_lifetime: float | None,
+        history_memory: int,
+    ) -> None:
         self.now = T0
         self.ids = CountingIds()
         self.model_ids = CountingIds()
-        self.state = PoolState(ttl=TTL, history_limit=10_000, ids=self.ids)
+        config = PoolSettings(size, TTL, when_full, min_hold, max_lifetime)
+        self.state = PoolState(config, history_memory=history_memory, ids=self.ids)
         token_ids = [self.ids() for _ in range(size)]
         self.model_ids.n = self.ids.n
-        changes = self.state.add_tokens(token_ids, T0)
-        self.model = NaivePool(token_ids, timedelta(seconds=TTL), self.model_ids)
+        self.state.add_tokens(token_ids, T0_US)
+        self.model = NaivePool(
+            token_ids,
+            timedelta(seconds=TTL),
+            self.model_ids,
+            when_full=when_full,
+            min_hold=timedelta(seconds=min_hold),
+            max_lifetime=None if max_lifetime is None else timedelta(seconds=max_lifetime),
+        )
         self.token_ids = token_ids
         self.leases_seen: list[Lease] = []
-        self.changes = list(changes)
+        self.records = list(self.state.changes)
+        self.state.changes = []
+        self.tickets: list[object] = []
+        self.woken: dict[int, object] = {}
+        self.model_woken: dict[int, object] = {}
+
+    def lease(self, record: tuple) -> Lease:  # type: ignore[type-arg]
+        return lease_value(record, self.state.token_text(record[2]))
+
+    def usage(self, record: tuple) -> Usage:  # type: ignore[type-arg]
+        return usage_value(record, self.state.token_text(record[2]))
+
+    def settle(self) -> None:
+        """Collect what the step changed and who it woke, in both."""
+        self.records += self.state.changes
+        self.state.changes = []
+        for ticket, result in self.state.woken:
+            self.woken[id(ticket)] = (
+                self.lease(result) if isinstance(result, tuple) else type(result).__name__
+            )
+        self.state.woken = []
+        for ticket, result in self.model.woken:
+            self.model_woken[id(ticket)] = "FullError" if result == "FULL" else result
+        self.model.woken = []
+        assert self.model_woken == self.woken
 
     # -- time -----------------------------------------------------------------
 
     @rule(step=st.sampled_from([0.0, 0.000001, 0.5, 1.0, 3.0, TTL / 2, TTL, 2 * TTL]))
     def wait(self, step: float) -> None:
         self.now += timedelta(seconds=step)
-        self.changes += self.state.advance(self.now)
+        self.state.advance(to_us(self.now))
         self.model.advance(self.now)
+        self.settle()
 
-    @rule(offset=st.sampled_from([-US, timedelta(0), US]))
-    def jump_to_next_deadline(self, offset: timedelta) -> None:
+    @rule(offset=st.sampled_from([-1, 0, 1]))
+    def jump_to_next_deadline(self, offset: int) -> None:
         deadline = self.state.next_deadline()
         assume(deadline is not None)
         assert deadline is not None
-        self.now = max(self.now, deadline + offset)
-        self.changes += self.state.advance(self.now)
+        self.now = max(self.now, to_datetime(deadline + offset))
+        self.state.advance(to_us(self.now))
         self.model.advance(self.now)
+        self.settle()
 
     # -- operations -----------------------------------------------------------
 
     @rule(user=users)
     def activate(self, user: str) -> None:
-        lease, changes = self.state.activate(user, self.now)
-        self.changes += changes
-        assert self.model.activate(user, self.now) == lease
-        self.leases_seen.append(lease)
+        expected = self.model.activate(user, self.now)
+        try:
+            record = self.state.activate(user, to_us(self.now))
+        except FullError:
+            assert "FULL" == expected
+        else:
+            assert expected == self.lease(record)
+            self.leases_seen.append(self.lease(record))
+        self.settle()
+
+    @rule(user=users, wait=st.sampled_from([None, 0.5, 3.0, 30.0]))
+    def activate_or_wait(self, user: str, wait: float | None) -> None:
+        ticket = object()
+        self.tickets.append(ticket)
+        expected = self.model.activate(user, self.now, wait=wait, ticket=ticket)
+        try:
+            result = self.state.activate_or_wait(user, to_us(self.now), ticket, wait)
+        except FullError:
+            assert "FULL" == expected
+        else:
+            if result is WAITING:
+                assert expected is None
+            else:
+                assert expected == self.lease(result)  # type: ignore[arg-type]
+        self.settle()
+
+    @precondition(lambda self: self.tickets)
+    @rule(data=st.data())
+    def cancel_wait(self, data: st.DataObject) -> None:
+        ticket = data.draw(st.sampled_from(self.tickets))
+        self.state.cancel_wait(ticket)
+        self.model.cancel(ticket)
+        self.settle()
 
     @rule(data=st.data(), user=st.one_of(st.none(), users))
     def release(self, data: st.DataObject, user: str | None) -> None:
         token_id = data.draw(st.sampled_from(self.token_ids))
         expected = self.model.release(token_id, user, self.now)
         try:
-            usage, changes = self.state.release(token_id, user, self.now)
+            record = self.state.release(token_id, user, to_us(self.now))
         except (NotActiveError, NotHolderError) as error:
             assert error.code == expected
         else:
-            self.changes += changes
-            assert expected == usage
+            assert expected == self.usage(record)
+        self.settle()
 
     @precondition(lambda self: self.leases_seen)
     @rule(data=st.data())
@@ -105,12 +183,12 @@ class PoolMachine(RuleBasedStateMachine):
         lease = data.draw(st.sampled_from(self.leases_seen))
         expected = self.model.renew(lease.token_id, lease.id, self.now)
         try:
-            renewed, changes = self.state.renew(lease.token_id, lease.id, self.now)
+            renewed = self.state.renew(lease.token_id, lease.id, to_us(self.now))
         except NotHolderError as error:
             assert expected == error.code
         else:
-            self.changes += changes
-            assert expected == renewed
+            assert expected == self.lease(renewed)
+        self.settle()
 
     @precondition(lambda self: self.leases_seen)
     @rule(data=st.data())
@@ -123,77 +201,83 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule()
     def clear(self) -> None:
-        count, changes = self.state.clear(self.now)
-        self.changes += changes
+        count = self.state.clear(to_us(self.now))
         assert self.model.clear(self.now) == count
+        self.settle()
 
     @rule(bad=invalid_user_ids)
     def activate_invalid(self, bad: object) -> None:
-        before = self.state.stats()
+        before = (self.state.revision, self.state.counters(), self.state.leases())
         with pytest.raises(InvalidArgumentError):
-            self.state.activate(bad, self.now)  # type: ignore[arg-type]
-        assert before == self.state.stats()
+            self.state.activate(bad, to_us(self.now))  # type: ignore[arg-type]
+        assert before == (self.state.revision, self.state.counters(), self.state.leases())
+        assert [] == self.state.changes
 
     # -- checks after every step ----------------------------------------------
 
     @invariant()
     def same_tokens_as_model(self) -> None:
-        for status in self.state.tokens():
-            lease = self.model.token_lease(status.id)
-            if lease is None:
-                assert (status.status, status.current_user_id) == ("available", None)
-            else:
-                assert (status.status, status.current_user_id, status.expires_at) == (
-                    "active",
-                    lease.user_id,
-                    lease.expires_at,
-                )
+        for token_id in self.token_ids:
+            _slot, lease = self.state.token(token_id)
+            expected = self.model.token_lease(token_id)
+            assert expected == (None if lease is None else self.lease(lease))
 
     @invariant()
     def one_holder_per_token_and_one_token_per_user(self) -> None:
         leases = self.state.leases()
-        assert len({lease.token_id for lease in leases}) == len(leases)
-        assert len({lease.user_id for lease in leases}) == len(leases)
+        assert len({lease[2] for lease in leases}) == len(leases)
+        assert len({lease[3] for lease in leases}) == len(leases)
         for user in USERS:
-            assert self.model.holder_lease(user) == self.state.lease_of(user)
+            record = self.state.lease_of(user)
+            assert self.model.holder_lease(user) == (None if record is None else self.lease(record))
 
     @invariant()
-    def history_matches_model(self) -> None:
+    def history_in_memory_is_the_newest_suffix_of_the_model(self) -> None:
+        floor = self.state.history_floor
         for token_id in self.token_ids:
-            assert self.model.history_of(token_id) == self.state.history(token_id, 10_000)
+            entries, store_before = self.state.history(token_id, 10_000)
+            expected = [u for u in self.model.history_of(token_id) if u.revision >= floor]
+            assert expected == [self.usage(r) for r in entries]
+            older = [u for u in self.model.history_of(token_id) if u.revision < floor]
+            assert bool(older) <= bool(store_before)  # the store is asked whenever it must be
+        for user in USERS:
+            entries, _ = self.state.user_history(user, 10_000)
+            expected = [u for u in self.model.history_of_user(user) if u.revision >= floor]
+            assert expected == [self.usage(r) for r in entries]
 
     @invariant()
-    def every_ended_lease_once_with_its_reason(self) -> None:
-        ended = [c for c in self.changes if type(c) is Usage]
-        assert len({u.id for u in ended}) == len(ended)
-        assert sorted(ended, key=lambda u: u.id) == sorted(self.model.history, key=lambda u: u.id)
-        started = {c.id for c in self.changes if type(c) is Lease}
-        assert {u.id for u in ended} <= started
+    def every_ended_lease_once_with_its_own_revision(self) -> None:
+        ended = [r for r in self.records if r[0] == END]
+        assert len({r[7] for r in ended}) == len(ended)
+        assert [self.usage(r) for r in ended] == self.model.history
+        started = {r[1] for r in self.records if r[0] == GRANT}
+        assert {r[1] for r in ended} <= started
+
+    @invariant()
+    def records_carry_growing_revisions(self) -> None:
+        revisions = [r[7] if r[0] in (GRANT, RENEW, END) else r[1] for r in self.records]
+        assert revisions == sorted(revisions)
 
     @invariant()
     def counters_add_up(self) -> None:
-        stats = self.state.stats()
-        ended = stats.evictions + stats.expirations + stats.releases + stats.clears
-        assert stats.activations == stats.active + ended
-        assert stats.size == stats.active + stats.available
-        assert stats.revision == self.model.revision
-        counts = {reason: 0 for reason in Reason}
-        for usage in self.model.history:
-            counts[usage.reason] += 1
-        assert (stats.expirations, stats.evictions, stats.releases, stats.clears) == (
-            counts[Reason.EXPIRED],
-            counts[Reason.EVICTED],
-            counts[Reason.RELEASED],
-            counts[Reason.CLEARED],
-        )
+        state = self.state
+        ended = state.evictions + state.expirations + state.releases + state.clears
+        assert state.activations == state.active + ended
+        assert state.size == state.active + state.available
+        assert state.revision == self.model.revision
+        assert state.waiting == len(self.model.waiters)
 
     @invariant()
     def no_lease_outlives_its_deadline(self) -> None:
-        for lease in self.state.leases():
-            assert lease.expires_at > self.now
-        deadline = self.state.next_deadline()
         leases = self.state.leases()
-        assert deadline == (min(lease.expires_at for lease in leases) if leases else None)
+        for lease in leases:
+            assert lease[6] > to_us(self.now)
+            if self.state.max_life_us is not None:
+                assert lease[6] - lease[5] <= max(self.state.max_life_us, self.state.ttl_us)
+        deadline = self.state.next_deadline()
+        waits = [w[2] for w in self.model.waiters]
+        nearest = [to_us(x) for x in [*(lease.expires_at for lease in self.model.leases), *waits]]
+        assert deadline == (min(nearest) if nearest else None)
 
 
 PoolMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
@@ -203,167 +287,220 @@ TestPoolMachine = PoolMachine.TestCase
 # -- unit cases the machine does not isolate --------------------------------
 
 
-def make(size: int = 3, ttl: float = TTL, history_limit: int = 1000) -> PoolState:
-    state = PoolState(ttl=ttl, history_limit=history_limit, ids=CountingIds())
-    state.resize(size, T0)
+def make(size: int = 3, ttl: float = TTL, history_memory: int = 1000, **rules: object) -> PoolState:
+    state = PoolState(
+        PoolSettings(size, ttl, **rules),  # type: ignore[arg-type]
+        history_memory=history_memory,
+        ids=CountingIds(),
+    )
+    state.resize(size, T0_US)
+    state.changes = []
     return state
 
 
 def test_activate_is_idempotent_for_the_holder() -> None:
     state = make()
-    first, _ = state.activate("alice", T0)
-    again, changes = state.activate("alice", T0 + timedelta(seconds=1))
-    assert first == again
-    assert changes == []
+    first = state.activate("alice", T0_US)
+    state.changes = []
+    assert first == state.activate("alice", T0_US + S)
+    assert [] == state.changes
 
 
 def test_available_tokens_are_leased_fifo() -> None:
     state = make(size=3)
-    a, _ = state.activate("a", T0)
-    b, _ = state.activate("b", T0)
-    state.release(b.token_id, None, T0)
-    state.release(a.token_id, None, T0)
-    # The third token was never used: it has been available the longest.
-    third = next(t for t in state.token_ids() if t not in (a.token_id, b.token_id))
-    assert [third, b.token_id, a.token_id] == [state.activate(u, T0)[0].token_id for u in "xyz"]
+    a = state.activate("a", T0_US)
+    b = state.activate("b", T0_US)
+    state.release(state.token_text(b[2]), None, T0_US)
+    state.release(state.token_text(a[2]), None, T0_US)
+    third = next(s for s in range(3) if s not in (a[2], b[2]))
+    assert [third, b[2], a[2]] == [state.activate(u, T0_US)[2] for u in "xyz"]
 
 
-def test_full_pool_evicts_the_oldest_activation() -> None:
+def test_full_pool_evicts_the_oldest_activation_and_shares_its_revision() -> None:
     state = make(size=2)
-    a, _ = state.activate("a", T0)
-    b, _ = state.activate("b", T0 + timedelta(seconds=1))
-    state.renew(a.token_id, a.id, T0 + timedelta(seconds=2))  # renewing keeps activation order
-    c, changes = state.activate("c", T0 + timedelta(seconds=3))
-    assert a.token_id == c.token_id
-    assert [ch.reason for ch in changes if type(ch) is Usage] == [Reason.EVICTED]
+    a = state.activate("a", T0_US)
+    b = state.activate("b", T0_US + S)
+    state.renew(state.token_text(a[2]), a[1], T0_US + 2 * S)  # renewing keeps activation order
+    state.changes = []
+    c = state.activate("c", T0_US + 3 * S)
+    assert a[2] == c[2]
+    (ended, granted) = state.changes
+    assert (END, "evicted", c[4]) == (ended[0], ended[8], ended[7])
+    assert granted is c
     assert state.lease_of("a") is None
     assert b == state.lease_of("b")
 
 
+def test_reject_pool_refuses_when_full_and_counts_it() -> None:
+    state = make(size=1, when_full="reject")
+    state.activate("a", T0_US)
+    with pytest.raises(FullError, match="held"):
+        state.activate("b", T0_US)
+    assert (1, 1) == (state.refusals, state.active)
+
+
+def test_min_hold_protects_young_leases_from_eviction() -> None:
+    state = make(size=1, min_hold=5.0)
+    a = state.activate("a", T0_US)
+    with pytest.raises(FullError, match="min-hold"):
+        state.activate("b", T0_US + 5 * S - 1)
+    b = state.activate("b", T0_US + 5 * S)
+    assert a[2] == b[2]
+
+
+def test_max_lifetime_caps_renewals() -> None:
+    state = make(size=1, ttl=10.0, max_lifetime=25.0)
+    a = state.activate("a", T0_US)
+    token = state.token_text(a[2])
+    r1 = state.renew(token, a[1], T0_US + 9 * S)
+    assert T0_US + 19 * S == r1[6]
+    r2 = state.renew(token, a[1], T0_US + 18 * S)
+    assert T0_US + 25 * S == r2[6]
+    state.advance(T0_US + 25 * S)
+    assert state.lease_of("a") is None
+
+
+def test_wait_pool_grants_the_first_waiter_when_a_token_frees() -> None:
+    state = make(size=1, when_full="wait")
+    a = state.activate("a", T0_US)
+    t1, t2 = object(), object()
+    assert WAITING is state.activate_or_wait("b", T0_US, t1, 30.0)
+    assert WAITING is state.activate_or_wait("c", T0_US, t2, 30.0)
+    with pytest.raises(FullError):
+        state.activate_or_wait("d", T0_US, object(), None)  # no wait asked: refused at once
+    state.release(state.token_text(a[2]), "a", T0_US + S)
+    ((ticket, lease),) = state.woken
+    assert (t1, "b", a[2]) == (ticket, lease[3], lease[2])
+    assert 1 == state.waiting
+
+
+def test_a_wait_that_runs_out_gets_full_and_a_cancelled_one_nothing() -> None:
+    state = make(size=1, when_full="wait")
+    state.activate("a", T0_US)
+    t1, t2 = object(), object()
+    state.activate_or_wait("b", T0_US, t1, 2.0)
+    state.activate_or_wait("c", T0_US, t2, 60.0)
+    assert T0_US + 2 * S == state.next_deadline()
+    state.advance(T0_US + 2 * S)
+    ((ticket, error),) = state.woken
+    assert (t1, FullError) == (ticket, type(error))
+    assert state.cancel_wait(t2)
+    state.woken = []
+    state.advance(T0_US + 20 * S)  # a's lease expires: nobody is waiting any more
+    assert [] == state.woken
+    assert 1 == state.available
+
+
 def test_expired_lease_ends_exactly_at_its_deadline_even_when_noticed_late() -> None:
     state = make()
-    lease, _ = state.activate("a", T0)
-    changes = state.advance(T0 + timedelta(hours=5))
-    (ended,) = changes
-    assert isinstance(ended, Usage)
-    assert (lease.expires_at, Reason.EXPIRED) == (ended.ended_at, ended.reason)
+    lease = state.activate("a", T0_US)
+    state.changes = []
+    state.advance(T0_US + 5 * 3600 * S)
+    (ended,) = state.changes
+    assert (lease[6], "expired") == (ended[6], ended[8])
 
 
-def test_lease_is_valid_until_just_before_expires_at() -> None:
+def test_time_never_runs_backwards() -> None:
     state = make()
-    lease, _ = state.activate("a", T0)
-    state.advance(lease.expires_at - US)
-    assert state.validate(lease.token_id, lease.id)
-    state.advance(lease.expires_at)
-    assert not state.validate(lease.token_id, lease.id)
+    state.activate("a", T0_US + 10 * S)
+    b = state.activate("b", T0_US)  # an older now is taken as the newest seen
+    assert T0_US + 10 * S == b[5]
 
 
 def test_renew_pushes_expiry_and_keeps_identity() -> None:
     state = make()
-    lease, _ = state.activate("a", T0)
-    later = T0 + timedelta(seconds=7)
-    renewed, changes = state.renew(lease.token_id.upper(), lease.id.upper(), later)
-    assert (lease.id, lease.fence, later + timedelta(seconds=TTL)) == (
-        renewed.id,
-        renewed.fence,
-        renewed.expires_at,
+    lease = state.activate("a", T0_US)
+    later = T0_US + 7 * S
+    renewed = state.renew(state.token_text(lease[2]).upper(), lease[1].upper(), later)
+    assert (lease[1], lease[4], later + 10 * S, RENEW) == (
+        renewed[1],
+        renewed[4],
+        renewed[6],
+        renewed[0],
     )
-    assert [Renewed(renewed)] == changes
-    state.advance(lease.expires_at)
-    assert state.validate(lease.token_id, lease.id)
-
-
-def test_renew_of_a_replaced_lease_is_not_holder() -> None:
-    state = make(size=1)
-    old, _ = state.activate("a", T0)
-    state.activate("b", T0)  # evicts a
-    with pytest.raises(NotHolderError):
-        state.renew(old.token_id, old.id, T0)
+    state.advance(lease[6])
+    assert state.validate(state.token_text(lease[2]), lease[1])
 
 
 def test_release_errors_name_the_problem() -> None:
     state = make()
-    lease, _ = state.activate("a", T0)
-    assert error_code(lambda: state.release(lease.token_id, "b", T0)) == "NOTHOLDER"
-    other = next(t for t in state.token_ids() if t != lease.token_id)
-    assert error_code(lambda: state.release(other, None, T0)) == "NOTACTIVE"
+    lease = state.activate("a", T0_US)
+    token = state.token_text(lease[2])
+    assert error_code(lambda: state.release(token, "b", T0_US)) == "NOTHOLDER"
+    other = next(t for t in state.token_ids() if t != token)
+    assert error_code(lambda: state.release(other, None, T0_US)) == "NOTACTIVE"
     unknown = "00000000-0000-4000-8000-000000000000"
     with pytest.raises(UnknownTokenError, match=unknown):
-        state.release(unknown, None, T0)
+        state.release(unknown, None, T0_US)
     with pytest.raises(InvalidArgumentError, match="not a UUID"):
-        state.release("nope", None, T0)
+        state.release("nope", None, T0_US)
     assert lease == state.lease_of("a")
 
 
-def test_token_ids_are_accepted_in_any_case_and_returned_lowercase() -> None:
-    state = make()
-    token_id = state.token_ids()[0]
-    assert token_id == token_id.lower()
-    assert token_id == state.token(token_id.upper()).id
-
-
-def test_fences_strictly_increase() -> None:
-    state = make(size=2)
-    fences = [state.activate(f"u{i}", T0 + timedelta(seconds=i))[0].fence for i in range(20)]
-    assert fences == sorted(set(fences))
-
-
-def test_history_in_memory_is_bounded_per_token() -> None:
-    state = make(size=1, history_limit=5)
-    for i in range(20):
-        state.activate(f"u{i}", T0)
-    token_id = state.token_ids()[0]
-    history = state.history(token_id, 100)
-    assert [f"u{i}" for i in range(18, 13, -1)] == [u.user_id for u in history]
-    for i in range(1000):
-        state.activate(f"v{i}", T0)
-    assert len(state._history[token_id]) <= 5 + 1  # trimmed in steps of limit // 4
-    assert 5 == state.history_kept(token_id)
-
-
-def test_history_limit_is_checked() -> None:
-    state = make()
-    token_id = state.token_ids()[0]
-    for bad in (0, -1, 10_001, "5", 2.5, True):
-        with pytest.raises(InvalidArgumentError, match="limit"):
-            state.history(token_id, bad)  # type: ignore[arg-type]
-
-
-def test_clear_ends_every_lease_and_counts_them() -> None:
+def test_clear_gives_every_ended_lease_its_own_revision() -> None:
     state = make(size=3)
     for user in "ab":
-        state.activate(user, T0)
-    count, changes = state.clear(T0)
-    assert count == 2
-    assert [c.reason for c in changes if type(c) is Usage] == [Reason.CLEARED] * 2
-    assert (state.stats().active, state.stats().available) == (0, 3)
+        state.activate(user, T0_US)
+    state.changes = []
+    before = state.revision
+    assert 2 == state.clear(T0_US)
+    assert [before + 1, before + 2] == [r[7] for r in state.changes]
+    assert (0, 3) == (state.active, state.available)
+
+
+def test_history_pages_by_revision_and_says_when_to_read_the_store() -> None:
+    state = make(size=1, history_memory=10)
+    for i in range(30):
+        state.activate(f"u{i}", T0_US)
+    token = state.token_ids()[0]
+    page, store_before = state.history(token, 5)
+    assert [f"u{i}" for i in range(28, 23, -1)] == [r[3] for r in page]
+    assert 0 == store_before
+    older, store_before = state.history(token, 100, before=page[-1][7])
+    assert len(older) < 100 and store_before == older[-1][7]  # the rest is in the store only
+    assert [f"u{i}" for i in range(23, 23 - len(older), -1)] == [r[3] for r in older]
 
 
 def test_resize_grows_then_shrinks_available_first_then_oldest_leases() -> None:
     state = make(size=2)
-    a, _ = state.activate("a", T0)
-    b, _ = state.activate("b", T0 + timedelta(seconds=1))
-    state.resize(4, T0 + timedelta(seconds=2))
-    assert state.size == 4
-    changes = state.resize(1, T0 + timedelta(seconds=3))
-    assert state.size == 1
-    assert [a.id] == [c.id for c in changes if type(c) is Usage]
+    a = state.activate("a", T0_US)
+    b = state.activate("b", T0_US + S)
+    state.resize(4, T0_US + 2 * S)
+    assert 4 == state.size
+    state.changes = []
+    state.resize(1, T0_US + 3 * S)
+    assert 1 == state.size
+    assert [a[1]] == [r[1] for r in state.changes if r[0] == END]
     assert b == state.lease_of("b")
+    with pytest.raises(UnknownTokenError):
+        state.token(state.token_text(a[2]))  # retired
+
+
+def test_tokens_page_walks_every_live_token_once() -> None:
+    state = make(size=25)
+    state.resize(20, T0_US)
+    seen: list[int] = []
+    cursor = 0
+    while True:
+        cursor, page = state.tokens_page(cursor, 7)
+        seen += [slot for slot, _ in page]
+        if cursor == 0:
+            break
+    assert sorted(seen) == seen and 20 == len(set(seen))
 
 
 @given(user=valid_user_ids)
 def test_valid_user_ids_are_accepted(user: str) -> None:
     state = make()
-    lease, _ = state.activate(user, T0)
-    assert user == lease.user_id
+    assert user == state.activate(user, T0_US)[3]
 
 
 @given(bad=invalid_user_ids)
 def test_invalid_user_ids_raise_and_change_nothing(bad: object) -> None:
     state = make()
     with pytest.raises(InvalidArgumentError, match="user_id"):
-        state.activate(bad, T0)  # type: ignore[arg-type]
-    assert state.stats().activations == 0
+        state.activate(bad, T0_US)  # type: ignore[arg-type]
+    assert 0 == state.activations
 
 
 @given(bad=not_uuids)
@@ -373,9 +510,25 @@ def test_malformed_token_ids_raise_invalid_argument(bad: object) -> None:
         state.token(bad)  # type: ignore[arg-type]
 
 
+def test_history_limits_are_checked() -> None:
+    state = make()
+    token = state.token_ids()[0]
+    for bad in (0, -1, 10_001, "5", 2.5, True):
+        with pytest.raises(InvalidArgumentError, match="limit"):
+            state.history(token, bad)  # type: ignore[arg-type]
+
+
 def test_deadline_heap_stays_bounded_under_renew_churn() -> None:
     state = make(size=2)
-    lease, _ = state.activate("a", T0)
+    lease = state.activate("a", T0_US)
+    token = state.token_text(lease[2])
     for i in range(10_000):
-        lease, _ = state.renew(lease.token_id, lease.id, T0 + timedelta(milliseconds=i))
-    assert len(state._deadlines) <= 2 * 1 + 64 + 1
+        lease = state.renew(token, lease[1], T0_US + i * 1000)
+    assert state.statistics()["deadlines"] <= 2 * 1 + 64 + 1
+
+
+def test_memory_history_is_bounded_for_the_whole_pool() -> None:
+    state = make(size=50, history_memory=100)
+    for i in range(5_000):
+        state.activate(f"u{i}", T0_US)
+    assert state.statistics()["history_in_memory"] <= 100 + 100 // 8 + 1

@@ -1,4 +1,4 @@
-"""tokenpool: a finite pool of tokens leased to users for a limited time.
+"""tokenpool: finite pools of tokens leased to users for a limited time.
 
     async with tokenpool.open_pool(size=100, ttl=120.0) as pool:
         lease = await pool.activate("alice")
@@ -8,8 +8,14 @@ Everything public is exported here; the underscored modules are private.
 
 from ._clock import Clock
 from ._errors import (
+    Compacted,
+    CompactedError,
+    ExistsError,
+    Full,
+    FullError,
     InvalidArgument,
     InvalidArgumentError,
+    NoPermError,
     NotActive,
     NotActiveError,
     NotHolder,
@@ -19,15 +25,16 @@ from ._errors import (
     TokenPoolError,
     Unavailable,
     UnavailableError,
+    UnknownPool,
+    UnknownPoolError,
     UnknownToken,
     UnknownTokenError,
 )
-from ._model import Lease, Reason, Stats, Status, TokenStatus, Usage
+from ._model import Event, Lease, Page, Reason, Stats, Status, TokenStatus, Usage
 from ._ops import (
     Activate,
     ActivateMany,
     Clear,
-    GetHistory,
     GetLease,
     GetStats,
     GetToken,
@@ -37,16 +44,22 @@ from ._ops import (
     Renew,
     Validate,
 )
-from ._pool import Pool, open_pool
+from ._pool import Pool, Pools, PoolStatistics, open_pool, open_pools
+from ._settings import PoolSettings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Activate",
     "ActivateMany",
     "Clear",
     "Clock",
-    "GetHistory",
+    "Compacted",
+    "CompactedError",
+    "Event",
+    "ExistsError",
+    "Full",
+    "FullError",
     "GetLease",
     "GetStats",
     "GetToken",
@@ -54,14 +67,19 @@ __all__ = [
     "InvalidArgument",
     "InvalidArgumentError",
     "Lease",
+    "NoPermError",
     "NotActive",
     "NotActiveError",
     "NotHolder",
     "NotHolderError",
     "Op",
+    "Page",
     "Pool",
     "PoolLocked",
     "PoolLockedError",
+    "PoolSettings",
+    "PoolStatistics",
+    "Pools",
     "Reason",
     "Release",
     "Renew",
@@ -71,10 +89,13 @@ __all__ = [
     "TokenStatus",
     "Unavailable",
     "UnavailableError",
+    "UnknownPool",
+    "UnknownPoolError",
     "UnknownToken",
     "UnknownTokenError",
     "Usage",
     "Validate",
     "__version__",
     "open_pool",
+    "open_pools",
 ]

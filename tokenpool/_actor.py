@@ -3,41 +3,45 @@
 Callers in any number of tasks put requests on a bounded memory channel and
 wait for a one-shot reply. The actor takes everything queued at once, moves
 the state's time to ``now`` (ending leases that expired), applies the
-requests in order, hands the changes to the store's writer, and wakes each
-caller. Its only timer is the next lease deadline, so an idle pool expires
+requests in order, hands the batch's change records to the writer and to
+the event log, and wakes each caller. Its only timer is the next deadline (a
+lease's expiry or a waiter's time running out), so an idle pool expires
 leases on time without polling.
 
 Cancellation rule: a request whose caller is cancelled while it is still
-queued is never applied. A request that was applied but whose caller was
-cancelled before the reply reached it (in ``sync`` durability, while the
+queued is never applied; one waiting for a token (a ``wait`` pool) is taken
+off the wait queue at once and is never granted one (the one call into the
+state from outside this task, made synchronously in trio's abort hook, where
+no operation can be half done). A request that was applied but whose caller
+was cancelled before the reply reached it (in ``sync`` durability, while the
 commit is pending) is *abandoned*: the leases it newly granted are released
-(reason ``released``) so no lease is left held by nobody. Other changes it
-made stay (they end leases, which a retry cannot undo or repeat harmfully).
+(reason ``released``) so no lease is left held by nobody.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-import structlog
+import attrs
 import trio
 
-from ._errors import TokenPoolError, UnavailableError
-from ._model import Change, Lease
-from ._ops import Op, ReleaseLease
+from ._errors import InvalidArgumentError, TokenPoolError, UnavailableError
+from ._log import get_logger
+from ._model import GRANT, Record
+from ._ops import Activate, Op, ReleaseLease
+from ._state import WAITING
 
 if TYPE_CHECKING:
-    from ._clock import Clock
     from ._state import PoolState
 
-log = structlog.get_logger("tokenpool.actor")
+log = get_logger("tokenpool.actor")
 
 MAX_BATCH = 1024
 """The most requests the actor applies before it hands changes on and replies."""
 
 # Request states.
-QUEUED, APPLIED, DONE, CANCELLED, ABANDONED, TIMED_OUT = range(6)
+QUEUED, WAITING_TOKEN, APPLIED, DONE, CANCELLED, ABANDONED, TIMED_OUT = range(7)
 
 
 class Request:
@@ -48,15 +52,17 @@ class Request:
     switch, and its abort hook implements the cancellation rule above.
     """
 
-    __slots__ = ("changed", "grants", "ops", "results", "state", "task")
+    __slots__ = ("actor", "changed", "grants", "ops", "results", "state", "task", "wait_index")
 
-    def __init__(self, ops: Sequence[Op]) -> None:
+    def __init__(self, ops: Sequence[Op], actor: Actor | None = None) -> None:
         self.ops = ops
         self.results: list[object] = []
         self.state = QUEUED
         self.task: trio.lowlevel.Task | None = None
-        self.grants: list[Lease] = []
+        self.grants: list[Record] = []
         self.changed = False
+        self.wait_index = -1
+        self.actor = actor
 
     def finish(self) -> None:
         """Mark answered and wake the caller if it is parked."""
@@ -74,7 +80,7 @@ class Request:
         self.finish()
 
     def time_out(self, error: TokenPoolError) -> None:
-        """Answer ``error`` to a request applied but not committed in time (``sync`` mode).
+        """Answer ``error`` to a request applied but not committed (``sync`` mode).
 
         Its caller then releases the leases it was granted, as for a cancelled caller.
         """
@@ -91,7 +97,14 @@ class Request:
 
             def abort(_: Any) -> trio.lowlevel.Abort:
                 self.task = None
-                self.state = CANCELLED if self.state == QUEUED else ABANDONED
+                if self.state == QUEUED:
+                    self.state = CANCELLED
+                elif self.state == WAITING_TOKEN:
+                    self.state = CANCELLED
+                    if self.actor is not None:
+                        self.actor.state.cancel_wait(self)
+                else:
+                    self.state = ABANDONED
                 return trio.lowlevel.Abort.SUCCEEDED
 
             await trio.lowlevel.wait_task_rescheduled(abort)
@@ -99,16 +112,37 @@ class Request:
 
 
 class Writer(Protocol):
-    """What the actor needs of the write-behind store (the seam for persistence)."""
+    """What the actor needs of the write-behind (the seam for persistence)."""
 
-    committed_fence: int
-    """The highest fence of a grant known committed."""
+    committed: int
+    """Every change up to this revision is committed."""
 
     def full(self) -> bool:
-        """Whether the backlog is at its bound (activations are refused)."""
+        """Whether activations are refused (backlog at its bound, or the store lost)."""
 
-    def submit(self, changes: list[Change], waiters: list[Request] | None) -> None:
+    def refusal(self) -> str: ...
+
+    def submit(
+        self,
+        records: list[Record],
+        waiters: list[Request] | None,
+        counters: dict[str, int],
+        clock_us: int,
+        last_rev: int,
+    ) -> None:
         """Queue changes; when ``waiters`` is given, finish them once committed."""
+
+
+@attrs.frozen
+class ActorStatistics:
+    """The actor of one pool, as ``Pool.statistics()`` reports it."""
+
+    batches: int
+    requests: int
+    queued: int
+    waiting: int
+    history_in_memory: int
+    deadlines: int
 
 
 class Actor:
@@ -117,16 +151,20 @@ class Actor:
     def __init__(
         self,
         state: PoolState,
-        clock: Clock,
+        now_us: Callable[[], int],
+        to_trio: Callable[[int], float],
         *,
         writer: Writer | None = None,
         sync: bool = False,
         queue_size: int = 4096,
+        publish: Callable[[list[Record]], None] | None = None,
     ) -> None:
         self.state = state
-        self.clock = clock
+        self.now_us = now_us
+        self.to_trio = to_trio
         self.writer = writer
         self.sync = sync and writer is not None
+        self.publish = publish
         self.send, self._receive = trio.open_memory_channel[Request](queue_size)
         self.closed = False
         self.batches = 0
@@ -134,7 +172,7 @@ class Actor:
 
     async def call(self, ops: Sequence[Op]) -> list[object]:
         """Apply ``ops`` in one message; return a result or an error per op."""
-        request = Request(ops)
+        request = Request(ops, self)
         try:
             try:
                 self.send.send_nowait(request)
@@ -152,14 +190,14 @@ class Actor:
             await self._undo(request.grants)
         return results
 
-    async def _undo(self, grants: list[Lease]) -> None:
+    async def _undo(self, grants: list[Record]) -> None:
         """Release the leases an abandoned request granted (shielded: we are cancelled)."""
-        ops = [ReleaseLease(lease.token_id, lease.id) for lease in grants]
+        ops = [ReleaseLease(lease[2], lease[1]) for lease in grants]
         with trio.CancelScope(shield=True):
             try:
                 await self.send.send(Request(ops))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                log.warning("undo_lost", leases=[lease.id for lease in grants])
+                log.warning("undo_lost", leases=[lease[1] for lease in grants])
 
     def close(self) -> None:
         """Stop taking requests; the actor answers what is queued, then returns."""
@@ -170,7 +208,6 @@ class Actor:
         """The actor's loop. Returns once ``close()`` was called and the queue is empty."""
         receive = self._receive
         state = self.state
-        clock = self.clock
         task_status.started()
         try:
             while True:
@@ -182,16 +219,16 @@ class Actor:
                     except trio.EndOfChannel:
                         return
                 else:
-                    with trio.move_on_at(clock.trio_time(deadline)):
+                    with trio.move_on_at(self.to_trio(deadline)):
                         try:
                             first = await receive.receive()
                         except trio.EndOfChannel:
                             return
-                now = clock.now()
+                now = self.now_us()
                 if first is None and deadline is not None and now < deadline:
                     # trio woke us at the deadline; float rounding must not leave it pending.
                     now = deadline
-                changes = state.advance(now)
+                state.advance(now)
                 batch: list[Request] = []
                 if first is not None:
                     batch.append(first)
@@ -200,42 +237,82 @@ class Actor:
                             batch.append(receive.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    self._apply(batch, now, changes)
+                    self._apply(batch, now)
                 self.batches += 1
                 self.requests += len(batch)
-                self._deliver(batch, changes)
+                self._deliver(batch, now)
         finally:
             self._fail_pending()
 
-    def _apply(self, batch: list[Request], now: Any, changes: list[Change]) -> None:
+    def _apply(self, batch: list[Request], now: int) -> None:
         state = self.state
         writer = self.writer
         full = writer is not None and writer.full()
         track = self.sync
+        changes = state.changes
         for request in batch:
             if request.state != QUEUED:
                 continue  # its caller was cancelled before we got to it
             results = request.results
-            mark = len(changes)
+            mark = len(state.changes)
             for op in request.ops:
-                if full and op.needs_room:
+                if request.wait_index >= 0:
                     results.append(
-                        UnavailableError("the store's write backlog is full; retry shortly")
+                        InvalidArgumentError("a waiting activation must be the last op of a batch")
                     )
                     continue
+                if full and op.needs_room:
+                    assert writer is not None
+                    results.append(UnavailableError(writer.refusal()))
+                    continue
                 try:
-                    results.append(op.apply(state, now, changes))
+                    if type(op) is Activate and op.wait:
+                        result = state.activate_or_wait(op.user_id, now, request, op.wait)
+                        if result is WAITING:
+                            request.wait_index = len(results)
+                    else:
+                        result = op.apply(state, now)
+                    results.append(result)
                 except TokenPoolError as error:
                     results.append(error)
                 except Exception as error:  # a bug: answer it, keep serving everyone else
                     log.exception("op_failed", op=repr(op))
                     results.append(error)
+            changes = state.changes
             if track and len(changes) > mark:
                 request.changed = True
-                request.grants = [c for c in changes[mark:] if type(c) is Lease]
-            request.state = APPLIED
+                request.grants = [c for c in changes[mark:] if c[0] == GRANT]
+            request.state = WAITING_TOKEN if request.wait_index >= 0 else APPLIED
 
-    def _deliver(self, batch: list[Request], changes: list[Change]) -> None:
+    def _woken(self) -> list[Request]:
+        """Callers a freed token (or a run-out wait) answered in this batch."""
+        woken = self.state.woken
+        if not woken:
+            return []
+        self.state.woken = []
+        out: list[Request] = []
+        for ticket, result in woken:
+            request = ticket
+            assert isinstance(request, Request)
+            if request.state != WAITING_TOKEN:
+                continue
+            request.results[request.wait_index] = result
+            request.wait_index = -1
+            request.state = APPLIED
+            if self.sync and isinstance(result, tuple):
+                request.changed = True
+                request.grants = [result] if result[0] == GRANT else []
+            out.append(request)
+        return out
+
+    def _deliver(self, batch: list[Request], now: int) -> None:
+        state = self.state
+        batch += self._woken()
+        changes = state.changes
+        if changes:
+            state.changes = []
+            if self.publish is not None:
+                self.publish(changes)
         writer = self.writer
         if writer is None:
             for request in batch:
@@ -253,16 +330,16 @@ class Actor:
                         waiting.append(request)
                     else:
                         request.finish()
-            writer.submit(changes, waiting)
+            writer.submit(changes, waiting, state.counters(), now, state.revision)
         else:
             if changes:
-                writer.submit(changes, None)
+                writer.submit(changes, None, state.counters(), now, state.revision)
             for request in batch:
                 if request.state == APPLIED:
                     request.finish()
 
     def _fail_pending(self) -> None:
-        """Answer whatever is still queued when the actor stops (closed or crashed)."""
+        """Answer whatever is still queued or waiting when the actor stops."""
         self.closed = True
         self.send.close()
         error = UnavailableError("the pool is closed")
@@ -271,6 +348,21 @@ class Actor:
                 self._receive.receive_nowait().fail(error)
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
+        for ticket in self.state.end_waits():
+            if isinstance(ticket, Request) and ticket.state == WAITING_TOKEN:
+                ticket.state = APPLIED
+                ticket.fail(error)
+
+    def statistics(self) -> ActorStatistics:
+        state = self.state.statistics()
+        return ActorStatistics(
+            batches=self.batches,
+            requests=self.requests,
+            queued=self._receive.statistics().current_buffer_used,
+            waiting=self.state.waiting,
+            history_in_memory=state["history_in_memory"],
+            deadlines=state["deadlines"],
+        )
 
 
 def _holds_uncommitted(results: list[object], writer: Writer) -> bool:
@@ -280,13 +372,13 @@ def _holds_uncommitted(results: list[object], writer: Writer) -> bool:
     surviving a crash, even when its activation only found the lease another caller's
     pending grant made (two activations of one user in one batch).
     """
-    committed = writer.committed_fence
+    committed = writer.committed
     for result in results:
-        if type(result) is Lease:
-            if result.fence > committed:
+        if type(result) is tuple and len(result) == 8:
+            if result[4] > committed:
                 return True
         elif type(result) is list:
             for item in result:  # activate_many
-                if type(item) is Lease and item.fence > committed:
+                if type(item) is tuple and len(item) == 8 and item[4] > committed:
                     return True
     return False

@@ -1,139 +1,333 @@
 """The command line: ``tokenpool serve`` (also ``python -m tokenpool serve``).
 
-Every option can also come from an environment variable ``TOKENPOOL_<NAME>``
-(the option's name in capitals, dashes as underscores); the command line wins.
-This is the only module that configures logging: JSON lines on stderr when it
-is not a terminal, readable key=value lines when it is.
+Every option comes, in this order of precedence, from the command line, from
+an environment variable ``TOKENPOOL_<NAME>`` (the option's name in capitals,
+dashes as underscores), from the ``[server]`` table of ``--config FILE``, or
+from its default; each is checked once, here, with its allowed range, and a
+bad one stops the program with one line naming it. Passwords come from the
+environment or a file (``--requirepass`` on the command line is visible in
+``ps``: it works, with a warning). This is the only module that configures
+logging: JSON lines on stderr when it is not a terminal, readable lines when
+it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
+import attrs
 import structlog
 import trio
 
 from . import __version__
-from ._errors import TokenPoolError
-from ._pool import open_pool
-from ._server import RespServer, Settings
+from ._commands import ServerSettings
+from ._errors import InvalidArgumentError, TokenPoolError
+from ._pool import open_pools
+from ._server import RespServer, RespSettings
+from ._settings import (
+    MAX_SECONDS,
+    MAX_SIZE,
+    MIN_TTL,
+    WHEN_FULL,
+    PoolSettings,
+    check_choice,
+    check_int,
+    check_name,
+    check_seconds,
+    parse_int,
+    parse_seconds,
+)
+from ._store import check_store_url, redact
 
 DEFAULT_STORE = "sqlite:///data/tokenpool.db"
 
 
-def _env(name: str, default: str | None) -> str | None:
-    return os.environ.get(f"TOKENPOOL_{name}", default)
+def _int(low: int, high: int) -> Callable[[Any, str], int]:
+    def check(value: Any, what: str) -> int:
+        if isinstance(value, str):
+            return parse_int(value.strip(), what, low, high)
+        return check_int(value, what, low, high)
+
+    return check
+
+
+def _seconds(low: float, high: float, none_ok: bool = False) -> Callable[[Any, str], float | None]:
+    def check(value: Any, what: str) -> float | None:
+        if none_ok and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0"))):
+            return None
+        if isinstance(value, str):
+            return parse_seconds(value.strip(), what, low, high)
+        return check_seconds(value, what, low, high)
+
+    return check
+
+
+def _choice(*choices: str) -> Callable[[Any, str], str]:
+    return lambda value, what: check_choice(value, what, choices)
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or "\x00" in value or len(value) > 4096:
+        raise InvalidArgumentError(f"{what} must be text of at most 4096 characters")
+    return value
+
+
+def _secret(value: Any, what: str) -> str:
+    value = _text(value, what)
+    if not value:
+        raise InvalidArgumentError(f"{what} must not be empty (leave it unset for none)")
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise InvalidArgumentError(f"{what} must be true or false, not {value!r}")
+
+
+def _store(value: Any, what: str) -> str | None:
+    value = _text(value, what)
+    if value == "":
+        raise InvalidArgumentError(
+            f"{what} is empty: give a store URL (postgresql://..., sqlite:///file.db),"
+            " or 'memory' to keep nothing"
+        )
+    if value in ("memory", "none"):
+        return None
+    return check_store_url(value)
+
+
+def _host(value: Any, what: str) -> str:
+    value = _text(value, what).strip()
+    if not value or " " in value:
+        raise InvalidArgumentError(f"{what} must be a host name or address, not {value!r}")
+    return value
+
+
+@attrs.frozen
+class Option:
+    name: str
+    check: Callable[[Any, str], Any]
+    default: Any
+    help: str
+    env: tuple[str, ...] = ()
+    flag: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def envs(self) -> tuple[str, ...]:
+        return self.env or (f"TOKENPOOL_{self.dest.upper()}",)
+
+
+OPTIONS = [
+    Option("host", _host, "127.0.0.1", "address to bind (a non-loopback one needs a password)"),
+    Option("port", _int(0, 65535), 7379, "RESP port (0 picks a free one)"),
+    Option("size", _int(1, MAX_SIZE), 100, "tokens in the pool 'default'"),
+    Option("ttl", _seconds(MIN_TTL, MAX_SECONDS), 120.0, "seconds a lease lasts"),
+    Option("when-full", _choice(*WHEN_FULL), "evict", "evict, reject or wait when every token is held"),
+    Option("min-hold", _seconds(0.0, MAX_SECONDS), 0.0, "evict never ends a lease younger than this"),
+    Option("max-lifetime", _seconds(MIN_TTL, MAX_SECONDS, True), None, "renew never goes past this"),
+    Option("name", lambda v, w: check_name(v, w), "default", "the pool the flags above describe"),
+    Option("dsn", _store, DEFAULT_STORE, "store: postgresql://..., sqlite:///file.db or 'memory'"),
+    Option("durability", _choice("async", "sync"), "async", "async (answer at once) or sync"),
+    Option("flush-interval", _seconds(0.0, 1.0), 0.002, "async: seconds changes gather per commit"),
+    Option("write-timeout", _seconds(0.1, 300.0), 5.0, "seconds one store write may take"),
+    Option("shutdown-timeout", _seconds(0.0, 3600.0), 10.0, "seconds shutdown waits for the store"),
+    Option("max-backlog", _int(1, 10_000_000), 100_000, "unwritten changes before refusing"),
+    Option("history-memory", _int(1, 10_000_000), 100_000, "ended leases kept in memory per pool"),
+    Option(
+        "requirepass", _secret, None, "password clients AUTH with (prefer TOKENPOOL_PASSWORD)",
+        ("TOKENPOOL_PASSWORD", "TOKENPOOL_REQUIREPASS"),
+    ),
+    Option("requirepass-file", _text, None, "file holding that password (first line)"),
+    Option("admin-password", _secret, None, "password of the admin user (AUTH admin <pw>)"),
+    Option("admin-password-file", _text, None, "file holding the admin password"),
+    Option("tls-cert", _text, None, "PEM certificate: serve TLS only"),
+    Option("tls-key", _text, None, "PEM private key for --tls-cert"),
+    Option("max-clients", _int(1, 1_000_000), 10_000, "connections served at once"),
+    Option("idle-timeout", _seconds(0.1, 86_400.0), 30.0, "seconds a started command may take"),
+    Option("allow-insecure-bind", _flag, False, "allow a non-loopback host without a password", flag=True),
+    Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
+    Option("log-format", _choice("auto", "json", "console"), "auto", "log line format"),
+]
+BY_DEST = {o.dest: o for o in OPTIONS}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"tokenpool: {message} (see tokenpool serve --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenpool", description="A pool of leased tokens.")
+    parser = _Parser(prog="tokenpool", description="Finite pools of leased tokens.")
     parser.add_argument("--version", action="version", version=f"tokenpool {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = commands.add_parser(
         "serve",
-        help="serve a pool over RESP (redis-cli and any Redis client work)",
-        description="Serve a pool over RESP. Each option also reads TOKENPOOL_<OPTION>.",
+        help="serve pools over RESP (redis-cli and any Redis client work)",
+        description="Serve pools over RESP. Each option also reads TOKENPOOL_<OPTION>;"
+        " --config FILE reads pools and options from TOML.",
     )
-    serve.add_argument(
-        "--host", default=_env("HOST", "127.0.0.1"), help="address to bind (default 127.0.0.1)"
-    )
-    serve.add_argument(
-        "--port",
-        type=int,
-        default=int(_env("PORT", "7379") or 7379),
-        help="TCP port (default 7379; 0 picks one)",
-    )
-    serve.add_argument(
-        "--size",
-        type=int,
-        default=int(_env("SIZE", "100") or 100),
-        help="tokens in the pool (default 100)",
-    )
-    serve.add_argument(
-        "--ttl",
-        type=float,
-        default=float(_env("TTL", "120") or 120),
-        help="lease time in seconds (default 120)",
-    )
-    serve.add_argument(
-        "--name", default=_env("NAME", "default"), help="pool name in the store (default 'default')"
-    )
-    serve.add_argument(
-        "--dsn",
-        default=_env("DSN", DEFAULT_STORE),
-        help=f"store: postgresql://..., sqlite:///file.db or 'memory' (default {DEFAULT_STORE})",
-    )
-    serve.add_argument(
-        "--durability", choices=("async", "sync"), default=_env("DURABILITY", "async")
-    )
-    serve.add_argument(
-        "--flush-interval",
-        type=float,
-        default=float(_env("FLUSH_INTERVAL", "0.002") or 0.002),
-        help="async mode: seconds the writer gathers changes before a commit (default 0.002)",
-    )
-    serve.add_argument(
-        "--requirepass",
-        default=_env("REQUIREPASS", None) or _env("PASSWORD", None),
-        help="password clients must AUTH with (also TOKENPOOL_PASSWORD)",
-    )
-    serve.add_argument(
-        "--tls-cert", default=_env("TLS_CERT", None), help="PEM certificate: serve TLS"
-    )
-    serve.add_argument(
-        "--tls-key", default=_env("TLS_KEY", None), help="PEM private key for --tls-cert"
-    )
-    serve.add_argument(
-        "--max-clients", type=int, default=int(_env("MAX_CLIENTS", "10000") or 10000)
-    )
-    serve.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=float(_env("IDLE_TIMEOUT", "30") or 30),
-        help="seconds a started command (or a blocked reply) may take before the client is dropped",
-    )
-    serve.add_argument(
-        "--allow-insecure-bind",
-        action="store_true",
-        default=_env("ALLOW_INSECURE_BIND", "") in ("1", "true", "yes"),
-        help="allow a non-loopback --host without --requirepass",
-    )
-    serve.add_argument(
-        "--log-level",
-        default=_env("LOG_LEVEL", "info"),
-        choices=("debug", "info", "warning", "error"),
-    )
-    serve.add_argument(
-        "--log-format", default=_env("LOG_FORMAT", "auto"), choices=("auto", "json", "console")
-    )
+    serve.add_argument("--config", default=None, help="TOML file: [server] options, [pools.<name>]")
+    for option in OPTIONS:
+        if option.flag:
+            serve.add_argument(f"--{option.name}", action="store_const", const=True, default=None,
+                               help=option.help)
+        else:
+            default = "none" if option.default is None else option.default
+            serve.add_argument(
+                f"--{option.name}", default=None, metavar=option.dest.upper(),
+                help=f"{option.help} (default {default}; env {option.envs[0]})",
+            )
     return parser
+
+
+@attrs.frozen
+class Config:
+    """Every setting of ``tokenpool serve``, checked."""
+
+    values: dict[str, Any]
+    pools: dict[str, PoolSettings]
+    warnings: list[str]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
+    """Merge the command line, the environment and the config file; check every value.
+
+    Raises ``InvalidArgumentError`` naming the setting, where it came from and the range.
+    """
+    file: dict[str, Any] = {}
+    file_pools: dict[str, Any] = {}
+    path = args.config or environ.get("TOKENPOOL_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as error:
+            raise InvalidArgumentError(f"--config {path}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise InvalidArgumentError(f"--config {path}: not valid TOML: {error}") from None
+        unknown = set(data) - {"server", "pools"}
+        if unknown:
+            raise InvalidArgumentError(f"--config {path}: unknown table(s) {', '.join(sorted(unknown))}")
+        file = {k.replace("-", "_"): v for k, v in dict(data.get("server", {})).items()}
+        file_pools = dict(data.get("pools", {}))
+        for key in file:
+            if key not in BY_DEST:
+                raise InvalidArgumentError(f"--config {path}: unknown [server] option {key!r}")
+    values: dict[str, Any] = {}
+    warnings: list[str] = []
+    for option in OPTIONS:
+        given = getattr(args, option.dest)
+        source = f"--{option.name}"
+        raw: Any = given
+        if raw is None:
+            for env in option.envs:
+                if env in environ:
+                    raw, source = environ[env], env
+                    break
+        if raw is None and option.dest in file:
+            raw, source = file[option.dest], f"{option.dest} in {path}"
+        if raw is None:
+            values[option.dest] = option.default
+            continue
+        values[option.dest] = option.check(raw, source)
+        if option.name in ("requirepass", "admin-password") and given is not None:
+            warnings.append(
+                f"--{option.name} on the command line is visible to every user of this machine"
+                f" (ps); pass it in {option.envs[0]} or --{option.name}-file instead"
+            )
+    for name in ("requirepass", "admin_password"):
+        file_option = values.get(f"{name}_file")
+        if file_option:
+            if values.get(name):
+                raise InvalidArgumentError(f"give --{name.replace('_', '-')} or its -file, not both")
+            try:
+                text = Path(file_option).read_text().splitlines()
+            except OSError as error:
+                raise InvalidArgumentError(f"--{name.replace('_', '-')}-file {file_option}: {error.strerror}") from None
+            values[name] = _secret(text[0] if text else "", f"--{name.replace('_', '-')}-file {file_option}")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise InvalidArgumentError("--tls-cert and --tls-key go together")
+    pools: dict[str, PoolSettings] = {}
+    for name, table in file_pools.items():
+        check_name(name, f"pool name {name!r} in {path}")
+        if not isinstance(table, dict):
+            raise InvalidArgumentError(f"[pools.{name}] in {path} must be a table")
+        try:
+            pools[name] = PoolSettings.make(**{k.replace("-", "_"): v for k, v in table.items()})
+        except InvalidArgumentError as error:
+            raise InvalidArgumentError(f"[pools.{name}] in {path}: {error}") from None
+    flags_given = any(
+        getattr(args, o) is not None or any(e in environ for e in BY_DEST[o].envs)
+        for o in ("size", "ttl", "when_full", "min_hold", "max_lifetime")
+    )
+    name = values["name"]
+    if name not in pools or flags_given:
+        base = pools.get(name, PoolSettings())
+        changes = {
+            "size": values["size"] if _given(args, environ, file, "size") else base.size,
+            "ttl": values["ttl"] if _given(args, environ, file, "ttl") else base.ttl,
+            "when_full": values["when_full"] if _given(args, environ, file, "when_full") else base.when_full,
+            "min_hold": values["min_hold"] if _given(args, environ, file, "min_hold") else base.min_hold,
+            "max_lifetime": values["max_lifetime"]
+            if _given(args, environ, file, "max_lifetime")
+            else base.max_lifetime,
+        }
+        pools[name] = PoolSettings.make(**changes)
+        pools = {name: pools[name], **{k: v for k, v in pools.items() if k != name}}
+    return Config(values, pools, warnings)
+
+
+def _given(args: argparse.Namespace, environ: dict[str, str], file: dict[str, Any], dest: str) -> bool:
+    option = BY_DEST[dest]
+    return getattr(args, dest) is not None or any(e in environ for e in option.envs) or dest in file
 
 
 def configure_logging(level: str, fmt: str) -> None:
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if as_json
-        else structlog.dev.ConsoleRenderer(colors=False)
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
     )
-    structlog.configure(
+    formatter = structlog.stdlib.ProcessorFormatter(
         processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
+        foreign_pre_chain=[
+            structlog.stdlib.ExtraAdder(),
+            structlog.stdlib.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+        ],
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger("tokenpool")
+    root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)] + [handler]
+    root.setLevel(getattr(logging, level.upper()))
+    root.propagate = False
 
 
 def _is_loopback(host: str) -> bool:
@@ -145,87 +339,124 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def serve(args: argparse.Namespace) -> int:
-    log = structlog.get_logger("tokenpool.cli")
-    ssl_context = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            log.error("bad_settings", error="--tls-cert and --tls-key go together")
-            return 2
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
-    if not _is_loopback(args.host) and not args.requirepass and not args.allow_insecure_bind:
-        log.error(
-            "bad_settings",
-            error=f"refusing to listen on {args.host} without --requirepass;"
-            " set a password or pass --allow-insecure-bind",
-        )
-        return 2
-    store = None if args.dsn in ("memory", "none", "") else args.dsn
-    settings = Settings(
-        host=args.host,
-        port=args.port,
-        password=args.requirepass,
-        max_clients=args.max_clients,
-        idle_timeout=args.idle_timeout,
+async def serve(config: Config) -> int:
+    log = structlog.wrap_logger(
+        logging.getLogger("tokenpool.cli"),
+        processors=[structlog.stdlib.render_to_log_kwargs],
+        wrapper_class=structlog.stdlib.BoundLogger,
     )
-    shown_store = store.split("@")[-1] if store else "memory"
-    config = {
-        "size": str(args.size),
-        "ttl": f"{args.ttl:g}",
-        "name": args.name,
-        "durability": args.durability,
-        "flush-interval": f"{args.flush_interval:g}",
-        "store": shown_store,
-        "maxclients": str(args.max_clients),
-        "timeout": f"{args.idle_timeout:g}",
-        "port": str(args.port),
-        "bind": args.host,
+    for warning in config.warnings:
+        log.warning("insecure_setting", note=warning)
+    ssl_context = None
+    if config.tls_cert:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+        except (OSError, ssl.SSLError) as error:
+            raise InvalidArgumentError(f"--tls-cert/--tls-key: {error}") from None
+    if not _is_loopback(config.host) and not config.requirepass and not config.allow_insecure_bind:
+        raise InvalidArgumentError(
+            f"refusing to listen on {config.host} without --requirepass;"
+            " set a password (TOKENPOOL_PASSWORD) or pass --allow-insecure-bind"
+        )
+    store = config.dsn
+    settings = RespSettings(
+        host=config.host,
+        port=config.port,
+        max_clients=config.max_clients,
+        idle_timeout=config.idle_timeout,
+        commands=ServerSettings(password=config.requirepass, admin_password=config.admin_password),
+    )
+    default = config.pools[config.name]
+    shown: dict[str, str] = {
+        "size": str(default.size),
+        "ttl": f"{default.ttl:g}",
+        "name": config.name,
+        "when-full": default.when_full,
+        "durability": config.durability,
+        "flush-interval": f"{config.flush_interval:g}",
+        "store": redact(store) if store else "memory",
+        "maxclients": str(config.max_clients),
+        "timeout": f"{config.idle_timeout:g}",
+        "port": str(config.port),
+        "bind": config.host,
         "tls": "yes" if ssl_context else "no",
         # redis-benchmark reads these two at start; the Redis persistence they
         # describe does not apply (the store is set by --dsn).
         "save": "",
         "appendonly": "no",
     }
-    async with open_pool(
-        size=args.size,
-        ttl=args.ttl,
-        name=args.name,
-        store=store,
-        durability=args.durability,
-        flush_interval=args.flush_interval,
-    ) as pool:
-        server = RespServer(pool, settings, ssl_context=ssl_context, config=config)
+    stop = trio.Event()
+    async with open_pools(
+        store,
+        durability=config.durability,
+        history_memory=config.history_memory,
+        max_backlog=config.max_backlog,
+        flush_interval=config.flush_interval,
+        write_timeout=config.write_timeout,
+        shutdown_timeout=config.shutdown_timeout,
+        declared=config.pools,
+    ) as pools:
+        server = RespServer(pools, settings, ssl_context=ssl_context, config=shown)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                ports = await nursery.start(server.serve)
-                config["port"] = str(ports[0])
+                try:
+                    ports = await nursery.start(server.serve)
+                except OSError as error:
+                    if error.errno == errno.EADDRINUSE:
+                        raise InvalidArgumentError(
+                            f"port {config.port} on {config.host} is in use (another tokenpool"
+                            " or Redis?); pass --port (0 picks a free one)"
+                        ) from None
+                    raise InvalidArgumentError(
+                        f"cannot listen on {config.host}:{config.port}: {error.strerror or error}"
+                    ) from None
+                shown["port"] = str(ports[0])
 
                 async def stop_on_signal() -> None:
                     async for signum in signals:
+                        if stop.is_set():
+                            log.warning("stopping_now", signal=signal.Signals(signum).name)
+                            nursery.cancel_scope.cancel()
+                            return
                         log.info("shutting_down", signal=signal.Signals(signum).name)
+                        stop.set()
                         server.shutdown()
                         # Busy connections finish their pipeline; none may take forever.
-                        nursery.cancel_scope.deadline = trio.current_time() + settings.idle_timeout
-                        return
+                        nursery.cancel_scope.deadline = trio.current_time() + config.idle_timeout
 
                 nursery.start_soon(stop_on_signal)
-        await pool.flush()
+                await stop.wait()
+                nursery.cancel_scope.deadline = min(
+                    nursery.cancel_scope.deadline, trio.current_time() + config.idle_timeout
+                )
     log.info("stopped")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
+    env = dict(os.environ if environ is None else environ)
     try:
-        return trio.run(serve, args)
+        config = load_config(args, env)
+    except InvalidArgumentError as error:
+        print(f"tokenpool: {error}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    log = structlog.wrap_logger(
+        logging.getLogger("tokenpool.cli"),
+        processors=[structlog.stdlib.render_to_log_kwargs],
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )
+    try:
+        return trio.run(serve, config)
+    except InvalidArgumentError as error:
+        log.error("cannot_start", code=error.code, error=str(error))
+        return 2
     except TokenPoolError as error:
-        structlog.get_logger("tokenpool.cli").error(
-            "cannot_start", code=error.code, error=str(error)
-        )
+        log.error("cannot_start", code=error.code, error=str(error))
         return 1
     except OSError as error:
-        structlog.get_logger("tokenpool.cli").error("cannot_start", error=str(error))
+        log.error("cannot_start", error=f"{error.strerror or error}")
         return 1

@@ -19,7 +19,7 @@ class TokenPoolError(Exception):
 
 
 class InvalidArgumentError(TokenPoolError, ValueError):
-    """An argument is malformed: the message names the argument and why."""
+    """An argument or setting is malformed or out of range: the message names it and why."""
 
     code = "INVALID"
 
@@ -28,6 +28,18 @@ class UnknownTokenError(TokenPoolError, LookupError):
     """The token id is well formed but no token of this pool has it."""
 
     code = "UNKNOWN"
+
+
+class UnknownPoolError(TokenPoolError, LookupError):
+    """No pool of that name is served here."""
+
+    code = "UNKNOWN"
+
+
+class ExistsError(TokenPoolError):
+    """A pool of that name already exists."""
+
+    code = "EXISTS"
 
 
 class NotHolderError(TokenPoolError):
@@ -42,6 +54,16 @@ class NotActiveError(TokenPoolError):
     code = "NOTACTIVE"
 
 
+class FullError(TokenPoolError):
+    """Every token is held and the pool's policy refuses the activation.
+
+    Raised by ``reject`` pools, by ``evict`` pools whose every lease is younger
+    than ``min_hold``, and by ``wait`` pools when the wait ran out (or none was asked).
+    """
+
+    code = "FULL"
+
+
 class UnavailableError(TokenPoolError):
     """The pool cannot take the change now (store backlog full, store down, pool closed).
 
@@ -52,14 +74,33 @@ class UnavailableError(TokenPoolError):
 
 
 class PoolLockedError(TokenPoolError):
-    """Another process owns this pool in this database."""
+    """Another process owns this pool (or this SQLite file)."""
 
     code = "LOCKED"
 
 
+class CompactedError(TokenPoolError):
+    """``watch(since=...)`` asked for events older than the oldest one still kept."""
+
+    code = "COMPACTED"
+
+    def __init__(self, message: str, oldest: int) -> None:
+        super().__init__(message)
+        self.oldest = oldest
+
+
+class NoPermError(TokenPoolError):
+    """The client is authenticated but may not run this command (admin commands)."""
+
+    code = "NOPERM"
+
+
 InvalidArgument = InvalidArgumentError
 UnknownToken = UnknownTokenError
+UnknownPool = UnknownPoolError
 NotHolder = NotHolderError
 NotActive = NotActiveError
+Full = FullError
 Unavailable = UnavailableError
 PoolLocked = PoolLockedError
+Compacted = CompactedError

@@ -86,21 +86,37 @@ def check_user_id(user_id: object) -> str:
 
 def check_uuid(value: object, what: str) -> str:
     """Return ``value`` as a lowercase hyphenated UUID string; else ``InvalidArgumentError``."""
+    return str(uuid.UUID(bytes=uuid_bytes(value, what)))
+
+
+def uuid_bytes(value: object, what: str) -> bytes:
+    """The 16 bytes of a UUID given as a string in any case (or a ``uuid.UUID``).
+
+    The common form (36 characters, hyphens in place) is parsed with
+    ``bytes.fromhex``, about ten times faster than ``uuid.UUID``; other forms
+    ``uuid.UUID`` accepts (braces, ``urn:uuid:``, no hyphens) go through it.
+    """
     if isinstance(value, str):
-        if len(value) == 36 and value.islower():
-            # The common case: already canonical. Parsing still checks it.
+        if len(value) == 36 and value[8] == value[13] == value[18] == value[23] == "-":
             try:
-                if str(uuid.UUID(value)) == value:
-                    return value
+                raw = bytes.fromhex(value[:8] + value[9:13] + value[14:18] + value[19:23] + value[24:])
             except ValueError:
-                pass
-        elif 0 < len(value) <= 45:
+                raw = b""
+            if len(raw) == 16 and value.isascii() and " " not in value:
+                return raw
+        elif 0 < len(value) <= 45 and value.isascii():
             try:
-                return str(uuid.UUID(value))
+                return uuid.UUID(value).bytes
             except ValueError:
                 pass
         shown = value if len(value) <= 45 else value[:45] + "..."
         raise InvalidArgumentError(f"{what} {shown!r} is not a UUID")
     if isinstance(value, uuid.UUID):
-        return str(value)
+        return value.bytes
     raise InvalidArgumentError(f"{what} must be a UUID string, not {type(value).__name__}")
+
+
+def uuid_text(raw: bytes) -> str:
+    """The canonical (lowercase, hyphenated) text of 16 UUID bytes."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -1,15 +1,68 @@
-"""Value classes the pool hands out, and the changes it emits for the store.
+"""Value classes the pool hands out, and the change records it emits.
 
-All are frozen attrs classes: a ``Lease`` returned to one caller can be shared
-with the writer and with other callers without copying.
+Two representations, on purpose:
+
+- **Change records** are plain tuples: the state keeps its leases as them, the
+  writer ships them to the store process as they are, the RESP server formats
+  replies straight from them. Times are integers (microseconds since the Unix
+  epoch) until the edge. Nothing on the path taken a hundred thousand times a
+  second builds an object per change.
+- **Public values** (``Lease``, ``Usage``, ``TokenStatus``, ``Stats``,
+  ``Event``) are frozen attrs classes with timezone-aware datetimes, built
+  from records at the library's edge (``Pool`` methods, events).
+
+Record layouts (field positions are constants below)::
+
+    GRANT  (GRANT, lease_id, slot, user_id, fence, activated_us, expires_us, revision)
+    RENEW  (RENEW, lease_id, slot, user_id, fence, activated_us, expires_us, revision)
+    END    (END,   lease_id, slot, user_id, fence, activated_us, ended_us,   revision, reason)
+    ADD    (ADD,   revision, created_us, ((slot, token_id), ...))
+    RETIRE (RETIRE, revision, at_us, (slot, ...))
+
+A lease is a GRANT or RENEW record (the newest one). ``slot`` is the token's
+index in its pool; the store process learns each slot's token id from ADD
+records and from recovery. Every END has a revision of its own: that
+revision is the total order of the usage history, in memory and in the store.
 """
 
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 import attrs
+
+GRANT: Final = 0
+RENEW: Final = 1
+END: Final = 2
+ADD: Final = 3
+RETIRE: Final = 4
+
+# Field positions in GRANT / RENEW / END records.
+K, ID, SLOT, USER, FENCE, START, STOP, REV, REASON = range(9)
+
+Record = tuple[Any, ...]
+
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_datetime(us: int) -> datetime:
+    """Microseconds since the Unix epoch as an aware UTC datetime (exact, unlike fromtimestamp)."""
+    return EPOCH + timedelta(microseconds=us)
+
+
+def to_us(value: datetime) -> int:
+    """An aware datetime as microseconds since the Unix epoch."""
+    delta = value - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def iso(us: int | None) -> str:
+    """ISO-8601 UTC with microseconds and a ``Z``; ``""`` for no time."""
+    if us is None:
+        return ""
+    return to_datetime(us).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class Reason(enum.StrEnum):
@@ -19,6 +72,9 @@ class Reason(enum.StrEnum):
     EVICTED = "evicted"
     RELEASED = "released"
     CLEARED = "cleared"
+
+
+REASONS: Final = tuple(r.value for r in Reason)
 
 
 class Status(enum.StrEnum):
@@ -54,11 +110,17 @@ class TokenStatus:
     current_user_id: str | None
     activated_at: datetime | None
     expires_at: datetime | None
+    lease_id: str | None = None
+    fence: int | None = None
 
 
 @attrs.frozen(slots=True)
 class Usage:
-    """An ended lease: one row of a token's usage history. ``id`` is the lease's id."""
+    """An ended lease: one row of the usage history. ``id`` is the lease's id.
+
+    ``revision`` is the pool revision that ended it: unique in the pool, it
+    orders the history and is the cursor for the next page (``before=``).
+    """
 
     id: str
     token_id: str
@@ -66,6 +128,19 @@ class Usage:
     started_at: datetime
     ended_at: datetime
     reason: Reason
+    revision: int = 0
+    fence: int = 0
+
+
+class Page(list[Usage]):
+    """One page of a history, newest first. ``next_before`` is the cursor of the next
+    page (pass it as ``before=``), or ``None`` when this page is the last."""
+
+    __slots__ = ("next_before",)
+
+    def __init__(self, items: list[Usage], next_before: int | None) -> None:
+        super().__init__(items)
+        self.next_before = next_before
 
 
 @attrs.frozen(slots=True)
@@ -76,7 +151,8 @@ class Stats:
     each reason (``clears`` counts leases ended by ``clear()``), so
     ``activations == active + evictions + expirations + releases + clears``
     over the life of a pool (a pool shrunk by ``resize`` counts the leases it
-    ended as evictions).
+    ended as evictions). ``refusals`` counts activations refused ``FULL``;
+    ``waiting`` the callers waiting for a token now.
     """
 
     size: int
@@ -89,39 +165,77 @@ class Stats:
     releases: int
     clears: int
     renewals: int
+    refusals: int = 0
+    waiting: int = 0
     store: str = "memory"
     durability: str = "none"
     link: str = "memory"
     backlog: int = 0
     last_commit_at: datetime | None = None
-    write_lag: float | None = None
-
-
-# -- changes: what the state emits for the write-behind store ---------------
-# A ``Lease`` in a change list means "granted", a ``Usage`` means "ended":
-# the values themselves, with no wrapper, since every activation makes them.
+    write_lag: float = 0.0
 
 
 @attrs.frozen(slots=True)
-class Renewed:
-    """A lease's ``expires_at`` moved; ``lease`` is the lease as it is now."""
+class Event:
+    """One change of a pool, as ``Pool.watch()`` delivers it.
 
-    lease: Lease
+    ``kind`` is ``granted``, ``renewed`` or ``ended`` (with ``reason``), or
+    ``overflow``: the subscriber read too slowly, ``missed`` events were
+    dropped and the stream ends after this one. ``revision`` is the revision
+    that made the change (an activation that evicted gives its ``ended`` and
+    ``granted`` events the same revision).
+    """
+
+    kind: str
+    pool: str
+    revision: int
+    token_id: str | None = None
+    lease_id: str | None = None
+    user_id: str | None = None
+    fence: int | None = None
+    activated_at: datetime | None = None
+    expires_at: datetime | None = None
+    ended_at: datetime | None = None
+    reason: str | None = None
+    missed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (times as ISO-8601 strings, absent fields left out)."""
+        out: dict[str, Any] = {}
+        for field in attrs.fields(Event):
+            value = getattr(self, field.name)
+            if value is None or (field.name == "missed" and self.kind != "overflow"):
+                continue
+            if isinstance(value, datetime):
+                value = value.isoformat(timespec="microseconds").replace("+00:00", "Z")
+            out[field.name] = value
+        return out
 
 
-@attrs.frozen(slots=True)
-class TokensAdded:
-    """Tokens were created (a new pool, or one that grew)."""
-
-    token_ids: tuple[str, ...]
-    created_at: datetime
+# -- records to public values (the library's edge) ------------------------------
 
 
-@attrs.frozen(slots=True)
-class TokensRemoved:
-    """Tokens were taken out of the pool (it shrank). Their history stays in the store."""
+def lease_value(record: Record, token_id: str) -> Lease:
+    """A GRANT/RENEW record as a ``Lease``."""
+    return Lease(
+        record[ID], token_id, record[USER], record[FENCE], to_datetime(record[START]),
+        to_datetime(record[STOP]),
+    )
 
-    token_ids: tuple[str, ...]
+
+def usage_value(record: Record, token_id: str) -> Usage:
+    """An END record as a ``Usage``."""
+    return Usage(
+        record[ID], token_id, record[USER], to_datetime(record[START]), to_datetime(record[STOP]),
+        Reason(record[REASON]), record[REV], record[FENCE],
+    )
 
 
-Change = Lease | Usage | Renewed | TokensAdded | TokensRemoved
+def token_value(token_id: str, lease: Record | None) -> TokenStatus:
+    """A token and its lease record (or ``None``) as a ``TokenStatus``."""
+    if lease is None:
+        return TokenStatus(token_id, Status.AVAILABLE, None, None, None)
+    return TokenStatus(
+        token_id, Status.ACTIVE, lease[USER], to_datetime(lease[START]), to_datetime(lease[STOP]),
+        lease[ID], lease[FENCE],
+    )

@@ -2,178 +2,270 @@
 
 ``Pool.batch([...])`` sends a list of these in one message; the actor applies
 them in order and answers each (a result, or the ``TokenPoolError`` it
-raised), the way a Redis pipeline answers each command. The RESP server turns
-a pipeline of commands into one batch.
+raised), the way a Redis pipeline answers each command. The command layer
+turns a pipeline of commands into one batch.
+
+``apply`` returns the state's own values (records, slots): the RESP layer
+formats replies straight from them. ``value`` turns a result into the public
+values (``Lease``, ``Usage``...) for library callers. Ops are plain classes
+with ``__slots__``, not attrs: one is made per pipelined command.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-import attrs
-
-from ._errors import InvalidArgumentError
-from ._model import Change, Lease, Stats, TokenStatus, Usage
+from ._model import lease_value, token_value, usage_value
 from ._state import PoolState
 
+Names = Callable[[int], str]  # slot -> token id
 
-@attrs.frozen(slots=True)
+
 class Op:
-    """Base of the operations. ``writes``: the op may add changes for the store."""
+    """Base of the operations. ``needs_room``: refused while the store's backlog is full."""
 
-    writes: ClassVar[bool] = False
-    needs_room: ClassVar[bool] = False  # refused while the store's backlog is full
+    __slots__ = ()
+    needs_room: ClassVar[bool] = False
+    waits: ClassVar[bool] = False
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> object:
+    def apply(self, state: PoolState, now: int) -> Any:
         raise NotImplementedError
 
+    def value(self, result: Any, names: Names) -> Any:
+        return result
 
-@attrs.frozen(slots=True)
+    def __repr__(self) -> str:
+        fields = ", ".join(repr(getattr(self, f)) for f in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(
+            getattr(self, f) == getattr(other, f) for f in self.__slots__
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), *(getattr(self, f) for f in self.__slots__)))
+
+
+def _lease(result: Any, names: Names) -> Any:
+    return None if result is None else lease_value(result, names(result[2]))
+
+
 class Activate(Op):
-    """``pool.activate(user_id)``: the user's lease."""
+    """``pool.activate(user_id, wait=None)``: the user's lease."""
 
-    user_id: str
-    writes: ClassVar[bool] = True
-    needs_room: ClassVar[bool] = True
+    __slots__ = ("user_id", "wait")
+    needs_room = True
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> Lease:
-        lease, made = state.activate(self.user_id, now)
-        changes += made
-        return lease
+    def __init__(self, user_id: str, wait: float | None = None) -> None:
+        self.user_id = user_id
+        self.wait = wait
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        if self.wait:
+            raise AssertionError("a waiting Activate is applied by the actor")  # pragma: no cover
+        return state.activate(self.user_id, now)
+
+    def value(self, result: Any, names: Names) -> Any:
+        return _lease(result, names)
 
 
-@attrs.frozen(slots=True)
 class ActivateMany(Op):
     """``pool.activate_many(user_ids)``: a lease (or an ``InvalidArgumentError``) per user."""
 
-    user_ids: tuple[str, ...]
-    writes: ClassVar[bool] = True
-    needs_room: ClassVar[bool] = True
+    __slots__ = ("user_ids",)
+    needs_room = True
 
-    def apply(
-        self, state: PoolState, now: datetime, changes: list[Change]
-    ) -> list[Lease | InvalidArgumentError]:
-        results, made = state.activate_many(self.user_ids, now)
-        changes += made
-        return results
+    def __init__(self, user_ids: tuple[str, ...]) -> None:
+        self.user_ids = user_ids
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        activate = state.activate
+        out: list[Any] = []
+        for user_id in self.user_ids:
+            try:
+                out.append(activate(user_id, now))
+            except Exception as error:  # InvalidArgumentError, FullError: a value per user
+                out.append(error)
+        return out
+
+    def value(self, result: Any, names: Names) -> Any:
+        return [r if isinstance(r, BaseException) else _lease(r, names) for r in result]
 
 
-@attrs.frozen(slots=True)
 class Release(Op):
     """``pool.release(token_id, user_id=None)``: the usage entry of the ended lease."""
 
-    token_id: str
-    user_id: str | None = None
-    writes: ClassVar[bool] = True
+    __slots__ = ("token_id", "user_id")
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> Usage:
-        usage, made = state.release(self.token_id, self.user_id, now)
-        changes += made
-        return usage
+    def __init__(self, token_id: str, user_id: str | None = None) -> None:
+        self.token_id = token_id
+        self.user_id = user_id
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        return state.release(self.token_id, self.user_id, now)
+
+    def value(self, result: Any, names: Names) -> Any:
+        return usage_value(result, names(result[2]))
 
 
-@attrs.frozen(slots=True)
 class ReleaseLease(Op):
     """End exactly this lease if it is still current (the undo of a grant nobody received)."""
 
-    token_id: str
-    lease_id: str
-    writes: ClassVar[bool] = True
+    __slots__ = ("lease_id", "slot")
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> None:
-        changes += state.release_lease(self.token_id, self.lease_id, now)
+    def __init__(self, slot: int, lease_id: str) -> None:
+        self.slot = slot
+        self.lease_id = lease_id
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        state.release_lease(self.slot, self.lease_id, now)
 
 
-@attrs.frozen(slots=True)
 class Renew(Op):
     """``pool.renew(token_id, lease_id)``: the renewed lease."""
 
-    token_id: str
-    lease_id: str
-    writes: ClassVar[bool] = True
-    needs_room: ClassVar[bool] = True
+    __slots__ = ("lease_id", "token_id")
+    needs_room = True
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> Lease:
-        lease, made = state.renew(self.token_id, self.lease_id, now)
-        changes += made
-        return lease
+    def __init__(self, token_id: str, lease_id: str) -> None:
+        self.token_id = token_id
+        self.lease_id = lease_id
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        return state.renew(self.token_id, self.lease_id, now)
+
+    def value(self, result: Any, names: Names) -> Any:
+        return _lease(result, names)
 
 
-@attrs.frozen(slots=True)
 class Clear(Op):
     """``pool.clear()``: how many leases ended."""
 
-    writes: ClassVar[bool] = True
+    __slots__ = ()
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> int:
-        count, made = state.clear(now)
-        changes += made
-        return count
+    def apply(self, state: PoolState, now: int) -> int:
+        return state.clear(now)
 
 
-@attrs.frozen(slots=True)
 class Validate(Op):
     """``pool.validate(token_id, lease_id)``: whether that lease is current."""
 
-    token_id: str
-    lease_id: str
+    __slots__ = ("lease_id", "token_id")
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> bool:
+    def __init__(self, token_id: str, lease_id: str) -> None:
+        self.token_id = token_id
+        self.lease_id = lease_id
+
+    def apply(self, state: PoolState, now: int) -> bool:
         return state.validate(self.token_id, self.lease_id)
 
 
-@attrs.frozen(slots=True)
 class GetLease(Op):
     """``pool.lease_of(user_id)``: the user's lease or ``None``."""
 
-    user_id: str
+    __slots__ = ("user_id",)
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> Lease | None:
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+
+    def apply(self, state: PoolState, now: int) -> Any:
         return state.lease_of(self.user_id)
 
+    def value(self, result: Any, names: Names) -> Any:
+        return _lease(result, names)
 
-@attrs.frozen(slots=True)
+
 class GetToken(Op):
     """``pool.token(token_id)``: one token's status."""
 
-    token_id: str
+    __slots__ = ("token_id",)
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> TokenStatus:
+    def __init__(self, token_id: str) -> None:
+        self.token_id = token_id
+
+    def apply(self, state: PoolState, now: int) -> Any:
         return state.token(self.token_id)
 
+    def value(self, result: Any, names: Names) -> Any:
+        return token_value(names(result[0]), result[1])
 
-@attrs.frozen(slots=True)
+
 class GetTokens(Op):
-    """``pool.tokens()``: every token's status."""
+    """``pool.tokens(cursor, count)``: a page of token statuses and the next cursor."""
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> list[TokenStatus]:
-        return state.tokens()
+    __slots__ = ("count", "cursor")
+
+    def __init__(self, cursor: int = 0, count: int = 1000) -> None:
+        self.cursor = cursor
+        self.count = count
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        return state.tokens_page(self.cursor, self.count)
+
+    def value(self, result: Any, names: Names) -> Any:
+        cursor, page = result
+        return cursor, [token_value(names(slot), lease) for slot, lease in page]
 
 
-@attrs.frozen(slots=True)
 class GetHistory(Op):
-    """``pool.history(token_id, limit)``: the history kept in memory, newest first."""
+    """The history kept in memory, newest first, and where the store must take over."""
 
-    token_id: str
-    limit: int = 100
+    __slots__ = ("before", "limit", "token_id")
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> list[Usage]:
-        return state.history(self.token_id, self.limit)
+    def __init__(self, token_id: str, limit: int = 100, before: int | None = None) -> None:
+        self.token_id = token_id
+        self.limit = limit
+        self.before = before
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        return state.history(self.token_id, self.limit, self.before)
 
 
-@attrs.frozen(slots=True)
+class GetUserHistory(Op):
+    """As ``GetHistory``, for one user's leases."""
+
+    __slots__ = ("before", "limit", "user_id")
+
+    def __init__(self, user_id: str, limit: int = 100, before: int | None = None) -> None:
+        self.user_id = user_id
+        self.limit = limit
+        self.before = before
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        return state.user_history(self.user_id, self.limit, self.before)
+
+
 class Revision(Op):
-    """The pool's revision now. The RESP server sends one after each mutating command
+    """The pool's revision now. The command layer sends one after each mutating command
     in the same batch, so the reply can carry the revision that applied it."""
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> int:
+    __slots__ = ()
+
+    def apply(self, state: PoolState, now: int) -> int:
         return state.revision
 
 
-@attrs.frozen(slots=True)
 class GetStats(Op):
-    """``pool.stats()``: the pool's counters (the store's figures are added by the pool)."""
+    """The pool's counters as a ``Stats`` (the pool adds the store's figures)."""
 
-    def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> Stats:
-        return state.stats()
+    __slots__ = ()
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        from ._model import Stats
+
+        return Stats(
+            size=state.size,
+            active=state.active,
+            available=state.available,
+            revision=state.revision,
+            activations=state.activations,
+            evictions=state.evictions,
+            expirations=state.expirations,
+            releases=state.releases,
+            clears=state.clears,
+            renewals=state.renewals,
+            refusals=state.refusals,
+            waiting=state.waiting,
+        )

@@ -1,21 +1,45 @@
-"""The library's façade: ``open_pool()`` and the ``Pool`` handle it yields."""
+"""The library's façade: ``open_pool()``, ``open_pools()`` and the ``Pool`` handle.
+
+A ``Pools`` serves any number of named pools from one trio nursery: each pool
+has its own actor, its own write-behind queue and its own ownership in the
+store; pools on one store share one store process and one reader.
+"""
 
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TypeVar, cast
+from typing import Any, cast
 
 import attrs
-import structlog
 import trio
 
-from ._actor import Actor
+from ._actor import Actor, ActorStatistics
 from ._clock import Clock
-from ._errors import InvalidArgumentError, TokenPoolError, UnavailableError
-from ._ids import check_uuid
-from ._model import Lease, Stats, TokenStatus, Usage
+from ._errors import (
+    ExistsError,
+    InvalidArgumentError,
+    TokenPoolError,
+    UnavailableError,
+    UnknownPoolError,
+)
+from ._events import EventHub, Subscription
+from ._ids import check_user_id, uuid_bytes, uuid_text
+from ._log import get_logger
+from ._model import (
+    GRANT,
+    Lease,
+    Page,
+    Record,
+    Stats,
+    TokenStatus,
+    Usage,
+    lease_value,
+    to_datetime,
+    usage_value,
+)
 from ._ops import (
     Activate,
     ActivateMany,
@@ -25,22 +49,58 @@ from ._ops import (
     GetStats,
     GetToken,
     GetTokens,
+    GetUserHistory,
     Op,
     Release,
     Renew,
     Validate,
 )
-from ._state import PoolState
-from ._store import EPOCH_SHIFT, Batch, Store, StoreError, open_store
-from ._writer import Writer
+from ._settings import PoolSettings, check_choice, check_int, check_name, check_seconds
+from ._state import PoolState, check_limit
+from ._store import EPOCH_SHIFT, Reader, Snapshot, StoreError, check_store_url, open_reader
+from ._writer import StoreLink, Writer, WriterStatistics
 
-log = structlog.get_logger("tokenpool.pool")
-
-T = TypeVar("T")
+log = get_logger("tokenpool.pool")
 
 DEFAULT_SIZE = 100
 DEFAULT_TTL = 120.0
 LARGE_POOL = 100_000
+TOKENS_MAX = 10_000
+"""The most tokens ``tokens()`` returns in one snapshot; past it, page with ``tokens_page``."""
+
+
+@attrs.frozen
+class PoolStatistics:
+    """Everything measured about one pool: what benchmarks, ``INFO`` and ``/metrics`` read."""
+
+    name: str
+    settings: PoolSettings
+    stats: Stats
+    actor: ActorStatistics
+    writer: WriterStatistics | None
+    subscribers: int
+    events_logged: int
+
+
+class _Op(Op):
+    """Configure, EndAll: admin ops the façade sends."""
+
+
+class _Configure(_Op):
+    __slots__ = ("settings",)
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        state.configure(self.settings, now)
+
+
+class _EndAll(_Op):
+    __slots__ = ()
+
+    def apply(self, state: PoolState, now: int) -> Any:
+        return state.end_all(now)
 
 
 class Pool:
@@ -53,32 +113,50 @@ class Pool:
 
     def __init__(
         self,
-        actor: Actor,
-        *,
         name: str,
-        store: Store | None = None,
-        writer: Writer | None = None,
-        durability: str = "async",
+        settings: PoolSettings,
+        actor: Actor,
+        hub: EventHub,
+        *,
+        writer: Writer | None,
+        link: StoreLink | None,
+        reader: Reader | None,
+        durability: str,
+        write_timeout: float,
     ) -> None:
-        self._actor = actor
-        self._store = store
-        self._writer = writer
         self.name = name
-        self.durability = durability if store is not None else "none"
+        self.settings = settings
+        self._actor = actor
+        self._hub = hub
+        self._writer = writer
+        self._link = link
+        self._reader = reader
+        self.durability = durability if writer is not None else "none"
+        self._write_timeout = write_timeout
+        self.closed = False
+        self.token_text = actor.state.token_text  # slot -> token id, for formatting replies
 
-    async def _one(self, op: Op, kind: type[T]) -> T:
+    # -- one op ---------------------------------------------------------------
+
+    async def _one(self, op: Op) -> Any:
         (result,) = await self._actor.call((op,))
         if isinstance(result, BaseException):
             raise result
-        return cast(T, result)
+        return result
 
-    async def activate(self, user_id: str) -> Lease:
+    async def activate(self, user_id: str, wait: float | None = None) -> Lease:
         """Lease a token to ``user_id``, or return the lease the user already holds.
 
-        When every token is held, the oldest lease is evicted to make room.
+        When every token is held the pool's ``when_full`` decides: ``evict``
+        ends the oldest lease, ``reject`` raises ``FullError``, ``wait`` waits up
+        to ``wait`` seconds for a token (first come, first served) and raises
+        ``FullError`` when none came; a cancelled waiter is never granted one.
         Raises ``UnavailableError`` while the store's backlog is full.
         """
-        return await self._one(Activate(user_id), Lease)
+        if wait is not None:
+            wait = check_seconds(wait, "wait", 0.0, 10 * 365.25 * 86400)
+        record = await self._one(Activate(user_id, wait))
+        return lease_value(record, self.token_text(record[2]))
 
     async def release(self, token_id: str, user_id: str | None = None) -> Usage:
         """End the token's lease (reason ``released``) and return its history entry.
@@ -86,85 +164,162 @@ class Pool:
         Raises ``UnknownTokenError``, ``NotActiveError`` when the token is not
         leased, ``NotHolderError`` when ``user_id`` is given and does not hold it.
         """
-        return await self._one(Release(token_id, user_id), Usage)
+        record = await self._one(Release(token_id, user_id))
+        return usage_value(record, self.token_text(record[2]))
 
     async def renew(self, token_id: str, lease_id: str) -> Lease:
-        """Push the lease's ``expires_at`` to now + ttl.
+        """Push the lease's ``expires_at`` to now + ttl (never past ``max_lifetime``).
 
         Raises ``NotHolderError`` when that lease is no longer the token's current one.
         """
-        return await self._one(Renew(token_id, lease_id), Lease)
+        record = await self._one(Renew(token_id, lease_id))
+        return lease_value(record, self.token_text(record[2]))
 
     async def validate(self, token_id: str, lease_id: str) -> bool:
         """Whether ``lease_id`` is the token's current lease. Raises ``UnknownTokenError``."""
-        return await self._one(Validate(token_id, lease_id), bool)
+        return bool(await self._one(Validate(token_id, lease_id)))
 
     async def clear(self) -> int:
         """End every active lease (reason ``cleared``); return how many ended."""
-        return await self._one(Clear(), int)
+        return int(await self._one(Clear()))
 
     async def tokens(self) -> list[TokenStatus]:
-        """Every token's status, in a stable order (creation order)."""
-        return await self._one(GetTokens(), list)
+        """Every token's status in creation order, as one snapshot.
+
+        Raises ``InvalidArgumentError`` past 10,000 tokens: page with ``tokens_page``.
+        """
+        size = self._actor.state.size
+        if size > TOKENS_MAX:
+            raise InvalidArgumentError(
+                f"the pool has {size:,} tokens; tokens() returns at most {TOKENS_MAX:,}:"
+                " page with tokens_page(cursor)"
+            )
+        _cursor, page = await self.tokens_page(0, TOKENS_MAX)
+        return page
+
+    async def tokens_page(self, cursor: int = 0, count: int = 1000) -> tuple[int, list[TokenStatus]]:
+        """Up to ``count`` (1 to 10,000) tokens from ``cursor`` on, and the next cursor.
+
+        Start with 0; the next cursor is 0 once the last token was returned (as
+        Redis's ``SCAN``). Tokens there throughout a walk are returned exactly once.
+        """
+        check_int(cursor, "cursor", 0, 2**32)
+        op = GetTokens(cursor, count)
+        return cast(tuple[int, list[TokenStatus]], op.value(await self._one(op), self.token_text))
 
     async def token(self, token_id: str) -> TokenStatus:
         """One token's status. Raises ``UnknownTokenError``."""
-        return await self._one(GetToken(token_id), TokenStatus)
+        op = GetToken(token_id)
+        return cast(TokenStatus, op.value(await self._one(op), self.token_text))
 
     async def lease_of(self, user_id: str) -> Lease | None:
         """The user's active lease, or ``None``."""
-        return cast("Lease | None", await self._one(GetLease(user_id), object))
+        op = GetLease(user_id)
+        return cast("Lease | None", op.value(await self._one(op), self.token_text))
 
-    async def history(self, token_id: str, limit: int = 100) -> list[Usage]:
+    async def history(self, token_id: str, limit: int = 100, before: int | None = None) -> Page:
         """The token's ended leases, newest first, at most ``limit`` (1 to 10,000).
 
-        The newest entries come from memory; with a store, older ones are read
-        from it (in a worker thread, never in the actor). While the store
-        cannot be read, the entries in memory are returned (reads keep working
-        through an outage) and a warning is logged. Raises
-        ``UnknownTokenError``, ``InvalidArgumentError``.
+        ``before``: only those ended before that revision; pass the page's
+        ``next_before`` to read the next page. Pages stay consistent while leases
+        keep ending: every entry is read exactly once, page by page. The newest
+        entries come from memory; older ones from the store (in a worker thread,
+        never in the actor). Raises ``UnknownTokenError``, ``InvalidArgumentError``,
+        and ``UnavailableError`` when the page needs the store and it cannot be read.
         """
-        recent: list[Usage] = await self._one(GetHistory(token_id, limit), list)
-        if self._store is None or len(recent) >= limit:
-            return recent
-        token_id = check_uuid(token_id, "token_id")
-        try:
-            stored = await trio.to_thread.run_sync(self._store.history, token_id, limit)
-        except StoreError as error:
-            log.warning("history_from_memory_only", token_id=token_id, error=str(error))
-            return recent
-        # Memory holds the token's newest entries in their exact order (leases of one
-        # batch can share every timestamp, so times alone cannot order them). From the
-        # store take only what ended before the oldest of them: the entries trimmed
-        # from memory or from before a restart. Anything newer that the store has by
-        # now ended after this read's snapshot and belongs to a later state.
-        known = {u.id for u in recent}
-        horizon = recent[-1].ended_at if recent else None
-        older = sorted(
-            (u for u in stored if u.id not in known and (horizon is None or u.ended_at < horizon)),
-            key=lambda u: (u.ended_at, u.started_at),
-            reverse=True,
-        )
-        return (recent + older)[:limit]
+        check_limit(limit)
+        result = await self._one(GetHistory(token_id, limit, before))
+        return await self.finish_history(result, token_id, None, limit)
+
+    async def user_history(self, user_id: str, limit: int = 100, before: int | None = None) -> Page:
+        """The leases ``user_id`` held in this pool, ended, newest first; paged as ``history``."""
+        check_limit(limit)
+        result = await self._one(GetUserHistory(user_id, limit, before))
+        return await self.finish_history(result, None, user_id, limit)
+
+    async def finish_history(
+        self, result: tuple[list[Record], int], token_id: str | None, user_id: str | None, limit: int
+    ) -> Page:
+        """Complete a history page read from memory (at its place in a batch) from the store.
+
+        Only entries older than everything memory returned (or memory's floor)
+        are taken from the store, so the page is one consistent snapshot even
+        when more leases ended since.
+        """
+        entries, store_before = result
+        names = self.token_text
+        page = [usage_value(r, names(r[2])) for r in entries]
+        if store_before and self._reader is not None and len(page) < limit:
+            assert self._writer is not None
+            try:
+                if not await self._writer.wait_committed(store_before - 1, self._write_timeout):
+                    raise StoreError("the older entries are not committed to the store yet")
+                if token_id is not None:
+                    token = uuid_text(uuid_bytes(token_id, "token_id"))
+                    rows = await trio.to_thread.run_sync(
+                        self._reader.history, self.name, token, store_before, limit - len(page)
+                    )
+                else:
+                    assert user_id is not None
+                    rows = await trio.to_thread.run_sync(
+                        self._reader.user_history,
+                        self.name,
+                        check_user_id(user_id),
+                        store_before,
+                        limit - len(page),
+                    )
+            except StoreError as error:
+                if not page:
+                    raise UnavailableError(f"history: {error}") from None
+                log.warning("history_page_short", pool=self.name, error=str(error))
+                return Page(page, page[-1].revision)  # the rest can be read later
+            page += [usage_value(r, r[2]) for r in rows]
+        return Page(page, page[-1].revision if len(page) >= limit else None)
 
     async def stats(self) -> Stats:
         """The pool's size, counters and revision, and its store's state."""
-        return self.with_store(await self._one(GetStats(), Stats))
+        return self.with_store(await self._one(GetStats()))
 
     def with_store(self, stats: Stats) -> Stats:
         """``stats`` (from a ``GetStats`` op in a batch) with the store's figures filled in."""
         writer = self._writer
-        if writer is None or self._store is None:
+        if writer is None or self._link is None:
             return stats
+        committed = writer.last_commit_at_us
         return attrs.evolve(
             stats,
-            store=self._store.kind,
+            store=self._link.kind,
             durability=self.durability,
-            link=writer.link,
+            link=writer.state,
             backlog=writer.backlog,
-            last_commit_at=writer.last_commit_at,
-            write_lag=writer.last_lag,
+            last_commit_at=None if committed is None else to_datetime(committed),
+            write_lag=writer.write_lag,
         )
+
+    def statistics(self) -> PoolStatistics:
+        """Every figure of the pool, its actor and its writer (no await: a snapshot now)."""
+        state = self._actor.state
+        stats = self.with_store(GetStats().apply(state, state.now))
+        events = self._hub.statistics()
+        return PoolStatistics(
+            name=self.name,
+            settings=self.settings,
+            stats=stats,
+            actor=self._actor.statistics(),
+            writer=None if self._writer is None else self._writer.statistics(),
+            subscribers=events["subscribers"],
+            events_logged=events["events_logged"],
+        )
+
+    @property
+    def ready(self) -> tuple[bool, str]:
+        """Whether the pool can take activations now, and why not."""
+        if self.closed:
+            return False, "the pool is closed"
+        writer = self._writer
+        if writer is not None and writer.full():
+            return False, writer.refusal()
+        return True, ""
 
     async def flush(self) -> None:
         """Wait until every change made so far is committed to the store (no-op in memory).
@@ -177,22 +332,404 @@ class Pool:
     async def batch(self, ops: Sequence[Op]) -> list[object]:
         """Apply many operations in one trip through the actor, in order.
 
-        Returns one entry per op: its result, or the ``TokenPoolError`` it
-        raised (the other ops still run, as in a Redis pipeline).
+        Returns one entry per op: its result as a public value, or the
+        ``TokenPoolError`` it raised (the other ops still run, as in a Redis pipeline).
         """
         if not ops:
             return []
-        return await self._actor.call(list(ops))
+        ops = list(ops)
+        results = await self._actor.call(ops)
+        return [
+            r if isinstance(r, BaseException) else op.value(r, self.token_text)
+            for op, r in zip(ops, results, strict=True)
+        ]
+
+    async def raw_batch(self, ops: list[Op]) -> list[object]:
+        """``batch`` without the conversion: the state's own results (the command layer)."""
+        return await self._actor.call(ops)
 
     async def activate_many(self, user_ids: Sequence[str]) -> list[Lease | TokenPoolError]:
         """``activate`` for each user in one trip through the actor (the fastest path).
 
-        A malformed user id yields its ``InvalidArgumentError`` in place of a
-        lease. Raises ``UnavailableError`` while the store's backlog is full.
+        A malformed user id (or a refusal) yields its error in place of a lease.
+        Raises ``UnavailableError`` while the store's backlog is full.
         """
         if not user_ids:
             return []
-        return await self._one(ActivateMany(tuple(user_ids)), list)
+        op = ActivateMany(tuple(user_ids))
+        return cast(list[Lease | TokenPoolError], op.value(await self._one(op), self.token_text))
+
+    @asynccontextmanager
+    async def watch(
+        self, since: int | None = None, *, buffer: int = 10_000
+    ) -> AsyncIterator[Subscription]:
+        """Follow the pool's changes: ``async for event in events``.
+
+        ``since``: first replay the events after that revision still in memory;
+        raises ``CompactedError`` (with the oldest revision held) when some are
+        gone. A subscriber that falls ``buffer`` events behind gets one
+        ``overflow`` event and its stream ends; it never slows the pool.
+        """
+        if since is not None:
+            check_int(since, "since", 0, 2**63 - 1)
+        check_int(buffer, "buffer", 1, 1_000_000)
+        subscription = self._hub.subscribe(since, buffer)
+        try:
+            yield subscription
+        finally:
+            subscription.close()
+            self._hub.unsubscribe(subscription)
+
+    @property
+    def hub(self) -> EventHub:
+        return self._hub
+
+    async def _configure(self, settings: PoolSettings) -> None:
+        await self._one(_Configure(settings))
+        self.settings = settings
+        if self._link is not None and self._writer is not None:
+            await self._link.save_settings(self._writer.key, settings.as_dict())
+
+
+@attrs.frozen
+class _StoreConfig:
+    durability: str
+    flush_interval: float
+    write_timeout: float
+    shutdown_timeout: float
+    max_backlog: int
+    queue_size: int
+    history_memory: int
+
+
+class Pools:
+    """The named pools of one process, on one store. Made by ``open_pools``."""
+
+    def __init__(
+        self, nursery: trio.Nursery, store: str | None, config: _StoreConfig, clock: Clock | None
+    ) -> None:
+        self._nursery = nursery
+        self.store = store
+        self._config = config
+        self._clock = clock
+        self._pools: dict[str, Pool] = {}
+        self._done: dict[str, trio.Event] = {}
+        self._link: StoreLink | None = None
+        self._reader: Reader | None = None
+        self._lock = trio.Lock()
+        self._changed = trio.Event()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def changed(self) -> None:
+        """Wait until a pool is created or dropped."""
+        await self._changed.wait()
+
+    @property
+    def link(self) -> StoreLink | None:
+        return self._link
+
+    def names(self) -> list[str]:
+        """The names of the pools served, in creation order."""
+        return list(self._pools)
+
+    def get(self, name: str) -> Pool:
+        """The pool called ``name``. Raises ``UnknownPoolError``."""
+        pool = self._pools.get(name)
+        if pool is None:
+            raise UnknownPoolError(f"no pool {str(name)[:64]!r} is served here")
+        return pool
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._pools
+
+    async def _start_link(self) -> StoreLink | None:
+        if self.store is None:
+            return None
+        if self._link is None:
+            c = self._config
+            link = StoreLink(
+                self.store,
+                durability=c.durability,
+                flush_interval=c.flush_interval if c.durability == "async" else 0.0,
+                write_timeout=c.write_timeout,
+                shutdown_timeout=c.shutdown_timeout,
+                now_us=_wall_us,
+            )
+            await self._nursery.start(link.run)
+            self._link = link
+            self._reader = open_reader(self.store, write_timeout=c.write_timeout)
+        return self._link
+
+    async def create(self, name: str, settings: PoolSettings, *, exists_ok: bool = False) -> Pool:
+        """Serve a pool: a new one, or the store's pool of that name with these settings.
+
+        Raises ``ExistsError`` if it is already served here (unless ``exists_ok``),
+        ``PoolLockedError`` if another process owns it, ``UnavailableError`` when the
+        store cannot be reached.
+        """
+        check_name(name)
+        async with self._lock:
+            if name in self._pools:
+                if exists_ok:
+                    return self._pools[name]
+                raise ExistsError(f"pool {name!r} already exists")
+            return await self._open(name, settings, create=True, stored=False)
+
+    async def restore(self, name: str) -> Pool:
+        """Serve the store's pool ``name`` with the settings it has there."""
+        async with self._lock:
+            return await self._open(name, PoolSettings(), create=False, stored=True)
+
+    async def _open(self, name: str, settings: PoolSettings, *, create: bool, stored: bool) -> Pool:
+        c = self._config
+        link = await self._start_link()
+        clock = self._clock.fork() if self._clock is not None else Clock()
+        writer: Writer | None = None
+        if link is None:
+            clock.start()
+            state = PoolState(settings, history_memory=c.history_memory)
+            state.resize(settings.size, clock.now_us())
+            state.changes = []
+        else:
+            key, snapshot = await link.open_pool(name, settings.as_dict(), create)
+            if stored:
+                settings = PoolSettings.make(**snapshot.settings)
+            state, base = _recovered(snapshot, settings, c.history_memory, clock, name, link.shown)
+            writer = Writer(
+                link, key, name, max_backlog=c.max_backlog, write_timeout=c.write_timeout,
+                committed=base,
+            )
+            link.add_writer(writer)
+            changes, state.changes = state.changes, []
+            writer.submit(changes, None, state.counters(), state.now, state.revision)
+            await writer.flush()  # commit what recovery changed, then serve
+            writer.committed = state.revision
+            if not stored and not snapshot.created and snapshot.settings != settings.as_dict():
+                await link.save_settings(key, settings.as_dict())
+        if settings.size >= LARGE_POOL:
+            # Move the token tables to the GC's permanent generation: full collections
+            # would otherwise rescan structures that are never garbage.
+            gc.freeze()
+        hub = EventHub(name, state.token_text, lambda: state.revision, start=state.revision)
+        actor = Actor(
+            state,
+            clock.now_us,
+            clock.trio_time,
+            writer=writer,
+            sync=c.durability == "sync",
+            queue_size=c.queue_size,
+            publish=hub.publish,
+        )
+        pool = Pool(
+            name,
+            settings,
+            actor,
+            hub,
+            writer=writer,
+            link=link,
+            reader=self._reader,
+            durability=c.durability,
+            write_timeout=c.write_timeout,
+        )
+        done = trio.Event()
+        await self._nursery.start(_run_actor, actor, done)
+        self._pools[name] = pool
+        self._done[name] = done
+        self._touch()
+        return pool
+
+    async def alter(self, name: str, **changes: object) -> PoolSettings:
+        """Change a pool's settings (``size``, ``ttl``, ``when_full``, ``min_hold``,
+        ``max_lifetime``); a new size is applied as at start. Returns the settings now."""
+        pool = self.get(name)
+        values = pool.settings.as_dict()
+        for key, value in changes.items():
+            if key not in values:
+                raise InvalidArgumentError(f"unknown pool setting {key!r}")
+            values[key] = value
+        settings = PoolSettings.make(**values)
+        await pool._configure(settings)  # noqa: SLF001
+        return settings
+
+    async def drop(self, name: str) -> int:
+        """Stop serving a pool: end every lease (``cleared``) and every wait, keep its
+        tokens and history in the store. Returns how many leases ended."""
+        async with self._lock:
+            pool = self.get(name)
+            ended = int(await pool._one(_EndAll()))  # noqa: SLF001
+            pool.closed = True
+            await self._stop(name)
+            if self._link is not None and pool._writer is not None:  # noqa: SLF001
+                try:
+                    await pool.flush()
+                except TokenPoolError:
+                    pass
+                await self._link.drop_pool(pool._writer.key)  # noqa: SLF001
+            return ended
+
+    async def _stop(self, name: str) -> None:
+        pool = self._pools.pop(name)
+        pool._actor.close()  # noqa: SLF001
+        pool.hub.close()
+        await self._done.pop(name).wait()
+        self._touch()
+
+    async def close(self) -> None:
+        """Stop every pool, write what is queued (bounded), stop the store process."""
+        for pool in self._pools.values():
+            pool.closed = True
+            pool._actor.close()  # noqa: SLF001
+            pool.hub.close()
+        for done in self._done.values():  # each actor answers what was queued first
+            await done.wait()
+        if self._link is not None:
+            await self._link.close()
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(reader.close)
+
+
+def _wall_us() -> int:
+    return time.time_ns() // 1000
+
+
+async def _run_actor(actor: Actor, done: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
+    try:
+        await actor.run(task_status=task_status)
+    finally:
+        done.set()
+
+
+def _recovered(
+    snapshot: Snapshot,
+    settings: PoolSettings,
+    history_memory: int,
+    clock: Clock,
+    name: str,
+    store: str,
+) -> tuple[PoolState, int]:
+    """Rebuild a pool from its snapshot; the changes recovery made are left in ``changes``.
+
+    Returns the state and the revision everything in the store is at.
+    """
+    started = trio.current_time()
+    clock.start(floor=snapshot.clock_us + 1 if snapshot.clock_us else 0)
+    if clock.behind:
+        log.warning(
+            "wall_clock_behind_store",
+            pool=name,
+            seconds=round(clock.behind / 1e6, 3),
+            note="the pool's clock starts at the store's newest time: time never runs backwards",
+        )
+    stored = PoolSettings.make(**snapshot.settings)
+    state = PoolState(stored, history_memory=history_memory, revision=snapshot.epoch << EPOCH_SHIFT)
+    state.restore_tokens(snapshot.tokens)
+    slots = {token: slot for slot, (token, _) in enumerate(snapshot.tokens)}
+    for lease_id, token_id, user_id, fence, activated, expires in snapshot.leases:
+        slot = slots.get(token_id)
+        if slot is None:
+            log.warning("lease_of_unknown_token", pool=name, lease=lease_id, token=token_id)
+            continue
+        state.restore_lease((GRANT, lease_id, slot, user_id, fence, activated, expires, fence))
+    state.revision = max(state.revision, snapshot.epoch << EPOCH_SHIFT)
+    state.restore_counters(snapshot.counters)
+    state.restored()
+    base = state.revision
+    now = clock.now_us()
+    leases = state.active
+    state.advance(now)  # leases that expired while we were down
+    expired = leases - state.active
+    if snapshot.created or settings != stored or state.size != settings.size:
+        state.configure(settings, now)
+    log.info(
+        "pool_recovered",
+        pool=name,
+        store=store,
+        epoch=snapshot.epoch,
+        tokens=state.size,
+        leases=state.active,
+        expired_while_down=expired,
+        seconds=round(trio.current_time() - started, 3),
+    )
+    return state, base
+
+
+def _check_common(
+    durability: object,
+    history_memory: object,
+    queue_size: object,
+    max_backlog: object,
+    flush_interval: object,
+    write_timeout: object,
+    shutdown_timeout: object,
+) -> _StoreConfig:
+    return _StoreConfig(
+        durability=check_choice(durability, "durability", ("async", "sync")),
+        history_memory=check_int(history_memory, "history_memory", 1, 10_000_000),
+        queue_size=check_int(queue_size, "queue_size", 1, 1_000_000),
+        max_backlog=check_int(max_backlog, "max_backlog", 1, 10_000_000),
+        flush_interval=check_seconds(flush_interval, "flush_interval", 0.0, 1.0),
+        write_timeout=check_seconds(write_timeout, "write_timeout", 0.1, 300.0),
+        shutdown_timeout=check_seconds(shutdown_timeout, "shutdown_timeout", 0.0, 3600.0),
+    )
+
+
+@asynccontextmanager
+async def open_pools(
+    store: str | None = None,
+    *,
+    durability: str = "async",
+    history_memory: int = 100_000,
+    clock: Clock | None = None,
+    queue_size: int = 4096,
+    max_backlog: int = 100_000,
+    flush_interval: float = 0.002,
+    write_timeout: float = 5.0,
+    shutdown_timeout: float = 10.0,
+    declared: dict[str, PoolSettings] | None = None,
+    restore: bool = True,
+) -> AsyncIterator[Pools]:
+    """Serve named pools on one store; stop them all on exit.
+
+    ``store``: a ``postgresql://`` URL, a ``sqlite:///path`` URL, or ``None``
+    for memory only. ``declared`` pools are served with those settings (created
+    when missing, changed when they differ); with ``restore``, every other pool
+    the store holds (and was not dropped) is served again with its stored
+    settings; ``create`` serves more.
+    On exit every pool stops taking requests, answers those queued, and the
+    store process writes what is queued (at most ``shutdown_timeout`` seconds).
+    Raises ``InvalidArgumentError`` for a bad setting, ``PoolLockedError`` when
+    another process owns a pool, ``UnavailableError`` when the store cannot be
+    reached.
+    """
+    config = _check_common(
+        durability, history_memory, queue_size, max_backlog, flush_interval, write_timeout,
+        shutdown_timeout,
+    )
+    store = check_store_url(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            pools = Pools(nursery, store, config, clock)
+            try:
+                for name, settings in (declared or {}).items():
+                    await pools.create(name, settings)
+                if restore and store is not None:
+                    link = await pools._start_link()  # noqa: SLF001
+                    assert link is not None
+                    for name in await link.list_pools():
+                        if name not in pools:
+                            await pools.restore(name)
+                yield pools
+            finally:
+                with trio.CancelScope(shield=True):
+                    await pools.close()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
 
 
 @asynccontextmanager
@@ -203,128 +740,50 @@ async def open_pool(
     name: str = "default",
     store: str | None = None,
     durability: str = "async",
-    history_limit: int = 1000,
+    when_full: str = "evict",
+    min_hold: float = 0.0,
+    max_lifetime: float | None = None,
+    history_memory: int = 100_000,
     clock: Clock | None = None,
     queue_size: int = 4096,
     max_backlog: int = 100_000,
     flush_interval: float = 0.002,
     write_timeout: float = 5.0,
+    shutdown_timeout: float = 10.0,
 ) -> AsyncIterator[Pool]:
-    """Open a pool of ``size`` tokens leased for ``ttl`` seconds; close it on exit.
+    """Open one pool of ``size`` tokens leased for ``ttl`` seconds; close it on exit.
 
     ``store`` is where the pool persists: a ``postgresql://`` URL, a
     ``sqlite:///path`` URL, or ``None`` for memory only. With a store, the
     pool is rebuilt from it on open (same token ids, same leases; leases that
-    expired meanwhile end ``expired``) and every change is written behind in
-    batches. ``durability="async"`` answers callers at once (a change is
-    committed within about ``flush_interval`` plus one write);
-    ``"sync"`` answers only once the change has committed.
+    expired meanwhile end ``expired``; a changed size or rule is applied) and
+    every change is written behind in batches by a store process.
+    ``durability="async"`` answers callers at once (a change is committed
+    within about ``flush_interval`` plus one write); ``"sync"`` answers only
+    once the change has committed.
 
-    The actor (and the writer) run in a nursery owned by this context manager;
-    on exit it stops taking requests, answers those queued, flushes the store
-    and closes it. Raises ``InvalidArgumentError`` for a bad setting,
-    ``PoolLockedError`` when another process owns the pool, ``UnavailableError``
-    when the store cannot be reached.
+    Raises ``InvalidArgumentError`` for a bad setting (naming it, its value and
+    its range), ``PoolLockedError`` when another process owns the pool,
+    ``UnavailableError`` when the store cannot be reached.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise InvalidArgumentError(f"size must be a positive integer, not {size!r}")
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
-        raise InvalidArgumentError(f"ttl must be a positive number of seconds, not {ttl!r}")
-    if durability not in ("async", "sync"):
-        raise InvalidArgumentError(f"durability must be 'async' or 'sync', not {durability!r}")
-    if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
-        raise InvalidArgumentError(f"name must be 1 to 64 printable characters, not {name!r}")
-    if isinstance(history_limit, bool) or not isinstance(history_limit, int) or history_limit < 1:
-        raise InvalidArgumentError(
-            f"history_limit must be a positive integer, not {history_limit!r}"
-        )
-    clock = clock or Clock()
-    clock.start()
-    backend = (
-        open_store(store, write_timeout=write_timeout, durability=durability) if store else None
+    settings = PoolSettings.make(
+        size=size, ttl=ttl, when_full=when_full, min_hold=min_hold, max_lifetime=max_lifetime
     )
-    writer: Writer | None = None
-    if backend is None:
-        state = PoolState(ttl=float(ttl), history_limit=history_limit)
-        state.resize(size, clock.now())
-    else:
-        state = await _recover(backend, name, size, float(ttl), history_limit, clock)
-        writer = Writer(
-            backend,
-            now=clock.now,
-            max_backlog=max_backlog,
-            flush_interval=flush_interval if durability == "async" else 0.0,
-            write_timeout=write_timeout,
-        )
-    if size >= LARGE_POOL:
-        # Move the token maps to the GC's permanent generation: full collections
-        # would otherwise rescan a million entries that are never garbage.
-        gc.freeze()
-    if writer is not None:
-        writer.committed_fence = state.revision  # everything recovered is committed
-    actor = Actor(state, clock, writer=writer, sync=durability == "sync", queue_size=queue_size)
-    pool = Pool(actor, name=name, store=backend, writer=writer, durability=durability)
-    try:
-        async with trio.open_nursery() as nursery:
-            if writer is not None:
-                await nursery.start(writer.run)
-
-            async def serve(*, task_status: trio.TaskStatus[None]) -> None:
-                await actor.run(task_status=task_status)
-                if writer is not None:
-                    await writer.close()  # after the actor: its last changes are queued
-
-            await nursery.start(serve)
-            try:
-                yield pool
-            finally:
-                actor.close()
-    except BaseExceptionGroup as group:
-        raise _single(group) from None
-    finally:
-        if backend is not None:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(backend.close)
-
-
-async def _recover(
-    store: Store, name: str, size: int, ttl: float, history_limit: int, clock: Clock
-) -> PoolState:
-    """Rebuild the pool from its store; commit what recovery changed before serving."""
-    started = trio.current_time()
-    try:
-        snapshot = await trio.to_thread.run_sync(store.open, name, ttl)
-    except StoreError as error:
-        raise UnavailableError(str(error)) from None
-    state = PoolState(ttl=ttl, history_limit=history_limit, revision=snapshot.epoch << EPOCH_SHIFT)
-    state.restore_tokens(snapshot.tokens)
-    for lease in snapshot.leases:
-        state.restore_lease(lease)
-    state.restore_counters(snapshot.ended)
-    now = clock.now()
-    changes = state.advance(now)  # leases that expired while we were down
-    expired = len(changes)
-    changes += state.resize(size, now)
-    if changes:
-        batch = Batch()
-        batch.add(changes)
-        try:
-            await trio.to_thread.run_sync(store.write, batch)
-        except StoreError as error:
-            await trio.to_thread.run_sync(store.close)
-            raise UnavailableError(str(error)) from None
-    log.info(
-        "pool_recovered",
-        pool=name,
-        store=store.url,
-        epoch=snapshot.epoch,
-        tokens=state.size,
-        leases=len(snapshot.leases) - expired,
-        expired_while_down=expired,
-        flags_repaired=snapshot.repaired,
-        seconds=round(trio.current_time() - started, 3),
-    )
-    return state
+    check_name(name)
+    async with open_pools(
+        store,
+        durability=durability,
+        history_memory=history_memory,
+        clock=clock,
+        queue_size=queue_size,
+        max_backlog=max_backlog,
+        flush_interval=flush_interval,
+        write_timeout=write_timeout,
+        shutdown_timeout=shutdown_timeout,
+        declared={name: settings},
+        restore=False,
+    ) as pools:
+        yield pools.get(name)
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -146,7 +146,7 @@ class RespParser:
                     line = self._line(self.max_inline, "inline request")
                     if line is None:
                         return NEED_DATA
-                    words = line.split()
+                    words = split_args(line)
                     if not words:
                         continue  # an empty line, as Redis ignores it
                     if len(words) > self.max_args:
@@ -192,6 +192,60 @@ class RespParser:
             return args
 
 
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def split_args(line: bytes) -> list[bytes]:
+    """An inline command's words, quoted as Redis's ``sdssplitargs`` quotes them.
+
+    ``"..."`` takes the escapes ``\\n \\r \\t \\b \\a \\xHH`` and any escaped
+    character; ``'...'`` only ``\\'``. A quote may start anywhere in a word;
+    a closing quote must end the word; an unbalanced quote is a protocol error.
+    """
+    words: list[bytes] = []
+    i, n = 0, len(line)
+    space = b" \t\r\n\v\f"
+    while True:
+        while i < n and line[i] in space:
+            i += 1
+        if i >= n:
+            return words
+        word = bytearray()
+        while i < n and line[i] not in space:
+            c = line[i]
+            if c != 0x22 and c != 0x27:  # neither " nor '
+                word.append(c)
+                i += 1
+                continue
+            quote = c
+            i += 1
+            while True:
+                if i >= n:
+                    raise ProtocolError("unbalanced quotes in request")
+                c = line[i]
+                if quote == 0x22 and c == 0x5C and i + 1 < n:  # backslash in "..."
+                    nxt = line[i + 1]
+                    if nxt in b"xX" and i + 3 < n and line[i + 2] in _HEX and line[i + 3] in _HEX:
+                        word.append(int(line[i + 2 : i + 4], 16))
+                        i += 4
+                        continue
+                    word.append(_ESCAPES.get(nxt, nxt))
+                    i += 2
+                    continue
+                if quote == 0x27 and c == 0x5C and i + 1 < n and line[i + 1] == 0x27:
+                    word.append(0x27)
+                    i += 2
+                    continue
+                i += 1
+                if c == quote:
+                    if i < n and line[i] not in space:
+                        raise ProtocolError("closing quote must be followed by a space")
+                    break
+                word.append(c)
+        words.append(bytes(word))
+
+
 def _int(digits: bytes, message: str) -> int:
     body = digits[1:] if digits[:1] == b"-" else digits
     if not 0 < len(body) <= 19 or not body.isdigit():  # ASCII digits only: no "+5", "5_0", " 5"
@@ -204,6 +258,111 @@ def _text(raw: bytes) -> str:
         return raw.decode()
     except UnicodeDecodeError:
         raise ProtocolError("an argument is not valid UTF-8") from None
+
+
+try:  # the C request parser; the pure one below is the authority and the fallback
+    import hiredis
+except ImportError:  # pragma: no cover - hiredis is a dependency, but the parser works without
+    hiredis = None
+
+_DIGITS = [len(str(i)) for i in range(1000)]
+FAST_PENDING_MAX = 64 * 1024
+"""Bytes an incomplete command may take in the fast parser before the careful one takes over."""
+
+
+class RequestParser:
+    """The request parser servers use: hiredis's C reader for RESP arrays, ``RespParser``
+    for everything else.
+
+    hiredis parses a pipelined ``ACTIVATE`` about twenty times faster than
+    Python can, but it accepts what a request must not be (nested arrays,
+    integers, huge bulk strings it would buffer) and knows no inline commands.
+    So every command it returns is checked against the same limits, and the
+    moment anything is unusual (an inline command, a malformed or oversized
+    request, an incomplete command past ``FAST_PENDING_MAX`` bytes) the bytes
+    from the last command boundary are handed to ``RespParser``, which then
+    parses the rest of the connection and owns every error message. The
+    boundary is tracked from each command's size (canonical RESP framing:
+    what every client sends; anything else fails in the careful parser).
+    """
+
+    def __init__(
+        self, *, max_inline: int = MAX_INLINE, max_bulk: int = MAX_BULK, max_args: int = MAX_ARGS
+    ) -> None:
+        self.max_bulk = max_bulk
+        self.max_args = max_args
+        self._slow = RespParser(max_inline=max_inline, max_bulk=max_bulk, max_args=max_args)
+        self._fast = None if hiredis is None else hiredis.Reader(encoding="utf-8", errors="strict")
+        self._buf = bytearray()  # bytes given to hiredis
+        self._pos = 0  # the last command boundary in _buf
+
+    @property
+    def in_command(self) -> bool:
+        if self._fast is not None:
+            return len(self._buf) > self._pos
+        return self._slow.in_command
+
+    def feed(self, data: bytes) -> None:
+        if self._fast is None:
+            self._slow.feed(data)
+            return
+        if self._pos == len(self._buf):
+            if data[:1] != b"*":
+                self._to_slow(data)  # an inline command at a boundary: the careful parser
+                return
+            if self._pos:
+                self._buf.clear()
+                self._pos = 0
+        self._fast.feed(data)
+        self._buf += data
+
+    def _to_slow(self, data: bytes = b"") -> None:
+        self._fast = None
+        self._slow.feed(bytes(self._buf[self._pos :]) + data)
+        self._buf = bytearray()
+        self._pos = 0
+
+    def next_command(self) -> list[str] | _NeedData:
+        """The next complete command, or ``NEED_DATA``. Raises ``ProtocolError``."""
+        fast = self._fast
+        while fast is not None:
+            try:
+                command = fast.gets()
+            except Exception:  # hiredis.ProtocolError, UnicodeDecodeError: the careful path says
+                self._to_slow()
+                break
+            if command is False:
+                if len(self._buf) - self._pos > FAST_PENDING_MAX:
+                    self._to_slow()
+                    break
+                return NEED_DATA
+            if type(command) is not list or not 0 < len(command) <= self.max_args:
+                if command == [] or command is None:  # *0 and *-1: skipped, as Redis does
+                    self._pos += 4 if command == [] else 5
+                    continue
+                self._to_slow()
+                break
+            # *<n>\r\n, then $<len>\r\n<data>\r\n per argument: the bytes this command took.
+            limit = self.max_bulk
+            try:
+                size = 3 + _DIGITS[len(command)]
+                for arg in command:
+                    n = len(arg) if arg.isascii() else len(arg.encode())
+                    if n > limit:
+                        raise ValueError(n)
+                    size += 5 + (_DIGITS[n] if n < 1000 else len(str(n))) + n
+            except (TypeError, AttributeError, ValueError):  # not a string, or too long
+                self._to_slow()
+                break
+            pos = self._pos = self._pos + size
+            buf = self._buf
+            if pos < len(buf) and buf[pos] != 0x2A:
+                self._to_slow()  # what follows is not a RESP array: the careful parser goes on
+            elif pos > 65536 and pos > len(buf) >> 1:
+                del buf[:pos]
+                self._pos = 0
+            return command
+        return self._slow.next_command()
 
 
 # -- replies ---------------------------------------------------------------------

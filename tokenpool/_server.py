@@ -1,248 +1,251 @@
-"""The RESP server: drives the sans-IO codec over trio streams, one task per connection.
+"""The RESP server: drives the codec and the command layer over trio streams.
 
-Pipelining: everything a client sent before it reads is parsed, planned in
-order (connection commands such as AUTH or HELLO take effect at their place
-in the pipeline), the pool's operations go to the actor as ONE batch, and
-all the replies leave in one write.
+One task per connection reads, plans each command at its place in the
+pipeline (AUTH, HELLO, POOL USE take effect there) and runs the planned
+commands in *segments*: one actor batch each, replies encoded with the
+protocol in force at their place and sent in order. A segment ends before
+an action (a failed AUTH's delay, POOL CREATE, SUBSCRIBE), after an
+activation that may wait, when the pool changes, and when the estimated
+size of its replies passes ``SEGMENT_COST``: so one client's pipeline never
+holds the event loop or memory for long, whatever it asks for. Long listings
+are encoded and sent in slices, with a checkpoint after each.
 
 Limits (a bad client never hurts the others): requests are bounded by the
 codec; a command whose first byte arrived more than ``idle_timeout`` ago and
 is still incomplete drops the connection; a client that does not read its
-replies is dropped when a write stays blocked for ``idle_timeout`` or a
-pipeline's replies pass ``max_output`` bytes; past ``max_clients`` new
-connections get ``-ERR max number of clients reached`` and are closed.
+replies is dropped when a write stays blocked for ``idle_timeout``; past
+``max_clients`` new connections get ``-ERR max number of clients reached``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import hmac
+import json
 import os
 import resource
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import attrs
-import structlog
 import trio
 
 from . import __version__
-from ._errors import TokenPoolError
-from ._model import Lease, Stats, TokenStatus, Usage
-from ._ops import (
-    Activate,
-    Clear,
-    GetLease,
-    GetStats,
-    GetToken,
-    GetTokens,
-    Op,
-    Release,
-    Renew,
-    Revision,
-    Validate,
+from ._commands import (
+    REDIS_COMPAT_VERSION,
+    Action,
+    Commands,
+    Deferred,
+    Listing,
+    ServerSettings,
+    Session,
+    Transaction,
+    _channel_pool,
+    error_reply,
 )
-from ._pool import Pool
-from ._resp import NEED_DATA, OK, Error, ProtocolError, Reply, RespParser, Simple, encode
+from ._errors import CompactedError, TokenPoolError
+from ._log import get_logger
+from ._model import Stats, iso, to_us
+from ._ops import Revision
+from ._pool import Pool, Pools
+from ._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
 
-log = structlog.get_logger("tokenpool.server")
+log = get_logger("tokenpool.server")
 
-REDIS_COMPAT_VERSION = "7.2.0"
-MAX_PIPELINE = 1024  # commands planned and sent to the actor per batch
+MAX_PIPELINE = 1024  # commands read from the buffer before the connection's next turn
+SEGMENT_COST = 256 * 1024  # estimated reply bytes per actor batch
+SLICE = 256  # listing items encoded between checkpoints
 READ_SIZE = 64 * 1024
-
-
-def iso(value: datetime | None) -> str:
-    """ISO-8601 UTC with microseconds and a ``Z``; ``""`` for no time."""
-    if value is None:
-        return ""
-    return value.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-_iso_cache: dict[datetime, bytes] = {}
-
-
-def _iso_bytes(value: datetime) -> bytes:
-    # Leases granted in one batch share their two datetimes: format each once.
-    cached = _iso_cache.get(value)
-    if cached is None:
-        if len(_iso_cache) > 4096:
-            _iso_cache.clear()
-        cached = _iso_cache[value] = iso(value).encode()
-    return cached
-
-
-_LEASE_WIRE = (
-    b"%b$2\r\nid\r\n$36\r\n%b\r\n$8\r\ntoken_id\r\n$36\r\n%b\r\n$7\r\nuser_id\r\n$%d\r\n%b\r\n"
-    b"$5\r\nfence\r\n:%d\r\n$12\r\nactivated_at\r\n$%d\r\n%b\r\n$10\r\nexpires_at\r\n$%d\r\n%b\r\n"
-    b"$8\r\nrevision\r\n:%d\r\n"
-)
-
-
-def lease_wire(result: tuple[Lease, int], proto: int) -> bytes:
-    """``encode(revised_lease_reply(result), proto)``, about five times faster: ACTIVATE's reply."""
-    lease, revision = result
-    user = lease.user_id.encode()
-    start = _iso_bytes(lease.activated_at)
-    end = _iso_bytes(lease.expires_at)
-    return _LEASE_WIRE % (
-        b"%7\r\n" if proto == 3 else b"*14\r\n",
-        lease.id.encode(),
-        lease.token_id.encode(),
-        len(user),
-        user,
-        lease.fence,
-        len(start),
-        start,
-        len(end),
-        end,
-        revision,
-    )
-
-
-def lease_reply(lease: Lease) -> dict[str, Reply]:
-    return {
-        "id": lease.id,
-        "token_id": lease.token_id,
-        "user_id": lease.user_id,
-        "fence": lease.fence,
-        "activated_at": iso(lease.activated_at),
-        "expires_at": iso(lease.expires_at),
-    }
-
-
-def revised_lease_reply(result: object) -> Reply:
-    """A lease granted or renewed, with the pool revision that applied it."""
-    assert isinstance(result, tuple)
-    lease, revision = result
-    return {**lease_reply(lease), "revision": revision}
-
-
-def token_reply(token: TokenStatus) -> dict[str, Reply]:
-    return {
-        "id": token.id,
-        "status": token.status.value,
-        "current_user_id": token.current_user_id or "",
-        "activated_at": iso(token.activated_at),
-        "expires_at": iso(token.expires_at),
-    }
-
-
-def usage_reply(usage: Usage) -> dict[str, Reply]:
-    return {
-        "id": usage.id,
-        "token_id": usage.token_id,
-        "user_id": usage.user_id,
-        "started_at": iso(usage.started_at),
-        "ended_at": iso(usage.ended_at),
-        "reason": usage.reason.value,
-    }
-
-
-def stats_reply(stats: Stats) -> dict[str, Reply]:
-    out: dict[str, Reply] = {}
-    for field in attrs.fields(Stats):
-        value = getattr(stats, field.name)
-        if isinstance(value, datetime):
-            value = iso(value)
-        elif value is None:
-            value = ""
-        elif isinstance(value, float):
-            value = f"{value:.6f}"
-        out[field.name] = value
-    return out
-
-
-def error_reply(error: BaseException) -> Error:
-    if isinstance(error, TokenPoolError):
-        return Error(error.code, str(error))
-    return Error("ERR", f"internal error: {type(error).__name__}")
-
-
-@attrs.define
-class Settings:
-    """The server's settings (``CONFIG GET`` shows them, less the password)."""
-
-    host: str = "127.0.0.1"
-    port: int = 7379
-    password: str | None = None
-    max_clients: int = 10_000
-    idle_timeout: float = 30.0
-    max_output: int = 64 * 1024 * 1024
-    auth_delay: float = 0.1  # after a failed AUTH, slows password guessing
-
-
-class Session:
-    """One connection's state."""
-
-    def __init__(self, client_id: int, peer: str, authed: bool) -> None:
-        self.id = client_id
-        self.peer = peer
-        self.authed = authed
-        self.proto = 2
-        self.name = ""
-        self.quit = False
-        self.failed_auth = False
-
-
-# A planned command: an immediate reply, or an op for the actor plus how to
-# turn its result into a reply, or a coroutine to run after the batch.
-Format = Callable[[object], Reply]
-Later = Callable[[], Awaitable[Reply]]
-
-
-class _Deferred(NamedTuple):
-    """An op for the actor and how to turn its result into a reply. A named tuple, not
-    attrs: one is made per command, and a frozen attrs ``__init__`` cost 3.5% of a
-    pipelined ACTIVATE's server time."""
-
-    op: Op
-    format: Format
-    wire: Callable[[Any, int], bytes] | None = None  # a hand-made encoder for hot replies
-    # A mutating command: the batch gets a Revision() right after the op, and the
-    # formatters get (result, revision), so the reply carries the revision that applied it.
-    revised: bool = False
-
-
-@attrs.frozen
-class _After:
-    run: Later
-
-
-Plan = Reply | _Deferred | _After
 _REVISION = Revision()
 
 
+@attrs.frozen
+class RespSettings:
+    """The RESP listener's settings (``CONFIG GET`` shows them, less the passwords)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7379
+    max_clients: int = 10_000
+    idle_timeout: float = 30.0
+    commands: ServerSettings = ServerSettings()
+
+
+class _Subscriptions:
+    """The pub/sub side of the command layer: events of pools as Redis messages."""
+
+    def __init__(self, server: RespServer) -> None:
+        self.server = server
+
+    async def subscribe(self, session: Session, names: list[str], *, pattern: bool) -> Any:
+        conn = self.server.connection_of(session)
+        replies: list[Any] = []
+        kind = "psubscribe" if pattern else "subscribe"
+        for name in names:
+            table = session.patterns if pattern else session.channels
+            if name not in table:
+                table[name] = conn.follow(name, pattern)
+            replies.append(_Push([kind, name, len(session.channels) + len(session.patterns)]))
+        return _Many(replies)
+
+    async def unsubscribe(
+        self, session: Session, names: list[str], *, pattern: bool, quiet: bool = False
+    ) -> Any:
+        table = session.patterns if pattern else session.channels
+        kind = "punsubscribe" if pattern else "unsubscribe"
+        targets = names or list(table)
+        replies: list[Any] = []
+        for name in targets:
+            scope = table.pop(name, None)
+            if scope is not None:
+                scope.cancel()
+            replies.append(_Push([kind, name, len(session.channels) + len(session.patterns)]))
+        if not targets:
+            replies.append(_Push([kind, None, 0]))
+        return None if quiet else _Many(replies)
+
+
+class _Push:
+    """A pub/sub frame: an array in RESP2, a push (``>``) in RESP3."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+
+class _Many:
+    """Several frames as the reply of one command (SUBSCRIBE a b c)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[Any]) -> None:
+        self.frames = frames
+
+
+def _encode_push(push: _Push, proto: int) -> bytes:
+    body = encode(push.items, proto)
+    return b">" + body[1:] if proto == 3 else body
+
+
+class _Connection:
+    """One client: its session, its send lock, its pub/sub forwarders."""
+
+    def __init__(self, server: RespServer, stream: trio.abc.Stream, session: Session) -> None:
+        self.server = server
+        self.stream = stream
+        self.session = session
+        self.lock = trio.Lock()
+        self.nursery: trio.Nursery | None = None
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        """Send, or raise ``TooSlowError`` when the client stopped reading."""
+        async with self.lock:
+            with trio.fail_after(self.server.settings.idle_timeout):
+                await self.stream.send_all(data)
+
+    def follow(self, name: str, pattern: bool) -> trio.CancelScope:
+        scope = trio.CancelScope()
+        assert self.nursery is not None
+        self.nursery.start_soon(self._forward, name, pattern, scope)
+        return scope
+
+    async def _forward(self, name: str, pattern: bool, scope: trio.CancelScope) -> None:
+        """Deliver a channel's (or a pattern's) events as messages until unsubscribed."""
+        with scope:
+            if pattern:
+                await self._forward_pattern(name)
+                return
+            try:
+                pool_name, since = _channel_pool(name)
+            except TokenPoolError:
+                return
+            await self._forward_pool(pool_name, since, name, None)
+
+    async def _forward_pattern(self, pattern: str) -> None:
+        import fnmatch
+
+        pools = self.server.pools
+        async with trio.open_nursery() as nursery:
+            seen: set[str] = set()
+            while True:
+                for pool_name in pools.names():
+                    channel = f"events:{pool_name}"
+                    if pool_name not in seen and fnmatch.fnmatchcase(channel, pattern):
+                        seen.add(pool_name)
+                        nursery.start_soon(self._forward_pool, pool_name, None, channel, pattern)
+                await pools.changed()
+
+    async def _forward_pool(
+        self, pool_name: str, since: int | None, channel: str, pattern: str | None
+    ) -> None:
+        session = self.session
+        try:
+            pool = self.server.pools.get(pool_name)
+        except TokenPoolError:
+            return
+        try:
+            async with pool.watch(since) as events:
+                async for event in events:
+                    await self._message(channel, pattern, json.dumps(event.as_dict()))
+        except CompactedError as error:
+            await self._message(
+                channel,
+                pattern,
+                json.dumps({"kind": "compacted", "oldest": error.oldest, "message": str(error)}),
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            self.closed = True
+            with contextlib.suppress(Exception):
+                await self.stream.aclose()
+        del session
+
+    async def _message(self, channel: str, pattern: str | None, payload: str) -> None:
+        proto = self.session.proto
+        items = ["message", channel, payload] if pattern is None else ["pmessage", pattern, channel, payload]
+        await self.send(_encode_push(_Push(items), proto))
+
+
 class RespServer:
-    """Serves one pool over RESP. ``serve`` runs the listener until ``shutdown``."""
+    """Serves pools over RESP. ``serve`` runs the listener until ``shutdown``."""
 
     def __init__(
         self,
-        pool: Pool,
-        settings: Settings,
+        pools: Pools,
+        settings: RespSettings,
         *,
         ssl_context: ssl.SSLContext | None = None,
         config: dict[str, str] | None = None,
     ) -> None:
-        self.pool = pool
+        self.pools = pools
         self.settings = settings
         self.ssl_context = ssl_context
-        self.config = config or {}
+        self.commands = Commands(
+            pools,
+            settings.commands,
+            config=config,
+            info=self.info,
+            subscriber=_Subscriptions(self),
+        )
+        self.config = self.commands.config
         self.started = time.monotonic()
         self.clients = 0
         self.connections = 0
         self.rejected = 0
-        self.commands = 0
-        self.errors = 0  # error replies sent (INFO's total_error_replies, as in Redis)
+        self.protocol_errors = 0
         self._next_id = 0
         self._listeners: trio.CancelScope | None = None
         self._waiting: set[trio.CancelScope] = set()
+        self._by_session: dict[int, _Connection] = {}
         self.closing = False
         self.ports: list[int] = []
+
+    @property
+    def errors(self) -> int:
+        return self.commands.errors
+
+    def connection_of(self, session: Session) -> _Connection:
+        return self._by_session[session.client_id]
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -270,6 +273,9 @@ class RespServer:
             self._listeners.cancel()
         for scope in list(self._waiting):
             scope.cancel()
+        for conn in list(self._by_session.values()):
+            if conn.nursery is not None:
+                conn.nursery.cancel_scope.cancel()
 
     # -- one connection -------------------------------------------------------
 
@@ -288,32 +294,52 @@ class RespServer:
             await trio.aclose_forcefully(stream)
             return
         self.clients += 1
-        session = Session(self._next_id, peer, authed=self.settings.password is None)
-        log.info("client_connected", client=session.id, peer=peer)
+        s = self.settings.commands
+        session = Session(
+            self._next_id, peer, authed=s.password is None and s.admin_password is None
+        )
+        if s.password is None and s.admin_password is not None:
+            session.authed = True  # leasing needs no password; reshaping pools needs admin
+        log.debug("client_connected", client=session.client_id, peer=peer)
         reason = "closed"
         try:
             if self.ssl_context is not None:
                 stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
                 with trio.fail_after(self.settings.idle_timeout):
                     await stream.do_handshake()
-            reason = await self._serve_client(stream, session)
-        except trio.TooSlowError:
-            reason = "tls handshake timeout"
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as error:
-            reason = f"connection error: {error}"
-        except Exception:  # one bad client never takes the listener down
-            log.exception("client_failed", client=session.id, peer=peer)
-            reason = "internal error"
+            conn = _Connection(self, stream, session)
+            self._by_session[session.client_id] = conn
+            try:
+                async with trio.open_nursery() as nursery:
+                    conn.nursery = nursery
+                    reason = await self._serve_client(conn)
+                    nursery.cancel_scope.cancel()
+            finally:
+                del self._by_session[session.client_id]
+        except BaseException as raised:  # one bad client never takes the listener down
+            error = _single(raised)
+            if isinstance(error, trio.TooSlowError):
+                reason = "slow reader or tls handshake timeout"
+            elif isinstance(
+                error, (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
+            ):
+                reason = f"connection error: {error}"
+            elif isinstance(error, Exception):
+                log.exception("client_failed", client=session.client_id, peer=peer)
+                reason = "internal error"
+            else:
+                raise
         finally:
             self.clients -= 1
-            log.info("client_closed", client=session.id, peer=peer, reason=reason)
+            log.debug("client_closed", client=session.client_id, peer=peer, reason=reason)
             await trio.aclose_forcefully(stream)
-        return
 
-    async def _serve_client(self, stream: trio.abc.Stream, session: Session) -> str:
-        parser = RespParser()
+    async def _serve_client(self, conn: _Connection) -> str:
+        session = conn.session
+        parser = RequestParser()
         started: float | None = None  # when the incomplete command's first byte came
         idle = self.settings.idle_timeout
+        stream = conn.stream
         while True:
             commands: list[list[str]] = []
             problem: ProtocolError | None = None
@@ -326,26 +352,22 @@ class RespServer:
                     commands.append(command)
             except ProtocolError as error:
                 problem = error
-            if commands or problem:
-                out = await self._execute(commands, session) if commands else b""
-                if problem is not None:
-                    log.warning(
-                        "protocol_error", client=session.id, peer=session.peer, error=str(problem)
-                    )
-                    out += encode(Error("ERR", f"Protocol error: {problem}"))
-                if len(out) > self.settings.max_output:
-                    log.warning("output_limit", client=session.id, bytes=len(out))
-                    return "output buffer limit"
-                with trio.move_on_after(idle) as sending:
-                    await stream.send_all(out)
-                if sending.cancelled_caught:
-                    return "slow reader"
-                if problem is not None:
-                    return "protocol error"
+            if commands:
+                await self._execute(conn, commands)
                 if session.quit:
                     return "quit"
-                if len(commands) == MAX_PIPELINE:
-                    continue  # more may be buffered: take them before reading again
+            if problem is not None:
+                self.protocol_errors += 1
+                log.warning(
+                    "protocol_error", client=session.client_id, peer=session.peer, error=str(problem)
+                )
+                await conn.send(encode(Error("ERR", f"Protocol error: {problem}")))
+                return "protocol error"
+            if conn.closed:
+                return "closed by a forwarder"
+            if len(commands) == MAX_PIPELINE:
+                await trio.lowlevel.checkpoint()  # others get a turn before the rest
+                continue
             if self.closing:
                 return "shutdown"
             if parser.in_command:
@@ -368,104 +390,172 @@ class RespServer:
                 return "client closed"
             parser.feed(bytes(data))
 
-    # -- commands -------------------------------------------------------------
+    # -- running a pipeline -----------------------------------------------------
 
-    async def _execute(self, commands: list[list[str]], session: Session) -> bytes:
-        # Each planned command becomes its reply bytes (encoded now, with the
-        # protocol in force at its place in the pipeline), or a deferred op
-        # whose result is encoded once the batch comes back.
-        planned: list[bytes | tuple[_Deferred | _After, int]] = []
-        ops: list[Op] = []
+    async def _execute(self, conn: _Connection, commands: list[list[str]]) -> None:
+        session = conn.session
+        plan_of = self.commands.plan
+        segment: list[tuple[Any, int]] = []  # (plan or reply bytes, proto)
+        pool: Pool | None = None
+        cost = 0
         for argv in commands:
-            self.commands += 1
-            plan = self._plan(argv, session)
-            if isinstance(plan, _Deferred):
+            if not segment and argv[0].upper() in ("POST", "HOST:") and pool is None:
+                # An HTTP request on the RESP port (a browser, or a cross-protocol
+                # attack): refuse it and close, as Redis does.
+                log.warning("http_request_refused", client=session.client_id, peer=session.peer)
+                await conn.send(encode(Error("ERR", "Protocol error: an HTTP request on the RESP port")))
+                session.quit = True
+                return
+            plan = plan_of(argv, session)
+            kind = type(plan)
+            if kind is Deferred:
+                if segment and (plan.pool is not pool or cost + plan.cost > SEGMENT_COST):
+                    await self._run(conn, segment, pool)
+                    segment, cost = [], 0
+                pool = plan.pool
+                cost += plan.cost
+                segment.append((plan, session.proto))
+                if plan.waits:
+                    await self._run(conn, segment, pool)
+                    segment, cost, pool = [], 0, None
+            elif kind is Action or kind is Transaction:
+                if segment:
+                    await self._run(conn, segment, pool)
+                    segment, cost, pool = [], 0, None
+                proto = session.proto
+                if kind is Action:
+                    try:
+                        reply = await plan.run()
+                    except TokenPoolError as error:
+                        reply = error_reply(error)
+                    await self._send_reply(conn, reply, proto)
+                else:
+                    await self._transaction(conn, plan, proto)
+            else:
+                if type(plan) is Error:
+                    self.commands.errors += 1
+                segment.append((encode(plan, session.proto), 0))
+            if session.quit:
+                break
+        if segment:
+            await self._run(conn, segment, pool)
+
+    async def _run(self, conn: _Connection, segment: list[tuple[Any, int]], pool: Pool | None) -> None:
+        """One actor batch for the segment's ops, then its replies in order."""
+        ops = []
+        for plan, _proto in segment:
+            if type(plan) is Deferred:
                 ops.append(plan.op)
                 if plan.revised:
                     ops.append(_REVISION)
-                planned.append((plan, session.proto))
-            elif isinstance(plan, _After):
-                planned.append((plan, session.proto))
-            else:
-                if type(plan) is Error:
-                    self.errors += 1
-                planned.append(encode(plan, session.proto))
-            if session.quit:
-                break
-        results = await self.pool.batch(ops) if ops else []
+        results = await pool.raw_batch(ops) if ops and pool is not None else []
         out: list[bytes] = []
         i = 0
-        for item in planned:
-            if type(item) is bytes:
-                out.append(item)
+        for plan, proto in segment:
+            if type(plan) is bytes:
+                out.append(plan)
                 continue
-            assert isinstance(item, tuple)
-            plan, proto = item
-            if isinstance(plan, _Deferred):
-                result = results[i]
+            result = results[i]
+            i += 1
+            if plan.revised:
+                revision = results[i]
                 i += 1
-                if plan.revised:
-                    revision = results[i]
-                    i += 1
-                    if not isinstance(result, BaseException):
-                        result = (result, revision)
-                if isinstance(result, BaseException):
-                    self.errors += 1
-                    out.append(encode(error_reply(result), proto))
-                elif plan.wire is not None:
-                    out.append(plan.wire(result, proto))
-                else:
-                    out.append(encode(plan.format(result), proto))
+                if not isinstance(result, BaseException):
+                    result = (result, revision)
+            if isinstance(result, BaseException):
+                self.commands.errors += 1
+                out.append(encode(error_reply(result), proto))
+                continue
+            if plan.wire is not None:
+                out.append(plan.wire(result, proto, plan.pool))
+                continue
+            try:
+                reply = plan.format(result)
+                if plan.finish is not None:
+                    reply = await plan.finish(reply)
+            except TokenPoolError as error:
+                self.commands.errors += 1
+                out.append(encode(error_reply(error), proto))
+                continue
+            if type(reply) is Listing:
+                if out:
+                    await conn.send(b"".join(out))
+                    out = []
+                await self._stream_listing(conn, reply, proto)
             else:
-                try:
-                    reply = await plan.run()
-                except TokenPoolError as error:
-                    self.errors += 1
-                    reply = error_reply(error)
                 out.append(encode(reply, proto))
-        if session.failed_auth:
-            session.failed_auth = False
-            await trio.sleep(self.settings.auth_delay)
-        return b"".join(out)
+        if out:
+            await conn.send(b"".join(out))
 
-    def _plan(self, argv: list[str], session: Session) -> Plan:
-        name = argv[0].upper()
-        spec = COMMANDS.get(name)
-        if spec is None:
-            if name in ("POST", "HOST:"):
-                # An HTTP request on the RESP port (a browser, or a cross-protocol
-                # attack): refuse it and close, as Redis does.
-                log.warning("http_request_refused", client=session.id, peer=session.peer)
-                session.quit = True
-                return Error("ERR", "Protocol error: an HTTP request on the RESP port")
-            shown = " ".join(f"'{a[:40]}'" for a in argv[1:4])
-            return Error(
-                "ERR", f"unknown command '{argv[0][:40]}', with args beginning with: {shown}"
-            )
-        low, high, handler = spec
-        if not low <= len(argv) - 1 <= high:
-            return Error("ERR", f"wrong number of arguments for '{argv[0].lower()}' command")
-        if not session.authed and name not in ("AUTH", "HELLO", "PING", "QUIT"):
-            return Error("NOAUTH", "Authentication required.")
-        return handler(self, session, argv[1:])
+    async def _transaction(self, conn: _Connection, tx: Transaction, proto: int) -> None:
+        """EXEC: every queued op in ONE actor batch (no other client's command between them)."""
+        deferred = [p for p in tx.plans if type(p) is Deferred]
+        pool = deferred[0].pool if deferred else None
+        ops = []
+        for plan in deferred:
+            ops.append(plan.op)
+            if plan.revised:
+                ops.append(_REVISION)
+        results = await pool.raw_batch(ops) if ops and pool is not None else []
+        replies: list[Any] = []
+        i = 0
+        for plan in tx.plans:
+            if type(plan) is not Deferred:
+                if type(plan) is Action:
+                    try:
+                        plan = await plan.run()
+                    except TokenPoolError as error:
+                        plan = error_reply(error)
+                replies.append(plan)
+                continue
+            result = results[i]
+            i += 1
+            if plan.revised:
+                revision = results[i]
+                i += 1
+                if not isinstance(result, BaseException):
+                    result = (result, revision)
+            if isinstance(result, BaseException):
+                replies.append(error_reply(result))
+                continue
+            try:
+                reply = plan.format(result)
+                if plan.finish is not None:
+                    reply = await plan.finish(reply)
+            except TokenPoolError as error:
+                reply = error_reply(error)
+            replies.append(reply.whole() if type(reply) is Listing else reply)
+        await conn.send(encode(replies, proto))
 
-    def check_password(self, session: Session, user: str, password: str) -> Reply:
-        expected = self.settings.password
-        if expected is None:
-            return Error(
-                "ERR",
-                "AUTH <password> called without any password configured for the default"
-                " user. Are you sure your configuration is correct?",
-            )
-        ok = user == "default" and hmac.compare_digest(password.encode(), expected.encode())
-        if not ok:
-            session.failed_auth = True
-            log.warning("auth_failed", client=session.id, peer=session.peer)
-            return Error("WRONGPASS", "invalid username-password pair or user is disabled.")
-        session.authed = True
-        return OK
+    async def _send_reply(self, conn: _Connection, reply: Any, proto: int) -> None:
+        if type(reply) is _Many:
+            await conn.send(b"".join(_encode_push(f, proto) for f in reply.frames))
+        elif type(reply) is Listing:
+            await self._stream_listing(conn, reply, proto)
+        elif reply is not None:
+            if type(reply) is Error:
+                self.commands.errors += 1
+            await conn.send(encode(reply, proto))
 
-    def info(self, stats: Stats, section: str | None) -> str:
+    async def _stream_listing(self, conn: _Connection, listing: Listing, proto: int) -> None:
+        """Encode and send a listing in slices, with a checkpoint after each."""
+        items = listing.items
+        head = b"*%d\r\n" % len(items)
+        if listing.cursor is not None:
+            head = b"*2\r\n" + encode(listing.cursor, proto) + head
+        fmt = listing.format
+        parts = [head]
+        for start in range(0, len(items), SLICE):
+            parts += [encode(fmt(item), proto) for item in items[start : start + SLICE]]
+            await conn.send(b"".join(parts))
+            parts = []
+            await trio.lowlevel.checkpoint()
+        if parts:
+            await conn.send(b"".join(parts))
+
+    # -- INFO ---------------------------------------------------------------------
+
+    def info(self, stats: Stats, section: str | None, pool: Pool) -> str:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         sections: dict[str, dict[str, object]] = {
             "server": {
@@ -478,12 +568,13 @@ class RespServer:
             },
             "clients": {
                 "connected_clients": self.clients,
-                "blocked_clients": 0,
+                "blocked_clients": stats.waiting,
                 "maxclients": self.settings.max_clients,
             },
             "memory": {"used_memory": usage.ru_maxrss * 1024, "maxmemory": 0},
             "pool": {
-                "pool_name": self.pool.name,
+                "pool_name": pool.name,
+                "pools": len(self.pools.names()),
                 "size": stats.size,
                 "active": stats.active,
                 "available": stats.available,
@@ -494,23 +585,29 @@ class RespServer:
                 "releases": stats.releases,
                 "clears": stats.clears,
                 "renewals": stats.renewals,
+                "refusals": stats.refusals,
+                "waiting": stats.waiting,
             },
             "persistence": {
                 "store": stats.store,
                 "durability": stats.durability,
                 "link": stats.link,
                 "backlog": stats.backlog,
-                "last_commit_at": iso(stats.last_commit_at),
-                "write_lag_seconds": "" if stats.write_lag is None else f"{stats.write_lag:.6f}",
+                "last_commit_at": "" if stats.last_commit_at is None else iso(to_us(stats.last_commit_at)),
+                "write_lag_seconds": f"{stats.write_lag:.6f}",
             },
             "stats": {
                 "total_connections_received": self.connections,
-                "total_commands_processed": self.commands,
+                "total_commands_processed": self.commands.commands,
                 "rejected_connections": self.rejected,
-                "total_error_replies": self.errors,
+                "total_error_replies": self.commands.errors,
+                "protocol_errors": self.protocol_errors,
+                "auth_failures": self.commands.auth.failures,
                 "instantaneous_ops_per_sec": 0,
             },
-            "keyspace": {"db0": f"keys={stats.active},expires={stats.active},avg_ttl=0"},
+            "keyspace": {
+                f"db0": f"keys={stats.size},expires={stats.active},avg_ttl=0",
+            },
         }
         wanted = section.lower() if section else None
         lines: list[str] = []
@@ -523,6 +620,12 @@ class RespServer:
         return "\r\n".join(lines)
 
 
+def _single(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     try:
@@ -530,216 +633,3 @@ def _peer(stream: trio.abc.Stream) -> str:
         return f"{host}:{port}"
     except (AttributeError, OSError, ValueError):
         return "?"
-
-
-# -- the command table: name -> (min args, max args, planner) -----------------
-
-Handler = Callable[[RespServer, Session, list[str]], Plan]
-COMMANDS: dict[str, tuple[int, int, Handler]] = {}
-
-
-def command(name: str, low: int, high: int) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        COMMANDS[name] = (low, high, fn)
-        return fn
-
-    return register
-
-
-def _lease_or_nil(result: object) -> Reply:
-    return None if result is None else lease_reply(result)  # type: ignore[arg-type]
-
-
-@command("ACTIVATE", 1, 1)
-def _activate(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(Activate(args[0]), revised_lease_reply, lease_wire, revised=True)
-
-
-@command("RENEW", 2, 2)
-def _renew(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(Renew(args[0], args[1]), revised_lease_reply, lease_wire, revised=True)
-
-
-@command("VALIDATE", 2, 2)
-def _validate(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(Validate(args[0], args[1]), lambda ok: 1 if ok else 0)
-
-
-@command("RELEASE", 1, 2)
-def _release(server: RespServer, session: Session, args: list[str]) -> Plan:
-    user = args[1] if len(args) > 1 else None
-    return _Deferred(Release(args[0], user), lambda result: result[1], revised=True)  # type: ignore[index]
-
-
-@command("LEASE", 1, 1)
-def _lease(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(GetLease(args[0]), _lease_or_nil)
-
-
-@command("TOKEN", 1, 1)
-def _token(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(GetToken(args[0]), lambda token: token_reply(token))  # type: ignore[arg-type]
-
-
-@command("TOKENS", 0, 0)
-def _tokens(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(GetTokens(), lambda tokens: [token_reply(t) for t in tokens])  # type: ignore[attr-defined]
-
-
-@command("HISTORY", 1, 3)
-def _history(server: RespServer, session: Session, args: list[str]) -> Plan:
-    limit = 100
-    if len(args) == 3 and args[1].upper() == "LIMIT":
-        if not args[2].isdigit():
-            return Error(
-                "INVALID", f"limit must be an integer from 1 to 10000, not {args[2][:20]!r}"
-            )
-        limit = int(args[2])
-    elif len(args) != 1:
-        return Error("ERR", "syntax error: HISTORY <token_id> [LIMIT <n>]")
-    token_id = args[0]
-
-    async def run() -> Reply:
-        return [usage_reply(u) for u in await server.pool.history(token_id, limit)]
-
-    return _After(run)
-
-
-@command("CLEAR", 0, 0)
-def _clear(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(
-        Clear(),
-        lambda result: {"cleared": result[0], "revision": result[1]},  # type: ignore[index]
-        revised=True,
-    )
-
-
-@command("STATS", 0, 0)
-def _stats(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(GetStats(), lambda stats: stats_reply(server.pool.with_store(stats)))  # type: ignore[arg-type]
-
-
-@command("INFO", 0, 1)
-def _info(server: RespServer, session: Session, args: list[str]) -> Plan:
-    section = args[0] if args else None
-    return _Deferred(GetStats(), lambda stats: server.info(server.pool.with_store(stats), section))  # type: ignore[arg-type]
-
-
-@command("DBSIZE", 0, 0)
-def _dbsize(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return _Deferred(GetStats(), lambda stats: stats.active)  # type: ignore[attr-defined]
-
-
-@command("PING", 0, 1)
-def _ping(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return args[0] if args else Simple("PONG")
-
-
-@command("ECHO", 1, 1)
-def _echo(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return args[0]
-
-
-@command("AUTH", 1, 2)
-def _auth(server: RespServer, session: Session, args: list[str]) -> Plan:
-    user, password = (args[0], args[1]) if len(args) == 2 else ("default", args[0])
-    return server.check_password(session, user, password)
-
-
-@command("HELLO", 0, 6)
-def _hello(server: RespServer, session: Session, args: list[str]) -> Plan:
-    proto = session.proto
-    if args:
-        if args[0] not in ("2", "3"):
-            return Error("NOPROTO", "unsupported protocol version")
-        proto = int(args[0])
-    rest = args[1:]
-    while rest:
-        option = rest[0].upper()
-        if option == "AUTH" and len(rest) >= 3:
-            result = server.check_password(session, rest[1], rest[2])
-            if isinstance(result, Error):
-                return result
-            rest = rest[3:]
-        elif option == "SETNAME" and len(rest) >= 2:
-            session.name = rest[1]
-            rest = rest[2:]
-        else:
-            return Error("ERR", f"syntax error in HELLO option '{rest[0][:40]}'")
-    if not session.authed:
-        return Error(
-            "NOAUTH",
-            "HELLO must be called with the client already authenticated, otherwise the"
-            " HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client"
-            " and select the RESP protocol version at the same time",
-        )
-    session.proto = proto
-    return {
-        "server": "tokenpool",
-        "version": REDIS_COMPAT_VERSION,
-        "proto": proto,
-        "id": session.id,
-        "mode": "standalone",
-        "role": "master",
-        "modules": [],
-    }
-
-
-@command("QUIT", 0, 0)
-def _quit(server: RespServer, session: Session, args: list[str]) -> Plan:
-    session.quit = True
-    return OK
-
-
-@command("SELECT", 1, 1)
-def _select(server: RespServer, session: Session, args: list[str]) -> Plan:
-    return OK if args[0] == "0" else Error("ERR", "DB index is out of range")
-
-
-@command("CLIENT", 1, 8)
-def _client(server: RespServer, session: Session, args: list[str]) -> Plan:
-    sub = args[0].upper()
-    if sub == "SETNAME" and len(args) == 2:
-        session.name = args[1]
-        return OK
-    if sub == "GETNAME":
-        return session.name or None
-    if sub == "ID":
-        return session.id
-    if sub == "SETINFO" and len(args) == 3:
-        return OK
-    return Error(
-        "ERR", f"unknown subcommand or wrong number of arguments for 'CLIENT|{args[0][:20]}'"
-    )
-
-
-@command("COMMAND", 0, 8)
-def _command(server: RespServer, session: Session, args: list[str]) -> Plan:
-    sub = args[0].upper() if args else ""
-    if sub == "COUNT":
-        return len(COMMANDS)
-    if sub == "DOCS":
-        return {}
-    if sub:
-        return []
-    return [
-        [name.lower(), -(low + 1) if high > low else low + 1, [], 0, 0, 0]
-        for name, (low, high, _) in sorted(COMMANDS.items())
-    ]
-
-
-@command("CONFIG", 1, 3)
-def _config(server: RespServer, session: Session, args: list[str]) -> Plan:
-    sub = args[0].upper()
-    if sub == "GET" and len(args) == 2:
-        pattern = args[1].lower()
-        return {k: v for k, v in server.config.items() if fnmatch.fnmatchcase(k, pattern)}
-    if sub == "SET":
-        return Error(
-            "ERR", "CONFIG SET is not supported: restart tokenpool serve with new settings"
-        )
-    if sub == "RESETSTAT":
-        return OK
-    return Error(
-        "ERR", f"unknown subcommand or wrong number of arguments for 'CONFIG|{args[0][:20]}'"
-    )

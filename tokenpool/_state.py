@@ -1,65 +1,91 @@
 """The pool as a pure state machine: the lease rules, with no I/O and no clock.
 
-Every operation that changes the pool takes ``now`` and returns its result
-with the list of changes it made (for the write-behind store). Reads see the
-pool as of the last call that took a ``now``; the actor calls ``advance(now)``
-before each batch so reads are never stale by more than that.
+Every operation takes ``now`` (integer microseconds since the Unix epoch) and
+appends the change records it makes to ``state.changes`` (see ``_model``);
+the actor hands them to the writer and to the event log after each batch.
 
 The rules:
 
 1. ``activate(user)``: a user who holds a lease gets that same lease back,
    unchanged. Otherwise the token that has been available the longest is
-   leased (FIFO). With no token available, the lease with the oldest
-   ``activated_at`` ends ``evicted`` and its token goes to the new user.
+   leased (FIFO). With no token available the pool's ``when_full`` policy
+   decides: ``evict`` ends the lease with the oldest ``activated_at``
+   (``evicted``) and gives its token to the newcomer, unless that lease is
+   younger than ``min_hold``; ``reject`` raises ``FullError``; ``wait`` queues
+   the caller (first come, first served) when it asked to wait, else raises
+   ``FullError``. A queued caller is granted the first token that frees up,
+   or gets ``FullError`` when its wait runs out.
 2. A lease covers ``[activated_at, expires_at)``: at ``expires_at`` it ends
-   ``expired``, and its usage's ``ended_at`` is exactly ``expires_at``
-   whenever the pool notices.
+   ``expired`` and its usage's ``ended_at`` is exactly ``expires_at``,
+   whenever the pool notices. ``expires_at`` is ``now + ttl``, never past
+   ``activated_at + max_lifetime``.
 3. ``release`` ends a lease ``released``; ``clear`` ends every lease
    ``cleared``; ``renew`` moves a current lease's ``expires_at`` to
-   ``now + ttl``. Nothing extends a lease by itself.
-4. ``revision`` grows by one for every operation that changes the pool and
-   for every lease that expires. A lease's ``fence`` is the revision that
-   granted it, so fences are unique and only grow.
-5. Every operation costs O(1) or O(log n) in the pool size: available tokens
-   are an insertion-ordered map (oldest first), leases an insertion-ordered
-   map in activation order (``now`` never goes back, so insertion order is
-   activation order), deadlines a heap with lazy deletion, compacted when
-   stale entries outnumber live ones.
+   ``now + ttl`` (capped as above). Nothing extends a lease by itself.
+4. ``revision`` grows by one for every grant, renewal, token change and
+   ended lease, except that an activation that evicts uses one revision for
+   both the eviction and the grant. So every ended lease has a revision of
+   its own (the total order of the history and its paging cursor), and a
+   lease's ``fence`` (the revision that granted it) is unique and only grows.
+5. Time never runs backwards: a ``now`` older than the last one seen is
+   taken as the last one.
+6. Lease operations cost O(1) or O(log n) in the pool size. Available tokens
+   are a ring buffer of slots (oldest first), leases an insertion-ordered
+   map in activation order, deadlines a heap with lazy deletion, token ids a
+   16-byte-per-token blob with a sorted index (about 40 bytes per token).
+7. Memory keeps the newest ``history_memory`` ended leases of the pool, per
+   token and per user. Older ones are only in the store; ``history`` says
+   from which revision down the store must be read.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from array import array
+from bisect import bisect_left
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
+from operator import itemgetter
+from typing import Any
 
 from ._errors import (
+    FullError,
     InvalidArgumentError,
     NotActiveError,
     NotHolderError,
-    UnavailableError,
     UnknownTokenError,
 )
-from ._ids import check_user_id, check_uuid, new_id
-from ._model import (
-    Change,
-    Lease,
-    Reason,
-    Renewed,
-    Stats,
-    Status,
-    TokensAdded,
-    TokensRemoved,
-    TokenStatus,
-    Usage,
-)
+from ._ids import check_user_id, new_id, uuid_bytes, uuid_text
+from ._model import ADD, END, GRANT, RENEW, RETIRE, Record
+from ._settings import PoolSettings, check_int
 
 HISTORY_LIMIT_MAX = 10_000
-"""The most history entries one ``history()`` call returns."""
+"""The most history entries one page returns."""
+PAGE_MAX = 1_000
+"""The most tokens one page of ``tokens_page`` returns."""
 
-_EXPIRED = Reason.EXPIRED
-_EVICTED = Reason.EVICTED
+EXPIRED = "expired"
+EVICTED = "evicted"
+RELEASED = "released"
+CLEARED = "cleared"
+
+WAITING = object()
+"""``activate_or_wait`` queued the caller: its result comes later through ``woken``."""
+
+_rev = itemgetter(7)
+_US = 1_000_000
+
+
+class Waiter:
+    """A caller queued on a full ``wait`` pool. ``ticket`` is the actor's handle on it."""
+
+    __slots__ = ("active", "ticket", "until", "user_id")
+
+    def __init__(self, ticket: object, user_id: str, until: int) -> None:
+        self.ticket = ticket
+        self.user_id = user_id
+        self.until = until
+        self.active = True
 
 
 class PoolState:
@@ -67,420 +93,709 @@ class PoolState:
 
     def __init__(
         self,
+        settings: PoolSettings | None = None,
         *,
-        ttl: float,
-        history_limit: int = 1000,
+        history_memory: int = 100_000,
         revision: int = 0,
         ids: Callable[[], str] = new_id,
     ) -> None:
-        if not ttl > 0:
-            raise InvalidArgumentError(f"ttl must be a positive number of seconds, not {ttl!r}")
-        if history_limit < 1:
-            raise InvalidArgumentError(f"history_limit must be at least 1, not {history_limit!r}")
-        self.ttl = timedelta(seconds=ttl)
-        self.history_limit = history_limit
+        self.history_memory = check_int(history_memory, "history_memory", 1, 10_000_000)
         self.revision = revision
         self._ids = ids
-        self._now: datetime | None = None
-        self._expires = datetime.min  # now + ttl for the current ``now``, computed once
-        # token id -> created_at, in creation order (the stable order of tokens()).
-        self._tokens: dict[str, datetime] = {}
-        self._available: OrderedDict[str, None] = OrderedDict()
-        # token id -> its current lease, oldest activation first.
-        self._leases: OrderedDict[str, Lease] = OrderedDict()
-        self._by_user: dict[str, Lease] = {}
-        # (expires_at, fence, token_id, lease_id); an entry is live only while
-        # that lease is current with that expires_at.
-        self._deadlines: list[tuple[datetime, int, str, str]] = []
-        # token id -> its ended leases, oldest first; created on a token's first
-        # ended lease (a million idle tokens cost no lists) and trimmed in steps
-        # to the newest ``history_limit`` entries (amortised O(1) per append).
-        self._history: dict[str, list[Usage]] = {}
-        self._history_trim = history_limit + max(1, history_limit // 4)
+        self._now = 0
+        self.changes: list[Record] = []
+        self.woken: list[tuple[object, object]] = []  # (ticket, lease record or error)
+        # Tokens, by slot (creation order). A retired slot stays as a tombstone.
+        self._blob = bytearray()  # 16 bytes of UUID per slot
+        self._created = array("q")
+        self._retired = bytearray()
+        self._live = 0
+        self._keys = array("Q")  # the first 8 bytes of each live token's UUID, sorted
+        self._key_slots = array("I")  # the slot of each entry of _keys
+        self._text: dict[int, str] = {}  # slot -> token id text, a bounded cache
+        # Available slots: a ring buffer, the longest available at the head.
+        self._ring = array("I")
+        self._head = 0
+        self._count = 0
+        # Leases: slot -> record in activation order; user -> record.
+        self._leases: OrderedDict[int, Record] = OrderedDict()
+        self._by_user: dict[str, Record] = {}
+        # (expires_us, fence, slot, lease_id): live only while that lease is current.
+        self._deadlines: list[tuple[int, int, int, str]] = []
+        # Ended leases, newest last: all of them (bounded), per slot and per user.
+        self._history: deque[Record] = deque()
+        self._by_slot: dict[int, list[Record]] = {}
+        self._user_history: dict[str, list[Record]] = {}
+        self.history_floor = revision + 1  # memory holds every ended lease from here up
+        # Callers waiting for a token (``wait`` pools), and their deadlines.
+        self._waiters: deque[Waiter] = deque()
+        self._waiter_of: dict[object, Waiter] = {}
+        self._wait_deadlines: list[tuple[int, int, Waiter]] = []
+        self._wait_seq = 0
+        self.waiting = 0
         self.activations = 0
         self.evictions = 0
         self.expirations = 0
         self.releases = 0
         self.clears = 0
         self.renewals = 0
+        self.refusals = 0
+        self.settings = settings or PoolSettings()
+        self._apply_settings(self.settings)
 
-    # -- time ---------------------------------------------------------------
+    # -- settings -------------------------------------------------------------
 
-    def _tick(self, now: datetime, changes: list[Change]) -> datetime:
-        """Move the pool's time to ``now`` (never back) and end every lease due by then."""
-        if now is not self._now:
-            last = self._now
-            if last is not None and now < last:
-                now = last
-            else:
-                self._now = now
-                self._expires = now + self.ttl
+    def _apply_settings(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.ttl_us = round(settings.ttl * _US)
+        self.min_hold_us = round(settings.min_hold * _US)
+        self.max_life_us = (
+            None if settings.max_lifetime is None else round(settings.max_lifetime * _US)
+        )
+        self.policy = settings.when_full
+        self._expires = self._now + self.ttl_us
+
+    def configure(self, settings: PoolSettings, now: int) -> None:
+        """Apply new settings: resize to ``settings.size``; the rules apply from now on.
+
+        Leases keep the ``expires_at`` they have. Leaving the ``wait`` policy
+        answers every queued caller ``FullError``.
+        """
+        now = self._tick(now)
+        waited = self.policy == "wait"
+        self._apply_settings(settings)
+        self._expires = now + self.ttl_us
+        if waited and self.policy != "wait":
+            for waiter in self._waiters:
+                if waiter.active:
+                    self._refuse_waiter(waiter, "the pool no longer waits when full")
+            self._waiters.clear()
+        self.resize(settings.size, now)
+
+    # -- time -----------------------------------------------------------------
+
+    def _tick(self, now: int) -> int:
+        """Move the pool's time to ``now`` (never back) and end what is due by then."""
+        if now > self._now:
+            self._now = now
+            self._expires = now + self.ttl_us
+        else:
+            now = self._now
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            expires_at, _fence, token_id, lease_id = heapq.heappop(deadlines)
-            lease = self._leases.get(token_id)
-            if lease is not None and lease.id == lease_id and lease.expires_at == expires_at:
-                self.revision += 1
+            expires_at, _fence, slot, lease_id = heapq.heappop(deadlines)
+            lease = self._leases.get(slot)
+            if lease is not None and lease[1] == lease_id and lease[6] == expires_at:
                 self.expirations += 1
-                changes.append(self._end(lease, expires_at, _EXPIRED))
+                self._end(lease, expires_at, EXPIRED)
+                self._free(slot)
+        waits = self._wait_deadlines
+        while waits and waits[0][0] <= now:
+            waiter = heapq.heappop(waits)[2]
+            if waiter.active:
+                self._refuse_waiter(waiter, "no token became free in time")
         return now
 
-    def advance(self, now: datetime) -> list[Change]:
-        """End every lease whose ``expires_at`` is at or before ``now``."""
-        changes: list[Change] = []
-        self._tick(now, changes)
-        return changes
+    def advance(self, now: int) -> None:
+        """End every lease whose ``expires_at`` is at or before ``now``; time out waiters."""
+        self._tick(now)
 
-    def next_deadline(self) -> datetime | None:
-        """When the next lease expires (``None`` if none is active): the actor's one timer."""
+    def next_deadline(self) -> int | None:
+        """When the next lease expires or wait runs out (``None`` if neither): the actor's timer."""
         deadlines = self._deadlines
+        leases = self._leases
         while deadlines:
-            expires_at, _fence, token_id, lease_id = deadlines[0]
-            lease = self._leases.get(token_id)
-            if lease is not None and lease.id == lease_id and lease.expires_at == expires_at:
-                return expires_at
+            expires_at, _fence, slot, lease_id = deadlines[0]
+            lease = leases.get(slot)
+            if lease is not None and lease[1] == lease_id and lease[6] == expires_at:
+                break
             heapq.heappop(deadlines)
-        return None
+        waits = self._wait_deadlines
+        while waits and not waits[0][2].active:
+            heapq.heappop(waits)
+        first = deadlines[0][0] if deadlines else None
+        if waits and (first is None or waits[0][0] < first):
+            return waits[0][0]
+        return first
+
+    @property
+    def now(self) -> int:
+        """The newest time the pool has seen."""
+        return self._now
 
     # -- tokens ---------------------------------------------------------------
 
-    def add_tokens(self, token_ids: Iterable[str], now: datetime) -> list[Change]:
-        """Add tokens (available, behind those already available)."""
-        added: list[str] = []
-        for raw in token_ids:
-            token_id = check_uuid(raw, "token_id")
-            if token_id in self._tokens:
-                raise InvalidArgumentError(f"token {token_id} is already in the pool")
-            self._tokens[token_id] = now
-            self._available[token_id] = None
-            added.append(token_id)
-        if not added:
+    @property
+    def size(self) -> int:
+        return self._live
+
+    def slot_of(self, token_id: object) -> int:
+        """The slot of a live token. Raises ``InvalidArgumentError``, ``UnknownTokenError``."""
+        raw = uuid_bytes(token_id, "token_id")
+        key = int.from_bytes(raw[:8])
+        keys = self._keys
+        i = bisect_left(keys, key)
+        blob = self._blob
+        while i < len(keys) and keys[i] == key:
+            slot = self._key_slots[i]
+            if blob[16 * slot : 16 * slot + 16] == raw and not self._retired[slot]:
+                return slot
+            i += 1
+        raise UnknownTokenError(f"no token {uuid_text(raw)} in this pool")
+
+    def token_text(self, slot: int) -> str:
+        """The token id of a slot (cached: every ACTIVATE reply names its token)."""
+        text = self._text.get(slot)
+        if text is None:
+            if len(self._text) >= 100_000:
+                self._text.clear()
+            text = self._text[slot] = uuid_text(bytes(self._blob[16 * slot : 16 * slot + 16]))
+        return text
+
+    def _index(self, slots: list[int]) -> None:
+        """Add new slots to the sorted key index (retired slots stay in it, skipped on lookup)."""
+        blob = self._blob
+        if len(slots) < 64:
+            for slot in slots:
+                key = int.from_bytes(blob[16 * slot : 16 * slot + 8])
+                i = bisect_left(self._keys, key)
+                self._keys.insert(i, key)
+                self._key_slots.insert(i, slot)
+            return
+        pairs = sorted(
+            [(int.from_bytes(blob[16 * s : 16 * s + 8]), s) for s in slots]
+            + list(zip(self._keys, self._key_slots, strict=True))
+        )
+        self._keys = array("Q", [k for k, _ in pairs])
+        self._key_slots = array("I", [s for _, s in pairs])
+
+    def _grow_ring(self, capacity: int) -> None:
+        ring = self._ring
+        if capacity <= len(ring):
+            return
+        ordered = [ring[(self._head + i) % len(ring)] for i in range(self._count)] if ring else []
+        self._ring = array("I", ordered)
+        self._ring.extend([0] * (capacity - len(ordered)))
+        self._head = 0
+
+    def _push_free(self, slot: int) -> None:
+        ring = self._ring
+        ring[(self._head + self._count) % len(ring)] = slot
+        self._count += 1
+
+    def _new_slots(self, raws: list[bytes], created: int) -> list[int]:
+        first = len(self._retired)
+        for raw in raws:
+            self._blob += raw
+        self._created.extend([created] * len(raws))
+        self._retired.extend(bytes(len(raws)))
+        self._live += len(raws)
+        self._grow_ring(len(self._retired))
+        return list(range(first, first + len(raws)))
+
+    def add_tokens(self, token_ids: Iterable[str], now: int) -> list[int]:
+        """Add tokens, available behind those already available. Returns their slots."""
+        now = self._tick(now)
+        raws = [uuid_bytes(t, "token_id") for t in token_ids]
+        if len(set(raws)) != len(raws):
+            raise InvalidArgumentError("the same token id was given twice")
+        for raw in raws:
+            key = int.from_bytes(raw[:8])
+            i = bisect_left(self._keys, key)
+            while i < len(self._keys) and self._keys[i] == key:
+                if self._blob[16 * self._key_slots[i] : 16 * self._key_slots[i] + 16] == raw:
+                    raise InvalidArgumentError(f"token {uuid_text(raw)} was already in the pool")
+                i += 1
+        if not raws:
             return []
+        slots = self._new_slots(raws, now)
+        self._index(slots)
         self.revision += 1
-        return [TokensAdded(tuple(added), now)]
+        self.changes.append(
+            (ADD, self.revision, now, tuple((s, uuid_text(r)) for s, r in zip(slots, raws, strict=True)))
+        )
+        for slot in slots:
+            self._free(slot)
+        return slots
 
-    def restore_tokens(self, tokens: Iterable[tuple[str, datetime]]) -> None:
-        """Put back tokens loaded from the store (recovery), in their stable order."""
-        for token_id, created_at in tokens:
-            self._tokens[check_uuid(token_id, "token_id")] = created_at
-            self._available[token_id] = None
+    def restore_tokens(self, tokens: Iterable[tuple[str, int]]) -> None:
+        """Put back tokens loaded from the store (recovery): slots in exactly this order."""
+        slots: list[int] = []
+        run: list[bytes] = []
+        created = None
+        for token_id, at in tokens:
+            if at != created and run:
+                slots += self._new_slots(run, created)  # type: ignore[arg-type]
+                run = []
+            created = at
+            run.append(uuid_bytes(token_id, "token_id"))
+        if run:
+            slots += self._new_slots(run, created)  # type: ignore[arg-type]
+        self._index(slots)
 
-    def resize(self, size: int, now: datetime) -> list[Change]:
+    def resize(self, size: int, now: int) -> None:
         """Grow or shrink the pool to ``size`` tokens.
 
-        Growing mints new tokens. Shrinking removes available tokens first
-        (the most recently freed ones), then ends the oldest leases
-        (``evicted``) and removes their tokens.
+        Growing mints new tokens (sorted by id, the order the stores load them
+        in). Shrinking retires available tokens first (the most recently freed),
+        then ends the oldest leases (``evicted``) and retires their tokens.
         """
-        if size < 1:
-            raise InvalidArgumentError(f"size must be at least 1, not {size!r}")
-        changes: list[Change] = []
-        self._tick(now, changes)
-        missing = size - len(self._tokens)
+        check_int(size, "size", 1, 10_000_000)
+        now = self._tick(now)
+        missing = size - self._live
         if missing > 0:
-            # Sorted: the stores load tokens in (created_at, id) order, so the
-            # order of tokens() is the same before and after a restart.
-            changes += self.add_tokens(sorted(self._ids() for _ in range(missing)), now)
+            self.add_tokens(sorted(self._ids() for _ in range(missing)), now)
         elif missing < 0:
-            removed: list[str] = []
-            while len(self._tokens) - len(removed) > size and self._available:
-                removed.append(self._available.popitem(last=True)[0])
-            while len(self._tokens) - len(removed) > size:
-                token_id, lease = next(iter(self._leases.items()))
+            removed: list[int] = []
+            while self._live - len(removed) > size and self._count:
+                self._count -= 1
+                removed.append(self._ring[(self._head + self._count) % len(self._ring)])
+            while self._live - len(removed) > size:
+                slot, lease = next(iter(self._leases.items()))
                 self.evictions += 1
-                changes.append(self._end(lease, now, _EVICTED))
-                del self._available[token_id]
-                removed.append(token_id)
-            for token_id in removed:
-                del self._tokens[token_id]
-                self._history.pop(token_id, None)
+                self._end(lease, now, EVICTED)
+                removed.append(slot)
+            for slot in removed:
+                self._retired[slot] = 1
+                self._text.pop(slot, None)
+            self._live -= len(removed)
             self.revision += 1
-            changes.append(TokensRemoved(tuple(removed)))
-        return changes
+            self.changes.append((RETIRE, self.revision, now, tuple(removed)))
 
-    def restore_lease(self, lease: Lease) -> None:
+    def restore_lease(self, lease: Record) -> None:
         """Put back a lease loaded from the store (recovery). Load them oldest first.
 
-        The caller ends the leases that expired meanwhile with ``advance(now)``.
+        ``lease`` is a GRANT record; the caller ends the leases that expired
+        meanwhile with ``advance(now)``.
         """
-        token_id = lease.token_id
-        if token_id not in self._tokens:
-            raise UnknownTokenError(f"token {token_id} of lease {lease.id} is not in the pool")
-        if token_id in self._leases or lease.user_id in self._by_user:
-            raise InvalidArgumentError(f"lease {lease.id} collides with a lease already restored")
-        del self._available[token_id]
-        self._grant(lease)
-        self.revision = max(self.revision, lease.fence)
+        slot = lease[2]
+        if slot in self._leases or lease[3] in self._by_user:
+            raise InvalidArgumentError(f"lease {lease[1]} collides with a lease already restored")
+        self._grant(lease)  # ``restored()`` then rebuilds the ring without its slot
+        self.revision = max(self.revision, lease[7], lease[4])
 
-    def restore_counters(self, ended: dict[str, int]) -> None:
-        """Put back the lifetime counters from the store's history (``renewals`` is not kept)."""
-        self.expirations = ended.get(Reason.EXPIRED, 0)
-        self.evictions = ended.get(Reason.EVICTED, 0)
-        self.releases = ended.get(Reason.RELEASED, 0)
-        self.clears = ended.get(Reason.CLEARED, 0)
-        self.activations = len(self._leases) + sum(ended.values())
+    def restored(self) -> None:
+        """Recovery is done: rebuild the ring from the slots no restored lease holds."""
+        leased = self._leases
+        free = [s for s in range(len(self._retired)) if not self._retired[s] and s not in leased]
+        self._ring = array("I", free)
+        self._ring.extend([0] * (len(self._retired) - len(free)))
+        self._head = 0
+        self._count = len(free)
+        self.history_floor = self.revision + 1
+
+    def restore_counters(self, counters: dict[str, int]) -> None:
+        """Put back the lifetime counters kept in the store."""
+        for name in ("activations", "evictions", "expirations", "releases", "clears"):
+            setattr(self, name, int(counters.get(name, 0)))
+        self.renewals = int(counters.get("renewals", 0))
+        self.refusals = int(counters.get("refusals", 0))
 
     # -- operations that change the pool ------------------------------------
 
-    def activate(self, user_id: str, now: datetime) -> tuple[Lease, list[Change]]:
-        """Lease a token to ``user_id`` (rule 1). Raises ``InvalidArgumentError``."""
-        changes: list[Change] = []
-        now = self._tick(now, changes)
-        return self._activate(user_id, now, changes), changes
-
-    def activate_many(
-        self, user_ids: Iterable[str], now: datetime
-    ) -> tuple[list[Lease | InvalidArgumentError], list[Change]]:
-        """``activate`` for each user in order; a malformed user id yields its error."""
-        changes: list[Change] = []
-        now = self._tick(now, changes)
-        results: list[Lease | InvalidArgumentError] = []
-        activate = self._activate
-        for user_id in user_ids:
-            try:
-                results.append(activate(user_id, now, changes))
-            except InvalidArgumentError as error:
-                results.append(error)
-        return results, changes
-
-    def _activate(self, user_id: str, now: datetime, changes: list[Change]) -> Lease:
+    def activate(self, user_id: str, now: int) -> Record:
+        """Lease a token to ``user_id`` (rule 1). Raises ``InvalidArgumentError``, ``FullError``."""
         # The hot path of the whole service, hence inlined by hand.
-        by_user = self._by_user
+        if now > self._now:
+            self._now = now
+            self._expires = now + self.ttl_us
+            if self._deadlines and self._deadlines[0][0] <= now:
+                self._tick(now)
+        else:
+            now = self._now
         if type(user_id) is str:
-            held = by_user.get(user_id)
+            held = self._by_user.get(user_id)
             if held is not None:
                 return held  # a key of _by_user was checked when it was granted
         check_user_id(user_id)
         leases = self._leases
-        if self._available:
-            token_id = self._available.popitem(last=False)[0]
-        elif leases:
-            token_id, oldest = leases.popitem(last=False)
-            del by_user[oldest.user_id]
-            usage = Usage(oldest.id, token_id, oldest.user_id, oldest.activated_at, now, _EVICTED)
-            history = self._history.get(token_id)
-            if history is None or len(history) >= self._history_trim:
-                self._remember(usage)
-            else:
-                history.append(usage)
-            changes.append(usage)
+        if self._count:
+            ring = self._ring
+            slot = ring[self._head]
+            self._head = (self._head + 1) % len(ring)
+            self._count -= 1
+            self.revision = fence = self.revision + 1
+        elif self.policy == "evict" and leases:
+            slot, oldest = next(iter(leases.items()))
+            if self.min_hold_us and now - oldest[5] < self.min_hold_us:
+                self.refusals += 1
+                raise FullError(
+                    f"every token is held, none for at least min-hold {self.settings.min_hold:g} s"
+                )
+            del leases[slot]
+            del self._by_user[oldest[3]]
+            self.revision = fence = self.revision + 1
             self.evictions += 1
+            self._remember((END, oldest[1], slot, oldest[3], oldest[4], oldest[5], now, fence, EVICTED))
         else:
-            raise UnavailableError("the pool has no tokens")
-        self.revision = fence = self.revision + 1
+            self.refusals += 1
+            if not leases:
+                raise FullError("the pool has no tokens")
+            raise FullError(f"every token of the pool is held (when-full {self.policy})")
         self.activations += 1
-        expires_at = self._expires
-        lease_id = self._ids()
-        lease = Lease(lease_id, token_id, user_id, fence, now, expires_at)
-        leases[token_id] = lease
-        by_user[user_id] = lease
+        expires = self._expires
+        if self.max_life_us is not None and self.max_life_us < self.ttl_us:
+            expires = now + self.max_life_us
+        lease = (GRANT, self._ids(), slot, user_id, fence, now, expires, fence)
+        leases[slot] = lease
+        self._by_user[user_id] = lease
         deadlines = self._deadlines
-        heapq.heappush(deadlines, (expires_at, fence, token_id, lease_id))
+        heapq.heappush(deadlines, (expires, fence, slot, lease[1]))
         if len(deadlines) > 2 * len(leases) + 64:
             self._compact_deadlines()
-        changes.append(lease)
+        self.changes.append(lease)
         return lease
 
-    def release(
-        self, token_id: str, user_id: str | None, now: datetime
-    ) -> tuple[Usage, list[Change]]:
-        """End the token's lease ``released``.
+    def activate_or_wait(
+        self, user_id: str, now: int, ticket: object, wait: float | None
+    ) -> Record | object:
+        """``activate``, or queue the caller of a full ``wait`` pool for up to ``wait`` seconds.
+
+        Returns the lease, or ``WAITING``: the lease (or a ``FullError``) then
+        appears in ``woken`` with ``ticket``. Without ``wait`` (or with 0) a full
+        ``wait`` pool raises ``FullError`` at once, first come first served.
+        """
+        now = self._tick(now)
+        if self.policy != "wait" or not wait or self._count or type(user_id) is not str:
+            return self.activate(user_id, now)
+        held = self._by_user.get(user_id)
+        if held is not None:
+            return held
+        check_user_id(user_id)
+        until = now + max(1, round(wait * _US))
+        waiter = Waiter(ticket, user_id, until)
+        self._waiters.append(waiter)
+        self._waiter_of[ticket] = waiter
+        self._wait_seq += 1
+        heapq.heappush(self._wait_deadlines, (until, self._wait_seq, waiter))
+        self.waiting += 1
+        return WAITING
+
+    def cancel_wait(self, ticket: object) -> bool:
+        """Take a queued caller off the queue (its caller gave up). Whether it was queued."""
+        waiter = self._waiter_of.pop(ticket, None)
+        if waiter is None or not waiter.active:
+            return False
+        waiter.active = False
+        self.waiting -= 1
+        return True
+
+    def release(self, token_id: str, user_id: str | None, now: int) -> Record:
+        """End the token's lease ``released``; returns its END record.
 
         Raises ``UnknownTokenError``, ``NotActiveError`` (no lease), ``NotHolderError``
         (``user_id`` given and not the holder), ``InvalidArgumentError``.
         """
-        token_id = self._token_id(token_id)
+        slot = self.slot_of(token_id)
         if user_id is not None:
             check_user_id(user_id)
-        changes: list[Change] = []
-        now = self._tick(now, changes)
-        lease = self._leases.get(token_id)
+        now = self._tick(now)
+        lease = self._leases.get(slot)
         if lease is None:
-            raise NotActiveError(f"token {token_id} is not active")
-        if user_id is not None and lease.user_id != user_id:
-            raise NotHolderError(f"user {user_id!r} does not hold token {token_id}")
-        self.revision += 1
+            raise NotActiveError(f"token {self.token_text(slot)} is not active")
+        if user_id is not None and lease[3] != user_id:
+            raise NotHolderError(f"user {user_id!r} does not hold token {self.token_text(slot)}")
         self.releases += 1
-        usage = self._end(lease, now, Reason.RELEASED)
-        changes.append(usage)
-        return usage, changes
+        ended = self._end(lease, now, RELEASED)
+        self._free(slot)
+        return ended
 
-    def release_lease(self, token_id: str, lease_id: str, now: datetime) -> list[Change]:
+    def release_lease(self, slot: int, lease_id: str, now: int) -> None:
         """End that exact lease ``released`` if it is still current; else do nothing.
 
         The undo for a grant whose caller was cancelled before it saw the reply.
         """
-        changes: list[Change] = []
-        now = self._tick(now, changes)
-        lease = self._leases.get(token_id)
-        if lease is not None and lease.id == lease_id:
-            self.revision += 1
+        now = self._tick(now)
+        lease = self._leases.get(slot)
+        if lease is not None and lease[1] == lease_id:
             self.releases += 1
-            changes.append(self._end(lease, now, Reason.RELEASED))
-        return changes
+            self._end(lease, now, RELEASED)
+            self._free(slot)
 
-    def renew(self, token_id: str, lease_id: str, now: datetime) -> tuple[Lease, list[Change]]:
-        """Move the lease's ``expires_at`` to ``now + ttl``.
+    def renew(self, token_id: str, lease_id: str, now: int) -> Record:
+        """Move the lease's ``expires_at`` to ``now + ttl`` (capped by ``max_lifetime``).
 
         Raises ``NotHolderError`` when that lease is not the token's current one
         (it ended, or another lease replaced it), ``UnknownTokenError``,
         ``InvalidArgumentError``.
         """
-        lease_id = check_uuid(lease_id, "lease_id")
-        token_id = self._token_id(token_id)
-        changes: list[Change] = []
-        now = self._tick(now, changes)
-        lease = self._leases.get(token_id)
-        if lease is None or lease.id != lease_id:
-            raise NotHolderError(f"lease {lease_id} is not the current lease of token {token_id}")
-        renewed = Lease(
-            lease.id, token_id, lease.user_id, lease.fence, lease.activated_at, self._expires
-        )
-        # Replace in place: renewing keeps the lease's place in activation order.
-        self._leases[token_id] = renewed
-        self._by_user[lease.user_id] = renewed
-        self._push_deadline(renewed)
+        lease_id = uuid_text(uuid_bytes(lease_id, "lease_id"))
+        slot = self.slot_of(token_id)
+        now = self._tick(now)
+        lease = self._leases.get(slot)
+        if lease is None or lease[1] != lease_id:
+            raise NotHolderError(
+                f"lease {lease_id} is not the current lease of token {self.token_text(slot)}"
+            )
+        expires = self._expires
+        if self.max_life_us is not None:
+            expires = min(expires, lease[5] + self.max_life_us)
+        expires = max(expires, lease[6]) if self.max_life_us is not None else expires
         self.revision += 1
+        renewed = (RENEW, lease[1], slot, lease[3], lease[4], lease[5], expires, self.revision)
+        # Replace in place: renewing keeps the lease's place in activation order.
+        self._leases[slot] = renewed
+        self._by_user[lease[3]] = renewed
+        self._push_deadline(renewed)
         self.renewals += 1
-        changes.append(Renewed(renewed))
-        return renewed, changes
+        self.changes.append(renewed)
+        return renewed
 
-    def clear(self, now: datetime) -> tuple[int, list[Change]]:
+    def clear(self, now: int) -> int:
         """End every active lease ``cleared``; return how many."""
-        changes: list[Change] = []
-        now = self._tick(now, changes)
+        now = self._tick(now)
         count = len(self._leases)
-        if count:
-            self.revision += 1
-            self.clears += count
-            for lease in list(self._leases.values()):
-                changes.append(self._end(lease, now, Reason.CLEARED))
-        return count, changes
+        self.clears += count
+        for lease in list(self._leases.values()):
+            self._end(lease, now, CLEARED)
+            self._free(lease[2])
+        return count
+
+    def end_all(self, now: int) -> int:
+        """``clear``, and refuse every queued caller: the pool is being dropped."""
+        count = self.clear(now)
+        for waiter in self._waiters:
+            if waiter.active:
+                self._refuse_waiter(waiter, "the pool was dropped")
+        self._waiters.clear()
+        return count
+
+    def end_waits(self) -> list[object]:
+        """Take every queued caller off the queue (the pool is closing); their tickets."""
+        tickets = [w.ticket for w in self._waiters if w.active]
+        for waiter in self._waiters:
+            waiter.active = False
+        self._waiters.clear()
+        self._waiter_of.clear()
+        self._wait_deadlines.clear()
+        self.waiting = 0
+        return tickets
 
     # -- reads ------------------------------------------------------------------
 
     def validate(self, token_id: str, lease_id: str) -> bool:
         """Whether that lease is the token's current one. Raises ``UnknownTokenError``."""
-        lease_id = check_uuid(lease_id, "lease_id")
-        token_id = self._token_id(token_id)
-        lease = self._leases.get(token_id)
-        return lease is not None and lease.id == lease_id
+        lease_id = uuid_text(uuid_bytes(lease_id, "lease_id"))
+        lease = self._leases.get(self.slot_of(token_id))
+        return lease is not None and lease[1] == lease_id
 
-    def tokens(self) -> list[TokenStatus]:
-        """Every token, in creation order."""
+    def token(self, token_id: str) -> tuple[int, Record | None]:
+        """One token: its slot and its lease (``None`` when available)."""
+        slot = self.slot_of(token_id)
+        return slot, self._leases.get(slot)
+
+    def tokens_page(self, cursor: int, count: int) -> tuple[int, list[tuple[int, Record | None]]]:
+        """Up to ``count`` live tokens from slot ``cursor`` on, in creation order.
+
+        Returns the next cursor (0 once the last token was returned, as Redis's
+        SCAN) and (slot, lease or None) pairs.
+        """
+        check_int(count, "count", 1, HISTORY_LIMIT_MAX)
+        retired = self._retired
         leases = self._leases
-        return [self._status(token_id, leases.get(token_id)) for token_id in self._tokens]
+        out: list[tuple[int, Record | None]] = []
+        slot = max(0, cursor)
+        end = len(retired)
+        while slot < end and len(out) < count:
+            if not retired[slot]:
+                out.append((slot, leases.get(slot)))
+            slot += 1
+        while slot < end and retired[slot]:
+            slot += 1
+        return (slot if slot < end else 0), out
 
-    def token(self, token_id: str) -> TokenStatus:
-        """One token's status. Raises ``UnknownTokenError``, ``InvalidArgumentError``."""
-        token_id = self._token_id(token_id)
-        return self._status(token_id, self._leases.get(token_id))
-
-    def lease_of(self, user_id: str) -> Lease | None:
-        """The user's active lease, or ``None``."""
+    def lease_of(self, user_id: str) -> Record | None:
+        """The user's active lease record, or ``None``."""
         return self._by_user.get(check_user_id(user_id))
 
-    def history(self, token_id: str, limit: int = 100) -> list[Usage]:
-        """The token's ended leases kept in memory, newest first, at most ``limit``."""
+    def history(
+        self, token_id: str, limit: int = 100, before: int | None = None
+    ) -> tuple[list[Record], int]:
+        """The token's ended leases kept in memory, newest first, revision below ``before``.
+
+        Returns the entries and ``store_before``: when the page is not full and
+        older entries may exist only in the store, the revision below which the
+        store must be read (0 when memory has answered for everything).
+        """
         check_limit(limit)
-        token_id = self._token_id(token_id)
-        history = self._history.get(token_id, ())
-        count = min(limit, len(history), self.history_limit)
-        return [history[-1 - i] for i in range(count)]
+        slot = self.slot_of(token_id)
+        return self._page(self._by_slot.get(slot), limit, before)
 
-    def history_kept(self, token_id: str) -> int:
-        """How many entries of the token's history are in memory (the rest are in the store)."""
-        kept = len(self._history.get(self._token_id(token_id), ()))
-        return min(kept, self.history_limit)
+    def user_history(
+        self, user_id: str, limit: int = 100, before: int | None = None
+    ) -> tuple[list[Record], int]:
+        """As ``history``, for the leases one user held (on any token)."""
+        check_limit(limit)
+        return self._page(self._user_history.get(check_user_id(user_id)), limit, before)
 
-    def leases(self) -> list[Lease]:
-        """Every active lease, oldest activation first."""
+    def _page(
+        self, entries: list[Record] | None, limit: int, before: int | None
+    ) -> tuple[list[Record], int]:
+        if before is not None:
+            check_int(before, "before", 1, 2**63 - 1)
+        cap = before if before is not None else 2**63
+        page: list[Record] = []
+        if entries:
+            stop = bisect_left(entries, cap, key=_rev) if before is not None else len(entries)
+            page = entries[max(0, stop - limit) : stop][::-1]
+        if len(page) >= limit:
+            return page, 0
+        lowest = page[-1][7] if page else cap
+        store_before = min(lowest, self.history_floor)
+        return page, (store_before if store_before > 1 else 0)
+
+    def leases(self) -> list[Record]:
+        """Every active lease record, oldest activation first."""
         return list(self._leases.values())
 
     def token_ids(self) -> list[str]:
-        """Every token id, in creation order."""
-        return list(self._tokens)
+        """Every live token id, in creation order."""
+        return [self.token_text(s) for s in range(len(self._retired)) if not self._retired[s]]
 
-    def stats(self) -> Stats:
-        """The pool's counters."""
-        return Stats(
-            size=len(self._tokens),
-            active=len(self._leases),
-            available=len(self._available),
-            revision=self.revision,
-            activations=self.activations,
-            evictions=self.evictions,
-            expirations=self.expirations,
-            releases=self.releases,
-            clears=self.clears,
-            renewals=self.renewals,
-        )
+    def slots(self) -> list[tuple[int, str, int]]:
+        """(slot, token id, created) of every live token, for the store process."""
+        return [
+            (s, self.token_text(s), self._created[s])
+            for s in range(len(self._retired))
+            if not self._retired[s]
+        ]
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "activations": self.activations,
+            "evictions": self.evictions,
+            "expirations": self.expirations,
+            "releases": self.releases,
+            "clears": self.clears,
+            "renewals": self.renewals,
+            "refusals": self.refusals,
+        }
 
     @property
-    def size(self) -> int:
-        return len(self._tokens)
+    def active(self) -> int:
+        return len(self._leases)
+
+    @property
+    def available(self) -> int:
+        return self._count
 
     # -- internals --------------------------------------------------------------
 
-    def _token_id(self, token_id: str) -> str:
-        if token_id in self._tokens:
-            return token_id
-        token_id = check_uuid(token_id, "token_id")
-        if token_id not in self._tokens:
-            raise UnknownTokenError(f"no token {token_id} in this pool")
-        return token_id
-
-    def _grant(self, lease: Lease) -> None:
-        self._leases[lease.token_id] = lease
-        self._by_user[lease.user_id] = lease
+    def _grant(self, lease: Record) -> None:
+        self._leases[lease[2]] = lease
+        self._by_user[lease[3]] = lease
         self._push_deadline(lease)
 
-    def _push_deadline(self, lease: Lease) -> None:
+    def _push_deadline(self, lease: Record) -> None:
         deadlines = self._deadlines
-        heapq.heappush(deadlines, (lease.expires_at, lease.fence, lease.token_id, lease.id))
+        heapq.heappush(deadlines, (lease[6], lease[4], lease[2], lease[1]))
         if len(deadlines) > 2 * len(self._leases) + 64:
             self._compact_deadlines()
 
     def _compact_deadlines(self) -> None:
         # Stale entries (ended or renewed leases) outnumber live ones: rebuild
         # from the live leases, O(n) once per n pushes.
-        self._deadlines = [
-            (lease.expires_at, lease.fence, lease.token_id, lease.id)
-            for lease in self._leases.values()
-        ]
+        self._deadlines = [(x[6], x[4], x[2], x[1]) for x in self._leases.values()]
         heapq.heapify(self._deadlines)
 
-    def _end(self, lease: Lease, ended_at: datetime, reason: Reason) -> Usage:
-        token_id = lease.token_id
-        del self._leases[token_id]
-        del self._by_user[lease.user_id]
-        self._available[token_id] = None
-        usage = Usage(lease.id, token_id, lease.user_id, lease.activated_at, ended_at, reason)
-        self._remember(usage)
-        return usage
+    def _end(self, lease: Record, ended_at: int, reason: str) -> Record:
+        slot = lease[2]
+        del self._leases[slot]
+        del self._by_user[lease[3]]
+        self.revision += 1
+        ended = (END, lease[1], slot, lease[3], lease[4], lease[5], ended_at, self.revision, reason)
+        self._remember(ended)
+        return ended
 
-    def _remember(self, usage: Usage) -> None:
-        history = self._history.get(usage.token_id)
-        if history is None:
-            self._history[usage.token_id] = [usage]
+    def _free(self, slot: int) -> None:
+        """A token became available: the first queued caller gets it, else the ring."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            self._waiter_of.pop(waiter.ticket, None)
+            if not waiter.active:
+                continue
+            waiter.active = False
+            self.waiting -= 1
+            held = self._by_user.get(waiter.user_id)
+            if held is not None:  # granted to an earlier waiter of the same user
+                self.woken.append((waiter.ticket, held))
+                continue
+            self.revision = fence = self.revision + 1
+            self.activations += 1
+            now = self._now
+            expires = now + self.ttl_us
+            if self.max_life_us is not None:
+                expires = min(expires, now + self.max_life_us)
+            lease = (GRANT, self._ids(), slot, waiter.user_id, fence, now, expires, fence)
+            self._grant(lease)
+            self.changes.append(lease)
+            self.woken.append((waiter.ticket, lease))
             return
-        history.append(usage)
-        if len(history) > self._history_trim:
-            del history[: -self.history_limit]
+        self._push_free(slot)
 
-    @staticmethod
-    def _status(token_id: str, lease: Lease | None) -> TokenStatus:
-        if lease is None:
-            return TokenStatus(token_id, Status.AVAILABLE, None, None, None)
-        return TokenStatus(
-            token_id, Status.ACTIVE, lease.user_id, lease.activated_at, lease.expires_at
-        )
+    def _refuse_waiter(self, waiter: Waiter, why: str) -> None:
+        self._waiter_of.pop(waiter.ticket, None)
+        waiter.active = False
+        self.waiting -= 1
+        self.refusals += 1
+        self.woken.append((waiter.ticket, FullError(f"every token of the pool is held: {why}")))
+
+    def _remember(self, ended: Record) -> None:
+        self.changes.append(ended)
+        history = self._history
+        history.append(ended)
+        per_slot = self._by_slot.get(ended[2])
+        if per_slot is None:
+            self._by_slot[ended[2]] = [ended]
+        else:
+            per_slot.append(ended)
+        per_user = self._user_history.get(ended[3])
+        if per_user is None:
+            self._user_history[ended[3]] = [ended]
+        else:
+            per_user.append(ended)
+        if len(history) > self.history_memory + (self.history_memory >> 3):
+            self._trim_history()
+
+    def _trim_history(self) -> None:
+        """Forget the oldest ended leases past ``history_memory`` (amortised O(1) each).
+
+        The oldest entry of the pool is also the oldest of its token and of its
+        user, so trimming from the front keeps every per-token and per-user
+        list a complete suffix: memory holds everything from ``history_floor`` up.
+        """
+        history = self._history
+        slots: dict[int, int] = {}
+        users: dict[str, int] = {}
+        last = 0
+        while len(history) > self.history_memory:
+            ended = history.popleft()
+            slots[ended[2]] = slots.get(ended[2], 0) + 1
+            users[ended[3]] = users.get(ended[3], 0) + 1
+            last = ended[7]
+        for slot, n in slots.items():
+            entries = self._by_slot[slot]
+            del entries[:n]
+            if not entries:
+                del self._by_slot[slot]
+        for user, n in users.items():
+            entries = self._user_history[user]
+            del entries[:n]
+            if not entries:
+                del self._user_history[user]
+        self.history_floor = max(self.history_floor, last + 1)
+
+    def statistics(self) -> dict[str, Any]:
+        """Sizes of the internal structures (for tests and ``INFO``)."""
+        return {
+            "deadlines": len(self._deadlines),
+            "history_in_memory": len(self._history),
+            "history_floor": self.history_floor,
+            "waiters_queued": len(self._waiters),
+        }
 
 
 def check_limit(limit: object) -> int:
     """Return ``limit`` if it is a valid history limit, else raise ``InvalidArgumentError``."""
-    if not isinstance(limit, int) or isinstance(limit, bool):
-        raise InvalidArgumentError(f"limit must be an integer, not {type(limit).__name__}")
-    if not 1 <= limit <= HISTORY_LIMIT_MAX:
-        raise InvalidArgumentError(f"limit must be from 1 to {HISTORY_LIMIT_MAX}, not {limit}")
-    return limit
+    return check_int(limit, "limit", 1, HISTORY_LIMIT_MAX)

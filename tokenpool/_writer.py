@@ -1,266 +1,605 @@
-"""Write-behind: the task that carries the actor's changes to the store in batches.
+"""Write-behind, the server's side: per-pool backlogs and the link to the store process.
 
-The actor never waits on the database: it hands each batch of changes to
-``submit`` (no await, no I/O) and moves on. This task takes everything
-queued, coalesces it into one ``Batch`` and writes it in ONE transaction on
-the store's thread (one thread per pool, so writes keep their order). While
-a write is in flight new changes queue up, so the next batch is bigger: group
-commit falls out of the design.
+The actor never waits on the database: it hands each batch's change records
+to ``Writer.submit`` (no await, no I/O) and moves on. ``StoreLink`` owns one
+store process (``_store/child.py``) per store: a sender task ships what was
+submitted, as it is, in one frame per pool (pickle of lists of tuples: C
+speed), and a receiver task reads the acknowledgements. The writer reports
+what committed (``committed``); the actor, which owns its callers, answers
+them: this module never touches a request beyond finishing the waiters it
+was handed.
 
 Rules it keeps:
-- A batch is idempotent (rows keyed by lease id), so after an ambiguous
-  failure it is retried whole, grown by whatever arrived meanwhile.
-- Every attempt has a deadline (the store's ``statement_timeout`` and a
-  client-side ``fail_after``); failures back off exponentially with jitter,
-  capped at ``retry_cap``. The link's state changes (up, retrying, down,
-  fenced) are logged once each, not once per attempt.
-- The backlog (changes not yet committed) is bounded: at ``max_backlog``
+- The backlog (changes not yet acknowledged) is bounded: at ``max_backlog``
   ``full()`` turns true and the actor refuses activations with
-  ``UnavailableError`` until it drains.
-- ``sync`` durability: callers are answered only when the batch holding
-  their change has committed; one waiting longer than ``write_timeout`` is
-  answered ``UnavailableError`` (and the leases it was granted are released).
+  ``UnavailableError`` until it drains. Crossing the high-water mark and
+  draining are logged once each.
+- ``sync`` durability: callers are answered only once the batch holding their
+  change has committed; one waiting longer than ``write_timeout`` is answered
+  ``UnavailableError`` (and the leases it was granted are released).
+- A change the store refused for good is logged with the reason; its sync
+  callers get ``UnavailableError``. A store process that died, or a pool
+  fenced by a newer owner, turns the link ``failed``/``fenced``: activations
+  are refused and readiness reports it.
+- Shutdown is bounded: ``close`` waits at most ``shutdown_timeout`` for the
+  backlog, then says how many changes were not written and stops the process.
 """
 
 from __future__ import annotations
 
-import random
+import pickle
+import socket
+import struct
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import structlog
+import attrs
 import trio
 
-from ._errors import UnavailableError
-from ._model import Change, Lease
-from ._store import Batch, FencedError, Store, StoreError
+from ._errors import TokenPoolError, UnavailableError
+from ._log import get_logger
+from ._model import Record
+from ._store import Snapshot, redact
 
 if TYPE_CHECKING:
     from ._actor import Request
 
-log = structlog.get_logger("tokenpool.writer")
+log = get_logger("tokenpool.writer")
 
-MAX_BATCH_CHANGES = 50_000
-
-
+_LEN = struct.Struct(">I")
 _NOT_IN_TIME = "the store did not commit in time; the change is kept and will be written"
+HIGH_WATER = 0.5  # of max_backlog: log once when crossed, once when drained below LOW_WATER
+LOW_WATER = 0.1
+
+
+@attrs.frozen
+class WriterStatistics:
+    """The write-behind of one pool, as ``Pool.statistics()`` reports it."""
+
+    link: str
+    backlog: int
+    max_backlog: int
+    unsent: int
+    committed_revision: int
+    last_commit_at_us: int | None
+    write_lag: float  # seconds the oldest unacknowledged change has waited; 0 when none
+    last_batch_lag: float
+    lag_p50: float
+    lag_p99: float
+    batches: int
+    changes_written: int
+    rejected: int
+    lost: int
 
 
 class _Entry:
-    __slots__ = ("changes", "submitted", "waiters")
+    __slots__ = ("last_rev", "records", "seq", "size", "submitted", "waiters")
 
-    def __init__(self, changes: list[Change], waiters: list[Request], submitted: float) -> None:
-        self.changes = changes
+    def __init__(
+        self, seq: int, records: list[Record], waiters: list[Request], submitted: float, last_rev: int
+    ) -> None:
+        self.seq = seq
+        self.records = records
+        self.size = len(records)
         self.waiters = waiters
         self.submitted = submitted
+        self.last_rev = last_rev
 
 
 class Writer:
-    """Write-behind for one pool's store. Run ``run`` in a task; ``close`` drains it."""
+    """One pool's write-behind: the actor submits, the link sends, acknowledgements commit."""
 
     def __init__(
         self,
-        store: Store,
+        link: StoreLink,
+        key: int,
+        name: str,
         *,
-        now: Callable[[], datetime],
-        max_backlog: int = 100_000,
-        flush_interval: float = 0.002,
-        write_timeout: float = 5.0,
-        retry_cap: float = 5.0,
-        shutdown_timeout: float = 10.0,
+        max_backlog: int,
+        write_timeout: float,
+        committed: int,
     ) -> None:
-        self.store = store
-        self._now = now
+        self._link = link
+        self.key = key
+        self.name = name
         self.max_backlog = max_backlog
-        self.flush_interval = flush_interval
         self.write_timeout = write_timeout
-        self.retry_cap = retry_cap
-        self.shutdown_timeout = shutdown_timeout
-        self._entries: deque[_Entry] = deque()
-        self._wakeup = trio.Event()
-        self._closing = False
-        self._limiter = trio.CapacityLimiter(1)
+        self._entries: deque[_Entry] = deque()  # unacknowledged, oldest first
+        self._unsent: list[_Entry] = []
+        self._counters: dict[str, int] = {}
+        self._clock_us = 0
+        self._seq = 0
         self.backlog = 0
-        self.link = "up"
-        self.fenced = False
-        self.last_commit_at: datetime | None = None
-        self.last_lag: float | None = None
-        self.lags: deque[float] = deque(maxlen=10_000)
-        self.batch_sizes: deque[int] = deque(maxlen=10_000)
+        self.state = "up"  # up | retrying | down | fenced | failed
+        self.committed = committed  # every change up to this revision is committed
+        self.last_commit_at_us: int | None = None
+        self.last_batch_lag = 0.0
+        self._lags: deque[float] = deque(maxlen=4096)
+        self.batches = 0
+        self.changes_written = 0
+        self.rejected = 0
         self.lost = 0
-        # The highest fence of a grant known committed: a sync caller handed a lease
-        # granted earlier (an idempotent activate) waits until it is past this.
-        self.committed_fence = 0
-        self._submitted = 0  # entries ever queued
-        self._done = 0  # entries ever committed (or given up)
+        self._high = False
         self._progress = trio.Event()
+        self.closed = False
 
     # -- the actor's side (no await) --------------------------------------------
 
     def full(self) -> bool:
-        return self.fenced or self.backlog >= self.max_backlog
+        return self.backlog >= self.max_backlog or self.state in ("fenced", "failed")
 
-    def submit(self, changes: list[Change], waiters: list[Request] | None) -> None:
-        if not changes:
+    def refusal(self) -> str:
+        """Why activations are refused now (for the error the actor answers)."""
+        if self.state == "fenced":
+            return "this process no longer owns the pool (fenced); restart it"
+        if self.state == "failed":
+            return "the store process failed; see the server log"
+        return "the store's write backlog is full; retry shortly"
+
+    def submit(
+        self,
+        records: list[Record],
+        waiters: list[Request] | None,
+        counters: dict[str, int],
+        clock_us: int,
+        last_rev: int,
+    ) -> None:
+        """Queue one actor batch's records; ``waiters`` are finished once they commit."""
+        if not records:
             if waiters and self._entries:
                 # They saw changes still queued: answer them when the newest commits.
                 self._entries[-1].waiters.extend(waiters)
-                return
-            for request in waiters or ():
-                request.finish()  # nothing of theirs to commit
+            else:
+                for request in waiters or ():
+                    request.finish()  # nothing of theirs to commit
             return
-        self._entries.append(_Entry(changes, waiters or [], trio.current_time()))
-        self._submitted += 1
-        self.backlog += len(changes)
-        self._wakeup.set()
+        if self.state in ("fenced", "failed"):
+            error = UnavailableError(self.refusal())
+            for request in waiters or ():
+                request.time_out(error)
+            self.lost += len(records)
+            return
+        self._seq += 1
+        entry = _Entry(self._seq, records, waiters or [], trio.current_time(), last_rev)
+        self._entries.append(entry)
+        self._unsent.append(entry)
+        self._counters = counters
+        self._clock_us = max(self._clock_us, clock_us)
+        self.backlog += entry.size
+        if not self._high and self.backlog >= HIGH_WATER * self.max_backlog:
+            self._high = True
+            log.warning(
+                "write_backlog_high",
+                pool=self.name,
+                backlog=self.backlog,
+                max_backlog=self.max_backlog,
+                link=self.state,
+                note="activations are refused when the backlog is full",
+            )
+        self._link.wake()
 
-    # -- the task ---------------------------------------------------------------
+    # -- the link's side --------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            if not self._entries:
-                if self._closing:
-                    return
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                continue
-            if self.fenced:
-                self._fail_waiters(0.0, "this process no longer owns the pool (fenced)")
-                if self._closing:
-                    self._give_up()
-                    return
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                continue
-            if self.flush_interval and not self._closing:
-                await trio.sleep(self.flush_interval)
-            await self._flush()
+    def take_unsent(self) -> tuple[Any, ...] | None:
+        """The frame for everything submitted since the last one, or ``None``."""
+        if not self._unsent:
+            return None
+        entries, self._unsent = self._unsent, []
+        return (
+            "write",
+            self.key,
+            entries[-1].seq,
+            [e.records for e in entries],
+            self._counters,
+            self._clock_us,
+        )
 
-    async def flush(self) -> None:
-        """Wait until every change submitted so far is committed.
-
-        Raises ``UnavailableError`` if the pool no longer owns the store.
-        """
-        target = self._submitted
-        while self._done < target:
-            if self.fenced:
-                raise UnavailableError("this process no longer owns the pool (fenced)")
-            await self._progress.wait()
-
-    async def close(self) -> None:
-        """Stop once everything queued is written (or ``shutdown_timeout`` passed)."""
-        self._closing = True
-        self._wakeup.set()
-
-    async def _flush(self) -> None:
-        batch = Batch()
-        taken = 0
-        for entry in self._entries:
-            if batch.changes and batch.changes + len(entry.changes) > MAX_BATCH_CHANGES:
-                break
-            batch.add(entry.changes)
-            taken += 1
-        attempt = 0
-        started = trio.current_time()
-        while batch:
-            try:
-                with trio.fail_after(self.write_timeout + 1):
-                    await trio.to_thread.run_sync(
-                        self.store.write, batch, limiter=self._limiter, abandon_on_cancel=True
-                    )
-                break
-            except FencedError as error:
-                self.fenced = True
-                self._set_link("fenced", error)
-                self._progress.set()  # flush() callers: raise rather than wait forever
-                return
-            except (StoreError, trio.TooSlowError) as error:
-                attempt += 1
-                self._set_link("retrying" if attempt < 3 else "down", error)
-                self._fail_waiters(self.write_timeout, _NOT_IN_TIME)
-                if self._closing and trio.current_time() - started > self.shutdown_timeout:
-                    self._give_up()
-                    return
-                delay = min(self.retry_cap, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
-                await self._back_off(delay)
-                # Retry with whatever arrived meanwhile: the same rows again plus newer ones.
-                # The failed attempt may have committed after all (a hung database that
-                # woke up): its leases' assignment rows may exist, so a newer entry that
-                # ends one of them must delete the row, not skip it as never written.
-                batch.fresh.clear()
-                for entry in list(self._entries)[taken:]:
-                    if batch.changes + len(entry.changes) > MAX_BATCH_CHANGES:
-                        break
-                    batch.add(entry.changes)
-                    taken += 1
+    def acknowledged(self, seq: int, written: int) -> None:
         now = trio.current_time()
-        if batch:
-            self._set_link("up", None)
-            self.last_commit_at = self._now()
-            self.batch_sizes.append(batch.changes)
-        self._done += taken
-        self._progress.set()
-        self._progress = trio.Event()
-        for _ in range(taken):
-            entry = self._entries.popleft()
-            self.backlog -= len(entry.changes)
-            # Fences grow in change order, so an entry's newest grant is its last Lease:
-            # scan from the end and stop there (this runs on the actor's thread).
-            for change in reversed(entry.changes):
-                if type(change) is Lease:
-                    self.committed_fence = max(self.committed_fence, change.fence)
-                    break
-            if entry.changes:
-                self.last_lag = now - entry.submitted
-                self.lags.append(self.last_lag)
+        entries = self._entries
+        while entries and entries[0].seq <= seq:
+            entry = entries.popleft()
+            self.backlog -= entry.size
+            self.committed = max(self.committed, entry.last_rev)
+            lag = now - entry.submitted
+            self._lags.append(lag)
+            self.last_batch_lag = lag
             for request in entry.waiters:
                 request.finish()
+        self.batches += 1
+        self.changes_written += written
+        self.last_commit_at_us = self._link.now_us()
+        if self.state in ("retrying", "down"):
+            self.state = "up"
+        self._drained()
+        self._progress.set()
+        self._progress = trio.Event()
 
-    async def _back_off(self, delay: float) -> None:
-        """Sleep ``delay`` before a retry, answering sync callers whose time runs out
-        meanwhile: a backoff of up to ``retry_cap`` must not stretch their deadline."""
-        wake = trio.current_time() + delay
-        while (now := trio.current_time()) < wake:
-            await trio.sleep(min(wake - now, 0.1))
-            self._fail_waiters(self.write_timeout, _NOT_IN_TIME)
+    def refused(self, seq: int, changes: int, message: str) -> None:
+        """The store refused one batch for good: say it loudly, answer its sync callers."""
+        self.rejected += changes
+        log.error(
+            "store_refused_changes",
+            pool=self.name,
+            changes=changes,
+            error=message,
+            note="these changes are not in the store; the rest is written as usual",
+        )
+        error = UnavailableError(f"the store refused this change: {message}")
+        for entry in self._entries:
+            if entry.seq == seq:
+                for request in entry.waiters:
+                    request.time_out(error)
+                entry.waiters = []
+        self.acknowledged(seq, 0)
 
-    def _fail_waiters(self, older_than: float, why: str) -> None:
-        """Answer ``UnavailableError`` to sync callers waiting longer than ``older_than`` s."""
+    def fail(self, state: str, message: str) -> None:
+        """Fenced or failed for good: refuse what comes, answer every waiter."""
+        if self.state == state:
+            return
+        self.state = state
+        log.error(f"store_{state}", pool=self.name, error=message, backlog=self.backlog)
+        error = UnavailableError(self.refusal())
+        for entry in self._entries:
+            for request in entry.waiters:
+                request.time_out(error)
+            entry.waiters = []
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def link_state(self, state: str) -> None:
+        if self.state not in ("fenced", "failed"):
+            self.state = state
+
+    def fail_late_waiters(self) -> None:
+        """Answer ``UnavailableError`` to sync callers waiting past ``write_timeout``."""
         now = trio.current_time()
         for entry in self._entries:
-            if now - entry.submitted < older_than:
+            if now - entry.submitted < self.write_timeout:
                 break  # entries queue in submission order: the rest are younger
             if entry.waiters:
-                error = UnavailableError(why)
+                error = UnavailableError(_NOT_IN_TIME)
                 for request in entry.waiters:
                     request.time_out(error)
                 entry.waiters = []
 
-    def _give_up(self) -> None:
-        lost = sum(len(e.changes) for e in self._entries)
-        self.lost += lost
-        if lost:
-            log.error("changes_not_written", changes=lost, store=self.store.url, link=self.link)
+    def _drained(self) -> None:
+        if self._high and self.backlog <= LOW_WATER * self.max_backlog:
+            self._high = False
+            log.info("write_backlog_drained", pool=self.name, backlog=self.backlog)
+
+    # -- for the pool -------------------------------------------------------------
+
+    @property
+    def write_lag(self) -> float:
+        """Seconds the oldest unacknowledged change has waited: 0 when nothing is pending."""
+        if not self._entries:
+            return 0.0
+        return trio.current_time() - self._entries[0].submitted
+
+    async def wait_committed(self, revision: int, timeout: float) -> bool:
+        """Wait until every change up to ``revision`` is committed; False on timeout/failure."""
+        with trio.move_on_after(timeout):
+            while self.committed < revision and self._entries:
+                if self.state in ("fenced", "failed"):
+                    return False
+                await self._progress.wait()
+            return True
+        return False
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is committed.
+
+        Raises ``UnavailableError`` if the pool no longer owns the store.
+        """
+        target = self._seq
+        while self._entries and self._entries[0].seq <= target:
+            if self.state in ("fenced", "failed"):
+                raise UnavailableError(self.refusal())
+            await self._progress.wait()
+
+    def give_up(self) -> int:
+        """Shutdown ran out of time: count what was not written and answer its waiters."""
+        lost = sum(e.size for e in self._entries)
+        error = UnavailableError("the pool closed before the change was written")
         for entry in self._entries:
             for request in entry.waiters:
-                request.time_out(UnavailableError("the pool closed before the change was written"))
-        self._done += len(self._entries)
+                request.time_out(error)
         self._entries.clear()
+        self._unsent = []
         self.backlog = 0
+        self.lost += lost
         self._progress.set()
+        return lost
 
-    def _set_link(self, state: str, error: BaseException | None) -> None:
-        if state == self.link:
-            return
-        previous, self.link = self.link, state
-        if state == "up":
-            log.info("store_link_up", store=self.store.url, was=previous, backlog=self.backlog)
-        elif state == "fenced":
-            log.error("store_fenced", store=self.store.url, error=str(error))
-        else:
-            log.warning(
-                f"store_link_{state}", store=self.store.url, error=str(error), backlog=self.backlog
+    def statistics(self) -> WriterStatistics:
+        lags = sorted(self._lags)
+
+        def pct(p: float) -> float:
+            return lags[min(len(lags) - 1, int(p * len(lags)))] if lags else 0.0
+
+        return WriterStatistics(
+            link=self.state,
+            backlog=self.backlog,
+            max_backlog=self.max_backlog,
+            unsent=sum(e.size for e in self._unsent),
+            committed_revision=self.committed,
+            last_commit_at_us=self.last_commit_at_us,
+            write_lag=self.write_lag,
+            last_batch_lag=self.last_batch_lag,
+            lag_p50=pct(0.5),
+            lag_p99=pct(0.99),
+            batches=self.batches,
+            changes_written=self.changes_written,
+            rejected=self.rejected,
+            lost=self.lost,
+        )
+
+
+class StoreLink:
+    """One store process and the tasks that talk to it. Run ``run`` in a nursery."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durability: str,
+        flush_interval: float,
+        write_timeout: float,
+        shutdown_timeout: float,
+        now_us: Callable[[], int],
+    ) -> None:
+        self.url = url
+        self.shown = redact(url)
+        self.kind = "postgresql" if url.startswith("postgres") else "sqlite"
+        self.durability = durability
+        self.flush_interval = flush_interval
+        self.write_timeout = write_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.now_us = now_us
+        self.writers: dict[int, Writer] = {}
+        self._next_key = 0
+        self._next_request = 0
+        self._replies: dict[int, list[Any]] = {}
+        self._reply_events: dict[int, trio.Event] = {}
+        self._outbox: deque[tuple[Any, ...]] = deque()
+        self._wakeup = trio.Event()
+        self._stream: trio.SocketStream | None = None
+        self._process: trio.Process | None = None
+        self._closing = False
+        self._dead = False
+        self.state = "up"
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the store process, then send and receive until ``close``."""
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "tokenpool._store.child", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
             )
+        finally:
+            theirs.close()
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        self._outbox.appendleft(
+            (
+                "hello",
+                {
+                    "url": self.url,
+                    "durability": self.durability,
+                    "flush_interval": self.flush_interval,
+                    "write_timeout": self.write_timeout,
+                    "shutdown_timeout": self.shutdown_timeout,
+                },
+            )
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive)
+                nursery.start_soon(self._watch_deadlines)
+                task_status.started()
+                await self._send()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._reap()
+
+    async def _reap(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        with trio.move_on_after(self.shutdown_timeout + 2):
+            await process.wait()
+        if process.returncode is None:
+            log.error("store_process_killed", store=self.shown, pid=process.pid)
+            process.kill()
+            await process.wait()
+        if self._stream is not None:
+            await self._stream.aclose()
+
+    async def close(self) -> None:
+        """Write what is queued (at most ``shutdown_timeout``), then stop the process."""
+        self._closing = True
+        with trio.move_on_after(self.shutdown_timeout) as scope:
+            for writer in list(self.writers.values()):
+                try:
+                    await writer.flush()
+                except TokenPoolError:
+                    pass
+        lost = 0
+        if scope.cancelled_caught:
+            for writer in self.writers.values():
+                lost += writer.give_up()
+            log.error(
+                "changes_not_written",
+                store=self.shown,
+                changes=lost,
+                seconds=self.shutdown_timeout,
+                note="the store did not take them before the shutdown timeout",
+            )
+        self._outbox.append(("close",))
+        self._wake()
+
+    def wake(self) -> None:
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    _wake = wake
+
+    # -- requests ---------------------------------------------------------------
+
+    async def _request(self, kind: str, *args: object) -> Any:
+        if self._dead:
+            raise UnavailableError(f"the store process for {self.shown} is not running")
+        self._next_request += 1
+        request = self._next_request
+        event = self._reply_events[request] = trio.Event()
+        for writer in self.writers.values():  # what was submitted before goes first
+            frame = writer.take_unsent()
+            if frame is not None:
+                self._outbox.append(frame)
+        self._outbox.append((kind, request, *args))
+        self._wake()
+        await event.wait()
+        (result,) = self._replies.pop(request)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def open_pool(
+        self, name: str, settings: dict[str, Any], create: bool
+    ) -> tuple[int, Snapshot]:
+        """Take ownership of a pool in the store process and load it."""
+        self._next_key += 1
+        key = self._next_key
+        snapshot: Snapshot = await self._request("open", key, name, settings, create)
+        return key, snapshot
+
+    async def list_pools(self) -> list[str]:
+        """The names of the pools the store holds (not dropped), oldest first."""
+        names: list[str] = await self._request("list", 0)
+        return names
+
+    def add_writer(self, writer: Writer) -> None:
+        self.writers[writer.key] = writer
+
+    async def save_settings(self, key: int, settings: dict[str, Any]) -> None:
+        await self._request("settings", key, settings)
+
+    async def drop_pool(self, key: int) -> None:
+        await self._request("drop", key)
+        self.writers.pop(key, None)
+
+    # -- tasks ------------------------------------------------------------------
+
+    async def _send(self) -> None:
+        assert self._stream is not None
+        stream = self._stream
+        while True:
+            frames: list[tuple[Any, ...]] = []
+            while self._outbox:
+                frames.append(self._outbox.popleft())
+            for writer in self.writers.values():
+                frame = writer.take_unsent()
+                if frame is not None:
+                    frames.append(frame)
+            if frames:
+                data = b"".join(
+                    _LEN.pack(len(p)) + p
+                    for p in (pickle.dumps(f, protocol=pickle.HIGHEST_PROTOCOL) for f in frames)
+                )
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if frames[-1][0] == "close":
+                    # Wait for the process to write what it has and exit.
+                    assert self._process is not None
+                    with trio.move_on_after(self.shutdown_timeout + 1):
+                        await self._process.wait()
+                    return
+                continue
+            if self._dead:
+                return
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    async def _receive(self) -> None:
+        assert self._stream is not None
+        buf = bytearray()
+        while True:
+            try:
+                chunk = await self._stream.receive_some(1 << 20)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                chunk = b""
+            if not chunk:
+                self._died()
+                return
+            buf += chunk
+            pos = 0
+            while len(buf) - pos >= 4:
+                (size,) = _LEN.unpack_from(buf, pos)
+                if len(buf) - pos - 4 < size:
+                    break
+                self._dispatch(pickle.loads(buf[pos + 4 : pos + 4 + size]))
+                pos += 4 + size
+            del buf[:pos]
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "ack":
+            writer = self.writers.get(message[1])
+            if writer is not None:
+                writer.acknowledged(message[2], message[3])
+        elif kind == "reply":
+            self._replies[message[1]] = [message[2]]
+            self._reply_events.pop(message[1]).set()
+        elif kind == "link":
+            state, error = message[1], message[2]
+            previous, self.state = self.state, state
+            for writer in self.writers.values():
+                writer.link_state(state)
+            if state == "up":
+                log.info("store_link_up", store=self.shown, was=previous)
+            else:
+                log.warning(f"store_link_{state}", store=self.shown, error=error)
+        elif kind == "rejected":
+            writer = self.writers.get(message[1])
+            if writer is not None:
+                writer.refused(message[2], message[3], message[4])
+        elif kind == "fenced":
+            writer = self.writers.get(message[1])
+            if writer is not None:
+                writer.fail("fenced", message[2])
+        elif kind == "gave_up":
+            log.error("changes_not_written", store=self.shown, changes=message[1], error=message[2])
+        elif kind == "log":
+            getattr(log, message[1])(message[2], store=self.shown, **message[3])
+
+    def _died(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        if not self._closing:
+            code = self._process.returncode if self._process is not None else None
+            for writer in self.writers.values():
+                writer.fail("failed", f"the store process for {self.shown} exited (code {code})")
+        for request, event in list(self._reply_events.items()):
+            self._replies[request] = [UnavailableError(f"the store process for {self.shown} exited")]
+            event.set()
+        self._reply_events.clear()
+        self._wake()
+
+    async def _watch_deadlines(self) -> None:
+        while True:
+            await trio.sleep(0.05)
+            for writer in self.writers.values():
+                writer.fail_late_waiters()
+

@@ -1,29 +1,36 @@
-"""Persistent stores: what the write-behind writer needs, and the choice by URL.
+"""Persistent stores: what the store process needs, and the choice by URL.
 
-A store is blocking code (sync psycopg, stdlib sqlite3) run in a worker
-thread by the writer; nothing here touches trio. ``coalesce`` turns a run of
-changes into the few set-wise statements a batch needs, so a batch costs a
-handful of round trips whatever its size.
+A store is blocking code (sync psycopg, stdlib sqlite3) run in the store
+process (``child.py``), never in the server: its Python work stays off the
+server's GIL. ``Batch`` folds a run of change records into the few set-wise
+writes a transaction needs: the history rows, and each touched token's final
+assignment (a lease, or none), so a token leased and re-leased many times in
+one batch is written once.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Protocol
+import re
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import attrs
 
 from .._errors import InvalidArgumentError, TokenPoolError
-from .._model import Change, Lease, Renewed, TokensAdded, TokensRemoved, Usage
+from .._model import ADD, END, GRANT, RENEW, RETIRE, Record
 
 EPOCH_SHIFT = 40
-"""Fences are ``epoch << 40 | n``: each new owner's fences start above every older one's."""
+"""Revisions are ``epoch << 40 | n``: each new owner's start above every older one's."""
 
 
 class StoreError(TokenPoolError):
     """The store could not carry out a write (connection lost, timeout): retry later."""
 
     code = "UNAVAILABLE"
+
+
+class RejectedError(StoreError):
+    """The database refused a write for good (a constraint, a bad value): retrying cannot help."""
 
 
 class FencedError(StoreError):
@@ -34,108 +41,169 @@ class FencedError(StoreError):
 
 @attrs.frozen
 class Snapshot:
-    """What recovery loads: tokens in their stable order, active leases oldest first."""
+    """What recovery loads for one pool.
 
+    ``tokens`` in their stable order (created, id); ``leases`` oldest first as
+    (lease_id, token_id, user_id, fence, activated_us, expires_us); the pool's
+    settings, counters and high-water marks as the store last saw them.
+    """
+
+    pool_id: int
     epoch: int
-    tokens: list[tuple[str, datetime]]
-    leases: list[Lease]
-    repaired: int = 0
-    ended: dict[str, int] = attrs.Factory(dict)  # reason -> history rows of this pool
+    revision: int
+    clock_us: int
+    settings: dict[str, Any]
+    counters: dict[str, int]
+    tokens: list[tuple[str, int]]
+    leases: list[tuple[str, str, str, int, int, int]]
+    created: bool = False
 
 
 @attrs.define
 class Batch:
-    """Changes coalesced into set-wise writes, applied in this order in ONE transaction.
+    """One pool's changes folded into set-wise writes, applied in ONE transaction."""
 
-    A lease that started and ended inside the batch needs no assignment row,
-    only its history row; a lease renewed several times is written once.
-    """
-
-    tokens_added: list[tuple[str, datetime]] = attrs.Factory(list)
+    tokens_added: list[tuple[int, str, int]] = attrs.Factory(list)  # slot, token id, created
+    tokens_retired: list[tuple[int, int]] = attrs.Factory(list)  # slot, at
+    history: list[Record] = attrs.Factory(list)  # END records
+    final: dict[int, Record | None] = attrs.Factory(dict)  # slot -> lease now, or None
     users: dict[str, None] = attrs.Factory(dict)
-    history: list[Usage] = attrs.Factory(list)
-    ended: list[str] = attrs.Factory(list)  # assignment ids to delete
-    assignments: dict[str, Lease] = attrs.Factory(dict)  # lease id -> newest version
-    available: dict[str, bool] = attrs.Factory(dict)  # token id -> final flag
-    tokens_removed: list[str] = attrs.Factory(list)
-    changes: int = 0
-    fresh: set[str] = attrs.Factory(set)  # leases started inside this batch
+    records: int = 0
+    counters: dict[str, int] = attrs.Factory(dict)
+    clock_us: int = 0
+    revision: int = 0
 
-    def add(self, changes: list[Change]) -> None:
-        """Fold ``changes`` (in the order the pool made them) into the batch."""
-        assignments = self.assignments
-        available = self.available
-        for change in changes:
-            kind = type(change)
-            if kind is Lease:
-                assert isinstance(change, Lease)
-                assignments[change.id] = change
-                self.fresh.add(change.id)
-                available[change.token_id] = False
-                self.users[change.user_id] = None
-            elif kind is Usage:
-                assert isinstance(change, Usage)
-                self.history.append(change)
-                assignments.pop(change.id, None)
-                if change.id not in self.fresh:
-                    self.ended.append(change.id)
-                available[change.token_id] = True
-            elif kind is Renewed:
-                assert isinstance(change, Renewed)
-                assignments[change.lease.id] = change.lease
-            elif kind is TokensAdded:
-                assert isinstance(change, TokensAdded)
-                self.tokens_added += [(t, change.created_at) for t in change.token_ids]
-            elif kind is TokensRemoved:
-                assert isinstance(change, TokensRemoved)
-                self.tokens_removed += change.token_ids
-                for token_id in change.token_ids:
-                    available.pop(token_id, None)
-        self.changes += len(changes)
+    def add(self, records: list[Record], counters: dict[str, int], clock_us: int) -> None:
+        """Fold ``records`` (in the order the pool made them) into the batch."""
+        final = self.final
+        history = self.history
+        users = self.users
+        for record in records:
+            kind = record[0]
+            if kind == END:
+                history.append(record)
+                final[record[2]] = None
+            elif kind == GRANT:
+                final[record[2]] = record
+                users[record[3]] = None
+            elif kind == RENEW:
+                final[record[2]] = record
+            elif kind == ADD:
+                self.tokens_added += [(slot, token, record[2]) for slot, token in record[3]]
+            elif kind == RETIRE:
+                self.tokens_retired += [(slot, record[2]) for slot in record[3]]
+                for slot in record[3]:
+                    final[slot] = None
+        self.records += len(records)
+        if records:
+            last = records[-1]
+            self.revision = max(self.revision, last[7] if last[0] <= END else last[1])
+        self.counters = counters
+        self.clock_us = max(self.clock_us, clock_us)
 
     def __bool__(self) -> bool:
-        return self.changes > 0
+        return self.records > 0 or bool(self.counters)
 
 
 class Store(Protocol):
-    """A persistent store. Every method blocks; the writer calls them from one thread."""
+    """A persistent store, run in the store process. Every method blocks."""
 
     kind: str
     url: str
 
-    def open(self, name: str, ttl: float) -> Snapshot:
-        """Apply the schema, take ownership of pool ``name`` (bumping its owner epoch) and load it.
+    def open_pool(self, name: str, settings: dict[str, Any], create: bool) -> Snapshot:
+        """Take ownership of pool ``name`` (bumping its owner epoch) and load it.
 
-        Raises ``PoolLockedError`` when another process owns the pool.
+        ``create``: make the pool (with ``settings``) if it does not exist. Raises
+        ``PoolLockedError`` when another process owns it, ``UnknownPoolError`` when
+        it does not exist and ``create`` is false.
         """
 
-    def write(self, batch: Batch) -> None:
-        """Apply ``batch`` in one transaction, idempotently. Raises ``StoreError``."""
+    def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
+        """Apply ``batch`` in one transaction, idempotently (``retry``: it may have
+        committed already). Raises ``StoreError``, ``RejectedError``, ``FencedError``."""
 
-    def history(self, token_id: str, limit: int) -> list[Usage]:
-        """The token's newest ``limit`` history rows, newest first (a separate connection)."""
+    def list_pools(self) -> list[str]:
+        """The names of the pools not dropped, oldest first."""
+
+    def save_settings(self, pool_id: int, settings: dict[str, Any]) -> None: ...
+
+    def drop_pool(self, pool_id: int) -> None: ...
 
     def close(self) -> None:
         """Release ownership and close connections."""
 
 
-def open_store(url: str, *, write_timeout: float = 5.0, durability: str = "async") -> Store:
-    """The store for ``url``: ``postgresql://...`` or ``sqlite:///path``.
+class Reader(Protocol):
+    """Reads the server makes itself (history past memory), on a connection of its own."""
 
-    Raises ``InvalidArgumentError`` for any other URL.
+    def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Record]:
+        """END records of a token with a revision below ``before``, newest first."""
+
+    def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Record]:
+        """END records of a user in pool ``pool`` with a revision below ``before``, newest first."""
+
+    def close(self) -> None: ...
+
+
+def redact(url: str) -> str:
+    """A store URL safe to show: no password, in URL or key=value form.
+
+    ``CONFIG GET``, ``INFO``, logs and error messages show only this.
     """
+    if url.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}@" if parts.username else ""
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k.lower() not in _SECRET_KEYS]
+        return urlunsplit(parts._replace(netloc=user + host, query=urlencode(query)))
+    return re.sub(r"(?i)\b(password|passfile|sslpassword)\s*=\s*('[^']*'|\S+)", r"\1=***", url)
+
+
+_SECRET_KEYS = {"password", "passfile", "sslpassword", "sslkey"}
+
+
+def check_store_url(url: object) -> str | None:
+    """The store URL as given (``None`` for memory only); ``InvalidArgumentError`` else."""
+    if url is None:
+        return None
     if not isinstance(url, str):
         raise InvalidArgumentError(f"store must be a URL string or None, not {type(url).__name__}")
+    if url.startswith(("postgresql://", "postgres://")):
+        return url
+    if url.startswith("sqlite://"):
+        from .sqlite import sqlite_path
+
+        sqlite_path(url)
+        return url
+    raise InvalidArgumentError(
+        "store must be a postgresql:// or sqlite:/// URL, or None for memory only;"
+        f" not {redact(url)[:80]!r}"
+    )
+
+
+def open_store(url: str, *, write_timeout: float, durability: str) -> Store:
+    """The store for ``url`` (in the store process)."""
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
         return PostgresStore(url, write_timeout=write_timeout)
-    if url.startswith("sqlite://"):
-        from .sqlite import SqliteStore
+    from .sqlite import SqliteStore
 
-        # WAL with synchronous=NORMAL survives a process crash; FULL also an OS crash.
-        synchronous = "FULL" if durability == "sync" else "NORMAL"
-        return SqliteStore(url, write_timeout=write_timeout, synchronous=synchronous)
-    raise InvalidArgumentError(
-        f"store must be a postgresql:// or sqlite:/// URL, or None for memory only; not {url!r}"
+    # WAL with synchronous=NORMAL survives a process crash; FULL also an OS crash.
+    return SqliteStore(
+        url, write_timeout=write_timeout, synchronous="FULL" if durability == "sync" else "NORMAL"
     )
+
+
+def open_reader(url: str, *, write_timeout: float) -> Reader:
+    """A reader for ``url`` (in the server, used from a worker thread)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresReader
+
+        return PostgresReader(url, write_timeout=write_timeout)
+    from .sqlite import SqliteReader
+
+    return SqliteReader(url, write_timeout=write_timeout)

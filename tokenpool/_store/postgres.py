@@ -1,227 +1,186 @@
-"""The PostgreSQL store: sync psycopg 3 in the writer's thread.
+"""The PostgreSQL store: sync psycopg 3 in the store process, and a reader for the server.
 
-psycopg's async API does not run on trio, so the writer calls these blocking
-methods through ``trio.to_thread.run_sync`` with a one-thread limiter: writes
-keep their order. Each batch is one transaction sent in pipeline mode with
-set-wise statements (``unnest`` of arrays), a handful of round trips whatever
-its size. Ownership is a session advisory lock held by the writer's
-connection plus an owner epoch in ``pools`` that every batch checks, so a
-stale owner can never overwrite a newer one.
+Each batch is one transaction on the store process's connection: the owner
+epoch check (which also saves the counters and high-water marks), the history
+rows by binary ``COPY`` (built here with ``struct``: no datetime or UUID
+objects), and each touched token's assignment replaced (delete, then ``COPY``
+of the final leases). A retry after an ambiguous failure (the commit may
+have happened) goes through a staging table with ``ON CONFLICT DO NOTHING``.
+
+Ownership: the connection holds a session advisory lock per pool, and every
+batch checks the pool's owner epoch in its transaction, so a stale owner can
+never overwrite a newer one.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
-import structlog
 from psycopg import sql
 
-from .._errors import InvalidArgumentError, PoolLockedError
-from .._model import Lease, Reason, Usage
-from . import Batch, FencedError, Snapshot, StoreError
-
-log = structlog.get_logger("tokenpool.store")
+from .._errors import InvalidArgumentError, PoolLockedError, UnknownPoolError
+from .._model import END, Record, to_us
+from . import Batch, FencedError, RejectedError, Snapshot, StoreError, redact
 
 _SCHEMA_LOCK = 0x746F6B656E706F6F  # "tokenpoo": serialises schema set-up between processes
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01, PostgreSQL's zero for timestamps
+_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_TRAILER = struct.pack(">h", -1)
+_HISTORY_ROW = struct.Struct(">hiiiqi16si16siqiqiq")
+_LEASE_ROW = struct.Struct(">hi16si16siqiqiq")
+_FREE_ROW = struct.Struct(">hi16siiiiii")
+_REASON = {r: struct.pack(">i", len(r)) + r.encode() for r in ("expired", "evicted", "released", "cleared")}
+_COUNTERS = ("activations", "evictions", "expirations", "releases", "clears", "renewals", "refusals")
 
 
-def _plain(values: list[str]) -> str:
-    """An array literal of values that need no quoting (UUIDs, numbers, enum labels)."""
-    return "{" + ",".join(values) + "}"
+def _uuid(text: str) -> bytes:
+    return bytes.fromhex(text.replace("-", ""))
 
 
-def _texts(values: list[str]) -> str:
-    """An array literal of arbitrary text: every element quoted, quotes and backslashes escaped."""
-    if not values:
-        return "{}"
-    raw = "".join(values)
-    if "\\" in raw or '"' in raw:
-        values = [v.replace("\\", "\\\\").replace('"', '\\"') for v in values]
-    return '{"' + '","'.join(values) + '"}'
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack(">i", len(data)) + data
 
 
-def _times(values: list[datetime]) -> str:
-    """An array literal of timestamps (ISO 8601 with offset: nothing to quote).
+def history_copy(pool_id: int, rows: list[Record], tokens: dict[int, str]) -> bytes:
+    """END records as a binary COPY stream for ``token_usage_history``."""
+    pack = _HISTORY_ROW.pack
+    reason = _REASON
+    out = [_HEADER]
+    for r in rows:
+        out.append(
+            pack(9, 4, pool_id, 8, r[7], 16, _uuid(r[1]), 16, _uuid(tokens[r[2]]), 8, r[4], 8,
+                 r[5] - _PG_EPOCH_US, 8, r[6] - _PG_EPOCH_US)
+        )
+        out.append(reason[r[8]])
+        out.append(_text(r[3]))
+    out.append(_TRAILER)
+    return b"".join(out)
 
-    Leases granted in one actor batch share their times, so a batch holds few distinct
-    ones: each is formatted once (formatting led the writer's profile).
-    """
-    text = {v: v.isoformat() for v in dict.fromkeys(values)}
-    return "{" + ",".join(map(text.__getitem__, values)) + "}"
+
+def leases_copy(final: dict[int, Record | None], tokens: dict[int, str]) -> bytes:
+    """Each touched token's lease (or NULLs) as a binary COPY stream for ``staged_leases``."""
+    pack = _LEASE_ROW.pack
+    free = _FREE_ROW.pack
+    out = [_HEADER]
+    for slot, r in final.items():
+        if r is None:
+            out.append(free(6, 16, _uuid(tokens[slot]), -1, -1, -1, -1, -1))
+            continue
+        out.append(
+            pack(6, 16, _uuid(tokens[slot]), 16, _uuid(r[1]), 8, r[4], 8, r[5] - _PG_EPOCH_US, 8,
+                 r[6] - _PG_EPOCH_US)
+        )
+        out.append(_text(r[3]))
+    out.append(_TRAILER)
+    return b"".join(out)
 
 
-def _utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+def _dsn_and_schema(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    schema = query.pop("schema", "tokenpool")
+    if not schema.isidentifier() or not schema.isascii():
+        raise InvalidArgumentError(f"schema {schema!r} is not a plain SQL identifier")
+    return urlunsplit(parts._replace(query=urlencode(query))), schema
+
+
+def connect(url: str, purpose: str, write_timeout: float) -> psycopg.Connection[Any]:
+    """A connection with deadlines on everything: a hung server fails a call, never stalls it."""
+    dsn, schema = _dsn_and_schema(url)
+    timeout_ms = int(write_timeout * 1000)
+    try:
+        conn = psycopg.connect(
+            dsn,
+            autocommit=True,
+            connect_timeout=max(1, int(write_timeout)),
+            application_name=f"tokenpool {purpose}",
+            options=f"-c statement_timeout={timeout_ms} -c timezone=UTC"
+            f" -c idle_in_transaction_session_timeout={timeout_ms * 2}",
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=2,
+            tcp_user_timeout=timeout_ms,
+        )
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    except psycopg.Error as error:
+        raise StoreError(f"cannot connect to PostgreSQL at {redact(url)}: {_first_line(error)}") from error
+    return conn
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _permanent(error: psycopg.Error) -> bool:
+    """Errors retrying cannot fix: the data itself was refused (classes 22 and 23)."""
+    state = getattr(error, "sqlstate", None) or ""
+    return state.startswith(("22", "23"))
 
 
 class PostgresStore:
-    """A pool's tables in one PostgreSQL schema (``?schema=`` in the URL, default ``tokenpool``)."""
+    """The pools of one PostgreSQL schema, owned by this store process."""
 
     kind = "postgresql"
 
     def __init__(self, url: str, *, write_timeout: float = 5.0) -> None:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        self.schema = query.pop("schema", "tokenpool")
-        if not self.schema.isidentifier():
-            raise InvalidArgumentError(f"schema {self.schema!r} is not a plain SQL identifier")
-        self._dsn = urlunsplit(parts._replace(query=urlencode(query)))
-        self.url = urlunsplit(parts._replace(netloc=parts.hostname or "", query=""))
+        self.url = redact(url)
+        self._url = url
+        _, self.schema = _dsn_and_schema(url)
         self.write_timeout = write_timeout
-        self.name = ""
-        self.epoch = 0
         self._conn: psycopg.Connection[Any] | None = None
         self._backend_pid: int | None = None
-        self._reader: psycopg.Connection[Any] | None = None
-        self._reader_lock = threading.Lock()
+        self._pools: dict[int, tuple[str, int]] = {}  # pool id -> (name, epoch)
+        self._schema_done = False
 
     # -- connections ----------------------------------------------------------
 
-    def _connect(self, purpose: str) -> psycopg.Connection[Any]:
-        timeout_ms = int(self.write_timeout * 1000)
-        try:
-            conn = psycopg.connect(
-                self._dsn,
-                autocommit=True,
-                connect_timeout=max(1, int(self.write_timeout)),
-                application_name=f"tokenpool {purpose}",
-                # A hung server or a dead link must fail a flush, not stall it forever.
-                options=f"-c statement_timeout={timeout_ms} -c timezone=UTC"
-                f" -c idle_in_transaction_session_timeout={timeout_ms * 2}",
-                keepalives=1,
-                keepalives_idle=5,
-                keepalives_interval=2,
-                keepalives_count=2,
-                tcp_user_timeout=timeout_ms,
-            )
-        except psycopg.Error as error:
-            raise StoreError(f"cannot connect to PostgreSQL at {self.url}: {error}") from error
-        conn.execute(
-            sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)),
-        )
-        return conn
-
-    def _lock_key(self) -> str:
-        return f"tokenpool/{self.schema}/{self.name}"
-
-    def _writer(self) -> psycopg.Connection[Any]:
-        """The writer's connection, reconnected (and the ownership lock retaken) when needed."""
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The connection, reconnected (every ownership lock retaken) when needed."""
         conn = self._conn
         if conn is not None and not conn.closed and not conn.broken:
             return conn
         self._conn = None
-        conn = self._connect("writer")
+        conn = connect(self._url, "writer", self.write_timeout)
         try:
-            if not self._take_lock(conn):
-                raise StoreError(f"pool {self.name!r}: the ownership lock is held elsewhere")
+            if not self._schema_done:
+                self._apply_schema(conn)
+            for pool_id, (name, _epoch) in self._pools.items():
+                if not self._take_lock(conn, name):
+                    raise FencedError(f"pool {name!r} (id {pool_id}): its lock is held elsewhere")
+            self._backend_pid = conn.info.backend_pid
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         return conn
 
-    def _take_lock(self, conn: psycopg.Connection[Any]) -> bool:
-        key = self._lock_key()
-        got = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,))
-        row = got.fetchone()
+    def _take_lock(self, conn: psycopg.Connection[Any], name: str) -> bool:
+        key = f"tokenpool/{self.schema}/{name}"
+        query = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+        row = conn.execute(query, (key,)).fetchone()
         if row and row[0]:
-            self._backend_pid = conn.info.backend_pid
             return True
-        if self._backend_pid is None:
+        if self._backend_pid is None or self._backend_pid == conn.info.backend_pid:
             return False
         # Our previous session may still be alive on the server (a dropped link it
         # has not noticed): end it so its open transaction can never commit late.
         conn.execute("SELECT pg_terminate_backend(%s)", (self._backend_pid,))
         for _ in range(50):
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
-            ).fetchone()
+            row = conn.execute(query, (key,)).fetchone()
             if row and row[0]:
-                self._backend_pid = conn.info.backend_pid
                 return True
             threading.Event().wait(0.05)
         return False
-
-    # -- Store ----------------------------------------------------------------
-
-    def open(self, name: str, ttl: float) -> Snapshot:
-        self.name = name
-        conn = self._connect("writer")
-        try:
-            self._apply_schema(conn)
-            if not self._take_lock(conn):
-                raise PoolLockedError(
-                    f"pool {name!r} in schema {self.schema!r} of {self.url} is owned by"
-                    " another process; stop it first (or give this pool another name)"
-                )
-            owner = f"{socket.gethostname()}:{os.getpid()}"
-            with conn.transaction():
-                conn.execute(
-                    "INSERT INTO pools (name, ttl_seconds) VALUES (%s, %s)"
-                    " ON CONFLICT (name) DO NOTHING",
-                    (name, ttl),
-                )
-                row = conn.execute(
-                    "UPDATE pools SET owner_epoch = owner_epoch + 1, owner = %s,"
-                    " owned_at = now(), ttl_seconds = %s WHERE name = %s RETURNING owner_epoch",
-                    (owner, ttl, name),
-                ).fetchone()
-                assert row is not None
-                self.epoch = int(row[0])
-                repaired = conn.execute(
-                    "UPDATE tokens t SET available = NOT EXISTS"
-                    " (SELECT 1 FROM token_assignments a WHERE a.token_id = t.id)"
-                    " WHERE t.pool = %s AND t.retired_at IS NULL AND t.available IS DISTINCT FROM"
-                    " NOT EXISTS (SELECT 1 FROM token_assignments a WHERE a.token_id = t.id)"
-                    " RETURNING t.id::text",
-                    (name,),
-                ).fetchall()
-            if repaired:
-                log.warning(
-                    "available_flags_repaired",
-                    pool=name,
-                    count=len(repaired),
-                    tokens=[r[0] for r in repaired[:20]],
-                )
-            tokens = [
-                (str(r[0]), _utc(r[1]))
-                for r in conn.execute(
-                    "SELECT id, created_at FROM tokens WHERE pool = %s AND retired_at IS NULL"
-                    " ORDER BY created_at, id",
-                    (name,),
-                )
-            ]
-            leases = [
-                Lease(str(r[0]), str(r[1]), r[2], int(r[3]), _utc(r[4]), _utc(r[5]))
-                for r in conn.execute(
-                    "SELECT id, token_id, user_id, fence, assigned_at, expires_at"
-                    " FROM token_assignments WHERE pool = %s ORDER BY assigned_at, fence",
-                    (name,),
-                )
-            ]
-            ended = {
-                str(r[0]): int(r[1])
-                for r in conn.execute(
-                    "SELECT expiration_reason::text, count(*) FROM token_usage_history"
-                    " WHERE pool = %s GROUP BY 1",
-                    (name,),
-                )
-            }
-        except psycopg.Error as error:
-            conn.close()
-            raise StoreError(f"cannot open pool {name!r} in {self.url}: {error}") from error
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return Snapshot(self.epoch, tokens, leases, len(repaired), ended)
 
     def _apply_schema(self, conn: psycopg.Connection[Any]) -> None:
         text = resources.files(__package__).joinpath("postgres.sql").read_text()
@@ -230,131 +189,292 @@ class PostgresStore:
             conn.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
             )
+            old = conn.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = %s"
+                " AND table_name = 'pools' AND column_name = 'name'"
+                " AND NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = %s"
+                " AND table_name = 'pools' AND column_name = 'id')",
+                (self.schema, self.schema),
+            ).fetchone()
+            if old:
+                raise StoreError(
+                    f"schema {self.schema!r} of {self.url} holds tokenpool's version 1 tables;"
+                    " this version needs version 2: use another ?schema= (or migrate, see the README)"
+                )
             conn.execute(text.encode())
+        self._schema_done = True
 
-    def write(self, batch: Batch) -> None:
+    # -- Store ----------------------------------------------------------------
+
+    def open_pool(self, name: str, settings: dict[str, Any], create: bool) -> Snapshot:
         try:
-            conn = self._writer()
+            conn = self._connection()
+            if not self._take_lock(conn, name):
+                raise PoolLockedError(
+                    f"pool {name!r} in schema {self.schema!r} of {self.url} is owned by"
+                    " another process; stop it first (or give this pool another name)"
+                )
+            owner = f"{socket.gethostname()}:{os.getpid()}"
             with conn.transaction():
-                with conn.pipeline():
-                    fence = conn.execute(
-                        "UPDATE pools SET written_at = now() WHERE name = %s AND owner_epoch = %s",
-                        (self.name, self.epoch),
+                made = False
+                row = conn.execute(
+                    "SELECT id, dropped_at IS NOT NULL FROM pools WHERE name = %s", (name,)
+                ).fetchone()
+                if row is None or row[1]:
+                    if not create:
+                        self._unlock(conn, name)
+                        raise UnknownPoolError(f"no pool {name!r} in {self.url}")
+                    made = True
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO pools (name, size, ttl_seconds, when_full, min_hold_seconds,"
+                        " max_lifetime_seconds) VALUES (%s, %s, %s, %s, %s, %s)",
+                        (name, settings["size"], settings["ttl"], settings["when_full"],
+                         settings["min_hold"], settings["max_lifetime"]),
                     )
-                    self._statements(conn, batch)
-                if fence.rowcount != 1:  # raising here rolls the whole batch back
+                elif row[1]:
+                    conn.execute(
+                        "UPDATE pools SET dropped_at = NULL, size = %s, ttl_seconds = %s,"
+                        " when_full = %s, min_hold_seconds = %s, max_lifetime_seconds = %s"
+                        " WHERE name = %s",
+                        (settings["size"], settings["ttl"], settings["when_full"],
+                         settings["min_hold"], settings["max_lifetime"], name),
+                    )
+                got = conn.execute(
+                    "UPDATE pools SET owner_epoch = greatest(owner_epoch + 1, (revision >> 40) + 1),"
+                    " owner = %s, owned_at = now() WHERE name = %s RETURNING id, owner_epoch,"
+                    " revision, clock_us, size, ttl_seconds, when_full, min_hold_seconds,"
+                    " max_lifetime_seconds, " + ", ".join(_COUNTERS),
+                    (owner, name),
+                ).fetchone()
+                assert got is not None
+            pool_id, epoch, revision, clock_us = int(got[0]), int(got[1]), int(got[2]), int(got[3])
+            stored = {
+                "size": int(got[4]),
+                "ttl": float(got[5]),
+                "when_full": got[6],
+                "min_hold": float(got[7]),
+                "max_lifetime": None if got[8] is None else float(got[8]),
+            }
+            counters = {k: int(v) for k, v in zip(_COUNTERS, got[9:], strict=True)}
+            tokens = [
+                (str(r[0]), to_us(r[1]))
+                for r in conn.execute(
+                    "SELECT id, created_at FROM tokens WHERE pool_id = %s AND retired_at IS NULL"
+                    " ORDER BY created_at, id",
+                    (pool_id,),
+                )
+            ]
+            leases = [
+                (str(r[0]), str(r[1]), r[2], int(r[3]), to_us(r[4]), to_us(r[5]))
+                for r in conn.execute(
+                    "SELECT lease_id, token_id, user_id, fence, assigned_at, expires_at"
+                    " FROM token_assignments WHERE pool_id = %s AND lease_id IS NOT NULL"
+                    " ORDER BY assigned_at, fence",
+                    (pool_id,),
+                )
+            ]
+            clock_us = max(
+                clock_us, max((lease[4] for lease in leases), default=0),
+                max((t[1] for t in tokens), default=0),
+            )
+        except psycopg.Error as error:
+            self._drop_broken()
+            raise StoreError(f"cannot open pool {name!r} in {self.url}: {_first_line(error)}") from error
+        self._pools[pool_id] = (name, epoch)
+        return Snapshot(pool_id, epoch, revision, clock_us, stored, counters, tokens, leases, made)
+
+    def _unlock(self, conn: psycopg.Connection[Any], name: str) -> None:
+        conn.execute(
+            "SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
+            (f"tokenpool/{self.schema}/{name}",),
+        )
+
+    def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
+        name, epoch = self._pools[pool_id]
+        try:
+            conn = self._connection()
+            with conn.transaction(), conn.cursor() as cur:
+                c = batch.counters
+                cur.execute(
+                    "UPDATE pools SET written_at = now(), revision = greatest(revision, %s),"
+                    " clock_us = greatest(clock_us, %s), activations = %s, evictions = %s,"
+                    " expirations = %s, releases = %s, clears = %s, renewals = %s, refusals = %s"
+                    " WHERE id = %s AND owner_epoch = %s",
+                    (batch.revision, batch.clock_us, *(c.get(k, 0) for k in _COUNTERS),
+                     pool_id, epoch),
+                )
+                if cur.rowcount != 1:  # raising here rolls the whole batch back
                     raise FencedError(
-                        f"pool {self.name!r} was taken over by a newer owner"
-                        f" (this process has epoch {self.epoch})"
+                        f"pool {name!r} was taken over by a newer owner (this process has epoch {epoch})"
                     )
-        except FencedError:
+                self._statements(cur, pool_id, batch, tokens, retry)
+        except (FencedError, RejectedError):
             raise
         except psycopg.Error as error:
-            if self._conn is not None and (self._conn.broken or self._conn.closed):
-                self._conn = None
-            raise StoreError(f"write to {self.url} failed: {error}") from error
+            self._drop_broken()
+            message = f"write to {self.url} failed: {_first_line(error)}"
+            if _permanent(error):
+                raise RejectedError(message) from error
+            raise StoreError(message) from error
 
-    def _statements(self, conn: psycopg.Connection[Any], batch: Batch) -> None:
-        # Arrays go as text literals built with str.join (C speed), cast on the server:
-        # psycopg's array dumpers work element by element in Python, and this thread
-        # shares the GIL with the actor, so every microsecond here is one it waits.
-        name = self.name
+    def _statements(
+        self, cur: psycopg.Cursor[Any], pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool
+    ) -> None:
         if batch.tokens_added:
-            conn.execute(
-                "INSERT INTO tokens (id, pool, created_at)"
-                " SELECT u.id, %s, u.at FROM unnest(%s::uuid[], %s::timestamptz[]) AS u(id, at)"
-                " ON CONFLICT (id) DO NOTHING",
-                (
-                    name,
-                    _plain([t for t, _ in batch.tokens_added]),
-                    _times([at for _, at in batch.tokens_added]),
-                ),
+            ids = [t for _, t, _ in batch.tokens_added]
+            cur.execute(
+                "INSERT INTO tokens (id, pool_id, created_at)"
+                " SELECT u.id, %s, timestamptz 'epoch' + u.at * interval '1 microsecond'"
+                " FROM unnest(%s::uuid[], %s::bigint[]) AS u(id, at) ON CONFLICT (id) DO NOTHING",
+                (pool_id, ids, [a for _, _, a in batch.tokens_added]),
+            )
+            cur.execute(
+                "INSERT INTO token_assignments (token_id, pool_id) SELECT unnest(%s::uuid[]), %s"
+                " ON CONFLICT (token_id) DO NOTHING",
+                (ids, pool_id),
             )
         if batch.users:
-            conn.execute(
+            cur.execute(
                 "INSERT INTO users (id) SELECT unnest(%s::text[]) ON CONFLICT (id) DO NOTHING",
-                (_texts(list(batch.users)),),
+                (list(batch.users),),
             )
         if batch.history:
-            h = batch.history
-            conn.execute(
-                "INSERT INTO token_usage_history"
-                " (id, token_id, pool, user_id, started_at, ended_at, expiration_reason)"
-                " SELECT u.id, u.token_id, %s, u.user_id, u.started_at, u.ended_at, u.reason"
-                " FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::timestamptz[],"
-                " %s::timestamptz[], %s::expiration_reason[])"
-                " AS u(id, token_id, user_id, started_at, ended_at, reason)"
-                " ON CONFLICT (id) DO NOTHING",
-                (
-                    name,
-                    _plain([u.id for u in h]),
-                    _plain([u.token_id for u in h]),
-                    _texts([u.user_id for u in h]),
-                    _times([u.started_at for u in h]),
-                    _times([u.ended_at for u in h]),
-                    _plain([u.reason.value for u in h]),
-                ),
+            data = history_copy(pool_id, batch.history, tokens)
+            if retry:
+                cur.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS staged_history"
+                    " (LIKE token_usage_history) ON COMMIT DELETE ROWS"
+                )
+                with cur.copy("COPY staged_history FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.write(data)
+                cur.execute(
+                    "INSERT INTO token_usage_history SELECT * FROM staged_history"
+                    " ON CONFLICT DO NOTHING"
+                )
+            else:
+                with cur.copy(
+                    "COPY token_usage_history (pool_id, revision, lease_id, token_id, fence,"
+                    " started_at, ended_at, expiration_reason, user_id) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.write(data)
+        if batch.final:
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS staged_leases (token_id uuid, lease_id uuid,"
+                " fence bigint, assigned_at timestamptz, expires_at timestamptz, user_id text)"
+                " ON COMMIT DELETE ROWS"
             )
-        if batch.ended:
-            conn.execute(
-                "DELETE FROM token_assignments WHERE id = ANY(%s::uuid[])", (_plain(batch.ended),)
+            with cur.copy("COPY staged_leases FROM STDIN (FORMAT BINARY)") as copy:
+                copy.write(leases_copy(batch.final, tokens))
+            cur.execute(
+                "UPDATE token_assignments a SET lease_id = s.lease_id, user_id = s.user_id,"
+                " fence = s.fence, assigned_at = s.assigned_at, expires_at = s.expires_at"
+                " FROM staged_leases s WHERE a.token_id = s.token_id"
             )
-        if batch.assignments:
-            a = list(batch.assignments.values())
-            conn.execute(
-                "INSERT INTO token_assignments"
-                " (id, token_id, pool, user_id, fence, assigned_at, expires_at)"
-                " SELECT u.id, u.token_id, %s, u.user_id, u.fence, u.assigned_at, u.expires_at"
-                " FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::bigint[],"
-                " %s::timestamptz[], %s::timestamptz[])"
-                " AS u(id, token_id, user_id, fence, assigned_at, expires_at)"
-                " ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at",
-                (
-                    name,
-                    _plain([x.id for x in a]),
-                    _plain([x.token_id for x in a]),
-                    _texts([x.user_id for x in a]),
-                    _plain([str(x.fence) for x in a]),
-                    _times([x.activated_at for x in a]),
-                    _times([x.expires_at for x in a]),
-                ),
-            )
-        if batch.available:
-            conn.execute(
-                "UPDATE tokens t SET available = u.available"
-                " FROM unnest(%s::uuid[], %s::boolean[]) AS u(id, available)"
-                " WHERE t.id = u.id AND t.available IS DISTINCT FROM u.available",
-                (
-                    _plain(list(batch.available)),
-                    _plain(["t" if v else "f" for v in batch.available.values()]),
-                ),
-            )
-        if batch.tokens_removed:
-            conn.execute(
-                "UPDATE tokens SET retired_at = now(), available = false"
-                " WHERE id = ANY(%s::uuid[]) AND retired_at IS NULL",
-                (_plain(batch.tokens_removed),),
+        if batch.tokens_retired:
+            cur.execute(
+                "UPDATE tokens SET retired_at = timestamptz 'epoch' + u.at * interval '1 microsecond'"
+                " FROM unnest(%s::uuid[], %s::bigint[]) AS u(id, at)"
+                " WHERE tokens.id = u.id AND retired_at IS NULL",
+                ([tokens[s] for s, _ in batch.tokens_retired], [a for _, a in batch.tokens_retired]),
             )
 
-    def history(self, token_id: str, limit: int) -> list[Usage]:
-        with self._reader_lock:
-            try:
-                if self._reader is None or self._reader.closed or self._reader.broken:
-                    self._reader = self._connect("reader")
-                rows = self._reader.execute(
-                    "SELECT id, token_id, user_id, started_at, ended_at, expiration_reason::text"
-                    " FROM token_usage_history WHERE token_id = %s"
-                    " ORDER BY ended_at DESC, started_at DESC LIMIT %s",
-                    (token_id, limit),
-                ).fetchall()
-            except psycopg.Error as error:
-                raise StoreError(f"history read from {self.url} failed: {error}") from error
-        return [
-            Usage(str(r[0]), str(r[1]), r[2], _utc(r[3]), _utc(r[4]), Reason(r[5])) for r in rows
-        ]
+    def list_pools(self) -> list[str]:
+        try:
+            rows = self._connection().execute(
+                "SELECT name FROM pools WHERE dropped_at IS NULL ORDER BY id"
+            ).fetchall()
+        except psycopg.Error as error:
+            self._drop_broken()
+            raise StoreError(f"listing pools in {self.url} failed: {_first_line(error)}") from error
+        return [r[0] for r in rows]
+
+    def save_settings(self, pool_id: int, settings: dict[str, Any]) -> None:
+        name, epoch = self._pools[pool_id]
+        try:
+            conn = self._connection()
+            conn.execute(
+                "UPDATE pools SET size = %s, ttl_seconds = %s, when_full = %s,"
+                " min_hold_seconds = %s, max_lifetime_seconds = %s WHERE id = %s AND owner_epoch = %s",
+                (settings["size"], settings["ttl"], settings["when_full"], settings["min_hold"],
+                 settings["max_lifetime"], pool_id, epoch),
+            )
+        except psycopg.Error as error:
+            self._drop_broken()
+            raise StoreError(f"saving pool {name!r} settings failed: {_first_line(error)}") from error
+
+    def drop_pool(self, pool_id: int) -> None:
+        name, epoch = self._pools.pop(pool_id)
+        try:
+            conn = self._connection()
+            conn.execute(
+                "UPDATE pools SET dropped_at = now() WHERE id = %s AND owner_epoch = %s",
+                (pool_id, epoch),
+            )
+            self._unlock(conn, name)
+        except psycopg.Error as error:
+            self._drop_broken()
+            raise StoreError(f"dropping pool {name!r} failed: {_first_line(error)}") from error
+
+    def _drop_broken(self) -> None:
+        if self._conn is not None and (self._conn.broken or self._conn.closed):
+            self._conn = None
 
     def close(self) -> None:
-        for conn in (self._conn, self._reader):
-            if conn is not None:
-                conn.close()
-        self._conn = self._reader = None
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    """A history row as an END record, with the token id where the slot goes."""
+    return (END, str(row[0]), str(row[1]), row[2], int(row[3]), to_us(row[4]), to_us(row[5]),
+            int(row[6]), row[7])
+
+
+_HISTORY_COLUMNS = (
+    "lease_id, token_id, user_id, fence, started_at, ended_at, revision, expiration_reason::text"
+)
+
+
+class PostgresReader:
+    """History reads for the server, on a connection of their own (one at a time)."""
+
+    def __init__(self, url: str, *, write_timeout: float = 5.0) -> None:
+        self._url = url
+        self.url = redact(url)
+        self.write_timeout = write_timeout
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
+
+    def _read(self, query: str, args: tuple[Any, ...]) -> list[Record]:
+        with self._lock:
+            try:
+                if self._conn is None or self._conn.closed or self._conn.broken:
+                    self._conn = connect(self._url, "reader", self.write_timeout)
+                rows = self._conn.execute(query, args).fetchall()
+            except psycopg.Error as error:
+                raise StoreError(f"history read from {self.url} failed: {_first_line(error)}") from error
+        return [_record(r) for r in rows]
+
+    def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Record]:
+        return self._read(
+            f"SELECT {_HISTORY_COLUMNS} FROM token_usage_history WHERE token_id = %s"
+            " AND revision < %s ORDER BY revision DESC LIMIT %s",
+            (token_id, before, limit),
+        )
+
+    def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Record]:
+        return self._read(
+            f"SELECT {_HISTORY_COLUMNS} FROM token_usage_history WHERE pool_id ="
+            " (SELECT id FROM pools WHERE name = %s) AND user_id = %s AND revision < %s"
+            " ORDER BY revision DESC LIMIT %s",
+            (pool, user_id, before, limit),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+

@@ -2,8 +2,15 @@
 
 A new user needs no database server. Same model and guarantees as the
 PostgreSQL store: one transaction per batch, idempotent rows, an owner epoch
-checked by every batch; ownership is an exclusive ``flock`` on a lock file
-beside the database, which the kernel releases if the process dies.
+checked by every batch.
+
+Ownership follows the file, not its name: the store process holds an
+exclusive ``flock`` on the database file itself, so a second server that
+reaches the same file through a symlink, a hard link or another relative
+path is refused (two processes writing one file through two names would
+also give it two WAL files). The kernel releases the lock when the process
+dies. Before every batch the store checks that its path still names the file
+it locked, so a database replaced or deleted under it stops it at once.
 """
 
 from __future__ import annotations
@@ -12,267 +19,346 @@ import fcntl
 import os
 import socket
 import sqlite3
-from collections.abc import Callable
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import Any, TypeVar
 
-from .._errors import InvalidArgumentError, PoolLockedError
-from .._model import Lease, Reason, Usage
-from . import Batch, FencedError, Snapshot, StoreError
+from .._errors import InvalidArgumentError, PoolLockedError, UnavailableError, UnknownPoolError
+from .._model import END, Record
+from . import Batch, FencedError, RejectedError, Snapshot, StoreError
 
 T = TypeVar("T")
 
-_NOW = "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
-
-
-def _ts(value: datetime) -> str:
-    return value.isoformat(timespec="microseconds")
-
-
-def _dt(text: str) -> datetime:
-    return datetime.fromisoformat(text)
+_COUNTERS = ("activations", "evictions", "expirations", "releases", "clears", "renewals", "refusals")
 
 
 def sqlite_path(url: str) -> Path:
     """``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db`` (as SQLAlchemy)."""
     rest = url.removeprefix("sqlite://")
-    if not rest.startswith("/") or len(rest) < 2:
+    if not rest.startswith("/") or len(rest) < 2 or "\x00" in rest:
         raise InvalidArgumentError(
-            f"a SQLite store URL looks like sqlite:///path/file.db, not {url!r}"
+            f"a SQLite store URL looks like sqlite:///path/file.db, not {url[:80]!r}"
         )
     return Path(rest[1:])
 
 
-class SqliteStore:
-    """Every pool of one SQLite file.
+def _now_us() -> int:
+    return time.time_ns() // 1000
 
-    All SQLite calls run on one thread of the store's own: CPython's sqlite3
-    can crash when a connection is touched from several threads, even one at
-    a time (a cursor finalised on another thread), so the public methods hand
-    their work to that thread and wait for it.
-    """
+
+def _connect(path: Path, write_timeout: float, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=write_timeout, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+class SqliteStore:
+    """Every pool of one SQLite file, owned by this store process."""
 
     kind = "sqlite"
 
-    def __init__(
-        self, url: str, *, write_timeout: float = 5.0, synchronous: str = "NORMAL"
-    ) -> None:
+    def __init__(self, url: str, *, write_timeout: float = 5.0, synchronous: str = "NORMAL") -> None:
         self.url = url
         self.path = sqlite_path(url)
         self.write_timeout = write_timeout
         self.synchronous = synchronous
-        self.name = ""
-        self.epoch = 0
         self._conn: sqlite3.Connection | None = None
-        self._lock_file: IO[bytes] | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenpool-sqlite")
+        self._lock_fd: int | None = None
+        self._pools: dict[int, tuple[str, int]] = {}
 
-    def _on_thread(self, fn: Callable[..., T], *args: object) -> T:
-        return self._thread.submit(fn, *args).result()
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=self.write_timeout, isolation_level=None, check_same_thread=False
-        )
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            self._check_identity()
+            return self._conn
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise UnavailableError(
+                f"cannot open the SQLite file {path}: {error.strerror}"
+                " (is its directory writable? pass --dsn to use another)"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PoolLockedError(
+                f"the SQLite file {path} is in use by another tokenpool process"
+                " (through this path or another link to it); stop it first"
+            ) from None
+        self._lock_fd = fd
+        try:
+            conn = _connect(path, self.write_timeout, self.synchronous)
+            conn.executescript(resources.files(__package__).joinpath("sqlite.sql").read_text())
+        except sqlite3.Error as error:
+            self._release()
+            raise StoreError(f"cannot open the SQLite file {path}: {error}") from error
+        self._conn = conn
         return conn
 
-    def open(self, name: str, ttl: float) -> Snapshot:
-        return self._on_thread(self._open, name, ttl)
-
-    def _open(self, name: str, ttl: float) -> Snapshot:
-        self.name = name
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(f"{self.path.name}.{name}.lock")
-        lock_file = open(lock_path, "ab")  # noqa: SIM115 - held open for the pool's life
+    def _check_identity(self) -> None:
+        assert self._lock_fd is not None
+        held = os.fstat(self._lock_fd)
         try:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
-            raise PoolLockedError(
-                f"pool {name!r} in {self.path} is owned by another process; stop it first"
-            ) from None
-        self._lock_file = lock_file
-        try:
-            conn = self._connect()
-            conn.executescript(resources.files(__package__).joinpath("sqlite.sql").read_text())
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "INSERT INTO pools (name, ttl_seconds) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-                (name, ttl),
+            now = os.stat(self.path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise FencedError(
+                f"the SQLite file {self.path} was removed or replaced; this process no longer owns it"
             )
-            conn.execute(
-                "UPDATE pools SET owner_epoch = owner_epoch + 1, owner = ?, ttl_seconds = ?,"
-                f" owned_at = {_NOW} WHERE name = ?",
-                (f"{socket.gethostname()}:{os.getpid()}", ttl, name),
-            )
-            (epoch,) = conn.execute(
-                "SELECT owner_epoch FROM pools WHERE name = ?", (name,)
-            ).fetchone()
-            flags = "(NOT EXISTS (SELECT 1 FROM token_assignments a WHERE a.token_id = tokens.id))"
-            repaired = conn.execute(
-                f"UPDATE tokens SET available = {flags} WHERE pool = ? AND retired_at IS NULL"
-                f" AND available IS NOT {flags} RETURNING id",
-                (name,),
-            ).fetchall()
-            conn.execute("COMMIT")
-            tokens = [
-                (r[0], _dt(r[1]))
-                for r in conn.execute(
-                    "SELECT id, created_at FROM tokens WHERE pool = ? AND retired_at IS NULL"
-                    " ORDER BY created_at, id",
-                    (name,),
-                )
-            ]
-            leases = [
-                Lease(r[0], r[1], r[2], int(r[3]), _dt(r[4]), _dt(r[5]))
-                for r in conn.execute(
-                    "SELECT id, token_id, user_id, fence, assigned_at, expires_at"
-                    " FROM token_assignments WHERE pool = ? ORDER BY assigned_at, fence",
-                    (name,),
-                )
-            ]
-            ended = dict(
-                conn.execute(
-                    "SELECT expiration_reason, count(*) FROM token_usage_history"
-                    " WHERE pool = ? GROUP BY 1",
-                    (name,),
-                ).fetchall()
-            )
-        except sqlite3.Error as error:
-            self._close()
-            raise StoreError(f"cannot open pool {name!r} in {self.path}: {error}") from error
-        self._conn = conn
-        self.epoch = int(epoch)
-        if repaired:
-            import structlog
 
-            structlog.get_logger("tokenpool.store").warning(
-                "available_flags_repaired", pool=name, count=len(repaired)
-            )
-        return Snapshot(self.epoch, tokens, leases, len(repaired), ended)
+    def _release(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
-    def write(self, batch: Batch) -> None:
-        self._on_thread(self._write, batch)
-
-    def _write(self, batch: Batch) -> None:
-        conn = self._conn
-        if conn is None:
-            raise StoreError("the SQLite store is closed")
+    def open_pool(self, name: str, settings: dict[str, Any], create: bool) -> Snapshot:
+        conn = self._connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                fenced = (
+                made = False
+                row = conn.execute(
+                    "SELECT id, dropped_us IS NOT NULL FROM pools WHERE name = ?", (name,)
+                ).fetchone()
+                if row is None or row[1]:
+                    if not create:
+                        raise UnknownPoolError(f"no pool {name!r} in {self.path}")
+                    made = True
+                values = (settings["size"], settings["ttl"], settings["when_full"],
+                          settings["min_hold"], settings["max_lifetime"])
+                if row is None:
                     conn.execute(
-                        f"UPDATE pools SET written_at = {_NOW} WHERE name = ? AND owner_epoch = ?",
-                        (self.name, self.epoch),
-                    ).rowcount
-                    != 1
+                        "INSERT INTO pools (name, size, ttl_seconds, when_full, min_hold_seconds,"
+                        " max_lifetime_seconds, created_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (name, *values, _now_us()),
+                    )
+                elif row[1]:
+                    conn.execute(
+                        "UPDATE pools SET dropped_us = NULL, size = ?, ttl_seconds = ?, when_full = ?,"
+                        " min_hold_seconds = ?, max_lifetime_seconds = ? WHERE name = ?",
+                        (*values, name),
+                    )
+                conn.execute(
+                    "UPDATE pools SET owner_epoch = max(owner_epoch + 1, (revision >> 40) + 1),"
+                    " owner = ?, owned_us = ? WHERE name = ?",
+                    (f"{socket.gethostname()}:{os.getpid()}", _now_us(), name),
                 )
-                if fenced:
-                    raise FencedError(f"pool {self.name!r} was taken over by a newer owner")
-                self._statements(conn, batch)
+                got = conn.execute(
+                    "SELECT id, owner_epoch, revision, clock_us, size, ttl_seconds, when_full,"
+                    " min_hold_seconds, max_lifetime_seconds, " + ", ".join(_COUNTERS)
+                    + " FROM pools WHERE name = ?",
+                    (name,),
+                ).fetchone()
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            pool_id = int(got[0])
+            tokens = conn.execute(
+                "SELECT id, created_us FROM tokens WHERE pool_id = ? AND retired_us IS NULL"
+                " ORDER BY created_us, id",
+                (pool_id,),
+            ).fetchall()
+            leases = conn.execute(
+                "SELECT lease_id, token_id, user_id, fence, assigned_us, expires_us"
+                " FROM token_assignments WHERE pool_id = ? AND lease_id IS NOT NULL"
+                " ORDER BY assigned_us, fence",
+                (pool_id,),
+            ).fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open pool {name!r} in {self.path}: {error}") from error
+        epoch = int(got[1])
+        self._pools[pool_id] = (name, epoch)
+        stored = {
+            "size": int(got[4]),
+            "ttl": float(got[5]),
+            "when_full": got[6],
+            "min_hold": float(got[7]),
+            "max_lifetime": None if got[8] is None else float(got[8]),
+        }
+        counters = {k: int(v) for k, v in zip(_COUNTERS, got[9:], strict=True)}
+        clock_us = max(
+            int(got[3]), max((r[4] for r in leases), default=0), max((t[1] for t in tokens), default=0)
+        )
+        return Snapshot(
+            pool_id, epoch, int(got[2]), clock_us, stored, counters,
+            [(t[0], int(t[1])) for t in tokens], [tuple(r) for r in leases], made,  # type: ignore[misc]
+        )
+
+    def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
+        name, epoch = self._pools[pool_id]
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                c = batch.counters
+                fenced = (
+                    conn.execute(
+                        "UPDATE pools SET written_us = ?, revision = max(revision, ?),"
+                        " clock_us = max(clock_us, ?), activations = ?, evictions = ?,"
+                        " expirations = ?, releases = ?, clears = ?, renewals = ?, refusals = ?"
+                        " WHERE id = ? AND owner_epoch = ?",
+                        (_now_us(), batch.revision, batch.clock_us,
+                         *(c.get(k, 0) for k in _COUNTERS), pool_id, epoch),
+                    ).rowcount
+                    != 1
+                )
+                if fenced:
+                    raise FencedError(f"pool {name!r} was taken over by a newer owner")
+                self._statements(conn, pool_id, batch, tokens)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.IntegrityError as error:
+            raise RejectedError(f"write to {self.path} refused: {error}") from error
         except sqlite3.Error as error:
             raise StoreError(f"write to {self.path} failed: {error}") from error
 
-    def _statements(self, conn: sqlite3.Connection, batch: Batch) -> None:
-        name = self.name
+    def _statements(
+        self, conn: sqlite3.Connection, pool_id: int, batch: Batch, tokens: dict[int, str]
+    ) -> None:
         if batch.tokens_added:
             conn.executemany(
-                "INSERT INTO tokens (id, pool, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (id) DO NOTHING",
-                [(t, name, _ts(at)) for t, at in batch.tokens_added],
+                "INSERT OR IGNORE INTO tokens (id, pool_id, created_us) VALUES (?, ?, ?)",
+                [(t, pool_id, at) for _, t, at in batch.tokens_added],
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO token_assignments (token_id, pool_id) VALUES (?, ?)",
+                [(t, pool_id) for _, t, _ in batch.tokens_added],
             )
         if batch.users:
             conn.executemany(
-                "INSERT INTO users (id) VALUES (?) ON CONFLICT (id) DO NOTHING",
-                [(u,) for u in batch.users],
+                "INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in batch.users]
             )
         if batch.history:
             conn.executemany(
-                "INSERT INTO token_usage_history"
-                " (id, token_id, pool, user_id, started_at, ended_at, expiration_reason)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                "INSERT OR IGNORE INTO token_usage_history (pool_id, revision, lease_id, token_id,"
+                " fence, started_us, ended_us, expiration_reason, user_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (
-                        u.id,
-                        u.token_id,
-                        name,
-                        u.user_id,
-                        _ts(u.started_at),
-                        _ts(u.ended_at),
-                        u.reason.value,
-                    )
-                    for u in batch.history
+                    (pool_id, r[7], r[1], tokens[r[2]], r[4], r[5], r[6], r[8], r[3])
+                    for r in batch.history
                 ],
             )
-        if batch.ended:
+        if batch.final:
+            free = (None, None, None, None, None)
             conn.executemany(
-                "DELETE FROM token_assignments WHERE id = ?", [(i,) for i in batch.ended]
-            )
-        if batch.assignments:
-            conn.executemany(
-                "INSERT INTO token_assignments"
-                " (id, token_id, pool, user_id, fence, assigned_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at",
+                "UPDATE token_assignments SET lease_id = ?, user_id = ?, fence = ?, assigned_us = ?,"
+                " expires_us = ? WHERE token_id = ?",
                 [
-                    (
-                        x.id,
-                        x.token_id,
-                        name,
-                        x.user_id,
-                        x.fence,
-                        _ts(x.activated_at),
-                        _ts(x.expires_at),
-                    )
-                    for x in batch.assignments.values()
+                    (*(free if r is None else (r[1], r[3], r[4], r[5], r[6])), tokens[slot])
+                    for slot, r in batch.final.items()
                 ],
             )
-        if batch.available:
+        if batch.tokens_retired:
             conn.executemany(
-                "UPDATE tokens SET available = ? WHERE id = ?",
-                [(int(flag), t) for t, flag in batch.available.items()],
-            )
-        if batch.tokens_removed:
-            conn.executemany(
-                "UPDATE tokens SET available = 0,"
-                f" retired_at = {_NOW}"
-                " WHERE id = ? AND retired_at IS NULL",
-                [(t,) for t in batch.tokens_removed],
+                "UPDATE tokens SET retired_us = ? WHERE id = ? AND retired_us IS NULL",
+                [(at, tokens[slot]) for slot, at in batch.tokens_retired],
             )
 
-    def history(self, token_id: str, limit: int) -> list[Usage]:
-        return self._on_thread(self._history, token_id, limit)
+    def list_pools(self) -> list[str]:
+        try:
+            rows = self._connection().execute(
+                "SELECT name FROM pools WHERE dropped_us IS NULL ORDER BY id"
+            ).fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"listing pools in {self.path} failed: {error}") from error
+        return [r[0] for r in rows]
 
-    def _history(self, token_id: str, limit: int) -> list[Usage]:
-        if self._conn is None:
-            raise StoreError("the SQLite store is closed")
-        rows = self._conn.execute(
-            "SELECT id, token_id, user_id, started_at, ended_at, expiration_reason"
-            " FROM token_usage_history WHERE token_id = ?"
-            " ORDER BY ended_at DESC, started_at DESC LIMIT ?",
-            (token_id, limit),
-        ).fetchall()
-        return [Usage(r[0], r[1], r[2], _dt(r[3]), _dt(r[4]), Reason(r[5])) for r in rows]
+    def save_settings(self, pool_id: int, settings: dict[str, Any]) -> None:
+        _name, epoch = self._pools[pool_id]
+        try:
+            self._connection().execute(
+                "UPDATE pools SET size = ?, ttl_seconds = ?, when_full = ?, min_hold_seconds = ?,"
+                " max_lifetime_seconds = ? WHERE id = ? AND owner_epoch = ?",
+                (settings["size"], settings["ttl"], settings["when_full"], settings["min_hold"],
+                 settings["max_lifetime"], pool_id, epoch),
+            )
+        except sqlite3.Error as error:
+            raise StoreError(f"saving settings to {self.path} failed: {error}") from error
+
+    def drop_pool(self, pool_id: int) -> None:
+        _name, epoch = self._pools.pop(pool_id)
+        try:
+            self._connection().execute(
+                "UPDATE pools SET dropped_us = ? WHERE id = ? AND owner_epoch = ?",
+                (_now_us(), pool_id, epoch),
+            )
+        except sqlite3.Error as error:
+            raise StoreError(f"dropping a pool in {self.path} failed: {error}") from error
 
     def close(self) -> None:
-        self._on_thread(self._close)
-        self._thread.shutdown()
+        self._release()
 
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._lock_file is not None:
-            self._lock_file.close()  # releases the flock
-            self._lock_file = None
+
+_HISTORY_COLUMNS = "lease_id, token_id, user_id, fence, started_us, ended_us, revision, expiration_reason"
+
+
+class SqliteReader:
+    """History reads for the server: its own read-only connection, on a thread of its own.
+
+    CPython's sqlite3 can crash when a connection is touched from several
+    threads, even one at a time, so every call runs on the reader's one thread.
+    """
+
+    def __init__(self, url: str, *, write_timeout: float = 5.0) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        self.write_timeout = write_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenpool-sqlite")
+        self._lock = threading.Lock()
+
+    def _on_thread(self, fn: Callable[..., T], *args: object) -> T:
+        return self._thread.submit(fn, *args).result()
+
+    def _read(self, query: str, args: tuple[Any, ...]) -> list[Record]:
+        def run() -> list[Record]:
+            if self._conn is None:
+                self._conn = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, timeout=self.write_timeout,
+                    check_same_thread=False,
+                )
+            return [(END, *row) for row in self._conn.execute(query, args).fetchall()]
+
+        try:
+            return self._on_thread(run)
+        except sqlite3.Error as error:
+            raise StoreError(f"history read from {self.path} failed: {error}") from error
+
+    def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Record]:
+        return self._read(
+            f"SELECT {_HISTORY_COLUMNS} FROM token_usage_history WHERE token_id = ?"
+            " AND revision < ? ORDER BY revision DESC LIMIT ?",
+            (token_id, before, limit),
+        )
+
+    def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Record]:
+        return self._read(
+            f"SELECT {_HISTORY_COLUMNS} FROM token_usage_history WHERE pool_id ="
+            " (SELECT id FROM pools WHERE name = ?) AND user_id = ? AND revision < ?"
+            " ORDER BY revision DESC LIMIT ?",
+            (pool, user_id, before, limit),
+        )
+
+    def close(self) -> None:
+        def run() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        self._on_thread(run)
+        self._thread.shutdown()

@@ -1,52 +1,73 @@
--- tokenpool's embedded SQLite schema: the same model as postgres.sql (schema.sql).
--- Timestamps are ISO-8601 UTC text with microseconds, which sorts in time order.
+-- tokenpool's embedded SQLite schema (version 2): the same model as postgres.sql
+-- (schema.sql). Times are integers, microseconds since the Unix epoch; token and
+-- lease ids are UUID text.
 
 CREATE TABLE IF NOT EXISTS pools (
-    name            TEXT PRIMARY KEY,
+    id              INTEGER PRIMARY KEY,
+    name            TEXT NOT NULL UNIQUE,
+    size            INTEGER NOT NULL,
     ttl_seconds     REAL NOT NULL,
+    when_full       TEXT NOT NULL DEFAULT 'evict' CHECK (when_full IN ('evict', 'reject', 'wait')),
+    min_hold_seconds REAL NOT NULL DEFAULT 0,
+    max_lifetime_seconds REAL,
     owner_epoch     INTEGER NOT NULL DEFAULT 0,
     owner           TEXT,
-    created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')),
-    owned_at        TEXT,
-    written_at      TEXT
+    revision        INTEGER NOT NULL DEFAULT 0,
+    clock_us        INTEGER NOT NULL DEFAULT 0,
+    activations     INTEGER NOT NULL DEFAULT 0,
+    evictions       INTEGER NOT NULL DEFAULT 0,
+    expirations     INTEGER NOT NULL DEFAULT 0,
+    releases        INTEGER NOT NULL DEFAULT 0,
+    clears          INTEGER NOT NULL DEFAULT 0,
+    renewals        INTEGER NOT NULL DEFAULT 0,
+    refusals        INTEGER NOT NULL DEFAULT 0,
+    created_us      INTEGER NOT NULL,
+    owned_us        INTEGER,
+    written_us      INTEGER,
+    dropped_us      INTEGER
 );
 
 CREATE TABLE IF NOT EXISTS users (
     id              TEXT PRIMARY KEY CHECK (id <> '' AND length(CAST(id AS BLOB)) <= 128),
     name            TEXT,
-    email           TEXT,
-    created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'))
+    email           TEXT
 );
 
 CREATE TABLE IF NOT EXISTS tokens (
     id              TEXT PRIMARY KEY,
-    pool            TEXT NOT NULL REFERENCES pools (name),
-    available       INTEGER NOT NULL DEFAULT 1 CHECK (available IN (0, 1)),
-    created_at      TEXT NOT NULL,
-    retired_at      TEXT
+    pool_id         INTEGER NOT NULL REFERENCES pools (id),
+    created_us      INTEGER NOT NULL,
+    retired_us      INTEGER
 );
-CREATE INDEX IF NOT EXISTS tokens_by_pool ON tokens (pool, created_at, id) WHERE retired_at IS NULL;
+CREATE INDEX IF NOT EXISTS tokens_by_pool ON tokens (pool_id, created_us, id) WHERE retired_us IS NULL;
 
+-- One row per token, its lease columns NULL while available (see postgres.sql).
 CREATE TABLE IF NOT EXISTS token_assignments (
-    id              TEXT PRIMARY KEY,
-    token_id        TEXT NOT NULL UNIQUE REFERENCES tokens (id),
-    pool            TEXT NOT NULL REFERENCES pools (name),
-    user_id         TEXT NOT NULL REFERENCES users (id),
-    fence           INTEGER NOT NULL,
-    assigned_at     TEXT NOT NULL,
-    expires_at      TEXT NOT NULL CHECK (expires_at > assigned_at),
-    UNIQUE (pool, user_id)
-);
+    token_id        TEXT PRIMARY KEY REFERENCES tokens (id),
+    pool_id         INTEGER NOT NULL REFERENCES pools (id),
+    lease_id        TEXT,
+    user_id         TEXT,
+    fence           INTEGER,
+    assigned_us     INTEGER,
+    expires_us      INTEGER CHECK (expires_us > assigned_us),
+    CHECK ((lease_id IS NULL) = (user_id IS NULL))
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS token_usage_history (
-    id                  TEXT PRIMARY KEY,
-    token_id            TEXT NOT NULL REFERENCES tokens (id),
-    pool                TEXT NOT NULL,
-    user_id             TEXT NOT NULL,
-    started_at          TEXT NOT NULL,
-    ended_at            TEXT NOT NULL CHECK (ended_at >= started_at),
+    pool_id             INTEGER NOT NULL,
+    revision            INTEGER NOT NULL,
+    lease_id            TEXT NOT NULL,
+    token_id            TEXT NOT NULL,
+    fence               INTEGER NOT NULL,
+    started_us          INTEGER NOT NULL,
+    ended_us            INTEGER NOT NULL CHECK (ended_us >= started_us),
     expiration_reason   TEXT NOT NULL
-        CHECK (expiration_reason IN ('expired', 'evicted', 'released', 'cleared'))
-);
-CREATE INDEX IF NOT EXISTS history_by_token ON token_usage_history (token_id, ended_at DESC, started_at DESC);
-CREATE INDEX IF NOT EXISTS history_by_user ON token_usage_history (user_id, ended_at DESC);
+        CHECK (expiration_reason IN ('expired', 'evicted', 'released', 'cleared')),
+    user_id             TEXT NOT NULL,
+    PRIMARY KEY (pool_id, revision)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_by_token ON token_usage_history (token_id, revision);
+CREATE INDEX IF NOT EXISTS history_by_user ON token_usage_history (pool_id, user_id, revision);
+
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY);
+INSERT OR IGNORE INTO schema_version VALUES (2);

@@ -1,0 +1,168 @@
+"""Live events: a bounded log of each pool's changes and the subscribers that follow it.
+
+The actor calls ``publish`` with each batch's change records: one C-level
+``deque.extend`` for the log and one list append per subscriber, nothing
+per record, so watching costs the actor almost nothing. Records become
+``Event`` values in the subscriber's own task, as it reads.
+
+Rules (etcd's watch, Redis's pub/sub buffer limits):
+- ``subscribe(since=r)`` first replays the logged events after revision
+  ``r``, then follows live ones, with no gap between the two. A revision
+  older than the log holds raises ``CompactedError`` naming the oldest one held.
+- A subscriber's buffer is bounded. One that reads too slowly gets, once its
+  buffer is full, a single ``overflow`` event saying how many events it
+  missed, and its stream then ends; the actor never waits for it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+
+from ._errors import CompactedError
+from ._model import END, GRANT, RENEW, Event, Record, to_datetime
+
+KINDS = {GRANT: "granted", RENEW: "renewed", END: "ended"}
+
+
+def record_revision(record: Record) -> int:
+    return record[7] if record[0] <= END else record[1]
+
+
+def event_of(record: Record, pool: str, names: Callable[[int], str]) -> Event:
+    """A GRANT/RENEW/END record as an ``Event``."""
+    kind = record[0]
+    token = names(record[2])
+    if kind == END:
+        return Event(
+            "ended", pool, record[7], token, record[1], record[3], record[4],
+            to_datetime(record[5]), None, to_datetime(record[6]), record[8],
+        )
+    return Event(
+        KINDS[kind], pool, record[7], token, record[1], record[3], record[4],
+        to_datetime(record[5]), to_datetime(record[6]),
+    )
+
+
+class Subscription:
+    """One subscriber's bounded buffer of record batches. Iterate it for ``Event`` values."""
+
+    def __init__(self, hub: EventHub, buffer: int) -> None:
+        self._hub = hub
+        self._batches: deque[list[Record]] = deque()
+        self._buffered = 0
+        self._limit = buffer
+        self.missed = 0
+        self.overflowed = False
+        self.closed = False
+        self._ready = trio.Event()
+
+    def push(self, records: list[Record]) -> None:
+        if self.closed:
+            return
+        events = [r for r in records if r[0] <= END]
+        if not events:
+            return
+        if self.overflowed or self._buffered + len(events) > self._limit:
+            self.overflowed = True
+            self.missed += len(events)
+        else:
+            self._batches.append(events)
+            self._buffered += len(events)
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        hub = self._hub
+        try:
+            while True:
+                while self._batches:
+                    batch = self._batches.popleft()
+                    self._buffered -= len(batch)
+                    for record in batch:
+                        yield event_of(record, hub.pool, hub.names)
+                    await trio.lowlevel.checkpoint()
+                if self.overflowed:
+                    yield Event("overflow", hub.pool, hub.revision(), missed=self.missed)
+                    return
+                if self.closed:
+                    return
+                await self._ready.wait()
+                self._ready = trio.Event()
+        finally:
+            hub.unsubscribe(self)
+
+
+class EventHub:
+    """The event log of one pool (the newest ``capacity`` records) and its subscribers."""
+
+    def __init__(
+        self,
+        pool: str,
+        names: Callable[[int], str],
+        revision: Callable[[], int],
+        *,
+        capacity: int = 100_000,
+        start: int = 0,
+    ) -> None:
+        self.pool = pool
+        self.names = names
+        self.revision = revision
+        self.capacity = capacity
+        self._log: deque[Record] = deque(maxlen=capacity)
+        self._floor = start + 1  # the oldest revision whose events are all in the log
+        self._subscribers: set[Subscription] = set()
+
+    def publish(self, records: list[Record]) -> None:
+        log = self._log
+        log.extend(records)
+        if len(log) == self.capacity:
+            self._floor = record_revision(log[0]) + 1
+        for subscriber in self._subscribers:
+            subscriber.push(records)
+
+    @property
+    def oldest(self) -> int:
+        """The oldest revision whose events ``subscribe(since=oldest - 1)`` can replay."""
+        return self._floor
+
+    def subscribe(self, since: int | None = None, buffer: int = 10_000) -> Subscription:
+        """Follow the pool's events; with ``since``, replay those after it first.
+
+        Raises ``CompactedError`` when events after ``since`` are no longer all held.
+        """
+        subscription = Subscription(self, buffer)
+        if since is not None:
+            if since + 1 < self._floor:
+                raise CompactedError(
+                    f"events after revision {since} are compacted; the oldest still held is"
+                    f" {self._floor} (subscribe with since={self._floor - 1} or later, or read"
+                    " the history for what came before)",
+                    self._floor,
+                )
+            replay = [r for r in self._log if record_revision(r) > since and r[0] <= END]
+            if replay:  # already in memory: the buffer bound applies to what comes next
+                subscription._limit += len(replay)
+                subscription.push(replay)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+
+    def close(self) -> None:
+        for subscriber in list(self._subscribers):
+            subscriber.close()
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "subscribers": len(self._subscribers),
+            "events_logged": len(self._log),
+            "oldest_revision": self._floor,
+        }

@@ -1,0 +1,160 @@
+"""Every setting's allowed range, checked once where the value enters.
+
+The CLI, the environment, the TOML file, ``POOL CREATE``/``ALTER``, the HTTP
+API and ``open_pool()`` all go through these functions, so a value is refused
+with the same one-line message (the setting, the value, the allowed range)
+wherever it comes from, and nothing past the edge ever sees a bad one.
+
+Numbers written as text are ASCII only: ``str.isdigit()`` and ``int()``
+accept ``²`` and ``٣``, and ``int()`` refuses more than 4,300 digits with a
+``ValueError`` of its own, so text is matched against an ASCII pattern of
+bounded length before any conversion.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Final
+
+import attrs
+
+from ._errors import InvalidArgumentError
+
+MAX_SIZE: Final = 10_000_000
+"""The most tokens one pool may have (about a gigabyte of memory at this size)."""
+MAX_SECONDS: Final = 10 * 365.25 * 86400
+"""The longest ttl, min-hold, max-lifetime or wait: ten years."""
+MIN_TTL: Final = 0.001
+WHEN_FULL: Final = ("evict", "reject", "wait")
+
+_INT = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_int(text: str, what: str, low: int, high: int) -> int:
+    """``text`` as an integer from ``low`` to ``high``; else ``InvalidArgumentError``."""
+    if not isinstance(text, str) or not _INT.fullmatch(text):
+        raise InvalidArgumentError(
+            f"{what} must be an integer from {low:,} to {high:,}, not {_shown(text)}"
+        )
+    return check_int(int(text), what, low, high)
+
+
+def check_int(value: object, what: str, low: int, high: int) -> int:
+    """``value`` if it is an ``int`` (not a bool) from ``low`` to ``high``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgumentError(
+            f"{what} must be an integer from {low:,} to {high:,}, not {_shown(value)}"
+        )
+    return value
+
+
+def parse_seconds(text: str, what: str, low: float, high: float) -> float:
+    """``text`` as a finite number of seconds from ``low`` to ``high``."""
+    if not isinstance(text, str) or not _FLOAT.fullmatch(text):
+        raise InvalidArgumentError(
+            f"{what} must be a number of seconds from {low:g} to {high:g}, not {_shown(text)}"
+        )
+    return check_seconds(float(text), what, low, high)
+
+
+def check_seconds(value: object, what: str, low: float, high: float) -> float:
+    """``value`` as a float if it is a finite real number from ``low`` to ``high``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise InvalidArgumentError(
+            f"{what} must be a number of seconds from {low:g} to {high:g}, not {_shown(value)}"
+        )
+    return float(value)
+
+
+def check_name(value: object, what: str = "pool name") -> str:
+    """A pool name: 1 to 64 characters of ``[A-Za-z0-9_.-]``."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise InvalidArgumentError(
+            f"{what} must be 1 to 64 characters of A-Z a-z 0-9 _ . -, not {_shown(value)}"
+        )
+    return value
+
+
+def check_choice(value: object, what: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise InvalidArgumentError(f"{what} must be one of {', '.join(choices)}; not {_shown(value)}")
+    return value.lower()
+
+
+def check_port(value: object, what: str = "port") -> int:
+    return check_int(value, what, 0, 65535)
+
+
+def _size(_: object, __: object, value: int) -> None:
+    check_int(value, "size", 1, MAX_SIZE)
+
+
+def _ttl(_: object, __: object, value: float) -> None:
+    check_seconds(value, "ttl", MIN_TTL, MAX_SECONDS)
+
+
+def _when_full(_: object, __: object, value: str) -> None:
+    if value not in WHEN_FULL:
+        check_choice(value, "when-full", WHEN_FULL)
+
+
+def _min_hold(_: object, __: object, value: float) -> None:
+    check_seconds(value, "min-hold", 0.0, MAX_SECONDS)
+
+
+def _max_lifetime(_: object, __: object, value: float | None) -> None:
+    if value is not None:
+        check_seconds(value, "max-lifetime", MIN_TTL, MAX_SECONDS)
+
+
+@attrs.frozen
+class PoolSettings:
+    """What a pool is: its size and its rules. Every field is checked on construction.
+
+    - ``size``: tokens, 1 to 10,000,000.
+    - ``ttl``: seconds a lease lasts, from 0.001 to ten years.
+    - ``when_full``: ``evict`` (the oldest lease ends ``evicted``), ``reject``
+      (``FullError``) or ``wait`` (callers that ask may wait for a token).
+    - ``min_hold``: ``evict`` never ends a lease younger than this; with none old
+      enough the activation is refused as under ``reject``.
+    - ``max_lifetime``: ``renew`` (and the grant) never set ``expires_at`` past
+      ``activated_at + max_lifetime``; ``None`` for no cap.
+    """
+
+    size: int = attrs.field(default=100, validator=_size)
+    ttl: float = attrs.field(default=120.0, converter=float, validator=_ttl)
+    when_full: str = attrs.field(default="evict", validator=_when_full)
+    min_hold: float = attrs.field(default=0.0, converter=float, validator=_min_hold)
+    max_lifetime: float | None = attrs.field(default=None, validator=_max_lifetime)
+
+    @classmethod
+    def make(cls, **values: object) -> PoolSettings:
+        """Build from loosely typed values (TOML, JSON), each checked with its own message."""
+        size = check_int(values.get("size", 100), "size", 1, MAX_SIZE)
+        ttl = check_seconds(values.get("ttl", 120.0), "ttl", MIN_TTL, MAX_SECONDS)
+        when_full = check_choice(values.get("when_full", "evict"), "when-full", WHEN_FULL)
+        min_hold = check_seconds(values.get("min_hold", 0.0), "min-hold", 0.0, MAX_SECONDS)
+        raw = values.get("max_lifetime")
+        max_lifetime = (
+            None if raw is None else check_seconds(raw, "max-lifetime", MIN_TTL, MAX_SECONDS)
+        )
+        unknown = set(values) - {"size", "ttl", "when_full", "min_hold", "max_lifetime"}
+        if unknown:
+            raise InvalidArgumentError(f"unknown pool setting(s): {', '.join(sorted(unknown))}")
+        return cls(size, ttl, when_full, min_hold, max_lifetime)
+
+    def as_dict(self) -> dict[str, object]:
+        return attrs.asdict(self)

@@ -1,0 +1,297 @@
+"""The store process: the write-behind's database work, off the server's GIL.
+
+The server starts one per store (``python -m tokenpool._store.child FD``)
+and talks to it over a socketpair in length-prefixed pickle frames. This
+process owns the store's connections and ownership locks, folds what
+arrived into one batch per pool, writes each in one transaction, and
+acknowledges what committed. It never calls back into the server: the server
+learns what committed from the acknowledgements and answers its own callers.
+
+Rules it keeps:
+- Writes keep their order per pool; a batch is idempotent, so after an
+  ambiguous failure it is retried whole, grown by whatever arrived meanwhile.
+- Transient failures back off exponentially with jitter (capped); each
+  change of the link's state is reported once.
+- A write the database refuses for good (a constraint, a bad value) is split
+  into the server's batches and retried one by one; a batch that is still
+  refused is reported loudly and dropped, so it never blocks what follows.
+- When the server goes away (end of file on the socket) it writes what
+  reached it, then exits, which frees the ownership locks; shutdown is
+  bounded by ``shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import select
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .._errors import TokenPoolError
+from .._model import Record
+from . import Batch, FencedError, RejectedError, Store, StoreError, open_store
+
+_LEN = struct.Struct(">I")
+
+
+class Channel:
+    """Length-prefixed pickle frames over a blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self.closed = False
+
+    def send(self, message: object) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self.sock.sendall(_LEN.pack(len(data)) + data)
+        except OSError:
+            self.closed = True
+
+    def receive(self, timeout: float | None) -> list[Any]:
+        """Every whole message that arrives within ``timeout`` (``None``: wait for one).
+
+        Sets ``closed`` at end of file.
+        """
+        out: list[Any] = []
+        wait = timeout
+        while not self.closed:
+            ready, _, _ = select.select([self.sock], [], [], wait)
+            if not ready:
+                break
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                self.closed = True
+                break
+            self._buf += chunk
+            out += self._frames()
+            if out:
+                wait = 0  # take what else is already there, then go and write it
+        return out
+
+    def _frames(self) -> Iterator[Any]:
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= 4:
+            (size,) = _LEN.unpack_from(buf, pos)
+            if len(buf) - pos - 4 < size:
+                break
+            yield pickle.loads(buf[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+        del buf[:pos]
+
+
+class PoolSink:
+    """One pool's pending writes and its slot-to-token table."""
+
+    def __init__(self, key: int, pool_id: int, tokens: dict[int, str]) -> None:
+        self.key = key
+        self.pool_id = pool_id
+        self.tokens = tokens
+        self.pending: list[tuple[int, list[list[Record]], dict[str, int], int]] = []
+        self.fenced = False
+        self.known_users: set[str] = set()  # users written already: no insert needed
+
+    def remember_users(self, users: dict[str, None]) -> None:
+        if len(self.known_users) + len(users) > 1_000_000:
+            self.known_users.clear()
+        self.known_users.update(users)
+
+
+class StoreProcess:
+    def __init__(self, channel: Channel, config: dict[str, Any]) -> None:
+        self.channel = channel
+        self.write_timeout = float(config["write_timeout"])
+        self.flush_interval = float(config["flush_interval"])
+        self.shutdown_timeout = float(config["shutdown_timeout"])
+        self.retry_cap = float(config.get("retry_cap", 5.0))
+        self.store: Store = open_store(
+            config["url"], write_timeout=self.write_timeout, durability=config["durability"]
+        )
+        self.sinks: dict[int, PoolSink] = {}
+        self.link = "up"
+        self.closing_since: float | None = None
+
+    def log(self, level: str, event: str, **fields: object) -> None:
+        self.channel.send(("log", level, event, fields))
+
+    def set_link(self, state: str, error: BaseException | None) -> None:
+        if state != self.link:
+            self.link = state
+            self.channel.send(("link", state, "" if error is None else str(error)))
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            pending = any(s.pending for s in self.sinks.values())
+            if self.channel.closed and self.closing_since is None:
+                self.closing_since = time.monotonic()
+            if self.closing_since is not None and not pending:
+                return
+            timeout = 0.0 if pending else None
+            for message in self.channel.receive(timeout):
+                self.handle(message)
+            if self.flush_interval and any(s.pending for s in self.sinks.values()):
+                for message in self.channel.receive(self.flush_interval):
+                    self.handle(message)
+            self.write_all()
+
+    def handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "write":
+            _, key, seq, chunks, counters, clock_us = message
+            sink = self.sinks.get(key)
+            if sink is not None and not sink.fenced:
+                sink.pending.append((seq, chunks, counters, clock_us))
+            return
+        if kind == "close":
+            self.closing_since = time.monotonic()
+            return
+        request, key = message[1], message[2]
+        try:
+            if kind == "open":
+                _, _, _, name, settings, create = message
+                snapshot = self.store.open_pool(name, settings, create)
+                tokens = {slot: t for slot, (t, _) in enumerate(snapshot.tokens)}
+                self.sinks[key] = PoolSink(key, snapshot.pool_id, tokens)
+                self.channel.send(("reply", request, snapshot))
+                return
+            if kind == "list":
+                self.channel.send(("reply", request, self.store.list_pools()))
+                return
+            sink = self.sinks[key]
+            self.write(sink)  # what came before the setting change goes first
+            if kind == "settings":
+                self.store.save_settings(sink.pool_id, message[3])
+            elif kind == "drop":
+                self.store.drop_pool(sink.pool_id)
+                del self.sinks[key]
+            self.channel.send(("reply", request, None))
+        except TokenPoolError as error:
+            self.channel.send(("reply", request, error))
+        except Exception as error:  # a bug: say it, keep serving the other pools
+            self.channel.send(("reply", request, StoreError(f"{type(error).__name__}: {error}")))
+
+    def write_all(self) -> None:
+        for sink in list(self.sinks.values()):
+            if sink.pending:
+                self.write(sink)
+
+    def write(self, sink: PoolSink) -> None:
+        """Write everything pending for one pool: retry, isolate a refused batch, report."""
+        attempt = 0
+        retry = False
+        while sink.pending and not sink.fenced:
+            entries = sink.pending
+            batch = self._batch(sink, entries)
+            try:
+                self.store.write(sink.pool_id, batch, sink.tokens, retry)
+            except FencedError as error:
+                sink.fenced = True
+                sink.pending = []
+                self.channel.send(("fenced", sink.key, str(error)))
+                return
+            except RejectedError as error:
+                self.isolate(sink, entries, error)
+                continue
+            except StoreError as error:
+                attempt += 1
+                retry = True
+                self.set_link("retrying" if attempt < 3 else "down", error)
+                if self.closing_since is not None and (
+                    time.monotonic() - self.closing_since > self.shutdown_timeout
+                ):
+                    self.give_up(error)
+                    return
+                delay = min(self.retry_cap, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                for message in self.channel.receive(delay):
+                    self.handle(message)
+                continue
+            sink.pending = sink.pending[len(entries) :]
+            sink.remember_users(batch.users)
+            self.set_link("up", None)
+            self.channel.send(("ack", sink.key, entries[-1][0], batch.records))
+
+    def _batch(
+        self, sink: PoolSink, entries: list[tuple[int, list[list[Record]], dict[str, int], int]]
+    ) -> Batch:
+        batch = Batch()
+        for _seq, chunks, counters, clock_us in entries:
+            for records in chunks:
+                self._learn_tokens(sink, records)
+                batch.add(records, counters, clock_us)
+        known = sink.known_users
+        if known:
+            batch.users = {u: None for u in batch.users if u not in known}
+        return batch
+
+    @staticmethod
+    def _learn_tokens(sink: PoolSink, records: list[Record]) -> None:
+        for record in records:
+            if record[0] == 3:  # ADD: the slots of new tokens
+                for slot, token in record[3]:
+                    sink.tokens[slot] = token
+
+    def isolate(
+        self,
+        sink: PoolSink,
+        entries: list[tuple[int, list[list[Record]], dict[str, int], int]],
+        error: RejectedError,
+    ) -> None:
+        """The database refused the batch for good: write the server's batches one by one,
+        drop (and report) each one it still refuses, acknowledge the rest."""
+        for entry in entries:
+            batch = self._batch(sink, [entry])
+            try:
+                self.store.write(sink.pool_id, batch, sink.tokens, True)
+            except RejectedError as refused:
+                self.channel.send(("rejected", sink.key, entry[0], batch.records, str(refused)))
+            except StoreError:
+                # Not a refusal after all: leave it and the rest for the normal retry.
+                sink.pending = sink.pending[sink.pending.index(entry) :]
+                return
+            else:
+                self.channel.send(("ack", sink.key, entry[0], batch.records))
+        sink.pending = sink.pending[len(entries) :]
+        del error
+
+    def give_up(self, error: BaseException) -> None:
+        lost = 0
+        for sink in self.sinks.values():
+            for _seq, chunks, _c, _t in sink.pending:
+                lost += sum(len(r) for r in chunks)
+            sink.pending = []
+        self.channel.send(("gave_up", lost, str(error)))
+
+    def close(self) -> None:
+        try:
+            self.store.close()
+        except Exception:  # closing is best effort: the process exits next
+            pass
+
+
+def main(argv: list[str]) -> int:
+    sock = socket.socket(fileno=int(argv[1]))
+    channel = Channel(sock)
+    hello = channel.receive(None)
+    if not hello or hello[0][0] != "hello":
+        return 2
+    process = StoreProcess(channel, hello[0][1])
+    try:
+        for message in hello[1:]:
+            process.handle(message)
+        process.run()
+    finally:
+        process.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
