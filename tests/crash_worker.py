@@ -12,7 +12,7 @@ import itertools
 import sys
 import time
 
-import structlog
+import logging
 import trio
 
 import tokenpool
@@ -42,5 +42,5 @@ async def main(url: str, durability: str) -> None:
 
 
 if __name__ == "__main__":
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     trio.run(main, sys.argv[1], sys.argv[2])

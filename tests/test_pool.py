@@ -26,8 +26,9 @@ from tokenpool import (
     Usage,
 )
 from tokenpool._actor import Actor, Request
-from tokenpool._model import Change, Lease
+from tokenpool._model import END, GRANT, Record
 from tokenpool._ops import Op
+from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -52,12 +53,12 @@ async def test_expiry_fires_on_time_without_any_request(autojump_clock: trio.abc
     async with tokenpool.open_pool(size=3, ttl=120, clock=Clock(T0)) as pool:
         lease = await pool.activate("alice")
         await trio.sleep(119.999)
-        assert pool_state(pool).stats().active == 1
+        assert pool_state(pool).active == 1
         await trio.sleep(0.002)
         # Read the state directly: no request has reached the actor since activate.
         state = pool_state(pool)
-        assert (state.stats().active, state.stats().expirations) == (0, 1)
-        (usage,) = state.history(lease.token_id)
+        assert (state.active, state.expirations) == (0, 1)
+        (usage,) = await pool.history(lease.token_id)
         assert (Reason.EXPIRED, lease.expires_at) == (usage.reason, usage.ended_at)
 
 
@@ -170,7 +171,30 @@ async def test_invalid_input_is_rejected_and_changes_nothing(call, message) -> N
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"size": 0}, {"size": -1}, {"ttl": 0}, {"ttl": -5}, {"durability": "maybe"}],
+    [
+        {"size": 0},
+        {"size": -1},
+        {"size": 10**9},
+        {"size": True},
+        {"ttl": 0},
+        {"ttl": -5},
+        {"ttl": float("inf")},
+        {"ttl": float("nan")},
+        {"ttl": 1e-7},
+        {"ttl": 1e300},
+        {"durability": "maybe"},
+        {"when_full": "panic"},
+        {"min_hold": -1},
+        {"max_lifetime": 0},
+        {"name": "a/b"},
+        {"name": ""},
+        {"name": "x" * 65},
+        {"flush_interval": -1},
+        {"write_timeout": 0},
+        {"max_backlog": 0},
+        {"queue_size": 0},
+        {"history_memory": 0},
+    ],
 )
 async def test_bad_settings_are_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(InvalidArgumentError):
@@ -202,7 +226,9 @@ async def test_batch_is_one_actor_message() -> None:
 
 async def test_a_failing_op_does_not_take_the_actor_down() -> None:
     class Broken(Op):
-        def apply(self, state: PoolState, now: datetime, changes: list[Change]) -> object:
+        __slots__ = ()
+
+        def apply(self, state: PoolState, now: int) -> object:
             raise RuntimeError("bug")
 
     async with tokenpool.open_pool(size=1) as pool:
@@ -244,11 +270,11 @@ async def test_hundreds_of_tasks_keep_the_invariants(autojump_clock: trio.abc.Cl
             for n in range(300):
                 nursery.start_soon(client, n, pool)
         state = pool_state(pool)
-        stats = state.stats()
+        stats = await pool.stats()
         leases = state.leases()
-        histories = [u for t in state.token_ids() for u in state.history(t, 10_000)]
-    assert len({lease.token_id for lease in leases}) == len(leases)
-    assert len({lease.user_id for lease in leases}) == len(leases)
+        histories = [u for t in state.token_ids() for u in await pool.history(t, 10_000)]
+    assert len({lease[2] for lease in leases}) == len(leases)
+    assert len({lease[3] for lease in leases}) == len(leases)
     assert stats.activations == len({lease.id for lease in granted})
     assert stats.activations == len(leases) + len(histories)
     assert len(histories) == len({u.id for u in histories})
@@ -269,34 +295,49 @@ class HeldWriter:
     """A fake write-behind store that commits only when the test says so."""
 
     def __init__(self) -> None:
-        self.changes: list[Change] = []
+        self.changes: list[Record] = []
         self.waiting: list[Request] = []
-        self.committed_fence = 0
+        self.committed = 0
 
     def full(self) -> bool:
         return False
 
-    def submit(self, changes: list[Change], waiters: list[Request] | None) -> None:
-        self.changes += changes
+    def refusal(self) -> str:
+        return "full"
+
+    def submit(
+        self,
+        records: list[Record],
+        waiters: list[Request] | None,
+        counters: dict[str, int],
+        clock_us: int,
+        last_rev: int,
+    ) -> None:
+        self.changes += records
         self.waiting += waiters or []
 
     def commit(self) -> None:
-        fences = [c.fence for c in self.changes if type(c) is Lease]
-        self.committed_fence = max([self.committed_fence, *fences])
+        fences = [c[4] for c in self.changes if c[0] == GRANT]
+        self.committed = max([self.committed, *fences])
         waiting, self.waiting = self.waiting, []
         for request in waiting:
             request.finish()
+
+
+def sync_actor(writer: HeldWriter) -> Actor:
+    clock = Clock()
+    clock.start()
+    state = PoolState(PoolSettings(size=2, ttl=60))
+    state.resize(2, clock.now_us())
+    state.changes = []
+    return Actor(state, clock.now_us, clock.trio_time, writer=writer, sync=True)
 
 
 async def test_sync_never_hands_out_a_lease_before_its_grant_is_committed() -> None:
     """Two activations of one user: the one that finds the other's pending grant waits
     for that commit too, so a crash cannot take back a lease anyone was told about."""
     writer = HeldWriter()
-    clock = Clock()
-    clock.start()
-    state = PoolState(ttl=60)
-    state.resize(2, clock.now())
-    actor = Actor(state, clock, writer=writer, sync=True)
+    actor = sync_actor(writer)
     answered: list[object] = []
 
     async def activate() -> None:
@@ -317,11 +358,7 @@ async def test_sync_never_hands_out_a_lease_before_its_grant_is_committed() -> N
 
 async def test_cancelled_after_grant_but_before_reply_releases_the_lease() -> None:
     writer = HeldWriter()
-    clock = Clock()
-    clock.start()
-    state = PoolState(ttl=60)
-    state.resize(2, clock.now())
-    actor = Actor(state, clock, writer=writer, sync=True)
+    actor = sync_actor(writer)
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
         with trio.move_on_after(1):
@@ -330,18 +367,14 @@ async def test_cancelled_after_grant_but_before_reply_releases_the_lease() -> No
         writer.commit()
         results = await _commit_while(actor, writer, [GetLease("impatient")])
         assert results == [None]
-        ended = [c for c in writer.changes if type(c) is Usage]
-        assert [(u.user_id, u.reason) for u in ended] == [("impatient", Reason.RELEASED)]
+        ended = [c for c in writer.changes if c[0] == END]
+        assert [(u[3], u[8]) for u in ended] == [("impatient", "released")]
         actor.close()
 
 
 async def test_a_lease_held_before_is_not_released_when_the_caller_gives_up() -> None:
     writer = HeldWriter()
-    clock = Clock()
-    clock.start()
-    state = PoolState(ttl=60)
-    state.resize(2, clock.now())
-    actor = Actor(state, clock, writer=writer, sync=True)
+    actor = sync_actor(writer)
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
         (lease,) = await _commit_while(actor, writer, [Activate("holder")])
@@ -373,3 +406,158 @@ async def test_release_op_in_batch_reports_errors() -> None:
         results = await pool.batch([Release(lease.token_id, "b"), Release(lease.token_id, "a")])
         assert isinstance(results[0], NotHolderError)
         assert isinstance(results[1], tokenpool.Usage)
+
+
+# -- policies for a full pool -------------------------------------------------------
+
+
+async def test_reject_pool_raises_full_with_its_own_code() -> None:
+    async with tokenpool.open_pool(size=1, when_full="reject") as pool:
+        await pool.activate("a")
+        with pytest.raises(tokenpool.FullError) as raised:
+            await pool.activate("b")
+        assert "FULL" == raised.value.code
+        assert 1 == (await pool.stats()).refusals
+
+
+async def test_a_waiter_gets_the_next_free_token(autojump_clock: trio.abc.Clock) -> None:
+    async with tokenpool.open_pool(size=1, ttl=10, when_full="wait") as pool:
+        a = await pool.activate("a")
+        got: list[tokenpool.Lease] = []
+
+        async def wait_for_it() -> None:
+            got.append(await pool.activate("b", wait=60))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_it)
+            await trio.sleep(3)
+            assert [] == got and 1 == (await pool.stats()).waiting
+            await pool.release(a.token_id)
+        (b,) = got
+        assert (a.token_id, "b") == (b.token_id, b.user_id)
+
+
+async def test_a_wait_that_runs_out_raises_full(autojump_clock: trio.abc.Clock) -> None:
+    async with tokenpool.open_pool(size=1, ttl=100, when_full="wait") as pool:
+        await pool.activate("a")
+        start = trio.current_time()
+        with pytest.raises(tokenpool.FullError, match="in time"):
+            await pool.activate("b", wait=5)
+        assert 5 == pytest.approx(trio.current_time() - start, abs=0.01)
+        with pytest.raises(tokenpool.FullError):
+            await pool.activate("b")  # no wait asked: refused at once
+
+
+async def test_a_cancelled_waiter_is_never_granted(autojump_clock: trio.abc.Clock) -> None:
+    async with tokenpool.open_pool(size=1, ttl=100, when_full="wait") as pool:
+        a = await pool.activate("a")
+        with trio.move_on_after(2):
+            await pool.activate("ghost", wait=60)
+        assert 0 == (await pool.stats()).waiting
+        await pool.release(a.token_id)
+        assert await pool.lease_of("ghost") is None
+        assert 1 == (await pool.stats()).available
+
+
+async def test_waiting_never_blocks_other_callers(autojump_clock: trio.abc.Clock) -> None:
+    async with tokenpool.open_pool(size=1, ttl=100, when_full="wait") as pool:
+        a = await pool.activate("a")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.activate, "b", 30.0)
+            await trio.sleep(1)
+            start = trio.current_time()
+            assert a == await pool.lease_of("a")
+            assert (await pool.stats()).waiting == 1
+            assert trio.current_time() == start  # answered at once
+            await pool.release(a.token_id)
+
+
+async def test_min_hold_refuses_rather_than_evict_a_young_lease(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with tokenpool.open_pool(size=1, ttl=100, min_hold=10) as pool:
+        a = await pool.activate("a")
+        await trio.sleep(5)
+        with pytest.raises(tokenpool.FullError, match="min-hold"):
+            await pool.activate("b")
+        await trio.sleep(5)
+        b = await pool.activate("b")
+        assert a.token_id == b.token_id
+
+
+async def test_max_lifetime_caps_renew(autojump_clock: trio.abc.Clock) -> None:
+    async with tokenpool.open_pool(size=1, ttl=10, max_lifetime=15, clock=Clock(T0)) as pool:
+        lease = await pool.activate("a")
+        await trio.sleep(8)
+        renewed = await pool.renew(lease.token_id, lease.id)
+        assert T0 + timedelta(seconds=15) == renewed.expires_at
+
+
+# -- history and events ---------------------------------------------------------------------
+
+
+async def test_history_pages_newest_first_each_entry_once() -> None:
+    async with tokenpool.open_pool(size=1, history_memory=50) as pool:
+        for i in range(120):
+            await pool.activate(f"u{i}")
+        token = (await pool.tokens())[0].id
+        page = await pool.history(token, limit=30)
+        seen = [u.user_id for u in page]
+        while page.next_before is not None:
+            page = await pool.history(token, limit=30, before=page.next_before)
+            seen += [u.user_id for u in page]
+        # Memory keeps at least 50: a memory-only pool pages through what it keeps.
+        assert 50 <= len(seen) and [f"u{i}" for i in range(118, 118 - len(seen), -1)] == seen
+
+
+async def test_user_history_lists_every_token_a_user_held() -> None:
+    async with tokenpool.open_pool(size=3) as pool:
+        tokens = []
+        for _ in range(3):
+            lease = await pool.activate("alice")
+            tokens.append(lease.token_id)
+            await pool.release(lease.token_id)
+            await pool.activate("x")  # the next activation of alice gets another token
+        page = await pool.user_history("alice")
+        assert tokens[::-1] == [u.token_id for u in page]
+        assert page.next_before is None
+
+
+async def test_watch_delivers_every_change_with_its_revision() -> None:
+    async with tokenpool.open_pool(size=1) as pool:
+        async with pool.watch() as events:
+            a = await pool.activate("a")
+            b = await pool.activate("b")  # evicts a
+            await pool.renew(b.token_id, b.id)
+            got = []
+            async for event in events:
+                got.append(event)
+                if len(got) == 4:
+                    break
+        assert ["granted", "ended", "granted", "renewed"] == [e.kind for e in got]
+        assert (a.fence, "evicted", b.fence) == (got[0].revision, got[1].reason, got[1].revision)
+        assert got[2].revision == b.fence
+
+
+async def test_watch_since_replays_and_names_the_oldest_when_compacted() -> None:
+    async with tokenpool.open_pool(size=1) as pool:
+        a = await pool.activate("a")
+        await pool.activate("b")
+        async with pool.watch(since=a.fence) as events:
+            async for event in events:
+                assert ("ended", a.id) == (event.kind, event.lease_id)
+                break
+        with pytest.raises(tokenpool.CompactedError) as raised:
+            async with pool.watch(since=0):
+                pass
+        assert a.fence - 1 <= raised.value.oldest <= a.fence
+
+
+async def test_a_slow_watcher_overflows_and_never_slows_the_pool() -> None:
+    async with tokenpool.open_pool(size=1) as pool:
+        async with pool.watch(buffer=10) as events:
+            for i in range(50):
+                await pool.activate(f"u{i}")
+            kinds = [event.kind async for event in events]
+        assert "overflow" == kinds[-1]
+        assert len(kinds) <= 11

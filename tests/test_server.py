@@ -25,7 +25,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import tokenpool
-from tokenpool._server import RespServer, Settings
+from tokenpool._commands import ServerSettings
+from tokenpool._server import RespServer, RespSettings
 from tokenpool.chaos import server as chaos_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,11 +37,28 @@ async def running(
     size: int = 5,
     ttl: float = 60,
     ssl_context: ssl.SSLContext | None = None,
+    password: str | None = None,
+    admin_password: str | None = None,
+    auth_delay: float = 0.1,
+    auth_rate: float = 10.0,
+    auth_burst: int = 20,
     **settings: Any,
 ) -> AsyncIterator[tuple[RespServer, int]]:
-    async with tokenpool.open_pool(size=size, ttl=ttl) as pool:
+    async with tokenpool.open_pools(
+        declared={"default": tokenpool.PoolSettings(size=size, ttl=ttl)}
+    ) as pools:
+        commands = ServerSettings(
+            password=password,
+            admin_password=admin_password,
+            auth_delay=auth_delay,
+            auth_rate=auth_rate,
+            auth_burst=auth_burst,
+        )
         server = RespServer(
-            pool, Settings(port=0, **settings), ssl_context=ssl_context, config={"size": str(size)}
+            pools,
+            RespSettings(port=0, commands=commands, **settings),
+            ssl_context=ssl_context,
+            config={"size": str(size)},
         )
         async with trio.open_nursery() as nursery:
             (port, *_) = await nursery.start(server.serve)
@@ -110,10 +128,12 @@ async def test_every_command_through_redis_py(protocol: int) -> None:
                 "RELEASE", lease["token_id"], "alice"
             )
             assert 0 == r.execute_command("VALIDATE", lease["token_id"], lease["id"])
-            (usage,) = [
-                as_dict(u) for u in r.execute_command("HISTORY", lease["token_id"], "LIMIT", "5")
-            ]
-            assert (lease["id"], "released") == (usage["id"], usage["reason"])
+            cursor, entries = r.execute_command("HISTORY", lease["token_id"], "LIMIT", "5")
+            (usage,) = [as_dict(u) for u in entries]
+            assert (lease["id"], "released", "0") == (usage["id"], usage["reason"], cursor)
+            assert usage["revision"] == renewed["revision"] + 1
+            cursor, entries = r.execute_command("USERHISTORY", "alice")
+            assert [usage["id"]] == [as_dict(u)["id"] for u in entries]
             bob = as_dict(r.execute_command("ACTIVATE", "bob"))
             assert {"cleared": 1, "revision": bob["revision"] + 1} == as_dict(
                 r.execute_command("CLEAR")
@@ -124,8 +144,9 @@ async def test_every_command_through_redis_py(protocol: int) -> None:
             assert (2, 3, "memory") == (info["activations"], info["size"], info["store"])
             assert 2 == r.info("pool")["activations"]
             assert {"size": "3"} == as_dict(r.execute_command("CONFIG", "GET", "*"))
+            assert ["default"] == r.execute_command("POOL", "LIST")
             assert {} == as_dict(r.execute_command("CONFIG", "GET", "save"))
-            assert 0 == r.execute_command("DBSIZE")
+            assert 3 == r.execute_command("DBSIZE")  # the keys SCAN walks: the tokens
             assert r.execute_command("SELECT", "0")
             assert r.client_setname("me") and "me" == r.client_getname()
             assert isinstance(r.client_id(), int)
@@ -143,6 +164,17 @@ async def test_every_command_through_redis_py(protocol: int) -> None:
         (["TOKEN", "not-a-uuid"], "INVALID"),
         (["TOKEN", "00000000-0000-4000-8000-000000000000"], "UNKNOWN"),
         (["HISTORY", "00000000-0000-4000-8000-000000000000", "LIMIT", "x"], "INVALID"),
+        (["HISTORY", "00000000-0000-4000-8000-000000000000", "LIMIT", "²"], "INVALID"),
+        (["HISTORY", "00000000-0000-4000-8000-000000000000", "LIMIT", "9" * 5000], "INVALID"),
+        (["HISTORY", "00000000-0000-4000-8000-000000000000", "LIMIT", "٣"], "INVALID"),
+        (["HISTORY", "00000000-0000-4000-8000-000000000000", "LIMIT", "1_0"], "INVALID"),
+        (["HISTORY", "00000000-0000-4000-8000-000000000000", "BEFORE", "-1"], "INVALID"),
+        (["ACTIVATE", "a", "WAIT", "inf"], "INVALID"),
+        (["POOL", "USE", "nope"], "UNKNOWN"),
+        (["POOL", "CREATE", "a/b", "SIZE", "1", "TTL", "1"], "INVALID"),
+        (["POOL", "CREATE", "x", "SIZE", "0", "TTL", "1"], "INVALID"),
+        (["POOL", "CREATE", "default", "SIZE", "1", "TTL", "1"], "EXISTS"),
+        (["EXEC"], "EXEC without MULTI"),
         (["AUTH", "pw"], "without any password configured"),
         (["CONFIG", "SET", "size", "5"], "not supported"),
         (["SELECT", "1"], "out of range"),
@@ -197,23 +229,25 @@ async def test_info_counts_every_error_reply() -> None:
 
 async def test_a_pipeline_is_one_trip_through_the_actor() -> None:
     async with running(size=10) as (server, port):
-        before = server.pool._actor.requests
+        before = server.pools.get("default")._actor.requests
         payload = b"".join(b"ACTIVATE user-%d\r\n" % i for i in range(200)) + b"PING\r\n"
         reply = await raw(port, payload)
         assert 200 == reply.count(b"$7\r\nuser_id\r\n")
         assert reply.endswith(b"+PONG\r\n")
-        assert 1 == server.pool._actor.requests - before
+        assert 1 == server.pools.get("default")._actor.requests - before
 
 
 async def test_pipelined_hello_and_auth_take_effect_in_order() -> None:
     async with running(password="s3cret") as (_server, port):
         reply = await raw(
-            port, b"ACTIVATE a\r\nAUTH wrong\r\nAUTH s3cret\r\nHELLO 3\r\nLEASE nobody\r\n"
+            port,
+            b"ACTIVATE a\r\nAUTH wrong\r\nAUTH s3cret\r\nHELLO 3\r\nLEASE nobody\r\nQUIT\r\n",
+            read_until_close=True,
         )
         assert reply.startswith(b"-NOAUTH ")
         assert b"-WRONGPASS " in reply
         assert b"+OK\r\n%7\r\n" in reply  # AUTH ok, then HELLO's reply as a RESP3 map
-        assert reply.endswith(b"_\r\n")  # RESP3 null after HELLO 3
+        assert reply.endswith(b"_\r\n+OK\r\n")  # RESP3 null after HELLO 3, then QUIT's OK
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
@@ -283,7 +317,7 @@ async def test_many_concurrent_clients() -> None:
             for i in range(300):
                 nursery.start_soon(one, i)
         assert 300 == sum(1 for r in replies if b"user_id" in r)
-        stats = await server.pool.stats()
+        stats = await server.pools.get("default").stats()
         assert (300, 50) == (stats.activations, stats.active)
 
 
@@ -342,13 +376,6 @@ async def test_max_clients() -> None:
         await trio.sleep(0.05)
         assert b"+PONG\r\n" == await raw(port, b"PING\r\n")
         await b.aclose()
-
-
-async def test_replies_past_the_output_bound_drop_the_client() -> None:
-    async with running(size=100, max_output=100_000) as (_server, port):
-        reply = await raw(port, b"TOKENS\r\n" * 200, read_until_close=True)
-        assert b"" == reply  # dropped before anything was sent
-        assert b"+PONG\r\n" == await raw(port, b"PING\r\n")
 
 
 async def test_a_client_that_never_reads_is_dropped() -> None:
@@ -447,7 +474,7 @@ def test_redis_cli(tmp_path: Path) -> None:
 
 def test_no_password_ever_reaches_the_log() -> None:
     """Neither the configured password nor a wrong guess appears in any log line."""
-    with chaos_server.running("--dsn", "memory", "--requirepass", "s3cret-Pw-9") as server:
+    with chaos_server.running("--dsn", "memory", env={"TOKENPOOL_PASSWORD": "s3cret-Pw-9"}) as server:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"AUTH guess-Pw-123\r\n")
             assert sock.recv(100).startswith(b"-WRONGPASS")
@@ -483,3 +510,292 @@ def test_non_loopback_bind_without_password_is_refused() -> None:
     )
     assert 2 == out.returncode
     assert "--requirepass" in out.stderr
+
+
+# -- hardening: cost before work, order, auth, secrets ---------------------------------
+
+
+async def test_a_flood_of_large_replies_never_stalls_another_client() -> None:
+    """The hardening issue's defect 1: 1,024 TOKENS on a pool of 10,000 in one small
+    pipeline, from a client that reads slowly; another client's PING stays quick."""
+    async with running(size=10_000, idle_timeout=20) as (_server, port):
+        flood = await trio.open_tcp_stream("127.0.0.1", port)
+        await flood.send_all(b"TOKENS\r\n" * 1024)
+        worst = 0.0
+        received = 0
+        async with trio.open_nursery() as nursery:
+
+            async def slow_reader() -> None:
+                nonlocal received
+                while received < 30_000_000:
+                    chunk = await flood.receive_some(65536)
+                    if not chunk:
+                        return
+                    received += len(chunk)
+                    await trio.sleep(0.001)
+
+            nursery.start_soon(slow_reader)
+            other = await trio.open_tcp_stream("127.0.0.1", port)
+            for _ in range(40):
+                started = trio.current_time()
+                await other.send_all(b"PING\r\n")
+                assert b"+PONG\r\n" == await other.receive_some(100)
+                worst = max(worst, trio.current_time() - started)
+                await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        await flood.aclose()
+        await other.aclose()
+    assert received > 1_000_000  # the flood was being served meanwhile
+    assert worst < 0.1, f"a PING waited {worst * 1000:.0f} ms behind the flood"
+
+
+async def test_tokens_of_a_huge_pool_is_refused_and_pages_instead() -> None:
+    async with running(size=20_000) as (_server, port):
+
+        def scenario() -> None:
+            r = client(port)
+            with pytest.raises(redis.ResponseError, match="page with TOKENS CURSOR"):
+                r.execute_command("TOKENS")
+            seen: list[str] = []
+            cursor = "0"
+            while True:
+                cursor, page = r.execute_command("TOKENS", "CURSOR", cursor, "COUNT", "1000")
+                seen += [as_dict(t)["id"] for t in page]
+                if cursor == "0":
+                    break
+            assert 20_000 == len(set(seen))
+            assert 20_000 == sum(1 for _ in r.scan_iter(count=1000))  # redis-cli --scan works
+
+        await in_thread(scenario)
+
+
+async def test_every_reply_in_a_pipeline_reflects_the_state_at_its_place() -> None:
+    """The hardening issue's defect 5: HISTORY, TOKEN, ACTIVATE bob on a pool of one
+    token held by alice: neither read may see bob's eviction of alice."""
+    async with running(size=1) as (_server, port):
+
+        def scenario() -> None:
+            r = client(port)
+            alice = as_dict(r.execute_command("ACTIVATE", "alice"))
+            pipe = r.pipeline(transaction=False)
+            pipe.execute_command("HISTORY", alice["token_id"])
+            pipe.execute_command("TOKEN", alice["token_id"])
+            pipe.execute_command("ACTIVATE", "bob")
+            pipe.execute_command("HISTORY", alice["token_id"])
+            history, token, bob, after = pipe.execute()
+            assert ["0", []] == history
+            assert "alice" == as_dict(token)["current_user_id"]
+            assert "bob" == as_dict(bob)["user_id"]
+            assert ["alice"] == [as_dict(u)["user_id"] for u in after[1]]
+
+        await in_thread(scenario)
+
+
+async def test_every_failed_auth_in_a_pipeline_is_slowed() -> None:
+    """The hardening issue's defect 6: a pipeline of wrong passwords is answered one
+    attempt per delay, not all at once."""
+    async with running(password="pw", auth_delay=0.05, auth_rate=1000, auth_burst=1000) as (
+        _server,
+        port,
+    ):
+        started = trio.current_time()
+        reply = await raw(port, b"AUTH wrong\r\n" * 20 + b"PING\r\n", read_until_close=False)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"AUTH wrong\r\n" * 20 + b"AUTH pw\r\nPING\r\n")
+            data = b""
+            while not data.endswith(b"+PONG\r\n"):
+                data += await stream.receive_some(65536)
+            await stream.aclose()
+        assert 20 == data.count(b"-WRONGPASS")
+        assert trio.current_time() - started >= 20 * 0.05
+        del reply
+
+
+async def test_guesses_are_bounded_per_client_address_not_per_connection() -> None:
+    async with running(password="pw", auth_delay=0.0, auth_rate=1, auth_burst=5) as (server, port):
+
+        async def guess(n: int) -> bytes:
+            return await raw(port, b"AUTH guess-%d\r\n" % n)
+
+        replies = [await guess(n) for n in range(10)]
+        assert all(r.startswith(b"-WRONGPASS") for r in replies)
+        # Past the address's budget even the right password is not checked for a while.
+        assert (await raw(port, b"AUTH pw\r\n")).startswith(b"-WRONGPASS")
+        assert server.commands.auth.failures >= 10
+
+
+def test_secrets_never_show_in_config_or_info() -> None:
+    """The hardening issue's defect 7: the DSN's password and the AUTH password."""
+    dsn = "postgresql://user:hunter2@127.0.0.1:1/db?password=hunter3&connect_timeout=1"
+    from tokenpool._store import redact
+
+    shown = redact(dsn)
+    assert "hunter" not in shown and "127.0.0.1:1" in shown and "user@" in shown
+    assert "***" in redact("host=db password=hunter2 user=x")
+    assert "hunter2" not in redact("host=db password=hunter2 user=x")
+
+
+def test_a_password_from_the_environment_is_not_on_the_command_line(tmp_path: Path) -> None:
+    with chaos_server.running("--dsn", "memory", env={"TOKENPOOL_PASSWORD": "env-Pw-7"}) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"PING\r\n")
+            assert sock.recv(100).startswith(b"-NOAUTH")
+            sock.sendall(b"AUTH env-Pw-7\r\nCONFIG GET *\r\n")
+            data = sock.recv(65536)
+            assert data.startswith(b"+OK") and b"env-Pw-7" not in data
+            cmdline = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes()
+            assert b"env-Pw-7" not in cmdline
+        assert 0 == server.stop()
+
+
+async def test_multi_exec_is_one_atomic_batch_as_redis_py_sends_it() -> None:
+    async with running(size=1) as (server, port):
+
+        def scenario() -> None:
+            r = client(port)
+            pipe = r.pipeline()  # redis-py's default: MULTI ... EXEC
+            pipe.execute_command("ACTIVATE", "a")
+            pipe.execute_command("ACTIVATE", "b")
+            pipe.execute_command("LEASE", "a")
+            a, b, a_after = pipe.execute()
+            assert as_dict(a)["token_id"] == as_dict(b)["token_id"]
+            assert a_after is None
+            with pytest.raises(redis.ResponseError, match="EXECABORT|wrong number of arguments"):
+                bad = r.pipeline()
+                bad.execute_command("ACTIVATE")  # wrong arity: queued with an error
+                bad.execute_command("ACTIVATE", "c")
+                bad.execute()
+            assert r.execute_command("LEASE", "c") is None  # nothing of it ran
+
+        before = server.pools.get("default")._actor.requests
+        await in_thread(scenario)
+        assert server.pools.get("default")._actor.requests - before <= 4
+
+        reply = await raw(port, b"MULTI\r\nACTIVATE x\r\nDISCARD\r\nLEASE x\r\n")
+        assert reply == b"+OK\r\n+QUEUED\r\n+OK\r\n$-1\r\n"
+
+
+async def test_inline_commands_take_redis_quotes() -> None:
+    async with running(size=1) as (_server, port):
+        reply = await raw(port, b'ECHO "a b"\r\n')
+        assert b"$3\r\na b\r\n" == reply
+        reply = await raw(port, b'ECHO "a b\r\n', read_until_close=True)
+        assert reply.startswith(b"-ERR Protocol error: unbalanced quotes")
+
+
+async def test_named_pools_over_resp_with_an_admin_user() -> None:
+    async with running(size=2, password="pw", admin_password="root") as (_server, port):
+
+        def scenario() -> None:
+            user = client(port, password="pw")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                user.execute_command("POOL", "CREATE", "gpu", "SIZE", "1", "TTL", "60")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                user.execute_command("CLEAR")
+            admin = client(port, username="admin", password="root")
+            assert admin.execute_command(
+                "POOL", "CREATE", "gpu", "SIZE", "1", "TTL", "60", "WHEN-FULL", "reject"
+            )
+            with pytest.raises(redis.ResponseError, match="^EXISTS"):
+                admin.execute_command("POOL", "CREATE", "gpu", "SIZE", "1", "TTL", "60")
+            assert ["default", "gpu"] == user.execute_command("POOL", "LIST")
+            assert user.execute_command("POOL", "USE", "gpu")
+            assert "a" == as_dict(user.execute_command("ACTIVATE", "a"))["user_id"]
+            with pytest.raises(redis.ResponseError, match="^FULL"):
+                user.execute_command("ACTIVATE", "b")
+            info = as_dict(user.execute_command("POOL", "INFO", "gpu"))
+            assert ("reject", 1, 1) == (info["when_full"], info["size"], info["refusals"])
+            assert admin.execute_command("POOL", "ALTER", "gpu", "SIZE", "2", "WHEN-FULL", "wait")
+            assert "b" == as_dict(user.execute_command("ACTIVATE", "b"))["user_id"]
+            assert 2 == as_dict(admin.execute_command("POOL", "INFO", "gpu"))["size"]
+            # The other connection still uses the pool 'default'.
+            assert 2 == as_dict(admin.execute_command("STATS"))["size"]
+            assert admin.execute_command("POOL", "DROP", "gpu")
+            with pytest.raises(redis.ResponseError, match="^UNKNOWN"):
+                user.execute_command("ACTIVATE", "c")  # its pool is gone
+
+        await in_thread(scenario)
+
+
+async def test_activate_wait_blocks_only_its_own_connection() -> None:
+    async with running(size=1) as (server, port):
+        pools = server.pools
+        await pools.alter("default", when_full="wait")
+        holder = await pools.get("default").activate("holder")
+        waiter = await trio.open_tcp_stream("127.0.0.1", port)
+        await waiter.send_all(b"ACTIVATE w WAIT 30\r\nPING\r\n")
+        await trio.sleep(0.2)
+        assert b"+PONG\r\n" == await raw(port, b"PING\r\n")  # others are served meanwhile
+        await pools.get("default").release(holder.token_id)
+        data = b""
+        with trio.fail_after(5):
+            while not data.endswith(b"+PONG\r\n"):
+                data += await waiter.receive_some(65536)
+        assert b"$1\r\nw\r\n" in data  # the lease, then the PING after it
+        await waiter.aclose()
+        reply = await raw(port, b"ACTIVATE late WAIT 0.2\r\n")
+        assert reply.startswith(b"-FULL")
+
+
+async def test_subscribe_delivers_events_as_redis_pubsub() -> None:
+    async with running(size=1) as (server, port):
+
+        def scenario() -> list[dict[str, Any]]:
+            r = client(port)
+            pubsub = r.pubsub()
+            pubsub.subscribe("events:default")
+            assert "subscribe" == pubsub.get_message(timeout=2)["type"]
+            other = client(port)
+            lease = as_dict(other.execute_command("ACTIVATE", "a"))
+            other.execute_command("ACTIVATE", "b")
+            got = []
+            while len(got) < 3:
+                message = pubsub.get_message(timeout=2)
+                assert message is not None
+                got.append(json.loads(message["data"]))
+            assert lease["fence"] == got[0]["revision"]
+            pubsub.close()
+            return got
+
+        events = await in_thread(scenario)
+        assert ["granted", "ended", "granted"] == [e["kind"] for e in events]
+        assert "evicted" == events[1]["reason"]
+
+
+async def test_a_subscriber_resumes_after_a_revision() -> None:
+    async with running(size=1) as (server, port):
+        pool = server.pools.get("default")
+        a = await pool.activate("a")
+        await pool.activate("b")
+
+        def scenario() -> list[dict[str, Any]]:
+            r = client(port)
+            pubsub = r.pubsub()
+            pubsub.psubscribe("events:*")
+            pubsub.subscribe(f"events:default@{a.fence}")
+            got = []
+            for _ in range(6):
+                message = pubsub.get_message(timeout=1)
+                if message and message["type"] == "message":
+                    got.append(json.loads(message["data"]))
+            pubsub.close()
+            return got
+
+        replayed = await in_thread(scenario)
+        assert ["ended", "granted"] == [e["kind"] for e in replayed]
+        assert a.id == replayed[0]["lease_id"]
+
+
+async def test_a_subscribed_resp2_connection_may_send_only_pubsub_commands() -> None:
+    async with running(size=1) as (_server, port):
+        reply = await raw(port, b"SUBSCRIBE events:default\r\nACTIVATE a\r\nPING\r\n")
+        assert b"subscribe" in reply
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"SUBSCRIBE events:default\r\nACTIVATE a\r\nPING\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while b"pong" not in data:
+                data += await stream.receive_some(65536)
+        await stream.aclose()
+        assert b"only (P|S)SUBSCRIBE" in data

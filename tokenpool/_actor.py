@@ -29,7 +29,7 @@ import trio
 from ._errors import InvalidArgumentError, TokenPoolError, UnavailableError
 from ._log import get_logger
 from ._model import GRANT, Record
-from ._ops import Activate, Op, ReleaseLease
+from ._ops import Activate, Op, ReleaseLease, Revision
 from ._state import WAITING
 
 if TYPE_CHECKING:
@@ -257,8 +257,14 @@ class Actor:
             mark = len(state.changes)
             for op in request.ops:
                 if request.wait_index >= 0:
+                    # Only a Revision may follow a waiting activation: it is read when the
+                    # wait ends (the command layer asks for the revision after each change).
                     results.append(
-                        InvalidArgumentError("a waiting activation must be the last op of a batch")
+                        None
+                        if type(op) is Revision
+                        else InvalidArgumentError(
+                            "a waiting activation must be the last op of a batch"
+                        )
                     )
                     continue
                 if full and op.needs_room:
@@ -296,7 +302,11 @@ class Actor:
             assert isinstance(request, Request)
             if request.state != WAITING_TOKEN:
                 continue
-            request.results[request.wait_index] = result
+            results = request.results
+            results[request.wait_index] = result
+            for j in range(request.wait_index + 1, len(results)):
+                if type(request.ops[j]) is Revision:
+                    results[j] = self.state.revision
             request.wait_index = -1
             request.state = APPLIED
             if self.sync and isinstance(result, tuple):

@@ -387,49 +387,59 @@ async def serve(config: Config) -> int:
         "appendonly": "no",
     }
     stop = trio.Event()
-    async with open_pools(
-        store,
-        durability=config.durability,
-        history_memory=config.history_memory,
-        max_backlog=config.max_backlog,
-        flush_interval=config.flush_interval,
-        write_timeout=config.write_timeout,
-        shutdown_timeout=config.shutdown_timeout,
-        declared=config.pools,
-    ) as pools:
-        server = RespServer(pools, settings, ssl_context=ssl_context, config=shown)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                try:
-                    ports = await nursery.start(server.serve)
-                except OSError as error:
-                    if error.errno == errno.EADDRINUSE:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as outer:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if stop.is_set():
+                        log.warning("signal_again", signal=name, note="shutdown is under way")
+                        continue
+                    log.info("shutting_down", signal=name)
+                    stop.set()
+
+            outer.start_soon(watch_signals)
+            async with open_pools(
+                store,
+                durability=config.durability,
+                history_memory=config.history_memory,
+                max_backlog=config.max_backlog,
+                flush_interval=config.flush_interval,
+                write_timeout=config.write_timeout,
+                shutdown_timeout=config.shutdown_timeout,
+                declared=config.pools,
+            ) as pools:
+                server = RespServer(pools, settings, ssl_context=ssl_context, config=shown)
+                served = trio.Event()
+
+                async def run_server(*, task_status: trio.TaskStatus[list[int]]) -> None:
+                    try:
+                        await server.serve(task_status=task_status)
+                    finally:
+                        served.set()
+
+                async with trio.open_nursery() as nursery:
+                    try:
+                        ports = await nursery.start(run_server)
+                    except OSError as error:
+                        if error.errno == errno.EADDRINUSE:
+                            raise InvalidArgumentError(
+                                f"port {config.port} on {config.host} is in use (another"
+                                " tokenpool or Redis?); pass --port (0 picks a free one)"
+                            ) from None
                         raise InvalidArgumentError(
-                            f"port {config.port} on {config.host} is in use (another tokenpool"
-                            " or Redis?); pass --port (0 picks a free one)"
+                            f"cannot listen on {config.host}:{config.port}:"
+                            f" {error.strerror or error}"
                         ) from None
-                    raise InvalidArgumentError(
-                        f"cannot listen on {config.host}:{config.port}: {error.strerror or error}"
-                    ) from None
-                shown["port"] = str(ports[0])
-
-                async def stop_on_signal() -> None:
-                    async for signum in signals:
-                        if stop.is_set():
-                            log.warning("stopping_now", signal=signal.Signals(signum).name)
-                            nursery.cancel_scope.cancel()
-                            return
-                        log.info("shutting_down", signal=signal.Signals(signum).name)
-                        stop.set()
-                        server.shutdown()
-                        # Busy connections finish their pipeline; none may take forever.
-                        nursery.cancel_scope.deadline = trio.current_time() + config.idle_timeout
-
-                nursery.start_soon(stop_on_signal)
-                await stop.wait()
-                nursery.cancel_scope.deadline = min(
-                    nursery.cancel_scope.deadline, trio.current_time() + config.idle_timeout
-                )
+                    shown["port"] = str(ports[0])
+                    await stop.wait()
+                    server.shutdown()
+                    # Busy connections finish their pipeline; none may take forever.
+                    with trio.move_on_after(config.idle_timeout):
+                        await served.wait()
+                    nursery.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
     log.info("stopped")
     return 0
 

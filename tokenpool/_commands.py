@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import attrs
 
 from . import __version__
+from ._log import get_logger
 from ._errors import (
     CompactedError,
     InvalidArgumentError,
@@ -77,6 +78,8 @@ from ._state import HISTORY_LIMIT_MAX, PAGE_MAX
 
 if TYPE_CHECKING:
     from ._pool import Pool, Pools
+
+log = get_logger("tokenpool.commands")
 
 REDIS_COMPAT_VERSION = "7.2.0"
 ITEM_COST = 320  # estimated reply bytes per listed token or history entry
@@ -334,7 +337,7 @@ class ServerSettings:
 Handler = Callable[["Commands", Session, list[str]], Plan]
 COMMANDS: dict[str, tuple[int, int, Handler]] = {}
 SUBSCRIBED_OK = {"SUBSCRIBE", "PSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "PING", "QUIT", "RESET"}
-NO_AUTH_OK = {"AUTH", "HELLO", "PING", "QUIT", "RESET"}
+NO_AUTH_OK = {"AUTH", "HELLO", "QUIT", "RESET"}  # as Redis: even PING needs AUTH
 NOT_IN_MULTI = {"POOL", "SUBSCRIBE", "PSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "AUTH", "HELLO"}
 
 
@@ -433,6 +436,7 @@ class Commands:
             return OK
         self.auth.failed(host)
         session.failed_auth = True
+        log.warning("auth_failed", client=session.client_id, peer=session.peer, user=user[:64])
         wrong = Error("WRONGPASS", "invalid username-password pair or user is disabled.")
 
         async def slowly() -> Reply:

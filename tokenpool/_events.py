@@ -17,7 +17,7 @@ Rules (etcd's watch, Redis's pub/sub buffer limits):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -59,6 +59,8 @@ class Subscription:
         self.overflowed = False
         self.closed = False
         self._ready = trio.Event()
+        self._current: deque[Record] = deque()
+        self._ended = False
 
     def push(self, records: list[Record]) -> None:
         if self.closed:
@@ -78,25 +80,35 @@ class Subscription:
         self.closed = True
         self._ready.set()
 
-    async def __aiter__(self) -> AsyncIterator[Event]:
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        """The next event (an iterator class, not an async generator: breaking out of an
+        ``async for`` must not leave a generator for the garbage collector to finalise)."""
         hub = self._hub
-        try:
-            while True:
-                while self._batches:
-                    batch = self._batches.popleft()
-                    self._buffered -= len(batch)
-                    for record in batch:
-                        yield event_of(record, hub.pool, hub.names)
-                    await trio.lowlevel.checkpoint()
-                if self.overflowed:
-                    yield Event("overflow", hub.pool, hub.revision(), missed=self.missed)
-                    return
-                if self.closed:
-                    return
-                await self._ready.wait()
-                self._ready = trio.Event()
-        finally:
-            hub.unsubscribe(self)
+        while True:
+            if self._current:
+                record = self._current.popleft()
+                return event_of(record, hub.pool, hub.names)
+            if self._batches:
+                batch = self._batches.popleft()
+                self._buffered -= len(batch)
+                self._current = deque(batch)
+                await trio.lowlevel.checkpoint()
+                continue
+            if self._ended:
+                raise StopAsyncIteration
+            if self.overflowed:
+                self._ended = True
+                hub.unsubscribe(self)
+                return Event("overflow", hub.pool, hub.revision(), missed=self.missed)
+            if self.closed:
+                self._ended = True
+                hub.unsubscribe(self)
+                raise StopAsyncIteration
+            await self._ready.wait()
+            self._ready = trio.Event()
 
 
 class EventHub:

@@ -20,7 +20,7 @@ The parser keeps these rules, so a hostile client costs bounded memory:
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -66,6 +66,14 @@ class RespParser:
     def in_command(self) -> bool:
         """Whether part of a command has been received (for the per-command deadline)."""
         return self._args is not None or len(self._buf) > self._pos
+
+    def take_rest(self) -> bytes:
+        """At a command boundary: the bytes not parsed yet, handed over (the buffer empties)."""
+        assert self._args is None
+        rest = bytes(self._buf[self._pos :])
+        self._buf = bytearray()
+        self._pos = self._scan = 0
+        return rest
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
@@ -248,7 +256,8 @@ def split_args(line: bytes) -> list[bytes]:
 
 def _int(digits: bytes, message: str) -> int:
     body = digits[1:] if digits[:1] == b"-" else digits
-    if not 0 < len(body) <= 19 or not body.isdigit():  # ASCII digits only: no "+5", "5_0", " 5"
+    # ASCII digits only, no leading zero (as Redis's string2ll): no "+5", "5_0", " 5", "04".
+    if not 0 < len(body) <= 19 or not body.isdigit() or (body[:1] == b"0" and len(body) > 1):
         raise ProtocolError(message)
     return int(digits)
 
@@ -266,24 +275,24 @@ except ImportError:  # pragma: no cover - hiredis is a dependency, but the parse
     hiredis = None
 
 _DIGITS = [len(str(i)) for i in range(1000)]
-FAST_PENDING_MAX = 64 * 1024
-"""Bytes an incomplete command may take in the fast parser before the careful one takes over."""
 
 
 class RequestParser:
-    """The request parser servers use: hiredis's C reader for RESP arrays, ``RespParser``
-    for everything else.
+    """The request parser servers use: hiredis's C reader for whole RESP arrays,
+    ``RespParser`` for everything else.
 
     hiredis parses a pipelined ``ACTIVATE`` about twenty times faster than
     Python can, but it accepts what a request must not be (nested arrays,
     integers, huge bulk strings it would buffer) and knows no inline commands.
-    So every command it returns is checked against the same limits, and the
-    moment anything is unusual (an inline command, a malformed or oversized
-    request, an incomplete command past ``FAST_PENDING_MAX`` bytes) the bytes
-    from the last command boundary are handed to ``RespParser``, which then
-    parses the rest of the connection and owns every error message. The
-    boundary is tracked from each command's size (canonical RESP framing:
-    what every client sends; anything else fails in the careful parser).
+    So hiredis only ever sees whole commands' worth of bytes from a command
+    boundary: every command it returns is checked against the same limits, and
+    anything else (an incomplete command at the end of what was received, an
+    inline command, anything malformed or oversized) goes to ``RespParser``
+    from that boundary, which owns every error message; once it has finished
+    that command, hiredis takes over again. The boundary is tracked from each
+    command's size in canonical RESP framing (what every client sends; both
+    parsers refuse leading zeros, as Redis does), so for any bytes the two give
+    the same commands and the same errors (a property test holds them to it).
     """
 
     def __init__(
@@ -292,77 +301,91 @@ class RequestParser:
         self.max_bulk = max_bulk
         self.max_args = max_args
         self._slow = RespParser(max_inline=max_inline, max_bulk=max_bulk, max_args=max_args)
-        self._fast = None if hiredis is None else hiredis.Reader(encoding="utf-8", errors="strict")
+        self._fast: Any = None
+        self._careful = hiredis is None  # the pure parser has the bytes now
         self._buf = bytearray()  # bytes given to hiredis
         self._pos = 0  # the last command boundary in _buf
+        if not self._careful:
+            self._fast = hiredis.Reader(encoding="utf-8", errors="strict")
 
     @property
     def in_command(self) -> bool:
-        if self._fast is not None:
-            return len(self._buf) > self._pos
-        return self._slow.in_command
+        if self._careful:
+            return self._slow.in_command
+        return len(self._buf) > self._pos
 
     def feed(self, data: bytes) -> None:
-        if self._fast is None:
+        if self._careful:
             self._slow.feed(data)
             return
-        if self._pos == len(self._buf):
-            if data[:1] != b"*":
-                self._to_slow(data)  # an inline command at a boundary: the careful parser
-                return
-            if self._pos:
-                self._buf.clear()
-                self._pos = 0
         self._fast.feed(data)
         self._buf += data
 
-    def _to_slow(self, data: bytes = b"") -> None:
-        self._fast = None
-        self._slow.feed(bytes(self._buf[self._pos :]) + data)
+    def _to_careful(self) -> None:
+        """Hand the bytes from the last boundary to the pure parser."""
+        self._slow.feed(bytes(self._buf[self._pos :]))
         self._buf = bytearray()
         self._pos = 0
+        self._fast = None
+        self._careful = True
+
+    def _to_fast(self) -> None:
+        """The pure parser finished a command: hiredis takes what follows."""
+        rest = self._slow.take_rest()
+        self._careful = False
+        self._fast = hiredis.Reader(encoding="utf-8", errors="strict")
+        if rest:
+            self._fast.feed(rest)
+            self._buf += rest
 
     def next_command(self) -> list[str] | _NeedData:
         """The next complete command, or ``NEED_DATA``. Raises ``ProtocolError``."""
-        fast = self._fast
-        while fast is not None:
+        while True:
+            if self._careful:
+                command = self._slow.next_command()
+                if command is not NEED_DATA and hiredis is not None and self._slow._args is None:
+                    if self._slow.buffered == 0 or self._slow._buf[self._slow._pos] == 0x2A:
+                        self._to_fast()
+                return command
+            buf = self._buf
+            if self._pos < len(buf) and buf[self._pos] != 0x2A:
+                self._to_careful()  # an inline command: the careful parser
+                continue
             try:
-                command = fast.gets()
+                command = self._fast.gets()
             except Exception:  # hiredis.ProtocolError, UnicodeDecodeError: the careful path says
-                self._to_slow()
-                break
+                self._to_careful()
+                continue
             if command is False:
-                if len(self._buf) - self._pos > FAST_PENDING_MAX:
-                    self._to_slow()
-                    break
+                if self._pos < len(buf):
+                    self._to_careful()  # an incomplete command: checked as it comes
+                    continue
+                buf.clear()
+                self._pos = 0
                 return NEED_DATA
             if type(command) is not list or not 0 < len(command) <= self.max_args:
-                if command == [] or command is None:  # *0 and *-1: skipped, as Redis does
-                    self._pos += 4 if command == [] else 5
-                    continue
-                self._to_slow()
-                break
+                self._to_careful()
+                continue
             # *<n>\r\n, then $<len>\r\n<data>\r\n per argument: the bytes this command took.
+            # hiredis checks the header lines but not the CRLF after each argument's data.
             limit = self.max_bulk
+            end = self._pos + 3 + _DIGITS[len(command)]
+            starts = buf.startswith
             try:
-                size = 3 + _DIGITS[len(command)]
                 for arg in command:
                     n = len(arg) if arg.isascii() else len(arg.encode())
                     if n > limit:
                         raise ValueError(n)
-                    size += 5 + (_DIGITS[n] if n < 1000 else len(str(n))) + n
-            except (TypeError, AttributeError, ValueError):  # not a string, or too long
-                self._to_slow()
-                break
-            pos = self._pos = self._pos + size
-            buf = self._buf
-            if pos < len(buf) and buf[pos] != 0x2A:
-                self._to_slow()  # what follows is not a RESP array: the careful parser goes on
-            elif pos > 65536 and pos > len(buf) >> 1:
-                del buf[:pos]
-                self._pos = 0
+                    end += 3 + (_DIGITS[n] if n < 1000 else len(str(n))) + n
+                    if not starts(b"\r\n", end):
+                        raise ValueError(n)
+                    end += 2
+            except (TypeError, AttributeError, ValueError):  # not a string, too long, misframed
+                self._to_careful()
+                continue
+            size = end - self._pos
+            self._pos += size
             return command
-        return self._slow.next_command()
 
 
 # -- replies ---------------------------------------------------------------------

@@ -409,7 +409,7 @@ class RespServer:
             plan = plan_of(argv, session)
             kind = type(plan)
             if kind is Deferred:
-                if segment and (plan.pool is not pool or cost + plan.cost > SEGMENT_COST):
+                if pool is not None and (plan.pool is not pool or cost + plan.cost > SEGMENT_COST):
                     await self._run(conn, segment, pool)
                     segment, cost = [], 0
                 pool = plan.pool

@@ -254,6 +254,19 @@ class Writer:
         if self.state not in ("fenced", "failed"):
             self.state = state
 
+    def check_stalled(self) -> None:
+        """No acknowledgement for longer than a write may take: the store hangs (a
+        paused server, a dead link not yet noticed). Say so; the next ack clears it."""
+        if self.state == "up" and self.write_lag > self.write_timeout + 1:
+            self.state = "retrying"
+            log.warning(
+                "store_link_stalled",
+                pool=self.name,
+                seconds=round(self.write_lag, 3),
+                backlog=self.backlog,
+                note="no write has committed for longer than write_timeout",
+            )
+
     def fail_late_waiters(self) -> None:
         """Answer ``UnavailableError`` to sync callers waiting past ``write_timeout``."""
         now = trio.current_time()
@@ -602,4 +615,5 @@ class StoreLink:
             await trio.sleep(0.05)
             for writer in self.writers.values():
                 writer.fail_late_waiters()
+                writer.check_stalled()
 

@@ -16,17 +16,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import attrs
 
-from .._errors import InvalidArgumentError, TokenPoolError
+from .._errors import InvalidArgumentError, UnavailableError
 from .._model import ADD, END, GRANT, RENEW, RETIRE, Record
 
 EPOCH_SHIFT = 40
 """Revisions are ``epoch << 40 | n``: each new owner's start above every older one's."""
 
 
-class StoreError(TokenPoolError):
+class StoreError(UnavailableError):
     """The store could not carry out a write (connection lost, timeout): retry later."""
-
-    code = "UNAVAILABLE"
 
 
 class RejectedError(StoreError):

@@ -29,6 +29,7 @@ import socket
 import struct
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -192,7 +193,7 @@ class StoreProcess:
             entries = sink.pending
             batch = self._batch(sink, entries)
             try:
-                self.store.write(sink.pool_id, batch, sink.tokens, retry)
+                self._write(sink, batch, retry)
             except FencedError as error:
                 sink.fenced = True
                 sink.pending = []
@@ -218,6 +219,15 @@ class StoreProcess:
             sink.remember_users(batch.users)
             self.set_link("up", None)
             self.channel.send(("ack", sink.key, entries[-1][0], batch.records))
+
+    def _write(self, sink: PoolSink, batch: Batch, retry: bool) -> None:
+        try:
+            self.store.write(sink.pool_id, batch, sink.tokens, retry)
+        except StoreError:
+            raise
+        except Exception as error:  # a bug here: no retry can fix it; report it, drop the batch
+            self.log("error", "store_write_bug", error=traceback.format_exc(limit=8))
+            raise RejectedError(f"internal error: {type(error).__name__}: {error}") from error
 
     def _batch(
         self, sink: PoolSink, entries: list[tuple[int, list[list[Record]], dict[str, int], int]]
@@ -250,7 +260,7 @@ class StoreProcess:
         for entry in entries:
             batch = self._batch(sink, [entry])
             try:
-                self.store.write(sink.pool_id, batch, sink.tokens, True)
+                self._write(sink, batch, True)
             except RejectedError as refused:
                 self.channel.send(("rejected", sink.key, entry[0], batch.records, str(refused)))
             except StoreError:

@@ -35,7 +35,7 @@ _HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _TRAILER = struct.pack(">h", -1)
 _HISTORY_ROW = struct.Struct(">hiiiqi16si16siqiqiq")
 _LEASE_ROW = struct.Struct(">hi16si16siqiqiq")
-_FREE_ROW = struct.Struct(">hi16siiiiii")
+_FREE_ROW = struct.Struct(">hi16siiiii")
 _REASON = {r: struct.pack(">i", len(r)) + r.encode() for r in ("expired", "evicted", "released", "cleared")}
 _COUNTERS = ("activations", "evictions", "expirations", "releases", "clears", "renewals", "refusals")
 

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import attrs
 import psycopg
 
+from .._model import to_datetime
 from .checker import StoredLease
 
 
@@ -62,7 +63,7 @@ def _drain(stream: IO[str], log: list[dict[str, Any]]) -> None:
             log.append({"event": "unparsed", "line": line})
 
 
-def start(*args: str, port: int = 0) -> Process:
+def start(*args: str, port: int = 0, env: dict[str, str] | None = None) -> Process:
     """``python -m tokenpool serve`` with ``args``; returns once it listens."""
     proc = subprocess.Popen(
         [
@@ -72,6 +73,7 @@ def start(*args: str, port: int = 0) -> Process:
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stderr is not None
     log: list[dict[str, Any]] = []
@@ -90,9 +92,9 @@ def start(*args: str, port: int = 0) -> Process:
 
 
 @contextmanager
-def running(*args: str) -> Iterator[Process]:
+def running(*args: str, env: dict[str, str] | None = None) -> Iterator[Process]:
     """A server for the length of the block, stopped with SIGTERM (SIGKILL if it hangs)."""
-    server = start(*args)
+    server = start(*args, env=env)
     try:
         yield server
     finally:
@@ -105,18 +107,22 @@ def running(*args: str) -> Iterator[Process]:
 
 def stored_leases(dsn: str, pool: str = "default") -> list[StoredLease]:
     """Every lease the store holds for ``pool``: the active ones and the ended ones."""
+    pool_id = "(SELECT id FROM pools WHERE name = {p})"
     active = (
-        "SELECT id, token_id, user_id, fence, assigned_at FROM token_assignments WHERE pool = {p}"
+        "SELECT lease_id, token_id, user_id, fence, {at} FROM token_assignments"
+        f" WHERE pool_id = {pool_id} AND lease_id IS NOT NULL"
     )
     ended = (
-        "SELECT id, token_id, user_id, expiration_reason, started_at, ended_at"
-        " FROM token_usage_history WHERE pool = {p}"
+        "SELECT lease_id, token_id, user_id, expiration_reason, {start}, {end}"
+        f" FROM token_usage_history WHERE pool_id = {pool_id}"
     )
     if dsn.startswith("sqlite:///"):
         path = dsn.removeprefix("sqlite:///")
         with sqlite3.connect(path) as conn:
-            rows_a = conn.execute(active.format(p="?"), (pool,)).fetchall()
-            rows_e = conn.execute(ended.format(p="?"), (pool,)).fetchall()
+            rows_a = conn.execute(active.format(p="?", at="assigned_us"), (pool,)).fetchall()
+            rows_e = conn.execute(
+                ended.format(p="?", start="started_us", end="ended_us"), (pool,)
+            ).fetchall()
     else:
         parts = urlsplit(dsn)
         query = dict(parse_qsl(parts.query))
@@ -124,8 +130,12 @@ def stored_leases(dsn: str, pool: str = "default") -> list[StoredLease]:
         plain = urlunsplit(parts._replace(query=urlencode(query)))
         with psycopg.connect(plain) as conn:
             conn.execute(f'SET search_path TO "{schema}"'.encode())
-            rows_a = conn.execute(active.format(p="%s").encode(), (pool,)).fetchall()
-            rows_e = conn.execute(ended.format(p="%s").encode(), (pool,)).fetchall()
+            rows_a = conn.execute(
+                active.format(p="%s", at="assigned_at").encode(), (pool,)
+            ).fetchall()
+            rows_e = conn.execute(
+                ended.format(p="%s", start="started_at", end="ended_at").encode(), (pool,)
+            ).fetchall()
     return [
         StoredLease(str(i), str(t), u, int(f), None, _when(at)) for i, t, u, f, at in rows_a
     ] + [
@@ -138,7 +148,9 @@ def _when(value: Any) -> datetime:
     """A stored time (PostgreSQL: datetime; SQLite: ISO text or epoch) as an aware datetime."""
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, int | float):
+    if isinstance(value, int):
+        return to_datetime(value)  # SQLite: microseconds since the epoch
+    if isinstance(value, float):
         return datetime.fromtimestamp(value, UTC)
     parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
