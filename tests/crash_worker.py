@@ -9,10 +9,10 @@ so the test knows exactly what was acknowledged before it sent SIGKILL.
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 import time
 
-import logging
 import trio
 
 import tokenpool

@@ -338,7 +338,7 @@ async def test_an_unusable_sqlite_directory_is_a_clear_error(tmp_path: Path) -> 
     """A directory that cannot be made or written (here: a file where it should be, which
     stops root too) is one clear error naming the file, not a bare OSError."""
     (tmp_path / "taken").write_text("not a directory")
-    with pytest.raises(tokenpool.UnavailableError, match="cannot open the SQLite file .*taken"):
+    with pytest.raises(tokenpool.UnavailableError, match=r"cannot open the SQLite file .*taken"):
         async with tokenpool.open_pool(store=f"sqlite:///{tmp_path}/taken/pool.db"):
             pass
 
@@ -357,7 +357,12 @@ async def test_user_ids_with_quotes_and_backslashes_are_stored_as_given(store_ur
             await pool.activate(user)
         await pool.flush()
     assert set(users) == {r[0] for r in query(store_url, "SELECT id FROM users")}
-    held = {r[0] for r in query(store_url, "SELECT user_id FROM token_assignments WHERE lease_id IS NOT NULL")}
+    held = {
+        r[0]
+        for r in query(
+            store_url, "SELECT user_id FROM token_assignments WHERE lease_id IS NOT NULL"
+        )
+    }
     ended = {r[0] for r in query(store_url, "SELECT user_id FROM token_usage_history")}
     assert (set(users[2:]), set(users[:2])) == (held, ended)
     async with tokenpool.open_pool(size=3, store=store_url) as pool:
@@ -372,7 +377,7 @@ async def test_history_is_one_snapshot_even_when_the_store_has_caught_up(store_u
         for i in range(6):
             await pool.activate(f"u{i}")
         token = (await pool.tokens())[0].id
-        memory_part = await pool._actor.call([tokenpool._ops.GetHistory(token, 10)])  # noqa: SLF001
+        memory_part = await pool._actor.call([tokenpool._ops.GetHistory(token, 10)])
         for i in range(6, 9):
             await pool.activate(f"u{i}")  # end more leases, and let the store catch up
         await pool.flush()

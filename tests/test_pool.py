@@ -23,7 +23,6 @@ from tokenpool import (
     Release,
     UnavailableError,
     UnknownTokenError,
-    Usage,
 )
 from tokenpool._actor import Actor, Request
 from tokenpool._model import END, GRANT, Record

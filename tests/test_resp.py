@@ -96,7 +96,7 @@ def test_inline_commands(make: type[RespParser], cmds: list[list[str]]) -> None:
         (b"SET 'it\\'s' x", [b"SET", b"it's", b"x"]),
         (b'ECHO "\\x41\\n\\t\\""', [b"ECHO", b'A\n\t"']),
         (b'a"b c"d e', None),  # a closing quote must end the word
-        (b'a"b c" e', [b'ab c', b"e"]),
+        (b'a"b c" e', [b"ab c", b"e"]),
         (b'""', [b""]),
         (b"   ", []),
     ],
@@ -115,7 +115,9 @@ def test_an_unbalanced_quote_is_a_protocol_error(line: bytes) -> None:
         parse_chunks([line + b"\r\n"])
 
 
-def outcome(make: type[RespParser | RequestParser], chunks: list[bytes]) -> tuple[list[list[str]], str | None]:
+def outcome(
+    make: type[RespParser | RequestParser], chunks: list[bytes]
+) -> tuple[list[list[str]], str | None]:
     parser = make()
     got: list[list[str]] = []
     try:
@@ -131,8 +133,18 @@ _pieces = st.one_of(
     commands.map(lambda cmds: b"".join(as_resp(c) for c in cmds)),
     st.lists(words, min_size=1, max_size=3).map(lambda w: (" ".join(w) + "\r\n").encode()),
     st.sampled_from(
-        [b"*0\r\n", b"*-1\r\n", b"*1\r\n:5\r\n", b"*1\r\n*1\r\n$1\r\na\r\n", b"$3\r\nabc\r\n",
-         b"*1\r\n$2\r\n\xff\xfe\r\n", b"*1\r\n$04\r\nPING\r\n", b"*40\r\n", b"\r\n", b'"x\r\n']
+        [
+            b"*0\r\n",
+            b"*-1\r\n",
+            b"*1\r\n:5\r\n",
+            b"*1\r\n*1\r\n$1\r\na\r\n",
+            b"$3\r\nabc\r\n",
+            b"*1\r\n$2\r\n\xff\xfe\r\n",
+            b"*1\r\n$04\r\nPING\r\n",
+            b"*40\r\n",
+            b"\r\n",
+            b'"x\r\n',
+        ]
     ),
     st.binary(max_size=20),
 )
@@ -257,3 +269,17 @@ def test_partial_command_is_remembered_and_buffer_stays_small() -> None:
 )
 def test_encode(value: object, proto: int, wire: bytes) -> None:
     assert wire == encode(value, proto)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"*3000000000\r\n", b"*1\r\n*999\r\n", b"*2\r\n$1\r\na\r\n*33\r\n", b"PING\r\n*400\r\n"],
+)
+def test_hiredis_never_sees_a_big_array_header(payload: bytes) -> None:
+    """hiredis allocates an announced array at once, and freeing 3e9 empty slots takes
+    seconds of the event loop: such headers must go to the careful parser unseen."""
+    parser = RequestParser()
+    parser.feed(payload)
+    with contextlib.suppress(ProtocolError):
+        parse_all(parser)
+    assert parser._fast is None

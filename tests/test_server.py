@@ -474,7 +474,9 @@ def test_redis_cli(tmp_path: Path) -> None:
 
 def test_no_password_ever_reaches_the_log() -> None:
     """Neither the configured password nor a wrong guess appears in any log line."""
-    with chaos_server.running("--dsn", "memory", env={"TOKENPOOL_PASSWORD": "s3cret-Pw-9"}) as server:
+    with chaos_server.running(
+        "--dsn", "memory", env={"TOKENPOOL_PASSWORD": "s3cret-Pw-9"}
+    ) as server:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"AUTH guess-Pw-123\r\n")
             assert sock.recv(100).startswith(b"-WRONGPASS")
@@ -661,7 +663,7 @@ async def test_multi_exec_is_one_atomic_batch_as_redis_py_sends_it() -> None:
             a, b, a_after = pipe.execute()
             assert as_dict(a)["token_id"] == as_dict(b)["token_id"]
             assert a_after is None
-            with pytest.raises(redis.ResponseError, match="EXECABORT|wrong number of arguments"):
+            with pytest.raises(redis.ResponseError, match=r"EXECABORT|wrong number of arguments"):
                 bad = r.pipeline()
                 bad.execute_command("ACTIVATE")  # wrong arity: queued with an error
                 bad.execute_command("ACTIVATE", "c")
@@ -697,12 +699,12 @@ async def test_named_pools_over_resp_with_an_admin_user() -> None:
             assert admin.execute_command(
                 "POOL", "CREATE", "gpu", "SIZE", "1", "TTL", "60", "WHEN-FULL", "reject"
             )
-            with pytest.raises(redis.ResponseError, match="^EXISTS"):
+            with pytest.raises(redis.ResponseError, match=r"^EXISTS"):
                 admin.execute_command("POOL", "CREATE", "gpu", "SIZE", "1", "TTL", "60")
             assert ["default", "gpu"] == user.execute_command("POOL", "LIST")
             assert user.execute_command("POOL", "USE", "gpu")
             assert "a" == as_dict(user.execute_command("ACTIVATE", "a"))["user_id"]
-            with pytest.raises(redis.ResponseError, match="^FULL"):
+            with pytest.raises(redis.ResponseError, match=r"^FULL"):
                 user.execute_command("ACTIVATE", "b")
             info = as_dict(user.execute_command("POOL", "INFO", "gpu"))
             assert ("reject", 1, 1) == (info["when_full"], info["size"], info["refusals"])
@@ -712,7 +714,7 @@ async def test_named_pools_over_resp_with_an_admin_user() -> None:
             # The other connection still uses the pool 'default'.
             assert 2 == as_dict(admin.execute_command("STATS"))["size"]
             assert admin.execute_command("POOL", "DROP", "gpu")
-            with pytest.raises(redis.ResponseError, match="^UNKNOWN"):
+            with pytest.raises(redis.ResponseError, match=r"^UNKNOWN"):
                 user.execute_command("ACTIVATE", "c")  # its pool is gone
 
         await in_thread(scenario)
@@ -739,7 +741,7 @@ async def test_activate_wait_blocks_only_its_own_connection() -> None:
 
 
 async def test_subscribe_delivers_events_as_redis_pubsub() -> None:
-    async with running(size=1) as (server, port):
+    async with running(size=1) as (_server, port):
 
         def scenario() -> list[dict[str, Any]]:
             r = client(port)

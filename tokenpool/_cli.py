@@ -64,7 +64,9 @@ def _int(low: int, high: int) -> Callable[[Any, str], int]:
 
 def _seconds(low: float, high: float, none_ok: bool = False) -> Callable[[Any, str], float | None]:
     def check(value: Any, what: str) -> float | None:
-        if none_ok and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0"))):
+        if none_ok and (
+            value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0"))
+        ):
             return None
         if isinstance(value, str):
             return parse_seconds(value.strip(), what, low, high)
@@ -80,27 +82,38 @@ def _choice(*choices: str) -> Callable[[Any, str], str]:
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str) or "\x00" in value or len(value) > 4096:
         raise InvalidArgumentError(f"{what} must be text of at most 4096 characters")
-    return value
+    text: str = value
+    return text
 
 
 def _secret(value: Any, what: str) -> str:
-    value = _text(value, what)
-    if not value:
+    secret = _text(value, what)
+    if not secret:
         raise InvalidArgumentError(f"{what} must not be empty (leave it unset for none)")
-    return value
+    return secret
 
 
 def _flag(value: Any, what: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+    if isinstance(value, str) and value.lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+        "",
+    ):
         return value.lower() in ("1", "true", "yes", "on")
     raise InvalidArgumentError(f"{what} must be true or false, not {value!r}")
 
 
 def _store(value: Any, what: str) -> str | None:
     value = _text(value, what)
-    if value == "":
+    if value == "":  # an empty DSN would silently mean "keep nothing"
         raise InvalidArgumentError(
             f"{what} is empty: give a store URL (postgresql://..., sqlite:///file.db),"
             " or 'memory' to keep nothing"
@@ -111,10 +124,10 @@ def _store(value: Any, what: str) -> str | None:
 
 
 def _host(value: Any, what: str) -> str:
-    value = _text(value, what).strip()
-    if not value or " " in value:
-        raise InvalidArgumentError(f"{what} must be a host name or address, not {value!r}")
-    return value
+    host = _text(value, what).strip()
+    if not host or " " in host:
+        raise InvalidArgumentError(f"{what} must be a host name or address, not {host!r}")
+    return host
 
 
 @attrs.frozen
@@ -140,9 +153,15 @@ OPTIONS = [
     Option("port", _int(0, 65535), 7379, "RESP port (0 picks a free one)"),
     Option("size", _int(1, MAX_SIZE), 100, "tokens in the pool 'default'"),
     Option("ttl", _seconds(MIN_TTL, MAX_SECONDS), 120.0, "seconds a lease lasts"),
-    Option("when-full", _choice(*WHEN_FULL), "evict", "evict, reject or wait when every token is held"),
-    Option("min-hold", _seconds(0.0, MAX_SECONDS), 0.0, "evict never ends a lease younger than this"),
-    Option("max-lifetime", _seconds(MIN_TTL, MAX_SECONDS, True), None, "renew never goes past this"),
+    Option(
+        "when-full", _choice(*WHEN_FULL), "evict", "evict, reject or wait when every token is held"
+    ),
+    Option(
+        "min-hold", _seconds(0.0, MAX_SECONDS), 0.0, "evict never ends a lease younger than this"
+    ),
+    Option(
+        "max-lifetime", _seconds(MIN_TTL, MAX_SECONDS, True), None, "renew never goes past this"
+    ),
     Option("name", lambda v, w: check_name(v, w), "default", "the pool the flags above describe"),
     Option("dsn", _store, DEFAULT_STORE, "store: postgresql://..., sqlite:///file.db or 'memory'"),
     Option("durability", _choice("async", "sync"), "async", "async (answer at once) or sync"),
@@ -152,7 +171,10 @@ OPTIONS = [
     Option("max-backlog", _int(1, 10_000_000), 100_000, "unwritten changes before refusing"),
     Option("history-memory", _int(1, 10_000_000), 100_000, "ended leases kept in memory per pool"),
     Option(
-        "requirepass", _secret, None, "password clients AUTH with (prefer TOKENPOOL_PASSWORD)",
+        "requirepass",
+        _secret,
+        None,
+        "password clients AUTH with (prefer TOKENPOOL_PASSWORD)",
         ("TOKENPOOL_PASSWORD", "TOKENPOOL_REQUIREPASS"),
     ),
     Option("requirepass-file", _text, None, "file holding that password (first line)"),
@@ -162,7 +184,13 @@ OPTIONS = [
     Option("tls-key", _text, None, "PEM private key for --tls-cert"),
     Option("max-clients", _int(1, 1_000_000), 10_000, "connections served at once"),
     Option("idle-timeout", _seconds(0.1, 86_400.0), 30.0, "seconds a started command may take"),
-    Option("allow-insecure-bind", _flag, False, "allow a non-loopback host without a password", flag=True),
+    Option(
+        "allow-insecure-bind",
+        _flag,
+        False,
+        "allow a non-loopback host without a password",
+        flag=True,
+    ),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("log-format", _choice("auto", "json", "console"), "auto", "log line format"),
 ]
@@ -187,12 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, help="TOML file: [server] options, [pools.<name>]")
     for option in OPTIONS:
         if option.flag:
-            serve.add_argument(f"--{option.name}", action="store_const", const=True, default=None,
-                               help=option.help)
+            serve.add_argument(
+                f"--{option.name}", action="store_const", const=True, default=None, help=option.help
+            )
         else:
             default = "none" if option.default is None else option.default
             serve.add_argument(
-                f"--{option.name}", default=None, metavar=option.dest.upper(),
+                f"--{option.name}",
+                default=None,
+                metavar=option.dest.upper(),
                 help=f"{option.help} (default {default}; env {option.envs[0]})",
             )
     return parser
@@ -230,7 +261,9 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             raise InvalidArgumentError(f"--config {path}: not valid TOML: {error}") from None
         unknown = set(data) - {"server", "pools"}
         if unknown:
-            raise InvalidArgumentError(f"--config {path}: unknown table(s) {', '.join(sorted(unknown))}")
+            raise InvalidArgumentError(
+                f"--config {path}: unknown table(s) {', '.join(sorted(unknown))}"
+            )
         file = {k.replace("-", "_"): v for k, v in dict(data.get("server", {})).items()}
         file_pools = dict(data.get("pools", {}))
         for key in file:
@@ -262,12 +295,18 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         file_option = values.get(f"{name}_file")
         if file_option:
             if values.get(name):
-                raise InvalidArgumentError(f"give --{name.replace('_', '-')} or its -file, not both")
+                raise InvalidArgumentError(
+                    f"give --{name.replace('_', '-')} or its -file, not both"
+                )
             try:
                 text = Path(file_option).read_text().splitlines()
             except OSError as error:
-                raise InvalidArgumentError(f"--{name.replace('_', '-')}-file {file_option}: {error.strerror}") from None
-            values[name] = _secret(text[0] if text else "", f"--{name.replace('_', '-')}-file {file_option}")
+                raise InvalidArgumentError(
+                    f"--{name.replace('_', '-')}-file {file_option}: {error.strerror}"
+                ) from None
+            values[name] = _secret(
+                text[0] if text else "", f"--{name.replace('_', '-')}-file {file_option}"
+            )
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise InvalidArgumentError("--tls-cert and --tls-key go together")
     pools: dict[str, PoolSettings] = {}
@@ -289,8 +328,12 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         changes = {
             "size": values["size"] if _given(args, environ, file, "size") else base.size,
             "ttl": values["ttl"] if _given(args, environ, file, "ttl") else base.ttl,
-            "when_full": values["when_full"] if _given(args, environ, file, "when_full") else base.when_full,
-            "min_hold": values["min_hold"] if _given(args, environ, file, "min_hold") else base.min_hold,
+            "when_full": values["when_full"]
+            if _given(args, environ, file, "when_full")
+            else base.when_full,
+            "min_hold": values["min_hold"]
+            if _given(args, environ, file, "min_hold")
+            else base.min_hold,
             "max_lifetime": values["max_lifetime"]
             if _given(args, environ, file, "max_lifetime")
             else base.max_lifetime,
@@ -300,7 +343,9 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     return Config(values, pools, warnings)
 
 
-def _given(args: argparse.Namespace, environ: dict[str, str], file: dict[str, Any], dest: str) -> bool:
+def _given(
+    args: argparse.Namespace, environ: dict[str, str], file: dict[str, Any], dest: str
+) -> bool:
     option = BY_DEST[dest]
     return getattr(args, dest) is not None or any(e in environ for e in option.envs) or dest in file
 
@@ -308,7 +353,9 @@ def _given(args: argparse.Namespace, environ: dict[str, str], file: dict[str, An
 def configure_logging(level: str, fmt: str) -> None:
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         processors=[

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import attrs
 
 from . import __version__
-from ._log import get_logger
 from ._errors import (
     CompactedError,
     InvalidArgumentError,
     NoPermError,
     TokenPoolError,
 )
+from ._log import get_logger
 from ._model import (
     FENCE,
     ID,
@@ -60,7 +60,6 @@ from ._ops import (
     Op,
     Release,
     Renew,
-    Revision,
     Validate,
 )
 from ._resp import OK, Error, Reply, Simple
@@ -233,7 +232,7 @@ class Deferred(NamedTuple):
 class Action(NamedTuple):
     """Work that runs alone, at its place in the pipeline (the batch before it goes first)."""
 
-    run: Callable[[], Awaitable[Reply]]
+    run: Callable[[], Awaitable[Any]]
 
 
 Plan = Any  # Reply | Deferred | Action
@@ -538,9 +537,7 @@ def _validate(c: Commands, session: Session, args: list[str]) -> Plan:
 @command("RELEASE", 1, 2)
 def _release(c: Commands, session: Session, args: list[str]) -> Plan:
     user = args[1] if len(args) > 1 else None
-    return Deferred(
-        c.pool(session), Release(args[0], user), lambda pair: pair[1], revised=True
-    )
+    return Deferred(c.pool(session), Release(args[0], user), lambda pair: pair[1], revised=True)
 
 
 @command("LEASE", 1, 1)
@@ -570,9 +567,7 @@ def _clear(c: Commands, session: Session, args: list[str]) -> Plan:
 @command("TOKEN", 1, 1)
 def _token(c: Commands, session: Session, args: list[str]) -> Plan:
     pool = c.pool(session)
-    return Deferred(
-        pool, GetToken(args[0]), lambda r: token_fields(pool.token_text(r[0]), r[1])
-    )
+    return Deferred(pool, GetToken(args[0]), lambda r: token_fields(pool.token_text(r[0]), r[1]))
 
 
 def _token_listing(pool: Pool) -> Callable[[tuple[int, Record | None]], Reply]:
@@ -586,7 +581,9 @@ def _cursor_args(args: list[str], options: tuple[str, ...]) -> dict[str, str]:
     while rest:
         key = rest[0].upper()
         if key not in options or len(rest) < 2:
-            raise InvalidArgumentError(f"syntax error at {rest[0][:20]!r}; options: {', '.join(options)}")
+            raise InvalidArgumentError(
+                f"syntax error at {rest[0][:20]!r}; options: {', '.join(options)}"
+            )
         out[key] = rest[1]
         rest = rest[2:]
     return out
@@ -633,9 +630,9 @@ def _scan(c: Commands, session: Session, args: list[str]) -> Plan:
     names = pool.token_text
 
     def fmt(result: tuple[int, list[tuple[int, Record | None]]]) -> Reply:
-        ids = [names(slot) for slot, _ in result[1]]
+        ids: list[Reply] = [names(slot) for slot, _ in result[1]]
         if pattern is not None:
-            ids = [i for i in ids if fnmatch.fnmatchcase(i, pattern)]
+            ids = [i for i in ids if fnmatch.fnmatchcase(str(i), pattern)]
         return [str(result[0]), ids]
 
     return Deferred(pool, GetTokens(cursor, count), fmt, cost=64 * count)
@@ -668,36 +665,29 @@ def _page_listing(page: Any) -> Listing:
     return Listing(page, usage_value_fields, cursor)
 
 
+def _history_plan(c: Commands, session: Session, args: list[str], by_user: bool) -> Plan:
+    pool = c.pool(session)
+    key = args[0]
+    name = "USERHISTORY <user_id>" if by_user else "HISTORY <token_id>"
+    limit, before = _history_args(args[1:], f"{name} [LIMIT <n>] [BEFORE <cursor>]")
+    op: Op = GetUserHistory(key, limit, before) if by_user else GetHistory(key, limit, before)
+
+    async def finish(result: Any) -> Any:
+        if by_user:
+            return _page_listing(await pool.finish_history(result, None, key, limit))
+        return _page_listing(await pool.finish_history(result, key, None, limit))
+
+    return Deferred(pool, op, lambda r: r, finish=finish, cost=ITEM_COST * limit)
+
+
 @command("HISTORY", 1, 5)
 def _history(c: Commands, session: Session, args: list[str]) -> Plan:
-    pool = c.pool(session)
-    token_id = args[0]
-    limit, before = _history_args(args[1:], "HISTORY <token_id> [LIMIT <n>] [BEFORE <cursor>]")
-
-    async def finish(result: Any) -> Reply:
-        return _page_listing(await pool.finish_history(result, token_id, None, limit))
-
-    return Deferred(
-        pool, GetHistory(token_id, limit, before), lambda r: r, finish=finish, cost=ITEM_COST * limit
-    )
+    return _history_plan(c, session, args, by_user=False)
 
 
 @command("USERHISTORY", 1, 5)
 def _user_history(c: Commands, session: Session, args: list[str]) -> Plan:
-    pool = c.pool(session)
-    user_id = args[0]
-    limit, before = _history_args(args[1:], "USERHISTORY <user_id> [LIMIT <n>] [BEFORE <cursor>]")
-
-    async def finish(result: Any) -> Reply:
-        return _page_listing(await pool.finish_history(result, None, user_id, limit))
-
-    return Deferred(
-        pool,
-        GetUserHistory(user_id, limit, before),
-        lambda r: r,
-        finish=finish,
-        cost=ITEM_COST * limit,
-    )
+    return _history_plan(c, session, args, by_user=True)
 
 
 # -- pool state -----------------------------------------------------------------------------
@@ -742,7 +732,9 @@ def _pool_options(args: list[str]) -> dict[str, object]:
             out["ttl"] = parse_seconds(value, "ttl", MIN_TTL, MAX_SECONDS)
         elif key == "WHEN-FULL":
             if value.lower() not in WHEN_FULL:
-                raise InvalidArgumentError(f"WHEN-FULL must be evict, reject or wait; not {value[:20]!r}")
+                raise InvalidArgumentError(
+                    f"WHEN-FULL must be evict, reject or wait; not {value[:20]!r}"
+                )
             out["when_full"] = value.lower()
         elif key == "MIN-HOLD":
             out["min_hold"] = parse_seconds(value, "min-hold", 0.0, MAX_SECONDS)
@@ -768,7 +760,11 @@ def _pool(c: Commands, session: Session, args: list[str]) -> Plan:
         pool = pools.get(rest[0])
 
         def fmt(stats: Stats) -> Reply:
-            return {"name": pool.name, **settings_fields(pool.settings), **stats_fields(pool.with_store(stats))}
+            return {
+                "name": pool.name,
+                **settings_fields(pool.settings),
+                **stats_fields(pool.with_store(stats)),
+            }
 
         return Deferred(pool, GetStats(), fmt)
     if sub == "CREATE" and rest:
@@ -884,7 +880,7 @@ def _subscribe(c: Commands, session: Session, args: list[str]) -> Plan:
     for channel in args:
         _channel_pool(channel)
 
-    async def run() -> Reply:
+    async def run() -> Any:
         return await c.subscriber.subscribe(session, args, pattern=False)
 
     return Action(run)
@@ -892,7 +888,7 @@ def _subscribe(c: Commands, session: Session, args: list[str]) -> Plan:
 
 @command("PSUBSCRIBE", 1, 32)
 def _psubscribe(c: Commands, session: Session, args: list[str]) -> Plan:
-    async def run() -> Reply:
+    async def run() -> Any:
         return await c.subscriber.subscribe(session, args, pattern=True)
 
     return Action(run)
@@ -900,7 +896,7 @@ def _psubscribe(c: Commands, session: Session, args: list[str]) -> Plan:
 
 @command("UNSUBSCRIBE", 0, 32)
 def _unsubscribe(c: Commands, session: Session, args: list[str]) -> Plan:
-    async def run() -> Reply:
+    async def run() -> Any:
         return await c.subscriber.unsubscribe(session, args, pattern=False)
 
     return Action(run)
@@ -908,7 +904,7 @@ def _unsubscribe(c: Commands, session: Session, args: list[str]) -> Plan:
 
 @command("PUNSUBSCRIBE", 0, 32)
 def _punsubscribe(c: Commands, session: Session, args: list[str]) -> Plan:
-    async def run() -> Reply:
+    async def run() -> Any:
         return await c.subscriber.unsubscribe(session, args, pattern=True)
 
     return Action(run)

@@ -29,7 +29,8 @@ KINDS = {GRANT: "granted", RENEW: "renewed", END: "ended"}
 
 
 def record_revision(record: Record) -> int:
-    return record[7] if record[0] <= END else record[1]
+    revision: int = record[7] if record[0] <= END else record[1]
+    return revision
 
 
 def event_of(record: Record, pool: str, names: Callable[[int], str]) -> Event:
@@ -38,12 +39,28 @@ def event_of(record: Record, pool: str, names: Callable[[int], str]) -> Event:
     token = names(record[2])
     if kind == END:
         return Event(
-            "ended", pool, record[7], token, record[1], record[3], record[4],
-            to_datetime(record[5]), None, to_datetime(record[6]), record[8],
+            "ended",
+            pool,
+            record[7],
+            token,
+            record[1],
+            record[3],
+            record[4],
+            to_datetime(record[5]),
+            None,
+            to_datetime(record[6]),
+            record[8],
         )
     return Event(
-        KINDS[kind], pool, record[7], token, record[1], record[3], record[4],
-        to_datetime(record[5]), to_datetime(record[6]),
+        KINDS[kind],
+        pool,
+        record[7],
+        token,
+        record[1],
+        record[3],
+        record[4],
+        to_datetime(record[5]),
+        to_datetime(record[6]),
     )
 
 

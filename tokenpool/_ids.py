@@ -99,7 +99,9 @@ def uuid_bytes(value: object, what: str) -> bytes:
     if isinstance(value, str):
         if len(value) == 36 and value[8] == value[13] == value[18] == value[23] == "-":
             try:
-                raw = bytes.fromhex(value[:8] + value[9:13] + value[14:18] + value[19:23] + value[24:])
+                raw = bytes.fromhex(
+                    value[:8] + value[9:13] + value[14:18] + value[19:23] + value[24:]
+                )
             except ValueError:
                 raw = b""
             if len(raw) == 16 and value.isascii() and " " not in value:

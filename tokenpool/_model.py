@@ -218,7 +218,11 @@ class Event:
 def lease_value(record: Record, token_id: str) -> Lease:
     """A GRANT/RENEW record as a ``Lease``."""
     return Lease(
-        record[ID], token_id, record[USER], record[FENCE], to_datetime(record[START]),
+        record[ID],
+        token_id,
+        record[USER],
+        record[FENCE],
+        to_datetime(record[START]),
         to_datetime(record[STOP]),
     )
 
@@ -226,8 +230,14 @@ def lease_value(record: Record, token_id: str) -> Lease:
 def usage_value(record: Record, token_id: str) -> Usage:
     """An END record as a ``Usage``."""
     return Usage(
-        record[ID], token_id, record[USER], to_datetime(record[START]), to_datetime(record[STOP]),
-        Reason(record[REASON]), record[REV], record[FENCE],
+        record[ID],
+        token_id,
+        record[USER],
+        to_datetime(record[START]),
+        to_datetime(record[STOP]),
+        Reason(record[REASON]),
+        record[REV],
+        record[FENCE],
     )
 
 
@@ -236,6 +246,11 @@ def token_value(token_id: str, lease: Record | None) -> TokenStatus:
     if lease is None:
         return TokenStatus(token_id, Status.AVAILABLE, None, None, None)
     return TokenStatus(
-        token_id, Status.ACTIVE, lease[USER], to_datetime(lease[START]), to_datetime(lease[STOP]),
-        lease[ID], lease[FENCE],
+        token_id,
+        Status.ACTIVE,
+        lease[USER],
+        to_datetime(lease[START]),
+        to_datetime(lease[STOP]),
+        lease[ID],
+        lease[FENCE],
     )

@@ -35,17 +35,22 @@ class Op:
     def value(self, result: Any, names: Names) -> Any:
         return result
 
+    def _fields(self) -> tuple[object, ...]:
+        names: tuple[str, ...] = self.__slots__
+        return tuple(getattr(self, name) for name in names)
+
     def __repr__(self) -> str:
-        fields = ", ".join(repr(getattr(self, f)) for f in self.__slots__)
-        return f"{type(self).__name__}({fields})"
+        return f"{type(self).__name__}{self._fields()!r}"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and all(
-            getattr(self, f) == getattr(other, f) for f in self.__slots__
+        return (
+            isinstance(other, Op)
+            and type(other) is type(self)
+            and self._fields() == other._fields()
         )
 
     def __hash__(self) -> int:
-        return hash((type(self), *(getattr(self, f) for f in self.__slots__)))
+        return hash((type(self), self._fields()))
 
 
 def _lease(result: Any, names: Names) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, cast
 
 import attrs
@@ -197,7 +197,9 @@ class Pool:
         _cursor, page = await self.tokens_page(0, TOKENS_MAX)
         return page
 
-    async def tokens_page(self, cursor: int = 0, count: int = 1000) -> tuple[int, list[TokenStatus]]:
+    async def tokens_page(
+        self, cursor: int = 0, count: int = 1000
+    ) -> tuple[int, list[TokenStatus]]:
         """Up to ``count`` (1 to 10,000) tokens from ``cursor`` on, and the next cursor.
 
         Start with 0; the next cursor is 0 once the last token was returned (as
@@ -238,7 +240,11 @@ class Pool:
         return await self.finish_history(result, None, user_id, limit)
 
     async def finish_history(
-        self, result: tuple[list[Record], int], token_id: str | None, user_id: str | None, limit: int
+        self,
+        result: tuple[list[Record], int],
+        token_id: str | None,
+        user_id: str | None,
+        limit: int,
     ) -> Page:
         """Complete a history page read from memory (at its place in a batch) from the store.
 
@@ -499,7 +505,11 @@ class Pools:
                 settings = PoolSettings.make(**snapshot.settings)
             state, base = _recovered(snapshot, settings, c.history_memory, clock, name, link.shown)
             writer = Writer(
-                link, key, name, max_backlog=c.max_backlog, write_timeout=c.write_timeout,
+                link,
+                key,
+                name,
+                max_backlog=c.max_backlog,
+                write_timeout=c.write_timeout,
                 committed=base,
             )
             link.add_writer(writer)
@@ -551,7 +561,7 @@ class Pools:
                 raise InvalidArgumentError(f"unknown pool setting {key!r}")
             values[key] = value
         settings = PoolSettings.make(**values)
-        await pool._configure(settings)  # noqa: SLF001
+        await pool._configure(settings)
         return settings
 
     async def drop(self, name: str) -> int:
@@ -559,20 +569,18 @@ class Pools:
         tokens and history in the store. Returns how many leases ended."""
         async with self._lock:
             pool = self.get(name)
-            ended = int(await pool._one(_EndAll()))  # noqa: SLF001
+            ended = int(await pool._one(_EndAll()))
             pool.closed = True
             await self._stop(name)
-            if self._link is not None and pool._writer is not None:  # noqa: SLF001
-                try:
+            if self._link is not None and pool._writer is not None:
+                with suppress(TokenPoolError):
                     await pool.flush()
-                except TokenPoolError:
-                    pass
-                await self._link.drop_pool(pool._writer.key)  # noqa: SLF001
+                await self._link.drop_pool(pool._writer.key)
             return ended
 
     async def _stop(self, name: str) -> None:
         pool = self._pools.pop(name)
-        pool._actor.close()  # noqa: SLF001
+        pool._actor.close()
         pool.hub.close()
         await self._done.pop(name).wait()
         self._touch()
@@ -581,7 +589,7 @@ class Pools:
         """Stop every pool, write what is queued (bounded), stop the store process."""
         for pool in self._pools.values():
             pool.closed = True
-            pool._actor.close()  # noqa: SLF001
+            pool._actor.close()
             pool.hub.close()
         for done in self._done.values():  # each actor answers what was queued first
             await done.wait()
@@ -707,7 +715,12 @@ async def open_pools(
     reached.
     """
     config = _check_common(
-        durability, history_memory, queue_size, max_backlog, flush_interval, write_timeout,
+        durability,
+        history_memory,
+        queue_size,
+        max_backlog,
+        flush_interval,
+        write_timeout,
         shutdown_timeout,
     )
     store = check_store_url(store)
@@ -718,7 +731,7 @@ async def open_pools(
                 for name, settings in (declared or {}).items():
                     await pools.create(name, settings)
                 if restore and store is not None:
-                    link = await pools._start_link()  # noqa: SLF001
+                    link = await pools._start_link()
                     assert link is not None
                     for name in await link.list_pools():
                         if name not in pools:

@@ -20,6 +20,7 @@ The parser keeps these rules, so a hostile client costs bounded memory:
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import attrs
@@ -269,12 +270,17 @@ def _text(raw: bytes) -> str:
         raise ProtocolError("an argument is not valid UTF-8") from None
 
 
+hiredis: Any
 try:  # the C request parser; the pure one below is the authority and the fallback
     import hiredis
 except ImportError:  # pragma: no cover - hiredis is a dependency, but the parser works without
     hiredis = None
 
 _DIGITS = [len(str(i)) for i in range(1000)]
+# An array header hiredis must never see: it allocates room for the announced count at
+# once (lazily, but freeing 3e9 slots takes seconds of CPU), so a count of three or more
+# digits, or 33 to 99, anywhere at a line start sends the bytes to the careful parser.
+_BIG_ARRAY = re.compile(rb"(?:^|\n)\*(?:[0-9]{3}|3[3-9]|[4-9][0-9])")
 
 
 class RequestParser:
@@ -318,6 +324,10 @@ class RequestParser:
         if self._careful:
             self._slow.feed(data)
             return
+        if _BIG_ARRAY.search(self._buf[-4:] + data):
+            self._buf += data
+            self._to_careful()
+            return
         self._fast.feed(data)
         self._buf += data
 
@@ -332,6 +342,9 @@ class RequestParser:
     def _to_fast(self) -> None:
         """The pure parser finished a command: hiredis takes what follows."""
         rest = self._slow.take_rest()
+        if _BIG_ARRAY.search(rest):
+            self._slow.feed(rest)
+            return
         self._careful = False
         self._fast = hiredis.Reader(encoding="utf-8", errors="strict")
         if rest:
@@ -343,9 +356,14 @@ class RequestParser:
         while True:
             if self._careful:
                 command = self._slow.next_command()
-                if command is not NEED_DATA and hiredis is not None and self._slow._args is None:
-                    if self._slow.buffered == 0 or self._slow._buf[self._slow._pos] == 0x2A:
-                        self._to_fast()
+                slow = self._slow
+                if (
+                    command is not NEED_DATA
+                    and hiredis is not None
+                    and slow._args is None
+                    and (slow.buffered == 0 or slow._buf[slow._pos] == 0x2A)
+                ):
+                    self._to_fast()
                 return command
             buf = self._buf
             if self._pos < len(buf) and buf[self._pos] != 0x2A:

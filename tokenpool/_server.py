@@ -46,7 +46,7 @@ from ._commands import (
 from ._errors import CompactedError, TokenPoolError
 from ._log import get_logger
 from ._model import Stats, iso, to_us
-from ._ops import Revision
+from ._ops import Op, Revision
 from ._pool import Pool, Pools
 from ._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
 
@@ -67,7 +67,7 @@ class RespSettings:
     port: int = 7379
     max_clients: int = 10_000
     idle_timeout: float = 30.0
-    commands: ServerSettings = ServerSettings()
+    commands: ServerSettings = attrs.Factory(ServerSettings)
 
 
 class _Subscriptions:
@@ -202,7 +202,11 @@ class _Connection:
 
     async def _message(self, channel: str, pattern: str | None, payload: str) -> None:
         proto = self.session.proto
-        items = ["message", channel, payload] if pattern is None else ["pmessage", pattern, channel, payload]
+        items = (
+            ["message", channel, payload]
+            if pattern is None
+            else ["pmessage", pattern, channel, payload]
+        )
         await self.send(_encode_push(_Push(items), proto))
 
 
@@ -359,7 +363,10 @@ class RespServer:
             if problem is not None:
                 self.protocol_errors += 1
                 log.warning(
-                    "protocol_error", client=session.client_id, peer=session.peer, error=str(problem)
+                    "protocol_error",
+                    client=session.client_id,
+                    peer=session.peer,
+                    error=str(problem),
                 )
                 await conn.send(encode(Error("ERR", f"Protocol error: {problem}")))
                 return "protocol error"
@@ -399,11 +406,15 @@ class RespServer:
         pool: Pool | None = None
         cost = 0
         for argv in commands:
-            if not segment and argv[0].upper() in ("POST", "HOST:") and pool is None:
+            if argv[0].upper() in ("POST", "HOST:"):
                 # An HTTP request on the RESP port (a browser, or a cross-protocol
                 # attack): refuse it and close, as Redis does.
+                if segment:
+                    await self._run(conn, segment, pool)
                 log.warning("http_request_refused", client=session.client_id, peer=session.peer)
-                await conn.send(encode(Error("ERR", "Protocol error: an HTTP request on the RESP port")))
+                await conn.send(
+                    encode(Error("ERR", "Protocol error: an HTTP request on the RESP port"))
+                )
                 session.quit = True
                 return
             plan = plan_of(argv, session)
@@ -440,43 +451,20 @@ class RespServer:
         if segment:
             await self._run(conn, segment, pool)
 
-    async def _run(self, conn: _Connection, segment: list[tuple[Any, int]], pool: Pool | None) -> None:
+    async def _run(
+        self, conn: _Connection, segment: list[tuple[Any, int]], pool: Pool | None
+    ) -> None:
         """One actor batch for the segment's ops, then its replies in order."""
-        ops = []
-        for plan, _proto in segment:
-            if type(plan) is Deferred:
-                ops.append(plan.op)
-                if plan.revised:
-                    ops.append(_REVISION)
-        results = await pool.raw_batch(ops) if ops and pool is not None else []
+        results = await _batch([p for p, _ in segment], pool)
         out: list[bytes] = []
-        i = 0
-        for plan, proto in segment:
+        for (plan, proto), result in zip(segment, results, strict=True):
             if type(plan) is bytes:
                 out.append(plan)
                 continue
-            result = results[i]
-            i += 1
-            if plan.revised:
-                revision = results[i]
-                i += 1
-                if not isinstance(result, BaseException):
-                    result = (result, revision)
-            if isinstance(result, BaseException):
-                self.commands.errors += 1
-                out.append(encode(error_reply(result), proto))
-                continue
-            if plan.wire is not None:
+            if plan.wire is not None and not isinstance(result, BaseException):
                 out.append(plan.wire(result, proto, plan.pool))
                 continue
-            try:
-                reply = plan.format(result)
-                if plan.finish is not None:
-                    reply = await plan.finish(reply)
-            except TokenPoolError as error:
-                self.commands.errors += 1
-                out.append(encode(error_reply(error), proto))
-                continue
+            reply = await self._reply(plan, result)
             if type(reply) is Listing:
                 if out:
                     await conn.send(b"".join(out))
@@ -487,44 +475,36 @@ class RespServer:
         if out:
             await conn.send(b"".join(out))
 
+    async def _reply(self, plan: Deferred, result: Any) -> Any:
+        """A Deferred's result (or error) as its reply value."""
+        if isinstance(result, BaseException):
+            self.commands.errors += 1
+            return error_reply(result)
+        try:
+            reply = plan.format(result)
+            if plan.finish is not None:
+                reply = await plan.finish(reply)
+        except TokenPoolError as error:
+            self.commands.errors += 1
+            return error_reply(error)
+        return reply
+
     async def _transaction(self, conn: _Connection, tx: Transaction, proto: int) -> None:
         """EXEC: every queued op in ONE actor batch (no other client's command between them)."""
         deferred = [p for p in tx.plans if type(p) is Deferred]
-        pool = deferred[0].pool if deferred else None
-        ops = []
-        for plan in deferred:
-            ops.append(plan.op)
-            if plan.revised:
-                ops.append(_REVISION)
-        results = await pool.raw_batch(ops) if ops and pool is not None else []
+        results = await _batch(tx.plans, deferred[0].pool if deferred else None)
         replies: list[Any] = []
-        i = 0
-        for plan in tx.plans:
-            if type(plan) is not Deferred:
-                if type(plan) is Action:
-                    try:
-                        plan = await plan.run()
-                    except TokenPoolError as error:
-                        plan = error_reply(error)
+        for plan, result in zip(tx.plans, results, strict=True):
+            if type(plan) is Deferred:
+                reply = await self._reply(plan, result)
+                replies.append(reply.whole() if type(reply) is Listing else reply)
+            elif type(plan) is Action:
+                try:
+                    replies.append(await plan.run())
+                except TokenPoolError as error:
+                    replies.append(error_reply(error))
+            else:
                 replies.append(plan)
-                continue
-            result = results[i]
-            i += 1
-            if plan.revised:
-                revision = results[i]
-                i += 1
-                if not isinstance(result, BaseException):
-                    result = (result, revision)
-            if isinstance(result, BaseException):
-                replies.append(error_reply(result))
-                continue
-            try:
-                reply = plan.format(result)
-                if plan.finish is not None:
-                    reply = await plan.finish(reply)
-            except TokenPoolError as error:
-                reply = error_reply(error)
-            replies.append(reply.whole() if type(reply) is Listing else reply)
         await conn.send(encode(replies, proto))
 
     async def _send_reply(self, conn: _Connection, reply: Any, proto: int) -> None:
@@ -593,7 +573,9 @@ class RespServer:
                 "durability": stats.durability,
                 "link": stats.link,
                 "backlog": stats.backlog,
-                "last_commit_at": "" if stats.last_commit_at is None else iso(to_us(stats.last_commit_at)),
+                "last_commit_at": ""
+                if stats.last_commit_at is None
+                else iso(to_us(stats.last_commit_at)),
                 "write_lag_seconds": f"{stats.write_lag:.6f}",
             },
             "stats": {
@@ -606,7 +588,7 @@ class RespServer:
                 "instantaneous_ops_per_sec": 0,
             },
             "keyspace": {
-                f"db0": f"keys={stats.size},expires={stats.active},avg_ttl=0",
+                "db0": f"keys={stats.size},expires={stats.active},avg_ttl=0",
             },
         }
         wanted = section.lower() if section else None
@@ -618,6 +600,32 @@ class RespServer:
             lines += [f"{k}:{v}" for k, v in fields.items()]
             lines.append("")
         return "\r\n".join(lines)
+
+
+async def _batch(plans: list[Any], pool: Pool | None) -> list[Any]:
+    """Every Deferred's op (and its Revision) in one actor batch; a result per plan
+    (``(result, revision)`` for revised ones; ``None`` for plans that are not Deferred)."""
+    ops: list[Op] = []
+    for plan in plans:
+        if type(plan) is Deferred:
+            ops.append(plan.op)
+            if plan.revised:
+                ops.append(_REVISION)
+    raw = await pool.raw_batch(ops) if ops and pool is not None else []
+    out: list[Any] = []
+    i = 0
+    for plan in plans:
+        if type(plan) is not Deferred:
+            out.append(None)
+            continue
+        result = raw[i]
+        i += 1
+        if plan.revised:
+            if not isinstance(result, BaseException):
+                result = (result, raw[i])
+            i += 1
+        out.append(result)
+    return out
 
 
 def _single(error: BaseException) -> BaseException:

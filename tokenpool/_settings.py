@@ -29,7 +29,9 @@ MIN_TTL: Final = 0.001
 WHEN_FULL: Final = ("evict", "reject", "wait")
 
 _INT = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
-_FLOAT = re.compile(r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
+_FLOAT = re.compile(
+    r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?", re.ASCII
+)
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 
 
@@ -90,7 +92,9 @@ def check_name(value: object, what: str = "pool name") -> str:
 
 def check_choice(value: object, what: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.lower() not in choices:
-        raise InvalidArgumentError(f"{what} must be one of {', '.join(choices)}; not {_shown(value)}")
+        raise InvalidArgumentError(
+            f"{what} must be one of {', '.join(choices)}; not {_shown(value)}"
+        )
     return value.lower()
 
 

@@ -312,7 +312,12 @@ class PoolState:
         self._index(slots)
         self.revision += 1
         self.changes.append(
-            (ADD, self.revision, now, tuple((s, uuid_text(r)) for s, r in zip(slots, raws, strict=True)))
+            (
+                ADD,
+                self.revision,
+                now,
+                tuple((s, uuid_text(r)) for s, r in zip(slots, raws, strict=True)),
+            )
         )
         for slot in slots:
             self._free(slot)
@@ -426,7 +431,9 @@ class PoolState:
             del self._by_user[oldest[3]]
             self.revision = fence = self.revision + 1
             self.evictions += 1
-            self._remember((END, oldest[1], slot, oldest[3], oldest[4], oldest[5], now, fence, EVICTED))
+            self._remember(
+                (END, oldest[1], slot, oldest[3], oldest[4], oldest[5], now, fence, EVICTED)
+            )
         else:
             self.refusals += 1
             if not leases:

@@ -27,6 +27,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import socket
 import struct
@@ -69,8 +70,10 @@ class WriterStatistics:
     last_batch_lag: float
     lag_p50: float
     lag_p99: float
+    lags: tuple[float, ...]  # the recent batches' lags (seconds), for percentiles elsewhere
     batches: int
     changes_written: int
+    batch_p50: float  # changes per committed batch, median of the recent ones
     rejected: int
     lost: int
 
@@ -79,7 +82,12 @@ class _Entry:
     __slots__ = ("last_rev", "records", "seq", "size", "submitted", "waiters")
 
     def __init__(
-        self, seq: int, records: list[Record], waiters: list[Request], submitted: float, last_rev: int
+        self,
+        seq: int,
+        records: list[Record],
+        waiters: list[Request],
+        submitted: float,
+        last_rev: int,
     ) -> None:
         self.seq = seq
         self.records = records
@@ -118,6 +126,7 @@ class Writer:
         self.last_commit_at_us: int | None = None
         self.last_batch_lag = 0.0
         self._lags: deque[float] = deque(maxlen=4096)
+        self._batch_sizes: deque[int] = deque(maxlen=4096)
         self.batches = 0
         self.changes_written = 0
         self.rejected = 0
@@ -211,6 +220,8 @@ class Writer:
                 request.finish()
         self.batches += 1
         self.changes_written += written
+        if written:
+            self._batch_sizes.append(written)
         self.last_commit_at_us = self._link.now_us()
         if self.state in ("retrying", "down"):
             self.state = "up"
@@ -345,8 +356,12 @@ class Writer:
             last_batch_lag=self.last_batch_lag,
             lag_p50=pct(0.5),
             lag_p99=pct(0.99),
+            lags=tuple(lags),
             batches=self.batches,
             changes_written=self.changes_written,
+            batch_p50=float(sorted(self._batch_sizes)[len(self._batch_sizes) // 2])
+            if self._batch_sizes
+            else 0.0,
             rejected=self.rejected,
             lost=self.lost,
         )
@@ -442,10 +457,8 @@ class StoreLink:
         self._closing = True
         with trio.move_on_after(self.shutdown_timeout) as scope:
             for writer in list(self.writers.values()):
-                try:
+                with contextlib.suppress(TokenPoolError):
                     await writer.flush()
-                except TokenPoolError:
-                    pass
         lost = 0
         if scope.cancelled_caught:
             for writer in self.writers.values():
@@ -605,7 +618,9 @@ class StoreLink:
             for writer in self.writers.values():
                 writer.fail("failed", f"the store process for {self.shown} exited (code {code})")
         for request, event in list(self._reply_events.items()):
-            self._replies[request] = [UnavailableError(f"the store process for {self.shown} exited")]
+            self._replies[request] = [
+                UnavailableError(f"the store process for {self.shown} exited")
+            ]
             event.set()
         self._reply_events.clear()
         self._wake()
@@ -616,4 +631,3 @@ class StoreLink:
             for writer in self.writers.values():
                 writer.fail_late_waiters()
                 writer.check_stalled()
-

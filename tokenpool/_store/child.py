@@ -22,6 +22,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import random
 import select
@@ -281,10 +282,8 @@ class StoreProcess:
         self.channel.send(("gave_up", lost, str(error)))
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best effort: the process exits next
             self.store.close()
-        except Exception:  # closing is best effort: the process exits next
-            pass
 
 
 def main(argv: list[str]) -> int:

@@ -36,8 +36,18 @@ _TRAILER = struct.pack(">h", -1)
 _HISTORY_ROW = struct.Struct(">hiiiqi16si16siqiqiq")
 _LEASE_ROW = struct.Struct(">hi16si16siqiqiq")
 _FREE_ROW = struct.Struct(">hi16siiiii")
-_REASON = {r: struct.pack(">i", len(r)) + r.encode() for r in ("expired", "evicted", "released", "cleared")}
-_COUNTERS = ("activations", "evictions", "expirations", "releases", "clears", "renewals", "refusals")
+_REASON = {
+    r: struct.pack(">i", len(r)) + r.encode() for r in ("expired", "evicted", "released", "cleared")
+}
+_COUNTERS = (
+    "activations",
+    "evictions",
+    "expirations",
+    "releases",
+    "clears",
+    "renewals",
+    "refusals",
+)
 
 
 def _uuid(text: str) -> bytes:
@@ -56,8 +66,23 @@ def history_copy(pool_id: int, rows: list[Record], tokens: dict[int, str]) -> by
     out = [_HEADER]
     for r in rows:
         out.append(
-            pack(9, 4, pool_id, 8, r[7], 16, _uuid(r[1]), 16, _uuid(tokens[r[2]]), 8, r[4], 8,
-                 r[5] - _PG_EPOCH_US, 8, r[6] - _PG_EPOCH_US)
+            pack(
+                9,
+                4,
+                pool_id,
+                8,
+                r[7],
+                16,
+                _uuid(r[1]),
+                16,
+                _uuid(tokens[r[2]]),
+                8,
+                r[4],
+                8,
+                r[5] - _PG_EPOCH_US,
+                8,
+                r[6] - _PG_EPOCH_US,
+            )
         )
         out.append(reason[r[8]])
         out.append(_text(r[3]))
@@ -75,8 +100,19 @@ def leases_copy(final: dict[int, Record | None], tokens: dict[int, str]) -> byte
             out.append(free(6, 16, _uuid(tokens[slot]), -1, -1, -1, -1, -1))
             continue
         out.append(
-            pack(6, 16, _uuid(tokens[slot]), 16, _uuid(r[1]), 8, r[4], 8, r[5] - _PG_EPOCH_US, 8,
-                 r[6] - _PG_EPOCH_US)
+            pack(
+                6,
+                16,
+                _uuid(tokens[slot]),
+                16,
+                _uuid(r[1]),
+                8,
+                r[4],
+                8,
+                r[5] - _PG_EPOCH_US,
+                8,
+                r[6] - _PG_EPOCH_US,
+            )
         )
         out.append(_text(r[3]))
     out.append(_TRAILER)
@@ -112,7 +148,9 @@ def connect(url: str, purpose: str, write_timeout: float) -> psycopg.Connection[
         )
         conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
     except psycopg.Error as error:
-        raise StoreError(f"cannot connect to PostgreSQL at {redact(url)}: {_first_line(error)}") from error
+        raise StoreError(
+            f"cannot connect to PostgreSQL at {redact(url)}: {_first_line(error)}"
+        ) from error
     return conn
 
 
@@ -199,7 +237,7 @@ class PostgresStore:
             if old:
                 raise StoreError(
                     f"schema {self.schema!r} of {self.url} holds tokenpool's version 1 tables;"
-                    " this version needs version 2: use another ?schema= (or migrate, see the README)"
+                    " this version needs version 2: use another ?schema= (or migrate: README)"
                 )
             conn.execute(text.encode())
         self._schema_done = True
@@ -229,19 +267,32 @@ class PostgresStore:
                     conn.execute(
                         "INSERT INTO pools (name, size, ttl_seconds, when_full, min_hold_seconds,"
                         " max_lifetime_seconds) VALUES (%s, %s, %s, %s, %s, %s)",
-                        (name, settings["size"], settings["ttl"], settings["when_full"],
-                         settings["min_hold"], settings["max_lifetime"]),
+                        (
+                            name,
+                            settings["size"],
+                            settings["ttl"],
+                            settings["when_full"],
+                            settings["min_hold"],
+                            settings["max_lifetime"],
+                        ),
                     )
                 elif row[1]:
                     conn.execute(
                         "UPDATE pools SET dropped_at = NULL, size = %s, ttl_seconds = %s,"
                         " when_full = %s, min_hold_seconds = %s, max_lifetime_seconds = %s"
                         " WHERE name = %s",
-                        (settings["size"], settings["ttl"], settings["when_full"],
-                         settings["min_hold"], settings["max_lifetime"], name),
+                        (
+                            settings["size"],
+                            settings["ttl"],
+                            settings["when_full"],
+                            settings["min_hold"],
+                            settings["max_lifetime"],
+                            name,
+                        ),
                     )
                 got = conn.execute(
-                    "UPDATE pools SET owner_epoch = greatest(owner_epoch + 1, (revision >> 40) + 1),"
+                    "UPDATE pools"
+                    " SET owner_epoch = greatest(owner_epoch + 1, (revision >> 40) + 1),"
                     " owner = %s, owned_at = now() WHERE name = %s RETURNING id, owner_epoch,"
                     " revision, clock_us, size, ttl_seconds, when_full, min_hold_seconds,"
                     " max_lifetime_seconds, " + ", ".join(_COUNTERS),
@@ -275,12 +326,15 @@ class PostgresStore:
                 )
             ]
             clock_us = max(
-                clock_us, max((lease[4] for lease in leases), default=0),
+                clock_us,
+                max((lease[4] for lease in leases), default=0),
                 max((t[1] for t in tokens), default=0),
             )
         except psycopg.Error as error:
             self._drop_broken()
-            raise StoreError(f"cannot open pool {name!r} in {self.url}: {_first_line(error)}") from error
+            raise StoreError(
+                f"cannot open pool {name!r} in {self.url}: {_first_line(error)}"
+            ) from error
         self._pools[pool_id] = (name, epoch)
         return Snapshot(pool_id, epoch, revision, clock_us, stored, counters, tokens, leases, made)
 
@@ -301,12 +355,18 @@ class PostgresStore:
                     " clock_us = greatest(clock_us, %s), activations = %s, evictions = %s,"
                     " expirations = %s, releases = %s, clears = %s, renewals = %s, refusals = %s"
                     " WHERE id = %s AND owner_epoch = %s",
-                    (batch.revision, batch.clock_us, *(c.get(k, 0) for k in _COUNTERS),
-                     pool_id, epoch),
+                    (
+                        batch.revision,
+                        batch.clock_us,
+                        *(c.get(k, 0) for k in _COUNTERS),
+                        pool_id,
+                        epoch,
+                    ),
                 )
                 if cur.rowcount != 1:  # raising here rolls the whole batch back
                     raise FencedError(
-                        f"pool {name!r} was taken over by a newer owner (this process has epoch {epoch})"
+                        f"pool {name!r} was taken over by a newer owner"
+                        f" (this process has epoch {epoch})"
                     )
                 self._statements(cur, pool_id, batch, tokens, retry)
         except (FencedError, RejectedError):
@@ -319,7 +379,12 @@ class PostgresStore:
             raise StoreError(message) from error
 
     def _statements(
-        self, cur: psycopg.Cursor[Any], pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool
+        self,
+        cur: psycopg.Cursor[Any],
+        pool_id: int,
+        batch: Batch,
+        tokens: dict[int, str],
+        retry: bool,
     ) -> None:
         if batch.tokens_added:
             ids = [t for _, t, _ in batch.tokens_added]
@@ -373,17 +438,23 @@ class PostgresStore:
             )
         if batch.tokens_retired:
             cur.execute(
-                "UPDATE tokens SET retired_at = timestamptz 'epoch' + u.at * interval '1 microsecond'"
+                "UPDATE tokens"
+                " SET retired_at = timestamptz 'epoch' + u.at * interval '1 microsecond'"
                 " FROM unnest(%s::uuid[], %s::bigint[]) AS u(id, at)"
                 " WHERE tokens.id = u.id AND retired_at IS NULL",
-                ([tokens[s] for s, _ in batch.tokens_retired], [a for _, a in batch.tokens_retired]),
+                (
+                    [tokens[s] for s, _ in batch.tokens_retired],
+                    [a for _, a in batch.tokens_retired],
+                ),
             )
 
     def list_pools(self) -> list[str]:
         try:
-            rows = self._connection().execute(
-                "SELECT name FROM pools WHERE dropped_at IS NULL ORDER BY id"
-            ).fetchall()
+            rows = (
+                self._connection()
+                .execute("SELECT name FROM pools WHERE dropped_at IS NULL ORDER BY id")
+                .fetchall()
+            )
         except psycopg.Error as error:
             self._drop_broken()
             raise StoreError(f"listing pools in {self.url} failed: {_first_line(error)}") from error
@@ -395,13 +466,23 @@ class PostgresStore:
             conn = self._connection()
             conn.execute(
                 "UPDATE pools SET size = %s, ttl_seconds = %s, when_full = %s,"
-                " min_hold_seconds = %s, max_lifetime_seconds = %s WHERE id = %s AND owner_epoch = %s",
-                (settings["size"], settings["ttl"], settings["when_full"], settings["min_hold"],
-                 settings["max_lifetime"], pool_id, epoch),
+                " min_hold_seconds = %s, max_lifetime_seconds = %s"
+                " WHERE id = %s AND owner_epoch = %s",
+                (
+                    settings["size"],
+                    settings["ttl"],
+                    settings["when_full"],
+                    settings["min_hold"],
+                    settings["max_lifetime"],
+                    pool_id,
+                    epoch,
+                ),
             )
         except psycopg.Error as error:
             self._drop_broken()
-            raise StoreError(f"saving pool {name!r} settings failed: {_first_line(error)}") from error
+            raise StoreError(
+                f"saving pool {name!r} settings failed: {_first_line(error)}"
+            ) from error
 
     def drop_pool(self, pool_id: int) -> None:
         name, epoch = self._pools.pop(pool_id)
@@ -428,8 +509,17 @@ class PostgresStore:
 
 def _record(row: tuple[Any, ...]) -> Record:
     """A history row as an END record, with the token id where the slot goes."""
-    return (END, str(row[0]), str(row[1]), row[2], int(row[3]), to_us(row[4]), to_us(row[5]),
-            int(row[6]), row[7])
+    return (
+        END,
+        str(row[0]),
+        str(row[1]),
+        row[2],
+        int(row[3]),
+        to_us(row[4]),
+        to_us(row[5]),
+        int(row[6]),
+        row[7],
+    )
 
 
 _HISTORY_COLUMNS = (
@@ -454,7 +544,9 @@ class PostgresReader:
                     self._conn = connect(self._url, "reader", self.write_timeout)
                 rows = self._conn.execute(query, args).fetchall()
             except psycopg.Error as error:
-                raise StoreError(f"history read from {self.url} failed: {_first_line(error)}") from error
+                raise StoreError(
+                    f"history read from {self.url} failed: {_first_line(error)}"
+                ) from error
         return [_record(r) for r in rows]
 
     def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Record]:
@@ -477,4 +569,3 @@ class PostgresReader:
             if self._conn is not None:
                 self._conn.close()
             self._conn = None
-

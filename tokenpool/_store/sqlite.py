@@ -21,8 +21,8 @@ import socket
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +33,15 @@ from . import Batch, FencedError, RejectedError, Snapshot, StoreError
 
 T = TypeVar("T")
 
-_COUNTERS = ("activations", "evictions", "expirations", "releases", "clears", "renewals", "refusals")
+_COUNTERS = (
+    "activations",
+    "evictions",
+    "expirations",
+    "releases",
+    "clears",
+    "renewals",
+    "refusals",
+)
 
 
 def sqlite_path(url: str) -> Path:
@@ -51,7 +59,9 @@ def _now_us() -> int:
 
 
 def _connect(path: Path, write_timeout: float, synchronous: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=write_timeout, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        path, timeout=write_timeout, isolation_level=None, check_same_thread=False
+    )
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
@@ -63,7 +73,9 @@ class SqliteStore:
 
     kind = "sqlite"
 
-    def __init__(self, url: str, *, write_timeout: float = 5.0, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, url: str, *, write_timeout: float = 5.0, synchronous: str = "NORMAL"
+    ) -> None:
         self.url = url
         self.path = sqlite_path(url)
         self.write_timeout = write_timeout
@@ -112,7 +124,8 @@ class SqliteStore:
             now = None
         if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
             raise FencedError(
-                f"the SQLite file {self.path} was removed or replaced; this process no longer owns it"
+                f"the SQLite file {self.path} was removed or replaced;"
+                " this process no longer owns it"
             )
 
     def _release(self) -> None:
@@ -136,8 +149,13 @@ class SqliteStore:
                     if not create:
                         raise UnknownPoolError(f"no pool {name!r} in {self.path}")
                     made = True
-                values = (settings["size"], settings["ttl"], settings["when_full"],
-                          settings["min_hold"], settings["max_lifetime"])
+                values = (
+                    settings["size"],
+                    settings["ttl"],
+                    settings["when_full"],
+                    settings["min_hold"],
+                    settings["max_lifetime"],
+                )
                 if row is None:
                     conn.execute(
                         "INSERT INTO pools (name, size, ttl_seconds, when_full, min_hold_seconds,"
@@ -146,8 +164,9 @@ class SqliteStore:
                     )
                 elif row[1]:
                     conn.execute(
-                        "UPDATE pools SET dropped_us = NULL, size = ?, ttl_seconds = ?, when_full = ?,"
-                        " min_hold_seconds = ?, max_lifetime_seconds = ? WHERE name = ?",
+                        "UPDATE pools SET dropped_us = NULL, size = ?, ttl_seconds = ?,"
+                        " when_full = ?, min_hold_seconds = ?, max_lifetime_seconds = ?"
+                        " WHERE name = ?",
                         (*values, name),
                     )
                 conn.execute(
@@ -157,7 +176,8 @@ class SqliteStore:
                 )
                 got = conn.execute(
                     "SELECT id, owner_epoch, revision, clock_us, size, ttl_seconds, when_full,"
-                    " min_hold_seconds, max_lifetime_seconds, " + ", ".join(_COUNTERS)
+                    " min_hold_seconds, max_lifetime_seconds, "
+                    + ", ".join(_COUNTERS)
                     + " FROM pools WHERE name = ?",
                     (name,),
                 ).fetchone()
@@ -190,11 +210,20 @@ class SqliteStore:
         }
         counters = {k: int(v) for k, v in zip(_COUNTERS, got[9:], strict=True)}
         clock_us = max(
-            int(got[3]), max((r[4] for r in leases), default=0), max((t[1] for t in tokens), default=0)
+            int(got[3]),
+            max((r[4] for r in leases), default=0),
+            max((t[1] for t in tokens), default=0),
         )
         return Snapshot(
-            pool_id, epoch, int(got[2]), clock_us, stored, counters,
-            [(t[0], int(t[1])) for t in tokens], [tuple(r) for r in leases], made,  # type: ignore[misc]
+            pool_id,
+            epoch,
+            int(got[2]),
+            clock_us,
+            stored,
+            counters,
+            [(t[0], int(t[1])) for t in tokens],
+            [(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5])) for r in leases],
+            made,
         )
 
     def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
@@ -210,8 +239,14 @@ class SqliteStore:
                         " clock_us = max(clock_us, ?), activations = ?, evictions = ?,"
                         " expirations = ?, releases = ?, clears = ?, renewals = ?, refusals = ?"
                         " WHERE id = ? AND owner_epoch = ?",
-                        (_now_us(), batch.revision, batch.clock_us,
-                         *(c.get(k, 0) for k in _COUNTERS), pool_id, epoch),
+                        (
+                            _now_us(),
+                            batch.revision,
+                            batch.clock_us,
+                            *(c.get(k, 0) for k in _COUNTERS),
+                            pool_id,
+                            epoch,
+                        ),
                     ).rowcount
                     != 1
                 )
@@ -256,8 +291,8 @@ class SqliteStore:
         if batch.final:
             free = (None, None, None, None, None)
             conn.executemany(
-                "UPDATE token_assignments SET lease_id = ?, user_id = ?, fence = ?, assigned_us = ?,"
-                " expires_us = ? WHERE token_id = ?",
+                "UPDATE token_assignments SET lease_id = ?, user_id = ?, fence = ?,"
+                " assigned_us = ?, expires_us = ? WHERE token_id = ?",
                 [
                     (*(free if r is None else (r[1], r[3], r[4], r[5], r[6])), tokens[slot])
                     for slot, r in batch.final.items()
@@ -271,9 +306,11 @@ class SqliteStore:
 
     def list_pools(self) -> list[str]:
         try:
-            rows = self._connection().execute(
-                "SELECT name FROM pools WHERE dropped_us IS NULL ORDER BY id"
-            ).fetchall()
+            rows = (
+                self._connection()
+                .execute("SELECT name FROM pools WHERE dropped_us IS NULL ORDER BY id")
+                .fetchall()
+            )
         except sqlite3.Error as error:
             raise StoreError(f"listing pools in {self.path} failed: {error}") from error
         return [r[0] for r in rows]
@@ -284,8 +321,15 @@ class SqliteStore:
             self._connection().execute(
                 "UPDATE pools SET size = ?, ttl_seconds = ?, when_full = ?, min_hold_seconds = ?,"
                 " max_lifetime_seconds = ? WHERE id = ? AND owner_epoch = ?",
-                (settings["size"], settings["ttl"], settings["when_full"], settings["min_hold"],
-                 settings["max_lifetime"], pool_id, epoch),
+                (
+                    settings["size"],
+                    settings["ttl"],
+                    settings["when_full"],
+                    settings["min_hold"],
+                    settings["max_lifetime"],
+                    pool_id,
+                    epoch,
+                ),
             )
         except sqlite3.Error as error:
             raise StoreError(f"saving settings to {self.path} failed: {error}") from error
@@ -304,7 +348,9 @@ class SqliteStore:
         self._release()
 
 
-_HISTORY_COLUMNS = "lease_id, token_id, user_id, fence, started_us, ended_us, revision, expiration_reason"
+_HISTORY_COLUMNS = (
+    "lease_id, token_id, user_id, fence, started_us, ended_us, revision, expiration_reason"
+)
 
 
 class SqliteReader:
@@ -329,7 +375,9 @@ class SqliteReader:
         def run() -> list[Record]:
             if self._conn is None:
                 self._conn = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, timeout=self.write_timeout,
+                    f"file:{self.path}?mode=ro",
+                    uri=True,
+                    timeout=self.write_timeout,
                     check_same_thread=False,
                 )
             return [(END, *row) for row in self._conn.execute(query, args).fetchall()]

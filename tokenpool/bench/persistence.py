@@ -45,8 +45,6 @@ def _pct(values: list[float], q: int) -> float:
 async def _offered_load(url: str, rate: int, seconds: float) -> dict[str, float]:
     """Activations at a constant ``rate`` (open loop: 1 ms ticks, whatever the replies do)."""
     async with open_pool(size=1000, ttl=3600, store=url) as pool:
-        writer = pool._writer
-        assert writer is not None
         start = trio.current_time()
         sent = 0
         while (now := trio.current_time()) - start < seconds:
@@ -57,13 +55,13 @@ async def _offered_load(url: str, rate: int, seconds: float) -> dict[str, float]
             await trio.sleep_until(now + 0.001)
         elapsed = trio.current_time() - start
         await pool.flush()
-        lags = list(writer.lags)
-        written = sum(writer.batch_sizes)
+        writer = pool.statistics().writer
+        assert writer is not None
     return {
-        "changes_per_s": written / elapsed,
-        "lag_p50_ms": _pct(lags, 50) * 1000,
-        "lag_p99_ms": _pct(lags, 99) * 1000,
-        "batch_median": statistics.median(writer.batch_sizes),
+        "changes_per_s": writer.changes_written / elapsed,
+        "lag_p50_ms": _pct(list(writer.lags), 50) * 1000,
+        "lag_p99_ms": _pct(list(writer.lags), 99) * 1000,
+        "batch_median": writer.batch_p50,
     }
 
 
@@ -96,11 +94,10 @@ def _populate(url: str, tokens: int, history: int) -> None:
     with psycopg.connect(DSN, autocommit=True) as conn:
         conn.execute(f'SET search_path TO "{schema}"')
         conn.execute(
-            "INSERT INTO token_usage_history"
-            " (id, token_id, pool, user_id, started_at, ended_at, expiration_reason)"
-            " SELECT gen_random_uuid(), t.id, 'default', 'user-' || (g %% 50000),"
-            " now() - interval '1 day', now() - interval '1 day' + g * interval '1 ms',"
-            " 'expired'"
+            "INSERT INTO token_usage_history (pool_id, revision, lease_id, token_id, fence,"
+            " started_at, ended_at, expiration_reason, user_id)"
+            " SELECT 1, g, gen_random_uuid(), t.id, g, now() - interval '1 day',"
+            " now() - interval '1 day' + g * interval '1 ms', 'expired', 'user-' || (g %% 50000)"
             " FROM generate_series(1, %s) g"
             " JOIN (SELECT id, row_number() OVER () - 1 AS n FROM tokens) t"
             " ON t.n = g %% %s",

@@ -82,8 +82,10 @@ class _Model(NaivePool):
         super().__init__(token_ids, ttl, ids)
         self.by_token: dict[str, list[Usage]] = {}
 
-    def _end(self, lease: Lease, at: datetime, reason: Reason) -> Usage:
-        usage = super()._end(lease, at, reason)
+    def _end(
+        self, lease: Lease, at: datetime, reason: Reason, revision: int | None = None
+    ) -> Usage:
+        usage = super()._end(lease, at, reason, revision)
         self.by_token.setdefault(usage.token_id, []).append(usage)
         return usage
 
@@ -175,8 +177,11 @@ def check(
     stored = list(stored)
     stored_ids = {s.id: s for s in stored}
 
-    # Which operations changed the pool at which revision.
+    # Which operations changed the pool at which revision. A CLEAR that ended n leases
+    # took the n revisions up to the one it answered: it is applied at the first of them,
+    # and the others are covered (never observable: the clear is one actor operation).
     mutations: dict[int, Operation] = {}
+    covered: set[int] = set()
     reads: list[Operation] = []
     lost = [op for op in history if op.lost]
     for op in history:
@@ -187,6 +192,16 @@ def check(
         if _noop(op):
             reads.append(op)  # changed nothing: checked as a read at its revision
         elif op.ok and op.revision is not None:
+            if op.kind == "clear":
+                cleared = int(op.value["cleared"])
+                first = op.revision - cleared + 1
+                covered.update(range(first + 1, op.revision + 1))
+                if first in mutations:
+                    anomalies.append(
+                        Anomaly("duplicate revision", f"clear and another change at {first}")
+                    )
+                mutations[first] = op
+                continue
             other = mutations.get(op.revision)
             if (
                 other is not None
@@ -228,7 +243,11 @@ def check(
         (s for s in stored if s.id not in seen),
         key=lambda s: (s.started_at or EPOCH, s.fence or 0),
     )
-    gaps = {r for r in range(start_revision + 1, end_revision + 1) if r not in mutations}
+    gaps = {
+        r
+        for r in range(start_revision + 1, end_revision + 1)
+        if r not in mutations and r not in covered
+    }
     lost_applied = 0
 
     def fill(rev: int, model: NaivePool) -> Operation | None:
@@ -417,7 +436,7 @@ def _apply(
             now = max(now, _time(v["activated_at"]))
         ids.next = v["id"]
         held = model.holder_lease(op.args[0])
-        lease: Lease | Usage | str | int = model.activate(op.args[0], now)
+        lease = model.activate(op.args[0], now)
         assert isinstance(lease, Lease)
         if held is not None or (lease.token_id, lease.fence) != (v["token_id"], int(v["fence"])):
             expected = "the lease already held" if held else f"token {lease.token_id}"

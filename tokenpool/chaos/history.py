@@ -200,6 +200,9 @@ def _settle(op: Operation, reply: Any) -> None:
         op.value = op.error.split(" ", 1)[0]
         return
     op.ok = True
+    if op.kind == "history":  # [cursor, [entries]]: the entries
+        op.value = [_pairs(entry) for entry in reply[1]]
+        return
     op.value = _pairs(reply)
     if op.kind in ("activate", "renew"):
         op.revision = int(op.value["revision"])

@@ -61,7 +61,9 @@ class NaivePool:
                 self.waiters.remove(waiter)
                 self.woken.append((waiter[0], "FULL"))
 
-    def _end(self, lease: Lease, at: datetime, reason: Reason, revision: int | None = None) -> Usage:
+    def _end(
+        self, lease: Lease, at: datetime, reason: Reason, revision: int | None = None
+    ) -> Usage:
         self.leases.remove(lease)
         if revision is None:
             self.revision += 1
