@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -422,3 +423,33 @@ async def test_sigkill_in_async_mode_loses_only_the_last_moments(store_url: str)
         assert lease.fence > max(int(a[4]) for a in acks)  # even past the lost tail
         leases = pool._actor.state.leases()
         assert len({x[2] for x in leases}) == len(leases)
+
+
+def test_sigterm_during_a_database_outage_is_bounded_and_says_what_was_lost(
+    pg_cluster: Cluster, cluster_url: str
+) -> None:
+    """The hardening issue's defect 8: shutdown waits at most --shutdown-timeout for the
+    store, then exits, naming how many changes it could not write."""
+    from tokenpool.chaos import server as chaos_server
+
+    server = chaos_server.start(
+        "--dsn", cluster_url, "--shutdown-timeout", "2", "--write-timeout", "1"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"ACTIVATE before\r\n")
+            assert b"before" in sock.recv(4096)
+            pg_cluster.stop("immediate")
+            sock.sendall(b"".join(b"ACTIVATE during-%d\r\n" % i for i in range(50)))
+            time.sleep(0.5)
+        started = time.monotonic()
+        code = server.stop()
+        took = time.monotonic() - started
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+        pg_cluster.start()
+    assert took < 2 + 5, f"shutdown took {took:.1f} s"
+    assert 1 == code
+    lost = [e for e in server.log if e.get("event") == "changes_not_written"]
+    assert lost and lost[0]["changes"] > 0

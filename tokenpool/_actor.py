@@ -39,6 +39,10 @@ log = get_logger("tokenpool.actor")
 
 MAX_BATCH = 1024
 """The most requests the actor applies before it hands changes on and replies."""
+BATCH_COST = 2048
+"""The most work (``Op.cost`` units, about one activation each: a few milliseconds) the
+actor takes into one batch before it yields: one client's big request never holds
+everyone else's for long."""
 
 # Request states.
 QUEUED, WAITING_TOKEN, APPLIED, DONE, CANCELLED, ABANDONED, TIMED_OUT = range(7)
@@ -232,11 +236,14 @@ class Actor:
                 batch: list[Request] = []
                 if first is not None:
                     batch.append(first)
-                    while len(batch) < MAX_BATCH:
+                    cost = _cost(first)
+                    while len(batch) < MAX_BATCH and cost < BATCH_COST:
                         try:
-                            batch.append(receive.receive_nowait())
+                            request = receive.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
+                        batch.append(request)
+                        cost += _cost(request)
                     self._apply(batch, now)
                 self.batches += 1
                 self.requests += len(batch)
@@ -373,6 +380,13 @@ class Actor:
             history_in_memory=state["history_in_memory"],
             deadlines=state["deadlines"],
         )
+
+
+def _cost(request: Request) -> int:
+    ops = request.ops
+    if len(ops) == 1:
+        return ops[0].cost
+    return sum(op.cost for op in ops)
 
 
 def _holds_uncommitted(results: list[object], writer: Writer) -> bool:

@@ -266,9 +266,16 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             )
         file = {k.replace("-", "_"): v for k, v in dict(data.get("server", {})).items()}
         file_pools = dict(data.get("pools", {}))
-        for key in file:
+        for key, in_file in file.items():
             if key not in BY_DEST:
                 raise InvalidArgumentError(f"--config {path}: unknown [server] option {key!r}")
+            where = f"{key} in {path}"
+            try:  # every value in the file is checked, even one the command line overrides
+                BY_DEST[key].check(in_file, where)
+            except InvalidArgumentError as error:
+                if where in str(error):
+                    raise
+                raise InvalidArgumentError(f"{where}: {error}") from None
     values: dict[str, Any] = {}
     warnings: list[str] = []
     for option in OPTIONS:
@@ -285,7 +292,12 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         if raw is None:
             values[option.dest] = option.default
             continue
-        values[option.dest] = option.check(raw, source)
+        try:
+            values[option.dest] = option.check(raw, source)
+        except InvalidArgumentError as error:
+            if source in str(error):
+                raise
+            raise InvalidArgumentError(f"{source}: {error}") from None
         if option.name in ("requirepass", "admin-password") and given is not None:
             warnings.append(
                 f"--{option.name} on the command line is visible to every user of this machine"
@@ -469,15 +481,18 @@ async def serve(config: Config) -> int:
                 async with trio.open_nursery() as nursery:
                     try:
                         ports = await nursery.start(run_server)
-                    except OSError as error:
-                        if error.errno == errno.EADDRINUSE:
+                    except BaseException as raised:
+                        failure = _single(raised)
+                        if not isinstance(failure, OSError):
+                            raise
+                        if failure.errno == errno.EADDRINUSE:
                             raise InvalidArgumentError(
                                 f"port {config.port} on {config.host} is in use (another"
                                 " tokenpool or Redis?); pass --port (0 picks a free one)"
                             ) from None
                         raise InvalidArgumentError(
                             f"cannot listen on {config.host}:{config.port}:"
-                            f" {error.strerror or error}"
+                            f" {failure.strerror or failure}"
                         ) from None
                     shown["port"] = str(ports[0])
                     await stop.wait()
@@ -487,8 +502,17 @@ async def serve(config: Config) -> int:
                         await served.wait()
                     nursery.cancel_scope.cancel()
             outer.cancel_scope.cancel()
+    if pools.lost:
+        log.error("stopped", changes_not_written=pools.lost)
+        return 1
     log.info("stopped")
     return 0
+
+
+def _single(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -508,12 +532,17 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     )
     try:
         return trio.run(serve, config)
-    except InvalidArgumentError as error:
-        log.error("cannot_start", code=error.code, error=str(error))
-        return 2
-    except TokenPoolError as error:
-        log.error("cannot_start", code=error.code, error=str(error))
-        return 1
-    except OSError as error:
-        log.error("cannot_start", error=f"{error.strerror or error}")
-        return 1
+    except BaseException as raised:
+        failure = _single(raised)
+        if isinstance(failure, InvalidArgumentError):
+            log.error("cannot_start", code=failure.code, error=str(failure))
+            return 2
+        if isinstance(failure, TokenPoolError):
+            log.error("cannot_start", code=failure.code, error=str(failure))
+            return 1
+        if isinstance(failure, OSError):
+            log.error("cannot_start", error=f"{failure.strerror or failure}")
+            return 1
+        if isinstance(failure, KeyboardInterrupt):
+            return 130
+        raise

@@ -29,6 +29,11 @@ class Op:
     needs_room: ClassVar[bool] = False
     waits: ClassVar[bool] = False
 
+    @property
+    def cost(self) -> int:
+        """Work on the actor, in units of about one activation: it bounds a batch."""
+        return 1
+
     def apply(self, state: PoolState, now: int) -> Any:
         raise NotImplementedError
 
@@ -84,6 +89,10 @@ class ActivateMany(Op):
 
     def __init__(self, user_ids: tuple[str, ...]) -> None:
         self.user_ids = user_ids
+
+    @property
+    def cost(self) -> int:
+        return len(self.user_ids)
 
     def apply(self, state: PoolState, now: int) -> Any:
         activate = state.activate
@@ -205,6 +214,10 @@ class GetTokens(Op):
     def __init__(self, cursor: int = 0, count: int = 1000) -> None:
         self.cursor = cursor
         self.count = count
+
+    @property
+    def cost(self) -> int:
+        return 1 + self.count // 50
 
     def apply(self, state: PoolState, now: int) -> Any:
         return state.tokens_page(self.cursor, self.count)

@@ -424,6 +424,7 @@ class Pools:
         self._reader: Reader | None = None
         self._lock = trio.Lock()
         self._changed = trio.Event()
+        self.lost = 0  # changes not written at shutdown
 
     def _touch(self) -> None:
         self._changed.set()
@@ -594,7 +595,7 @@ class Pools:
         for done in self._done.values():  # each actor answers what was queued first
             await done.wait()
         if self._link is not None:
-            await self._link.close()
+            self.lost += await self._link.close()
         if self._reader is not None:
             reader, self._reader = self._reader, None
             with trio.CancelScope(shield=True):

@@ -52,8 +52,9 @@ from ._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
 
 log = get_logger("tokenpool.server")
 
-MAX_PIPELINE = 1024  # commands read from the buffer before the connection's next turn
+MAX_PIPELINE = 128  # commands parsed and planned before the connection yields its turn
 SEGMENT_COST = 256 * 1024  # estimated reply bytes per actor batch
+HEAVY_COST = 32 * 1024  # a segment past this takes one of the two heavy slots
 SLICE = 256  # listing items encoded between checkpoints
 READ_SIZE = 64 * 1024
 _REVISION = Revision()
@@ -243,6 +244,10 @@ class RespServer:
         self._by_session: dict[int, _Connection] = {}
         self.closing = False
         self.ports: list[int] = []
+        # Encoding a long listing is the costliest thing a client can ask for: at most
+        # two connections do it at once, a slice at a time, so however many ask, a
+        # light command waits behind a couple of slices (a few ms), not behind all of them.
+        self._heavy = trio.CapacityLimiter(2)
 
     @property
     def errors(self) -> int:
@@ -421,17 +426,17 @@ class RespServer:
             kind = type(plan)
             if kind is Deferred:
                 if pool is not None and (plan.pool is not pool or cost + plan.cost > SEGMENT_COST):
-                    await self._run(conn, segment, pool)
+                    await self._run(conn, segment, pool, cost)
                     segment, cost = [], 0
                 pool = plan.pool
                 cost += plan.cost
                 segment.append((plan, session.proto))
                 if plan.waits:
-                    await self._run(conn, segment, pool)
+                    await self._run(conn, segment, pool, cost)
                     segment, cost, pool = [], 0, None
             elif kind is Action or kind is Transaction:
                 if segment:
-                    await self._run(conn, segment, pool)
+                    await self._run(conn, segment, pool, cost)
                     segment, cost, pool = [], 0, None
                 proto = session.proto
                 if kind is Action:
@@ -449,13 +454,24 @@ class RespServer:
             if session.quit:
                 break
         if segment:
-            await self._run(conn, segment, pool)
+            await self._run(conn, segment, pool, cost)
 
     async def _run(
-        self, conn: _Connection, segment: list[tuple[Any, int]], pool: Pool | None
+        self, conn: _Connection, segment: list[tuple[Any, int]], pool: Pool | None, cost: int = 0
     ) -> None:
-        """One actor batch for the segment's ops, then its replies in order."""
-        results = await _batch([p for p, _ in segment], pool)
+        """One actor batch for the segment's ops, then its replies in order.
+
+        A heavy segment (large replies) takes one of the two heavy slots while it asks
+        the actor and formats, so however many clients ask for large replies at once,
+        only two of them use the CPU at a time and light commands are not queued behind
+        all the others (sending happens outside the slot: a reader may stall).
+        """
+        heavy = cost > HEAVY_COST
+        if heavy:
+            async with self._heavy:
+                results = await _batch([p for p, _ in segment], pool)
+        else:
+            results = await _batch([p for p, _ in segment], pool)
         out: list[bytes] = []
         for (plan, proto), result in zip(segment, results, strict=True):
             if type(plan) is bytes:
@@ -464,7 +480,11 @@ class RespServer:
             if plan.wire is not None and not isinstance(result, BaseException):
                 out.append(plan.wire(result, proto, plan.pool))
                 continue
-            reply = await self._reply(plan, result)
+            if heavy and plan.finish is None:
+                async with self._heavy:  # a store read (finish) happens outside the slot
+                    reply = await self._reply(plan, result)
+            else:
+                reply = await self._reply(plan, result)
             if type(reply) is Listing:
                 if out:
                     await conn.send(b"".join(out))
@@ -526,10 +546,10 @@ class RespServer:
         fmt = listing.format
         parts = [head]
         for start in range(0, len(items), SLICE):
-            parts += [encode(fmt(item), proto) for item in items[start : start + SLICE]]
-            await conn.send(b"".join(parts))
+            async with self._heavy:
+                parts += [encode(fmt(item), proto) for item in items[start : start + SLICE]]
+            await conn.send(b"".join(parts))  # outside the limiter: a reader may stall
             parts = []
-            await trio.lowlevel.checkpoint()
         if parts:
             await conn.send(b"".join(parts))
 

@@ -44,9 +44,10 @@ import heapq
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import compress
 from operator import itemgetter
-from typing import Any
+from typing import Any, overload
 
 from ._errors import (
     FullError,
@@ -73,7 +74,38 @@ WAITING = object()
 """``activate_or_wait`` queued the caller: its result comes later through ``woken``."""
 
 _rev = itemgetter(7)
+_LIVE = bytes([1, 0]) + bytes(254)  # retired flag -> "is live", for itertools.compress
 _US = 1_000_000
+
+
+class Pairs(Sequence[tuple[int, "Record | None"]]):
+    """(slot, lease) pairs kept as two lists: made without a tuple per token (which
+    costs the actor a millisecond per 10,000), zipped only as a reader asks."""
+
+    __slots__ = ("leases", "slots")
+
+    def __init__(self, slots: list[int], leases: list[Record | None]) -> None:
+        self.slots = slots
+        self.leases = leases
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self) -> Iterator[tuple[int, Record | None]]:
+        return zip(self.slots, self.leases, strict=True)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, Record | None]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[int, Record | None]]: ...
+
+    def __getitem__(
+        self, index: int | slice
+    ) -> tuple[int, Record | None] | list[tuple[int, Record | None]]:
+        if isinstance(index, slice):
+            return list(zip(self.slots[index], self.leases[index], strict=True))
+        return self.slots[index], self.leases[index]
 
 
 class Waiter:
@@ -591,25 +623,20 @@ class PoolState:
         slot = self.slot_of(token_id)
         return slot, self._leases.get(slot)
 
-    def tokens_page(self, cursor: int, count: int) -> tuple[int, list[tuple[int, Record | None]]]:
-        """Up to ``count`` live tokens from slot ``cursor`` on, in creation order.
+    def tokens_page(self, cursor: int, count: int) -> tuple[int, Pairs]:
+        """The live tokens among the ``count`` slots from ``cursor`` on, in creation order.
 
-        Returns the next cursor (0 once the last token was returned, as Redis's
-        SCAN) and (slot, lease or None) pairs.
+        Returns the next cursor (0 once the last slot was passed, as Redis's SCAN)
+        and (slot, lease or None) pairs. Built with C-level iteration (about 50 ns a
+        token): a page of 10,000 costs the actor well under a millisecond.
         """
         check_int(count, "count", 1, HISTORY_LIMIT_MAX)
-        retired = self._retired
-        leases = self._leases
-        out: list[tuple[int, Record | None]] = []
-        slot = max(0, cursor)
-        end = len(retired)
-        while slot < end and len(out) < count:
-            if not retired[slot]:
-                out.append((slot, leases.get(slot)))
-            slot += 1
-        while slot < end and retired[slot]:
-            slot += 1
-        return (slot if slot < end else 0), out
+        end = len(self._retired)
+        start = min(max(0, cursor), end)
+        stop = min(end, start + count)
+        live = self._retired[start:stop].translate(_LIVE)
+        slots = list(compress(range(start, stop), live))
+        return (stop if stop < end else 0), Pairs(slots, list(map(self._leases.get, slots)))
 
     def lease_of(self, user_id: str) -> Record | None:
         """The user's active lease record, or ``None``."""

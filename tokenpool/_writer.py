@@ -452,8 +452,11 @@ class StoreLink:
         if self._stream is not None:
             await self._stream.aclose()
 
-    async def close(self) -> None:
-        """Write what is queued (at most ``shutdown_timeout``), then stop the process."""
+    async def close(self) -> int:
+        """Write what is queued (at most ``shutdown_timeout``), then stop the process.
+
+        Returns how many changes were not written (logged as ``changes_not_written``).
+        """
         self._closing = True
         with trio.move_on_after(self.shutdown_timeout) as scope:
             for writer in list(self.writers.values()):
@@ -470,8 +473,11 @@ class StoreLink:
                 seconds=self.shutdown_timeout,
                 note="the store did not take them before the shutdown timeout",
             )
+            if self._process is not None and self._process.returncode is None:
+                self._process.kill()  # what it still holds is counted above: do not wait on it
         self._outbox.append(("close",))
         self._wake()
+        return lost
 
     def wake(self) -> None:
         if not self._wakeup.is_set():
@@ -543,12 +549,12 @@ class StoreLink:
                 )
                 try:
                     await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return
                 if frames[-1][0] == "close":
                     # Wait for the process to write what it has and exit.
                     assert self._process is not None
-                    with trio.move_on_after(self.shutdown_timeout + 1):
+                    with trio.move_on_after(5):  # it has nothing left to write
                         await self._process.wait()
                     return
                 continue

@@ -39,13 +39,14 @@ def _workload(args: argparse.Namespace) -> Workload:
 def table(rows: list[runs.Summary]) -> str:
     lines = [
         "| run | operations | clients | faults injected | anomalies | acknowledged lost"
-        " | double holders | max memory |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        " | double holders | max memory | worst PING |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        ping = "-" if r.worst_ping_ms is None else f"{r.worst_ping_ms:.0f} ms"
         lines.append(
             f"| {r.run} | {r.operations:,} | {r.clients} | {r.faults} | {r.anomalies}"
-            f" | {r.lost_acknowledged} | {r.double_holders} | {r.max_rss_mb:.0f} MB |"
+            f" | {r.lost_acknowledged} | {r.double_holders} | {r.max_rss_mb:.0f} MB | {ping} |"
         )
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ served, its memory and file descriptors stay bounded.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import attrs
@@ -151,3 +152,73 @@ async def ping(port: int) -> bool:
     except (OSError, trio.TooSlowError):
         return False
     return reply.startswith(b"+PONG")
+
+
+async def ping_latencies(port: int, until: trio.Event, every: float = 0.02) -> list[float]:
+    """PING round trips on one connection, every ``every`` seconds until ``until`` is set
+    (``inf`` for one that failed): how long another client's abuse made it wait."""
+    out: list[float] = []
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        while not until.is_set():
+            started = trio.current_time()
+            try:
+                with trio.fail_after(5):
+                    await stream.send_all(b"PING\r\n")
+                    reply = b""
+                    while not reply.endswith(b"\r\n"):
+                        chunk = await stream.receive_some(100)
+                        if not chunk:
+                            raise trio.BrokenResourceError
+                        reply += chunk
+                out.append(trio.current_time() - started)
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+                out.append(float("inf"))
+                return out
+            await trio.sleep(every)
+    return out
+
+
+async def large_replies(port: int, connections: int, pipeline: int, seconds: float) -> int:
+    """Small pipelines asking for the largest replies there are (every token, the longest
+    history page, a full SCAN page), from clients that never read (and one that reads
+    slowly). Returns the bytes the slow reader got: the server kept serving it."""
+    requests = [
+        b"TOKENS\r\n",
+        b"SCAN 0 COUNT 1000\r\n",
+        b"TOKENS CURSOR 0 COUNT 1000\r\n",
+        b"POOL INFO default\r\n",
+    ]
+    received = 0
+
+    async def silent(n: int) -> None:
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            return
+        async with stream:
+            with (
+                trio.move_on_after(seconds),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                await stream.send_all(requests[n % len(requests)] * pipeline)
+                await trio.sleep_forever()
+
+    async def slow() -> None:
+        nonlocal received
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            with (
+                trio.move_on_after(seconds),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                await stream.send_all(b"TOKENS\r\n" * pipeline)
+                while chunk := await stream.receive_some(4096):
+                    received += len(chunk)
+                    await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow)
+        for n in range(connections):
+            nursery.start_soon(silent, n)
+    return received

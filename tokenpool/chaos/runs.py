@@ -4,7 +4,10 @@ a history with many clients, checks it, and returns one summary row."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -46,6 +49,7 @@ class Summary:
     double_holders: int
     max_rss_mb: float
     detail: list[str] = attrs.Factory(list)
+    worst_ping_ms: float | None = None  # another client's worst PING while the run went on
 
     @property
     def ok(self) -> bool:
@@ -338,42 +342,56 @@ def crash_run(
 
 
 def hostile_run(
-    *, slowloris_connections: int = 1000, garbage_connections: int = 200, idle_timeout: float = 2
+    *,
+    slowloris_connections: int = 1000,
+    garbage_connections: int = 200,
+    flood_connections: int = 200,
+    idle_timeout: float = 2,
+    size: int = 10_000,
 ) -> Summary:
-    """Negative protocol cases, random bytes and slowloris against one server at once,
-    while a well-behaved client keeps being served."""
+    """Negative protocol cases, random bytes, slowloris and floods of the largest replies
+    against one server at once, while a well-behaved client's PING is timed."""
     from . import hostile
 
     anomalies: list[Anomaly] = []
-    with running("--dsn", "memory", "--size", "8", "--idle-timeout", str(idle_timeout)) as server:
+    args = ("--dsn", "memory", "--size", str(size), "--idle-timeout", str(idle_timeout))
+    with running(*args) as server:
         memory = _Memory(server.pid)
         fds_before = open_fds(server.pid)
         facts: dict[str, Any] = {}
 
+        probe = subprocess.Popen(
+            [sys.executable, "-m", "tokenpool.chaos.probe", str(server.port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
         async def main() -> None:
-            served = 0
-            async with trio.open_nursery() as nursery:
-
-                async def good_client() -> None:
-                    nonlocal served
-                    while True:
-                        if not await hostile.ping(server.port):
-                            anomalies.append(Anomaly("starved", "a well-behaved PING failed"))
-                        served += 1
-                        await trio.sleep(0.2)
-
-                nursery.start_soon(good_client)
+            async with trio.open_nursery():
                 facts["negative"] = await hostile.negative(server.port)
                 facts["garbage_closed"] = await hostile.random_bytes(
                     server.port, garbage_connections, rounds=20
                 )
-                facts["slowloris"] = await hostile.slowloris(
-                    server.port, slowloris_connections, idle_timeout
-                )
-                nursery.cancel_scope.cancel()
-            facts["served"] = served
+                async with trio.open_nursery() as abuse:
+
+                    async def run_slowloris() -> None:
+                        facts["slowloris"] = await hostile.slowloris(
+                            server.port, slowloris_connections, idle_timeout
+                        )
+
+                    async def flood() -> None:
+                        facts["flood_read"] = await hostile.large_replies(
+                            server.port, flood_connections, 1024, idle_timeout + 4
+                        )
+
+                    abuse.start_soon(run_slowloris)
+                    abuse.start_soon(flood)
 
         trio.run(main)
+        out, _ = probe.communicate("stop\n", timeout=30)
+        facts["pings"] = [float(x) for x in json.loads(out)]
+        facts["served"] = len(facts["pings"])
         for (name, _payload, expected), outcome in zip(
             hostile.NEGATIVE, facts["negative"], strict=True
         ):
@@ -393,6 +411,14 @@ def hostile_run(
                     f" {idle_timeout} s deadline (longest {max(late):.1f} s)",
                 )
             )
+        pings = facts["pings"]
+        worst = max(pings) if pings else float("inf")
+        if worst > WORST_PING:
+            anomalies.append(
+                Anomaly("starved", f"a well-behaved PING waited {worst * 1000:.0f} ms")
+            )
+        if not facts.get("flood_read"):
+            anomalies.append(Anomaly("starved", "the slowly reading client got nothing"))
         if server.proc.poll() is not None:
             anomalies.append(Anomaly("crash", f"the server exited {server.proc.returncode}"))
         time.sleep(0.5)
@@ -402,19 +428,29 @@ def hostile_run(
                 Anomaly("fd leak", f"{fds_before} file descriptors before, {fds_after} after")
             )
         rss = memory.stop()
+    if rss > MAX_HOSTILE_RSS_MB:
+        anomalies.append(Anomaly("memory", f"the server grew to {rss:.0f} MB"))
     faults = (
         f"{len(hostile.NEGATIVE)} negative protocol cases, {garbage_connections} random-byte"
         f" clients ({facts['garbage_closed']} closed by the server), {len(slow)} slowloris"
-        f" connections (closed after {min(slow):.1f} to {max(slow):.1f} s)"
+        f" connections (closed after {min(slow):.1f} to {max(slow):.1f} s),"
+        f" {flood_connections} never-reading clients each asking 1,024 of the largest"
+        f" replies (pool of {size:,})"
     )
-    return _summary(
+    summary = _summary(
         "hostile clients",
         anomalies,
         operations=facts["served"],
-        clients=1 + garbage_connections + len(slow),
+        clients=2 + garbage_connections + len(slow) + flood_connections,
         faults=faults,
         rss=rss,
     )
+    summary.worst_ping_ms = worst * 1000
+    return summary
+
+
+WORST_PING = 0.25  # seconds a well-behaved PING may wait while the abuse goes on
+MAX_HOSTILE_RSS_MB = 400
 
 
 def outage_run(

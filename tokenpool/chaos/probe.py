@@ -1,0 +1,38 @@
+"""A well-behaved client in a process of its own: ``python -m tokenpool.chaos.probe PORT``.
+
+Sends PING every 20 ms on one connection until its stdin closes, then prints the
+round-trip times (seconds, one JSON list). Being its own process, its timings are
+the server's, not those of a load generator's busy event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import sys
+import time
+
+
+def main(port: int, every: float = 0.02) -> list[float]:
+    out: list[float] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        while not select.select([sys.stdin], [], [], every)[0]:
+            started = time.perf_counter()
+            try:
+                sock.sendall(b"PING\r\n")
+                reply = b""
+                while not reply.endswith(b"\r\n"):
+                    chunk = sock.recv(100)
+                    if not chunk:
+                        raise OSError("closed")
+                    reply += chunk
+            except OSError:
+                out.append(float("inf"))
+                break
+            out.append(time.perf_counter() - started)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(int(sys.argv[1]))))
