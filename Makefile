@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test check fmt bench bench-tools chaos run clean
+.PHONY: test test-tools check fmt bench bench-tools chaos run clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# Tools some tests drive (redis-cli; libfaketime for the clock runs), installed with
+# apt-get when we can; else those tests say what is missing (and fail under CI=true).
+test-tools:
+	@missing=""; \
+	  command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	  command -v faketime >/dev/null || missing="$$missing faketime"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+	        (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null)) || \
+	        echo "note: could not install$$missing"; \
+	    else echo "note: install$$missing for every test to run"; fi; \
+	  fi
+
+test: $(STAMP) test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)

@@ -4,6 +4,7 @@ model, and the checker itself shown to catch the bugs it exists for."""
 from __future__ import annotations
 
 import copy
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -161,6 +162,18 @@ def test_hostile_clients_never_take_the_server_down() -> None:
     summary = runs.hostile_run(slowloris_connections=1000, garbage_connections=100)
     assert [] == summary.detail
     assert summary.operations > 0  # the well-behaved client was served throughout
+
+
+@pytest.mark.skipif(
+    runs.libfaketime() is None and os.environ.get("CI") != "true",
+    reason="libfaketime is not installed (make test installs Debian's faketime when it can)",
+)
+def test_restarts_with_the_clock_set_back_and_forward_lose_nothing(pg_server: str) -> None:
+    """The hardening issue: a wall clock an hour (three) back or forward across restarts."""
+    summary = runs.clock_run(Workload(clients=8, operations=4000), dsn=pg_server, seconds=1.0)
+    assert [] == summary.detail
+    summary = runs.clock_run(Workload(clients=8, operations=4000), dsn=None, seconds=1.0)
+    assert [] == summary.detail
 
 
 def _lease(lease_id: str, token: str, start: int, end: int | None) -> StoredLease:

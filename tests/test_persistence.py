@@ -383,3 +383,15 @@ async def test_history_is_one_snapshot_even_when_the_store_has_caught_up(store_u
         await pool.flush()
         page = await pool.finish_history(memory_part[0], token, None, 10)  # type: ignore[arg-type]
         assert [f"u{i}" for i in range(4, -1, -1)] == [u.user_id for u in page]
+
+
+async def test_the_library_prints_nothing_unless_logging_is_configured(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    async with tokenpool.open_pool(size=1, store=f"sqlite:///{tmp_path}/quiet.db") as pool:
+        await pool.activate("a")
+        await pool.activate("b")  # evicts: nothing to say, and nothing said
+    async with tokenpool.open_pool(size=1, store=f"sqlite:///{tmp_path}/quiet.db"):
+        pass  # recovery logs pool_recovered, to the stdlib logger "tokenpool" only
+    out, err = capfd.readouterr()
+    assert ("", "") == (out, err)

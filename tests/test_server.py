@@ -801,3 +801,23 @@ async def test_a_subscribed_resp2_connection_may_send_only_pubsub_commands() -> 
                 data += await stream.receive_some(65536)
         await stream.aclose()
         assert b"only (P|S)SUBSCRIBE" in data
+
+
+async def test_a_waiter_that_hangs_up_is_never_granted() -> None:
+    async with running(size=1) as (server, port):
+        pools = server.pools
+        await pools.alter("default", when_full="wait")
+        pool = pools.get("default")
+        holder = await pool.activate("holder")
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"ACTIVATE ghost WAIT 60\r\n")
+        with trio.fail_after(5):
+            while (await pool.stats()).waiting != 1:
+                await trio.sleep(0.01)
+        await stream.aclose()  # hangs up while waiting
+        with trio.fail_after(5):
+            while (await pool.stats()).waiting != 0:
+                await trio.sleep(0.01)
+        await pool.release(holder.token_id)
+        assert await pool.lease_of("ghost") is None
+        assert 1 == (await pool.stats()).available

@@ -57,6 +57,7 @@ SEGMENT_COST = 256 * 1024  # estimated reply bytes per actor batch
 HEAVY_COST = 32 * 1024  # a segment past this takes one of the two heavy slots
 SLICE = 256  # listing items encoded between checkpoints
 READ_SIZE = 64 * 1024
+WAIT_BUFFER = 1024 * 1024  # bytes a client may send while one of its commands waits
 _REVISION = Revision()
 
 
@@ -138,6 +139,28 @@ class _Connection:
         self.lock = trio.Lock()
         self.nursery: trio.Nursery | None = None
         self.closed = False
+        self.parser = RequestParser()
+        self.hung_up = False  # the client closed its side while a command waited
+
+    async def watch_hangup(self, scope: trio.CancelScope) -> None:
+        """While a command waits (ACTIVATE ... WAIT), keep reading: what the client sends
+        is kept for later (up to a bound), and if it hangs up the wait is cancelled, so
+        a waiter whose connection closed is never granted a token."""
+        while self.parser_buffered() < WAIT_BUFFER:
+            try:
+                data = await self.stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self.hung_up = True
+                scope.cancel()
+                return
+            self.parser.feed(bytes(data))
+        await trio.sleep_forever()
+
+    def parser_buffered(self) -> int:
+        slow = self.parser._slow
+        return slow.buffered + len(self.parser._buf)
 
     async def send(self, data: bytes) -> None:
         """Send, or raise ``TooSlowError`` when the client stopped reading."""
@@ -345,7 +368,7 @@ class RespServer:
 
     async def _serve_client(self, conn: _Connection) -> str:
         session = conn.session
-        parser = RequestParser()
+        parser = conn.parser
         started: float | None = None  # when the incomplete command's first byte came
         idle = self.settings.idle_timeout
         stream = conn.stream
@@ -365,6 +388,8 @@ class RespServer:
                 await self._execute(conn, commands)
                 if session.quit:
                     return "quit"
+                if conn.hung_up:
+                    return "client closed while waiting"
             if problem is not None:
                 self.protocol_errors += 1
                 log.warning(
@@ -432,8 +457,10 @@ class RespServer:
                 cost += plan.cost
                 segment.append((plan, session.proto))
                 if plan.waits:
-                    await self._run(conn, segment, pool, cost)
+                    await self._wait(conn, segment, pool, cost)
                     segment, cost, pool = [], 0, None
+                    if conn.hung_up:
+                        return
             elif kind is Action or kind is Transaction:
                 if segment:
                     await self._run(conn, segment, pool, cost)
@@ -494,6 +521,19 @@ class RespServer:
                 out.append(encode(reply, proto))
         if out:
             await conn.send(b"".join(out))
+
+    async def _wait(
+        self, conn: _Connection, segment: list[tuple[Any, int]], pool: Pool | None, cost: int
+    ) -> None:
+        """A segment ending in an activation that may wait: run it while watching the
+        connection, and give the wait up (never granted) if the client hangs up."""
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as waiting:
+                nursery.start_soon(conn.watch_hangup, waiting)
+                try:
+                    await self._run(conn, segment, pool, cost)
+                finally:
+                    nursery.cancel_scope.cancel()
 
     async def _reply(self, plan: Deferred, result: Any) -> Any:
         """A Deferred's result (or error) as its reply value."""

@@ -29,6 +29,7 @@ RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
     "outage-async": lambda a: runs.outage_run(_workload(a), durability="async"),
     "outage-sync": lambda a: runs.outage_run(_workload(a), durability="sync"),
     "hostile": lambda a: runs.hostile_run(),
+    "clock": lambda a: runs.clock_run(_workload(a), dsn=a.dsn),
 }
 
 

@@ -51,7 +51,7 @@ class StoredLease:
     id: str
     token_id: str
     user_id: str
-    fence: int | None  # ended leases keep no fence
+    fence: int | None  # the revision that granted it
     reason: str | None  # None while active
     started_at: datetime | None = attrs.field(default=None, eq=False)
     ended_at: datetime | None = attrs.field(default=None, eq=False)

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -210,25 +209,7 @@ def check_crash(
                     f" {op.value['fence']}), acknowledged {age:.3f} s before the kill, is gone",
                 )
             )
-    by_token: dict[str, list[StoredLease]] = {}
-    for s in stored:
-        by_token.setdefault(s.token_id, []).append(s)
-    for token, leases in by_token.items():
-        # Leases of one batch share a start time: on a tie the one that ended (at that
-        # very time) came first; the active one, if any, is last.
-        never = datetime.max.replace(tzinfo=UTC)
-        leases.sort(key=lambda s: (s.started_at or never, s.ended_at or never))
-        for before, after in itertools.pairwise(leases):
-            if before.ended_at is None or (
-                after.started_at is not None and before.ended_at > after.started_at
-            ):
-                anomalies.append(
-                    Anomaly(
-                        "double holder",
-                        f"token {token}: lease {before.id} ({before.user_id}) still held"
-                        f" when lease {after.id} ({after.user_id}) began",
-                    )
-                )
+    anomalies += _overlaps(stored)
     # Writes commit in order, so what a crash loses is a tail: every lost grant is newer
     # than every acknowledged grant that survived from before the kill.
     kept = [
@@ -338,6 +319,143 @@ def crash_run(
         clients=workload.clients,
         faults=faults,
         rss=rss,
+    )
+
+
+FAKETIME_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/faketime/libfaketime.so.1",
+    "/usr/local/lib/faketime/libfaketime.so.1",
+)
+
+
+def libfaketime() -> str | None:
+    """The libfaketime library (Debian's ``faketime`` package), if installed."""
+    return next((p for p in FAKETIME_PATHS if os.path.exists(p)), None)
+
+
+def _overlaps(stored: list[StoredLease]) -> list[Anomaly]:
+    """Per token, in fence order (a later grant has a higher fence), each stored lease
+    ended no later than the next one began: no token ever had two holders."""
+    anomalies: list[Anomaly] = []
+    by_token: dict[str, list[StoredLease]] = {}
+    for s in stored:
+        by_token.setdefault(s.token_id, []).append(s)
+    for token, leases in by_token.items():
+        leases.sort(key=lambda s: s.fence or 0)
+        for before, after in itertools.pairwise(leases):
+            if before.ended_at is None or (
+                after.started_at is not None and before.ended_at > after.started_at
+            ):
+                anomalies.append(
+                    Anomaly(
+                        "double holder",
+                        f"token {token}: lease {before.id} ({before.user_id}) still held"
+                        f" when lease {after.id} ({after.user_id}) began",
+                    )
+                )
+    return anomalies
+
+
+def clock_run(
+    workload: Workload,
+    *,
+    dsn: str | None = None,
+    offsets: tuple[str, ...] = ("+0", "-1h", "+1h", "-3h", "+0"),
+    seconds: float = 1.5,
+    size: int = 8,
+) -> Summary:
+    """Restarts with the wall clock set back and forward (libfaketime), under load.
+
+    Checked like the crash runs (``sync`` durability, SIGTERM between phases): every
+    acknowledged grant is in the store; no token had two holders; fences grow across
+    every restart; time never runs backwards (no lease starts before the previous
+    phase's newest time); the store refused nothing; every stop exits 0.
+    """
+    library = libfaketime()
+    if library is None:
+        raise RuntimeError("libfaketime is not installed (apt-get install faketime)")
+    anomalies: list[Anomaly] = []
+    port = free_port()
+    phases: list[list[Operation]] = []
+    peak = 0.0
+    refused = 0
+    with store(dsn) as url:
+        args = ("--dsn", url, "--size", str(size), "--ttl", TTL, "--durability", "sync")
+        for offset in offsets:
+            env = {
+                "LD_PRELOAD": library,
+                "FAKETIME": offset,
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            }
+            server = start(*args, port=port, env=env)
+            memory = _Memory(server.pid)
+            phase = Workload(
+                clients=workload.clients,
+                operations=max(200, workload.operations // len(offsets)),
+                users=workload.users,
+                lose=0.0,
+                seed=workload.seed + len(phases),
+            )
+
+            async def load() -> list[Operation]:
+                with trio.move_on_after(seconds):
+                    return await record(port, phase)  # noqa: B023 - run at once, in this loop
+                return []
+
+            phases.append(trio.run(load))
+            code = server.stop()
+            peak = max(peak, memory.stop())
+            refused += sum(1 for e in server.log if e.get("event") == "store_refused_changes")
+            if code != 0:
+                anomalies.append(_exit_anomaly(code))
+        stored = stored_leases(url)
+    known = {s.id for s in stored}
+    previous_fence = 0
+    previous_time = ""
+    for offset, history in zip(offsets, phases, strict=True):
+        grants = [
+            op
+            for op in history
+            if op.kind == "activate" and op.ok and int(op.value["fence"]) == op.revision
+        ]
+        for op in grants:
+            if op.value["id"] not in known:
+                anomalies.append(
+                    Anomaly("lost change", f"grant {op.value['id']} (clock {offset}) is gone")
+                )
+        if grants:
+            low = min(int(op.value["fence"]) for op in grants)
+            if low <= previous_fence:
+                anomalies.append(
+                    Anomaly("fence order", f"clock {offset}: fence {low} after {previous_fence}")
+                )
+            previous_fence = max(int(op.value["fence"]) for op in grants)
+            first = min(op.value["activated_at"] for op in grants)
+            if previous_time and first < previous_time:
+                anomalies.append(
+                    Anomaly(
+                        "time ran backwards",
+                        f"clock {offset}: a lease starts at {first}, before {previous_time}",
+                    )
+                )
+            previous_time = max(op.value["activated_at"] for op in grants)
+    for s in stored:
+        if s.started_at and s.ended_at and s.ended_at < s.started_at:
+            anomalies.append(Anomaly("time ran backwards", f"{s} ended before it started"))
+    anomalies += _overlaps(stored)
+    if refused:
+        anomalies.append(Anomaly("refused", f"the store refused {refused} batches"))
+    operations = sum(len(h) for h in phases)
+    faults = f"{len(offsets)} restarts with the wall clock at {', '.join(offsets)}"
+    return _summary(
+        "clock set back and forward",
+        anomalies,
+        operations=operations,
+        clients=workload.clients,
+        faults=faults,
+        rss=peak,
     )
 
 
