@@ -453,3 +453,28 @@ def test_sigterm_during_a_database_outage_is_bounded_and_says_what_was_lost(
     assert 1 == code
     lost = [e for e in server.log if e.get("event") == "changes_not_written"]
     assert lost and lost[0]["changes"] > 0
+
+
+def test_a_backlog_larger_than_one_transaction_drains_in_bounded_writes(pg_url: str) -> None:
+    """After an outage the backlog is written in transactions of bounded size: one that
+    grew with every retry would outgrow the write timeout and never commit."""
+    from tokenpool._store.child import MAX_BATCH_RECORDS, _head
+
+    entries = [(i, [[("r",)] * 1000], {}, 0) for i in range(100)]
+    head = _head(entries, MAX_BATCH_RECORDS)
+    assert 0 < len(head) <= MAX_BATCH_RECORDS // 1000
+    assert [entries[0]] == _head([entries[0]], 10)  # one oversized entry still goes alone
+
+
+async def test_a_big_backlog_drains_after_an_outage(pg_cluster: Cluster, cluster_url: str) -> None:
+    async with tokenpool.open_pool(
+        size=10, store=cluster_url, write_timeout=1, max_backlog=1_000_000
+    ) as pool:
+        await pool.activate("before")
+        await trio.to_thread.run_sync(pg_cluster.stop, "immediate")
+        for start in range(0, 60_000, 1000):  # 60,000 evicting activations: 120,000 changes
+            await pool.activate_many([f"u{i}" for i in range(start, start + 1000)])
+        assert (await pool.stats()).backlog > 100_000
+        await trio.to_thread.run_sync(pg_cluster.start)
+        await settle(pool, seconds=60)
+        await assert_store_matches(pool, cluster_url)

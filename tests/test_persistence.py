@@ -181,7 +181,7 @@ async def test_resize_grows_and_shrinks_across_restarts(store_url: str) -> None:
 async def test_a_second_owner_is_refused_with_the_pool_name(store_url: str) -> None:
     async with tokenpool.open_pool(size=2, store=store_url, name="seats"):
         with pytest.raises(PoolLockedError, match="seats" if "postgres" in store_url else "in use"):
-            async with tokenpool.open_pool(size=2, store=store_url, name="seats"):
+            async with tokenpool.open_pool(size=2, store=store_url, name="seats", lock_wait=0.2):
                 pass
 
 
@@ -205,7 +205,7 @@ async def test_one_sqlite_file_has_one_owner_whatever_path_reaches_it(
             monkeypatch.chdir(tmp_path)
             other = Path("real/../real/pool.db")
         with pytest.raises(PoolLockedError, match="in use by another"):
-            async with tokenpool.open_pool(size=1, store=f"sqlite:///{other}"):
+            async with tokenpool.open_pool(size=1, store=f"sqlite:///{other}", lock_wait=0.2):
                 pass
         assert "alice" == (await pool.lease_of("alice")).user_id  # type: ignore[union-attr]
 

@@ -403,6 +403,7 @@ class _StoreConfig:
     flush_interval: float
     write_timeout: float
     shutdown_timeout: float
+    lock_wait: float
     max_backlog: int
     queue_size: int
     history_memory: int
@@ -464,6 +465,7 @@ class Pools:
                 write_timeout=c.write_timeout,
                 shutdown_timeout=c.shutdown_timeout,
                 now_us=_wall_us,
+                lock_wait=c.lock_wait,
             )
             await self._nursery.start(link.run)
             self._link = link
@@ -675,6 +677,7 @@ def _check_common(
     flush_interval: object,
     write_timeout: object,
     shutdown_timeout: object,
+    lock_wait: object = 5.0,
 ) -> _StoreConfig:
     return _StoreConfig(
         durability=check_choice(durability, "durability", ("async", "sync")),
@@ -684,6 +687,7 @@ def _check_common(
         flush_interval=check_seconds(flush_interval, "flush_interval", 0.0, 1.0),
         write_timeout=check_seconds(write_timeout, "write_timeout", 0.1, 300.0),
         shutdown_timeout=check_seconds(shutdown_timeout, "shutdown_timeout", 0.0, 3600.0),
+        lock_wait=check_seconds(lock_wait, "lock_wait", 0.0, 3600.0),
     )
 
 
@@ -699,6 +703,7 @@ async def open_pools(
     flush_interval: float = 0.002,
     write_timeout: float = 5.0,
     shutdown_timeout: float = 10.0,
+    lock_wait: float = 5.0,
     declared: dict[str, PoolSettings] | None = None,
     restore: bool = True,
 ) -> AsyncIterator[Pools]:
@@ -723,6 +728,7 @@ async def open_pools(
         flush_interval,
         write_timeout,
         shutdown_timeout,
+        lock_wait,
     )
     store = check_store_url(store)
     try:
@@ -764,6 +770,7 @@ async def open_pool(
     flush_interval: float = 0.002,
     write_timeout: float = 5.0,
     shutdown_timeout: float = 10.0,
+    lock_wait: float = 5.0,
 ) -> AsyncIterator[Pool]:
     """Open one pool of ``size`` tokens leased for ``ttl`` seconds; close it on exit.
 
@@ -794,6 +801,7 @@ async def open_pool(
         flush_interval=flush_interval,
         write_timeout=write_timeout,
         shutdown_timeout=shutdown_timeout,
+        lock_wait=lock_wait,
         declared={name: settings},
         restore=False,
     ) as pools:

@@ -379,7 +379,9 @@ class StoreLink:
         write_timeout: float,
         shutdown_timeout: float,
         now_us: Callable[[], int],
+        lock_wait: float = 5.0,
     ) -> None:
+        self.lock_wait = lock_wait
         self.url = url
         self.shown = redact(url)
         self.kind = "postgresql" if url.startswith("postgres") else "sqlite"
@@ -425,6 +427,7 @@ class StoreLink:
                     "flush_interval": self.flush_interval,
                     "write_timeout": self.write_timeout,
                     "shutdown_timeout": self.shutdown_timeout,
+                    "lock_wait": self.lock_wait,
                 },
             )
         )

@@ -182,17 +182,24 @@ def check_store_url(url: object) -> str | None:
     )
 
 
-def open_store(url: str, *, write_timeout: float, durability: str) -> Store:
-    """The store for ``url`` (in the store process)."""
+def open_store(url: str, *, write_timeout: float, durability: str, lock_wait: float = 5.0) -> Store:
+    """The store for ``url`` (in the store process).
+
+    ``lock_wait``: seconds to wait for a previous owner's store process (a crashed
+    server's, still writing what it held) before ``PoolLockedError``.
+    """
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
-        return PostgresStore(url, write_timeout=write_timeout)
+        return PostgresStore(url, write_timeout=write_timeout, lock_wait=lock_wait)
     from .sqlite import SqliteStore
 
     # WAL with synchronous=NORMAL survives a process crash; FULL also an OS crash.
     return SqliteStore(
-        url, write_timeout=write_timeout, synchronous="FULL" if durability == "sync" else "NORMAL"
+        url,
+        write_timeout=write_timeout,
+        synchronous="FULL" if durability == "sync" else "NORMAL",
+        lock_wait=lock_wait,
     )
 
 

@@ -39,6 +39,20 @@ from .._model import Record
 from . import Batch, FencedError, RejectedError, Store, StoreError, open_store
 
 _LEN = struct.Struct(">I")
+MAX_BATCH_RECORDS = 20_000
+"""The most change records one transaction carries: after an outage the backlog is
+written in transactions of bounded size (each within the write timeout), never as one
+that grows on every retry and never fits."""
+
+
+def _head(entries: list[Any], limit: int) -> list[Any]:
+    """The oldest entries holding up to ``limit`` records (always at least one entry)."""
+    total = 0
+    for i, (_seq, chunks, _c, _t) in enumerate(entries):
+        total += sum(len(r) for r in chunks)
+        if total > limit and i:
+            return entries[:i]
+    return entries
 
 
 class Channel:
@@ -114,7 +128,10 @@ class StoreProcess:
         self.shutdown_timeout = float(config["shutdown_timeout"])
         self.retry_cap = float(config.get("retry_cap", 5.0))
         self.store: Store = open_store(
-            config["url"], write_timeout=self.write_timeout, durability=config["durability"]
+            config["url"],
+            write_timeout=self.write_timeout,
+            durability=config["durability"],
+            lock_wait=float(config.get("lock_wait", 5.0)),
         )
         self.sinks: dict[int, PoolSink] = {}
         self.link = "up"
@@ -191,7 +208,7 @@ class StoreProcess:
         attempt = 0
         retry = False
         while sink.pending and not sink.fenced:
-            entries = sink.pending
+            entries = _head(sink.pending, MAX_BATCH_RECORDS)
             batch = self._batch(sink, entries)
             try:
                 self._write(sink, batch, retry)
@@ -218,6 +235,8 @@ class StoreProcess:
                 continue
             sink.pending = sink.pending[len(entries) :]
             sink.remember_users(batch.users)
+            retry = False  # the next entries were never tried: no commit can have happened
+            attempt = 0
             self.set_link("up", None)
             self.channel.send(("ack", sink.key, entries[-1][0], batch.records))
 

@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -29,6 +30,7 @@ from .._errors import InvalidArgumentError, PoolLockedError, UnknownPoolError
 from .._model import END, Record, to_us
 from . import Batch, FencedError, RejectedError, Snapshot, StoreError, redact
 
+LOCK_WAIT = 5.0  # seconds to wait for a previous owner's store process to finish
 _SCHEMA_LOCK = 0x746F6B656E706F6F  # "tokenpoo": serialises schema set-up between processes
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01, PostgreSQL's zero for timestamps
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -170,9 +172,12 @@ class PostgresStore:
 
     kind = "postgresql"
 
-    def __init__(self, url: str, *, write_timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, write_timeout: float = 5.0, lock_wait: float = LOCK_WAIT
+    ) -> None:
         self.url = redact(url)
         self._url = url
+        self.lock_wait = lock_wait
         _, self.schema = _dsn_and_schema(url)
         self.write_timeout = write_timeout
         self._conn: psycopg.Connection[Any] | None = None
@@ -247,7 +252,13 @@ class PostgresStore:
     def open_pool(self, name: str, settings: dict[str, Any], create: bool) -> Snapshot:
         try:
             conn = self._connection()
-            if not self._take_lock(conn, name):
+            deadline = time.monotonic() + self.lock_wait
+            while not self._take_lock(conn, name):
+                if time.monotonic() < deadline:
+                    # A crashed server's store process may still be writing: it exits
+                    # (and frees the lock) once done. Wait a little for it.
+                    time.sleep(0.05)
+                    continue
                 raise PoolLockedError(
                     f"pool {name!r} in schema {self.schema!r} of {self.url} is owned by"
                     " another process; stop it first (or give this pool another name)"

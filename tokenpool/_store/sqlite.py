@@ -33,6 +33,8 @@ from . import Batch, FencedError, RejectedError, Snapshot, StoreError
 
 T = TypeVar("T")
 
+LOCK_WAIT = 5.0  # seconds to wait for a previous owner's store process to finish
+
 _COUNTERS = (
     "activations",
     "evictions",
@@ -74,9 +76,15 @@ class SqliteStore:
     kind = "sqlite"
 
     def __init__(
-        self, url: str, *, write_timeout: float = 5.0, synchronous: str = "NORMAL"
+        self,
+        url: str,
+        *,
+        write_timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        lock_wait: float = LOCK_WAIT,
     ) -> None:
         self.url = url
+        self.lock_wait = lock_wait
         self.path = sqlite_path(url)
         self.write_timeout = write_timeout
         self.synchronous = synchronous
@@ -97,21 +105,37 @@ class SqliteStore:
                 f"cannot open the SQLite file {path}: {error.strerror}"
                 " (is its directory writable? pass --dsn to use another)"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise PoolLockedError(
-                f"the SQLite file {path} is in use by another tokenpool process"
-                " (through this path or another link to it); stop it first"
-            ) from None
+        deadline = time.monotonic() + self.lock_wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # A crashed server's store process may still be writing what it held:
+                # it exits (and frees the lock) once done. Wait a little for it.
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise PoolLockedError(
+                        f"the SQLite file {path} is in use by another tokenpool process"
+                        " (through this path or another link to it); stop it first"
+                    ) from None
+                time.sleep(0.05)
         self._lock_fd = fd
         try:
             conn = _connect(path, self.write_timeout, self.synchronous)
+            old = conn.execute("SELECT name FROM pragma_table_info('pools')").fetchall()
+            if old and ("id",) not in old:
+                raise StoreError(
+                    f"the SQLite file {path} holds tokenpool's version 1 tables; this version"
+                    " needs version 2: use another file"
+                )
             conn.executescript(resources.files(__package__).joinpath("sqlite.sql").read_text())
         except sqlite3.Error as error:
             self._release()
             raise StoreError(f"cannot open the SQLite file {path}: {error}") from error
+        except StoreError:
+            self._release()
+            raise
         self._conn = conn
         return conn
 
