@@ -163,8 +163,7 @@ async def assert_store_matches(pool: tokenpool.Pool, url: str) -> None:
     ended = stats.evictions + stats.expirations + stats.releases + stats.clears
     history = query(url, "SELECT lease_id FROM token_usage_history")
     assert ended == len(history) == len({r[0] for r in history})
-    state = pool._actor.state
-    live = {state.token_text(lease[2]): lease[1] for lease in state.leases()}
+    live = {t.id: t.lease_id for t in await pool.tokens() if t.lease_id is not None}
     assert live == dict(
         query(url, "SELECT token_id, lease_id FROM token_assignments WHERE lease_id IS NOT NULL")
     )
@@ -421,8 +420,8 @@ async def test_sigkill_in_async_mode_loses_only_the_last_moments(store_url: str)
     async with tokenpool.open_pool(size=20, ttl=600, store=store_url) as pool:
         lease = await pool.activate("after-crash")
         assert lease.fence > max(int(a[4]) for a in acks)  # even past the lost tail
-        leases = pool._actor.state.leases()
-        assert len({x[2] for x in leases}) == len(leases)
+        users = [t.current_user_id for t in await pool.tokens() if t.current_user_id]
+        assert len(set(users)) == len(users)
 
 
 def test_sigterm_during_a_database_outage_is_bounded_and_says_what_was_lost(
@@ -478,3 +477,44 @@ async def test_a_big_backlog_drains_after_an_outage(pg_cluster: Cluster, cluster
         await trio.to_thread.run_sync(pg_cluster.start)
         await settle(pool, seconds=60)
         await assert_store_matches(pool, cluster_url)
+
+
+def test_the_store_process_backs_off_fully_while_the_server_keeps_sending(tmp_path: Path) -> None:
+    """A busy server sends all the time: the retry backoff must not end at every message
+    (the outage run found retries counted in thousands, and 2**attempt overflowing)."""
+    import pickle
+    import struct
+    import threading
+
+    from tokenpool._store.child import Channel, StoreProcess
+
+    ours, theirs = socket.socketpair()
+    config = {
+        "url": f"sqlite:///{tmp_path}/p.db",
+        "durability": "async",
+        "flush_interval": 0.0,
+        "write_timeout": 1.0,
+        "shutdown_timeout": 1.0,
+    }
+    process = StoreProcess(Channel(theirs), config)
+    stop = threading.Event()
+
+    def chatter() -> None:
+        frame = pickle.dumps(("write", 99, 1, [], {}, 0))
+        while not stop.is_set():
+            ours.sendall(struct.pack(">I", len(frame)) + frame)
+            time.sleep(0.001)
+
+    talker = threading.Thread(target=chatter)
+    talker.start()
+    try:
+        started = time.monotonic()
+        process.back_off(0.4)
+        waited = time.monotonic() - started
+    finally:
+        stop.set()
+        talker.join()
+        process.close()
+        ours.close()
+        theirs.close()
+    assert waited >= 0.2  # the jitter takes at most half off

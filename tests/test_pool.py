@@ -24,17 +24,13 @@ from tokenpool import (
     UnavailableError,
     UnknownTokenError,
 )
-from tokenpool._actor import Actor, Request
+from tokenpool._actor import Actor
 from tokenpool._model import END, GRANT, Record
 from tokenpool._ops import Op
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def pool_state(pool: tokenpool.Pool) -> PoolState:
-    return pool._actor.state
 
 
 async def test_lease_fields_come_from_the_pool_clock(autojump_clock: trio.abc.Clock) -> None:
@@ -52,11 +48,11 @@ async def test_expiry_fires_on_time_without_any_request(autojump_clock: trio.abc
     async with tokenpool.open_pool(size=3, ttl=120, clock=Clock(T0)) as pool:
         lease = await pool.activate("alice")
         await trio.sleep(119.999)
-        assert pool_state(pool).active == 1
+        assert pool.statistics().stats.active == 1
         await trio.sleep(0.002)
-        # Read the state directly: no request has reached the actor since activate.
-        state = pool_state(pool)
-        assert (state.active, state.expirations) == (0, 1)
+        # statistics() reads without a request: none has reached the actor since activate.
+        stats = pool.statistics().stats
+        assert (stats.active, stats.expirations) == (0, 1)
         (usage,) = await pool.history(lease.token_id)
         assert (Reason.EXPIRED, lease.expires_at) == (usage.reason, usage.ended_at)
 
@@ -216,9 +212,9 @@ async def test_batch_applies_in_order_and_returns_errors_as_values() -> None:
 
 async def test_batch_is_one_actor_message() -> None:
     async with tokenpool.open_pool(size=10) as pool:
-        before = pool._actor.requests
+        before = pool.statistics().actor.requests
         leases = await pool.activate_many([f"u{i}" for i in range(500)])
-        assert pool._actor.requests - before == 1
+        assert pool.statistics().actor.requests - before == 1
         assert len({lease.id for lease in leases if isinstance(lease, tokenpool.Lease)}) == 500
         assert (await pool.stats()).active == 10
 
@@ -268,12 +264,12 @@ async def test_hundreds_of_tasks_keep_the_invariants(autojump_clock: trio.abc.Cl
         async with trio.open_nursery() as nursery:
             for n in range(300):
                 nursery.start_soon(client, n, pool)
-        state = pool_state(pool)
         stats = await pool.stats()
-        leases = state.leases()
-        histories = [u for t in state.token_ids() for u in await pool.history(t, 10_000)]
-    assert len({lease[2] for lease in leases}) == len(leases)
-    assert len({lease[3] for lease in leases}) == len(leases)
+        tokens = await pool.tokens()
+        held = [t for t in tokens if t.current_user_id is not None]
+        histories = [u for t in tokens for u in await pool.history(t.id, 10_000)]
+    leases = held
+    assert len({t.current_user_id for t in held}) == len(held)
     assert stats.activations == len({lease.id for lease in granted})
     assert stats.activations == len(leases) + len(histories)
     assert len(histories) == len({u.id for u in histories})
@@ -295,8 +291,21 @@ class HeldWriter:
 
     def __init__(self) -> None:
         self.changes: list[Record] = []
-        self.waiting: list[Request] = []
         self.committed = 0
+        self.committed_seq = 0
+        self.refused_seqs: dict[int, str] = {}
+        self.gave_up = False
+        self.state = "up"
+        self._seq = 0
+        self._progress = trio.Event()
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    @property
+    def progress(self) -> trio.Event:
+        return self._progress
 
     def full(self) -> bool:
         return False
@@ -305,22 +314,18 @@ class HeldWriter:
         return "full"
 
     def submit(
-        self,
-        records: list[Record],
-        waiters: list[Request] | None,
-        counters: dict[str, int],
-        clock_us: int,
-        last_rev: int,
-    ) -> None:
+        self, records: list[Record], counters: dict[str, int], clock_us: int, last_rev: int
+    ) -> int:
         self.changes += records
-        self.waiting += waiters or []
+        self._seq += 1
+        return self._seq
 
     def commit(self) -> None:
         fences = [c[4] for c in self.changes if c[0] == GRANT]
         self.committed = max([self.committed, *fences])
-        waiting, self.waiting = self.waiting, []
-        for request in waiting:
-            request.finish()
+        self.committed_seq = self._seq
+        self._progress.set()
+        self._progress = trio.Event()
 
 
 def sync_actor(writer: HeldWriter) -> Actor:

@@ -229,12 +229,12 @@ async def test_info_counts_every_error_reply() -> None:
 
 async def test_a_pipeline_is_one_trip_through_the_actor() -> None:
     async with running(size=10) as (server, port):
-        before = server.pools.get("default")._actor.requests
+        before = server.pools.get("default").statistics().actor.requests
         payload = b"".join(b"ACTIVATE user-%d\r\n" % i for i in range(100)) + b"PING\r\n"
         reply = await raw(port, payload)
         assert 100 == reply.count(b"$7\r\nuser_id\r\n")
         assert reply.endswith(b"+PONG\r\n")
-        assert 1 == server.pools.get("default")._actor.requests - before
+        assert 1 == server.pools.get("default").statistics().actor.requests - before
 
 
 async def test_pipelined_hello_and_auth_take_effect_in_order() -> None:
@@ -670,9 +670,9 @@ async def test_multi_exec_is_one_atomic_batch_as_redis_py_sends_it() -> None:
                 bad.execute()
             assert r.execute_command("LEASE", "c") is None  # nothing of it ran
 
-        before = server.pools.get("default")._actor.requests
+        before = server.pools.get("default").statistics().actor.requests
         await in_thread(scenario)
-        assert server.pools.get("default")._actor.requests - before <= 4
+        assert server.pools.get("default").statistics().actor.requests - before <= 4
 
         reply = await raw(port, b"MULTI\r\nACTIVATE x\r\nDISCARD\r\nLEASE x\r\n")
         assert reply == b"+OK\r\n+QUEUED\r\n+OK\r\n$-1\r\n"

@@ -20,6 +20,7 @@ commit is pending) is *abandoned*: the leases it newly granted are released
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 log = get_logger("tokenpool.actor")
 
+_NOT_IN_TIME = "the store did not commit in time; the change is kept and will be written"
 MAX_BATCH = 1024
 """The most requests the actor applies before it hands changes on and replies."""
 BATCH_COST = 2048
@@ -116,10 +118,24 @@ class Request:
 
 
 class Writer(Protocol):
-    """What the actor needs of the write-behind (the seam for persistence)."""
+    """What the actor needs of the write-behind (the seam for persistence).
+
+    The writer only reports; the actor answers its own callers from what it reports.
+    """
 
     committed: int
     """Every change up to this revision is committed."""
+    committed_seq: int
+    """Every batch up to this sequence number is written (or refused: ``refused_seqs``)."""
+    refused_seqs: dict[int, str]
+    gave_up: bool
+    state: str
+
+    @property
+    def last_seq(self) -> int: ...
+
+    @property
+    def progress(self) -> trio.Event: ...
 
     def full(self) -> bool:
         """Whether activations are refused (backlog at its bound, or the store lost)."""
@@ -127,14 +143,9 @@ class Writer(Protocol):
     def refusal(self) -> str: ...
 
     def submit(
-        self,
-        records: list[Record],
-        waiters: list[Request] | None,
-        counters: dict[str, int],
-        clock_us: int,
-        last_rev: int,
-    ) -> None:
-        """Queue changes; when ``waiters`` is given, finish them once committed."""
+        self, records: list[Record], counters: dict[str, int], clock_us: int, last_rev: int
+    ) -> int | None:
+        """Queue one batch's changes; its sequence number, or None when the store is lost."""
 
 
 @attrs.frozen
@@ -162,8 +173,12 @@ class Actor:
         sync: bool = False,
         queue_size: int = 4096,
         publish: Callable[[list[Record]], None] | None = None,
+        write_timeout: float = 5.0,
     ) -> None:
         self.state = state
+        self.write_timeout = write_timeout
+        # sync callers waiting for their batch to commit: (sequence number, requests, since)
+        self._replies: deque[tuple[int, list[Request], float]] = deque()
         self.now_us = now_us
         self.to_trio = to_trio
         self.writer = writer
@@ -209,7 +224,66 @@ class Actor:
         self.send.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The actor's loop. Returns once ``close()`` was called and the queue is empty."""
+        """The actor's loop. Returns once ``close()`` was called and the queue is empty
+        (and, in ``sync`` mode, its waiting callers are answered)."""
+        if not self.sync:
+            await self._loop(task_status)
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._answer_commits)
+            await self._loop(task_status)
+            with trio.move_on_after(self.write_timeout + 1):
+                while self._replies and self._settle():
+                    await self.writer.progress.wait()  # type: ignore[union-attr]
+            nursery.cancel_scope.cancel()
+        self._fail_replies(UnavailableError("the pool closed before the change was written"))
+
+    async def _answer_commits(self) -> None:
+        """Answer sync callers as their batches commit, are refused, or run out of time."""
+        assert self.writer is not None
+        while True:
+            progress = self.writer.progress
+            self._settle()
+            with trio.move_on_after(0.05):
+                await progress.wait()
+
+    def _settle(self) -> bool:
+        """Answer what the writer's figures now decide; whether any wait is left."""
+        writer = self.writer
+        assert writer is not None
+        replies = self._replies
+        committed = writer.committed_seq
+        refused = writer.refused_seqs
+        while replies and replies[0][0] <= committed:
+            seq, requests, _since = replies.popleft()
+            why = refused.get(seq)
+            if why is None:
+                for request in requests:
+                    request.finish()
+            else:
+                error = UnavailableError(f"the store refused this change: {why}")
+                for request in requests:
+                    request.time_out(error)
+        for seq in [s for s in refused if s <= committed]:
+            del refused[seq]
+        if writer.state in ("fenced", "failed") or writer.gave_up:
+            self._fail_replies(UnavailableError(writer.refusal()))
+            return False
+        now = trio.current_time()
+        while replies and now - replies[0][2] >= self.write_timeout:
+            _seq, requests, _since = replies.popleft()
+            error = UnavailableError(_NOT_IN_TIME)
+            for request in requests:
+                request.time_out(error)
+        return bool(replies)
+
+    def _fail_replies(self, error: TokenPoolError) -> None:
+        while self._replies:
+            _seq, requests, _since = self._replies.popleft()
+            for request in requests:
+                request.time_out(error)
+
+    async def _loop(self, task_status: trio.TaskStatus[None]) -> None:
         receive = self._receive
         state = self.state
         task_status.started()
@@ -336,6 +410,7 @@ class Actor:
                 if request.state == APPLIED:
                     request.finish()
             return
+        seq = writer.submit(changes, state.counters(), now, state.revision) if changes else None
         if self.sync:
             # Requests that changed something wait for their commit; the rest
             # (reads, an activate that found the user's lease) are answered
@@ -347,10 +422,22 @@ class Actor:
                         waiting.append(request)
                     else:
                         request.finish()
-            writer.submit(changes, waiting, state.counters(), now, state.revision)
+            if not waiting:
+                return
+            if changes and seq is None:  # the store is lost: nothing will commit
+                error = UnavailableError(writer.refusal())
+                for request in waiting:
+                    request.time_out(error)
+                return
+            # Without changes of their own they saw changes still queued: they are
+            # answered when the newest batch commits.
+            target = seq if seq is not None else writer.last_seq
+            if target > writer.committed_seq:
+                self._replies.append((target, waiting, trio.current_time()))
+            else:
+                for request in waiting:
+                    request.finish()
         else:
-            if changes:
-                writer.submit(changes, None, state.counters(), now, state.revision)
             for request in batch:
                 if request.state == APPLIED:
                     request.finish()

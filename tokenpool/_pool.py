@@ -517,7 +517,7 @@ class Pools:
             )
             link.add_writer(writer)
             changes, state.changes = state.changes, []
-            writer.submit(changes, None, state.counters(), state.now, state.revision)
+            writer.submit(changes, state.counters(), state.now, state.revision)
             await writer.flush()  # commit what recovery changed, then serve
             writer.committed = state.revision
             if not stored and not snapshot.created and snapshot.settings != settings.as_dict():
@@ -535,6 +535,7 @@ class Pools:
             sync=c.durability == "sync",
             queue_size=c.queue_size,
             publish=hub.publish,
+            write_timeout=c.write_timeout,
         )
         pool = Pool(
             name,

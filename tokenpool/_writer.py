@@ -1,26 +1,24 @@
 """Write-behind, the server's side: per-pool backlogs and the link to the store process.
 
 The actor never waits on the database: it hands each batch's change records
-to ``Writer.submit`` (no await, no I/O) and moves on. ``StoreLink`` owns one
-store process (``_store/child.py``) per store: a sender task ships what was
-submitted, as it is, in one frame per pool (pickle of lists of tuples: C
-speed), and a receiver task reads the acknowledgements. The writer reports
-what committed (``committed``); the actor, which owns its callers, answers
-them: this module never touches a request beyond finishing the waiters it
-was handed.
+to ``Writer.submit`` (no await, no I/O), gets a sequence number back, and
+moves on. ``StoreLink`` owns one store process (``_store/child.py``) per
+store: a sender task ships what was submitted, as it is, in one frame per
+pool (pickle of lists of tuples: C speed), and a receiver task reads the
+acknowledgements. The writer only reports: what committed (``committed_seq``,
+``committed``), what the store refused for good (``refused``), and whether it
+lost the store; the actor, which owns its callers, answers them. Nothing here
+knows a request.
 
 Rules it keeps:
 - The backlog (changes not yet acknowledged) is bounded: at ``max_backlog``
   ``full()`` turns true and the actor refuses activations with
   ``UnavailableError`` until it drains. Crossing the high-water mark and
   draining are logged once each.
-- ``sync`` durability: callers are answered only once the batch holding their
-  change has committed; one waiting longer than ``write_timeout`` is answered
-  ``UnavailableError`` (and the leases it was granted are released).
-- A change the store refused for good is logged with the reason; its sync
-  callers get ``UnavailableError``. A store process that died, or a pool
-  fenced by a newer owner, turns the link ``failed``/``fenced``: activations
-  are refused and readiness reports it.
+- A change the store refused for good is logged with the reason and reported
+  by its sequence number. A store process that died, or a pool fenced by a
+  newer owner, turns the link ``failed``/``fenced``: activations are refused
+  and readiness reports it.
 - Shutdown is bounded: ``close`` waits at most ``shutdown_timeout`` for the
   backlog, then says how many changes were not written and stops the process.
 """
@@ -33,9 +31,10 @@ import socket
 import struct
 import subprocess
 import sys
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import trio
@@ -45,13 +44,11 @@ from ._log import get_logger
 from ._model import Record
 from ._store import Snapshot, redact
 
-if TYPE_CHECKING:
-    from ._actor import Request
-
 log = get_logger("tokenpool.writer")
 
 _LEN = struct.Struct(">I")
-_NOT_IN_TIME = "the store did not commit in time; the change is kept and will be written"
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+"""Upper bounds (seconds) of the write-lag histogram (submitted to committed, per batch)."""
 HIGH_WATER = 0.5  # of max_backlog: log once when crossed, once when drained below LOW_WATER
 LOW_WATER = 0.1
 
@@ -71,6 +68,7 @@ class WriterStatistics:
     lag_p50: float
     lag_p99: float
     lags: tuple[float, ...]  # the recent batches' lags (seconds), for percentiles elsewhere
+    lag_histogram: tuple[tuple[float, int], ...]  # (upper bound, cumulative batches) since start
     batches: int
     changes_written: int
     batch_p50: float  # changes per committed batch, median of the recent ones
@@ -79,20 +77,12 @@ class WriterStatistics:
 
 
 class _Entry:
-    __slots__ = ("last_rev", "records", "seq", "size", "submitted", "waiters")
+    __slots__ = ("last_rev", "records", "seq", "size", "submitted")
 
-    def __init__(
-        self,
-        seq: int,
-        records: list[Record],
-        waiters: list[Request],
-        submitted: float,
-        last_rev: int,
-    ) -> None:
+    def __init__(self, seq: int, records: list[Record], submitted: float, last_rev: int) -> None:
         self.seq = seq
         self.records = records
         self.size = len(records)
-        self.waiters = waiters
         self.submitted = submitted
         self.last_rev = last_rev
 
@@ -123,17 +113,21 @@ class Writer:
         self.backlog = 0
         self.state = "up"  # up | retrying | down | fenced | failed
         self.committed = committed  # every change up to this revision is committed
+        self.committed_seq = 0  # every batch up to this sequence number is written (or refused)
+        self.refused_seqs: dict[int, str] = {}  # refused batches, until the actor takes them
+        self.gave_up = False  # shutdown ran out of time: what was pending never will be written
         self.last_commit_at_us: int | None = None
         self.last_batch_lag = 0.0
         self._lags: deque[float] = deque(maxlen=4096)
         self._batch_sizes: deque[int] = deque(maxlen=4096)
+        self._histogram = [0] * (len(LAG_BUCKETS) + 1)
         self.batches = 0
         self.changes_written = 0
         self.rejected = 0
         self.lost = 0
         self._high = False
         self._progress = trio.Event()
-        self.closed = False
+        self._last_ack = 0.0
 
     # -- the actor's side (no await) --------------------------------------------
 
@@ -149,30 +143,15 @@ class Writer:
         return "the store's write backlog is full; retry shortly"
 
     def submit(
-        self,
-        records: list[Record],
-        waiters: list[Request] | None,
-        counters: dict[str, int],
-        clock_us: int,
-        last_rev: int,
-    ) -> None:
-        """Queue one actor batch's records; ``waiters`` are finished once they commit."""
-        if not records:
-            if waiters and self._entries:
-                # They saw changes still queued: answer them when the newest commits.
-                self._entries[-1].waiters.extend(waiters)
-            else:
-                for request in waiters or ():
-                    request.finish()  # nothing of theirs to commit
-            return
+        self, records: list[Record], counters: dict[str, int], clock_us: int, last_rev: int
+    ) -> int | None:
+        """Queue one actor batch's records; returns its sequence number (``committed_seq``
+        reaches it once it is written), or ``None`` when the store is lost for good."""
         if self.state in ("fenced", "failed"):
-            error = UnavailableError(self.refusal())
-            for request in waiters or ():
-                request.time_out(error)
             self.lost += len(records)
-            return
+            return None
         self._seq += 1
-        entry = _Entry(self._seq, records, waiters or [], trio.current_time(), last_rev)
+        entry = _Entry(self._seq, records, trio.current_time(), last_rev)
         self._entries.append(entry)
         self._unsent.append(entry)
         self._counters = counters
@@ -189,6 +168,17 @@ class Writer:
                 note="activations are refused when the backlog is full",
             )
         self._link.wake()
+        return self._seq
+
+    @property
+    def last_seq(self) -> int:
+        """The newest sequence number handed out."""
+        return self._seq
+
+    @property
+    def progress(self) -> trio.Event:
+        """Set (and replaced) whenever something committed, was refused, or failed."""
+        return self._progress
 
     # -- the link's side --------------------------------------------------------
 
@@ -207,7 +197,7 @@ class Writer:
         )
 
     def acknowledged(self, seq: int, written: int) -> None:
-        now = trio.current_time()
+        now = self._last_ack = trio.current_time()
         entries = self._entries
         while entries and entries[0].seq <= seq:
             entry = entries.popleft()
@@ -215,9 +205,9 @@ class Writer:
             self.committed = max(self.committed, entry.last_rev)
             lag = now - entry.submitted
             self._lags.append(lag)
+            self._histogram[bisect_left(LAG_BUCKETS, lag)] += 1
             self.last_batch_lag = lag
-            for request in entry.waiters:
-                request.finish()
+        self.committed_seq = max(self.committed_seq, seq)
         self.batches += 1
         self.changes_written += written
         if written:
@@ -226,12 +216,12 @@ class Writer:
         if self.state in ("retrying", "down"):
             self.state = "up"
         self._drained()
-        self._progress.set()
-        self._progress = trio.Event()
+        self._wake()
 
     def refused(self, seq: int, changes: int, message: str) -> None:
-        """The store refused one batch for good: say it loudly, answer its sync callers."""
+        """The store refused one batch for good: say it loudly, report it by number."""
         self.rejected += changes
+        self.refused_seqs[seq] = message
         log.error(
             "store_refused_changes",
             pool=self.name,
@@ -239,27 +229,15 @@ class Writer:
             error=message,
             note="these changes are not in the store; the rest is written as usual",
         )
-        error = UnavailableError(f"the store refused this change: {message}")
-        for entry in self._entries:
-            if entry.seq == seq:
-                for request in entry.waiters:
-                    request.time_out(error)
-                entry.waiters = []
         self.acknowledged(seq, 0)
 
     def fail(self, state: str, message: str) -> None:
-        """Fenced or failed for good: refuse what comes, answer every waiter."""
+        """Fenced or failed for good: refuse what comes."""
         if self.state == state:
             return
         self.state = state
         log.error(f"store_{state}", pool=self.name, error=message, backlog=self.backlog)
-        error = UnavailableError(self.refusal())
-        for entry in self._entries:
-            for request in entry.waiters:
-                request.time_out(error)
-            entry.waiters = []
-        self._progress.set()
-        self._progress = trio.Event()
+        self._wake()
 
     def link_state(self, state: str) -> None:
         if self.state not in ("fenced", "failed"):
@@ -268,27 +246,22 @@ class Writer:
     def check_stalled(self) -> None:
         """No acknowledgement for longer than a write may take: the store hangs (a
         paused server, a dead link not yet noticed). Say so; the next ack clears it."""
-        if self.state == "up" and self.write_lag > self.write_timeout + 1:
+        if not self._entries or self.state != "up":
+            return
+        quiet = trio.current_time() - max(self._last_ack, self._entries[0].submitted)
+        if quiet > self.write_timeout + 1:
             self.state = "retrying"
             log.warning(
                 "store_link_stalled",
                 pool=self.name,
-                seconds=round(self.write_lag, 3),
+                seconds=round(quiet, 3),
                 backlog=self.backlog,
                 note="no write has committed for longer than write_timeout",
             )
 
-    def fail_late_waiters(self) -> None:
-        """Answer ``UnavailableError`` to sync callers waiting past ``write_timeout``."""
-        now = trio.current_time()
-        for entry in self._entries:
-            if now - entry.submitted < self.write_timeout:
-                break  # entries queue in submission order: the rest are younger
-            if entry.waiters:
-                error = UnavailableError(_NOT_IN_TIME)
-                for request in entry.waiters:
-                    request.time_out(error)
-                entry.waiters = []
+    def _wake(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     def _drained(self) -> None:
         if self._high and self.backlog <= LOW_WATER * self.max_backlog:
@@ -326,18 +299,24 @@ class Writer:
             await self._progress.wait()
 
     def give_up(self) -> int:
-        """Shutdown ran out of time: count what was not written and answer its waiters."""
+        """Shutdown ran out of time: count what was not written (and never will be)."""
         lost = sum(e.size for e in self._entries)
-        error = UnavailableError("the pool closed before the change was written")
-        for entry in self._entries:
-            for request in entry.waiters:
-                request.time_out(error)
+        self.gave_up = True
         self._entries.clear()
         self._unsent = []
         self.backlog = 0
         self.lost += lost
-        self._progress.set()
+        self._wake()
         return lost
+
+    def lag_histogram(self) -> tuple[tuple[float, int], ...]:
+        """Cumulative counts of batches by write lag, as Prometheus buckets (``inf`` last)."""
+        out: list[tuple[float, int]] = []
+        total = 0
+        for bound, count in zip((*LAG_BUCKETS, float("inf")), self._histogram, strict=True):
+            total += count
+            out.append((bound, total))
+        return tuple(out)
 
     def statistics(self) -> WriterStatistics:
         lags = sorted(self._lags)
@@ -345,6 +324,7 @@ class Writer:
         def pct(p: float) -> float:
             return lags[min(len(lags) - 1, int(p * len(lags)))] if lags else 0.0
 
+        sizes = sorted(self._batch_sizes)
         return WriterStatistics(
             link=self.state,
             backlog=self.backlog,
@@ -357,11 +337,10 @@ class Writer:
             lag_p50=pct(0.5),
             lag_p99=pct(0.99),
             lags=tuple(lags),
+            lag_histogram=self.lag_histogram(),
             batches=self.batches,
             changes_written=self.changes_written,
-            batch_p50=float(sorted(self._batch_sizes)[len(self._batch_sizes) // 2])
-            if self._batch_sizes
-            else 0.0,
+            batch_p50=float(sizes[len(sizes) // 2]) if sizes else 0.0,
             rejected=self.rejected,
             lost=self.lost,
         )
@@ -638,5 +617,4 @@ class StoreLink:
         while True:
             await trio.sleep(0.05)
             for writer in self.writers.values():
-                writer.fail_late_waiters()
                 writer.check_stalled()

@@ -229,9 +229,7 @@ class StoreProcess:
                 ):
                     self.give_up(error)
                     return
-                delay = min(self.retry_cap, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
-                for message in self.channel.receive(delay):
-                    self.handle(message)
+                self.back_off(min(self.retry_cap, 0.05 * 2 ** min(attempt, 20)))
                 continue
             sink.pending = sink.pending[len(entries) :]
             sink.remember_users(batch.users)
@@ -239,6 +237,16 @@ class StoreProcess:
             attempt = 0
             self.set_link("up", None)
             self.channel.send(("ack", sink.key, entries[-1][0], batch.records))
+
+    def back_off(self, delay: float) -> None:
+        """Wait ``delay`` (jittered) before a retry, taking in what arrives meanwhile: a
+        busy server sends all the time, and that must not cut the wait short."""
+        until = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        while (left := until - time.monotonic()) > 0 and not self.channel.closed:
+            for message in self.channel.receive(left):
+                self.handle(message)
+        if self.channel.closed and self.closing_since is None:
+            self.closing_since = time.monotonic()
 
     def _write(self, sink: PoolSink, batch: Batch, retry: bool) -> None:
         try:
@@ -316,6 +324,9 @@ def main(argv: list[str]) -> int:
         for message in hello[1:]:
             process.handle(message)
         process.run()
+    except Exception:  # a bug: say it where the server's log shows it, then exit
+        process.log("error", "store_process_crashed", error=traceback.format_exc(limit=12))
+        raise
     finally:
         process.close()
     return 0

@@ -19,13 +19,24 @@ from typing import Any
 
 import structlog
 
-from . import compare, embedded, memory, openloop, persistence, profile, report, scaling
+from . import (
+    compare,
+    embedded,
+    memory,
+    openloop,
+    persistence,
+    profile,
+    report,
+    scaling,
+    sustained,
+)
 from ._drivers import missing
 from ._measure import Figure, machine, table
 from ._services import versions
 
 SECTIONS: dict[str, Callable[[bool], list[Figure]]] = {
     "compare": compare.run,
+    "sustained": sustained.run,
     "scaling": scaling.run,
     "openloop": openloop.run,
     "embedded": embedded.run,
@@ -34,6 +45,7 @@ SECTIONS: dict[str, Callable[[bool], list[Figure]]] = {
 }
 NEEDS = {
     "compare": ("redis-benchmark", "redis-server", "pgbench"),
+    "sustained": ("redis-benchmark",),
     "scaling": ("redis-benchmark", "redis-server", "pgbench"),
     "openloop": ("redis-server", "pgbench"),
     "memory": ("redis-server",),

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -95,26 +96,37 @@ def _wait_for_port(port: int, seconds: float = 10.0) -> None:
 
 
 @contextmanager
-def redis_server() -> Iterator[Server]:
-    """A redis-server of our own on a free port: no persistence, the machine's defaults."""
+def redis_server(appendfsync: str | None = None) -> Iterator[Server]:
+    """A redis-server of our own on a free port.
+
+    ``appendfsync`` ``None``: no persistence. ``"everysec"`` / ``"always"``: the
+    append-only file on, fsynced every second (what a Redis user runs for the async
+    promise) or at every write (the sync promise), in a directory of its own.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found (Debian/Ubuntu: apt-get install redis-server)")
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            *(binary, "--port", str(port), "--save", "", "--appendonly", "no"),
-            *("--bind", "127.0.0.1", "--maxclients", "20000"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_for_port(port)
-        yield Server(port, proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with tempfile.TemporaryDirectory(prefix="tokenpool-bench-redis-") as data:
+        persistence = (
+            ("--appendonly", "no")
+            if appendfsync is None
+            else ("--appendonly", "yes", "--appendfsync", appendfsync, "--dir", data)
+        )
+        proc = subprocess.Popen(
+            [
+                *(binary, "--port", str(port), "--save", "", *persistence),
+                *("--bind", "127.0.0.1", "--maxclients", "20000"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for_port(port)
+            yield Server(port, proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 @contextmanager

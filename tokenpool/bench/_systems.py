@@ -12,6 +12,7 @@ the one before has drained.
 from __future__ import annotations
 
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -116,10 +117,14 @@ class PgSystem:
 def tokenpool_resp(
     name: str, size: int, store: str = "postgresql", durability: str = "async"
 ) -> Iterator[RespSystem]:
-    """``tokenpool serve`` of ``size`` tokens on a fresh PostgreSQL schema (or in memory)."""
+    """``tokenpool serve`` of ``size`` tokens on a fresh PostgreSQL schema, a fresh SQLite
+    file (``store="sqlite"``: the default store) or in memory."""
     with ExitStack() as stack:
         if store == "memory":
             dsn = "memory"
+        elif store == "sqlite":
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenpool-bench-"))
+            dsn = f"sqlite:///{folder}/pool.db"
         else:
             dsn = store_url(stack.enter_context(pg_schema("bench_tp")))
         server = stack.enter_context(
@@ -130,13 +135,24 @@ def tokenpool_resp(
         yield RespSystem(name, server.port, server.pid, ("ACTIVATE", "__rand_int__"))
 
 
+REDIS_NAMES = {
+    None: "redis+lua",
+    "everysec": "redis+lua aof everysec",
+    "always": "redis+lua aof always",
+}
+
+
 @contextmanager
-def redis_lua(size: int) -> Iterator[RespSystem]:
-    """A redis-server of our own holding the Redis + Lua pool of ``size`` tokens."""
-    with redis_server() as server:
+def redis_lua(size: int, appendfsync: str | None = None) -> Iterator[RespSystem]:
+    """A redis-server of our own holding the Redis + Lua pool of ``size`` tokens
+    (with the append-only file fsynced ``appendfsync``, or no persistence)."""
+    with redis_server(appendfsync) as server:
         sha = _peers.redis_pool(server.port, size)
         yield RespSystem(
-            "redis+lua", server.port, server.pid, tuple(_peers.redis_activate(sha, TTL))
+            REDIS_NAMES[appendfsync],
+            server.port,
+            server.pid,
+            tuple(_peers.redis_activate(sha, TTL)),
         )
 
 

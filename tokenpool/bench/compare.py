@@ -5,7 +5,8 @@ user space of 1,000 (nearly every activation finds the user's lease: a hit) and
 100,000 (nearly every activation evicts), on pools of 10,000 tokens:
 
 - tokenpool over RESP, ``async`` and ``sync`` durability, PostgreSQL as its store;
-- Redis + a Lua script, on a redis-server of our own;
+- Redis + a Lua script, on a redis-server of our own: without persistence, with the
+  append-only file fsynced every second (the async promise) and at every write (sync);
 - PostgreSQL only, through pgbench, at ``synchronous_commit`` on and off (pipeline 1;
   at most ``max_connections`` clients, so not 500);
 - tokenpool's and redis-server's own ``PING``, the ceilings of each server.
@@ -42,6 +43,8 @@ def run(quick: bool) -> list[Figure]:
             stack.enter_context(tokenpool_resp("tokenpool async", SIZE, durability="async")),
             stack.enter_context(tokenpool_resp("tokenpool sync", SIZE, durability="sync")),
             stack.enter_context(redis_lua(SIZE)),
+            stack.enter_context(redis_lua(SIZE, "everysec")),
+            stack.enter_context(redis_lua(SIZE, "always")),
         ]
         pg = stack.enter_context(pg_only(SIZE))
         server = stack.enter_context(redis_server())
