@@ -147,7 +147,11 @@ class _Sink:
         self.session = session
         self.sent: list[bytes] = []
         self.closed = False
+        self.hung_up = False
         self.nursery: Any = None
+
+    async def watch_hangup(self, scope: trio.CancelScope) -> None:
+        await trio.sleep_forever()  # a client that stays
 
     async def send(self, data: bytes) -> None:
         self.sent.append(data)

@@ -112,9 +112,9 @@ def test_a_retry_after_a_commit_whose_ack_was_lost_clears_what_it_ends(pg_url: s
         store.write(snapshot.pool_id, retry, tokens, True)
     finally:
         store.close()
-    assert [] == query(pg_url, "SELECT lease_id FROM token_assignments WHERE lease_id IS NOT NULL")
+    assert [] == query(pg_url, "SELECT lease_id FROM lease_assignments WHERE lease_id IS NOT NULL")
     assert [(lease[1], "released")] == query(
-        pg_url, "SELECT lease_id, expiration_reason FROM token_usage_history"
+        pg_url, "SELECT lease_id, expiration_reason FROM usage_history"
     )
 
 
@@ -161,11 +161,11 @@ async def assert_store_matches(pool: tokenpool.Pool, url: str) -> None:
     await settle(pool)
     stats = await pool.stats()
     ended = stats.evictions + stats.expirations + stats.releases + stats.clears
-    history = query(url, "SELECT lease_id FROM token_usage_history")
+    history = query(url, "SELECT lease_id FROM usage_history")
     assert ended == len(history) == len({r[0] for r in history})
     live = {t.id: t.lease_id for t in await pool.tokens() if t.lease_id is not None}
     assert live == dict(
-        query(url, "SELECT token_id, lease_id FROM token_assignments WHERE lease_id IS NOT NULL")
+        query(url, "SELECT token_id, lease_id FROM lease_assignments WHERE lease_id IS NOT NULL")
     )
 
 
@@ -376,8 +376,8 @@ def run_and_kill(url: str, durability: str, seconds: float) -> tuple[list[list[s
 def stored_lease_ids(url: str) -> set[str]:
     rows = query(
         url,
-        "SELECT lease_id FROM token_assignments WHERE lease_id IS NOT NULL"
-        " UNION ALL SELECT lease_id FROM token_usage_history",
+        "SELECT lease_id FROM lease_assignments WHERE lease_id IS NOT NULL"
+        " UNION ALL SELECT lease_id FROM usage_history",
     )
     return {r[0] for r in rows}
 
@@ -387,7 +387,7 @@ def assert_one_holder_per_token(url: str) -> None:
     actor's rule, so check it here."""
     rows = query(
         url,
-        "SELECT user_id, count(*) FROM token_assignments WHERE lease_id IS NOT NULL"
+        "SELECT user_id, count(*) FROM lease_assignments WHERE lease_id IS NOT NULL"
         " GROUP BY pool_id, user_id",
     )
     assert all(count == 1 for _, count in rows)

@@ -17,7 +17,7 @@ from .dbutil import execute, query
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
-ACTIVE = "SELECT lease_id, token_id FROM token_assignments WHERE lease_id IS NOT NULL"
+ACTIVE = "SELECT lease_id, token_id FROM lease_assignments WHERE lease_id IS NOT NULL"
 
 
 async def settle(pool: tokenpool.Pool) -> None:
@@ -68,7 +68,7 @@ async def test_leases_that_expired_while_closed_end_expired_at_their_deadline(
         )
         assert 1 == (await pool.stats()).expirations
     assert [] == query(store_url, ACTIVE)
-    rows = query(store_url, "SELECT lease_id, expiration_reason FROM token_usage_history")
+    rows = query(store_url, "SELECT lease_id, expiration_reason FROM usage_history")
     assert [(lease.id, "expired")] == rows
 
 
@@ -100,7 +100,7 @@ async def test_a_wall_clock_set_back_across_a_restart_never_runs_time_backwards(
         assert b.id == (await pool.lease_of("bob")).id  # type: ignore[union-attr]
         c = await pool.activate("carol")
         assert c.activated_at >= b.activated_at
-    rows = query(store_url, "SELECT expiration_reason FROM token_usage_history ORDER BY revision")
+    rows = query(store_url, "SELECT expiration_reason FROM usage_history ORDER BY revision")
     assert [("evicted",), ("evicted",)] == rows
 
 
@@ -128,7 +128,7 @@ async def test_sync_durability_answers_after_commit(store_url: str) -> None:
         assert [(lease.id, lease.token_id)] == query(store_url, ACTIVE)
         usage = await pool.release(lease.token_id)
         assert [(usage.id, "released")] == query(
-            store_url, "SELECT lease_id, expiration_reason FROM token_usage_history"
+            store_url, "SELECT lease_id, expiration_reason FROM usage_history"
         )
         assert [] == query(store_url, ACTIVE)
 
@@ -172,7 +172,7 @@ async def test_resize_grows_and_shrinks_across_restarts(store_url: str) -> None:
         # Available tokens went first, then the oldest leases (a's, then b's).
         assert await pool.lease_of("a") is None and await pool.lease_of("b") is None
         assert "c" == (await pool.tokens())[0].current_user_id
-    ended = dict(query(store_url, "SELECT lease_id, expiration_reason FROM token_usage_history"))
+    ended = dict(query(store_url, "SELECT lease_id, expiration_reason FROM usage_history"))
     assert {a.id: "evicted", b.id: "evicted"} == ended
     retired = "retired_us" if store_url.startswith("sqlite") else "retired_at"
     assert 1 == len(query(store_url, f"SELECT id FROM tokens WHERE {retired} IS NULL"))
@@ -233,7 +233,7 @@ async def test_pools_with_different_names_share_one_database(store_url: str) -> 
         await b.activate("same-user")  # one lease per user per pool
     assert [("a", 1), ("b", 1)] == query(
         store_url,
-        "SELECT p.name, count(*) FROM token_assignments t JOIN pools p ON p.id = t.pool_id"
+        "SELECT p.name, count(*) FROM lease_assignments t JOIN pools p ON p.id = t.pool_id"
         " WHERE t.lease_id IS NOT NULL GROUP BY p.name ORDER BY p.name",
     )
 
@@ -250,7 +250,7 @@ async def test_pools_created_at_run_time_come_back_after_a_restart(store_url: st
         await pools.drop("gpu")
     async with tokenpool.open_pools(store_url) as pools:
         assert [] == pools.names()  # dropped: not served; its rows stay
-    assert 1 == len(query(store_url, "SELECT lease_id FROM token_usage_history"))
+    assert 1 == len(query(store_url, "SELECT lease_id FROM usage_history"))
 
 
 @pytest.mark.parametrize("memory", [5, 1000])
@@ -361,10 +361,10 @@ async def test_user_ids_with_quotes_and_backslashes_are_stored_as_given(store_ur
     held = {
         r[0]
         for r in query(
-            store_url, "SELECT user_id FROM token_assignments WHERE lease_id IS NOT NULL"
+            store_url, "SELECT user_id FROM lease_assignments WHERE lease_id IS NOT NULL"
         )
     }
-    ended = {r[0] for r in query(store_url, "SELECT user_id FROM token_usage_history")}
+    ended = {r[0] for r in query(store_url, "SELECT user_id FROM usage_history")}
     assert (set(users[2:]), set(users[:2])) == (held, ended)
     async with tokenpool.open_pool(size=3, store=store_url) as pool:
         leases = [await pool.lease_of(u) for u in users[2:]]

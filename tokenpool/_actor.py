@@ -353,10 +353,21 @@ class Actor:
                     results.append(UnavailableError(writer.refusal()))
                     continue
                 try:
-                    if type(op) is Activate and op.wait:
-                        result = state.activate_or_wait(op.user_id, now, request, op.wait)
-                        if result is WAITING:
-                            request.wait_index = len(results)
+                    kind = type(op)
+                    if kind is Activate:  # the hot path: no method call in between
+                        if op.wait:  # type: ignore[attr-defined]
+                            result = state.activate_or_wait(
+                                op.user_id,  # type: ignore[attr-defined]
+                                now,
+                                request,
+                                op.wait,  # type: ignore[attr-defined]
+                            )
+                            if result is WAITING:
+                                request.wait_index = len(results)
+                        else:
+                            result = state.activate(op.user_id, now)  # type: ignore[attr-defined]
+                    elif kind is Revision:
+                        result = state.revision
                     else:
                         result = op.apply(state, now)
                     results.append(result)

@@ -366,6 +366,7 @@ class Commands:
         self.info = info
         self.subscriber = subscriber  # the driver's pub/sub side (subscribe/unsubscribe)
         self.auth = AuthGuard(settings.auth_delay, settings.auth_rate, settings.auth_burst)
+        self.lease_formats: dict[Pool, Format] = {}  # one reply formatter per pool, reused
         self.commands = 0
         self.errors = 0
 
@@ -393,7 +394,11 @@ class Commands:
             assert session.multi is not None
             session.multi.append(argv)
             return Simple("QUEUED")
-        if session.subscribed and session.proto == 2 and name not in SUBSCRIBED_OK:
+        if (
+            (session.channels or session.patterns)
+            and session.proto == 2
+            and name not in SUBSCRIBED_OK
+        ):
             return Error(
                 "ERR",
                 f"Can't execute '{argv[0].lower()[:40]}': only (P|S)SUBSCRIBE /"
@@ -509,17 +514,17 @@ def _parse_wait(args: list[str]) -> float | None:
 
 @command("ACTIVATE", 1, 3)
 def _activate(c: Commands, session: Session, args: list[str]) -> Plan:
-    pool = c.pool(session)
+    pool = c.pools.get(session.pool)
+    fmt = c.lease_formats.get(pool)
+    if fmt is None:
+        fmt = c.lease_formats[pool] = _lease_format(pool)
+    if len(args) == 1:  # the hot path: positional, no keyword defaults
+        return Deferred(pool, Activate(args[0]), fmt, lease_wire, True, None, SMALL_COST, False)
     wait = _parse_wait(args[1:])
     if session.executing or wait == 0:
         wait = None
     return Deferred(
-        pool,
-        Activate(args[0], wait),
-        _lease_format(pool),
-        lease_wire,
-        revised=True,
-        waits=bool(wait),
+        pool, Activate(args[0], wait), fmt, lease_wire, True, None, SMALL_COST, bool(wait)
     )
 
 

@@ -278,9 +278,11 @@ except ImportError:  # pragma: no cover - hiredis is a dependency, but the parse
 
 _DIGITS = [len(str(i)) for i in range(1000)]
 # An array header hiredis must never see: it allocates room for the announced count at
-# once (lazily, but freeing 3e9 slots takes seconds of CPU), so a count of three or more
-# digits, or 33 to 99, anywhere at a line start sends the bytes to the careful parser.
-_BIG_ARRAY = re.compile(rb"(?:^|\n)\*(?:[0-9]{3}|3[3-9]|[4-9][0-9])")
+# once (lazily, but freeing 3e9 slots takes seconds of CPU), so a "*" followed by a count
+# of three or more digits, or 33 to 99, sends the bytes to the careful parser. Not
+# anchored at line starts: the anchored pattern costs a millisecond per 64 KiB read, this
+# one 60 us; a match inside an argument's data only costs that read the careful parser.
+_BIG_ARRAY = re.compile(rb"\*(?:[0-9]{3}|3[3-9]|[4-9][0-9])")
 
 
 class RequestParser:
@@ -324,7 +326,9 @@ class RequestParser:
         if self._careful:
             self._slow.feed(data)
             return
-        if _BIG_ARRAY.search(self._buf[-4:] + data):
+        if _BIG_ARRAY.search(data) or (
+            self._buf and _BIG_ARRAY.search(self._buf[-4:] + data[:8])  # across the seam
+        ):
             self._buf += data
             self._to_careful()
             return

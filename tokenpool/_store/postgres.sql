@@ -83,5 +83,9 @@ CREATE TABLE IF NOT EXISTS token_usage_history (
 CREATE INDEX IF NOT EXISTS history_by_token ON token_usage_history (token_id, revision DESC);
 CREATE INDEX IF NOT EXISTS history_by_user ON token_usage_history (pool_id, user_id, revision DESC);
 
+-- The names SQLite's views give these tables (the same queries run on both stores).
+CREATE OR REPLACE VIEW lease_assignments AS SELECT * FROM token_assignments;
+CREATE OR REPLACE VIEW usage_history AS SELECT * FROM token_usage_history;
+
 CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY);
 INSERT INTO schema_version VALUES (2) ON CONFLICT DO NOTHING;

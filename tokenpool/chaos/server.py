@@ -109,12 +109,12 @@ def stored_leases(dsn: str, pool: str = "default") -> list[StoredLease]:
     """Every lease the store holds for ``pool``: the active ones and the ended ones."""
     pool_id = "(SELECT id FROM pools WHERE name = {p})"
     active = (
-        "SELECT lease_id, token_id, user_id, fence, {at} FROM token_assignments"
+        "SELECT lease_id, token_id, user_id, fence, {at} FROM lease_assignments"
         f" WHERE pool_id = {pool_id} AND lease_id IS NOT NULL"
     )
     ended = (
         "SELECT lease_id, token_id, user_id, expiration_reason, {start}, {end}, fence"
-        f" FROM token_usage_history WHERE pool_id = {pool_id}"
+        f" FROM usage_history WHERE pool_id = {pool_id}"
     )
     if dsn.startswith("sqlite:///"):
         path = dsn.removeprefix("sqlite:///")
