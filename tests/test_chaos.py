@@ -4,6 +4,7 @@ model, and the checker itself shown to catch the bugs it exists for."""
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -84,7 +85,7 @@ def test_a_double_grant_is_caught(recorded: dict[str, Any]) -> None:
     # still held when the second is granted (in a pool of 4 the second evicts an older one).
     first, second = next(
         (a, b)
-        for a, b in zip(grants[10:], grants[11:], strict=False)
+        for a, b in itertools.pairwise(grants[10:])
         if a.value["token_id"] != b.value["token_id"]
         and not any(a.revision < r < b.revision for r in ends)  # type: ignore[operator]
     )

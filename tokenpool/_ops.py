@@ -29,7 +29,7 @@ class Op:
     needs_room: ClassVar[bool] = False
     waits: ClassVar[bool] = False
 
-    cost: int = 1
+    cost: ClassVar[int] = 1
     """Work on the actor, in units of about one activation: it bounds a batch (a class
     attribute where it is constant, so reading it costs nothing on the hot path)."""
 
@@ -89,8 +89,8 @@ class ActivateMany(Op):
     def __init__(self, user_ids: tuple[str, ...]) -> None:
         self.user_ids = user_ids
 
-    @property  # type: ignore[override]
-    def cost(self) -> int:
+    @property
+    def cost(self) -> int:  # type: ignore[override]
         return len(self.user_ids)
 
     def apply(self, state: PoolState, now: int) -> Any:
@@ -214,8 +214,8 @@ class GetTokens(Op):
         self.cursor = cursor
         self.count = count
 
-    @property  # type: ignore[override]
-    def cost(self) -> int:
+    @property
+    def cost(self) -> int:  # type: ignore[override]
         return 1 + self.count // 50
 
     def apply(self, state: PoolState, now: int) -> Any:
