@@ -50,7 +50,7 @@ def run(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tokenpool", "serve", "--port", "0", *args],
+        [sys.executable, "-m", "tokenpool", "serve", "--port", "0", "--http-port", "0", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

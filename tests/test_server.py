@@ -403,7 +403,10 @@ async def test_a_client_that_never_reads_is_dropped() -> None:
 
 def start_server(*args: str) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenpool", "serve", "--port", "0", "--log-format", "json", *args],
+        [
+            *(sys.executable, "-m", "tokenpool", "serve", "--port", "0", "--http-port", "0"),
+            *("--log-format", "json", *args),
+        ],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
@@ -504,7 +507,10 @@ async def test_failed_auth_attempts_are_slowed() -> None:
 
 def test_non_loopback_bind_without_password_is_refused() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "tokenpool", "serve", "--host", "0.0.0.0", "--dsn", "memory"],
+        [
+            *(sys.executable, "-m", "tokenpool", "serve", "--host", "0.0.0.0", "--dsn", "memory"),
+            *("--http-port", "0"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -34,6 +34,8 @@ import trio
 from . import __version__
 from ._commands import ServerSettings
 from ._errors import InvalidArgumentError, TokenPoolError
+from ._http import HttpApp, HttpSettings, serve_http
+from ._metrics import Latencies
 from ._pool import open_pools
 from ._server import RespServer, RespSettings
 from ._settings import (
@@ -124,6 +126,16 @@ def _store(value: Any, what: str) -> str | None:
     return check_store_url(value)
 
 
+def _rate(value: Any, what: str) -> float:
+    if isinstance(value, str):
+        rate = parse_seconds(value.strip(), what, 0.0, 1e9)
+    else:
+        rate = check_seconds(value, what, 0.0, 1e9)
+    if 0 < rate < 0.001:
+        raise InvalidArgumentError(f"{what} must be 0 (off) or from 0.001 to 1e9, not {rate:g}")
+    return rate
+
+
 def _host(value: Any, what: str) -> str:
     host = _text(value, what).strip()
     if not host or " " in host:
@@ -152,6 +164,8 @@ class Option:
 OPTIONS = [
     Option("host", _host, "127.0.0.1", "address to bind (a non-loopback one needs a password)"),
     Option("port", _int(0, 65535), 7379, "RESP port (0 picks a free one)"),
+    Option("http-host", _host, "127.0.0.1", "HTTP address (a non-loopback one needs a password)"),
+    Option("http-port", _int(0, 65535), 4000, "HTTP port: REST API, /metrics, dashboard (0: off)"),
     Option("size", _int(1, MAX_SIZE), 100, "tokens in the pool 'default'"),
     Option("ttl", _seconds(MIN_TTL, MAX_SECONDS), 120.0, "seconds a lease lasts"),
     Option(
@@ -184,6 +198,10 @@ OPTIONS = [
     Option("tls-cert", _text, None, "PEM certificate: serve TLS only"),
     Option("tls-key", _text, None, "PEM private key for --tls-cert"),
     Option("max-clients", _int(1, 1_000_000), 10_000, "connections served at once"),
+    Option("rate-limit", _rate, 0.0, "commands/requests a second per client address (0: off)"),
+    Option("rate-limit-burst", _int(0, 10**9), 0, "at once per client address (0: a second's)"),
+    Option("user-rate-limit", _rate, 0.0, "activations a second per user id (0: off)"),
+    Option("user-rate-limit-burst", _int(0, 10**9), 0, "at once per user id (0: a second's)"),
     Option("idle-timeout", _seconds(0.1, 86_400.0), 30.0, "seconds a started command may take"),
     Option(
         "allow-insecure-bind",
@@ -414,19 +432,43 @@ async def serve(config: Config) -> int:
             ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
         except (OSError, ssl.SSLError) as error:
             raise InvalidArgumentError(f"--tls-cert/--tls-key: {error}") from None
-    if not _is_loopback(config.host) and not config.requirepass and not config.allow_insecure_bind:
-        raise InvalidArgumentError(
-            f"refusing to listen on {config.host} without --requirepass;"
-            " set a password (TOKENPOOL_PASSWORD) or pass --allow-insecure-bind"
-        )
+    for option, host in (("--host", config.host), ("--http-host", config.http_host)):
+        if option == "--http-host" and not config.http_port:
+            continue
+        if not _is_loopback(host) and not config.requirepass and not config.allow_insecure_bind:
+            raise InvalidArgumentError(
+                f"refusing to listen on {host} ({option}) without --requirepass;"
+                " set a password (TOKENPOOL_PASSWORD) or pass --allow-insecure-bind"
+            )
     store = config.dsn
     settings = RespSettings(
         host=config.host,
         port=config.port,
         max_clients=config.max_clients,
         idle_timeout=config.idle_timeout,
-        commands=ServerSettings(password=config.requirepass, admin_password=config.admin_password),
+        commands=ServerSettings(
+            password=config.requirepass,
+            admin_password=config.admin_password,
+            rate_limit=config.rate_limit,
+            rate_burst=config.rate_limit_burst,
+            user_rate_limit=config.user_rate_limit,
+            user_rate_burst=config.user_rate_limit_burst,
+        ),
     )
+    latencies = Latencies()
+    http = None
+    if config.http_port:
+        http = HttpApp(
+            HttpSettings(
+                host=config.http_host,
+                port=config.http_port,
+                max_streams=min(config.max_clients, 10_000),
+                certfile=config.tls_cert,
+                keyfile=config.tls_key,
+            ),
+            latencies,
+        )
+    http_stop = trio.Event()
     default = config.pools[config.name]
     shown: dict[str, str] = {
         "size": str(default.size),
@@ -460,6 +502,11 @@ async def serve(config: Config) -> int:
                     stop.set()
 
             outer.start_soon(watch_signals)
+            http_done = trio.Event()
+            if http is not None:
+                await _start_http(outer, http, http_stop, http_done)
+            else:
+                http_done.set()
             async with open_pools(
                 store,
                 durability=config.durability,
@@ -473,7 +520,11 @@ async def serve(config: Config) -> int:
                 # Everything made so far (modules, pools, tokens) lives as long as the
                 # process: out of the collector's way, full collections stay short.
                 gc.freeze()
-                server = RespServer(pools, settings, ssl_context=ssl_context, config=shown)
+                server = RespServer(
+                    pools, settings, ssl_context=ssl_context, config=shown, latencies=latencies
+                )
+                if http is not None:
+                    http.attach(server.commands.sibling(), server)
                 served = trio.Event()
 
                 async def run_server(*, task_status: trio.TaskStatus[list[int]]) -> None:
@@ -501,16 +552,48 @@ async def serve(config: Config) -> int:
                     shown["port"] = str(ports[0])
                     await stop.wait()
                     server.shutdown()
+                    if http is not None:
+                        http.close()
+                    http_stop.set()
                     # Busy connections finish their pipeline; none may take forever.
                     with trio.move_on_after(config.idle_timeout):
                         await served.wait()
                     nursery.cancel_scope.cancel()
+                with trio.move_on_after(config.idle_timeout):
+                    await http_done.wait()
             outer.cancel_scope.cancel()
     if pools.lost:
         log.error("stopped", changes_not_written=pools.lost)
         return 1
     log.info("stopped")
     return 0
+
+
+async def _start_http(
+    nursery: trio.Nursery, app: HttpApp, stop: trio.Event, done: trio.Event
+) -> None:
+    """Serve HTTP from now on (``/readyz`` says 503 until the pools are recovered)."""
+    s = app.settings
+
+    async def run(*, task_status: trio.TaskStatus[int]) -> None:
+        try:
+            await serve_http(app, shutdown=stop, task_status=task_status)
+        finally:
+            done.set()
+
+    try:
+        await nursery.start(run)
+    except BaseException as raised:
+        failure = _single(raised)
+        if not isinstance(failure, OSError):
+            raise
+        if failure.errno == errno.EADDRINUSE:
+            raise InvalidArgumentError(
+                f"HTTP port {s.port} on {s.host} is in use; pass --http-port (0 turns HTTP off)"
+            ) from None
+        raise InvalidArgumentError(
+            f"cannot listen for HTTP on {s.host}:{s.port}: {failure.strerror or failure}"
+        ) from None
 
 
 def _single(error: BaseException) -> BaseException:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import hmac
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,6 +33,7 @@ from ._errors import (
     NoPermError,
     TokenPoolError,
 )
+from ._limits import RateLimiter
 from ._log import get_logger
 from ._model import (
     FENCE,
@@ -60,6 +62,7 @@ from ._ops import (
     Op,
     Release,
     Renew,
+    Revision,
     Validate,
 )
 from ._resp import OK, Error, Reply, Simple
@@ -159,25 +162,47 @@ def token_fields(token_id: str, lease: Record | None) -> dict[str, Reply]:
     }
 
 
-def stats_fields(stats: Stats) -> dict[str, Reply]:
-    out: dict[str, Reply] = {}
+def stats_values(stats: Stats) -> dict[str, Any]:
+    """A pool's counters and store state, typed (numbers stay numbers, no time is ``None``)."""
+    out: dict[str, Any] = {}
     for field in attrs.fields(Stats):
         value = getattr(stats, field.name)
-        if field.name == "last_commit_at":
-            value = "" if value is None else iso(to_us(value))
-        elif isinstance(value, float):
-            value = f"{value:.6f}"
+        if field.name == "last_commit_at" and value is not None:
+            value = iso(to_us(value))
         out[field.name] = value
     return out
 
 
-def settings_fields(settings: PoolSettings) -> dict[str, Reply]:
+def settings_values(settings: PoolSettings) -> dict[str, Any]:
+    """A pool's settings, typed (``max_lifetime`` is ``None`` when unlimited)."""
     return {
         "size": settings.size,
-        "ttl": f"{settings.ttl:g}",
+        "ttl": settings.ttl,
         "when_full": settings.when_full,
-        "min_hold": f"{settings.min_hold:g}",
-        "max_lifetime": "" if settings.max_lifetime is None else f"{settings.max_lifetime:g}",
+        "min_hold": settings.min_hold,
+        "max_lifetime": settings.max_lifetime,
+    }
+
+
+def _resp_value(value: Any) -> Reply:
+    # RESP2 has no null inside a map and no doubles: "" and decimal text stand in.
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return value  # type: ignore[no-any-return]
+
+
+def stats_fields(stats: Stats) -> dict[str, Reply]:
+    """``stats_values`` as RESP shows them."""
+    return {k: _resp_value(v) for k, v in stats_values(stats).items()}
+
+
+def settings_fields(settings: PoolSettings) -> dict[str, Reply]:
+    """``settings_values`` as RESP shows them."""
+    return {
+        k: f"{v:g}" if isinstance(v, float) else ("" if v is None else v)
+        for k, v in settings_values(settings).items()
     }
 
 
@@ -238,6 +263,57 @@ class Action(NamedTuple):
 Plan = Any  # Reply | Deferred | Action
 
 
+_REVISION = Revision()
+
+
+async def run_batch(plans: Sequence[Plan], pool: Pool | None) -> list[Any]:
+    """Every Deferred's op (and its Revision) in one actor batch; a result per plan
+    (``(result, revision)`` for revised ones; ``None`` for plans that are not Deferred)."""
+    ops: list[Op] = []
+    for plan in plans:
+        if type(plan) is Deferred:
+            ops.append(plan.op)
+            if plan.revised:
+                ops.append(_REVISION)
+    raw = await pool.raw_batch(ops) if ops and pool is not None else []
+    out: list[Any] = []
+    i = 0
+    for plan in plans:
+        if type(plan) is not Deferred:
+            out.append(None)
+            continue
+        result = raw[i]
+        i += 1
+        if plan.revised:
+            if not isinstance(result, BaseException):
+                result = (result, raw[i])
+            i += 1
+        out.append(result)
+    return out
+
+
+async def execute(plan: Plan) -> Any:
+    """One plan, alone: its reply value (an ``Error`` for a refusal; a ``Listing`` whole).
+
+    The HTTP app's way in; the RESP server batches a pipeline's plans instead.
+    """
+    kind = type(plan)
+    try:
+        if kind is Deferred:
+            (result,) = await run_batch([plan], plan.pool)
+            if isinstance(result, BaseException):
+                raise result
+            reply = plan.format(result)
+            if plan.finish is not None:
+                reply = await plan.finish(reply)
+            return reply
+        if kind is Action:
+            return await plan.run()
+    except TokenPoolError as error:
+        return error_reply(error)
+    return plan
+
+
 # -- sessions and authentication ------------------------------------------------------
 
 
@@ -258,6 +334,7 @@ class Session:
         "pool",
         "proto",
         "quit",
+        "retry_after",
         "user",
     )
 
@@ -271,6 +348,7 @@ class Session:
         self.quit = False
         self.pool = "default"
         self.failed_auth = False
+        self.retry_after = 0.0  # set by a refusal of the rate limiter (HTTP's Retry-After)
         self.multi: list[list[str]] | None = None
         self.multi_failed = False
         self.executing = False  # planning the commands of an EXEC
@@ -329,6 +407,10 @@ class ServerSettings:
     auth_delay: float = 0.1
     auth_rate: float = 10.0
     auth_burst: int = 20
+    rate_limit: float = 0.0  # commands a second per client address; 0: no limit
+    rate_burst: int = 0  # commands at once per client address; 0: one second's worth
+    user_rate_limit: float = 0.0  # activations a second per user id; 0: no limit
+    user_rate_burst: int = 0
 
 
 # -- the command table ----------------------------------------------------------------
@@ -366,6 +448,9 @@ class Commands:
         self.info = info
         self.subscriber = subscriber  # the driver's pub/sub side (subscribe/unsubscribe)
         self.auth = AuthGuard(settings.auth_delay, settings.auth_rate, settings.auth_burst)
+        self.client_limit = _limiter(settings.rate_limit, settings.rate_burst)
+        self.user_limit = _limiter(settings.user_rate_limit, settings.user_rate_burst)
+        self.limited = self.client_limit is not None or self.user_limit is not None
         self.lease_formats: dict[Pool, Format] = {}  # one reply formatter per pool, reused
         self.commands = 0
         self.errors = 0
@@ -387,6 +472,10 @@ class Commands:
             return Error("ERR", f"wrong number of arguments for '{argv[0].lower()[:40]}' command")
         if not session.authed and name not in NO_AUTH_OK:
             return Error("NOAUTH", "Authentication required.")
+        if self.limited and name not in NO_AUTH_OK and not session.executing:
+            refused = self._rate_limited(name, argv, session)
+            if refused is not None:
+                return refused
         if queueing and name not in ("EXEC", "DISCARD", "MULTI", "QUIT"):
             if name in NOT_IN_MULTI:
                 session.multi_failed = True
@@ -408,6 +497,31 @@ class Commands:
             return handler(self, session, argv[1:])
         except TokenPoolError as error:  # a bad argument, an unknown pool
             return error_reply(error)
+
+    def sibling(self) -> Commands:
+        """The command layer for another transport: its own counters, the same pools,
+        password guard and rate limits (a client address has one budget, whatever it
+        speaks)."""
+        other = Commands(self.pools, self.settings, config=self.config, info=self.info)
+        other.auth = self.auth
+        other.client_limit = self.client_limit
+        other.user_limit = self.user_limit
+        return other
+
+    def _rate_limited(self, name: str, argv: list[str], session: Session) -> Error | None:
+        wait = 0.0
+        what = ""
+        if self.client_limit is not None:
+            wait = self.client_limit.take(session.host)
+            what = f"{self.client_limit.rate:g} commands a second from one client address"
+        if not wait and self.user_limit is not None and name == "ACTIVATE" and len(argv) > 1:
+            wait = self.user_limit.take(argv[1])
+            what = f"{self.user_limit.rate:g} activations a second for one user"
+        if not wait:
+            return None
+        session.retry_after = wait
+        self.errors += 1
+        return Error("BUSY", f"rate limit of {what} reached; retry in {wait:.3f} s")
 
     def pool(self, session: Session) -> Pool:
         return self.pools.get(session.pool)
@@ -450,6 +564,12 @@ class Commands:
             return wrong
 
         return Action(slowly)
+
+
+def _limiter(rate: float, burst: int) -> RateLimiter | None:
+    if rate <= 0:
+        return None
+    return RateLimiter(rate, burst or max(1, math.ceil(rate)))
 
 
 def _revised(format: Callable[[Any, Any], Reply]) -> Callable[[Any], Reply]:

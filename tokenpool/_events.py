@@ -97,6 +97,18 @@ class Subscription:
         self.closed = True
         self._ready.set()
 
+    def next_revision(self) -> int | None:
+        """The revision of the next event if it is already here (``None`` if not).
+
+        An eviction's ``ended`` and ``granted`` events share a revision: a stream that
+        marks resume points (SSE ids) marks only the last event of a revision.
+        """
+        if self._current:
+            return record_revision(self._current[0])
+        if self._batches:
+            return record_revision(self._batches[0][0])
+        return None
+
     def __aiter__(self) -> Subscription:
         return self
 

@@ -33,6 +33,7 @@ import trio
 
 from . import __version__
 from ._commands import (
+    COMMANDS,
     REDIS_COMPAT_VERSION,
     Action,
     Commands,
@@ -43,11 +44,12 @@ from ._commands import (
     Transaction,
     _channel_pool,
     error_reply,
+    run_batch,
 )
 from ._errors import CompactedError, TokenPoolError
 from ._log import get_logger
+from ._metrics import Latencies
 from ._model import Stats, iso, to_us
-from ._ops import Op, Revision
 from ._pool import Pool, Pools
 from ._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
 
@@ -59,7 +61,6 @@ HEAVY_COST = 32 * 1024  # a segment past this takes one of the two heavy slots
 SLICE = 256  # listing items encoded between checkpoints
 READ_SIZE = 64 * 1024
 WAIT_BUFFER = 1024 * 1024  # bytes a client may send while one of its commands waits
-_REVISION = Revision()
 
 
 @attrs.frozen
@@ -71,6 +72,29 @@ class RespSettings:
     max_clients: int = 10_000
     idle_timeout: float = 30.0
     commands: ServerSettings = attrs.Factory(ServerSettings)
+
+
+@attrs.frozen
+class ServerStatistics:
+    """The RESP server's figures (``INFO``, ``/metrics``)."""
+
+    clients: int
+    connections: int
+    rejected: int
+    commands: int
+    errors: int
+    protocol_errors: int
+    auth_failures: int
+    rate_limited: int
+
+
+def _label(labels: dict[str, str], name: str) -> str:
+    """A command's metric label: its name if it is one (a bounded set), else ``other``."""
+    upper = name.upper()
+    label = upper.lower() if upper in COMMANDS else "other"
+    if len(labels) < 1024:
+        labels[name] = label
+    return label
 
 
 class _Subscriptions:
@@ -263,8 +287,11 @@ class RespServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         config: dict[str, str] | None = None,
+        latencies: Latencies | None = None,
     ) -> None:
         self.pools = pools
+        self.latencies = latencies or Latencies()
+        self._labels: dict[str, str] = {}  # a command's name as sent -> its metric label
         self.settings = settings
         self.ssl_context = ssl_context
         self.commands = Commands(
@@ -293,6 +320,22 @@ class RespServer:
     @property
     def errors(self) -> int:
         return self.commands.errors
+
+    def statistics(self) -> ServerStatistics:
+        c = self.commands
+        limited = sum(
+            limiter.limited for limiter in (c.client_limit, c.user_limit) if limiter is not None
+        )
+        return ServerStatistics(
+            clients=self.clients,
+            connections=self.connections,
+            rejected=self.rejected,
+            commands=c.commands,
+            errors=c.errors,
+            protocol_errors=self.protocol_errors,
+            auth_failures=c.auth.failures,
+            rate_limited=limited,
+        )
 
     def connection_of(self, session: Session) -> _Connection:
         return self._by_session[session.client_id]
@@ -408,7 +451,14 @@ class RespServer:
             except ProtocolError as error:
                 problem = error
             if commands:
+                started = time.perf_counter()
                 await self._execute(conn, commands)
+                labels = self._labels
+                self.latencies.observe_all(
+                    "resp",
+                    [labels.get(c[0]) or _label(labels, c[0]) for c in commands],
+                    time.perf_counter() - started,
+                )
                 if session.quit:
                     return "quit"
                 if conn.hung_up:
@@ -514,9 +564,9 @@ class RespServer:
         heavy = cost > HEAVY_COST
         if heavy:
             async with self._heavy:
-                results = await _batch([p for p, _ in segment], pool)
+                results = await run_batch([p for p, _ in segment], pool)
         else:
-            results = await _batch([p for p, _ in segment], pool)
+            results = await run_batch([p for p, _ in segment], pool)
         out: list[bytes] = []
         for (plan, proto), result in zip(segment, results, strict=True):
             if type(plan) is bytes:
@@ -570,7 +620,7 @@ class RespServer:
     async def _transaction(self, conn: _Connection, tx: Transaction, proto: int) -> None:
         """EXEC: every queued op in ONE actor batch (no other client's command between them)."""
         deferred = [p for p in tx.plans if type(p) is Deferred]
-        results = await _batch(tx.plans, deferred[0].pool if deferred else None)
+        results = await run_batch(tx.plans, deferred[0].pool if deferred else None)
         replies: list[Any] = []
         for plan, result in zip(tx.plans, results, strict=True):
             if type(plan) is Deferred:
@@ -696,32 +746,6 @@ def _writer_fields(pool: Pool) -> dict[str, object]:
         "changes_refused_by_store": writer.rejected,
         "changes_lost": writer.lost,
     }
-
-
-async def _batch(plans: list[Any], pool: Pool | None) -> list[Any]:
-    """Every Deferred's op (and its Revision) in one actor batch; a result per plan
-    (``(result, revision)`` for revised ones; ``None`` for plans that are not Deferred)."""
-    ops: list[Op] = []
-    for plan in plans:
-        if type(plan) is Deferred:
-            ops.append(plan.op)
-            if plan.revised:
-                ops.append(_REVISION)
-    raw = await pool.raw_batch(ops) if ops and pool is not None else []
-    out: list[Any] = []
-    i = 0
-    for plan in plans:
-        if type(plan) is not Deferred:
-            out.append(None)
-            continue
-        result = raw[i]
-        i += 1
-        if plan.revised:
-            if not isinstance(result, BaseException):
-                result = (result, raw[i])
-            i += 1
-        out.append(result)
-    return out
 
 
 def _single(error: BaseException) -> BaseException:

@@ -50,6 +50,7 @@ def tokenpool_server(*args: str) -> Iterator[Server]:
             "json",
             "--max-clients",
             "20000",
+            *(() if any(a.startswith("--http-port") for a in args) else ("--http-port", "0")),
             *args,
         ],
         stderr=subprocess.PIPE,

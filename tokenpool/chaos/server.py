@@ -31,6 +31,7 @@ class Process:
     port: int
     log: list[dict[str, Any]]
     reader: threading.Thread | None = None
+    http_port: int | None = None
 
     @property
     def pid(self) -> int:
@@ -64,7 +65,12 @@ def _drain(stream: IO[str], log: list[dict[str, Any]]) -> None:
 
 
 def start(*args: str, port: int = 0, env: dict[str, str] | None = None) -> Process:
-    """``python -m tokenpool serve`` with ``args``; returns once it listens."""
+    """``python -m tokenpool serve`` with ``args``; returns once it listens.
+
+    HTTP is off unless ``args`` give ``--http-port`` (runs may start several servers).
+    """
+    if not any(a.startswith("--http-port") for a in args):
+        args = (*args, "--http-port", "0")
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "tokenpool", "serve", "--port", str(port)),
@@ -77,16 +83,19 @@ def start(*args: str, port: int = 0, env: dict[str, str] | None = None) -> Proce
     )
     assert proc.stderr is not None
     log: list[dict[str, Any]] = []
+    http_port = None
     for line in proc.stderr:
         try:
             event = json.loads(line)
         except ValueError:
             continue
         log.append(event)
+        if event.get("event") == "http_listening":
+            http_port = int(event["port"])
         if event.get("event") == "listening":
             reader = threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True)
             reader.start()
-            return Process(proc, int(event["ports"][0]), log, reader)
+            return Process(proc, int(event["ports"][0]), log, reader, http_port)
     proc.wait(timeout=30)
     raise RuntimeError(f"tokenpool serve did not start: {log[-5:]}")
 
