@@ -118,9 +118,12 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_the_schema()
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=ROOT,
             env={
                 **os.environ,
                 "NO_COLOR": "1",
+                "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+                "PYTHONPATH": str(ROOT),
                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             },
         )

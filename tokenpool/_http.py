@@ -189,6 +189,10 @@ class HistoryOut(_Model):
     next_before: int | None = Field(description="pass as ?before= for the next (older) page")
 
 
+class DropOut(_Model):
+    dropped: str
+
+
 class ClearOut(_Model):
     cleared_tokens: int
     revision: int
@@ -251,6 +255,7 @@ TokenListReply = type(
 TokenReply = _data(TokenDetailOut, "TokenReply")
 HistoryReply = _data(HistoryOut, "HistoryReply")
 ClearReply = _data(ClearOut, "ClearReply")
+DropReply = _data(DropOut, "DropReply")
 ValidReply = _data(ValidOut, "ValidReply")
 PoolReply = _data(PoolOut, "PoolReply")
 PoolListReply = _data(list[PoolOut], "PoolListReply")
@@ -259,8 +264,17 @@ ErrorCodes: dict[int | str, dict[str, Any]] = {
 }
 
 
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+USER_PATTERN = r"^[^\s\x00-\x1f\x7f]+$"
+
+
 class ActivateIn(_Model):
-    user_id: str = Field(description="who takes a token (at most 128 bytes, no spaces)")
+    user_id: str = Field(
+        description="who takes a token: at most 128 bytes of UTF-8, no space or control character",
+        min_length=1,
+        max_length=128,
+        pattern=USER_PATTERN,
+    )
     wait: float | None = Field(
         None,
         ge=0,
@@ -271,11 +285,17 @@ class ActivateIn(_Model):
 
 
 class RenewIn(_Model):
-    lease_id: str
+    lease_id: str = Field(pattern=UUID_PATTERN, description="the lease id activate returned")
 
 
 class ReleaseIn(_Model):
-    user_id: str | None = Field(None, description="release only if this user holds it")
+    user_id: str | None = Field(
+        None,
+        description="release only if this user holds it",
+        min_length=1,
+        max_length=128,
+        pattern=USER_PATTERN,
+    )
 
 
 class PoolIn(_Model):
@@ -469,9 +489,13 @@ async def _authorized(
 
 
 Authed = Annotated[Session, Depends(_authorized)]
-TokenId = Annotated[str, Path(description="a token id (UUID)", max_length=64)]
-PoolName = Annotated[str, Path(description="a pool name", max_length=64)]
-UserId = Annotated[str, Path(description="a user id", max_length=512)]
+TokenId = Annotated[str, Path(description="a token id (UUID)", pattern=UUID_PATTERN)]
+PoolName = Annotated[
+    str, Path(description="a pool name", pattern=r"^[A-Za-z0-9_.-]{1,64}$", max_length=64)
+]
+UserId = Annotated[
+    str, Path(description="a user id", min_length=1, max_length=128, pattern=USER_PATTERN)
+]
 Limit = Annotated[int, Query(ge=1, le=HISTORY_LIMIT_MAX, description="entries on the page")]
 Before = Annotated[
     int | None, Query(ge=1, le=2**63 - 1, description="the next_before of the previous page")
@@ -674,6 +698,8 @@ class HttpApp:
 
         @api.exception_handler(StarletteHTTPException)
         async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+            if error.status_code == 400:  # a body that is not JSON (or not UTF-8)
+                return _error_response("INVALID", f"the request body: {error.detail}")
             code = {404: "NOTFOUND", 405: "METHOD"}.get(error.status_code, "ERR")
             return JSONResponse(
                 {"error": {"code": code, "message": str(error.detail)}},
@@ -774,7 +800,7 @@ class HttpApp:
             pool: PoolName,
             token_id: TokenId,
             session: Authed,
-            lease_id: Annotated[str, Query(max_length=64)],
+            lease_id: Annotated[str, Query(pattern=UUID_PATTERN)],
         ) -> Response:
             """Whether `lease_id` is the token's current lease."""
             reply = await self.run(["VALIDATE", token_id, lease_id], session, pool)
@@ -958,7 +984,7 @@ class HttpApp:
             await self.run(argv, session, pool)
             return JSONResponse({"data": await self._pool_info(pool, session)})
 
-        @api.delete("/api/pools/{pool}", responses={**ErrorCodes, 200: {"model": ClearReply}})
+        @api.delete("/api/pools/{pool}", responses={**ErrorCodes, 200: {"model": DropReply}})
         async def drop_pool(pool: PoolName, session: Authed) -> Response:
             """Stop serving a pool: every lease ends (`cleared`); its tokens and history stay
             in the store. With --admin-password, admin only."""
@@ -1058,11 +1084,16 @@ class HttpApp:
                 nursery.cancel_scope.cancel()
 
             async def wait() -> None:
-                result.append(await self.finish(plan, session))
+                try:
+                    result.append(await self.finish(plan, session))
+                except ApiError as error:  # raised below, not as an exception group
+                    result.append(error)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(hang_up)
             nursery.start_soon(wait)
+        if result and isinstance(result[0], ApiError):
+            raise result[0]
         if not result:
             raise ApiError("UNAVAILABLE", "the client hung up while waiting")
         return result[0]

@@ -65,6 +65,8 @@ log = get_logger("tokenpool.pool")
 DEFAULT_SIZE = 100
 DEFAULT_TTL = 120.0
 LARGE_POOL = 100_000
+GROW_STEP = 2_000
+"""Tokens a running pool grows by per actor batch (create and alter at run time)."""
 TOKENS_MAX = 10_000
 """The most tokens ``tokens()`` returns in one snapshot; past it, page with ``tokens_page``."""
 
@@ -391,6 +393,17 @@ class Pool:
         return self._hub
 
     async def _configure(self, settings: PoolSettings) -> None:
+        # Cost before work: a pool grown by millions is grown GROW_STEP tokens at a
+        # time, each step one actor batch (committed before the next, so the backlog
+        # stays bounded), so other clients are served between the steps.
+        live = self._actor.state.size
+        while settings.size > live + GROW_STEP:
+            live += GROW_STEP
+            await self._one(_Configure(attrs.evolve(settings, size=live)))
+            if self._writer is not None:
+                await self._writer.flush()
+            else:
+                await trio.lowlevel.checkpoint()
         await self._one(_Configure(settings))
         self.settings = settings
         if self._link is not None and self._writer is not None:
@@ -485,14 +498,21 @@ class Pools:
                 if exists_ok:
                     return self._pools[name]
                 raise ExistsError(f"pool {name!r} already exists")
-            return await self._open(name, settings, create=True, stored=False)
+            pool = await self._open(name, settings, create=True, stored=False, grow=True)
+        if pool._actor.state.size < settings.size:
+            await pool._configure(settings)  # grown a step at a time, others served between
+        return pool
 
     async def restore(self, name: str) -> Pool:
         """Serve the store's pool ``name`` with the settings it has there."""
         async with self._lock:
             return await self._open(name, PoolSettings(), create=False, stored=True)
 
-    async def _open(self, name: str, settings: PoolSettings, *, create: bool, stored: bool) -> Pool:
+    async def _open(
+        self, name: str, settings: PoolSettings, *, create: bool, stored: bool, grow: bool = False
+    ) -> Pool:
+        """``grow``: at run time, start with at most GROW_STEP new tokens (the caller grows
+        the pool to its size afterwards, a step at a time)."""
         c = self._config
         link = await self._start_link()
         clock = self._clock.fork() if self._clock is not None else Clock()
@@ -500,13 +520,21 @@ class Pools:
         if link is None:
             clock.start()
             state = PoolState(settings, history_memory=c.history_memory)
-            state.resize(settings.size, clock.now_us())
+            state.resize(min(settings.size, GROW_STEP) if grow else settings.size, clock.now_us())
             state.changes = []
         else:
             key, snapshot = await link.open_pool(name, settings.as_dict(), create)
             if stored:
                 settings = PoolSettings.make(**snapshot.settings)
-            state, base = _recovered(snapshot, settings, c.history_memory, clock, name, link.shown)
+            state, base = _recovered(
+                snapshot,
+                settings,
+                c.history_memory,
+                clock,
+                name,
+                link.shown,
+                GROW_STEP if grow else None,
+            )
             writer = Writer(
                 link,
                 key,
@@ -623,10 +651,12 @@ def _recovered(
     clock: Clock,
     name: str,
     store: str,
+    grow_step: int | None = None,
 ) -> tuple[PoolState, int]:
     """Rebuild a pool from its snapshot; the changes recovery made are left in ``changes``.
 
-    Returns the state and the revision everything in the store is at.
+    Returns the state and the revision everything in the store is at. ``grow_step``:
+    add at most that many tokens now (the caller grows the rest, a step at a time).
     """
     started = trio.current_time()
     clock.start(floor=snapshot.clock_us + 1 if snapshot.clock_us else 0)
@@ -656,7 +686,10 @@ def _recovered(
     state.advance(now)  # leases that expired while we were down
     expired = leases - state.active
     if snapshot.created or settings != stored or state.size != settings.size:
-        state.configure(settings, now)
+        first = settings
+        if grow_step is not None and settings.size > state.size + grow_step:
+            first = attrs.evolve(settings, size=state.size + grow_step)
+        state.configure(first, now)
     log.info(
         "pool_recovered",
         pool=name,

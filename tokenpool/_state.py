@@ -56,7 +56,7 @@ from ._errors import (
     NotHolderError,
     UnknownTokenError,
 )
-from ._ids import check_user_id, new_id, uuid_bytes, uuid_text
+from ._ids import check_user_id, new_id, ordered_ids, uuid_bytes, uuid_text
 from ._model import ADD, END, GRANT, RENEW, RETIRE, Record
 from ._settings import PoolSettings, check_int
 
@@ -287,6 +287,13 @@ class PoolState:
     def _index(self, slots: list[int]) -> None:
         """Add new slots to the sorted key index (retired slots stay in it, skipped on lookup)."""
         blob = self._blob
+        keys = self._keys
+        if slots:
+            pairs = sorted((int.from_bytes(blob[16 * s : 16 * s + 8]), s) for s in slots)
+            if not keys or pairs[0][0] > keys[-1]:  # all after the last: append (the usual)
+                keys.extend([k for k, _ in pairs])
+                self._key_slots.extend([s for _, s in pairs])
+                return
         if len(slots) < 64:
             for slot in slots:
                 key = int.from_bytes(blob[16 * slot : 16 * slot + 8])
@@ -305,9 +312,14 @@ class PoolState:
         ring = self._ring
         if capacity <= len(ring):
             return
-        ordered = [ring[(self._head + i) % len(ring)] for i in range(self._count)] if ring else []
-        self._ring = array("I", ordered)
-        self._ring.extend([0] * (capacity - len(ordered)))
+        capacity = max(capacity, 2 * len(ring))  # doubling: growing in steps stays linear
+        head, count = self._head, self._count
+        if head + count <= len(ring):
+            ordered = ring[head : head + count]  # array slices: copied in C
+        else:
+            ordered = ring[head:] + ring[: head + count - len(ring)]
+        ordered.frombytes(bytes(ordered.itemsize * (capacity - len(ordered))))
+        self._ring = ordered
         self._head = 0
 
     def _push_free(self, slot: int) -> None:
@@ -370,6 +382,17 @@ class PoolState:
             slots += self._new_slots(run, created)  # type: ignore[arg-type]
         self._index(slots)
 
+    def _mint_tokens(self, count: int, now: int) -> list[str]:
+        """New token ids that sort after every token of the pool (see ``ordered_ids``)."""
+        if self._ids is not new_id:  # ids given by the caller (tests): as they come
+            return sorted(self._ids() for _ in range(count))
+        at_ms = now // 1000
+        if self._keys:
+            at_ms = max(at_ms, (self._keys[-1] >> 16) + 1)  # the newest id's time, +1 ms
+        if at_ms >= 1 << 48:  # the pool holds ids past any time: mint at random
+            return sorted(new_id() for _ in range(count))
+        return ordered_ids(count, at_ms)
+
     def resize(self, size: int, now: int) -> None:
         """Grow or shrink the pool to ``size`` tokens.
 
@@ -381,7 +404,7 @@ class PoolState:
         now = self._tick(now)
         missing = size - self._live
         if missing > 0:
-            self.add_tokens(sorted(self._ids() for _ in range(missing)), now)
+            self.add_tokens(self._mint_tokens(missing, now), now)
         elif missing < 0:
             removed: list[int] = []
             while self._live - len(removed) > size and self._count:
