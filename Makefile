@@ -12,12 +12,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Tools some tests drive (redis-cli; libfaketime for the clock runs), installed with
-# apt-get when we can; else those tests say what is missing (and fail under CI=true).
+# Tools some tests drive (redis-cli; libfaketime for the clock runs; curl for the seed's
+# examples; Debian's chromium for the dashboard test, driven by Playwright), installed
+# with apt-get when we can; else those tests say what is missing (and fail under CI=true).
 test-tools:
 	@missing=""; \
 	  command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
 	  command -v faketime >/dev/null || missing="$$missing faketime"; \
+	  command -v curl >/dev/null || missing="$$missing curl"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	      (apt-get install -y -qq $$missing >/dev/null 2>&1 || \
@@ -56,6 +59,7 @@ bench-tools:
 	  command -v redis-benchmark >/dev/null || missing="$$missing redis-tools"; \
 	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	  command -v pgbench >/dev/null || missing="$$missing postgresql"; \
+	  command -v wrk >/dev/null || missing="$$missing wrk"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	      apt-get update -qq && apt-get install -y -qq $$missing >/dev/null || \

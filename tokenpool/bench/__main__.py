@@ -22,6 +22,7 @@ import structlog
 from . import (
     compare,
     embedded,
+    http,
     memory,
     openloop,
     persistence,
@@ -42,6 +43,7 @@ SECTIONS: dict[str, Callable[[bool], list[Figure]]] = {
     "embedded": embedded.run,
     "persistence": persistence.run,
     "memory": memory.run,
+    "http": http.run,
 }
 NEEDS = {
     "compare": ("redis-benchmark", "redis-server", "pgbench"),
@@ -50,6 +52,7 @@ NEEDS = {
     "openloop": ("redis-server", "pgbench"),
     "memory": ("redis-server",),
     "profile": ("redis-benchmark",),
+    "http": ("wrk",),
 }
 HEADLINE = {"compare", "scaling"}
 

@@ -1,0 +1,166 @@
+"""HTTP: ``POST /api/tokens/activate`` at 50 connections, measured with wrk.
+
+tokenpool (its HTTP API, default SQLite store and PostgreSQL store, async) beside
+the seed's own stack shape: the same endpoint doing one PostgreSQL transaction
+per request (``seed_http.py``). Random users among 100,000, a pool of 10,000;
+runs interleaved, ratios taken run by run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ._measure import Figure
+from ._peers import pg_pool
+from ._services import pg_schema, store_url, tokenpool_server
+
+USERS = 100_000
+SIZE = 10_000
+CONNECTIONS = 50
+
+SCRIPT = f"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  local user = math.random(1, {USERS})
+  return wrk.format(nil, "/api/tokens/activate", nil, '{{"user_id": "u' .. user .. '"}}')
+end
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait(port: int, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def wrk(port: int, seconds: float) -> dict[str, float]:
+    """Requests/s, p99 (ms) and the non-2xx count of one wrk run."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(SCRIPT)
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t2",
+                f"-c{CONNECTIONS}",
+                f"-d{seconds:g}s",
+                "--latency",
+                "-s",
+                f.name,
+                f"http://127.0.0.1:{port}/api/tokens/activate",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    p99_ms = float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {"rps": rps, "p99_ms": p99_ms, "non_2xx": float(bad.group(1)) if bad else 0.0}
+
+
+@contextmanager
+def _tokenpool(store: str) -> Iterator[int]:
+    port = _free_port()
+    with tokenpool_server("--http-port", str(port), "--dsn", store, "--size", str(SIZE)):
+        _wait(port)
+        yield port
+
+
+@contextmanager
+def _seed() -> Iterator[int]:
+    with pg_schema("seedhttp") as schema:
+        pg_pool(schema, SIZE)
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tokenpool.bench.seed_http",
+                "--port",
+                str(port),
+                "--schema",
+                schema,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait(port)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def run(quick: bool) -> list[Figure]:
+    seconds = 3.0 if quick else 10.0
+    rounds = 1 if quick else 3
+    results: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        systems = {
+            "tokenpool http (sqlite)": lambda: _tokenpool(f"sqlite:///{tmp}/bench.db"),
+            "seed shape: one PostgreSQL transaction per request": _seed,
+        }
+        with pg_schema("httpbench") as schema:
+            systems["tokenpool http (postgresql)"] = lambda: _tokenpool(store_url(schema))
+            for _ in range(rounds):
+                for name, make in systems.items():
+                    with make() as port:
+                        wrk(port, 1.0)  # warm up: connections, caches, the first batches
+                        results.setdefault(name, []).append(wrk(port, seconds))
+    figures: list[Figure] = []
+    for name, runs in results.items():
+        params = {"section": "http", "system": name, "connections": CONNECTIONS}
+        figures.append(
+            Figure(
+                f"HTTP activate, {CONNECTIONS} connections: {name}",
+                "requests/s",
+                tuple(r["rps"] for r in runs),
+                {**params, "metric": "rps"},
+            )
+        )
+        figures.append(
+            Figure(
+                f"HTTP activate p99: {name}",
+                "ms",
+                tuple(r["p99_ms"] for r in runs),
+                {**params, "metric": "p99"},
+            )
+        )
+        figures.append(
+            Figure(
+                f"HTTP activate non-2xx: {name}",
+                "responses",
+                tuple(r["non_2xx"] for r in runs),
+                {**params, "metric": "non_2xx"},
+            )
+        )
+    return figures
