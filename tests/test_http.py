@@ -413,7 +413,7 @@ def test_metrics_show_the_write_behind(tmp_path: Path) -> None:
 
 
 def test_readiness_follows_the_store(cluster_url: str, pg_cluster: Cluster) -> None:
-    with api("--dsn", cluster_url, "--write-timeout", "1") as client:
+    with api("--dsn", cluster_url, "--write-timeout", "1", "--max-backlog", "5") as client:
         assert 200 == client.get("/readyz").status_code
         pg_cluster.stop("immediate")
         try:
@@ -427,6 +427,13 @@ def test_readiness_follows_the_store(cluster_url: str, pg_cluster: Cluster) -> N
             assert 503 == ready.status_code
             assert "default" in ready.json()["reasons"]
             assert 200 == client.get("/healthz").status_code
+            codes = [
+                client.post("/api/tokens/activate", json={"user_id": f"u{i}"}).status_code
+                for i in range(10)
+            ]
+            assert 503 in codes  # the backlog of 5 is full: refused, not queued
+            refused = client.post("/api/tokens/activate", json={"user_id": "late"})
+            assert (503, "UNAVAILABLE") == error_of(refused)
         finally:
             pg_cluster.start()
         deadline = time.monotonic() + 60

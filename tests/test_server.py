@@ -771,6 +771,24 @@ async def test_subscribe_delivers_events_as_redis_pubsub() -> None:
         assert "evicted" == events[1]["reason"]
 
 
+async def test_resp3_subscribers_get_push_messages() -> None:
+    async with running(size=1) as (server, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"HELLO 3\r\nSUBSCRIBE events:default\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while b">3\r\n$9\r\nsubscribe" not in data:
+                data += await stream.receive_some(65536)
+            await server.pools.get("default").activate("a")
+            while b"granted" not in data:
+                data += await stream.receive_some(65536)
+        frame = data[data.index(b">3\r\n$7\r\nmessage") :]
+        assert frame.startswith(b">3\r\n$7\r\nmessage\r\n$14\r\nevents:default\r\n$")
+        payload = json.loads(frame.split(b"\r\n")[6])
+        assert ("granted", "a") == (payload["kind"], payload["user_id"])
+        await stream.aclose()
+
+
 async def test_a_subscriber_resumes_after_a_revision() -> None:
     async with running(size=1) as (server, port):
         pool = server.pools.get("default")
