@@ -29,6 +29,7 @@ from . import (
     profile,
     report,
     scaling,
+    stores,
     sustained,
 )
 from ._drivers import missing
@@ -44,6 +45,7 @@ SECTIONS: dict[str, Callable[[bool], list[Figure]]] = {
     "persistence": persistence.run,
     "memory": memory.run,
     "http": http.run,
+    "stores": stores.run,
 }
 NEEDS = {
     "compare": ("redis-benchmark", "redis-server", "pgbench"),
