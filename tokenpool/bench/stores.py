@@ -1,7 +1,8 @@
 """What each store carries: history rows a second through tokenpool's own store code.
 
 The same measurement as the throughput issue's table: 200,000 ended leases (END
-records with their grants) written in batches of 5,000, by the store classes the
+records with their grants, on the default pool of 100 tokens, 100,000 users as in
+the load tests) written in batches of 5,000, by the store classes the
 store process runs (SQLite ``executemany`` over plain tuples with integer keys;
 PostgreSQL binary ``COPY`` into a staging table), timed from Python, one
 transaction per batch. ``--quick``: 50,000 rows.
@@ -19,7 +20,8 @@ from ._measure import Figure
 from ._services import pg_schema, store_url
 
 BATCH = 5_000
-SIZE = 10_000
+SIZE = 100  # the default pool: every activation evicts, so each writes a history row
+USERS = 100_000  # as in the load tests
 TTL_US = 120_000_000
 
 
@@ -54,11 +56,11 @@ def _rows_per_second(url: str, rows: int) -> float:
                 revision += 1
                 lease = f"00000000-0000-4000-8000-{i:012d}"
                 records.append(
-                    (GRANT, lease, slot, f"user-{i}", revision, now, now + TTL_US, revision)
+                    (GRANT, lease, slot, f"user-{i % USERS}", revision, now, now + TTL_US, revision)
                 )
                 revision += 1
                 records.append(
-                    (END, lease, slot, f"user-{i}", revision - 1, now, now + 1, revision, "evicted")
+                    (END, lease, slot, f"user-{i % USERS}", revision - 1, now, now + 1, revision, "evicted")
                 )
                 now += 10
             batch.add(records, {"activations": first + BATCH}, now)
