@@ -60,7 +60,17 @@ def _rows_per_second(url: str, rows: int) -> float:
                 )
                 revision += 1
                 records.append(
-                    (END, lease, slot, f"user-{i % USERS}", revision - 1, now, now + 1, revision, "evicted")
+                    (
+                        END,
+                        lease,
+                        slot,
+                        f"user-{i % USERS}",
+                        revision - 1,
+                        now,
+                        now + 1,
+                        revision,
+                        "evicted",
+                    )
                 )
                 now += 10
             batch.add(records, {"activations": first + BATCH}, now)
