@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -50,6 +51,18 @@ async def test_restart_keeps_tokens_leases_history_and_counters(store_url: str) 
         assert again.revision > stats.revision  # a new owner epoch: fences keep growing
         c = await pool.activate("carol")
         assert c.fence > b.fence
+
+
+async def test_refusals_made_last_before_a_restart_are_kept(store_url: str) -> None:
+    """A refusal changes no lease, so no batch carried it: closing writes the counters."""
+    async with tokenpool.open_pool(size=1, when_full="reject", store=store_url) as pool:
+        await pool.activate("a")
+        for user in ("b", "c"):
+            with pytest.raises(tokenpool.FullError):
+                await pool.activate(user)
+        assert 2 == (await pool.stats()).refusals
+    async with tokenpool.open_pool(size=1, when_full="reject", store=store_url) as pool:
+        assert 2 == (await pool.stats()).refusals
 
 
 async def test_leases_that_expired_while_closed_end_expired_at_their_deadline(
@@ -253,6 +266,30 @@ async def test_pools_created_at_run_time_come_back_after_a_restart(store_url: st
     assert 1 == len(query(store_url, "SELECT lease_id FROM usage_history"))
 
 
+async def test_a_dropped_pool_takes_no_activation_sent_after_the_drop(store_url: str) -> None:
+    """POOL DROP ends every lease; an activation racing it is either before it (and ended
+    ``cleared``) or refused, never left active in the store."""
+    granted: list[str] = []
+
+    async def activate(pool: tokenpool.Pool, user: str, turns: int) -> None:
+        for _ in range(turns):  # spread the activations around the drop's own message
+            await trio.lowlevel.checkpoint()
+        with suppress(tokenpool.TokenPoolError):
+            await pool.activate(user)
+            granted.append(user)
+
+    async with tokenpool.open_pools(store_url) as pools:
+        pool = await pools.create("x", tokenpool.PoolSettings(size=50, ttl=30))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pools.drop, "x")
+            for i in range(40):
+                nursery.start_soon(activate, pool, f"u{i}", i % 8)
+    active = query(store_url, "SELECT user_id FROM lease_assignments WHERE user_id IS NOT NULL")
+    assert [] == active
+    ended = query(store_url, "SELECT user_id, expiration_reason FROM usage_history")
+    assert sorted((user, "cleared") for user in granted) == sorted(tuple(r) for r in ended)
+
+
 @pytest.mark.parametrize("memory", [5, 1000])
 async def test_long_histories_page_exactly_once_with_any_limit(store_url: str, memory: int) -> None:
     """The hardening issue's defect 2: every entry, once, whatever memory keeps."""
@@ -291,24 +328,28 @@ async def test_stale_owner_is_fenced_and_stops_taking_activations(store_url: str
     assert [] == query(store_url, ACTIVE + " AND user_id <> 'a'")
 
 
+def refuse_evictions_of_fine(store_url: str) -> None:
+    """A constraint the pool knows nothing of: recording the eviction of "fine" breaks it."""
+    if store_url.startswith("sqlite"):
+        execute(
+            store_url,
+            "CREATE TRIGGER refuse BEFORE INSERT ON token_usage_history"
+            " WHEN NEW.user_id = 'fine' AND NEW.expiration_reason = 'evicted'"
+            " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END",
+        )
+    else:
+        execute(
+            store_url,
+            "ALTER TABLE token_usage_history ADD CONSTRAINT refuse"
+            " CHECK (NOT (user_id = 'fine' AND expiration_reason = 'evicted'))",
+        )
+
+
 async def test_a_batch_the_database_refuses_is_reported_and_never_wedges(store_url: str) -> None:
     """A write no retry can fix is dropped loudly; what comes after it is written."""
     async with tokenpool.open_pool(size=1, store=store_url, durability="sync") as pool:
         await pool.activate("fine")
-        # A constraint the pool knows nothing of: the eviction of "fine" by "evil" breaks it.
-        if store_url.startswith("sqlite"):
-            execute(
-                store_url,
-                "CREATE TRIGGER refuse BEFORE INSERT ON token_usage_history"
-                " WHEN NEW.user_id = 'fine' AND NEW.expiration_reason = 'evicted'"
-                " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END",
-            )
-        else:
-            execute(
-                store_url,
-                "ALTER TABLE token_usage_history ADD CONSTRAINT refuse"
-                " CHECK (NOT (user_id = 'fine' AND expiration_reason = 'evicted'))",
-            )
+        refuse_evictions_of_fine(store_url)
         with pytest.raises(tokenpool.UnavailableError, match="refused"):
             await pool.activate("evil")
         later = await pool.activate("later")  # the next batch is written as usual
@@ -316,6 +357,28 @@ async def test_a_batch_the_database_refuses_is_reported_and_never_wedges(store_u
         figures = pool.statistics()
         assert figures.writer is not None and figures.writer.rejected > 0
         assert "up" == figures.stats.link
+
+
+async def test_an_async_pool_stops_granting_while_the_store_refuses_for_good(
+    store_url: str,
+) -> None:
+    """Async callers were answered before the store refused their batch: the pool then
+    refuses activations (and says not ready, with the reason) until a write commits."""
+    async with tokenpool.open_pool(size=1, store=store_url, durability="async") as pool:
+        await pool.activate("fine")
+        await pool.flush()
+        refuse_evictions_of_fine(store_url)
+        evil = await pool.activate("evil")  # acknowledged; its batch will be refused
+        with suppress(tokenpool.UnavailableError):
+            await pool.flush()
+        ready, why = pool.ready
+        assert not ready and "refused" in why
+        with pytest.raises(tokenpool.UnavailableError, match="refused changes for good"):
+            await pool.activate("next")
+        await pool.release(evil.token_id, "evil")  # a write the store takes...
+        await pool.flush()
+        assert pool.ready == (True, "")  # ...so it grants again
+        assert "again" == (await pool.activate("again")).user_id
 
 
 async def test_unreachable_store_fails_open_clearly() -> None:

@@ -186,6 +186,9 @@ class Actor:
         self.publish = publish
         self.send, self._receive = trio.open_memory_channel[Request](queue_size)
         self.closed = False
+        self._last: Request | None = None
+        self._ended = False  # the last request was applied: refuse what follows it
+        self._refusals_sent = state.refusals  # as the last batch to the writer had them
         self.batches = 0
         self.requests = 0
 
@@ -209,6 +212,19 @@ class Actor:
             await self._undo(request.grants)
         return results
 
+    async def call_last(self, ops: Sequence[Op]) -> list[object]:
+        """Apply ``ops`` as the last message this actor takes: the queue is closed the
+        moment they are in it, so nothing sent after them is applied (``POOL DROP``
+        ends every lease, and no activation may slip in behind it)."""
+        request = Request(ops, self)
+        self._last = request  # whatever reaches the queue after it is refused
+        try:
+            await self.send.send(request)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise UnavailableError("the pool is closed") from None
+        self.close()
+        return await request.wait()  # the actor answers what is queued before it returns
+
     async def _undo(self, grants: list[Record]) -> None:
         """Release the leases an abandoned request granted (shielded: we are cancelled)."""
         ops = [ReleaseLease(lease[2], lease[1]) for lease in grants]
@@ -228,15 +244,23 @@ class Actor:
         (and, in ``sync`` mode, its waiting callers are answered)."""
         if not self.sync:
             await self._loop(task_status)
+            self._write_last_counters()
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._answer_commits)
             await self._loop(task_status)
+            self._write_last_counters()
             with trio.move_on_after(self.write_timeout + 1):
                 while self._replies and self._settle():
                     await self.writer.progress.wait()  # type: ignore[union-attr]
             nursery.cancel_scope.cancel()
         self._fail_replies(UnavailableError("the pool closed before the change was written"))
+
+    def _write_last_counters(self) -> None:
+        """Refusals change no lease, so no batch carried the latest ones: send them."""
+        state = self.state
+        if self.writer is not None and state.refusals != self._refusals_sent:
+            self.writer.submit([], state.counters(), self.now_us(), state.revision)
 
     async def _answer_commits(self) -> None:
         """Answer sync callers as their batches commit, are refused, or run out of time."""
@@ -334,6 +358,12 @@ class Actor:
         for request in batch:
             if request.state != QUEUED:
                 continue  # its caller was cancelled before we got to it
+            if self._ended:
+                request.results = [UnavailableError("the pool is closed")] * len(request.ops)
+                request.state = APPLIED
+                continue
+            if request is self._last:
+                self._ended = True
             results = request.results
             mark = len(state.changes)
             for op in request.ops:
@@ -421,7 +451,10 @@ class Actor:
                 if request.state == APPLIED:
                     request.finish()
             return
-        seq = writer.submit(changes, state.counters(), now, state.revision) if changes else None
+        seq = None
+        if changes:
+            seq = writer.submit(changes, state.counters(), now, state.revision)
+            self._refusals_sent = state.refusals
         if self.sync:
             # Requests that changed something wait for their commit; the rest
             # (reads, an activate that found the user's lease) are answered

@@ -542,6 +542,8 @@ class Pools:
                 max_backlog=c.max_backlog,
                 write_timeout=c.write_timeout,
                 committed=base,
+                # sync callers are told of a refusal; async ones were answered already
+                hold_after_refusal=REFUSAL_HOLD if c.durability == "async" else 0.0,
             )
             link.add_writer(writer)
             changes, state.changes = state.changes, []
@@ -601,14 +603,16 @@ class Pools:
         tokens and history in the store. Returns how many leases ended."""
         async with self._lock:
             pool = self.get(name)
-            ended = int(await pool._one(_EndAll()))
             pool.closed = True
+            (ended,) = await pool._actor.call_last((_EndAll(),))
+            if isinstance(ended, BaseException):
+                raise ended
             await self._stop(name)
             if self._link is not None and pool._writer is not None:
                 with suppress(TokenPoolError):
                     await pool.flush()
                 await self._link.drop_pool(pool._writer.key)
-            return ended
+            return int(cast(int, ended))
 
     async def _stop(self, name: str) -> None:
         pool = self._pools.pop(name)
@@ -631,6 +635,12 @@ class Pools:
             reader, self._reader = self._reader, None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(reader.close)
+
+
+REFUSAL_HOLD = 5.0
+"""Seconds an async pool refuses activations after the store refused a batch for good,
+unless a write commits sooner (then at once): a store that keeps refusing keeps the
+pool refusing, not acknowledging leases it will lose."""
 
 
 def _wall_us() -> int:

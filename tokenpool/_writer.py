@@ -99,8 +99,15 @@ class Writer:
         max_backlog: int,
         write_timeout: float,
         committed: int,
+        hold_after_refusal: float = 0.0,
     ) -> None:
         self._link = link
+        # async pools: after the store refused a batch for good, activations are refused
+        # until a write commits again, or for this long (what was acknowledged is lost:
+        # do not go on promising what may not be kept).
+        self.hold_after_refusal = hold_after_refusal
+        self._refusing_until = 0.0
+        self._refused_why = ""
         self.key = key
         self.name = name
         self.max_backlog = max_backlog
@@ -132,7 +139,17 @@ class Writer:
     # -- the actor's side (no await) --------------------------------------------
 
     def full(self) -> bool:
-        return self.backlog >= self.max_backlog or self.state in ("fenced", "failed")
+        return (
+            self.backlog >= self.max_backlog
+            or self.state in ("fenced", "failed")
+            or (self._refusing_until > 0.0 and self._still_refusing())
+        )
+
+    def _still_refusing(self) -> bool:
+        if trio.current_time() < self._refusing_until:
+            return True
+        self._refusing_until = 0.0
+        return False
 
     def refusal(self) -> str:
         """Why activations are refused now (for the error the actor answers)."""
@@ -140,6 +157,11 @@ class Writer:
             return "this process no longer owns the pool (fenced); restart it"
         if self.state == "failed":
             return "the store process failed; see the server log"
+        if self._refusing_until > 0.0 and self.backlog < self.max_backlog:
+            return (
+                f"the store refused changes for good ({self._refused_why[:200]});"
+                " activations resume once a write commits, see the server log"
+            )
         return "the store's write backlog is full; retry shortly"
 
     def submit(
@@ -212,6 +234,9 @@ class Writer:
         self.changes_written += written
         if written:
             self._batch_sizes.append(written)
+            if self._refusing_until > 0.0:
+                self._refusing_until = 0.0  # the store takes writes again
+                log.warning("store_accepts_changes_again", pool=self.name)
         self.last_commit_at_us = self._link.now_us()
         if self.state in ("retrying", "down"):
             self.state = "up"
@@ -221,13 +246,22 @@ class Writer:
     def refused(self, seq: int, changes: int, message: str) -> None:
         """The store refused one batch for good: say it loudly, report it by number."""
         self.rejected += changes
-        self.refused_seqs[seq] = message
+        if self.hold_after_refusal > 0.0:  # async: nobody waits to be told
+            self._refusing_until = trio.current_time() + self.hold_after_refusal
+            self._refused_why = message
+        else:  # sync: the actor answers the batch's callers, then forgets it
+            self.refused_seqs[seq] = message
         log.error(
             "store_refused_changes",
             pool=self.name,
             changes=changes,
             error=message,
-            note="these changes are not in the store; the rest is written as usual",
+            note="these changes are not in the store; the rest is written as usual"
+            + (
+                "; activations are refused until a write commits again"
+                if self.hold_after_refusal > 0.0
+                else ""
+            ),
         )
         self.acknowledged(seq, 0)
 
