@@ -98,6 +98,10 @@ def test_the_environment_is_checked_the_same_way_and_named(option, value: str) -
         (["--port", "70000"], "--port"),
         (["--name", "a/b"], "--name"),
         (["--dsn", ""], "--dsn"),
+        (["--dsn", "postgresql://u:secret@h:99999/db"], "--dsn"),
+        (["--dsn", "postgresql://u@h:abc/db"], "--dsn"),
+        (["--dsn", "postgresql://u@[::1/db"], "--dsn"),
+        (["--dsn", "postgresql://u@h/db?nonsense=1"], "--dsn"),
         (["--size", "²"], "--size"),
         (["--when-full", "panic"], "--when-full"),
     ],
@@ -108,6 +112,7 @@ def test_a_bad_setting_stops_the_program_with_one_line(args: list[str], named: s
     lines = out.stderr.strip().splitlines()
     assert 1 == len(lines), out.stderr
     assert named in lines[0] and "Traceback" not in out.stderr
+    assert "secret" not in out.stderr
 
 
 def test_a_bad_environment_value_names_the_variable() -> None:

@@ -189,6 +189,9 @@ async def test_invalid_input_is_rejected_and_changes_nothing(call, message) -> N
         {"max_backlog": 0},
         {"queue_size": 0},
         {"history_memory": 0},
+        {"store": "postgresql://u@h:99999/db"},
+        {"store": "postgresql://u@[::1/db"},
+        {"store": "postgresql://u@h/db?schema=a-b"},
     ],
 )
 async def test_bad_settings_are_rejected(kwargs: dict[str, object]) -> None:

@@ -42,10 +42,11 @@ async def running(
     auth_delay: float = 0.1,
     auth_rate: float = 10.0,
     auth_burst: int = 20,
+    name: str = "default",
     **settings: Any,
 ) -> AsyncIterator[tuple[RespServer, int]]:
     async with tokenpool.open_pools(
-        declared={"default": tokenpool.PoolSettings(size=size, ttl=ttl)}
+        declared={name: tokenpool.PoolSettings(size=size, ttl=ttl)}
     ) as pools:
         commands = ServerSettings(
             password=password,
@@ -53,6 +54,7 @@ async def running(
             auth_delay=auth_delay,
             auth_rate=auth_rate,
             auth_burst=auth_burst,
+            default_pool=name,
         )
         server = RespServer(
             pools,
@@ -557,6 +559,37 @@ async def test_a_flood_of_large_replies_never_stalls_another_client() -> None:
     assert worst < 0.1, f"a PING waited {worst * 1000:.0f} ms behind the flood"
 
 
+async def test_a_transaction_is_bounded_before_it_runs() -> None:
+    """MULTI/EXEC (redis-py's default pipeline) must not get round defect 1's bounds:
+    an EXEC whose replies would be too large is refused before any of it runs, and a
+    MULTI queues a bounded number of commands."""
+    async with running(size=10_000, idle_timeout=20) as (server, port):
+
+        def scenario() -> None:
+            r = client(port)
+            pipe = r.pipeline()
+            pipe.execute_command("ACTIVATE", "a")
+            for _ in range(64):
+                pipe.execute_command("TOKENS")
+            with pytest.raises(redis.exceptions.ExecAbortError, match=r"at most 262,144"):
+                pipe.execute()
+            assert r.execute_command("LEASE", "a") is None  # nothing of it ran
+            pipe = r.pipeline()
+            for _ in range(1025):
+                pipe.execute_command("PING")
+            with pytest.raises(redis.ResponseError, match=r"at most 1024 commands|EXECABORT"):
+                pipe.execute()
+            pipe = r.pipeline()  # a paged listing fits
+            pipe.execute_command("TOKENS", "CURSOR", "0", "COUNT", "100")
+            pipe.execute_command("ACTIVATE", "b")
+            (cursor, page), lease = pipe.execute()
+            assert cursor != "0"
+            assert 100 == len(page) and as_dict(lease)["user_id"] == "b"
+
+        await in_thread(scenario)
+        assert 1 == server.pools.get("default").statistics().stats.active
+
+
 async def test_tokens_of_a_huge_pool_is_refused_and_pages_instead() -> None:
     async with running(size=20_000) as (_server, port):
 
@@ -682,6 +715,23 @@ async def test_multi_exec_is_one_atomic_batch_as_redis_py_sends_it() -> None:
 
         reply = await raw(port, b"MULTI\r\nACTIVATE x\r\nDISCARD\r\nLEASE x\r\n")
         assert reply == b"+OK\r\n+QUEUED\r\n+OK\r\n$-1\r\n"
+
+
+async def test_a_new_or_reset_connection_uses_the_flags_pool_and_is_not_admin() -> None:
+    async with running(size=2, name="gpu", admin_password="root") as (_server, port):
+
+        def scenario() -> None:
+            r = client(port)
+            assert "a" == as_dict(r.execute_command("ACTIVATE", "a"))["user_id"]
+            assert r.execute_command("AUTH", "admin", "root")
+            assert "OK" == r.execute_command("POOL", "CREATE", "x", "SIZE", "1", "TTL", "5")
+            assert "OK" == r.execute_command("POOL", "USE", "x")
+            assert "RESET" == r.execute_command("RESET")
+            assert as_dict(r.execute_command("LEASE", "a"))["user_id"] == "a"  # gpu again
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                r.execute_command("POOL", "DROP", "x")  # RESET ended the admin session
+
+        await in_thread(scenario)
 
 
 async def test_inline_commands_take_redis_quotes() -> None:
@@ -811,6 +861,46 @@ async def test_a_subscriber_resumes_after_a_revision() -> None:
         replayed = await in_thread(scenario)
         assert ["ended", "granted"] == [e["kind"] for e in replayed]
         assert a.id == replayed[0]["lease_id"]
+
+
+async def test_a_subscription_outlives_its_pool_as_in_redis() -> None:
+    """A channel subscribed before its pool exists delivers once it is created, and again
+    after it was dropped and created anew; so does a pattern."""
+    async with running(size=1) as (_server, port):
+
+        def granted(pubsub: Any, kind: str) -> list[str]:
+            got = []
+            for _ in range(20):
+                message = pubsub.get_message(timeout=0.5)
+                if message and message["type"] == kind:
+                    got.append(json.loads(message["data"])["user_id"])
+                if len(got) == 1:
+                    break
+            return got
+
+        def scenario() -> None:
+            r = client(port)
+            channel, pattern = r.pubsub(), r.pubsub()
+            channel.subscribe("events:later")
+            pattern.psubscribe("events:lat*")
+            for _ in range(2):
+                channel.get_message(timeout=1)
+                pattern.get_message(timeout=1)
+            for round_ in ("first", "second"):
+                r.execute_command("POOL", "CREATE", "later", "SIZE", "1", "TTL", "60")
+                r.execute_command("POOL", "USE", "later")
+                r.execute_command("ACTIVATE", round_)
+                assert [round_] == granted(channel, "message"), round_
+                assert [round_] == granted(pattern, "pmessage"), round_
+                r.execute_command("POOL", "DROP", "later")
+                r.execute_command("POOL", "USE", "default")
+                for sub in (channel, pattern):  # the drop's "ended" (cleared) events
+                    while sub.get_message(timeout=0.3):
+                        pass
+            channel.close()
+            pattern.close()
+
+        await in_thread(scenario)
 
 
 async def test_a_subscribed_resp2_connection_may_send_only_pubsub_commands() -> None:

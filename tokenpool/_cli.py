@@ -123,7 +123,10 @@ def _store(value: Any, what: str) -> str | None:
         )
     if value in ("memory", "none"):
         return None
-    return check_store_url(value)
+    try:
+        return check_store_url(value)
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(f"{what}: {error}") from None
 
 
 def _rate(value: Any, what: str) -> float:
@@ -453,6 +456,7 @@ async def serve(config: Config) -> int:
             rate_burst=config.rate_limit_burst,
             user_rate_limit=config.user_rate_limit,
             user_rate_burst=config.user_rate_limit_burst,
+            default_pool=config.name,
         ),
     )
     latencies = Latencies()
@@ -538,17 +542,9 @@ async def serve(config: Config) -> int:
                         ports = await nursery.start(run_server)
                     except BaseException as raised:
                         failure = _single(raised)
-                        if not isinstance(failure, OSError):
-                            raise
-                        if failure.errno == errno.EADDRINUSE:
-                            raise InvalidArgumentError(
-                                f"port {config.port} on {config.host} is in use (another"
-                                " tokenpool or Redis?); pass --port (0 picks a free one)"
-                            ) from None
-                        raise InvalidArgumentError(
-                            f"cannot listen on {config.host}:{config.port}:"
-                            f" {failure.strerror or failure}"
-                        ) from None
+                        if isinstance(failure, TokenPoolError):  # the port, named
+                            raise failure from None
+                        raise
                     shown["port"] = str(ports[0])
                     await stop.wait()
                     server.shutdown()

@@ -85,6 +85,11 @@ log = get_logger("tokenpool.commands")
 
 REDIS_COMPAT_VERSION = "7.2.0"
 ITEM_COST = 320  # estimated reply bytes per listed token or history entry
+MULTI_MAX = 1024  # commands one MULTI may queue
+TX_COST = 256 * 1024
+"""The most estimated reply bytes one EXEC may cost: a transaction is one actor batch
+and one reply, so it cannot be cut into slices as a pipeline is; listings inside it
+are paged (``TOKENS CURSOR``, ``HISTORY LIMIT``)."""
 SMALL_COST = 256
 
 
@@ -411,6 +416,7 @@ class ServerSettings:
     rate_burst: int = 0  # commands at once per client address; 0: one second's worth
     user_rate_limit: float = 0.0  # activations a second per user id; 0: no limit
     user_rate_burst: int = 0
+    default_pool: str = "default"  # the pool of a new connection (the flags' --name)
 
 
 # -- the command table ----------------------------------------------------------------
@@ -481,6 +487,9 @@ class Commands:
                 session.multi_failed = True
                 return Error("ERR", f"{name} is not allowed inside MULTI")
             assert session.multi is not None
+            if len(session.multi) >= MULTI_MAX:
+                session.multi_failed = True
+                return Error("ERR", f"a transaction may queue at most {MULTI_MAX} commands")
             session.multi.append(argv)
             return Simple("QUEUED")
         if (
@@ -982,6 +991,14 @@ def _exec(c: Commands, session: Session, args: list[str]) -> Plan:
     pools = {p.pool.name for p in plans if isinstance(p, Deferred)}
     if len(pools) > 1:  # pragma: no cover - POOL USE is refused inside MULTI
         return Error("ERR", "a transaction must use one pool")
+    cost = sum(p.cost for p in plans if isinstance(p, Deferred))
+    if cost > TX_COST:  # checked before any work: nothing was applied
+        return Error(
+            "EXECABORT",
+            f"Transaction discarded: its replies would take about {cost:,} bytes, at most"
+            f" {TX_COST:,} in one EXEC; page listings (TOKENS CURSOR 0 COUNT n, HISTORY"
+            " LIMIT n) or send them outside MULTI",
+        )
     return Transaction(plans)
 
 
@@ -1105,11 +1122,12 @@ def _quit(c: Commands, session: Session, args: list[str]) -> Plan:
 def _reset(c: Commands, session: Session, args: list[str]) -> Plan:
     session.multi = None
     session.proto = 2
-    session.pool = "default"
+    session.pool = c.settings.default_pool
     session.name = ""
-    if c.settings.password is not None:
-        session.authed = False
-        session.user = ""
+    # Back to how a new connection starts: not admin, and unauthenticated if a
+    # password is needed to lease.
+    session.authed = c.settings.password is None
+    session.user = "default" if session.authed and c.settings.admin_password is None else ""
 
     async def run() -> Reply:
         if session.subscribed:

@@ -525,6 +525,11 @@ class HttpApp:
         self.api = self._build()
         self.asgi = _Outer(self.api, self)
 
+    @property
+    def default_pool(self) -> str:
+        """The pool the paths without ``/pools/{pool}`` address (the flags' ``--name``)."""
+        return "default" if self.commands is None else self.commands.settings.default_pool
+
     def attach(self, commands: Commands, resp: RespServer | None = None) -> None:
         self.commands = commands
         self.resp = resp
@@ -722,7 +727,7 @@ class HttpApp:
                     signature = inspect.signature(fn)
 
                     async def default(**kwargs: Any) -> Any:
-                        return await fn(pool="default", **kwargs)
+                        return await fn(pool=self.default_pool, **kwargs)
 
                     default.__signature__ = signature.replace(  # type: ignore[attr-defined]
                         parameters=[p for n, p in signature.parameters.items() if n != "pool"]

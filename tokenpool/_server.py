@@ -20,6 +20,7 @@ replies is dropped when a write stays blocked for ``idle_timeout``; past
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from ._commands import (
     error_reply,
     run_batch,
 )
-from ._errors import CompactedError, TokenPoolError
+from ._errors import CompactedError, InvalidArgumentError, TokenPoolError
 from ._log import get_logger
 from ._metrics import Latencies
 from ._model import Stats, iso, to_us
@@ -59,6 +60,7 @@ MAX_PIPELINE = 128  # commands parsed and planned before the connection yields i
 SEGMENT_COST = 256 * 1024  # estimated reply bytes per actor batch
 HEAVY_COST = 32 * 1024  # a segment past this takes one of the two heavy slots
 SLICE = 256  # listing items encoded between checkpoints
+LARGE_REPLIES = 16  # listings past HEAVY_COST held at once (each at most ~3 MB)
 READ_SIZE = 64 * 1024
 WAIT_BUFFER = 1024 * 1024  # bytes a client may send while one of its commands waits
 
@@ -218,42 +220,68 @@ class _Connection:
         return scope
 
     async def _forward(self, name: str, pattern: bool, scope: trio.CancelScope) -> None:
-        """Deliver a channel's (or a pattern's) events as messages until unsubscribed."""
-        with scope:
-            if pattern:
-                await self._forward_pattern(name)
-                return
-            try:
-                pool_name, since = _channel_pool(name)
-            except TokenPoolError:
-                return
-            await self._forward_pool(pool_name, since, name, None)
+        """Deliver a channel's (or a pattern's) events as messages until unsubscribed.
+
+        As in Redis, a subscription outlives its publisher: a channel of a pool not
+        served yet (or dropped) delivers once the pool is (again). A subscription that
+        ended (``overflow``, ``compacted``) is forgotten, so it can be made again."""
+        table = self.session.patterns if pattern else self.session.channels
+        try:
+            with scope:
+                if pattern:
+                    await self._forward_pattern(name)
+                    return
+                try:
+                    pool_name, since = _channel_pool(name)
+                except TokenPoolError:
+                    return
+                pools = self.server.pools
+                while True:
+                    while pool_name not in pools.names():
+                        await pools.changed()
+                    if await self._forward_pool(pool_name, since, name, None) != "closed":
+                        return
+                    if pool_name in pools.names():
+                        return  # its stream ended while it is still served: shutting down
+                    since = None  # the pool was dropped: follow it when it is served again
+        finally:
+            if table.get(name) is scope:
+                del table[name]
 
     async def _forward_pattern(self, pattern: str) -> None:
         import fnmatch
 
         pools = self.server.pools
+        seen: set[str] = set()
+
+        async def follow(pool_name: str, channel: str) -> None:
+            why = await self._forward_pool(pool_name, None, channel, pattern)
+            if why == "closed" and pool_name not in pools.names():
+                seen.discard(pool_name)  # dropped: follow it again if it comes back
+
         async with trio.open_nursery() as nursery:
-            seen: set[str] = set()
             while True:
                 for pool_name in pools.names():
                     channel = f"events:{pool_name}"
                     if pool_name not in seen and fnmatch.fnmatchcase(channel, pattern):
                         seen.add(pool_name)
-                        nursery.start_soon(self._forward_pool, pool_name, None, channel, pattern)
+                        nursery.start_soon(follow, pool_name, channel)
                 await pools.changed()
 
     async def _forward_pool(
         self, pool_name: str, since: int | None, channel: str, pattern: str | None
-    ) -> None:
-        session = self.session
+    ) -> str:
+        """Forward one pool's events; why it stopped: ``closed`` (the pool stopped
+        serving), ``overflow``, ``compacted``, or ``gone`` (the client or the pool)."""
         try:
             pool = self.server.pools.get(pool_name)
         except TokenPoolError:
-            return
+            return "closed"
+        last = ""
         try:
             async with pool.watch(since) as events:
                 async for event in events:
+                    last = event.kind
                     await self._message(channel, pattern, json.dumps(event.as_dict()))
         except CompactedError as error:
             await self._message(
@@ -261,11 +289,13 @@ class _Connection:
                 pattern,
                 json.dumps({"kind": "compacted", "oldest": error.oldest, "message": str(error)}),
             )
+            return "compacted"
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             self.closed = True
             with contextlib.suppress(Exception):
                 await self.stream.aclose()
-        del session
+            return "gone"
+        return "overflow" if last == "overflow" else "closed"
 
     async def _message(self, channel: str, pattern: str | None, payload: str) -> None:
         proto = self.session.proto
@@ -275,6 +305,22 @@ class _Connection:
             else ["pmessage", pattern, channel, payload]
         )
         await self.send(_encode_push(_Push(items), proto))
+
+
+async def _listen(host: str, port: int) -> list[trio.SocketListener]:
+    """The listeners, or one clear ``InvalidArgumentError`` naming the port (a library
+    user gets the same sentence as the command line, not a bare ``OSError``)."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as failure:
+        if failure.errno == errno.EADDRINUSE:
+            raise InvalidArgumentError(
+                f"port {port} on {host} is in use (another tokenpool or Redis?);"
+                " choose another port (--port; 0 picks a free one)"
+            ) from None
+        raise InvalidArgumentError(
+            f"cannot listen on {host}:{port}: {failure.strerror or failure}"
+        ) from None
 
 
 class RespServer:
@@ -316,6 +362,9 @@ class RespServer:
         # two connections do it at once, a slice at a time, so however many ask, a
         # light command waits behind a couple of slices (a few ms), not behind all of them.
         self._heavy = trio.CapacityLimiter(2)
+        # Large listings held at once (built, then sent to readers that may stall): what
+        # bounds the memory many slow readers can pin, whatever they send.
+        self._large = trio.CapacityLimiter(LARGE_REPLIES)
 
     @property
     def errors(self) -> int:
@@ -347,7 +396,7 @@ class RespServer:
     ) -> None:
         """Listen until ``shutdown()``; then wait for the connections to finish."""
         async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+            listeners = await _listen(self.settings.host, self.settings.port)
             self.ports = [ln.socket.getsockname()[1] for ln in listeners]
             with trio.CancelScope() as self._listeners:
                 log.info(
@@ -391,6 +440,7 @@ class RespServer:
         )
         if s.password is None and s.admin_password is not None:
             session.authed = True  # leasing needs no password; reshaping pools needs admin
+        session.pool = s.default_pool
         log.debug("client_connected", client=session.client_id, peer=peer)
         reason = "closed"
         try:
@@ -575,6 +625,13 @@ class RespServer:
             if plan.wire is not None and not isinstance(result, BaseException):
                 out.append(plan.wire(result, proto, plan.pool))
                 continue
+            if plan.cost > HEAVY_COST:
+                if out:
+                    await conn.send(b"".join(out))
+                    out = []
+                async with self._large:  # from building the listing until it is sent
+                    await self._large_reply(conn, plan, result, proto)
+                continue
             if heavy and plan.finish is None:
                 async with self._heavy:  # a store read (finish) happens outside the slot
                     reply = await self._reply(plan, result)
@@ -589,6 +646,19 @@ class RespServer:
                 out.append(encode(reply, proto))
         if out:
             await conn.send(b"".join(out))
+
+    async def _large_reply(
+        self, conn: _Connection, plan: Deferred, result: Any, proto: int
+    ) -> None:
+        if plan.finish is None:
+            async with self._heavy:
+                reply = await self._reply(plan, result)
+        else:  # a store read (finish) happens outside the heavy slot
+            reply = await self._reply(plan, result)
+        if type(reply) is Listing:
+            await self._stream_listing(conn, reply, proto)
+        else:
+            await conn.send(encode(reply, proto))
 
     async def _wait(
         self, conn: _Connection, segment: list[tuple[Any, int]], pool: Pool | None, cost: int
@@ -620,7 +690,12 @@ class RespServer:
     async def _transaction(self, conn: _Connection, tx: Transaction, proto: int) -> None:
         """EXEC: every queued op in ONE actor batch (no other client's command between them)."""
         deferred = [p for p in tx.plans if type(p) is Deferred]
-        results = await run_batch(tx.plans, deferred[0].pool if deferred else None)
+        pool = deferred[0].pool if deferred else None
+        if sum(p.cost for p in deferred) > HEAVY_COST:  # bounded by TX_COST when planned
+            async with self._heavy:
+                results = await run_batch(tx.plans, pool)
+        else:
+            results = await run_batch(tx.plans, pool)
         replies: list[Any] = []
         for plan, result in zip(tx.plans, results, strict=True):
             if type(plan) is Deferred:

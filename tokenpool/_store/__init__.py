@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import attrs
 
@@ -151,12 +151,12 @@ def redact(url: str) -> str:
     """
     if url.startswith(("postgresql://", "postgres://")):
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        user = f"{parts.username}@" if parts.username else ""
+        netloc = parts.netloc.rpartition("@")
+        user = netloc[0].partition(":")[0]
+        host = (user + "@" if user else "") + netloc[2]  # host[:port][,host[:port]...]
         query = [(k, v) for k, v in parse_qsl(parts.query) if k.lower() not in _SECRET_KEYS]
-        return urlunsplit(parts._replace(netloc=user + host, query=urlencode(query)))
+        shown = f"{parts.scheme}://{host}{parts.path}"
+        return f"{shown}?{urlencode(query)}" if query else shown
     return re.sub(r"(?i)\b(password|passfile|sslpassword)\s*=\s*('[^']*'|\S+)", r"\1=***", url)
 
 
@@ -170,6 +170,7 @@ def check_store_url(url: object) -> str | None:
     if not isinstance(url, str):
         raise InvalidArgumentError(f"store must be a URL string or None, not {type(url).__name__}")
     if url.startswith(("postgresql://", "postgres://")):
+        _check_postgres_url(url)
         return url
     if url.startswith("sqlite://"):
         from .sqlite import sqlite_path
@@ -180,6 +181,39 @@ def check_store_url(url: object) -> str | None:
         "store must be a postgresql:// or sqlite:/// URL, or None for memory only;"
         f" not {redact(url)[:80]!r}"
     )
+
+
+def _check_postgres_url(url: str) -> None:
+    """Refuse a PostgreSQL URL libpq could not use, naming what is wrong (never the
+    password): a bad port, a bracket left open, a malformed option."""
+    try:
+        parts = urlsplit(url)
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+            if colon and port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"port {port[:20]!r} is not a number from 1 to 65535")
+            if name.startswith("[") != name.endswith("]"):
+                raise ValueError(f"host {name[:60]!r} has an unclosed bracket")
+        from psycopg.conninfo import conninfo_to_dict
+
+        from .postgres import _dsn_and_schema
+
+        conninfo_to_dict(_dsn_and_schema(url)[0])
+    except InvalidArgumentError:
+        raise
+    except Exception as error:  # ValueError from urlsplit, psycopg.ProgrammingError
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InvalidArgumentError(
+            f"store URL {redact_safe(url)!r} is not a valid PostgreSQL URL: {why}"
+        ) from None
+
+
+def redact_safe(url: str) -> str:
+    """``redact`` for a URL that may not even parse."""
+    try:
+        return redact(url)[:120]
+    except ValueError:
+        return re.sub(r"//[^@/]*@", "//***@", url)[:120]
 
 
 def open_store(url: str, *, write_timeout: float, durability: str, lock_wait: float = 5.0) -> Store:

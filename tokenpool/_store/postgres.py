@@ -21,7 +21,7 @@ import threading
 import time
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psycopg
 from psycopg import sql
@@ -127,7 +127,9 @@ def _dsn_and_schema(url: str) -> tuple[str, str]:
     schema = query.pop("schema", "tokenpool")
     if not schema.isidentifier() or not schema.isascii():
         raise InvalidArgumentError(f"schema {schema!r} is not a plain SQL identifier")
-    return urlunsplit(parts._replace(query=urlencode(query))), schema
+    # Only the query changes: urlunsplit would turn postgresql:///db (a socket) into postgresql:/db.
+    base = url.partition("?")[0]
+    return (f"{base}?{urlencode(query)}" if query else base), schema
 
 
 def connect(url: str, purpose: str, write_timeout: float) -> psycopg.Connection[Any]:

@@ -181,13 +181,17 @@ async def ping_latencies(port: int, until: trio.Event, every: float = 0.02) -> l
 
 async def large_replies(port: int, connections: int, pipeline: int, seconds: float) -> int:
     """Small pipelines asking for the largest replies there are (every token, the longest
-    history page, a full SCAN page), from clients that never read (and one that reads
-    slowly). Returns the bytes the slow reader got: the server kept serving it."""
+    history page, a full SCAN page, the largest transaction allowed and one past it),
+    from clients that never read (and one that reads slowly). Returns the bytes the
+    slow reader got: the server kept serving it."""
     requests = [
         b"TOKENS\r\n",
         b"SCAN 0 COUNT 1000\r\n",
         b"TOKENS CURSOR 0 COUNT 1000\r\n",
         b"POOL INFO default\r\n",
+        b"USERHISTORY nobody LIMIT 10000\r\n",
+        b"MULTI\r\nTOKENS CURSOR 0 COUNT 700\r\nEXEC\r\n",
+        b"MULTI\r\n" + b"TOKENS\r\n" * 64 + b"EXEC\r\n",
     ]
     received = 0
 

@@ -359,6 +359,14 @@ def _overlaps(stored: list[StoredLease]) -> list[Anomaly]:
     return anomalies
 
 
+def _offset_hours(offset: str) -> float:
+    """A libfaketime relative offset (``+0``, ``-1h``, ``+90m``) in hours."""
+    units = {"h": 1.0, "m": 1 / 60, "s": 1 / 3600, "d": 24.0}
+    if offset[-1] in units:
+        return float(offset[:-1]) * units[offset[-1]]
+    return float(offset) / 3600
+
+
 def clock_run(
     workload: Workload,
     *,
@@ -405,6 +413,13 @@ def clock_run(
             refused += sum(1 for e in server.log if e.get("event") == "store_refused_changes")
             if code != 0:
                 anomalies.append(_exit_anomaly(code))
+            hours = [_offset_hours(o) for o in offsets[: len(phases)]]
+            behind = any(e.get("event") == "wall_clock_behind_store" for e in server.log)
+            if len(hours) > 1 and hours[-1] < max(hours[:-1]) and not behind:
+                # The run proves nothing if the fake clock did not take effect.
+                anomalies.append(
+                    Anomaly("clock not faked", f"clock {offset}: no wall_clock_behind_store")
+                )
         stored = stored_leases(url)
     known = {s.id for s in stored}
     previous_fence = 0
