@@ -752,9 +752,12 @@ async def test_named_pools_over_resp_with_an_admin_user() -> None:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 user.execute_command("CLEAR")
             admin = client(port, username="admin", password="root")
-            assert admin.execute_command(
+            assert "OK" == admin.execute_command(
                 "POOL", "CREATE", "gpu", "SIZE", "1", "TTL", "60", "WHEN-FULL", "reject"
             )
+            for reshape in (["ALTER", "gpu", "SIZE", "3"], ["DROP", "gpu"]):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    user.execute_command("POOL", *reshape)
             with pytest.raises(redis.ResponseError, match=r"^EXISTS"):
                 admin.execute_command("POOL", "CREATE", "gpu", "SIZE", "1", "TTL", "60")
             assert ["default", "gpu"] == user.execute_command("POOL", "LIST")
@@ -774,6 +777,40 @@ async def test_named_pools_over_resp_with_an_admin_user() -> None:
                 user.execute_command("ACTIVATE", "c")  # its pool is gone
 
         await in_thread(scenario)
+
+
+async def test_admin_password_alone_lets_anyone_lease_and_only_admin_reshape() -> None:
+    async with running(size=2, admin_password="root") as (_server, port):
+
+        def scenario() -> None:
+            anyone = client(port)
+            assert "a" == as_dict(anyone.execute_command("ACTIVATE", "a"))["user_id"]
+            for command in (["POOL", "CREATE", "x", "SIZE", "1", "TTL", "5"], ["CLEAR"]):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    anyone.execute_command(*command)
+            admin = client(port, username="admin", password="root")
+            assert "OK" == admin.execute_command("POOL", "CREATE", "x", "SIZE", "1", "TTL", "5")
+
+        await in_thread(scenario)
+
+
+async def test_history_pages_over_resp_with_before_each_row_once() -> None:
+    async with running(size=1) as (server, port):
+        pool = server.pools.get("default")
+        await pool.activate_many([f"u{i}" for i in range(250)])
+        token = (await pool.tokens())[0].id
+
+        def scenario() -> list[str]:
+            r = client(port)
+            seen: list[str] = []
+            cursor, page = r.execute_command("HISTORY", token, "LIMIT", "100")
+            seen += [as_dict(u)["user_id"] for u in page]
+            while cursor != "0":
+                cursor, page = r.execute_command("HISTORY", token, "LIMIT", "100", "BEFORE", cursor)
+                seen += [as_dict(u)["user_id"] for u in page]
+            return seen
+
+        assert [f"u{i}" for i in range(248, -1, -1)] == await in_thread(scenario)
 
 
 async def test_activate_wait_blocks_only_its_own_connection() -> None:
