@@ -677,6 +677,26 @@ def test_secrets_never_show_in_config_or_info() -> None:
     assert "hunter2" not in redact("host=db password=hunter2 user=x")
 
 
+def test_a_store_password_never_shows_in_config_info_or_the_log(pg_url: str) -> None:
+    """End to end: a real server on PostgreSQL (trust auth takes any password) given a
+    DSN with a password in both places a URL can hold one."""
+    assert "postgres@" in pg_url
+    dsn = pg_url.replace("postgres@", "postgres:hunter2@", 1) + "&password=hunter3"
+    with chaos_server.running("--dsn", dsn) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"CONFIG GET store\r\nCONFIG GET *\r\nINFO\r\n")
+            data = b""
+            while data.count(b"\r\n\r\n") < 1 or b"# Server" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        assert b"store" in data and b"postgres@" in data
+        assert b"hunter" not in data
+        assert 0 == server.stop()
+        assert not any("hunter" in str(event) for event in server.log)
+
+
 def test_a_password_from_the_environment_is_not_on_the_command_line(tmp_path: Path) -> None:
     with chaos_server.running("--dsn", "memory", env={"TOKENPOOL_PASSWORD": "env-Pw-7"}) as server:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:

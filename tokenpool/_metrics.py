@@ -55,6 +55,7 @@ class Latencies:
 
     def __init__(self) -> None:
         self._series: dict[tuple[str, str], list[float]] = {}
+        self._by_name: dict[str, list[float]] = {}  # RESP: a command as sent -> its series
 
     def observe(self, transport: str, command: str, seconds: float, count: int = 1) -> None:
         key = (transport, command)
@@ -64,15 +65,26 @@ class Latencies:
         series[bisect.bisect_left(BOUNDS, seconds)] += count
         series[-1] += seconds * count
 
-    def observe_all(self, transport: str, commands: list[str], seconds: float) -> None:
-        """Every command of one pipeline took ``seconds`` (its replies went out together)."""
+    def observe_pipeline(
+        self, transport: str, commands: list[list[str]], label: Callable[[str], str], seconds: float
+    ) -> None:
+        """Every command of one pipeline took ``seconds`` (its replies went out together).
+
+        ``commands`` are the commands as sent; ``label`` maps a name to its bounded metric
+        label. The hot path costs one dict lookup per command: a name seen before maps
+        straight to its series (up to 1,024 distinct names are remembered)."""
         index = bisect.bisect_left(BOUNDS, seconds)
-        series_of = self._series
-        for command in commands:
-            key = (transport, command)
-            series = series_of.get(key)
+        cache = self._by_name
+        for argv in commands:
+            name = argv[0]
+            series = cache.get(name)
             if series is None:
-                series = series_of[key] = [0.0] * (len(BOUNDS) + 2)
+                key = (transport, label(name))
+                series = self._series.get(key)
+                if series is None:
+                    series = self._series[key] = [0.0] * (len(BOUNDS) + 2)
+                if len(cache) < 1024:
+                    cache[name] = series
             series[index] += 1
             series[-1] += seconds
 

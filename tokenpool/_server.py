@@ -90,13 +90,10 @@ class ServerStatistics:
     rate_limited: int
 
 
-def _label(labels: dict[str, str], name: str) -> str:
+def _label(name: str) -> str:
     """A command's metric label: its name if it is one (a bounded set), else ``other``."""
     upper = name.upper()
-    label = upper.lower() if upper in COMMANDS else "other"
-    if len(labels) < 1024:
-        labels[name] = label
-    return label
+    return upper.lower() if upper in COMMANDS else "other"
 
 
 class _Subscriptions:
@@ -337,7 +334,6 @@ class RespServer:
     ) -> None:
         self.pools = pools
         self.latencies = latencies or Latencies()
-        self._labels: dict[str, str] = {}  # a command's name as sent -> its metric label
         self.settings = settings
         self.ssl_context = ssl_context
         self.commands = Commands(
@@ -503,11 +499,8 @@ class RespServer:
             if commands:
                 started = time.perf_counter()
                 await self._execute(conn, commands)
-                labels = self._labels
-                self.latencies.observe_all(
-                    "resp",
-                    [labels.get(c[0]) or _label(labels, c[0]) for c in commands],
-                    time.perf_counter() - started,
+                self.latencies.observe_pipeline(
+                    "resp", commands, _label, time.perf_counter() - started
                 )
                 if session.quit:
                     return "quit"
