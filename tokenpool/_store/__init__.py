@@ -57,6 +57,26 @@ class Snapshot:
     created: bool = False
 
 
+class KnownUsers:
+    """User ids this store process has committed to ``users``: a batch inserts only the
+    others (a load test cycles through the same users, and an ``INSERT OR IGNORE`` of a
+    known one still costs an index probe per row). Bounded: forgotten when full."""
+
+    LIMIT = 1_000_000
+
+    def __init__(self) -> None:
+        self._known: set[str] = set()
+
+    def unknown(self, users: dict[str, None]) -> list[str]:
+        known = self._known
+        return [u for u in users if u not in known]
+
+    def committed(self, users: list[str]) -> None:
+        if len(self._known) + len(users) > self.LIMIT:
+            self._known.clear()
+        self._known.update(users)
+
+
 @attrs.define
 class Batch:
     """One pool's changes folded into set-wise writes, applied in ONE transaction."""

@@ -28,7 +28,7 @@ from psycopg import sql
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnknownPoolError
 from .._model import END, Record, to_us
-from . import Batch, FencedError, RejectedError, Snapshot, StoreError, redact
+from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError, redact
 
 LOCK_WAIT = 5.0  # seconds to wait for a previous owner's store process to finish
 _SCHEMA_LOCK = 0x746F6B656E706F6F  # "tokenpoo": serialises schema set-up between processes
@@ -185,6 +185,7 @@ class PostgresStore:
         self._conn: psycopg.Connection[Any] | None = None
         self._backend_pid: int | None = None
         self._pools: dict[int, tuple[str, int]] = {}  # pool id -> (name, epoch)
+        self._users = KnownUsers()
         self._schema_done = False
 
     # -- connections ----------------------------------------------------------
@@ -381,7 +382,9 @@ class PostgresStore:
                         f"pool {name!r} was taken over by a newer owner"
                         f" (this process has epoch {epoch})"
                     )
-                self._statements(cur, pool_id, batch, tokens, retry)
+                users = self._users.unknown(batch.users)
+                self._statements(cur, pool_id, batch, tokens, retry, users)
+            self._users.committed(users)
         except (FencedError, RejectedError):
             raise
         except psycopg.Error as error:
@@ -398,6 +401,7 @@ class PostgresStore:
         batch: Batch,
         tokens: dict[int, str],
         retry: bool,
+        users: list[str],
     ) -> None:
         if batch.tokens_added:
             ids = [t for _, t, _ in batch.tokens_added]
@@ -412,10 +416,10 @@ class PostgresStore:
                 " ON CONFLICT (token_id) DO NOTHING",
                 (ids, pool_id),
             )
-        if batch.users:
+        if users:
             cur.execute(
                 "INSERT INTO users (id) SELECT unnest(%s::text[]) ON CONFLICT (id) DO NOTHING",
-                (list(batch.users),),
+                (users,),
             )
         if batch.history:
             data = history_copy(pool_id, batch.history, tokens)

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnavailableError, UnknownPoolError
 from .._model import END, Record
-from . import Batch, FencedError, RejectedError, Snapshot, StoreError
+from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError
 
 T = TypeVar("T")
 
@@ -93,6 +93,7 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._pools: dict[int, tuple[str, int]] = {}
+        self._users = KnownUsers()
         self._numbers: dict[str, int] = {}  # token id -> tokens.no
 
     def _connection(self) -> sqlite3.Connection:
@@ -281,18 +282,25 @@ class SqliteStore:
                 )
                 if fenced:
                     raise FencedError(f"pool {name!r} was taken over by a newer owner")
-                self._statements(conn, pool_id, batch, tokens)
+                users = self._users.unknown(batch.users)
+                self._statements(conn, pool_id, batch, tokens, users)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            self._users.committed(users)
         except sqlite3.IntegrityError as error:
             raise RejectedError(f"write to {self.path} refused: {error}") from error
         except sqlite3.Error as error:
             raise StoreError(f"write to {self.path} failed: {error}") from error
 
     def _statements(
-        self, conn: sqlite3.Connection, pool_id: int, batch: Batch, tokens: dict[int, str]
+        self,
+        conn: sqlite3.Connection,
+        pool_id: int,
+        batch: Batch,
+        tokens: dict[int, str],
+        users: list[str],
     ) -> None:
         numbers = self._numbers
         if batch.tokens_added:
@@ -308,10 +316,8 @@ class SqliteStore:
                 "INSERT OR IGNORE INTO token_assignments (token_no, pool_id) VALUES (?, ?)",
                 [(numbers[t], pool_id) for _, t, _ in batch.tokens_added],
             )
-        if batch.users:
-            conn.executemany(
-                "INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in batch.users]
-            )
+        if users:
+            conn.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in users])
         if batch.history:
             conn.executemany(
                 "INSERT OR IGNORE INTO token_usage_history (pool_id, revision, lease_id, token_no,"
