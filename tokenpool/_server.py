@@ -692,8 +692,7 @@ class RespServer:
         replies: list[Any] = []
         for plan, result in zip(tx.plans, results, strict=True):
             if type(plan) is Deferred:
-                reply = await self._reply(plan, result)
-                replies.append(reply.whole() if type(reply) is Listing else reply)
+                replies.append(await self._reply(plan, result))
             elif type(plan) is Action:
                 try:
                     replies.append(await plan.run())
@@ -701,7 +700,17 @@ class RespServer:
                     replies.append(error_reply(error))
             else:
                 replies.append(plan)
-        await conn.send(encode(replies, proto))
+        # One array reply; its listings are encoded slice by slice with checkpoints, as
+        # a pipeline's are (the batch was atomic; formatting its results need not be).
+        out = [b"*%d\r\n" % len(replies)]
+        for reply in replies:
+            if type(reply) is Listing:
+                await conn.send(b"".join(out))
+                out = []
+                await self._stream_listing(conn, reply, proto)
+            else:
+                out.append(encode(reply, proto))
+        await conn.send(b"".join(out))
 
     async def _send_reply(self, conn: _Connection, reply: Any, proto: int) -> None:
         if type(reply) is _Many:
