@@ -167,8 +167,12 @@ def test_sigterm_under_load_loses_nothing_and_exits_0(pg_server: str) -> None:
 
 
 def test_hostile_clients_never_take_the_server_down() -> None:
+    # A wider grace than make chaos's: in the suite, leftovers of the runs before this
+    # one (PostgreSQL's checkpoints among them) share the 2 cores with the clients'
+    # own process, which is where the closing times are measured. A connection the
+    # server never closes still fails it.
     summary = runs.hostile_run(
-        slowloris_connections=1000, garbage_connections=100, flood_connections=50
+        slowloris_connections=1000, garbage_connections=100, flood_connections=50, grace=3.5
     )
     assert [] == summary.detail
     assert summary.operations > 0  # the well-behaved client was served throughout

@@ -476,9 +476,13 @@ def hostile_run(
     flood_connections: int = 200,
     idle_timeout: float = 2,
     size: int = 10_000,
+    grace: float = 1.5,
 ) -> Summary:
     """Negative protocol cases, random bytes, slowloris and floods of the largest replies
-    against one server at once, while a well-behaved client's PING is timed."""
+    against one server at once, while a well-behaved client's PING is timed.
+
+    ``grace``: how long after its deadline a slowloris connection may still be seen
+    open (the clients measure from their own process, which shares the cores)."""
     from . import hostile
 
     anomalies: list[Anomaly] = []
@@ -530,7 +534,7 @@ def hostile_run(
             if not outcome.closed:
                 anomalies.append(Anomaly("negative case", f"{name}: connection left open"))
         slow = facts["slowloris"]
-        late = [t for t in slow if t > idle_timeout + 1.5]
+        late = [t for t in slow if t > idle_timeout + grace]
         if late:
             anomalies.append(
                 Anomaly(
