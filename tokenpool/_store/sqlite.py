@@ -69,6 +69,12 @@ def _connect(path: Path, write_timeout: float, synchronous: str) -> sqlite3.Conn
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the indexes' hot pages stay in memory
     conn.execute("PRAGMA temp_store = MEMORY")
+    # Checkpoint every 64 MiB of WAL, not SQLite's 4 MiB: a checkpoint runs in the
+    # committing connection and copies every page changed since the last one, and the
+    # history's index pages change in every batch. At 4 MiB the store process spent its
+    # time copying the same hot pages, and the 60 s sustained run filled the backlog
+    # (800 refusals); at 64 MiB it kept up (0 refusals, 17.5k activations/s).
+    conn.execute("PRAGMA wal_autocheckpoint = 16384")
     return conn
 
 
