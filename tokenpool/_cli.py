@@ -25,7 +25,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import structlog
@@ -34,7 +34,6 @@ import trio
 from . import __version__
 from ._commands import ServerSettings
 from ._errors import InvalidArgumentError, TokenPoolError
-from ._http import HttpApp, HttpSettings, serve_http
 from ._metrics import Latencies
 from ._pool import open_pools
 from ._server import RespServer, RespSettings
@@ -52,6 +51,9 @@ from ._settings import (
     parse_seconds,
 )
 from ._store import check_store_url, redact
+
+if TYPE_CHECKING:
+    from ._http import HttpApp
 
 DEFAULT_STORE = "sqlite:///data/tokenpool.db"
 
@@ -462,6 +464,10 @@ async def serve(config: Config) -> int:
     latencies = Latencies()
     http = None
     if config.http_port:
+        # Imported only when served: FastAPI, pydantic and starlette are most of the
+        # process's modules, and --http-port 0 should not carry them.
+        from ._http import HttpApp, HttpSettings
+
         http = HttpApp(
             HttpSettings(
                 host=config.http_host,
@@ -573,6 +579,8 @@ async def _start_http(
 
     async def run(*, task_status: trio.TaskStatus[int]) -> None:
         try:
+            from ._http import serve_http
+
             await serve_http(app, shutdown=stop, task_status=task_status)
         finally:
             done.set()
