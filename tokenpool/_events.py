@@ -79,11 +79,9 @@ class Subscription:
         self._current: deque[Record] = deque()
         self._ended = False
 
-    def push(self, records: list[Record]) -> None:
+    def push(self, events: list[Record]) -> None:
+        """Take one batch's event records (the hub filtered them): one append."""
         if self.closed:
-            return
-        events = [r for r in records if r[0] <= END]
-        if not events:
             return
         if self.overflowed or self._buffered + len(events) > self._limit:
             self.overflowed = True
@@ -165,8 +163,12 @@ class EventHub:
         log.extend(records)
         if len(log) == self.capacity:
             self._floor = record_revision(log[0]) + 1
-        for subscriber in self._subscribers:
-            subscriber.push(records)
+        if not self._subscribers:
+            return
+        events = [r for r in records if r[0] <= END]  # once per batch, not per subscriber
+        if events:
+            for subscriber in self._subscribers:
+                subscriber.push(events)
 
     @property
     def oldest(self) -> int:
