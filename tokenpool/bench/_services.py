@@ -84,7 +84,8 @@ def tokenpool_server(*args: str) -> Iterator[Server]:
         drain.wait(timeout=5)
 
 
-def _wait_for_port(port: int, seconds: float = 10.0) -> None:
+def wait_for_port(port: int, seconds: float = 10.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:``port``."""
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -123,7 +124,7 @@ def redis_server(appendfsync: str | None = None) -> Iterator[Server]:
             stderr=subprocess.DEVNULL,
         )
         try:
-            _wait_for_port(port)
+            wait_for_port(port)
             yield Server(port, proc.pid)
         finally:
             proc.terminate()

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ..chaos.server import free_port
 from ._measure import Figure
 from ._peers import pg_pool
-from ._services import pg_schema, store_url, tokenpool_server
+from ._services import pg_schema, store_url, tokenpool_server, wait_for_port
 
 USERS = 100_000
 SIZE = 10_000
@@ -34,25 +33,6 @@ request = function()
   return wrk.format(nil, "/api/tokens/activate", nil, '{{"user_id": "u' .. user .. '"}}')
 end
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait(port: int, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def wrk(port: int, seconds: float) -> dict[str, float]:
@@ -88,9 +68,9 @@ def wrk(port: int, seconds: float) -> dict[str, float]:
 
 @contextmanager
 def _tokenpool(store: str) -> Iterator[int]:
-    port = _free_port()
+    port = free_port()
     with tokenpool_server("--http-port", str(port), "--dsn", store, "--size", str(SIZE)):
-        _wait(port)
+        wait_for_port(port, 20.0)
         yield port
 
 
@@ -98,7 +78,7 @@ def _tokenpool(store: str) -> Iterator[int]:
 def _seed() -> Iterator[int]:
     with pg_schema("seedhttp") as schema:
         pg_pool(schema, SIZE)
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -113,7 +93,7 @@ def _seed() -> Iterator[int]:
             stderr=subprocess.DEVNULL,
         )
         try:
-            _wait(port)
+            wait_for_port(port, 20.0)
             yield port
         finally:
             proc.terminate()
@@ -139,28 +119,17 @@ def run(quick: bool) -> list[Figure]:
     figures: list[Figure] = []
     for name, runs in results.items():
         params = {"section": "http", "system": name, "connections": CONNECTIONS}
-        figures.append(
-            Figure(
-                f"HTTP activate, {CONNECTIONS} connections: {name}",
-                "requests/s",
-                tuple(r["rps"] for r in runs),
-                {**params, "metric": "rps"},
+        for key, title, unit, metric in (
+            ("rps", f"HTTP activate, {CONNECTIONS} connections", "requests/s", "rps"),
+            ("p99_ms", "HTTP activate p99", "ms", "p99"),
+            ("non_2xx", "HTTP activate non-2xx", "responses", "non_2xx"),
+        ):
+            figures.append(
+                Figure(
+                    f"{title}: {name}",
+                    unit,
+                    tuple(r[key] for r in runs),
+                    {**params, "metric": metric},
+                )
             )
-        )
-        figures.append(
-            Figure(
-                f"HTTP activate p99: {name}",
-                "ms",
-                tuple(r["p99_ms"] for r in runs),
-                {**params, "metric": "p99"},
-            )
-        )
-        figures.append(
-            Figure(
-                f"HTTP activate non-2xx: {name}",
-                "responses",
-                tuple(r["non_2xx"] for r in runs),
-                {**params, "metric": "non_2xx"},
-            )
-        )
     return figures
