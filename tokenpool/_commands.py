@@ -969,6 +969,7 @@ class Transaction(NamedTuple):
     """``EXEC``: the queued commands' plans, run as ONE actor batch; one array reply."""
 
     plans: list[Plan]
+    cost: int  # estimated reply bytes, at most TX_COST
 
 
 @command("EXEC", 0, 0)
@@ -999,7 +1000,7 @@ def _exec(c: Commands, session: Session, args: list[str]) -> Plan:
             f" {TX_COST:,} in one EXEC; page listings (TOKENS CURSOR 0 COUNT n, HISTORY"
             " LIMIT n) or send them outside MULTI",
         )
-    return Transaction(plans)
+    return Transaction(plans, cost)
 
 
 # -- pub/sub ----------------------------------------------------------------------------------

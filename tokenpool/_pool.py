@@ -140,8 +140,11 @@ class Pool:
 
     # -- one op ---------------------------------------------------------------
 
-    async def _one(self, op: Op) -> Any:
-        (result,) = await self._actor.call((op,))
+    async def _one(self, op: Op, *, last: bool = False) -> Any:
+        """Apply one op; ``last``: as the actor's last message (nothing sent later is
+        applied)."""
+        actor = self._actor
+        (result,) = await (actor.call_last((op,)) if last else actor.call((op,)))
         if isinstance(result, BaseException):
             raise result
         return result
@@ -604,15 +607,13 @@ class Pools:
         async with self._lock:
             pool = self.get(name)
             pool.closed = True
-            (ended,) = await pool._actor.call_last((_EndAll(),))
-            if isinstance(ended, BaseException):
-                raise ended
+            ended = int(await pool._one(_EndAll(), last=True))
             await self._stop(name)
             if self._link is not None and pool._writer is not None:
                 with suppress(TokenPoolError):
                     await pool.flush()
                 await self._link.drop_pool(pool._writer.key)
-            return int(cast(int, ended))
+            return ended
 
     async def _stop(self, name: str) -> None:
         pool = self._pools.pop(name)

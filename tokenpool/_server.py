@@ -605,11 +605,7 @@ class RespServer:
         all the others (sending happens outside the slot: a reader may stall).
         """
         heavy = cost > HEAVY_COST
-        if heavy:
-            async with self._heavy:
-                results = await run_batch([p for p, _ in segment], pool)
-        else:
-            results = await run_batch([p for p, _ in segment], pool)
+        results = await self._ask([p for p, _ in segment], pool, heavy)
         out: list[bytes] = []
         for (plan, proto), result in zip(segment, results, strict=True):
             if type(plan) is bytes:
@@ -625,11 +621,7 @@ class RespServer:
                 async with self._large:  # from building the listing until it is sent
                     await self._large_reply(conn, plan, result, proto)
                 continue
-            if heavy and plan.finish is None:
-                async with self._heavy:  # a store read (finish) happens outside the slot
-                    reply = await self._reply(plan, result)
-            else:
-                reply = await self._reply(plan, result)
+            reply = await self._formatted(plan, result, heavy)
             if type(reply) is Listing:
                 if out:
                     await conn.send(b"".join(out))
@@ -640,14 +632,25 @@ class RespServer:
         if out:
             await conn.send(b"".join(out))
 
+    async def _ask(self, plans: list[Any], pool: Pool | None, heavy: bool) -> list[Any]:
+        """One actor batch for ``plans``; a heavy one in a heavy slot."""
+        if heavy:
+            async with self._heavy:
+                return await run_batch(plans, pool)
+        return await run_batch(plans, pool)
+
+    async def _formatted(self, plan: Deferred, result: Any, heavy: bool) -> Any:
+        """The reply value; a heavy one is formatted in a heavy slot, except when it reads
+        the store (``finish``): that read waits outside the slot."""
+        if heavy and plan.finish is None:
+            async with self._heavy:
+                return await self._reply(plan, result)
+        return await self._reply(plan, result)
+
     async def _large_reply(
         self, conn: _Connection, plan: Deferred, result: Any, proto: int
     ) -> None:
-        if plan.finish is None:
-            async with self._heavy:
-                reply = await self._reply(plan, result)
-        else:  # a store read (finish) happens outside the heavy slot
-            reply = await self._reply(plan, result)
+        reply = await self._formatted(plan, result, True)
         if type(reply) is Listing:
             await self._stream_listing(conn, reply, proto)
         else:
@@ -682,13 +685,8 @@ class RespServer:
 
     async def _transaction(self, conn: _Connection, tx: Transaction, proto: int) -> None:
         """EXEC: every queued op in ONE actor batch (no other client's command between them)."""
-        deferred = [p for p in tx.plans if type(p) is Deferred]
-        pool = deferred[0].pool if deferred else None
-        if sum(p.cost for p in deferred) > HEAVY_COST:  # bounded by TX_COST when planned
-            async with self._heavy:
-                results = await run_batch(tx.plans, pool)
-        else:
-            results = await run_batch(tx.plans, pool)
+        pool = next((p.pool for p in tx.plans if type(p) is Deferred), None)
+        results = await self._ask(tx.plans, pool, tx.cost > HEAVY_COST)
         replies: list[Any] = []
         for plan, result in zip(tx.plans, results, strict=True):
             if type(plan) is Deferred:
