@@ -18,6 +18,7 @@ import attrs
 
 from .._errors import InvalidArgumentError, UnavailableError
 from .._model import ADD, END, GRANT, RENEW, RETIRE, Record
+from .._settings import parse_int
 
 EPOCH_SHIFT = 40
 """Revisions are ``epoch << 40 | n``: each new owner's start above every older one's."""
@@ -210,8 +211,8 @@ def _check_postgres_url(url: str) -> None:
         parts = urlsplit(url)
         for host in parts.netloc.rpartition("@")[2].split(","):
             name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
-            if colon and port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-                raise ValueError(f"port {port[:20]!r} is not a number from 1 to 65535")
+            if colon and port:
+                parse_int(port, "port", 1, 65535)  # ASCII digits only, in range
             if name.startswith("[") != name.endswith("]"):
                 raise ValueError(f"host {name[:60]!r} has an unclosed bracket")
         from psycopg.conninfo import conninfo_to_dict
@@ -219,16 +220,14 @@ def _check_postgres_url(url: str) -> None:
         from .postgres import _dsn_and_schema
 
         conninfo_to_dict(_dsn_and_schema(url)[0])
-    except InvalidArgumentError:
-        raise
-    except Exception as error:  # ValueError from urlsplit, psycopg.ProgrammingError
+    except Exception as error:  # ValueError from urlsplit, psycopg.ProgrammingError, ours
         why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InvalidArgumentError(
-            f"store URL {redact_safe(url)!r} is not a valid PostgreSQL URL: {why}"
+            f"store URL {_redact_safe(url)!r} is not a valid PostgreSQL URL: {why}"
         ) from None
 
 
-def redact_safe(url: str) -> str:
+def _redact_safe(url: str) -> str:
     """``redact`` for a URL that may not even parse."""
     try:
         return redact(url)[:120]
