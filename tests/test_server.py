@@ -79,6 +79,13 @@ def client(port: int, protocol: int = 2, **kw: Any) -> redis.Redis:
     )
 
 
+async def read_until(stream: trio.abc.Stream, marker: bytes, data: bytes = b"") -> bytes:
+    """Receive (after ``data``, what came already) until ``marker`` is in what came."""
+    while marker not in data:
+        data += await stream.receive_some(65536)
+    return data
+
+
 async def raw(port: int, payload: bytes, *, read_until_close: bool = False) -> bytes:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
@@ -882,13 +889,10 @@ async def test_resp3_subscribers_get_push_messages() -> None:
     async with running(size=1) as (server, port):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(b"HELLO 3\r\nSUBSCRIBE events:default\r\n")
-        data = b""
         with trio.fail_after(5):
-            while b">3\r\n$9\r\nsubscribe" not in data:
-                data += await stream.receive_some(65536)
+            data = await read_until(stream, b">3\r\n$9\r\nsubscribe")
             await server.pools.get("default").activate("a")
-            while b"granted" not in data:
-                data += await stream.receive_some(65536)
+            data = await read_until(stream, b"granted", data)
         frame = data[data.index(b">3\r\n$7\r\nmessage") :]
         assert frame.startswith(b">3\r\n$7\r\nmessage\r\n$14\r\nevents:default\r\n$")
         payload = json.loads(frame.split(b"\r\n")[6])
@@ -966,10 +970,8 @@ async def test_a_subscribed_resp2_connection_may_send_only_pubsub_commands() -> 
         assert b"subscribe" in reply
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(b"SUBSCRIBE events:default\r\nACTIVATE a\r\nPING\r\n")
-        data = b""
         with trio.fail_after(5):
-            while b"pong" not in data:
-                data += await stream.receive_some(65536)
+            data = await read_until(stream, b"pong")
         await stream.aclose()
         assert b"only (P|S)SUBSCRIBE" in data
 
