@@ -29,7 +29,7 @@ import trio
 
 from ._errors import InvalidArgumentError, TokenPoolError, UnavailableError
 from ._log import get_logger
-from ._model import GRANT, Record
+from ._model import GRANT, LeaseRecord, Record
 from ._ops import Activate, Op, ReleaseLease, Revision
 from ._state import WAITING
 
@@ -65,7 +65,7 @@ class Request:
         self.results: list[object] = []
         self.state = QUEUED
         self.task: trio.lowlevel.Task | None = None
-        self.grants: list[Record] = []
+        self.grants: list[LeaseRecord] = []
         self.changed = False
         self.wait_index = -1
         self.actor = actor
@@ -225,14 +225,14 @@ class Actor:
         self.close()
         return await request.wait()  # the actor answers what is queued before it returns
 
-    async def _undo(self, grants: list[Record]) -> None:
+    async def _undo(self, grants: list[LeaseRecord]) -> None:
         """Release the leases an abandoned request granted (shielded: we are cancelled)."""
-        ops = [ReleaseLease(lease[2], lease[1]) for lease in grants]
+        ops = [ReleaseLease(lease.slot, lease.id) for lease in grants]
         with trio.CancelScope(shield=True):
             try:
                 await self.send.send(Request(ops))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                log.warning("undo_lost", leases=[lease[1] for lease in grants])
+                log.warning("undo_lost", leases=[lease.id for lease in grants])
 
     def close(self) -> None:
         """Stop taking requests; the actor answers what is queued, then returns."""
@@ -409,7 +409,9 @@ class Actor:
             changes = state.changes
             if track and len(changes) > mark:
                 request.changed = True
-                request.grants = [c for c in changes[mark:] if c[0] == GRANT]
+                request.grants = [
+                    c for c in changes[mark:] if type(c) is LeaseRecord and c.kind == GRANT
+                ]
             request.state = WAITING_TOKEN if request.wait_index >= 0 else APPLIED
 
     def _woken(self) -> list[Request]:
@@ -431,9 +433,9 @@ class Actor:
                     results[j] = self.state.revision
             request.wait_index = -1
             request.state = APPLIED
-            if self.sync and isinstance(result, tuple):
+            if self.sync and isinstance(result, LeaseRecord):
                 request.changed = True
-                request.grants = [result] if result[0] == GRANT else []
+                request.grants = [result] if result.kind == GRANT else []
             out.append(request)
         return out
 
@@ -529,11 +531,11 @@ def _holds_uncommitted(results: list[object], writer: Writer) -> bool:
     """
     committed = writer.committed
     for result in results:
-        if type(result) is tuple and len(result) == 8:
-            if result[4] > committed:
+        if type(result) is LeaseRecord:
+            if result.fence > committed:
                 return True
         elif type(result) is list:
             for item in result:  # activate_many
-                if type(item) is tuple and len(item) == 8 and item[4] > committed:
+                if type(item) is LeaseRecord and item.fence > committed:
                     return True
     return False

@@ -23,44 +23,49 @@ from typing import Any
 import trio
 
 from ._errors import CompactedError
-from ._model import END, GRANT, RENEW, Event, Record, to_datetime
+from ._model import (
+    END,
+    GRANT,
+    RENEW,
+    EndRecord,
+    Event,
+    LeaseRecord,
+    Record,
+    is_lease_event,
+    record_revision,
+    to_datetime,
+)
 
 KINDS = {GRANT: "granted", RENEW: "renewed", END: "ended"}
 
 
-def record_revision(record: Record) -> int:
-    revision: int = record[7] if record[0] <= END else record[1]
-    return revision
-
-
-def event_of(record: Record, pool: str, names: Callable[[int], str]) -> Event:
-    """A GRANT/RENEW/END record as an ``Event``."""
-    kind = record[0]
-    token = names(record[2])
-    if kind == END:
+def event_of(record: LeaseRecord | EndRecord, pool: str, names: Callable[[int], str]) -> Event:
+    """A lease or end record as an ``Event``."""
+    token = names(record.slot)
+    if isinstance(record, EndRecord):
         return Event(
             "ended",
             pool,
-            record[7],
+            record.revision,
             token,
-            record[1],
-            record[3],
-            record[4],
-            to_datetime(record[5]),
+            record.id,
+            record.user_id,
+            record.fence,
+            to_datetime(record.activated_us),
             None,
-            to_datetime(record[6]),
-            record[8],
+            to_datetime(record.ended_us),
+            record.reason,
         )
     return Event(
-        KINDS[kind],
+        KINDS[record.kind],
         pool,
-        record[7],
+        record.revision,
         token,
-        record[1],
-        record[3],
-        record[4],
-        to_datetime(record[5]),
-        to_datetime(record[6]),
+        record.id,
+        record.user_id,
+        record.fence,
+        to_datetime(record.activated_us),
+        to_datetime(record.expires_us),
     )
 
 
@@ -117,7 +122,7 @@ class Subscription:
         while True:
             if self._current:
                 record = self._current.popleft()
-                return event_of(record, hub.pool, hub.names)
+                return event_of(record, hub.pool, hub.names)  # type: ignore[arg-type]
             if self._batches:
                 batch = self._batches.popleft()
                 self._buffered -= len(batch)
@@ -165,7 +170,7 @@ class EventHub:
             self._floor = record_revision(log[0]) + 1
         if not self._subscribers:
             return
-        events = [r for r in records if r[0] <= END]  # once per batch, not per subscriber
+        events = [r for r in records if is_lease_event(r)]  # once per batch, not per subscriber
         if events:
             for subscriber in self._subscribers:
                 subscriber.push(events)
@@ -189,7 +194,7 @@ class EventHub:
                     " the history for what came before)",
                     self._floor,
                 )
-            replay = [r for r in self._log if record_revision(r) > since and r[0] <= END]
+            replay = [r for r in self._log if record_revision(r) > since and is_lease_event(r)]
             if replay:  # already in memory: the buffer bound applies to what comes next
                 subscription._limit += len(replay)
                 subscription.push(replay)

@@ -53,7 +53,7 @@ from ._commands import (
 from ._errors import CompactedError, TokenPoolError
 from ._log import get_logger
 from ._metrics import Latencies, TokenpoolCollector, render
-from ._model import SLOT, Record
+from ._model import LeaseRecord
 from ._resp import Error
 from ._settings import MAX_SECONDS, MAX_SIZE, MIN_TTL, check_name, parse_int
 from ._state import HISTORY_LIMIT_MAX, PAGE_MAX
@@ -330,7 +330,7 @@ def _token(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _active_usage(record: Record | None, token_id: str) -> dict[str, Any] | None:
+def _active_usage(record: LeaseRecord | None, token_id: str) -> dict[str, Any] | None:
     if record is None:
         return None
     lease = lease_fields(record, token_id)
@@ -793,7 +793,7 @@ class HttpApp:
                 argv.append(body.user_id)
             plan = self.plan(argv, session, pool)
             names = plan.pool.token_text
-            plan = plan._replace(format=lambda pair: usage_fields(pair[0], names(pair[0][SLOT])))
+            plan = plan._replace(format=lambda pair: usage_fields(pair[0], names(pair[0].slot)))
             return JSONResponse({"data": await self.finish(plan, session)})
 
         @route(
@@ -848,7 +848,7 @@ class HttpApp:
             plan = self.plan(["TOKEN", token_id], session, pool)
             names = plan.pool.token_text
 
-            def fmt(result: tuple[int, Record | None]) -> dict[str, Any]:
+            def fmt(result: tuple[int, LeaseRecord | None]) -> dict[str, Any]:
                 name = names(result[0])
                 out = _token(token_fields(name, result[1]))
                 out["active_usage"] = _active_usage(result[1], name)

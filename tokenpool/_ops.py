@@ -58,7 +58,7 @@ class Op:
 
 
 def _lease(result: Any, names: Names) -> Any:
-    return None if result is None else lease_value(result, names(result[2]))
+    return None if result is None else lease_value(result, names(result.slot))
 
 
 class Activate(Op):
@@ -120,7 +120,7 @@ class Release(Op):
         return state.release(self.token_id, self.user_id, now)
 
     def value(self, result: Any, names: Names) -> Any:
-        return usage_value(result, names(result[2]))
+        return usage_value(result, names(result.slot))
 
 
 class ReleaseLease(Op):

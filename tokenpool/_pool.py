@@ -30,9 +30,10 @@ from ._ids import check_user_id, uuid_bytes, uuid_text
 from ._log import get_logger
 from ._model import (
     GRANT,
+    EndRecord,
     Lease,
+    LeaseRecord,
     Page,
-    Record,
     Stats,
     TokenStatus,
     Usage,
@@ -161,7 +162,7 @@ class Pool:
         if wait is not None:
             wait = check_seconds(wait, "wait", 0.0, 10 * 365.25 * 86400)
         record = await self._one(Activate(user_id, wait))
-        return lease_value(record, self.token_text(record[2]))
+        return lease_value(record, self.token_text(record.slot))
 
     async def release(self, token_id: str, user_id: str | None = None) -> Usage:
         """End the token's lease (reason ``released``) and return its history entry.
@@ -170,7 +171,7 @@ class Pool:
         leased, ``NotHolderError`` when ``user_id`` is given and does not hold it.
         """
         record = await self._one(Release(token_id, user_id))
-        return usage_value(record, self.token_text(record[2]))
+        return usage_value(record, self.token_text(record.slot))
 
     async def renew(self, token_id: str, lease_id: str) -> Lease:
         """Push the lease's ``expires_at`` to now + ttl (never past ``max_lifetime``).
@@ -178,7 +179,7 @@ class Pool:
         Raises ``NotHolderError`` when that lease is no longer the token's current one.
         """
         record = await self._one(Renew(token_id, lease_id))
-        return lease_value(record, self.token_text(record[2]))
+        return lease_value(record, self.token_text(record.slot))
 
     async def validate(self, token_id: str, lease_id: str) -> bool:
         """Whether ``lease_id`` is the token's current lease. Raises ``UnknownTokenError``."""
@@ -246,7 +247,7 @@ class Pool:
 
     async def finish_history(
         self,
-        result: tuple[list[Record], int],
+        result: tuple[list[EndRecord], int],
         token_id: str | None,
         user_id: str | None,
         limit: int,
@@ -259,7 +260,7 @@ class Pool:
         """
         entries, store_before = result
         names = self.token_text
-        page = [usage_value(r, names(r[2])) for r in entries]
+        page = [usage_value(r, names(r.slot)) for r in entries]
         if store_before and self._reader is not None and len(page) < limit:
             assert self._writer is not None
             try:
@@ -284,7 +285,7 @@ class Pool:
                     raise UnavailableError(f"history: {error}") from None
                 log.warning("history_page_short", pool=self.name, error=str(error))
                 return Page(page, page[-1].revision)  # the rest can be read later
-            page += [usage_value(r, r[2]) for r in rows]
+            page += rows
         return Page(page, page[-1].revision if len(page) >= limit else None)
 
     async def stats(self) -> Stats:
@@ -687,7 +688,9 @@ def _recovered(
         if slot is None:
             log.warning("lease_of_unknown_token", pool=name, lease=lease_id, token=token_id)
             continue
-        state.restore_lease((GRANT, lease_id, slot, user_id, fence, activated, expires, fence))
+        state.restore_lease(
+            LeaseRecord(GRANT, lease_id, slot, user_id, fence, activated, expires, fence)
+        )
     state.revision = max(state.revision, snapshot.epoch << EPOCH_SHIFT)
     state.restore_counters(snapshot.counters)
     state.restored()

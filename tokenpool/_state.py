@@ -46,7 +46,7 @@ from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import compress
-from operator import itemgetter
+from operator import attrgetter
 from typing import Any, overload
 
 from ._errors import (
@@ -57,7 +57,19 @@ from ._errors import (
     UnknownTokenError,
 )
 from ._ids import check_user_id, new_id, ordered_ids, uuid_bytes, uuid_text
-from ._model import ADD, END, GRANT, RENEW, RETIRE, Record
+from ._model import (
+    ADD,
+    END,
+    GRANT,
+    RENEW,
+    RETIRE,
+    EndRecord,
+    LeaseRecord,
+    Reason,
+    Record,
+    TokensAdded,
+    TokensRetired,
+)
 from ._settings import PoolSettings, check_int
 
 HISTORY_LIMIT_MAX = 10_000
@@ -65,44 +77,45 @@ HISTORY_LIMIT_MAX = 10_000
 PAGE_MAX = 1_000
 """The most tokens one page of ``tokens_page`` returns."""
 
-EXPIRED = "expired"
-EVICTED = "evicted"
-RELEASED = "released"
-CLEARED = "cleared"
+EXPIRED = Reason.EXPIRED.value
+EVICTED = Reason.EVICTED.value
+RELEASED = Reason.RELEASED.value
+CLEARED = Reason.CLEARED.value
 
 WAITING = object()
 """``activate_or_wait`` queued the caller: its result comes later through ``woken``."""
 
-_rev = itemgetter(7)
+_rev = attrgetter("revision")
+_new = tuple.__new__  # a record without NamedTuple.__new__'s Python frame (hot path)
 _LIVE = bytes([1, 0]) + bytes(254)  # retired flag -> "is live", for itertools.compress
 _US = 1_000_000
 
 
-class Pairs(Sequence[tuple[int, "Record | None"]]):
+class Pairs(Sequence[tuple[int, "LeaseRecord | None"]]):
     """(slot, lease) pairs kept as two lists: made without a tuple per token (which
     costs the actor a millisecond per 10,000), zipped only as a reader asks."""
 
     __slots__ = ("leases", "slots")
 
-    def __init__(self, slots: Sequence[int], leases: list[Record | None]) -> None:
+    def __init__(self, slots: Sequence[int], leases: list[LeaseRecord | None]) -> None:
         self.slots = slots
         self.leases = leases
 
     def __len__(self) -> int:
         return len(self.slots)
 
-    def __iter__(self) -> Iterator[tuple[int, Record | None]]:
+    def __iter__(self) -> Iterator[tuple[int, LeaseRecord | None]]:
         return zip(self.slots, self.leases, strict=True)
 
     @overload
-    def __getitem__(self, index: int) -> tuple[int, Record | None]: ...
+    def __getitem__(self, index: int) -> tuple[int, LeaseRecord | None]: ...
 
     @overload
-    def __getitem__(self, index: slice) -> list[tuple[int, Record | None]]: ...
+    def __getitem__(self, index: slice) -> list[tuple[int, LeaseRecord | None]]: ...
 
     def __getitem__(
         self, index: int | slice
-    ) -> tuple[int, Record | None] | list[tuple[int, Record | None]]:
+    ) -> tuple[int, LeaseRecord | None] | list[tuple[int, LeaseRecord | None]]:
         if isinstance(index, slice):
             return list(zip(self.slots[index], self.leases[index], strict=True))
         return self.slots[index], self.leases[index]
@@ -150,14 +163,14 @@ class PoolState:
         self._head = 0
         self._count = 0
         # Leases: slot -> record in activation order; user -> record.
-        self._leases: OrderedDict[int, Record] = OrderedDict()
-        self._by_user: dict[str, Record] = {}
+        self._leases: OrderedDict[int, LeaseRecord] = OrderedDict()
+        self._by_user: dict[str, LeaseRecord] = {}
         # (expires_us, fence, slot, lease_id): live only while that lease is current.
         self._deadlines: list[tuple[int, int, int, str]] = []
         # Ended leases, newest last: all of them (bounded), per slot and per user.
-        self._history: deque[Record] = deque()
-        self._by_slot: dict[int, list[Record]] = {}
-        self._user_history: dict[str, list[Record]] = {}
+        self._history: deque[EndRecord] = deque()
+        self._by_slot: dict[int, list[EndRecord]] = {}
+        self._user_history: dict[str, list[EndRecord]] = {}
         self.history_floor = revision + 1  # memory holds every ended lease from here up
         # Callers waiting for a token (``wait`` pools), and their deadlines.
         self._waiters: deque[Waiter] = deque()
@@ -217,7 +230,7 @@ class PoolState:
         while deadlines and deadlines[0][0] <= now:
             expires_at, _fence, slot, lease_id = heapq.heappop(deadlines)
             lease = self._leases.get(slot)
-            if lease is not None and lease[1] == lease_id and lease[6] == expires_at:
+            if lease is not None and lease.id == lease_id and lease.expires_us == expires_at:
                 self.expirations += 1
                 self._end(lease, expires_at, EXPIRED)
                 self._free(slot)
@@ -239,7 +252,7 @@ class PoolState:
         while deadlines:
             expires_at, _fence, slot, lease_id = deadlines[0]
             lease = leases.get(slot)
-            if lease is not None and lease[1] == lease_id and lease[6] == expires_at:
+            if lease is not None and lease.id == lease_id and lease.expires_us == expires_at:
                 break
             heapq.heappop(deadlines)
         waits = self._wait_deadlines
@@ -356,7 +369,7 @@ class PoolState:
         self._index(slots)
         self.revision += 1
         self.changes.append(
-            (
+            TokensAdded(
                 ADD,
                 self.revision,
                 now,
@@ -420,19 +433,19 @@ class PoolState:
                 self._text.pop(slot, None)
             self._live -= len(removed)
             self.revision += 1
-            self.changes.append((RETIRE, self.revision, now, tuple(removed)))
+            self.changes.append(TokensRetired(RETIRE, self.revision, now, tuple(removed)))
 
-    def restore_lease(self, lease: Record) -> None:
+    def restore_lease(self, lease: LeaseRecord) -> None:
         """Put back a lease loaded from the store (recovery). Load them oldest first.
 
         ``lease`` is a GRANT record; the caller ends the leases that expired
         meanwhile with ``advance(now)``.
         """
-        slot = lease[2]
-        if slot in self._leases or lease[3] in self._by_user:
-            raise InvalidArgumentError(f"lease {lease[1]} collides with a lease already restored")
+        slot = lease.slot
+        if slot in self._leases or lease.user_id in self._by_user:
+            raise InvalidArgumentError(f"lease {lease.id} collides with a lease already restored")
         self._grant(lease)  # ``restored()`` then rebuilds the ring without its slot
-        self.revision = max(self.revision, lease[7], lease[4])
+        self.revision = max(self.revision, lease.revision, lease.fence)
 
     def restored(self) -> None:
         """Recovery is done: rebuild the ring from the slots no restored lease holds."""
@@ -453,7 +466,7 @@ class PoolState:
 
     # -- operations that change the pool ------------------------------------
 
-    def activate(self, user_id: str, now: int) -> Record:
+    def activate(self, user_id: str, now: int) -> LeaseRecord:
         """Lease a token to ``user_id`` (rule 1). Raises ``InvalidArgumentError``, ``FullError``."""
         # The hot path of the whole service, hence inlined by hand.
         if now > self._now:
@@ -477,17 +490,30 @@ class PoolState:
             self.revision = fence = self.revision + 1
         elif self.policy == "evict" and leases:
             slot, oldest = next(iter(leases.items()))
-            if self.min_hold_us and now - oldest[5] < self.min_hold_us:
+            if self.min_hold_us and now - oldest.activated_us < self.min_hold_us:
                 self.refusals += 1
                 raise FullError(
                     f"every token is held, none for at least min-hold {self.settings.min_hold:g} s"
                 )
             del leases[slot]
-            del self._by_user[oldest[3]]
+            del self._by_user[oldest.user_id]
             self.revision = fence = self.revision + 1
             self.evictions += 1
             self._remember(
-                (END, oldest[1], slot, oldest[3], oldest[4], oldest[5], now, fence, EVICTED)
+                _new(
+                    EndRecord,
+                    (
+                        END,
+                        oldest.id,
+                        slot,
+                        oldest.user_id,
+                        oldest.fence,
+                        oldest.activated_us,
+                        now,
+                        fence,
+                        EVICTED,
+                    ),
+                )
             )
         else:
             self.refusals += 1
@@ -498,11 +524,12 @@ class PoolState:
         expires = self._expires
         if self.max_life_us is not None and self.max_life_us < self.ttl_us:
             expires = now + self.max_life_us
-        lease = (GRANT, self._ids(), slot, user_id, fence, now, expires, fence)
+        lease_id = self._ids()
+        lease = _new(LeaseRecord, (GRANT, lease_id, slot, user_id, fence, now, expires, fence))
         leases[slot] = lease
         self._by_user[user_id] = lease
         deadlines = self._deadlines
-        heapq.heappush(deadlines, (expires, fence, slot, lease[1]))
+        heapq.heappush(deadlines, (expires, fence, slot, lease_id))
         if len(deadlines) > 2 * len(leases) + 64:
             self._compact_deadlines()
         self.changes.append(lease)
@@ -510,7 +537,7 @@ class PoolState:
 
     def activate_or_wait(
         self, user_id: str, now: int, ticket: object, wait: float | None
-    ) -> Record | object:
+    ) -> LeaseRecord | object:
         """``activate``, or queue the caller of a full ``wait`` pool for up to ``wait`` seconds.
 
         Returns the lease, or ``WAITING``: the lease (or a ``FullError``) then
@@ -542,7 +569,7 @@ class PoolState:
         self.waiting -= 1
         return True
 
-    def release(self, token_id: str, user_id: str | None, now: int) -> Record:
+    def release(self, token_id: str, user_id: str | None, now: int) -> EndRecord:
         """End the token's lease ``released``; returns its END record.
 
         Raises ``UnknownTokenError``, ``NotActiveError`` (no lease), ``NotHolderError``
@@ -555,7 +582,7 @@ class PoolState:
         lease = self._leases.get(slot)
         if lease is None:
             raise NotActiveError(f"token {self.token_text(slot)} is not active")
-        if user_id is not None and lease[3] != user_id:
+        if user_id is not None and lease.user_id != user_id:
             raise NotHolderError(f"user {user_id!r} does not hold token {self.token_text(slot)}")
         self.releases += 1
         ended = self._end(lease, now, RELEASED)
@@ -569,12 +596,12 @@ class PoolState:
         """
         now = self._tick(now)
         lease = self._leases.get(slot)
-        if lease is not None and lease[1] == lease_id:
+        if lease is not None and lease.id == lease_id:
             self.releases += 1
             self._end(lease, now, RELEASED)
             self._free(slot)
 
-    def renew(self, token_id: str, lease_id: str, now: int) -> Record:
+    def renew(self, token_id: str, lease_id: str, now: int) -> LeaseRecord:
         """Move the lease's ``expires_at`` to ``now + ttl`` (capped by ``max_lifetime``).
 
         Raises ``NotHolderError`` when that lease is not the token's current one
@@ -585,19 +612,19 @@ class PoolState:
         slot = self.slot_of(token_id)
         now = self._tick(now)
         lease = self._leases.get(slot)
-        if lease is None or lease[1] != lease_id:
+        if lease is None or lease.id != lease_id:
             raise NotHolderError(
                 f"lease {lease_id} is not the current lease of token {self.token_text(slot)}"
             )
         expires = self._expires
         if self.max_life_us is not None:
-            expires = min(expires, lease[5] + self.max_life_us)
-        expires = max(expires, lease[6]) if self.max_life_us is not None else expires
+            expires = min(expires, lease.activated_us + self.max_life_us)
+        expires = max(expires, lease.expires_us) if self.max_life_us is not None else expires
         self.revision += 1
-        renewed = (RENEW, lease[1], slot, lease[3], lease[4], lease[5], expires, self.revision)
+        renewed = lease._replace(kind=RENEW, expires_us=expires, revision=self.revision)
         # Replace in place: renewing keeps the lease's place in activation order.
         self._leases[slot] = renewed
-        self._by_user[lease[3]] = renewed
+        self._by_user[lease.user_id] = renewed
         self._push_deadline(renewed)
         self.renewals += 1
         self.changes.append(renewed)
@@ -610,7 +637,7 @@ class PoolState:
         self.clears += count
         for lease in list(self._leases.values()):
             self._end(lease, now, CLEARED)
-            self._free(lease[2])
+            self._free(lease.slot)
         return count
 
     def end_all(self, now: int) -> int:
@@ -639,9 +666,9 @@ class PoolState:
         """Whether that lease is the token's current one. Raises ``UnknownTokenError``."""
         lease_id = uuid_text(uuid_bytes(lease_id, "lease_id"))
         lease = self._leases.get(self.slot_of(token_id))
-        return lease is not None and lease[1] == lease_id
+        return lease is not None and lease.id == lease_id
 
-    def token(self, token_id: str) -> tuple[int, Record | None]:
+    def token(self, token_id: str) -> tuple[int, LeaseRecord | None]:
         """One token: its slot and its lease (``None`` when available)."""
         slot = self.slot_of(token_id)
         return slot, self._leases.get(slot)
@@ -663,13 +690,13 @@ class PoolState:
         slots = array("I", compress(range(start, stop), live))
         return (stop if stop < end else 0), Pairs(slots, list(map(self._leases.get, slots)))
 
-    def lease_of(self, user_id: str) -> Record | None:
+    def lease_of(self, user_id: str) -> LeaseRecord | None:
         """The user's active lease record, or ``None``."""
         return self._by_user.get(check_user_id(user_id))
 
     def history(
         self, token_id: str, limit: int = 100, before: int | None = None
-    ) -> tuple[list[Record], int]:
+    ) -> tuple[list[EndRecord], int]:
         """The token's ended leases kept in memory, newest first, revision below ``before``.
 
         Returns the entries and ``store_before``: when the page is not full and
@@ -682,28 +709,28 @@ class PoolState:
 
     def user_history(
         self, user_id: str, limit: int = 100, before: int | None = None
-    ) -> tuple[list[Record], int]:
+    ) -> tuple[list[EndRecord], int]:
         """As ``history``, for the leases one user held (on any token)."""
         check_limit(limit)
         return self._page(self._user_history.get(check_user_id(user_id)), limit, before)
 
     def _page(
-        self, entries: list[Record] | None, limit: int, before: int | None
-    ) -> tuple[list[Record], int]:
+        self, entries: list[EndRecord] | None, limit: int, before: int | None
+    ) -> tuple[list[EndRecord], int]:
         if before is not None:
             check_int(before, "before", 1, 2**63 - 1)
         cap = before if before is not None else 2**63
-        page: list[Record] = []
+        page: list[EndRecord] = []
         if entries:
             stop = bisect_left(entries, cap, key=_rev) if before is not None else len(entries)
             page = entries[max(0, stop - limit) : stop][::-1]
         if len(page) >= limit:
             return page, 0
-        lowest = page[-1][7] if page else cap
+        lowest = page[-1].revision if page else cap
         store_before = min(lowest, self.history_floor)
         return page, (store_before if store_before > 1 else 0)
 
-    def leases(self) -> list[Record]:
+    def leases(self) -> list[LeaseRecord]:
         """Every active lease record, oldest activation first."""
         return list(self._leases.values())
 
@@ -740,29 +767,42 @@ class PoolState:
 
     # -- internals --------------------------------------------------------------
 
-    def _grant(self, lease: Record) -> None:
-        self._leases[lease[2]] = lease
-        self._by_user[lease[3]] = lease
+    def _grant(self, lease: LeaseRecord) -> None:
+        self._leases[lease.slot] = lease
+        self._by_user[lease.user_id] = lease
         self._push_deadline(lease)
 
-    def _push_deadline(self, lease: Record) -> None:
+    def _push_deadline(self, lease: LeaseRecord) -> None:
         deadlines = self._deadlines
-        heapq.heappush(deadlines, (lease[6], lease[4], lease[2], lease[1]))
+        heapq.heappush(deadlines, (lease.expires_us, lease.fence, lease.slot, lease.id))
         if len(deadlines) > 2 * len(self._leases) + 64:
             self._compact_deadlines()
 
     def _compact_deadlines(self) -> None:
         # Stale entries (ended or renewed leases) outnumber live ones: rebuild
         # from the live leases, O(n) once per n pushes.
-        self._deadlines = [(x[6], x[4], x[2], x[1]) for x in self._leases.values()]
+        self._deadlines = [(x.expires_us, x.fence, x.slot, x.id) for x in self._leases.values()]
         heapq.heapify(self._deadlines)
 
-    def _end(self, lease: Record, ended_at: int, reason: str) -> Record:
-        slot = lease[2]
+    def _end(self, lease: LeaseRecord, ended_at: int, reason: str) -> EndRecord:
+        slot = lease.slot
         del self._leases[slot]
-        del self._by_user[lease[3]]
+        del self._by_user[lease.user_id]
         self.revision += 1
-        ended = (END, lease[1], slot, lease[3], lease[4], lease[5], ended_at, self.revision, reason)
+        ended = _new(
+            EndRecord,
+            (
+                END,
+                lease.id,
+                slot,
+                lease.user_id,
+                lease.fence,
+                lease.activated_us,
+                ended_at,
+                self.revision,
+                reason,
+            ),
+        )
         self._remember(ended)
         return ended
 
@@ -786,7 +826,9 @@ class PoolState:
             expires = now + self.ttl_us
             if self.max_life_us is not None:
                 expires = min(expires, now + self.max_life_us)
-            lease = (GRANT, self._ids(), slot, waiter.user_id, fence, now, expires, fence)
+            lease = LeaseRecord(
+                GRANT, self._ids(), slot, waiter.user_id, fence, now, expires, fence
+            )
             self._grant(lease)
             self.changes.append(lease)
             self.woken.append((waiter.ticket, lease))
@@ -800,18 +842,18 @@ class PoolState:
         self.refusals += 1
         self.woken.append((waiter.ticket, FullError(f"every token of the pool is held: {why}")))
 
-    def _remember(self, ended: Record) -> None:
+    def _remember(self, ended: EndRecord) -> None:
         self.changes.append(ended)
         history = self._history
         history.append(ended)
-        per_slot = self._by_slot.get(ended[2])
+        per_slot = self._by_slot.get(ended.slot)
         if per_slot is None:
-            self._by_slot[ended[2]] = [ended]
+            self._by_slot[ended.slot] = [ended]
         else:
             per_slot.append(ended)
-        per_user = self._user_history.get(ended[3])
+        per_user = self._user_history.get(ended.user_id)
         if per_user is None:
-            self._user_history[ended[3]] = [ended]
+            self._user_history[ended.user_id] = [ended]
         else:
             per_user.append(ended)
         if len(history) > self.history_memory + (self.history_memory >> 3):
@@ -830,9 +872,9 @@ class PoolState:
         last = 0
         while len(history) > self.history_memory:
             ended = history.popleft()
-            slots[ended[2]] = slots.get(ended[2], 0) + 1
-            users[ended[3]] = users.get(ended[3], 0) + 1
-            last = ended[7]
+            slots[ended.slot] = slots.get(ended.slot, 0) + 1
+            users[ended.user_id] = users.get(ended.user_id, 0) + 1
+            last = ended.revision
         for slot, n in slots.items():
             entries = self._by_slot[slot]
             del entries[:n]

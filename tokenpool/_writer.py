@@ -41,7 +41,7 @@ import trio
 
 from ._errors import TokenPoolError, UnavailableError
 from ._log import get_logger
-from ._model import Record
+from ._model import Record, to_wire
 from ._store import Snapshot, redact
 
 log = get_logger("tokenpool.writer")
@@ -213,7 +213,7 @@ class Writer:
             "write",
             self.key,
             entries[-1].seq,
-            [e.records for e in entries],
+            [to_wire(e.records) for e in entries],
             self._counters,
             self._clock_us,
         )

@@ -17,7 +17,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import attrs
 
 from .._errors import InvalidArgumentError, UnavailableError
-from .._model import ADD, END, GRANT, RENEW, RETIRE, Record
+from .._model import (
+    GRANT,
+    EndRecord,
+    LeaseRecord,
+    Record,
+    TokensAdded,
+    TokensRetired,
+    Usage,
+    record_revision,
+)
 from .._settings import parse_int
 
 EPOCH_SHIFT = 40
@@ -84,8 +93,8 @@ class Batch:
 
     tokens_added: list[tuple[int, str, int]] = attrs.Factory(list)  # slot, token id, created
     tokens_retired: list[tuple[int, int]] = attrs.Factory(list)  # slot, at
-    history: list[Record] = attrs.Factory(list)  # END records
-    final: dict[int, Record | None] = attrs.Factory(dict)  # slot -> lease now, or None
+    history: list[EndRecord] = attrs.Factory(list)
+    final: dict[int, LeaseRecord | None] = attrs.Factory(dict)  # slot -> lease now, or None
     users: dict[str, None] = attrs.Factory(dict)
     records: int = 0
     counters: dict[str, int] = attrs.Factory(dict)
@@ -98,25 +107,24 @@ class Batch:
         history = self.history
         users = self.users
         for record in records:
-            kind = record[0]
-            if kind == END:
+            if type(record) is EndRecord:
                 history.append(record)
-                final[record[2]] = None
-            elif kind == GRANT:
-                final[record[2]] = record
-                users[record[3]] = None
-            elif kind == RENEW:
-                final[record[2]] = record
-            elif kind == ADD:
-                self.tokens_added += [(slot, token, record[2]) for slot, token in record[3]]
-            elif kind == RETIRE:
-                self.tokens_retired += [(slot, record[2]) for slot in record[3]]
-                for slot in record[3]:
+                final[record.slot] = None
+            elif type(record) is LeaseRecord:
+                final[record.slot] = record
+                if record.kind == GRANT:  # a renewal's user is known already
+                    users[record.user_id] = None
+            elif type(record) is TokensAdded:
+                self.tokens_added += [
+                    (slot, token, record.created_us) for slot, token in record.tokens
+                ]
+            elif type(record) is TokensRetired:
+                self.tokens_retired += [(slot, record.at_us) for slot in record.slots]
+                for slot in record.slots:
                     final[slot] = None
         self.records += len(records)
         if records:
-            last = records[-1]
-            self.revision = max(self.revision, last[7] if last[0] <= END else last[1])
+            self.revision = max(self.revision, record_revision(records[-1]))
         self.counters = counters
         self.clock_us = max(self.clock_us, clock_us)
 
@@ -156,10 +164,10 @@ class Store(Protocol):
 class Reader(Protocol):
     """Reads the server makes itself (history past memory), on a connection of its own."""
 
-    def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Record]:
+    def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Usage]:
         """END records of a token with a revision below ``before``, newest first."""
 
-    def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Record]:
+    def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Usage]:
         """END records of a user in pool ``pool`` with a revision below ``before``, newest first."""
 
     def close(self) -> None: ...

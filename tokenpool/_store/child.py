@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._errors import TokenPoolError
-from .._model import Record
+from .._model import Record, TokensAdded, from_wire
 from . import Batch, FencedError, RejectedError, Store, StoreError, open_store
 
 _LEN = struct.Struct(">I")
@@ -168,7 +168,8 @@ class StoreProcess:
             _, key, seq, chunks, counters, clock_us = message
             sink = self.sinks.get(key)
             if sink is not None and not sink.fenced:
-                sink.pending.append((seq, chunks, counters, clock_us))
+                named = [from_wire(records) for records in chunks]
+                sink.pending.append((seq, named, counters, clock_us))
             return
         if kind == "close":
             self.closing_since = time.monotonic()
@@ -273,8 +274,8 @@ class StoreProcess:
     @staticmethod
     def _learn_tokens(sink: PoolSink, records: list[Record]) -> None:
         for record in records:
-            if record[0] == 3:  # ADD: the slots of new tokens
-                for slot, token in record[3]:
+            if type(record) is TokensAdded:  # the slots of new tokens
+                for slot, token in record.tokens:
                     sink.tokens[slot] = token
 
     def isolate(

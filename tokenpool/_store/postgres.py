@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnknownPoolError
-from .._model import END, Record, to_us
+from .._model import EndRecord, LeaseRecord, Reason, Usage, to_datetime, to_us
 from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError, redact
 
 LOCK_WAIT = 5.0  # seconds to wait for a previous owner's store process to finish
@@ -61,7 +61,7 @@ def _text(value: str) -> bytes:
     return struct.pack(">i", len(data)) + data
 
 
-def history_copy(pool_id: int, rows: list[Record], tokens: dict[int, str]) -> bytes:
+def history_copy(pool_id: int, rows: list[EndRecord], tokens: dict[int, str]) -> bytes:
     """END records as a binary COPY stream for ``token_usage_history``."""
     pack = _HISTORY_ROW.pack
     reason = _REASON
@@ -73,26 +73,26 @@ def history_copy(pool_id: int, rows: list[Record], tokens: dict[int, str]) -> by
                 4,
                 pool_id,
                 8,
-                r[7],
+                r.revision,
                 16,
-                _uuid(r[1]),
+                _uuid(r.id),
                 16,
-                _uuid(tokens[r[2]]),
+                _uuid(tokens[r.slot]),
                 8,
-                r[4],
+                r.fence,
                 8,
-                r[5] - _PG_EPOCH_US,
+                r.activated_us - _PG_EPOCH_US,
                 8,
-                r[6] - _PG_EPOCH_US,
+                r.ended_us - _PG_EPOCH_US,
             )
         )
-        out.append(reason[r[8]])
-        out.append(_text(r[3]))
+        out.append(reason[r.reason])
+        out.append(_text(r.user_id))
     out.append(_TRAILER)
     return b"".join(out)
 
 
-def leases_copy(final: dict[int, Record | None], tokens: dict[int, str]) -> bytes:
+def leases_copy(final: dict[int, LeaseRecord | None], tokens: dict[int, str]) -> bytes:
     """Each touched token's lease (or NULLs) as a binary COPY stream for ``staged_leases``."""
     pack = _LEASE_ROW.pack
     free = _FREE_ROW.pack
@@ -107,16 +107,16 @@ def leases_copy(final: dict[int, Record | None], tokens: dict[int, str]) -> byte
                 16,
                 _uuid(tokens[slot]),
                 16,
-                _uuid(r[1]),
+                _uuid(r.id),
                 8,
-                r[4],
+                r.fence,
                 8,
-                r[5] - _PG_EPOCH_US,
+                r.activated_us - _PG_EPOCH_US,
                 8,
-                r[6] - _PG_EPOCH_US,
+                r.expires_us - _PG_EPOCH_US,
             )
         )
-        out.append(_text(r[3]))
+        out.append(_text(r.user_id))
     out.append(_TRAILER)
     return b"".join(out)
 
@@ -524,18 +524,18 @@ class PostgresStore:
         self._conn = None
 
 
-def _record(row: tuple[Any, ...]) -> Record:
-    """A history row as an END record, with the token id where the slot goes."""
-    return (
-        END,
-        str(row[0]),
-        str(row[1]),
-        row[2],
-        int(row[3]),
-        to_us(row[4]),
-        to_us(row[5]),
-        int(row[6]),
-        row[7],
+def _record(row: tuple[Any, ...]) -> Usage:
+    """A history row (``_HISTORY_COLUMNS``) as a ``Usage``."""
+    lease_id, token_id, user_id, fence, started, ended, revision, reason = row
+    return Usage(
+        str(lease_id),
+        str(token_id),
+        user_id,
+        to_datetime(to_us(started)),  # in UTC whatever the session's time zone
+        to_datetime(to_us(ended)),
+        Reason(reason),
+        int(revision),
+        int(fence),
     )
 
 
@@ -554,7 +554,7 @@ class PostgresReader:
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
 
-    def _read(self, query: str, args: tuple[Any, ...]) -> list[Record]:
+    def _read(self, query: str, args: tuple[Any, ...]) -> list[Usage]:
         with self._lock:
             try:
                 if self._conn is None or self._conn.closed or self._conn.broken:
@@ -566,14 +566,14 @@ class PostgresReader:
                 ) from error
         return [_record(r) for r in rows]
 
-    def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Record]:
+    def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Usage]:
         return self._read(
             f"SELECT {_HISTORY_COLUMNS} FROM token_usage_history WHERE token_id = %s"
             " AND revision < %s ORDER BY revision DESC LIMIT %s",
             (token_id, before, limit),
         )
 
-    def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Record]:
+    def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Usage]:
         return self._read(
             f"SELECT {_HISTORY_COLUMNS} FROM token_usage_history WHERE pool_id ="
             " (SELECT id FROM pools WHERE name = %s) AND user_id = %s AND revision < %s"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnavailableError, UnknownPoolError
-from .._model import END, Record
+from .._model import Reason, Usage, to_datetime
 from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError
 
 T = TypeVar("T")
@@ -330,7 +330,17 @@ class SqliteStore:
                 " fence, started_us, ended_us, expiration_reason, user_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (pool_id, r[7], r[1], numbers[tokens[r[2]]], r[4], r[5], r[6], r[8], r[3])
+                    (
+                        pool_id,
+                        r.revision,
+                        r.id,
+                        numbers[tokens[r.slot]],
+                        r.fence,
+                        r.activated_us,
+                        r.ended_us,
+                        r.reason,
+                        r.user_id,
+                    )
                     for r in batch.history
                 ],
             )
@@ -341,7 +351,11 @@ class SqliteStore:
                 " assigned_us = ?, expires_us = ? WHERE token_no = ?",
                 [
                     (
-                        *(free if r is None else (r[1], r[3], r[4], r[5], r[6])),
+                        *(
+                            free
+                            if r is None
+                            else (r.id, r.user_id, r.fence, r.activated_us, r.expires_us)
+                        ),
                         numbers[tokens[slot]],
                     )
                     for slot, r in batch.final.items()
@@ -404,6 +418,21 @@ _HISTORY_COLUMNS = (
 _HISTORY_FROM = "token_usage_history h JOIN tokens t ON t.no = h.token_no"
 
 
+def _usage(row: tuple[Any, ...]) -> Usage:
+    """A history row (``_HISTORY_COLUMNS``) as a ``Usage``."""
+    lease_id, token_id, user_id, fence, started, ended, revision, reason = row
+    return Usage(
+        lease_id,
+        token_id,
+        user_id,
+        to_datetime(started),
+        to_datetime(ended),
+        Reason(reason),
+        int(revision),
+        int(fence),
+    )
+
+
 class SqliteReader:
     """History reads for the server: its own read-only connection, on a thread of its own.
 
@@ -422,8 +451,8 @@ class SqliteReader:
     def _on_thread(self, fn: Callable[..., T], *args: object) -> T:
         return self._thread.submit(fn, *args).result()
 
-    def _read(self, query: str, args: tuple[Any, ...]) -> list[Record]:
-        def run() -> list[Record]:
+    def _read(self, query: str, args: tuple[Any, ...]) -> list[Usage]:
+        def run() -> list[Usage]:
             if self._conn is None:
                 self._conn = sqlite3.connect(
                     f"file:{self.path}?mode=ro",
@@ -431,14 +460,14 @@ class SqliteReader:
                     timeout=self.write_timeout,
                     check_same_thread=False,
                 )
-            return [(END, *row) for row in self._conn.execute(query, args).fetchall()]
+            return [_usage(row) for row in self._conn.execute(query, args).fetchall()]
 
         try:
             return self._on_thread(run)
         except sqlite3.Error as error:
             raise StoreError(f"history read from {self.path} failed: {error}") from error
 
-    def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Record]:
+    def history(self, pool: str, token_id: str, before: int, limit: int) -> list[Usage]:
         return self._read(
             f"SELECT {_HISTORY_COLUMNS} FROM {_HISTORY_FROM}"
             " WHERE h.token_no = (SELECT no FROM tokens WHERE id = ?)"
@@ -446,7 +475,7 @@ class SqliteReader:
             (token_id, before, limit),
         )
 
-    def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Record]:
+    def user_history(self, pool: str, user_id: str, before: int, limit: int) -> list[Usage]:
         return self._read(
             f"SELECT {_HISTORY_COLUMNS} FROM {_HISTORY_FROM} WHERE h.pool_id ="
             " (SELECT id FROM pools WHERE name = ?) AND h.user_id = ? AND h.revision < ?"

@@ -14,7 +14,7 @@ import tempfile
 import time
 from uuid import uuid4
 
-from .._model import END, GRANT
+from .._model import END, GRANT, from_wire
 from .._store import Batch, open_store
 from ._measure import Figure
 from ._services import pg_schema, store_url
@@ -73,7 +73,7 @@ def _rows_per_second(url: str, rows: int) -> float:
                     )
                 )
                 now += 10
-            batch.add(records, {"activations": first + BATCH}, now)
+            batch.add(from_wire(records), {"activations": first + BATCH}, now)
             store.write(pool_id, batch, tokens, False)
         return rows / (time.perf_counter() - started)
     finally:
