@@ -33,13 +33,13 @@ test: $(STAMP) test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
-	$(BIN)/ruff check tokenpool tests
-	$(BIN)/ruff format --check tokenpool tests
-	$(BIN)/mypy tokenpool
+	$(BIN)/ruff check tokenpool tests bench
+	$(BIN)/ruff format --check tokenpool tests bench
+	$(BIN)/mypy tokenpool bench tests/chaos tests/reference.py
 
 fmt: $(STAMP)
-	$(BIN)/ruff format tokenpool tests
-	$(BIN)/ruff check --fix tokenpool tests
+	$(BIN)/ruff format tokenpool tests bench
+	$(BIN)/ruff check --fix tokenpool tests bench
 
 # The service on its embedded default: SQLite in data/tokenpool.db, RESP on 127.0.0.1:7379.
 run: $(STAMP)
@@ -69,13 +69,13 @@ bench-tools:
 
 # BENCH_ARGS=--quick for a short run (under 2 minutes); the full run takes under 20.
 bench: $(BENCH_STAMP) bench-tools
-	$(BIN)/python -m tokenpool.bench $(BENCH_ARGS)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # The long reliability runs (the short ones are in `make test`): histories checked for
 # linearizability, SIGKILL/SIGTERM under load, hostile clients; prints a summary table.
 CHAOS_DSN ?= $(or $(TOKENPOOL_TEST_DSN),postgresql://postgres@127.0.0.1:5432/test)
 chaos: $(STAMP)
-	$(BIN)/python -m tokenpool.chaos --clients 64 --operations 200000 --dsn $(CHAOS_DSN) $(CHAOS_ARGS)
+	$(BIN)/python -m tests.chaos --clients 64 --operations 200000 --dsn $(CHAOS_DSN) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
