@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tokenpool.chaos.cluster import Cluster, answers, can_make_cluster
+from tests.chaos.cluster import Cluster, answers, can_make_cluster
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 

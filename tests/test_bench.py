@@ -10,10 +10,10 @@ import psycopg
 import pytest
 import redis
 
+from bench import _peers, _services, report
+from bench._drivers import redis_benchmark
+from bench._openloop import open_loop
 from tokenpool._resp import encode_command as encode
-from tokenpool.bench import _peers, _services, report
-from tokenpool.bench._drivers import redis_benchmark
-from tokenpool.bench._openloop import open_loop
 
 needs_redis = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None,

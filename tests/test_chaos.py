@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import trio
 
-from tokenpool.chaos import runs
-from tokenpool.chaos.checker import StoredLease, check
-from tokenpool.chaos.history import Operation, Workload, pool_revision, pool_tokens, record
-from tokenpool.chaos.server import running, stored_leases
+from tests.chaos import runs
+from tests.chaos.checker import StoredLease, check
+from tests.chaos.history import Operation, Workload, pool_revision, pool_tokens, record
+from tests.chaos.server import running, stored_leases
 
 
 def test_a_concurrent_history_over_resp_is_linearizable(pg_server: str) -> None:

@@ -19,11 +19,11 @@ import trio
 from hypothesis import given, settings
 
 import tokenpool
+from tests.chaos.cluster import Cluster
 from tokenpool._model import END, GRANT, RENEW, Record
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
 from tokenpool._store import Batch, open_store
-from tokenpool.chaos.cluster import Cluster
 
 from .dbutil import query
 from .strategies import CountingIds
@@ -429,7 +429,7 @@ def test_sigterm_during_a_database_outage_is_bounded_and_says_what_was_lost(
 ) -> None:
     """The hardening issue's defect 8: shutdown waits at most --shutdown-timeout for the
     store, then exits, naming how many changes it could not write."""
-    from tokenpool.chaos import server as chaos_server
+    from tests.chaos import server as chaos_server
 
     server = chaos_server.start(
         "--dsn", cluster_url, "--shutdown-timeout", "2", "--write-timeout", "1"

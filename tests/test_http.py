@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis
 
-from tokenpool.chaos import server as chaos_server
-from tokenpool.chaos.cluster import Cluster
+from tests.chaos import server as chaos_server
+from tests.chaos.cluster import Cluster
 
 
 def free_port() -> int:

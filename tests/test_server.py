@@ -25,9 +25,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import tokenpool
+from tests.chaos import server as chaos_server
 from tokenpool._commands import ServerSettings
 from tokenpool._server import RespServer, RespSettings
-from tokenpool.chaos import server as chaos_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

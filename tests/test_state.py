@@ -15,6 +15,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from tests.reference import NaivePool
 from tokenpool import (
     FullError,
     InvalidArgumentError,
@@ -28,7 +29,6 @@ from tokenpool import (
 from tokenpool._model import END, GRANT, RENEW, lease_value, to_datetime, to_us, usage_value
 from tokenpool._settings import PoolSettings
 from tokenpool._state import WAITING, PoolState
-from tokenpool.chaos.reference import NaivePool
 
 from .strategies import USERS, CountingIds, invalid_user_ids, not_uuids, users, valid_user_ids
 

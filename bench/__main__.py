@@ -1,4 +1,4 @@
-"""``python -m tokenpool.bench [--quick] [--only SECTIONS] [--out DIR]``.
+"""``python -m bench [--quick] [--only SECTIONS] [--out DIR]``.
 
 Runs the sections, then writes ``results.json`` (every run of every figure, the
 machine, the versions, the command), ``report.md`` and its PNG plots into
@@ -60,7 +60,7 @@ HEADLINE = {"compare", "scaling"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenpool.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs, for development")
     parser.add_argument("--out", default="bench-results", help="where the results go")
     every = [*SECTIONS, "profile"]
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": about,
         "versions": versions(),
-        "command": " ".join(["python -m tokenpool.bench", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m bench", *(argv or sys.argv[1:])]),
         "seconds": round(time.time() - started, 1),
         "skipped": skipped,
         "profile": prof,

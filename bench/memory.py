@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from ..chaos.server import rss_bytes
+from tests.chaos.server import rss_bytes
+
 from ._measure import Figure
 from ._systems import RespSystem, redis_lua, tokenpool_resp
 

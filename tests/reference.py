@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from .._model import Lease, Reason, Usage
+from tokenpool._model import Lease, Reason, Usage
 
 
 class NaivePool:

@@ -15,8 +15,10 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from ..chaos.server import free_port
+from tests.chaos.server import free_port
+
 from ._measure import Figure
 from ._peers import pg_pool
 from ._services import pg_schema, store_url, tokenpool_server, wait_for_port
@@ -83,12 +85,13 @@ def _seed() -> Iterator[int]:
             [
                 sys.executable,
                 "-m",
-                "tokenpool.bench.seed_http",
+                "bench.seed_http",
                 "--port",
                 str(port),
                 "--schema",
                 schema,
             ],
+            cwd=Path(__file__).resolve().parent.parent,  # the checkout, where ``bench`` is
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

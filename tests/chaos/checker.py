@@ -31,9 +31,10 @@ from typing import Any
 
 import attrs
 
-from .._model import Lease, Reason, Usage
+from tests.reference import NaivePool
+from tokenpool._model import Lease, Reason, Usage
+
 from .history import Operation
-from .reference import NaivePool
 
 EPOCH = datetime.fromisoformat("2000-01-01T00:00:00+00:00")
 

@@ -1,4 +1,4 @@
-"""``python -m tokenpool.chaos [RUN ...] [--clients N] [--operations N] [--dsn URL]``.
+"""``python -m tests.chaos [RUN ...] [--clients N] [--operations N] [--dsn URL]``.
 
 Runs the reliability runs against real ``tokenpool serve`` processes and prints a
 summary table (operations, clients, faults injected, anomalies found,
@@ -55,7 +55,7 @@ def table(rows: list[runs.Summary]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenpool.chaos", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
     parser.add_argument("runs", nargs="*", default=list(RUNS), help=f"of {', '.join(RUNS)}")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--operations", type=int, default=20_000)

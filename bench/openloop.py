@@ -15,7 +15,8 @@ from contextlib import ExitStack
 from functools import partial
 from typing import Any
 
-from .._resp import encode_command as encode
+from tokenpool._resp import encode_command as encode
+
 from ._measure import Figure
 from ._openloop import open_loop
 from ._systems import pg_only, redis_lua, tokenpool_resp

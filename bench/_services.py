@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import attrs
 import psycopg
 
-from ..chaos.server import free_port
+from tests.chaos.server import free_port
 
 DSN = os.environ.get("TOKENPOOL_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -19,7 +19,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import attrs
 import psycopg
 
-from .._model import to_datetime
+from tokenpool._model import to_datetime
+
 from .checker import StoredLease
 
 

@@ -22,7 +22,7 @@ import attrs
 import hiredis
 import trio
 
-from .._resp import encode_command as encode
+from tokenpool._resp import encode_command as encode
 
 KINDS = (
     ("activate", 40),

@@ -19,7 +19,8 @@ from functools import partial
 import psycopg
 import trio
 
-from .. import open_pool
+from tokenpool import open_pool
+
 from ._measure import Figure, repeat
 
 DSN = os.environ.get("TOKENPOOL_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")

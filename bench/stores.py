@@ -14,8 +14,9 @@ import tempfile
 import time
 from uuid import uuid4
 
-from .._model import END, GRANT, from_wire
-from .._store import Batch, open_store
+from tokenpool._model import END, GRANT, from_wire
+from tokenpool._store import Batch, open_store
+
 from ._measure import Figure
 from ._services import pg_schema, store_url
 

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -32,6 +33,8 @@ from .server import (
     stored_leases,
 )
 
+# The checkout this suite lives in: its processes import ``tests.chaos`` from there.
+ROOT = Path(__file__).resolve().parents[2]
 TTL = "3600"  # no lease expires during a run: the reference model has no clock
 
 
@@ -493,7 +496,8 @@ def hostile_run(
         facts: dict[str, Any] = {}
 
         probe = subprocess.Popen(
-            [sys.executable, "-m", "tokenpool.chaos.probe", str(server.port)],
+            [sys.executable, "-m", "tests.chaos.probe", str(server.port)],
+            cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -628,7 +632,7 @@ def outage_run(
                         history = await record(server.port, workload)
                     with trio.fail_after(120):  # the backlog drains by itself
                         # Polling another process: there is no event to wait on.
-                        while int((await pool_stats(server.port))["backlog"]):  # noqa: ASYNC110
+                        while int((await pool_stats(server.port))["backlog"]):
                             await trio.sleep(0.1)
                     return tokens, start_rev, await pool_revision(server.port), history
 

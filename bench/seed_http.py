@@ -3,7 +3,7 @@ runs one PostgreSQL transaction per activation (``pg_pool.sql``'s ``activate``).
 
 FastAPI on hypercorn's asyncio worker, psycopg's async connections (20, shared
 through a queue), ``synchronous_commit`` on as the seed has it. Run by the bench:
-``python -m tokenpool.bench.seed_http --port P --schema S``.
+``python -m bench.seed_http --port P --schema S``.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ from functools import partial
 import trio
 import trio.lowlevel
 
-from .. import open_pool
-from .._settings import PoolSettings
-from .._state import PoolState
+from tokenpool import open_pool
+from tokenpool._settings import PoolSettings
+from tokenpool._state import PoolState
+
 from ._measure import Figure, repeat
 
 

@@ -1,6 +1,6 @@
 """The report: a Markdown page with the goals, the tables and PNG plots, from results.json.
 
-``python -m tokenpool.bench.report bench-results`` rebuilds it from a saved run.
+``python -m bench.report bench-results`` rebuilds it from a saved run.
 Ratios are taken run by run inside one run of the suite (the repetitions are
 interleaved), then summarised like any figure: median, min, max.
 """
@@ -259,7 +259,7 @@ def _plots(figures: list[Fig], out: Path) -> list[tuple[str, str]]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plots skipped: matplotlib not installed (pip install 'tokenpool[bench]')")
+        print("plots skipped: matplotlib not installed (pip install '.[bench]')")
         return []
     made: list[tuple[str, str]] = []
 

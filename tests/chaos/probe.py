@@ -1,4 +1,4 @@
-"""A well-behaved client in a process of its own: ``python -m tokenpool.chaos.probe PORT``.
+"""A well-behaved client in a process of its own: ``python -m tests.chaos.probe PORT``.
 
 Sends PING every 20 ms on one connection until its stdin closes, then prints the
 round-trip times (seconds, one JSON list). Being its own process, its timings are
