@@ -72,5 +72,13 @@ class RateLimiter:
             buckets.popitem(last=False)
         return wait
 
+    def blocked(self, key: str) -> bool:
+        """Whether ``take(key)`` would be refused now (asking spends nothing)."""
+        entry = self._buckets.get(key)
+        if entry is None:
+            return False
+        tokens, stamp = entry
+        return min(float(self.burst), tokens + (self._now() - stamp) * self.rate) < 1.0
+
     def statistics(self) -> LimiterStatistics:
         return LimiterStatistics(self.rate, self.burst, len(self._buckets), self.limited)

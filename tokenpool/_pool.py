@@ -56,8 +56,26 @@ from ._ops import (
     Renew,
     Validate,
 )
-from ._settings import PoolSettings, check_choice, check_int, check_name, check_seconds
-from ._state import PoolState, check_limit
+from ._settings import (
+    CURSOR,
+    FLUSH_INTERVAL,
+    HISTORY_LIMIT,
+    HISTORY_MEMORY,
+    LOCK_WAIT,
+    MAX_BACKLOG,
+    PAGE_COUNT,
+    QUEUE_SIZE,
+    REVISION,
+    SHUTDOWN_TIMEOUT,
+    TOKENS_MAX,
+    WAIT,
+    WRITE_TIMEOUT,
+    PoolSettings,
+    check_choice,
+    check_int,
+    check_name,
+)
+from ._state import PoolState
 from ._store import EPOCH_SHIFT, Reader, Snapshot, StoreError, check_store_url, open_reader
 from ._writer import StoreLink, Writer, WriterStatistics
 
@@ -68,8 +86,6 @@ DEFAULT_TTL = 120.0
 LARGE_POOL = 100_000
 GROW_STEP = 2_000
 """Tokens a running pool grows by per actor batch (create and alter at run time)."""
-TOKENS_MAX = 10_000
-"""The most tokens ``tokens()`` returns in one snapshot; past it, page with ``tokens_page``."""
 
 
 @attrs.frozen
@@ -106,12 +122,12 @@ class _EndAll(_Op):
         return state.end_all(now)
 
 
-class Pool:
-    """A handle on a running pool. Safe to use from any number of trio tasks.
+class PoolCore:
+    """What a served pool is: its actor, its events, its write-behind and its store reader.
 
-    Every method is one round trip through the pool's actor. Methods raise
-    ``InvalidArgumentError`` for malformed arguments and ``UnavailableError``
-    once the pool is closed.
+    The library's ``Pool`` and the command layer (every transport) are both built on
+    it; neither reaches past it. It speaks in the state's own values (records, slots):
+    ``Pool`` turns them into public values, the drivers into replies.
     """
 
     def __init__(
@@ -129,26 +145,167 @@ class Pool:
     ) -> None:
         self.name = name
         self.settings = settings
-        self._actor = actor
-        self._hub = hub
-        self._writer = writer
-        self._link = link
-        self._reader = reader
+        self.actor = actor
+        self.hub = hub
+        self.writer = writer
+        self.link = link
+        self.reader = reader
         self.durability = durability if writer is not None else "none"
-        self._write_timeout = write_timeout
+        self.write_timeout = write_timeout
         self.closed = False
-        self.token_text = actor.state.token_text  # slot -> token id, for formatting replies
+        self.names = actor.state.token_text  # slot -> token id
 
-    # -- one op ---------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.actor.state.size
 
-    async def _one(self, op: Op, *, last: bool = False) -> Any:
+    async def call(self, ops: Sequence[Op]) -> list[object]:
+        """Apply ``ops`` in one actor batch: a result (the state's own value) or an error each."""
+        return await self.actor.call(ops)
+
+    async def one(self, op: Op, *, last: bool = False) -> Any:
         """Apply one op; ``last``: as the actor's last message (nothing sent later is
-        applied)."""
-        actor = self._actor
+        applied). Raises the op's error."""
+        actor = self.actor
         (result,) = await (actor.call_last((op,)) if last else actor.call((op,)))
         if isinstance(result, BaseException):
             raise result
         return result
+
+    async def complete_history(
+        self,
+        result: tuple[list[EndRecord], int],
+        token_id: str | None,
+        user_id: str | None,
+        limit: int,
+    ) -> Page:
+        """Complete a history page read from memory (at its place in a batch) from the store.
+
+        Only entries older than everything memory returned (or memory's floor)
+        are taken from the store, so the page is one consistent snapshot even
+        when more leases ended since.
+        """
+        entries, store_before = result
+        names = self.names
+        page = [usage_value(r, names(r.slot)) for r in entries]
+        if store_before and self.reader is not None and len(page) < limit:
+            assert self.writer is not None
+            try:
+                if not await self.writer.wait_committed(store_before - 1, self.write_timeout):
+                    raise StoreError("the older entries are not committed to the store yet")
+                if token_id is not None:
+                    token = uuid_text(uuid_bytes(token_id, "token_id"))
+                    rows = await trio.to_thread.run_sync(
+                        self.reader.history, self.name, token, store_before, limit - len(page)
+                    )
+                else:
+                    assert user_id is not None
+                    rows = await trio.to_thread.run_sync(
+                        self.reader.user_history,
+                        self.name,
+                        check_user_id(user_id),
+                        store_before,
+                        limit - len(page),
+                    )
+            except StoreError as error:
+                if not page:
+                    raise UnavailableError(f"history: {error}") from None
+                log.warning("history_page_short", pool=self.name, error=str(error))
+                return Page(page, page[-1].revision)  # the rest can be read later
+            page += rows
+        return Page(page, page[-1].revision if len(page) >= limit else None)
+
+    def with_store(self, stats: Stats) -> Stats:
+        """``stats`` (from a ``GetStats`` op in a batch) with the store's figures filled in."""
+        writer = self.writer
+        if writer is None or self.link is None:
+            return stats
+        committed = writer.last_commit_at_us
+        return attrs.evolve(
+            stats,
+            store=self.link.kind,
+            durability=self.durability,
+            link=writer.state,
+            backlog=writer.backlog,
+            last_commit_at=None if committed is None else to_datetime(committed),
+            write_lag=writer.write_lag,
+        )
+
+    def statistics(self) -> PoolStatistics:
+        """Every figure of the pool, its actor and its writer (no await: a snapshot now)."""
+        state = self.actor.state
+        stats = self.with_store(GetStats().apply(state, state.now))
+        events = self.hub.statistics()
+        return PoolStatistics(
+            name=self.name,
+            settings=self.settings,
+            stats=stats,
+            actor=self.actor.statistics(),
+            writer=None if self.writer is None else self.writer.statistics(),
+            subscribers=events["subscribers"],
+            events_logged=events["events_logged"],
+        )
+
+    @property
+    def ready(self) -> tuple[bool, str]:
+        """Whether the pool can take activations now, and why not."""
+        if self.closed:
+            return False, "the pool is closed"
+        writer = self.writer
+        if writer is not None and writer.full():
+            return False, writer.refusal()
+        return True, ""
+
+    async def flush(self) -> None:
+        if self.writer is not None:
+            await self.writer.flush()
+
+    async def configure(self, settings: PoolSettings) -> None:
+        """Apply new settings. Cost before work: a pool grown by millions is grown
+        GROW_STEP tokens at a time, each step one actor batch (committed before the
+        next, so the backlog stays bounded), so other clients are served between."""
+        live = self.actor.state.size
+        while settings.size > live + GROW_STEP:
+            live += GROW_STEP
+            await self.one(_Configure(attrs.evolve(settings, size=live)))
+            if self.writer is not None:
+                await self.writer.flush()
+            else:
+                await trio.lowlevel.checkpoint()
+        await self.one(_Configure(settings))
+        self.settings = settings
+        if self.link is not None and self.writer is not None:
+            await self.link.save_settings(self.writer.key, settings.as_dict())
+
+
+class Pool:
+    """A handle on a running pool. Safe to use from any number of trio tasks.
+
+    Every method is one round trip through the pool's actor. Methods raise
+    ``InvalidArgumentError`` for malformed arguments and ``UnavailableError``
+    once the pool is closed.
+    """
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core = core
+        self._one = core.one
+        self._names = core.names
+
+    @property
+    def name(self) -> str:
+        return self._core.name
+
+    @property
+    def settings(self) -> PoolSettings:
+        return self._core.settings
+
+    @property
+    def durability(self) -> str:
+        return self._core.durability
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
 
     async def activate(self, user_id: str, wait: float | None = None) -> Lease:
         """Lease a token to ``user_id``, or return the lease the user already holds.
@@ -160,9 +317,9 @@ class Pool:
         Raises ``UnavailableError`` while the store's backlog is full.
         """
         if wait is not None:
-            wait = check_seconds(wait, "wait", 0.0, 10 * 365.25 * 86400)
+            wait = WAIT.check(wait)
         record = await self._one(Activate(user_id, wait))
-        return lease_value(record, self.token_text(record.slot))
+        return lease_value(record, self._names(record.slot))
 
     async def release(self, token_id: str, user_id: str | None = None) -> Usage:
         """End the token's lease (reason ``released``) and return its history entry.
@@ -171,7 +328,7 @@ class Pool:
         leased, ``NotHolderError`` when ``user_id`` is given and does not hold it.
         """
         record = await self._one(Release(token_id, user_id))
-        return usage_value(record, self.token_text(record.slot))
+        return usage_value(record, self._names(record.slot))
 
     async def renew(self, token_id: str, lease_id: str) -> Lease:
         """Push the lease's ``expires_at`` to now + ttl (never past ``max_lifetime``).
@@ -179,7 +336,7 @@ class Pool:
         Raises ``NotHolderError`` when that lease is no longer the token's current one.
         """
         record = await self._one(Renew(token_id, lease_id))
-        return lease_value(record, self.token_text(record.slot))
+        return lease_value(record, self._names(record.slot))
 
     async def validate(self, token_id: str, lease_id: str) -> bool:
         """Whether ``lease_id`` is the token's current lease. Raises ``UnknownTokenError``."""
@@ -194,36 +351,38 @@ class Pool:
 
         Raises ``InvalidArgumentError`` past 10,000 tokens: page with ``tokens_page``.
         """
-        size = self._actor.state.size
+        size = self._core.size
         if size > TOKENS_MAX:
             raise InvalidArgumentError(
                 f"the pool has {size:,} tokens; tokens() returns at most {TOKENS_MAX:,}:"
                 " page with tokens_page(cursor)"
             )
-        _cursor, page = await self.tokens_page(0, TOKENS_MAX)
-        return page
+        op = GetTokens(0, TOKENS_MAX)
+        _cursor, page = op.value(await self._one(op), self._names)
+        return cast(list[TokenStatus], page)
 
     async def tokens_page(
         self, cursor: int = 0, count: int = 1000
     ) -> tuple[int, list[TokenStatus]]:
-        """Up to ``count`` (1 to 10,000) tokens from ``cursor`` on, and the next cursor.
+        """Up to ``count`` (1 to 1,000) tokens from ``cursor`` on, and the next cursor.
 
         Start with 0; the next cursor is 0 once the last token was returned (as
         Redis's ``SCAN``). Tokens there throughout a walk are returned exactly once.
         """
-        check_int(cursor, "cursor", 0, 2**32)
+        CURSOR.check(cursor)
+        PAGE_COUNT.check(count)
         op = GetTokens(cursor, count)
-        return cast(tuple[int, list[TokenStatus]], op.value(await self._one(op), self.token_text))
+        return cast(tuple[int, list[TokenStatus]], op.value(await self._one(op), self._names))
 
     async def token(self, token_id: str) -> TokenStatus:
         """One token's status. Raises ``UnknownTokenError``."""
         op = GetToken(token_id)
-        return cast(TokenStatus, op.value(await self._one(op), self.token_text))
+        return cast(TokenStatus, op.value(await self._one(op), self._names))
 
     async def lease_of(self, user_id: str) -> Lease | None:
         """The user's active lease, or ``None``."""
         op = GetLease(user_id)
-        return cast("Lease | None", op.value(await self._one(op), self.token_text))
+        return cast("Lease | None", op.value(await self._one(op), self._names))
 
     async def history(self, token_id: str, limit: int = 100, before: int | None = None) -> Page:
         """The token's ended leases, newest first, at most ``limit`` (1 to 10,000).
@@ -235,111 +394,35 @@ class Pool:
         never in the actor). Raises ``UnknownTokenError``, ``InvalidArgumentError``,
         and ``UnavailableError`` when the page needs the store and it cannot be read.
         """
-        check_limit(limit)
+        HISTORY_LIMIT.check(limit)
         result = await self._one(GetHistory(token_id, limit, before))
-        return await self.finish_history(result, token_id, None, limit)
+        return await self._core.complete_history(result, token_id, None, limit)
 
     async def user_history(self, user_id: str, limit: int = 100, before: int | None = None) -> Page:
         """The leases ``user_id`` held in this pool, ended, newest first; paged as ``history``."""
-        check_limit(limit)
+        HISTORY_LIMIT.check(limit)
         result = await self._one(GetUserHistory(user_id, limit, before))
-        return await self.finish_history(result, None, user_id, limit)
-
-    async def finish_history(
-        self,
-        result: tuple[list[EndRecord], int],
-        token_id: str | None,
-        user_id: str | None,
-        limit: int,
-    ) -> Page:
-        """Complete a history page read from memory (at its place in a batch) from the store.
-
-        Only entries older than everything memory returned (or memory's floor)
-        are taken from the store, so the page is one consistent snapshot even
-        when more leases ended since.
-        """
-        entries, store_before = result
-        names = self.token_text
-        page = [usage_value(r, names(r.slot)) for r in entries]
-        if store_before and self._reader is not None and len(page) < limit:
-            assert self._writer is not None
-            try:
-                if not await self._writer.wait_committed(store_before - 1, self._write_timeout):
-                    raise StoreError("the older entries are not committed to the store yet")
-                if token_id is not None:
-                    token = uuid_text(uuid_bytes(token_id, "token_id"))
-                    rows = await trio.to_thread.run_sync(
-                        self._reader.history, self.name, token, store_before, limit - len(page)
-                    )
-                else:
-                    assert user_id is not None
-                    rows = await trio.to_thread.run_sync(
-                        self._reader.user_history,
-                        self.name,
-                        check_user_id(user_id),
-                        store_before,
-                        limit - len(page),
-                    )
-            except StoreError as error:
-                if not page:
-                    raise UnavailableError(f"history: {error}") from None
-                log.warning("history_page_short", pool=self.name, error=str(error))
-                return Page(page, page[-1].revision)  # the rest can be read later
-            page += rows
-        return Page(page, page[-1].revision if len(page) >= limit else None)
+        return await self._core.complete_history(result, None, user_id, limit)
 
     async def stats(self) -> Stats:
         """The pool's size, counters and revision, and its store's state."""
-        return self.with_store(await self._one(GetStats()))
-
-    def with_store(self, stats: Stats) -> Stats:
-        """``stats`` (from a ``GetStats`` op in a batch) with the store's figures filled in."""
-        writer = self._writer
-        if writer is None or self._link is None:
-            return stats
-        committed = writer.last_commit_at_us
-        return attrs.evolve(
-            stats,
-            store=self._link.kind,
-            durability=self.durability,
-            link=writer.state,
-            backlog=writer.backlog,
-            last_commit_at=None if committed is None else to_datetime(committed),
-            write_lag=writer.write_lag,
-        )
+        return self._core.with_store(await self._one(GetStats()))
 
     def statistics(self) -> PoolStatistics:
         """Every figure of the pool, its actor and its writer (no await: a snapshot now)."""
-        state = self._actor.state
-        stats = self.with_store(GetStats().apply(state, state.now))
-        events = self._hub.statistics()
-        return PoolStatistics(
-            name=self.name,
-            settings=self.settings,
-            stats=stats,
-            actor=self._actor.statistics(),
-            writer=None if self._writer is None else self._writer.statistics(),
-            subscribers=events["subscribers"],
-            events_logged=events["events_logged"],
-        )
+        return self._core.statistics()
 
     @property
     def ready(self) -> tuple[bool, str]:
         """Whether the pool can take activations now, and why not."""
-        if self.closed:
-            return False, "the pool is closed"
-        writer = self._writer
-        if writer is not None and writer.full():
-            return False, writer.refusal()
-        return True, ""
+        return self._core.ready
 
     async def flush(self) -> None:
         """Wait until every change made so far is committed to the store (no-op in memory).
 
         Raises ``UnavailableError`` if this process no longer owns the pool.
         """
-        if self._writer is not None:
-            await self._writer.flush()
+        await self._core.flush()
 
     async def batch(self, ops: Sequence[Op]) -> list[object]:
         """Apply many operations in one trip through the actor, in order.
@@ -350,15 +433,11 @@ class Pool:
         if not ops:
             return []
         ops = list(ops)
-        results = await self._actor.call(ops)
+        results = await self._core.call(ops)
         return [
-            r if isinstance(r, BaseException) else op.value(r, self.token_text)
+            r if isinstance(r, BaseException) else op.value(r, self._names)
             for op, r in zip(ops, results, strict=True)
         ]
-
-    async def raw_batch(self, ops: list[Op]) -> list[object]:
-        """``batch`` without the conversion: the state's own results (the command layer)."""
-        return await self._actor.call(ops)
 
     async def activate_many(self, user_ids: Sequence[str]) -> list[Lease | TokenPoolError]:
         """``activate`` for each user in one trip through the actor (the fastest path).
@@ -369,7 +448,7 @@ class Pool:
         if not user_ids:
             return []
         op = ActivateMany(tuple(user_ids))
-        return cast(list[Lease | TokenPoolError], op.value(await self._one(op), self.token_text))
+        return cast(list[Lease | TokenPoolError], op.value(await self._one(op), self._names))
 
     @asynccontextmanager
     async def watch(
@@ -383,35 +462,15 @@ class Pool:
         ``overflow`` event and its stream ends; it never slows the pool.
         """
         if since is not None:
-            check_int(since, "since", 0, 2**63 - 1)
+            REVISION.check(since, "since")
         check_int(buffer, "buffer", 1, 1_000_000)
-        subscription = self._hub.subscribe(since, buffer)
+        hub = self._core.hub
+        subscription = hub.subscribe(since, buffer)
         try:
             yield subscription
         finally:
             subscription.close()
-            self._hub.unsubscribe(subscription)
-
-    @property
-    def hub(self) -> EventHub:
-        return self._hub
-
-    async def _configure(self, settings: PoolSettings) -> None:
-        # Cost before work: a pool grown by millions is grown GROW_STEP tokens at a
-        # time, each step one actor batch (committed before the next, so the backlog
-        # stays bounded), so other clients are served between the steps.
-        live = self._actor.state.size
-        while settings.size > live + GROW_STEP:
-            live += GROW_STEP
-            await self._one(_Configure(attrs.evolve(settings, size=live)))
-            if self._writer is not None:
-                await self._writer.flush()
-            else:
-                await trio.lowlevel.checkpoint()
-        await self._one(_Configure(settings))
-        self.settings = settings
-        if self._link is not None and self._writer is not None:
-            await self._link.save_settings(self._writer.key, settings.as_dict())
+            hub.unsubscribe(subscription)
 
 
 @attrs.frozen
@@ -467,6 +526,10 @@ class Pools:
             raise UnknownPoolError(f"no pool {str(name)[:64]!r} is served here")
         return pool
 
+    def core(self, name: str) -> PoolCore:
+        """The served pool behind ``get(name)`` (for the command layer)."""
+        return self.get(name)._core
+
     def __contains__(self, name: object) -> bool:
         return name in self._pools
 
@@ -503,8 +566,8 @@ class Pools:
                     return self._pools[name]
                 raise ExistsError(f"pool {name!r} already exists")
             pool = await self._open(name, settings, create=True, stored=False, grow=True)
-        if pool._actor.state.size < settings.size:
-            await pool._configure(settings)  # grown a step at a time, others served between
+        if pool._core.size < settings.size:
+            await pool._core.configure(settings)  # grown a step at a time, others served between
         return pool
 
     async def restore(self, name: str) -> Pool:
@@ -571,7 +634,7 @@ class Pools:
             publish=hub.publish,
             write_timeout=c.write_timeout,
         )
-        pool = Pool(
+        core = PoolCore(
             name,
             settings,
             actor,
@@ -582,6 +645,7 @@ class Pools:
             durability=c.durability,
             write_timeout=c.write_timeout,
         )
+        pool = Pool(core)
         done = trio.Event()
         await self._nursery.start(_run_actor, actor, done)
         self._pools[name] = pool
@@ -599,7 +663,7 @@ class Pools:
                 raise InvalidArgumentError(f"unknown pool setting {key!r}")
             values[key] = value
         settings = PoolSettings.make(**values)
-        await pool._configure(settings)
+        await pool._core.configure(settings)
         return settings
 
     async def drop(self, name: str) -> int:
@@ -607,28 +671,29 @@ class Pools:
         tokens and history in the store. Returns how many leases ended."""
         async with self._lock:
             pool = self.get(name)
-            pool.closed = True
-            ended = int(await pool._one(_EndAll(), last=True))
+            pool._core.closed = True
+            ended = int(await pool._core.one(_EndAll(), last=True))
             await self._stop(name)
-            if self._link is not None and pool._writer is not None:
+            writer = pool._core.writer
+            if self._link is not None and writer is not None:
                 with suppress(TokenPoolError):
                     await pool.flush()
-                await self._link.drop_pool(pool._writer.key)
+                await self._link.drop_pool(writer.key)
             return ended
 
     async def _stop(self, name: str) -> None:
         pool = self._pools.pop(name)
-        pool._actor.close()
-        pool.hub.close()
+        pool._core.actor.close()
+        pool._core.hub.close()
         await self._done.pop(name).wait()
         self._touch()
 
     async def close(self) -> None:
         """Stop every pool, write what is queued (bounded), stop the store process."""
         for pool in self._pools.values():
-            pool.closed = True
-            pool._actor.close()
-            pool.hub.close()
+            pool._core.closed = True
+            pool._core.actor.close()
+            pool._core.hub.close()
         for done in self._done.values():  # each actor answers what was queued first
             await done.wait()
         if self._link is not None:
@@ -729,13 +794,13 @@ def _check_common(
 ) -> _StoreConfig:
     return _StoreConfig(
         durability=check_choice(durability, "durability", ("async", "sync")),
-        history_memory=check_int(history_memory, "history_memory", 1, 10_000_000),
-        queue_size=check_int(queue_size, "queue_size", 1, 1_000_000),
-        max_backlog=check_int(max_backlog, "max_backlog", 1, 10_000_000),
-        flush_interval=check_seconds(flush_interval, "flush_interval", 0.0, 1.0),
-        write_timeout=check_seconds(write_timeout, "write_timeout", 0.1, 300.0),
-        shutdown_timeout=check_seconds(shutdown_timeout, "shutdown_timeout", 0.0, 3600.0),
-        lock_wait=check_seconds(lock_wait, "lock_wait", 0.0, 3600.0),
+        history_memory=HISTORY_MEMORY.check(history_memory),
+        queue_size=QUEUE_SIZE.check(queue_size),
+        max_backlog=MAX_BACKLOG.check(max_backlog),
+        flush_interval=FLUSH_INTERVAL.check(flush_interval),
+        write_timeout=WRITE_TIMEOUT.check(write_timeout),
+        shutdown_timeout=SHUTDOWN_TIMEOUT.check(shutdown_timeout),
+        lock_wait=LOCK_WAIT.check(lock_wait),
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -98,16 +98,69 @@ def check_choice(value: object, what: str, choices: tuple[str, ...]) -> str:
     return value.lower()
 
 
-def check_port(value: object, what: str = "port") -> int:
-    return check_int(value, what, 0, 65535)
+@attrs.frozen
+class Range:
+    """One setting's or argument's allowed range, written once: the command layer, the
+    RESP arguments, the HTTP schema and the CLI options all check with it (and the
+    HTTP schema's bounds are read from it), so they cannot disagree."""
+
+    what: str
+    low: float
+    high: float
+    seconds: bool = False  # a finite number of seconds, else an integer
+
+    def check(self, value: object, what: str | None = None) -> Any:
+        if self.seconds:
+            return check_seconds(value, what or self.what, self.low, self.high)
+        return check_int(value, what or self.what, int(self.low), int(self.high))
+
+    def parse(self, text: str, what: str | None = None) -> Any:
+        """``text`` (a RESP argument, a query string, an environment variable)."""
+        if self.seconds:
+            return parse_seconds(text, what or self.what, self.low, self.high)
+        return parse_int(text, what or self.what, int(self.low), int(self.high))
+
+
+SIZE: Final = Range("size", 1, MAX_SIZE)
+TTL: Final = Range("ttl", MIN_TTL, MAX_SECONDS, seconds=True)
+MIN_HOLD: Final = Range("min-hold", 0.0, MAX_SECONDS, seconds=True)
+MAX_LIFETIME: Final = Range("max-lifetime", MIN_TTL, MAX_SECONDS, seconds=True)
+"""A cap, or none: ``None`` in the library and JSON, ``0`` on RESP and the command line."""
+WAIT: Final = Range("wait", 0.0, MAX_SECONDS, seconds=True)
+HISTORY_LIMIT: Final = Range("limit", 1, 10_000)
+"""History entries one page returns."""
+PAGE_COUNT: Final = Range("count", 1, 1_000)
+"""Tokens one page of ``tokens_page`` (``TOKENS CURSOR``, ``SCAN``) returns."""
+TOKENS_MAX: Final = 10_000
+"""The most tokens one unpaged listing (``tokens()``, ``TOKENS``) returns."""
+CURSOR: Final = Range("cursor", 0, 2**32)
+BEFORE: Final = Range("before", 1, 2**63 - 1)
+REVISION: Final = Range("revision", 0, 2**63 - 1)
+HISTORY_MEMORY: Final = Range("history_memory", 1, 10_000_000)
+QUEUE_SIZE: Final = Range("queue_size", 1, 1_000_000)
+MAX_BACKLOG: Final = Range("max_backlog", 1, 10_000_000)
+FLUSH_INTERVAL: Final = Range("flush_interval", 0.0, 1.0, seconds=True)
+WRITE_TIMEOUT: Final = Range("write_timeout", 0.1, 300.0, seconds=True)
+SHUTDOWN_TIMEOUT: Final = Range("shutdown_timeout", 0.0, 3600.0, seconds=True)
+LOCK_WAIT: Final = Range("lock_wait", 0.0, 3600.0, seconds=True)
+PORT: Final = Range("port", 0, 65535)
+
+
+def check_max_lifetime(value: object, what: str = "max-lifetime") -> float | None:
+    """``max_lifetime``: ``None`` (or 0, as RESP and the command line write it) for no cap."""
+    if value is None or (
+        isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+    ):
+        return None
+    return float(MAX_LIFETIME.check(value, what))
 
 
 def _size(_: object, __: object, value: int) -> None:
-    check_int(value, "size", 1, MAX_SIZE)
+    SIZE.check(value)
 
 
 def _ttl(_: object, __: object, value: float) -> None:
-    check_seconds(value, "ttl", MIN_TTL, MAX_SECONDS)
+    TTL.check(value)
 
 
 def _when_full(_: object, __: object, value: str) -> None:
@@ -116,12 +169,12 @@ def _when_full(_: object, __: object, value: str) -> None:
 
 
 def _min_hold(_: object, __: object, value: float) -> None:
-    check_seconds(value, "min-hold", 0.0, MAX_SECONDS)
+    MIN_HOLD.check(value)
 
 
 def _max_lifetime(_: object, __: object, value: float | None) -> None:
     if value is not None:
-        check_seconds(value, "max-lifetime", MIN_TTL, MAX_SECONDS)
+        MAX_LIFETIME.check(value)
 
 
 @attrs.frozen
@@ -147,18 +200,19 @@ class PoolSettings:
     @classmethod
     def make(cls, **values: object) -> PoolSettings:
         """Build from loosely typed values (TOML, JSON), each checked with its own message."""
-        size = check_int(values.get("size", 100), "size", 1, MAX_SIZE)
-        ttl = check_seconds(values.get("ttl", 120.0), "ttl", MIN_TTL, MAX_SECONDS)
+        size = SIZE.check(values.get("size", 100))
+        ttl = TTL.check(values.get("ttl", 120.0))
         when_full = check_choice(values.get("when_full", "evict"), "when-full", WHEN_FULL)
-        min_hold = check_seconds(values.get("min_hold", 0.0), "min-hold", 0.0, MAX_SECONDS)
+        min_hold = MIN_HOLD.check(values.get("min_hold", 0.0))
         raw = values.get("max_lifetime")
-        max_lifetime = (
-            None if raw is None else check_seconds(raw, "max-lifetime", MIN_TTL, MAX_SECONDS)
-        )
-        unknown = set(values) - {"size", "ttl", "when_full", "min_hold", "max_lifetime"}
+        max_lifetime = None if raw is None else MAX_LIFETIME.check(raw)
+        unknown = set(values) - set(SETTING_NAMES)
         if unknown:
             raise InvalidArgumentError(f"unknown pool setting(s): {', '.join(sorted(unknown))}")
         return cls(size, ttl, when_full, min_hold, max_lifetime)
 
     def as_dict(self) -> dict[str, object]:
         return attrs.asdict(self)
+
+
+SETTING_NAMES: Final = tuple(f.name for f in attrs.fields(PoolSettings))

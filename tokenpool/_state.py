@@ -70,12 +70,7 @@ from ._model import (
     TokensAdded,
     TokensRetired,
 )
-from ._settings import PoolSettings, check_int
-
-HISTORY_LIMIT_MAX = 10_000
-"""The most history entries one page returns."""
-PAGE_MAX = 1_000
-"""The most tokens one page of ``tokens_page`` returns."""
+from ._settings import BEFORE, HISTORY_LIMIT, TOKENS_MAX, PoolSettings, check_int
 
 EXPIRED = Reason.EXPIRED.value
 EVICTED = Reason.EVICTED.value
@@ -680,7 +675,7 @@ class PoolState:
         and (slot, lease or None) pairs. Built with C-level iteration (about 50 ns a
         token): a page of 10,000 costs the actor well under a millisecond.
         """
-        check_int(count, "count", 1, HISTORY_LIMIT_MAX)
+        check_int(count, "count", 1, TOKENS_MAX)
         end = len(self._retired)
         start = min(max(0, cursor), end)
         stop = min(end, start + count)
@@ -703,7 +698,7 @@ class PoolState:
         older entries may exist only in the store, the revision below which the
         store must be read (0 when memory has answered for everything).
         """
-        check_limit(limit)
+        HISTORY_LIMIT.check(limit)
         slot = self.slot_of(token_id)
         return self._page(self._by_slot.get(slot), limit, before)
 
@@ -711,14 +706,14 @@ class PoolState:
         self, user_id: str, limit: int = 100, before: int | None = None
     ) -> tuple[list[EndRecord], int]:
         """As ``history``, for the leases one user held (on any token)."""
-        check_limit(limit)
+        HISTORY_LIMIT.check(limit)
         return self._page(self._user_history.get(check_user_id(user_id)), limit, before)
 
     def _page(
         self, entries: list[EndRecord] | None, limit: int, before: int | None
     ) -> tuple[list[EndRecord], int]:
         if before is not None:
-            check_int(before, "before", 1, 2**63 - 1)
+            BEFORE.check(before)
         cap = before if before is not None else 2**63
         page: list[EndRecord] = []
         if entries:
@@ -895,8 +890,3 @@ class PoolState:
             "history_floor": self.history_floor,
             "waiters_queued": len(self._waiters),
         }
-
-
-def check_limit(limit: object) -> int:
-    """Return ``limit`` if it is a valid history limit, else raise ``InvalidArgumentError``."""
-    return check_int(limit, "limit", 1, HISTORY_LIMIT_MAX)

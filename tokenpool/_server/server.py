@@ -1,7 +1,7 @@
 """The RESP server: drives the codec and the command layer over trio streams.
 
 One task per connection reads, plans each command at its place in the
-pipeline (AUTH, HELLO, POOL USE take effect there) and runs the planned
+pipeline (AUTH and HELLO take effect there) and runs the planned
 commands in *segments*: one actor batch each, replies encoded with the
 protocol in force at their place and sent in order. A segment ends before
 an action (a failed AUTH's delay, POOL CREATE, SUBSCRIBE), after an
@@ -32,27 +32,24 @@ from typing import Any
 import attrs
 import trio
 
-from . import __version__
-from ._commands import (
-    COMMANDS,
-    REDIS_COMPAT_VERSION,
-    Action,
+from .. import __version__
+from .._commands import (
     Commands,
-    Deferred,
-    Listing,
-    ServerSettings,
-    Session,
-    Transaction,
-    _channel_pool,
-    error_reply,
+    CommandSettings,
+    GetStats,
+    Granted,
+    parse_channel,
     run_batch,
 )
-from ._errors import CompactedError, InvalidArgumentError, TokenPoolError
-from ._log import get_logger
-from ._metrics import Latencies
-from ._model import Stats, iso, to_us
-from ._pool import Pool, Pools
-from ._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
+from .._errors import CompactedError, InvalidArgumentError, TokenPoolError
+from .._log import get_logger
+from .._metrics import Latencies
+from .._model import Stats, iso, to_us
+from .._pool import PoolCore, Pools
+from .._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
+from . import argv as table
+from .replies import Listing, error_reply, granted_wire, reply_of
+from .session import CONNECTION, REDIS_COMPAT_VERSION, Action, Pending, Planner, Session, TxPlan
 
 log = get_logger("tokenpool.server")
 
@@ -73,7 +70,7 @@ class RespSettings:
     port: int = 7379
     max_clients: int = 10_000
     idle_timeout: float = 30.0
-    commands: ServerSettings = attrs.Factory(ServerSettings)
+    commands: CommandSettings = attrs.Factory(CommandSettings)
 
 
 @attrs.frozen
@@ -93,7 +90,8 @@ class ServerStatistics:
 def _label(name: str) -> str:
     """A command's metric label: its name if it is one (a bounded set), else ``other``."""
     upper = name.upper()
-    return upper.lower() if upper in COMMANDS else "other"
+    known = upper in CONNECTION or upper in table.BY_NAME or upper in table.KEYED
+    return upper.lower() if known else "other"
 
 
 class _Subscriptions:
@@ -229,7 +227,7 @@ class _Connection:
                     await self._forward_pattern(name)
                     return
                 try:
-                    pool_name, since = _channel_pool(name)
+                    pool_name, since = parse_channel(name)
                 except TokenPoolError:
                     return
                 pools = self.server.pools
@@ -331,19 +329,17 @@ class RespServer:
         ssl_context: ssl.SSLContext | None = None,
         config: dict[str, str] | None = None,
         latencies: Latencies | None = None,
+        commands: Commands | None = None,
     ) -> None:
         self.pools = pools
         self.latencies = latencies or Latencies()
         self.settings = settings
         self.ssl_context = ssl_context
-        self.commands = Commands(
-            pools,
-            settings.commands,
-            config=config,
-            info=self.info,
-            subscriber=_Subscriptions(self),
+        self.commands = commands or Commands(pools, settings.commands)
+        self.planner = Planner(
+            self.commands, config=config, info=self.info, subscriber=_Subscriptions(self)
         )
-        self.config = self.commands.config
+        self.config = self.planner.config
         self.started = time.monotonic()
         self.clients = 0
         self.connections = 0
@@ -364,22 +360,19 @@ class RespServer:
 
     @property
     def errors(self) -> int:
-        return self.commands.errors
+        return self.planner.errors
 
     def statistics(self) -> ServerStatistics:
-        c = self.commands
-        limited = sum(
-            limiter.limited for limiter in (c.client_limit, c.user_limit) if limiter is not None
-        )
+        gate = self.commands.gate
         return ServerStatistics(
             clients=self.clients,
             connections=self.connections,
             rejected=self.rejected,
-            commands=c.commands,
-            errors=c.errors,
+            commands=self.planner.count,
+            errors=self.planner.errors,
             protocol_errors=self.protocol_errors,
-            auth_failures=c.auth.failures,
-            rate_limited=limited,
+            auth_failures=gate.auth_failures["resp"],
+            rate_limited=gate.rate_limited["resp"],
         )
 
     def connection_of(self, session: Session) -> _Connection:
@@ -430,13 +423,7 @@ class RespServer:
             await trio.aclose_forcefully(stream)
             return
         self.clients += 1
-        s = self.settings.commands
-        session = Session(
-            self._next_id, peer, authed=s.password is None and s.admin_password is None
-        )
-        if s.password is None and s.admin_password is not None:
-            session.authed = True  # leasing needs no password; reshaping pools needs admin
-        session.pool = s.default_pool
+        session = Session(self._next_id, self.commands.client(peer, "resp"))
         log.debug("client_connected", client=session.client_id, peer=peer)
         reason = "closed"
         try:
@@ -542,16 +529,16 @@ class RespServer:
 
     async def _execute(self, conn: _Connection, commands: list[list[str]]) -> None:
         session = conn.session
-        plan_of = self.commands.plan
-        segment: list[tuple[Any, int]] = []  # (plan or reply bytes, proto)
-        pool: Pool | None = None
+        plan_of = self.planner.plan
+        segment: list[tuple[Any, int]] = []  # (Pending or reply bytes, proto)
+        core: PoolCore | None = None
         cost = 0
         for argv in commands:
-            if argv[0].upper() in ("POST", "HOST:"):
+            if argv[0].upper() in ("POST", "HOST:", "GET"):
                 # An HTTP request on the RESP port (a browser, or a cross-protocol
                 # attack): refuse it and close, as Redis does.
                 if segment:
-                    await self._run(conn, segment, pool)
+                    await self._run(conn, segment, core, cost)
                 log.warning("http_request_refused", client=session.client_id, peer=session.peer)
                 await conn.send(
                     encode(Error("ERR", "Protocol error: an HTTP request on the RESP port"))
@@ -560,44 +547,51 @@ class RespServer:
                 return
             plan = plan_of(argv, session)
             kind = type(plan)
-            if kind is Deferred:
-                if pool is not None and (plan.pool is not pool or cost + plan.cost > SEGMENT_COST):
-                    await self._run(conn, segment, pool, cost)
+            if kind is Pending:
+                request = plan.request
+                if core is not None and (
+                    plan.core is not core or cost + request.cost > SEGMENT_COST
+                ):
+                    await self._run(conn, segment, core, cost)
                     segment, cost = [], 0
-                pool = plan.pool
-                cost += plan.cost
+                core = plan.core
+                cost += request.cost
                 segment.append((plan, session.proto))
-                if plan.waits:
-                    await self._wait(conn, segment, pool, cost)
-                    segment, cost, pool = [], 0, None
+                if request.waits:
+                    await self._wait(conn, segment, core, cost)
+                    segment, cost, core = [], 0, None
                     if conn.hung_up:
                         return
-            elif kind is Action or kind is Transaction:
+            elif kind is Action or kind is TxPlan:
                 if segment:
-                    await self._run(conn, segment, pool, cost)
-                    segment, cost, pool = [], 0, None
+                    await self._run(conn, segment, core, cost)
+                    segment, cost, core = [], 0, None
                 proto = session.proto
                 if kind is Action:
                     try:
                         reply = await plan.run()
                     except TokenPoolError as error:
                         reply = error_reply(error)
-                    await self._send_reply(conn, reply, proto)
+                    await self._send_reply(conn, reply, proto, argv[0].upper())
                 else:
                     await self._transaction(conn, plan, proto)
             else:
                 if type(plan) is Error:
-                    self.commands.errors += 1
+                    self.planner.errors += 1
                 segment.append((encode(plan, session.proto), 0))
             if session.quit:
                 break
         if segment:
-            await self._run(conn, segment, pool, cost)
+            await self._run(conn, segment, core, cost)
 
     async def _run(
-        self, conn: _Connection, segment: list[tuple[Any, int]], pool: Pool | None, cost: int = 0
+        self,
+        conn: _Connection,
+        segment: list[tuple[Any, int]],
+        core: PoolCore | None,
+        cost: int = 0,
     ) -> None:
-        """One actor batch for the segment's ops, then its replies in order.
+        """One actor batch for the segment's requests, then its replies in order.
 
         A heavy segment (large replies) takes one of the two heavy slots while it asks
         the actor and formats, so however many clients ask for large replies at once,
@@ -605,21 +599,24 @@ class RespServer:
         all the others (sending happens outside the slot: a reader may stall).
         """
         heavy = cost > HEAVY_COST
-        results = await self._ask([p for p, _ in segment], pool, heavy)
+        pending = [p for p, _ in segment if type(p) is Pending]
+        results = iter(await self._ask(pending, core, heavy))
         out: list[bytes] = []
-        for (plan, proto), result in zip(segment, results, strict=True):
+        for plan, proto in segment:
             if type(plan) is bytes:
                 out.append(plan)
                 continue
-            if plan.wire is not None and not isinstance(result, BaseException):
-                out.append(plan.wire(result, proto, plan.pool))
+            result = next(results)
+            if type(result) is Granted and result.revision is not None:
+                out.append(granted_wire(result, proto))
                 continue
-            if plan.cost > HEAVY_COST:
+            if plan.request.cost > HEAVY_COST:
                 if out:
                     await conn.send(b"".join(out))
                     out = []
                 async with self._large:  # from building the listing until it is sent
-                    await self._large_reply(conn, plan, result, proto)
+                    reply = await self._formatted(plan, result, True)
+                    await self._send_reply(conn, reply, proto, plan.command)
                 continue
             reply = await self._formatted(plan, result, heavy)
             if type(reply) is Listing:
@@ -632,32 +629,30 @@ class RespServer:
         if out:
             await conn.send(b"".join(out))
 
-    async def _ask(self, plans: list[Any], pool: Pool | None, heavy: bool) -> list[Any]:
+    async def _ask(self, plans: list[Pending], core: PoolCore | None, heavy: bool) -> list[Any]:
         """One actor batch for ``plans``; a heavy one in a heavy slot."""
+        if core is None or not plans:
+            return []
+        requests = [p.request for p in plans]
         if heavy:
             async with self._heavy:
-                return await run_batch(plans, pool)
-        return await run_batch(plans, pool)
+                return await run_batch(core, requests)
+        return await run_batch(core, requests)
 
-    async def _formatted(self, plan: Deferred, result: Any, heavy: bool) -> Any:
+    async def _formatted(self, plan: Pending, result: Any, heavy: bool) -> Any:
         """The reply value; a heavy one is formatted in a heavy slot, except when it reads
-        the store (``finish``): that read waits outside the slot."""
-        if heavy and plan.finish is None:
+        the store (``complete``): that read waits outside the slot."""
+        if heavy and not plan.request.completes:
             async with self._heavy:
                 return await self._reply(plan, result)
         return await self._reply(plan, result)
 
-    async def _large_reply(
-        self, conn: _Connection, plan: Deferred, result: Any, proto: int
-    ) -> None:
-        reply = await self._formatted(plan, result, True)
-        if type(reply) is Listing:
-            await self._stream_listing(conn, reply, proto)
-        else:
-            await conn.send(encode(reply, proto))
-
     async def _wait(
-        self, conn: _Connection, segment: list[tuple[Any, int]], pool: Pool | None, cost: int
+        self,
+        conn: _Connection,
+        segment: list[tuple[Any, int]],
+        core: PoolCore | None,
+        cost: int,
     ) -> None:
         """A segment ending in an activation that may wait: run it while watching the
         connection, and give the wait up (never granted) if the client hangs up."""
@@ -665,37 +660,32 @@ class RespServer:
             with trio.CancelScope() as waiting:
                 nursery.start_soon(conn.watch_hangup, waiting)
                 try:
-                    await self._run(conn, segment, pool, cost)
+                    await self._run(conn, segment, core, cost)
                 finally:
                     nursery.cancel_scope.cancel()
 
-    async def _reply(self, plan: Deferred, result: Any) -> Any:
-        """A Deferred's result (or error) as its reply value."""
+    async def _reply(self, plan: Pending, result: Any) -> Any:
+        """A pool request's result (or error) as its reply value."""
         if isinstance(result, BaseException):
-            self.commands.errors += 1
+            self.planner.errors += 1
             return error_reply(result)
         try:
-            reply = plan.format(result)
-            if plan.finish is not None:
-                reply = await plan.finish(reply)
+            if plan.request.completes:
+                result = await plan.request.complete(plan.core, result)
         except TokenPoolError as error:
-            self.commands.errors += 1
+            self.planner.errors += 1
             return error_reply(error)
-        return reply
+        return reply_of(result, plan.command)
 
-    async def _transaction(self, conn: _Connection, tx: Transaction, proto: int) -> None:
-        """EXEC: every queued op in ONE actor batch (no other client's command between them)."""
-        pool = next((p.pool for p in tx.plans if type(p) is Deferred), None)
-        results = await self._ask(tx.plans, pool, tx.cost > HEAVY_COST)
+    async def _transaction(self, conn: _Connection, tx: TxPlan, proto: int) -> None:
+        """EXEC: every queued request in ONE actor batch (no other client's between them)."""
+        pending = [p for p in tx.plans if type(p) is Pending]
+        core = pending[0].core if pending else None
+        results = iter(await self._ask(pending, core, tx.cost > HEAVY_COST))
         replies: list[Any] = []
-        for plan, result in zip(tx.plans, results, strict=True):
-            if type(plan) is Deferred:
-                replies.append(await self._reply(plan, result))
-            elif type(plan) is Action:
-                try:
-                    replies.append(await plan.run())
-                except TokenPoolError as error:
-                    replies.append(error_reply(error))
+        for plan in tx.plans:
+            if type(plan) is Pending:
+                replies.append(await self._reply(plan, next(results)))
             else:
                 replies.append(plan)
         # One array reply; its listings are encoded slice by slice with checkpoints, as
@@ -710,14 +700,16 @@ class RespServer:
                 out.append(encode(reply, proto))
         await conn.send(b"".join(out))
 
-    async def _send_reply(self, conn: _Connection, reply: Any, proto: int) -> None:
+    async def _send_reply(self, conn: _Connection, reply: Any, proto: int, command: str) -> None:
         if type(reply) is _Many:
             await conn.send(b"".join(_encode_push(f, proto) for f in reply.frames))
-        elif type(reply) is Listing:
+            return
+        reply = reply_of(reply, command)
+        if type(reply) is Listing:
             await self._stream_listing(conn, reply, proto)
-        elif reply is not None:
+        elif reply is not None or command in ("LEASE", "TP.LEASE"):
             if type(reply) is Error:
-                self.commands.errors += 1
+                self.planner.errors += 1
             await conn.send(encode(reply, proto))
 
     async def _stream_listing(self, conn: _Connection, listing: Listing, proto: int) -> None:
@@ -738,7 +730,21 @@ class RespServer:
 
     # -- INFO ---------------------------------------------------------------------
 
-    def info(self, stats: Stats, section: str | None, pool: Pool) -> str:
+    async def info(self, session: Session, section: str | None) -> str:
+        """Redis's INFO text: the server, and the default pool (``--name``)."""
+        name = self.commands.settings.default_pool
+        try:
+            stats: Stats = await self.commands.execute(
+                GetStats(name), session.client, admitted=True
+            )
+        except TokenPoolError:
+            stats = Stats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        core = self.pools.core(name) if name in self.pools else None
+        return self._info_text(stats, section, name, core)
+
+    def _info_text(
+        self, stats: Stats, section: str | None, name: str, core: PoolCore | None
+    ) -> str:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         sections: dict[str, dict[str, object]] = {
             "server": {
@@ -756,7 +762,7 @@ class RespServer:
             },
             "memory": {"used_memory": usage.ru_maxrss * 1024, "maxmemory": 0},
             "pool": {
-                "pool_name": pool.name,
+                "pool_name": name,
                 "pools": len(self.pools.names()),
                 "size": stats.size,
                 "active": stats.active,
@@ -780,15 +786,15 @@ class RespServer:
                 if stats.last_commit_at is None
                 else iso(to_us(stats.last_commit_at)),
                 "write_lag_seconds": f"{stats.write_lag:.6f}",
-                **_writer_fields(pool),
+                **_writer_fields(core),
             },
             "stats": {
                 "total_connections_received": self.connections,
-                "total_commands_processed": self.commands.commands,
+                "total_commands_processed": self.planner.count,
                 "rejected_connections": self.rejected,
-                "total_error_replies": self.commands.errors,
+                "total_error_replies": self.planner.errors,
                 "protocol_errors": self.protocol_errors,
-                "auth_failures": self.commands.auth.failures,
+                "auth_failures": self.commands.gate.auth_failures["resp"],
                 "instantaneous_ops_per_sec": 0,
             },
             "keyspace": {
@@ -806,9 +812,11 @@ class RespServer:
         return "\r\n".join(lines)
 
 
-def _writer_fields(pool: Pool) -> dict[str, object]:
+def _writer_fields(core: PoolCore | None) -> dict[str, object]:
     """The write-behind's figures for INFO persistence (none for a memory-only pool)."""
-    writer = pool.statistics().writer
+    if core is None:
+        return {}
+    writer = core.statistics().writer
     if writer is None:
         return {}
     histogram = ",".join(f"le{bound:g}={count}" for bound, count in writer.lag_histogram)

@@ -1,0 +1,64 @@
+"""The usage history: HISTORY (a token's ended leases) and USERHISTORY (a user's)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .. import _ops as ops
+from .._model import Page
+from ._base import ITEM_COST, PoolRequest
+
+if TYPE_CHECKING:
+    from .._pool import PoolCore
+
+
+class History(PoolRequest):
+    """A page of the token's ended leases, newest first, ended before ``before``.
+
+    The part memory holds is read at the request's place in its batch; older
+    entries come from the store after the batch (``complete``), so the page is one
+    snapshot even while leases keep ending."""
+
+    __slots__ = ("before", "limit", "token_id")
+    name = "history"
+    completes = True
+
+    def __init__(self, pool: str, token_id: str, limit: int = 100, before: int | None = None):
+        self.pool = pool
+        self.token_id = token_id
+        self.limit = limit
+        self.before = before
+
+    @property
+    def cost(self) -> int:  # type: ignore[override]
+        return ITEM_COST * self.limit
+
+    def op(self) -> ops.Op:
+        return ops.GetHistory(self.token_id, self.limit, self.before)
+
+    async def complete(self, core: PoolCore, result: Any) -> Page:
+        return await core.complete_history(result, self.token_id, None, self.limit)
+
+
+class UserHistory(PoolRequest):
+    """As ``History``, for the leases one user held in ``pool``."""
+
+    __slots__ = ("before", "limit", "user_id")
+    name = "userhistory"
+    completes = True
+
+    def __init__(self, pool: str, user_id: str, limit: int = 100, before: int | None = None):
+        self.pool = pool
+        self.user_id = user_id
+        self.limit = limit
+        self.before = before
+
+    @property
+    def cost(self) -> int:  # type: ignore[override]
+        return ITEM_COST * self.limit
+
+    def op(self) -> ops.Op:
+        return ops.GetUserHistory(self.user_id, self.limit, self.before)
+
+    async def complete(self, core: PoolCore, result: Any) -> Page:
+        return await core.complete_history(result, None, self.user_id, self.limit)

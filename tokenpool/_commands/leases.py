@@ -1,0 +1,146 @@
+"""Leases: ACTIVATE, RELEASE, RENEW, VALIDATE, LEASE, CLEAR."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .. import _ops as ops
+from .._model import EndRecord, LeaseRecord
+from ._base import PoolRequest
+
+if TYPE_CHECKING:
+    from .._pool import PoolCore
+
+
+class Granted(NamedTuple):
+    """A lease as a command answers it: the record, its token's id and (after a change)
+    the pool's revision; ``revision`` is None for a read (``LEASE``)."""
+
+    lease: LeaseRecord
+    token_id: str
+    revision: int | None
+
+
+class Released(NamedTuple):
+    """The lease a RELEASE ended (its usage-history entry) and the pool's revision."""
+
+    usage: EndRecord
+    token_id: str
+    revision: int
+
+
+class Cleared(NamedTuple):
+    """How many leases a CLEAR ended, and the pool's revision after them."""
+
+    ended: int
+    revision: int
+
+
+class Activate(PoolRequest):
+    """Lease a token of ``pool`` to ``user_id`` (the one the user holds, if any);
+    ``wait``: seconds a full ``wait`` pool may make the caller wait (None or 0: none)."""
+
+    __slots__ = ("user_id", "wait")
+    name = "activate"
+    revised = True
+
+    def __init__(self, pool: str, user_id: str, wait: float | None = None) -> None:
+        self.pool = pool
+        self.user_id = user_id
+        self.wait = wait or None
+
+    @property
+    def waits(self) -> bool:
+        return self.wait is not None
+
+    def op(self) -> ops.Op:
+        return ops.Activate(self.user_id, self.wait)
+
+    def result(self, core: PoolCore, raw: LeaseRecord, revision: int) -> Granted:
+        return Granted(raw, core.names(raw.slot), revision)
+
+
+class Renew(PoolRequest):
+    __slots__ = ("lease_id", "token_id")
+    name = "renew"
+    revised = True
+
+    def __init__(self, pool: str, token_id: str, lease_id: str) -> None:
+        self.pool = pool
+        self.token_id = token_id
+        self.lease_id = lease_id
+
+    def op(self) -> ops.Op:
+        return ops.Renew(self.token_id, self.lease_id)
+
+    def result(self, core: PoolCore, raw: LeaseRecord, revision: int) -> Granted:
+        return Granted(raw, core.names(raw.slot), revision)
+
+
+class Release(PoolRequest):
+    """End the token's lease; with ``user_id``, only if that user holds it."""
+
+    __slots__ = ("token_id", "user_id")
+    name = "release"
+    revised = True
+
+    def __init__(self, pool: str, token_id: str, user_id: str | None = None) -> None:
+        self.pool = pool
+        self.token_id = token_id
+        self.user_id = user_id
+
+    def op(self) -> ops.Op:
+        return ops.Release(self.token_id, self.user_id)
+
+    def result(self, core: PoolCore, raw: EndRecord, revision: int) -> Released:
+        return Released(raw, core.names(raw.slot), revision)
+
+
+class Validate(PoolRequest):
+    """Whether ``lease_id`` is the token's current lease: what a guarded resource asks."""
+
+    __slots__ = ("lease_id", "token_id")
+    name = "validate"
+
+    def __init__(self, pool: str, token_id: str, lease_id: str) -> None:
+        self.pool = pool
+        self.token_id = token_id
+        self.lease_id = lease_id
+
+    def op(self) -> ops.Op:
+        return ops.Validate(self.token_id, self.lease_id)
+
+    def result(self, core: PoolCore, raw: Any, revision: int) -> bool:
+        return bool(raw)
+
+
+class LeaseOf(PoolRequest):
+    """The lease ``user_id`` holds in ``pool`` now, or None."""
+
+    __slots__ = ("user_id",)
+    name = "lease"
+
+    def __init__(self, pool: str, user_id: str) -> None:
+        self.pool = pool
+        self.user_id = user_id
+
+    def op(self) -> ops.Op:
+        return ops.GetLease(self.user_id)
+
+    def result(self, core: PoolCore, raw: LeaseRecord | None, revision: int) -> Granted | None:
+        return None if raw is None else Granted(raw, core.names(raw.slot), None)
+
+
+class Clear(PoolRequest):
+    """End every lease of ``pool`` (``cleared``)."""
+
+    __slots__ = ()
+    name = "clear"
+    admin = True
+    revised = True
+
+    def op(self) -> ops.Op:
+        return ops.Clear()
+
+    def result(self, core: PoolCore, raw: int, revision: int) -> Cleared:
+        return Cleared(raw, revision)
