@@ -15,8 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tokenpool
-from tokenpool._commands import COMMANDS, ServerSettings, Session
+from tokenpool._commands import CommandSettings
 from tokenpool._server import RespServer, RespSettings
+from tokenpool._server.argv import BY_NAME, KEYED
+from tokenpool._server.session import CONNECTION as CONNECTION_COMMANDS
+from tokenpool._server.session import Session
+
+COMMANDS = set(BY_NAME) | set(KEYED) | set(CONNECTION_COMMANDS)
 
 DOCUMENTED = {
     "ERR",
@@ -32,6 +37,7 @@ DOCUMENTED = {
     "EXISTS",
     "NOPERM",
     "EXECABORT",
+    "CROSSSLOT",
 }
 # Commands whose effect is on the connection or the set of pools, not the pool's state.
 CONNECTION = {"AUTH", "HELLO", "QUIT", "RESET", "CLIENT", "SELECT", "MULTI", "EXEC", "DISCARD"}
@@ -136,6 +142,8 @@ command = st.one_of(
     shaped("TOKENS", option("CURSOR", "COUNT")),
     shaped("SCAN", value.map(lambda x: [x]), option("COUNT", "MATCH")),
     shaped("ACTIVATE", one, option("WAIT")),
+    shaped("TP.ACTIVATE", st.sampled_from(["default", "other", "x y"]).map(lambda x: [x]), one),
+    shaped("TP.RELEASE", st.sampled_from(["default", "nope"]).map(lambda x: [x]), one),
     shaped("POOL", st.sampled_from(["CREATE", "ALTER"]).map(lambda x: [x]), one, pool_options),
     shaped("POOL", st.sampled_from(["USE", "INFO", "DROP", "LIST"]).map(lambda x: [x]), one),
     shaped("RENEW", one, one),
@@ -206,7 +214,7 @@ async def run_commands(argvs: list[list[str]]) -> None:
         server = RespServer(
             pools,
             RespSettings(
-                port=0, commands=ServerSettings(password=None, auth_delay=0.0, auth_rate=1e6)
+                port=0, commands=CommandSettings(password=None, auth_delay=0.0, auth_rate=1e6)
             ),
         )
         pool = pools.get("default")
@@ -214,7 +222,7 @@ async def run_commands(argvs: list[list[str]]) -> None:
         free = next(t.id for t in await pool.tokens() if t.id != lease.token_id)
         live = {"$TOKEN": lease.token_id, "$LEASE": lease.id, "$FREE": free}
         argvs = [[live.get(a, a) for a in argv] for argv in argvs]
-        session = Session(1, "127.0.0.1:1", authed=True)
+        session = Session(1, server.commands.client("127.0.0.1:1", "resp"))
         sink = _Sink(session)
         server._by_session[1] = sink  # type: ignore[assignment]
         for argv in argvs:
@@ -237,7 +245,7 @@ async def run_commands(argvs: list[list[str]]) -> None:
             if "default" not in pools:
                 break
             if session.quit:
-                session = Session(1, "127.0.0.1:1", authed=True)
+                session = Session(1, server.commands.client("127.0.0.1:1", "resp"))
                 sink = _Sink(session)
                 server._by_session[1] = sink  # type: ignore[assignment]
 

@@ -26,7 +26,7 @@ from redis.retry import Retry
 
 import tokenpool
 from tests.chaos import server as chaos_server
-from tokenpool._commands import ServerSettings
+from tokenpool._commands import CommandSettings
 from tokenpool._server import RespServer, RespSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ async def running(
     async with tokenpool.open_pools(
         declared={name: tokenpool.PoolSettings(size=size, ttl=ttl)}
     ) as pools:
-        commands = ServerSettings(
+        commands = CommandSettings(
             password=password,
             admin_password=admin_password,
             auth_delay=auth_delay,
@@ -179,7 +179,9 @@ async def test_every_command_through_redis_py(protocol: int) -> None:
         (["HISTORY", "00000000-0000-4000-8000-000000000000", "LIMIT", "1_0"], "INVALID"),
         (["HISTORY", "00000000-0000-4000-8000-000000000000", "BEFORE", "-1"], "INVALID"),
         (["ACTIVATE", "a", "WAIT", "inf"], "INVALID"),
-        (["POOL", "USE", "nope"], "UNKNOWN"),
+        (["TP.ACTIVATE", "nope", "alice"], "UNKNOWN"),
+        (["TP.ACTIVATE", "a/b", "alice"], "UNKNOWN"),
+        (["POOL", "USE", "default"], "POOL USE is gone"),
         (["POOL", "CREATE", "a/b", "SIZE", "1", "TTL", "1"], "INVALID"),
         (["POOL", "CREATE", "x", "SIZE", "0", "TTL", "1"], "INVALID"),
         (["POOL", "CREATE", "default", "SIZE", "1", "TTL", "1"], "EXISTS"),
@@ -670,7 +672,7 @@ async def test_guesses_are_bounded_per_client_address_not_per_connection() -> No
         assert all(r.startswith(b"-WRONGPASS") for r in replies)
         # Past the address's budget even the right password is not checked for a while.
         assert (await raw(port, b"AUTH pw\r\n")).startswith(b"-WRONGPASS")
-        assert server.commands.auth.failures >= 10
+        assert server.commands.gate.auth_failures["resp"] >= 10
 
 
 def test_secrets_never_show_in_config_or_info() -> None:
@@ -744,7 +746,7 @@ async def test_multi_exec_is_one_atomic_batch_as_redis_py_sends_it() -> None:
         assert reply == b"+OK\r\n+QUEUED\r\n+OK\r\n$-1\r\n"
 
 
-async def test_a_new_or_reset_connection_uses_the_flags_pool_and_is_not_admin() -> None:
+async def test_commands_without_a_pool_use_the_flags_pool_and_reset_ends_admin() -> None:
     async with running(size=2, name="gpu", admin_password="root") as (_server, port):
 
         def scenario() -> None:
@@ -752,9 +754,10 @@ async def test_a_new_or_reset_connection_uses_the_flags_pool_and_is_not_admin() 
             assert "a" == as_dict(r.execute_command("ACTIVATE", "a"))["user_id"]
             assert r.execute_command("AUTH", "admin", "root")
             assert "OK" == r.execute_command("POOL", "CREATE", "x", "SIZE", "1", "TTL", "5")
-            assert "OK" == r.execute_command("POOL", "USE", "x")
+            assert "b" == as_dict(r.execute_command("TP.ACTIVATE", "x", "b"))["user_id"]
+            assert r.execute_command("LEASE", "b") is None  # not in gpu: the command names x
             assert "RESET" == r.execute_command("RESET")
-            assert as_dict(r.execute_command("LEASE", "a"))["user_id"] == "a"  # gpu again
+            assert as_dict(r.execute_command("LEASE", "a"))["user_id"] == "a"  # gpu
             with pytest.raises(redis.exceptions.NoPermissionError):
                 r.execute_command("POOL", "DROP", "x")  # RESET ended the admin session
 
@@ -788,20 +791,19 @@ async def test_named_pools_over_resp_with_an_admin_user() -> None:
             with pytest.raises(redis.ResponseError, match=r"^EXISTS"):
                 admin.execute_command("POOL", "CREATE", "gpu", "SIZE", "1", "TTL", "60")
             assert ["default", "gpu"] == user.execute_command("POOL", "LIST")
-            assert user.execute_command("POOL", "USE", "gpu")
-            assert "a" == as_dict(user.execute_command("ACTIVATE", "a"))["user_id"]
+            assert "a" == as_dict(user.execute_command("TP.ACTIVATE", "gpu", "a"))["user_id"]
             with pytest.raises(redis.ResponseError, match=r"^FULL"):
-                user.execute_command("ACTIVATE", "b")
+                user.execute_command("TP.ACTIVATE", "gpu", "b")
             info = as_dict(user.execute_command("POOL", "INFO", "gpu"))
             assert ("reject", 1, 1) == (info["when_full"], info["size"], info["refusals"])
             assert admin.execute_command("POOL", "ALTER", "gpu", "SIZE", "2", "WHEN-FULL", "wait")
-            assert "b" == as_dict(user.execute_command("ACTIVATE", "b"))["user_id"]
+            assert "b" == as_dict(user.execute_command("TP.ACTIVATE", "gpu", "b"))["user_id"]
             assert 2 == as_dict(admin.execute_command("POOL", "INFO", "gpu"))["size"]
-            # The other connection still uses the pool 'default'.
+            # A command that names no pool uses the pool 'default'.
             assert 2 == as_dict(admin.execute_command("STATS"))["size"]
             assert admin.execute_command("POOL", "DROP", "gpu")
             with pytest.raises(redis.ResponseError, match=r"^UNKNOWN"):
-                user.execute_command("ACTIVATE", "c")  # its pool is gone
+                user.execute_command("TP.ACTIVATE", "gpu", "c")  # its pool is gone
 
         await in_thread(scenario)
 
@@ -949,12 +951,10 @@ async def test_a_subscription_outlives_its_pool_as_in_redis() -> None:
                 pattern.get_message(timeout=1)
             for round_ in ("first", "second"):
                 r.execute_command("POOL", "CREATE", "later", "SIZE", "1", "TTL", "60")
-                r.execute_command("POOL", "USE", "later")
-                r.execute_command("ACTIVATE", round_)
+                r.execute_command("TP.ACTIVATE", "later", round_)
                 assert [round_] == granted(channel, "message"), round_
                 assert [round_] == granted(pattern, "pmessage"), round_
                 r.execute_command("POOL", "DROP", "later")
-                r.execute_command("POOL", "USE", "default")
                 for sub in (channel, pattern):  # the drop's "ended" (cleared) events
                     while sub.get_message(timeout=0.3):
                         pass

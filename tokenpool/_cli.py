@@ -32,7 +32,7 @@ import structlog
 import trio
 
 from . import __version__
-from ._commands import ServerSettings
+from ._commands import CommandSettings
 from ._errors import InvalidArgumentError, TokenPoolError
 from ._metrics import Latencies
 from ._pool import open_pools
@@ -451,7 +451,7 @@ async def serve(config: Config) -> int:
         port=config.port,
         max_clients=config.max_clients,
         idle_timeout=config.idle_timeout,
-        commands=ServerSettings(
+        commands=CommandSettings(
             password=config.requirepass,
             admin_password=config.admin_password,
             rate_limit=config.rate_limit,
@@ -534,7 +534,7 @@ async def serve(config: Config) -> int:
                     pools, settings, ssl_context=ssl_context, config=shown, latencies=latencies
                 )
                 if http is not None:
-                    http.attach(server.commands.sibling(), server)
+                    http.attach(server.commands, server)
                 served = trio.Event()
 
                 async def run_server(*, task_status: trio.TaskStatus[list[int]]) -> None:

@@ -13,6 +13,7 @@ bounded length before any conversion.
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from typing import Any, Final
@@ -26,7 +27,17 @@ MAX_SIZE: Final = 10_000_000
 MAX_SECONDS: Final = 10 * 365.25 * 86400
 """The longest ttl, min-hold, max-lifetime or wait: ten years."""
 MIN_TTL: Final = 0.001
-WHEN_FULL: Final = ("evict", "reject", "wait")
+
+
+class WhenFull(enum.StrEnum):
+    """What a full pool does with an activation."""
+
+    EVICT = "evict"
+    REJECT = "reject"
+    WAIT = "wait"
+
+
+WHEN_FULL: Final = tuple(w.value for w in WhenFull)
 
 _INT = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
 _FLOAT = re.compile(

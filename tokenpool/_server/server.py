@@ -534,7 +534,7 @@ class RespServer:
         core: PoolCore | None = None
         cost = 0
         for argv in commands:
-            if argv[0].upper() in ("POST", "HOST:", "GET"):
+            if argv[0].upper() in ("POST", "HOST:"):
                 # An HTTP request on the RESP port (a browser, or a cross-protocol
                 # attack): refuse it and close, as Redis does.
                 if segment:
@@ -566,15 +566,15 @@ class RespServer:
                 if segment:
                     await self._run(conn, segment, core, cost)
                     segment, cost, core = [], 0, None
-                proto = session.proto
                 if kind is Action:
                     try:
                         reply = await plan.run()
                     except TokenPoolError as error:
                         reply = error_reply(error)
-                    await self._send_reply(conn, reply, proto, argv[0].upper())
+                    # in the protocol in force after it (HELLO 3 AUTH answers in RESP3)
+                    await self._send_reply(conn, reply, session.proto, argv[0].upper())
                 else:
-                    await self._transaction(conn, plan, proto)
+                    await self._transaction(conn, plan, session.proto)
             else:
                 if type(plan) is Error:
                     self.planner.errors += 1

@@ -1,0 +1,304 @@
+"""The HTTP app: the request flow every route shares (who the client is, executing a
+request, errors as the documented shape), readiness, and the FastAPI app itself."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .._commands import Activate, BusyError, Client, Commands
+from .._commands import Request as Command
+from .._errors import TokenPoolError
+from .._log import get_logger
+from .._metrics import Latencies, TokenpoolCollector
+from .._model import Page
+from .._settings import check_name
+from . import routes
+from .middleware import Outer
+from .replies import usage_json
+from .schemas import BIG_LISTING, SLICE, ApiError, error_response
+
+if TYPE_CHECKING:
+    from .._pool import Pool, Pools
+    from .._server import RespServer
+
+log = get_logger("tokenpool.http")
+
+
+@attrs.frozen
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 4000
+    max_streams: int = 1_000  # event streams open at once
+    keep_alive: float = 5.0
+    graceful: float = 2.0  # seconds requests in flight get at shutdown
+    certfile: str | None = None  # with keyfile: HTTPS only (as --tls-cert makes RESP TLS only)
+    keyfile: str | None = None
+
+
+@attrs.frozen
+class HttpStatistics:
+    requests: int
+    errors: int
+    in_flight: int
+    streams: int
+    auth_failures: int
+
+
+class HttpApp:
+    """The ASGI app. ``attach()`` gives it the pools once they are recovered; until
+    then ``/api`` answers 503 and ``/readyz`` says why."""
+
+    def __init__(self, settings: HttpSettings, latencies: Latencies) -> None:
+        self.settings = settings
+        self.latencies = latencies
+        self.commands: Commands | None = None
+        self.resp: RespServer | None = None
+        self.in_flight = 0
+        self.streams = 0
+        self.subscriptions: set[Any] = set()
+        self.closing = False
+        self._heavy = trio.CapacityLimiter(2)
+        self.requests = 0
+        self.errors = 0
+        self.registry = CollectorRegistry()
+        self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
+        self.api = self._build()
+        self.asgi = Outer(self.api, self)
+
+    @property
+    def default_pool(self) -> str:
+        """The pool the paths without ``/pools/{pool}`` address (the flags' ``--name``)."""
+        return "default" if self.commands is None else self.commands.settings.default_pool
+
+    def attach(self, commands: Commands, resp: RespServer | None = None) -> None:
+        self.commands = commands
+        self.resp = resp
+
+    def close(self) -> None:
+        """End every event stream (shutdown): their pools are about to close."""
+        self.closing = True
+        for subscription in list(self.subscriptions):
+            subscription.close()
+
+    def statistics(self) -> HttpStatistics:
+        c = self.commands
+        return HttpStatistics(
+            requests=self.requests,
+            errors=self.errors,
+            in_flight=self.in_flight,
+            streams=self.streams,
+            auth_failures=0 if c is None else c.gate.auth_failures["http"],
+        )
+
+    def _pools(self) -> Pools | None:
+        return None if self.commands is None else self.commands.pools
+
+    def _servers(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        if self.resp is not None:
+            r = self.resp.statistics()
+            out["resp"] = {
+                "clients": r.clients,
+                "commands": r.commands,
+                "errors": r.errors,
+                "protocol_errors": r.protocol_errors,
+                "auth_failures": r.auth_failures,
+                "rate_limited": r.rate_limited,
+            }
+        h = self.statistics()
+        out["http"] = {
+            "clients": h.in_flight + h.streams,
+            "commands": h.requests,
+            "errors": h.errors,
+        }
+        return out
+
+    # -- running a command ---------------------------------------------------------
+
+    def ready_commands(self) -> Commands:
+        if self.commands is None:
+            raise ApiError("UNAVAILABLE", "the server is still recovering its pools")
+        return self.commands
+
+    async def authenticate(self, request: Request, bearer: str | None) -> Client:
+        """The request's client: its address, and the user its bearer opens (if any)."""
+        commands = self.ready_commands()
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
+        client = commands.client(peer, "http")
+        if bearer is None:
+            if not client.authed:
+                raise ApiError(
+                    "NOAUTH",
+                    "authentication required: send Authorization: Bearer <password>",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            return client  # no password is needed to lease (at most an admin one is set)
+        try:
+            await commands.gate.authenticate(client, None, bearer)
+        except TokenPoolError as error:
+            raise ApiError(
+                "WRONGPASS" if error.code == "WRONGPASS" else "INVALID",
+                "invalid password" if error.code == "WRONGPASS" else str(error),
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            ) from None
+        return client
+
+    async def execute(self, command: Command, client: Client) -> Any:
+        """Run one request through the command layer; its neutral result, or ApiError."""
+        commands = self.ready_commands()
+        self.requests += 1
+        try:
+            return await commands.execute(command, client)
+        except BusyError as error:
+            retry = str(max(1, math.ceil(error.retry_after)))
+            raise ApiError(error.code, str(error), {"Retry-After": retry}) from None
+        except TokenPoolError as error:
+            raise ApiError(error.code, str(error)) from None
+
+    async def listing(self, items: Any, format: Callable[[Any], Any]) -> list[Any]:
+        """Format a long listing a slice at a time (others run between the slices)."""
+        if len(items) <= SLICE:
+            return [format(i) for i in items]
+        out: list[Any] = []
+        for start in range(0, len(items), SLICE):
+            async with self._heavy:
+                out += [format(i) for i in items[start : start + SLICE]]
+            await trio.lowlevel.checkpoint()
+        return out
+
+    async def reply(self, body: dict[str, Any], size: int = 0) -> Response:
+        if size > BIG_LISTING:
+            async with self._heavy:
+                data = await trio.to_thread.run_sync(json.dumps, body)
+            return Response(data, media_type="application/json")
+        return JSONResponse(body)
+
+    # -- routes ------------------------------------------------------------------
+
+    def _build(self) -> FastAPI:
+        api = FastAPI(
+            title="tokenpool",
+            version=__version__,
+            description=(
+                "Finite pools of tokens leased to users for a limited time. The paths"
+                " under /api address the pool `default`; the same paths under"
+                " /api/pools/{pool} address a named pool. Errors are"
+                ' {"error": {"code", "message"}} with the library\'s codes.'
+            ),
+        )
+        api.state.owner = self
+
+        @api.exception_handler(ApiError)
+        async def api_error(request: Request, error: ApiError) -> Response:
+            self.errors += 1
+            return error_response(error.code, error.message, error.headers)
+
+        @api.exception_handler(RequestValidationError)
+        async def invalid(request: Request, error: RequestValidationError) -> Response:
+            problems = []
+            for item in error.errors()[:5]:
+                where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+                problems.append(f"{where or 'body'}: {item.get('msg', 'invalid')}")
+            self.errors += 1
+            return error_response("INVALID", "; ".join(problems) or "invalid request")
+
+        @api.exception_handler(Exception)
+        async def internal(request: Request, error: Exception) -> Response:
+            log.error(
+                "http_internal_error",
+                path=request.url.path[:200],
+                error=f"{type(error).__name__}: {error}"[:500],
+                exc_info=error,
+            )
+            return error_response("ERR", f"internal error: {type(error).__name__}")
+
+        @api.exception_handler(StarletteHTTPException)
+        async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+            if error.status_code == 400:  # a body that is not JSON (or not UTF-8)
+                return error_response("INVALID", f"the request body: {error.detail}")
+            code = {404: "NOTFOUND", 405: "METHOD"}.get(error.status_code, "ERR")
+            return JSONResponse(
+                {"error": {"code": code, "message": str(error.detail)}},
+                status_code=error.status_code,
+                headers=getattr(error, "headers", None),
+            )
+
+        api.include_router(routes.router, prefix="/api")
+        api.include_router(
+            routes.router, prefix="/api/pools/{pool}", dependencies=[Depends(routes._named_pool)]
+        )
+        api.include_router(routes.pools_router, prefix="/api")
+        api.include_router(routes.operations)
+        return api
+
+    # -- the parts of routes ---------------------------------------------------------
+
+    def pool(self, name: str) -> Pool:
+        commands = self.ready_commands()
+        try:
+            return commands.pools.get(check_name(name))
+        except TokenPoolError as error:
+            raise ApiError(error.code, str(error)) from None
+
+    async def page(self, key: str, value: str, page: Page) -> Response:
+        usages = await self.listing(page, usage_json)
+        body = {"data": {key: value, "usages": usages, "next_before": page.next_before}}
+        return await self.reply(body, len(usages))
+
+    async def waiting(self, command: Activate, client: Client, request: Request) -> Any:
+        """An activation that may wait: give the wait up (never granted) if the client
+        hangs up meanwhile."""
+        result: list[Any] = []
+        async with trio.open_nursery() as nursery:
+
+            async def hang_up() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            async def wait() -> None:
+                try:
+                    result.append(await self.execute(command, client))
+                except ApiError as error:  # raised below, not as an exception group
+                    result.append(error)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(hang_up)
+            nursery.start_soon(wait)
+        if result and isinstance(result[0], ApiError):
+            raise result[0]
+        if not result:
+            raise ApiError("UNAVAILABLE", "the client hung up while waiting")
+        return result[0]
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        if self.commands is None:
+            return False, {"server": "recovering the pools from the store"}
+        if self.closing:
+            return False, {"server": "shutting down"}
+        reasons: dict[str, str] = {}
+        pools = self.commands.pools
+        for name in pools.names():
+            try:
+                figures = pools.get(name).statistics()
+                ok, why = pools.get(name).ready
+            except TokenPoolError:
+                continue
+            writer = figures.writer
+            if not ok:
+                reasons[name] = why
+            elif writer is not None and writer.link != "up":
+                reasons[name] = f"the store link is {writer.link}"
+        return not reasons, reasons

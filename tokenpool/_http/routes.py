@@ -1,0 +1,464 @@
+"""The routes: one ``APIRouter`` of the pool's routes, mounted twice (``/api`` for the
+server's default pool, ``/api/pools/{pool}`` for a named one), the pools' routes
+and the operations' (health, metrics, the dashboard). Each handler builds a typed
+request from its validated input, executes it, and encodes the neutral result."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from importlib import resources
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from .._commands import (
+    Activate,
+    AlterPool,
+    BusyError,
+    Clear,
+    Client,
+    CreatePool,
+    DropPool,
+    GetPool,
+    History,
+    LeaseOf,
+    Release,
+    Renew,
+    Token,
+    TokenInfo,
+    TokenList,
+    Tokens,
+    UserHistory,
+    Validate,
+)
+from .._errors import InvalidArgumentError
+from .._metrics import render
+from .._model import usage_value
+from .._settings import (
+    CURSOR,
+    HISTORY_LIMIT,
+    PAGE_COUNT,
+    REVISION,
+    PoolSettings,
+    check_max_lifetime,
+)
+from .events import EventStream
+from .replies import active_usage, lease_json, pool_json, token_json, usage_json
+from .schemas import (
+    POOL_PATTERN,
+    USER_PATTERN,
+    UUID_PATTERN,
+    ActivateIn,
+    ApiError,
+    ClearReply,
+    DropReply,
+    ErrorCodes,
+    HistoryReply,
+    LeaseReply,
+    MaybeLeaseReply,
+    PoolChange,
+    PoolIn,
+    PoolListReply,
+    PoolReply,
+    ReleaseIn,
+    RenewIn,
+    TokenListReply,
+    TokenReply,
+    UsageReply,
+    ValidReply,
+)
+
+if TYPE_CHECKING:
+    from .app import HttpApp
+
+
+def _owner(request: Request) -> HttpApp:
+    owner: HttpApp = request.app.state.owner
+    return owner
+
+
+Owner = Annotated["HttpApp", Depends(_owner)]
+
+
+def _pool_of(request: Request) -> str:
+    """The pool a route of the pool router addresses: its path's, else the default."""
+    named = request.path_params.get("pool")
+    if named is not None:
+        return str(named)
+    return _owner(request).default_pool
+
+
+def _named_pool(
+    pool: Annotated[str, Path(description="a pool name", pattern=POOL_PATTERN, max_length=64)],
+) -> None:
+    """Declares (and checks) ``{pool}`` for the ``/api/pools/{pool}`` mount."""
+
+
+PoolName = Annotated[str, Depends(_pool_of)]
+PoolPath = Annotated[str, Path(description="a pool name", pattern=POOL_PATTERN, max_length=64)]
+
+_bearer = HTTPBearer(auto_error=False, description="the --requirepass password")
+
+
+async def _authorized(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Client:
+    return await _owner(request).authenticate(
+        request, credentials.credentials if credentials else None
+    )
+
+
+Authed = Annotated[Client, Depends(_authorized)]
+TokenId = Annotated[str, Path(description="a token id (UUID)", pattern=UUID_PATTERN)]
+UserId = Annotated[
+    str, Path(description="a user id", min_length=1, max_length=128, pattern=USER_PATTERN)
+]
+Limit = Annotated[
+    int, Query(ge=HISTORY_LIMIT.low, le=HISTORY_LIMIT.high, description="entries on the page")
+]
+Before = Annotated[
+    int | None, Query(ge=1, le=2**63 - 1, description="the next_before of the previous page")
+]
+
+
+router = APIRouter()
+"""The pool's routes: mounted at /api (the default pool) and /api/pools/{pool}."""
+pools_router = APIRouter()
+operations = APIRouter()
+
+
+# -- leases --
+
+
+@router.api_route(
+    "/tokens/activate", methods=["POST"], responses={**ErrorCodes, 200: {"model": LeaseReply}}
+)
+async def activate(
+    owner: Owner,
+    pool: PoolName,
+    client: Authed,
+    request: Request,
+    body: Annotated[ActivateIn, Body()],
+) -> Response:
+    """Lease a token to `user_id` (the one it holds already, if any).
+
+    A full pool evicts the oldest lease, refuses (409 FULL), or, with `wait`,
+    waits up to that many seconds for a token.
+    """
+    command = Activate(pool, body.user_id, body.wait)
+    if command.waits:
+        granted = await owner.waiting(command, client, request)
+    else:
+        granted = await owner.execute(command, client)
+    return JSONResponse({"data": lease_json(granted)})
+
+
+@router.api_route(
+    "/tokens/{token_id}/renew",
+    methods=["POST"],
+    responses={**ErrorCodes, 200: {"model": LeaseReply}},
+)
+async def renew(
+    owner: Owner,
+    pool: PoolName,
+    token_id: TokenId,
+    client: Authed,
+    body: Annotated[RenewIn, Body()],
+) -> Response:
+    """Extend the lease `lease_id` of the token by the pool's ttl."""
+    granted = await owner.execute(Renew(pool, token_id, body.lease_id), client)
+    return JSONResponse({"data": lease_json(granted)})
+
+
+@router.api_route(
+    "/tokens/{token_id}/release",
+    methods=["POST"],
+    responses={**ErrorCodes, 200: {"model": UsageReply}},
+)
+async def release(
+    owner: Owner,
+    pool: PoolName,
+    token_id: TokenId,
+    client: Authed,
+    body: Annotated[ReleaseIn | None, Body()] = None,
+) -> Response:
+    """End the token's lease now (reason `released`); with `user_id`, only if that
+    user holds it (409 NOTHOLDER otherwise)."""
+    user = None if body is None else body.user_id
+    released = await owner.execute(Release(pool, token_id, user), client)
+    ended = released.usage
+    usage = usage_value(ended, released.token_id)
+    return JSONResponse({"data": usage_json(usage)})
+
+
+@router.api_route(
+    "/tokens/{token_id}/validate",
+    methods=["GET"],
+    responses={**ErrorCodes, 200: {"model": ValidReply}},
+)
+async def validate(
+    owner: Owner,
+    pool: PoolName,
+    token_id: TokenId,
+    client: Authed,
+    lease_id: Annotated[str, Query(pattern=UUID_PATTERN)],
+) -> Response:
+    """Whether `lease_id` is the token's current lease."""
+    valid = await owner.execute(Validate(pool, token_id, lease_id), client)
+    return JSONResponse({"data": {"valid": valid}})
+
+
+@router.api_route(
+    "/tokens/clear", methods=["POST"], responses={**ErrorCodes, 200: {"model": ClearReply}}
+)
+async def clear(owner: Owner, pool: PoolName, client: Authed) -> Response:
+    """End every lease (reason `cleared`). With --admin-password, admin only."""
+    cleared = await owner.execute(Clear(pool), client)
+    return JSONResponse({"data": {"cleared_tokens": cleared.ended, "revision": cleared.revision}})
+
+
+# -- tokens --
+
+
+@router.api_route(
+    "/tokens", methods=["GET"], responses={**ErrorCodes, 200: {"model": TokenListReply}}
+)
+async def tokens(
+    owner: Owner,
+    pool: PoolName,
+    client: Authed,
+    cursor: Annotated[str | None, Query(max_length=20, description="page from here")] = None,
+    count: Annotated[int, Query(ge=1, le=PAGE_COUNT.high)] = 100,
+) -> Response:
+    """Every token with its holder (pools of up to 10,000 tokens); with `cursor`
+    (start at 0), a page of `count` and the cursor of the next."""
+    try:
+        start = None if cursor is None else int(CURSOR.parse(cursor))
+    except InvalidArgumentError as error:
+        raise ApiError("INVALID", str(error)) from None
+    listed: TokenList = await owner.execute(Tokens(pool, start, count), client)
+    info = listed.info
+    items = await owner.listing(listed.items, lambda item: token_json(info(item)))
+    following = None if not listed.cursor else str(listed.cursor)
+    return await owner.reply({"data": items, "next_cursor": following}, len(items))
+
+
+@router.api_route(
+    "/tokens/{token_id}", methods=["GET"], responses={**ErrorCodes, 200: {"model": TokenReply}}
+)
+async def token(owner: Owner, pool: PoolName, token_id: TokenId, client: Authed) -> Response:
+    """One token: its status, holder and current lease (`active_usage`)."""
+    info: TokenInfo = await owner.execute(Token(pool, token_id), client)
+    data = token_json(info)
+    data["active_usage"] = active_usage(info.lease)
+    return JSONResponse({"data": data})
+
+
+@router.api_route(
+    "/tokens/{token_id}/history",
+    methods=["GET"],
+    responses={**ErrorCodes, 200: {"model": HistoryReply}},
+)
+async def history(
+    owner: Owner,
+    pool: PoolName,
+    token_id: TokenId,
+    client: Authed,
+    limit: Limit = 100,
+    before: Before = None,
+) -> Response:
+    """The token's ended leases, newest first, a page at a time."""
+    page = await owner.execute(History(pool, token_id, limit, before), client)
+    return await owner.page("token_id", token_id, page)
+
+
+# -- users --
+
+
+@router.api_route(
+    "/users/{user_id}/lease",
+    methods=["GET"],
+    responses={**ErrorCodes, 200: {"model": MaybeLeaseReply}},
+)
+async def user_lease(owner: Owner, pool: PoolName, user_id: UserId, client: Authed) -> Response:
+    """The lease `user_id` holds now, or null."""
+    granted = await owner.execute(LeaseOf(pool, user_id), client)
+    return JSONResponse({"data": None if granted is None else lease_json(granted)})
+
+
+@router.api_route(
+    "/users/{user_id}/history",
+    methods=["GET"],
+    responses={**ErrorCodes, 200: {"model": HistoryReply}},
+)
+async def user_history(
+    owner: Owner,
+    pool: PoolName,
+    user_id: UserId,
+    client: Authed,
+    limit: Limit = 100,
+    before: Before = None,
+) -> Response:
+    """The user's ended leases, newest first, a page at a time."""
+    page = await owner.execute(UserHistory(pool, user_id, limit, before), client)
+    return await owner.page("user_id", user_id, page)
+
+
+# -- events --
+
+
+@router.api_route(
+    "/events",
+    methods=["GET"],
+    responses={
+        **ErrorCodes,
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "one event per change; `id` is the revision",
+        },
+    },
+    response_class=Response,
+)
+async def events(
+    owner: Owner,
+    pool: PoolName,
+    client: Authed,
+    since: Annotated[
+        int | None, Query(ge=0, le=REVISION.high, description="replay after it")
+    ] = None,
+    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+) -> Response:
+    """The pool's changes as Server-Sent Events (`granted`, `renewed`, `ended`), each
+    with its revision as `id`: a reconnecting EventSource resumes after the last
+    one it saw (`Last-Event-ID`), or gets an `event: compacted` naming the oldest
+    revision still held. A reader too slow gets `event: overflow` and the end."""
+    target = owner.pool(pool)
+    if last_event_id:
+        try:
+            since = int(REVISION.parse(last_event_id.strip(), "Last-Event-ID"))
+        except InvalidArgumentError as error:
+            raise ApiError("INVALID", str(error)) from None
+    if owner.streams >= owner.settings.max_streams or owner.closing:
+        raise ApiError(
+            "UNAVAILABLE",
+            f"{owner.streams} event streams are open (the most this server serves)",
+            {"Retry-After": "5"},
+        )
+    try:
+        owner.ready_commands().gate.spend(client, None)  # a stream is a request too
+    except BusyError as error:
+        retry = str(max(1, math.ceil(error.retry_after)))
+        raise ApiError(error.code, str(error), {"Retry-After": retry}) from None
+    return EventStream(owner, target, since)
+
+
+# -- pools --
+
+
+@pools_router.get("/pools", responses={**ErrorCodes, 200: {"model": PoolListReply}})
+async def list_pools(owner: Owner, client: Authed) -> Response:
+    """Every pool served here, with its settings and counters."""
+    commands = owner.ready_commands()
+    out = []
+    for name in commands.pools.names():
+        with contextlib.suppress(ApiError):
+            out.append(pool_json(await owner.execute(GetPool(name), client)))
+    return JSONResponse({"data": out})
+
+
+@pools_router.post("/pools", responses={**ErrorCodes, 200: {"model": PoolReply}})
+async def create_pool(owner: Owner, client: Authed, body: Annotated[PoolIn, Body()]) -> Response:
+    """Create a pool (409 EXISTS if the name is taken). With --admin-password,
+    admin only."""
+    try:
+        settings = PoolSettings.make(
+            size=body.size,
+            ttl=body.ttl,
+            when_full=body.when_full,
+            min_hold=body.min_hold,
+            max_lifetime=check_max_lifetime(body.max_lifetime),
+        )
+    except InvalidArgumentError as error:
+        raise ApiError("INVALID", str(error)) from None
+    await owner.execute(CreatePool(body.name, settings), client)
+    return JSONResponse({"data": pool_json(await owner.execute(GetPool(body.name), client))})
+
+
+@pools_router.get("/pools/{pool}", responses={**ErrorCodes, 200: {"model": PoolReply}})
+async def pool_info(owner: Owner, pool: PoolPath, client: Authed) -> Response:
+    """A pool's settings and counters."""
+    return JSONResponse({"data": pool_json(await owner.execute(GetPool(pool), client))})
+
+
+@pools_router.patch("/pools/{pool}", responses={**ErrorCodes, 200: {"model": PoolReply}})
+async def alter_pool(
+    owner: Owner, pool: PoolPath, client: Authed, body: Annotated[PoolChange, Body()]
+) -> Response:
+    """Change a pool's settings (shrinking retires free tokens first, then evicts the
+    oldest leases; `max_lifetime` 0 removes the cap). With --admin-password, admin
+    only."""
+    changes = {k: v for k, v in body.model_dump().items() if v is not None}
+    if "max_lifetime" in changes:
+        changes["max_lifetime"] = check_max_lifetime(changes["max_lifetime"])
+    await owner.execute(AlterPool(pool, changes), client)
+    return JSONResponse({"data": pool_json(await owner.execute(GetPool(pool), client))})
+
+
+@pools_router.delete("/pools/{pool}", responses={**ErrorCodes, 200: {"model": DropReply}})
+async def drop_pool(owner: Owner, pool: PoolPath, client: Authed) -> Response:
+    """Stop serving a pool: every lease ends (`cleared`); its tokens and history stay
+    in the store. With --admin-password, admin only."""
+    await owner.execute(DropPool(pool), client)
+    return JSONResponse({"data": {"dropped": pool}})
+
+
+# -- operations --
+
+
+@operations.get("/healthz", responses={200: {"description": "the process answers"}})
+async def healthz() -> Response:
+    """The process is up and its event loop answers."""
+    return JSONResponse({"status": "ok"})
+
+
+@operations.get(
+    "/readyz",
+    responses={
+        200: {"description": "ready"},
+        503: {"description": "not ready, with the reasons"},
+    },
+)
+async def readyz(owner: Owner) -> Response:
+    """Ready: recovery done, every pool's store link up and its backlog not full."""
+    ready, reasons = owner.readiness()
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "reasons": reasons},
+        status_code=200 if ready else 503,
+    )
+
+
+@operations.get(
+    "/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}}
+)
+async def metrics(owner: Owner) -> Response:
+    """Prometheus text format: tokens, counters, write-behind, clients, latencies."""
+    return Response(render(owner.registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@operations.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def dashboard() -> Response:
+    return HTMLResponse(_dashboard_page())
+
+
+_page: str | None = None
+
+
+def _dashboard_page() -> str:
+    global _page
+    if _page is None:
+        _page = resources.files("tokenpool").joinpath("_dashboard.html").read_text()
+    return _page

@@ -1,0 +1,53 @@
+"""Serving the app: hypercorn's trio worker in the server's own trio run."""
+
+from __future__ import annotations
+
+import trio
+
+from .._log import get_logger
+from .app import HttpApp
+
+log = get_logger("tokenpool.http")
+
+
+async def serve_http(
+    app: HttpApp,
+    *,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with hypercorn's trio worker until ``shutdown`` is set.
+
+    ``task_status`` gets the port once the socket is bound (an error binding it is
+    raised here, before that).
+    """
+    import socket
+
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    s = app.settings
+    family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((s.host, s.port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
+    config.accesslog = None
+    config.errorlog = None
+    config.keep_alive_timeout = s.keep_alive
+    config.graceful_timeout = s.graceful
+    config.h11_max_incomplete_size = 16 * 1024
+    config.include_server_header = False
+    if s.certfile and s.keyfile:
+        config.certfile = s.certfile
+        config.keyfile = s.keyfile
+    log.info("http_listening", host=s.host, port=port)
+    task_status.started(port)
+    await serve(app.asgi, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
