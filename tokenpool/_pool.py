@@ -58,7 +58,8 @@ from ._ops import (
 from ._settings import PoolSettings, check_choice, check_int, check_name, check_seconds
 from ._state import PoolState, check_limit
 from ._store import EPOCH_SHIFT, Reader, Snapshot, StoreError, check_store_url, open_reader
-from ._writer import StoreLink, Writer, WriterStatistics
+from ._store.link import StoreLink
+from ._writer import Writer, WriterStatistics
 
 log = get_logger("tokenpool.pool")
 
