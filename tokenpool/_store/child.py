@@ -23,22 +23,19 @@ Rules it keeps:
 from __future__ import annotations
 
 import contextlib
-import pickle
 import random
 import select
 import socket
-import struct
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 from .._errors import TokenPoolError
 from .._model import Record
 from . import Batch, FencedError, RejectedError, Store, StoreError, open_store
+from .frames import FrameDecoder, encode
 
-_LEN = struct.Struct(">I")
 MAX_BATCH_RECORDS = 20_000
 """The most change records one transaction carries: after an outage the backlog is
 written in transactions of bounded size (each within the write timeout), never as one
@@ -56,24 +53,23 @@ def _head(entries: list[Any], limit: int) -> list[Any]:
 
 
 class Channel:
-    """Length-prefixed pickle frames over a blocking socket."""
+    """Frames (``frames.py``) over a blocking socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._buf = bytearray()
+        self._decoder = FrameDecoder()
         self.closed = False
 
     def send(self, message: object) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            self.sock.sendall(_LEN.pack(len(data)) + data)
+            self.sock.sendall(encode((message,)))
         except OSError:
             self.closed = True
 
     def receive(self, timeout: float | None) -> list[Any]:
         """Every whole message that arrives within ``timeout`` (``None``: wait for one).
 
-        Sets ``closed`` at end of file.
+        Sets ``closed`` at end of file; raises ``FrameError`` on a corrupt stream.
         """
         out: list[Any] = []
         wait = timeout
@@ -85,22 +81,10 @@ class Channel:
             if not chunk:
                 self.closed = True
                 break
-            self._buf += chunk
-            out += self._frames()
+            out += self._decoder.feed(chunk)
             if out:
                 wait = 0  # take what else is already there, then go and write it
         return out
-
-    def _frames(self) -> Iterator[Any]:
-        buf = self._buf
-        pos = 0
-        while len(buf) - pos >= 4:
-            (size,) = _LEN.unpack_from(buf, pos)
-            if len(buf) - pos - 4 < size:
-                break
-            yield pickle.loads(buf[pos + 4 : pos + 4 + size])
-            pos += 4 + size
-        del buf[:pos]
 
 
 class PoolSink:

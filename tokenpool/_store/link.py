@@ -19,9 +19,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import contextlib
-import pickle
 import socket
-import struct
 import subprocess
 import sys
 from collections import deque
@@ -33,13 +31,12 @@ import trio
 from .._errors import TokenPoolError, UnavailableError
 from .._log import get_logger
 from . import Snapshot, redact
+from .frames import FrameDecoder, FrameError, encode
 
 if TYPE_CHECKING:
     from .._writer import Writer
 
 log = get_logger("tokenpool.store")
-
-_LEN = struct.Struct(">I")
 
 
 class StoreLink:
@@ -220,12 +217,8 @@ class StoreLink:
                 if frame is not None:
                     frames.append(frame)
             if frames:
-                data = b"".join(
-                    _LEN.pack(len(p)) + p
-                    for p in (pickle.dumps(f, protocol=pickle.HIGHEST_PROTOCOL) for f in frames)
-                )
                 try:
-                    await stream.send_all(data)
+                    await stream.send_all(encode(frames))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return
                 if frames[-1][0] == "close":
@@ -242,7 +235,7 @@ class StoreLink:
 
     async def _receive(self) -> None:
         assert self._stream is not None
-        buf = bytearray()
+        decoder = FrameDecoder()
         while True:
             try:
                 chunk = await self._stream.receive_some(1 << 20)
@@ -251,15 +244,16 @@ class StoreLink:
             if not chunk:
                 self._died()
                 return
-            buf += chunk
-            pos = 0
-            while len(buf) - pos >= 4:
-                (size,) = _LEN.unpack_from(buf, pos)
-                if len(buf) - pos - 4 < size:
-                    break
-                self._dispatch(pickle.loads(buf[pos + 4 : pos + 4 + size]))
-                pos += 4 + size
-            del buf[:pos]
+            try:
+                messages = decoder.feed(chunk)
+            except FrameError as error:  # the stream is lost: end the process, as if it died
+                log.error("store_link_corrupt", store=self.shown, error=str(error))
+                if self._process is not None and self._process.returncode is None:
+                    self._process.kill()
+                self._died()
+                return
+            for message in messages:
+                self._dispatch(message)
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
