@@ -59,9 +59,13 @@ class Snapshot:
 
 
 class KnownUsers:
-    """User ids this store process has committed to ``users``: a batch inserts only the
-    others (a load test cycles through the same users, and an ``INSERT OR IGNORE`` of a
-    known one still costs an index probe per row). Bounded: forgotten when full."""
+    """User ids this store has committed to ``users``: a batch inserts only the others
+    (a load test cycles through the same users, and an ``INSERT OR IGNORE`` of a known
+    one still costs an index probe per row). Bounded: forgotten when full.
+
+    The one such cache: each store (SQLite, PostgreSQL) keeps one, since ``users`` is
+    shared by every pool of the store, and fills it only once a transaction commits.
+    """
 
     LIMIT = 1_000_000
 

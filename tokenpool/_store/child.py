@@ -96,12 +96,6 @@ class PoolSink:
         self.tokens = tokens
         self.pending: list[tuple[int, list[list[Record]], dict[str, int], int]] = []
         self.fenced = False
-        self.known_users: set[str] = set()  # users written already: no insert needed
-
-    def remember_users(self, users: dict[str, None]) -> None:
-        if len(self.known_users) + len(users) > 1_000_000:
-            self.known_users.clear()
-        self.known_users.update(users)
 
 
 class StoreProcess:
@@ -216,7 +210,6 @@ class StoreProcess:
                 self.back_off(min(self.retry_cap, 0.05 * 2 ** min(attempt, 20)))
                 continue
             sink.pending = sink.pending[len(entries) :]
-            sink.remember_users(batch.users)
             retry = False  # the next entries were never tried: no commit can have happened
             attempt = 0
             self.set_link("up", None)
@@ -249,9 +242,6 @@ class StoreProcess:
             for records in chunks:
                 self._learn_tokens(sink, records)
                 batch.add(records, counters, clock_us)
-        known = sink.known_users
-        if known:
-            batch.users = {u: None for u in batch.users if u not in known}
         return batch
 
     @staticmethod
