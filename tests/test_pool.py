@@ -29,6 +29,7 @@ from tokenpool._model import END, GRANT, Record
 from tokenpool._ops import Op
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
+from tokenpool._store import LinkState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -298,7 +299,7 @@ class HeldWriter:
         self.committed_seq = 0
         self.refused_seqs: dict[int, str] = {}
         self.gave_up = False
-        self.state = "up"
+        self.state = LinkState.UP
         self._seq = 0
         self._progress = trio.Event()
 

@@ -35,6 +35,7 @@ from ._state import WAITING
 
 if TYPE_CHECKING:
     from ._state import PoolState
+    from ._store import LinkState
 
 log = get_logger("tokenpool.actor")
 
@@ -129,7 +130,7 @@ class Writer(Protocol):
     """Every batch up to this sequence number is written (or refused: ``refused_seqs``)."""
     refused_seqs: dict[int, str]
     gave_up: bool
-    state: str
+    state: LinkState
 
     @property
     def last_seq(self) -> int: ...
@@ -290,7 +291,7 @@ class Actor:
                     request.time_out(error)
         for seq in [s for s in refused if s <= committed]:
             del refused[seq]
-        if writer.state in ("fenced", "failed") or writer.gave_up:
+        if writer.state.lost or writer.gave_up:
             self._fail_replies(UnavailableError(writer.refusal()))
             return False
         now = trio.current_time()

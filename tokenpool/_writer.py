@@ -35,6 +35,7 @@ import trio
 from ._errors import UnavailableError
 from ._log import get_logger
 from ._model import Record
+from ._store import LinkState
 
 log = get_logger("tokenpool.writer")
 
@@ -48,7 +49,7 @@ LOW_WATER = 0.1
 class WriterStatistics:
     """The write-behind of one pool, as ``Pool.statistics()`` reports it."""
 
-    link: str
+    link: LinkState
     backlog: int
     max_backlog: int
     unsent: int
@@ -118,7 +119,7 @@ class Writer:
         self._clock_us = 0
         self._seq = 0
         self.backlog = 0
-        self.state = "up"  # up | retrying | down | fenced | failed
+        self.state = LinkState.UP
         self.committed = committed  # every change up to this revision is committed
         self.committed_seq = 0  # every batch up to this sequence number is written (or refused)
         self.refused_seqs: dict[int, str] = {}  # refused batches, until the actor takes them
@@ -141,7 +142,7 @@ class Writer:
     def full(self) -> bool:
         return (
             self.backlog >= self.max_backlog
-            or self.state in ("fenced", "failed")
+            or self.state.lost
             or (self._refusing_until > 0.0 and self._still_refusing())
         )
 
@@ -153,9 +154,9 @@ class Writer:
 
     def refusal(self) -> str:
         """Why activations are refused now (for the error the actor answers)."""
-        if self.state == "fenced":
+        if self.state is LinkState.FENCED:
             return "this process no longer owns the pool (fenced); restart it"
-        if self.state == "failed":
+        if self.state is LinkState.FAILED:
             return "the store process failed; see the server log"
         if self._refusing_until > 0.0 and self.backlog < self.max_backlog:
             return (
@@ -169,7 +170,7 @@ class Writer:
     ) -> int | None:
         """Queue one actor batch's records; returns its sequence number (``committed_seq``
         reaches it once it is written), or ``None`` when the store is lost for good."""
-        if self.state in ("fenced", "failed"):
+        if self.state.lost:
             self.lost += len(records)
             return None
         self._seq += 1
@@ -238,8 +239,8 @@ class Writer:
                 self._refusing_until = 0.0  # the store takes writes again
                 log.warning("store_accepts_changes_again", pool=self.name)
         self.last_commit_at_us = self._link.now_us()
-        if self.state in ("retrying", "down"):
-            self.state = "up"
+        if self.state is LinkState.RETRYING or self.state is LinkState.DOWN:
+            self.state = LinkState.UP
         self._drained()
         self._wake()
 
@@ -265,7 +266,7 @@ class Writer:
         )
         self.acknowledged(seq, 0)
 
-    def fail(self, state: str, message: str) -> None:
+    def fail(self, state: LinkState, message: str) -> None:
         """Fenced or failed for good: refuse what comes."""
         if self.state == state:
             return
@@ -273,18 +274,18 @@ class Writer:
         log.error(f"store_{state}", pool=self.name, error=message, backlog=self.backlog)
         self._wake()
 
-    def link_state(self, state: str) -> None:
-        if self.state not in ("fenced", "failed"):
+    def link_state(self, state: LinkState) -> None:
+        if not self.state.lost:
             self.state = state
 
     def check_stalled(self) -> None:
         """No acknowledgement for longer than a write may take: the store hangs (a
         paused server, a dead link not yet noticed). Say so; the next ack clears it."""
-        if not self._entries or self.state != "up":
+        if not self._entries or self.state is not LinkState.UP:
             return
         quiet = trio.current_time() - max(self._last_ack, self._entries[0].submitted)
         if quiet > self.write_timeout + 1:
-            self.state = "retrying"
+            self.state = LinkState.RETRYING
             log.warning(
                 "store_link_stalled",
                 pool=self.name,
@@ -315,7 +316,7 @@ class Writer:
         """Wait until every change up to ``revision`` is committed; False on timeout/failure."""
         with trio.move_on_after(timeout):
             while self.committed < revision and self._entries:
-                if self.state in ("fenced", "failed"):
+                if self.state.lost:
                     return False
                 await self._progress.wait()
             return True
@@ -328,7 +329,7 @@ class Writer:
         """
         target = self._seq
         while self._entries and self._entries[0].seq <= target:
-            if self.state in ("fenced", "failed"):
+            if self.state.lost:
                 raise UnavailableError(self.refusal())
             await self._progress.wait()
 

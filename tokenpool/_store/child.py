@@ -33,7 +33,7 @@ from typing import Any
 
 from .._errors import TokenPoolError
 from .._model import Record
-from . import Batch, FencedError, RejectedError, Store, StoreError, open_store
+from . import Batch, FencedError, LinkState, RejectedError, Store, StoreError, open_store
 from .frames import FrameDecoder, encode
 
 MAX_BATCH_RECORDS = 20_000
@@ -112,16 +112,16 @@ class StoreProcess:
             lock_wait=float(config.get("lock_wait", 5.0)),
         )
         self.sinks: dict[int, PoolSink] = {}
-        self.link = "up"
+        self.link = LinkState.UP
         self.closing_since: float | None = None
 
     def log(self, level: str, event: str, **fields: object) -> None:
         self.channel.send(("log", level, event, fields))
 
-    def set_link(self, state: str, error: BaseException | None) -> None:
-        if state != self.link:
+    def set_link(self, state: LinkState, error: BaseException | None) -> None:
+        if state is not self.link:
             self.link = state
-            self.channel.send(("link", state, "" if error is None else str(error)))
+            self.channel.send(("link", state.value, "" if error is None else str(error)))
 
     # -- the loop -------------------------------------------------------------
 
@@ -201,7 +201,7 @@ class StoreProcess:
             except StoreError as error:
                 attempt += 1
                 retry = True
-                self.set_link("retrying" if attempt < 3 else "down", error)
+                self.set_link(LinkState.RETRYING if attempt < 3 else LinkState.DOWN, error)
                 if self.closing_since is not None and (
                     time.monotonic() - self.closing_since > self.shutdown_timeout
                 ):
@@ -212,7 +212,7 @@ class StoreProcess:
             sink.pending = sink.pending[len(entries) :]
             retry = False  # the next entries were never tried: no commit can have happened
             attempt = 0
-            self.set_link("up", None)
+            self.set_link(LinkState.UP, None)
             self.channel.send(("ack", sink.key, entries[-1][0], batch.records))
 
     def back_off(self, delay: float) -> None:

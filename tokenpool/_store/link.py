@@ -30,7 +30,7 @@ import trio
 
 from .._errors import TokenPoolError, UnavailableError
 from .._log import get_logger
-from . import Snapshot, redact
+from . import LinkState, Snapshot, redact
 from .frames import FrameDecoder, FrameError, encode
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class StoreLink:
         self._process: trio.Process | None = None
         self._closing = False
         self._dead = False
-        self.state = "up"
+        self.state = LinkState.UP
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -265,11 +265,11 @@ class StoreLink:
             self._replies[message[1]] = [message[2]]
             self._reply_events.pop(message[1]).set()
         elif kind == "link":
-            state, error = message[1], message[2]
+            state, error = LinkState(message[1]), message[2]
             previous, self.state = self.state, state
             for writer in self.writers.values():
                 writer.link_state(state)
-            if state == "up":
+            if state is LinkState.UP:
                 log.info("store_link_up", store=self.shown, was=previous)
             else:
                 log.warning(f"store_link_{state}", store=self.shown, error=error)
@@ -280,7 +280,7 @@ class StoreLink:
         elif kind == "fenced":
             writer = self.writers.get(message[1])
             if writer is not None:
-                writer.fail("fenced", message[2])
+                writer.fail(LinkState.FENCED, message[2])
         elif kind == "gave_up":
             log.error("changes_not_written", store=self.shown, changes=message[1], error=message[2])
         elif kind == "log":
@@ -293,7 +293,9 @@ class StoreLink:
         if not self._closing:
             code = self._process.returncode if self._process is not None else None
             for writer in self.writers.values():
-                writer.fail("failed", f"the store process for {self.shown} exited (code {code})")
+                writer.fail(
+                    LinkState.FAILED, f"the store process for {self.shown} exited (code {code})"
+                )
         for request, event in list(self._reply_events.items()):
             self._replies[request] = [
                 UnavailableError(f"the store process for {self.shown} exited")
