@@ -278,18 +278,29 @@ class Writer:
         if not self.state.lost:
             self.state = state
 
+    def stall_deadline(self) -> float | None:
+        """The trio time from which ``check_stalled`` finds this writer stalled (a second
+        past ``write_timeout`` without an acknowledgement while changes wait), or ``None``
+        while it cannot stall (nothing pending, or the link is not up).
+
+        An acknowledgement only moves it later; it appears when changes are submitted to
+        an empty backlog, or when the link comes back up.
+        """
+        if not self._entries or self.state is not LinkState.UP:
+            return None
+        return max(self._last_ack, self._entries[0].submitted) + self.write_timeout + 1
+
     def check_stalled(self) -> None:
         """No acknowledgement for longer than a write may take: the store hangs (a
         paused server, a dead link not yet noticed). Say so; the next ack clears it."""
-        if not self._entries or self.state is not LinkState.UP:
-            return
-        quiet = trio.current_time() - max(self._last_ack, self._entries[0].submitted)
-        if quiet > self.write_timeout + 1:
+        deadline = self.stall_deadline()
+        now = trio.current_time()
+        if deadline is not None and now >= deadline:
             self.state = LinkState.RETRYING
             log.warning(
                 "store_link_stalled",
                 pool=self.name,
-                seconds=round(quiet, 3),
+                seconds=round(now - deadline + self.write_timeout + 1, 3),
                 backlog=self.backlog,
                 note="no write has committed for longer than write_timeout",
             )

@@ -69,6 +69,8 @@ class StoreLink:
         self._reply_events: dict[int, trio.Event] = {}
         self._outbox: deque[tuple[Any, ...]] = deque()
         self._wakeup = trio.Event()
+        self._stall_wakeup = trio.Event()
+        self._stall_idle = False  # the stall watcher has no deadline: wake it on news
         self._stream: trio.SocketStream | None = None
         self._process: trio.Process | None = None
         self._closing = False
@@ -106,7 +108,7 @@ class StoreLink:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive)
-                nursery.start_soon(self._watch_deadlines)
+                nursery.start_soon(self._watch_stalls)
                 task_status.started()
                 await self._send()
                 nursery.cancel_scope.cancel()
@@ -158,6 +160,13 @@ class StoreLink:
         """Something is queued to send: let the sender run (cheap when already woken)."""
         if not self._wakeup.is_set():
             self._wakeup.set()
+        if self._stall_idle:  # changes submitted to an empty backlog: they may stall
+            self._rewatch()
+
+    def _rewatch(self) -> None:
+        """Have the stall watcher recompute its deadline: a writer may stall sooner now."""
+        self._stall_idle = False
+        self._stall_wakeup.set()
 
     # -- requests ---------------------------------------------------------------
 
@@ -254,6 +263,8 @@ class StoreLink:
                 return
             for message in messages:
                 self._dispatch(message)
+            if self._stall_idle:  # an acknowledgement may have left a writer up and waiting
+                self._rewatch()
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -269,6 +280,7 @@ class StoreLink:
             previous, self.state = self.state, state
             for writer in self.writers.values():
                 writer.link_state(state)
+            self._rewatch()  # a writer back up may stall sooner than the watcher expects
             if state is LinkState.UP:
                 log.info("store_link_up", store=self.shown, was=previous)
             else:
@@ -304,8 +316,19 @@ class StoreLink:
         self._reply_events.clear()
         self.wake()
 
-    async def _watch_deadlines(self) -> None:
+    async def _watch_stalls(self) -> None:
+        """Mark a writer stalled once no acknowledgement came for a second past
+        ``write_timeout`` while its changes wait. Sleeps until the earliest moment one
+        could stall; while none could, until ``wake`` or an acknowledgement."""
         while True:
-            await trio.sleep(0.05)
+            deadlines = [d for w in self.writers.values() if (d := w.stall_deadline()) is not None]
+            self._stall_wakeup = trio.Event()
+            if deadlines:
+                self._stall_idle = False
+                with trio.move_on_at(min(deadlines)):
+                    await self._stall_wakeup.wait()
+            else:
+                self._stall_idle = True
+                await self._stall_wakeup.wait()
             for writer in self.writers.values():
                 writer.check_stalled()
