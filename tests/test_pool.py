@@ -29,6 +29,7 @@ from tokenpool._model import END, GRANT, Record
 from tokenpool._ops import Op
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
+from tokenpool._store import LinkState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -298,7 +299,7 @@ class HeldWriter:
         self.committed_seq = 0
         self.refused_seqs: dict[int, str] = {}
         self.gave_up = False
-        self.state = "up"
+        self.state = LinkState.UP
         self._seq = 0
         self._progress = trio.Event()
 
@@ -390,6 +391,38 @@ async def test_a_lease_held_before_is_not_released_when_the_caller_gives_up() ->
         writer.commit()
         assert [lease] == await _commit_while(actor, writer, [GetLease("holder")])
         actor.close()
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts task steps: a task that polls shows up as many steps."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_a_sync_caller_whose_commit_never_comes_is_answered_at_write_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The actor sleeps until the caller's deadline, not in 50 ms polls: the answer comes
+    exactly at ``write_timeout`` and the whole wait takes a handful of task steps."""
+    writer = HeldWriter()
+    actor = sync_actor(writer)
+    counter = StepCounter()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        trio.lowlevel.add_instrument(counter)
+        started = trio.current_time()
+        (result,) = await actor.call([Activate("late")])
+        waited = trio.current_time() - started
+        trio.lowlevel.remove_instrument(counter)
+        actor.close()
+    assert isinstance(result, UnavailableError)
+    assert "did not commit in time" in str(result)
+    assert pytest.approx(actor.write_timeout, abs=1e-9) == waited
+    assert counter.steps < 20
 
 
 async def _commit_while(actor: Actor, writer: HeldWriter, ops: list[Op]) -> list[object]:

@@ -35,6 +35,7 @@ from ._state import WAITING
 
 if TYPE_CHECKING:
     from ._state import PoolState
+    from ._store import LinkState
 
 log = get_logger("tokenpool.actor")
 
@@ -129,7 +130,7 @@ class Writer(Protocol):
     """Every batch up to this sequence number is written (or refused: ``refused_seqs``)."""
     refused_seqs: dict[int, str]
     gave_up: bool
-    state: str
+    state: LinkState
 
     @property
     def last_seq(self) -> int: ...
@@ -177,8 +178,10 @@ class Actor:
     ) -> None:
         self.state = state
         self.write_timeout = write_timeout
-        # sync callers waiting for their batch to commit: (sequence number, requests, since)
+        # sync callers waiting for their batch to commit, oldest first:
+        # (sequence number, requests, trio time they are answered "not in time" at)
         self._replies: deque[tuple[int, list[Request], float]] = deque()
+        self._replies_added = trio.Event()  # set when a reply is queued: wakes an idle waiter
         self.now_us = now_us
         self.to_trio = to_trio
         self.writer = writer
@@ -263,13 +266,22 @@ class Actor:
             self.writer.submit([], state.counters(), self.now_us(), state.revision)
 
     async def _answer_commits(self) -> None:
-        """Answer sync callers as their batches commit, are refused, or run out of time."""
-        assert self.writer is not None
+        """Answer sync callers as their batches commit, are refused, or run out of time.
+
+        Sleeps until the writer reports progress or the oldest caller's time runs out
+        (the replies are in order, so that is the earliest deadline); with no caller
+        waiting, until one is queued.
+        """
+        writer = self.writer
+        assert writer is not None
         while True:
-            progress = self.writer.progress
-            self._settle()
-            with trio.move_on_after(0.05):
-                await progress.wait()
+            progress = writer.progress
+            if self._settle():
+                with trio.move_on_at(self._replies[0][2]):
+                    await progress.wait()
+            else:
+                self._replies_added = trio.Event()
+                await self._replies_added.wait()
 
     def _settle(self) -> bool:
         """Answer what the writer's figures now decide; whether any wait is left."""
@@ -279,7 +291,7 @@ class Actor:
         committed = writer.committed_seq
         refused = writer.refused_seqs
         while replies and replies[0][0] <= committed:
-            seq, requests, _since = replies.popleft()
+            seq, requests, _deadline = replies.popleft()
             why = refused.get(seq)
             if why is None:
                 for request in requests:
@@ -290,12 +302,12 @@ class Actor:
                     request.time_out(error)
         for seq in [s for s in refused if s <= committed]:
             del refused[seq]
-        if writer.state in ("fenced", "failed") or writer.gave_up:
+        if writer.state.lost or writer.gave_up:
             self._fail_replies(UnavailableError(writer.refusal()))
             return False
         now = trio.current_time()
-        while replies and now - replies[0][2] >= self.write_timeout:
-            _seq, requests, _since = replies.popleft()
+        while replies and replies[0][2] <= now:
+            _seq, requests, _deadline = replies.popleft()
             error = UnavailableError(_NOT_IN_TIME)
             for request in requests:
                 request.time_out(error)
@@ -303,7 +315,7 @@ class Actor:
 
     def _fail_replies(self, error: TokenPoolError) -> None:
         while self._replies:
-            _seq, requests, _since = self._replies.popleft()
+            _seq, requests, _deadline = self._replies.popleft()
             for request in requests:
                 request.time_out(error)
 
@@ -479,7 +491,8 @@ class Actor:
             # answered when the newest batch commits.
             target = seq if seq is not None else writer.last_seq
             if target > writer.committed_seq:
-                self._replies.append((target, waiting, trio.current_time()))
+                self._replies.append((target, waiting, trio.current_time() + self.write_timeout))
+                self._replies_added.set()
             else:
                 for request in waiting:
                     request.finish()

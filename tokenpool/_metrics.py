@@ -22,6 +22,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ._store import LinkState
+
 if TYPE_CHECKING:
     from ._pool import Pools
 
@@ -43,7 +45,6 @@ BOUNDS = (
     5.0,
     10.0,
 )
-LINK_STATES = ("up", "retrying", "down", "fenced", "failed")
 
 
 class Latencies:
@@ -215,8 +216,8 @@ class TokenpoolCollector(Collector):
             backlog.add_metric([name], writer.backlog)
             max_backlog.add_metric([name], writer.max_backlog)
             lag.add_metric([name], writer.write_lag)
-            for state in LINK_STATES:
-                link.add_metric([name, state], 1.0 if writer.link == state else 0.0)
+            for state in LinkState:
+                link.add_metric([name, state.value], 1.0 if writer.link is state else 0.0)
             written.add_metric([name], writer.changes_written)
             batches.add_metric([name], writer.batches)
             lost.add_metric([name], writer.rejected + writer.lost)

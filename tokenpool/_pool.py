@@ -77,7 +77,8 @@ from ._settings import (
 )
 from ._state import PoolState
 from ._store import EPOCH_SHIFT, Reader, Snapshot, StoreError, check_store_url, open_reader
-from ._writer import StoreLink, Writer, WriterStatistics
+from ._store.link import StoreLink
+from ._writer import Writer, WriterStatistics
 
 log = get_logger("tokenpool.pool")
 

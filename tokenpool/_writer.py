@@ -1,14 +1,14 @@
-"""Write-behind, the server's side: per-pool backlogs and the link to the store process.
+"""Write-behind, the server's side: one backlog per pool.
 
 The actor never waits on the database: it hands each batch's change records
 to ``Writer.submit`` (no await, no I/O), gets a sequence number back, and
-moves on. ``StoreLink`` owns one store process (``_store/child.py``) per
-store: a sender task ships what was submitted, as it is, in one frame per
-pool (pickle of lists of tuples: C speed), and a receiver task reads the
-acknowledgements. The writer only reports: what committed (``committed_seq``,
+moves on. The store link (``_store/link.py``) takes what was submitted and
+ships it to the store process, then reports back what happened to it. The
+writer only reports in turn: what committed (``committed_seq``,
 ``committed``), what the store refused for good (``refused``), and whether it
 lost the store; the actor, which owns its callers, answers them. Nothing here
-knows a request.
+knows a request. Calls flow one way: the link calls the writer's report
+methods; the writer only ever calls ``link.wake()``.
 
 Rules it keeps:
 - The backlog (changes not yet acknowledged) is bounded: at ``max_backlog``
@@ -19,34 +19,26 @@ Rules it keeps:
   by its sequence number. A store process that died, or a pool fenced by a
   newer owner, turns the link ``failed``/``fenced``: activations are refused
   and readiness reports it.
-- Shutdown is bounded: ``close`` waits at most ``shutdown_timeout`` for the
-  backlog, then says how many changes were not written and stops the process.
+- Shutdown is bounded: ``give_up`` counts what was not written when the
+  link's shutdown ran out of time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import pickle
-import socket
-import struct
-import subprocess
-import sys
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
 
-from ._errors import TokenPoolError, UnavailableError
+from ._errors import UnavailableError
 from ._log import get_logger
 from ._model import Record, to_wire
-from ._store import Snapshot, redact
+from ._store import LinkState
 
 log = get_logger("tokenpool.writer")
 
-_LEN = struct.Struct(">I")
 LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 """Upper bounds (seconds) of the write-lag histogram (submitted to committed, per batch)."""
 HIGH_WATER = 0.5  # of max_backlog: log once when crossed, once when drained below LOW_WATER
@@ -57,7 +49,7 @@ LOW_WATER = 0.1
 class WriterStatistics:
     """The write-behind of one pool, as ``Pool.statistics()`` reports it."""
 
-    link: str
+    link: LinkState
     backlog: int
     max_backlog: int
     unsent: int
@@ -76,6 +68,15 @@ class WriterStatistics:
     lost: int
 
 
+class Link(Protocol):
+    """What a writer needs of its store link: a nudge when there is something to send,
+    and the wall clock it stamps commits with."""
+
+    def wake(self) -> None: ...
+
+    def now_us(self) -> int: ...
+
+
 class _Entry:
     __slots__ = ("last_rev", "records", "seq", "size", "submitted")
 
@@ -92,7 +93,7 @@ class Writer:
 
     def __init__(
         self,
-        link: StoreLink,
+        link: Link,
         key: int,
         name: str,
         *,
@@ -118,7 +119,7 @@ class Writer:
         self._clock_us = 0
         self._seq = 0
         self.backlog = 0
-        self.state = "up"  # up | retrying | down | fenced | failed
+        self.state = LinkState.UP
         self.committed = committed  # every change up to this revision is committed
         self.committed_seq = 0  # every batch up to this sequence number is written (or refused)
         self.refused_seqs: dict[int, str] = {}  # refused batches, until the actor takes them
@@ -141,7 +142,7 @@ class Writer:
     def full(self) -> bool:
         return (
             self.backlog >= self.max_backlog
-            or self.state in ("fenced", "failed")
+            or self.state.lost
             or (self._refusing_until > 0.0 and self._still_refusing())
         )
 
@@ -153,9 +154,9 @@ class Writer:
 
     def refusal(self) -> str:
         """Why activations are refused now (for the error the actor answers)."""
-        if self.state == "fenced":
+        if self.state is LinkState.FENCED:
             return "this process no longer owns the pool (fenced); restart it"
-        if self.state == "failed":
+        if self.state is LinkState.FAILED:
             return "the store process failed; see the server log"
         if self._refusing_until > 0.0 and self.backlog < self.max_backlog:
             return (
@@ -169,7 +170,7 @@ class Writer:
     ) -> int | None:
         """Queue one actor batch's records; returns its sequence number (``committed_seq``
         reaches it once it is written), or ``None`` when the store is lost for good."""
-        if self.state in ("fenced", "failed"):
+        if self.state.lost:
             self.lost += len(records)
             return None
         self._seq += 1
@@ -238,8 +239,8 @@ class Writer:
                 self._refusing_until = 0.0  # the store takes writes again
                 log.warning("store_accepts_changes_again", pool=self.name)
         self.last_commit_at_us = self._link.now_us()
-        if self.state in ("retrying", "down"):
-            self.state = "up"
+        if self.state is LinkState.RETRYING or self.state is LinkState.DOWN:
+            self.state = LinkState.UP
         self._drained()
         self._wake()
 
@@ -265,7 +266,7 @@ class Writer:
         )
         self.acknowledged(seq, 0)
 
-    def fail(self, state: str, message: str) -> None:
+    def fail(self, state: LinkState, message: str) -> None:
         """Fenced or failed for good: refuse what comes."""
         if self.state == state:
             return
@@ -273,22 +274,33 @@ class Writer:
         log.error(f"store_{state}", pool=self.name, error=message, backlog=self.backlog)
         self._wake()
 
-    def link_state(self, state: str) -> None:
-        if self.state not in ("fenced", "failed"):
+    def link_state(self, state: LinkState) -> None:
+        if not self.state.lost:
             self.state = state
+
+    def stall_deadline(self) -> float | None:
+        """The trio time from which ``check_stalled`` finds this writer stalled (a second
+        past ``write_timeout`` without an acknowledgement while changes wait), or ``None``
+        while it cannot stall (nothing pending, or the link is not up).
+
+        An acknowledgement only moves it later; it appears when changes are submitted to
+        an empty backlog, or when the link comes back up.
+        """
+        if not self._entries or self.state is not LinkState.UP:
+            return None
+        return max(self._last_ack, self._entries[0].submitted) + self.write_timeout + 1
 
     def check_stalled(self) -> None:
         """No acknowledgement for longer than a write may take: the store hangs (a
         paused server, a dead link not yet noticed). Say so; the next ack clears it."""
-        if not self._entries or self.state != "up":
-            return
-        quiet = trio.current_time() - max(self._last_ack, self._entries[0].submitted)
-        if quiet > self.write_timeout + 1:
-            self.state = "retrying"
+        deadline = self.stall_deadline()
+        now = trio.current_time()
+        if deadline is not None and now >= deadline:
+            self.state = LinkState.RETRYING
             log.warning(
                 "store_link_stalled",
                 pool=self.name,
-                seconds=round(quiet, 3),
+                seconds=round(now - deadline + self.write_timeout + 1, 3),
                 backlog=self.backlog,
                 note="no write has committed for longer than write_timeout",
             )
@@ -315,7 +327,7 @@ class Writer:
         """Wait until every change up to ``revision`` is committed; False on timeout/failure."""
         with trio.move_on_after(timeout):
             while self.committed < revision and self._entries:
-                if self.state in ("fenced", "failed"):
+                if self.state.lost:
                     return False
                 await self._progress.wait()
             return True
@@ -328,7 +340,7 @@ class Writer:
         """
         target = self._seq
         while self._entries and self._entries[0].seq <= target:
-            if self.state in ("fenced", "failed"):
+            if self.state.lost:
                 raise UnavailableError(self.refusal())
             await self._progress.wait()
 
@@ -378,277 +390,3 @@ class Writer:
             rejected=self.rejected,
             lost=self.lost,
         )
-
-
-class StoreLink:
-    """One store process and the tasks that talk to it. Run ``run`` in a nursery."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        durability: str,
-        flush_interval: float,
-        write_timeout: float,
-        shutdown_timeout: float,
-        now_us: Callable[[], int],
-        lock_wait: float = 5.0,
-    ) -> None:
-        self.lock_wait = lock_wait
-        self.url = url
-        self.shown = redact(url)
-        self.kind = "postgresql" if url.startswith("postgres") else "sqlite"
-        self.durability = durability
-        self.flush_interval = flush_interval
-        self.write_timeout = write_timeout
-        self.shutdown_timeout = shutdown_timeout
-        self.now_us = now_us
-        self.writers: dict[int, Writer] = {}
-        self._next_key = 0
-        self._next_request = 0
-        self._replies: dict[int, list[Any]] = {}
-        self._reply_events: dict[int, trio.Event] = {}
-        self._outbox: deque[tuple[Any, ...]] = deque()
-        self._wakeup = trio.Event()
-        self._stream: trio.SocketStream | None = None
-        self._process: trio.Process | None = None
-        self._closing = False
-        self._dead = False
-        self.state = "up"
-
-    # -- lifecycle ------------------------------------------------------------
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the store process, then send and receive until ``close``."""
-        ours, theirs = socket.socketpair()
-        try:
-            self._process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "tokenpool._store.child", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-            )
-        finally:
-            theirs.close()
-        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-        self._outbox.appendleft(
-            (
-                "hello",
-                {
-                    "url": self.url,
-                    "durability": self.durability,
-                    "flush_interval": self.flush_interval,
-                    "write_timeout": self.write_timeout,
-                    "shutdown_timeout": self.shutdown_timeout,
-                    "lock_wait": self.lock_wait,
-                },
-            )
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive)
-                nursery.start_soon(self._watch_deadlines)
-                task_status.started()
-                await self._send()
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._reap()
-
-    async def _reap(self) -> None:
-        process = self._process
-        if process is None:
-            return
-        with trio.move_on_after(self.shutdown_timeout + 2):
-            await process.wait()
-        if process.returncode is None:
-            log.error("store_process_killed", store=self.shown, pid=process.pid)
-            process.kill()
-            await process.wait()
-        if self._stream is not None:
-            await self._stream.aclose()
-
-    async def close(self) -> int:
-        """Write what is queued (at most ``shutdown_timeout``), then stop the process.
-
-        Returns how many changes were not written (logged as ``changes_not_written``).
-        """
-        self._closing = True
-        with trio.move_on_after(self.shutdown_timeout) as scope:
-            for writer in list(self.writers.values()):
-                with contextlib.suppress(TokenPoolError):
-                    await writer.flush()
-        lost = 0
-        if scope.cancelled_caught:
-            for writer in self.writers.values():
-                lost += writer.give_up()
-            log.error(
-                "changes_not_written",
-                store=self.shown,
-                changes=lost,
-                seconds=self.shutdown_timeout,
-                note="the store did not take them before the shutdown timeout",
-            )
-            if self._process is not None and self._process.returncode is None:
-                self._process.kill()  # what it still holds is counted above: do not wait on it
-        self._outbox.append(("close",))
-        self._wake()
-        return lost
-
-    def wake(self) -> None:
-        if not self._wakeup.is_set():
-            self._wakeup.set()
-
-    _wake = wake
-
-    # -- requests ---------------------------------------------------------------
-
-    async def _request(self, kind: str, *args: object) -> Any:
-        if self._dead:
-            raise UnavailableError(f"the store process for {self.shown} is not running")
-        self._next_request += 1
-        request = self._next_request
-        event = self._reply_events[request] = trio.Event()
-        for writer in self.writers.values():  # what was submitted before goes first
-            frame = writer.take_unsent()
-            if frame is not None:
-                self._outbox.append(frame)
-        self._outbox.append((kind, request, *args))
-        self._wake()
-        await event.wait()
-        (result,) = self._replies.pop(request)
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    async def open_pool(
-        self, name: str, settings: dict[str, Any], create: bool
-    ) -> tuple[int, Snapshot]:
-        """Take ownership of a pool in the store process and load it."""
-        self._next_key += 1
-        key = self._next_key
-        snapshot: Snapshot = await self._request("open", key, name, settings, create)
-        return key, snapshot
-
-    async def list_pools(self) -> list[str]:
-        """The names of the pools the store holds (not dropped), oldest first."""
-        names: list[str] = await self._request("list", 0)
-        return names
-
-    def add_writer(self, writer: Writer) -> None:
-        self.writers[writer.key] = writer
-
-    async def save_settings(self, key: int, settings: dict[str, Any]) -> None:
-        await self._request("settings", key, settings)
-
-    async def drop_pool(self, key: int) -> None:
-        await self._request("drop", key)
-        self.writers.pop(key, None)
-
-    # -- tasks ------------------------------------------------------------------
-
-    async def _send(self) -> None:
-        assert self._stream is not None
-        stream = self._stream
-        while True:
-            frames: list[tuple[Any, ...]] = []
-            while self._outbox:
-                frames.append(self._outbox.popleft())
-            for writer in self.writers.values():
-                frame = writer.take_unsent()
-                if frame is not None:
-                    frames.append(frame)
-            if frames:
-                data = b"".join(
-                    _LEN.pack(len(p)) + p
-                    for p in (pickle.dumps(f, protocol=pickle.HIGHEST_PROTOCOL) for f in frames)
-                )
-                try:
-                    await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    return
-                if frames[-1][0] == "close":
-                    # Wait for the process to write what it has and exit.
-                    assert self._process is not None
-                    with trio.move_on_after(5):  # it has nothing left to write
-                        await self._process.wait()
-                    return
-                continue
-            if self._dead:
-                return
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
-
-    async def _receive(self) -> None:
-        assert self._stream is not None
-        buf = bytearray()
-        while True:
-            try:
-                chunk = await self._stream.receive_some(1 << 20)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                chunk = b""
-            if not chunk:
-                self._died()
-                return
-            buf += chunk
-            pos = 0
-            while len(buf) - pos >= 4:
-                (size,) = _LEN.unpack_from(buf, pos)
-                if len(buf) - pos - 4 < size:
-                    break
-                self._dispatch(pickle.loads(buf[pos + 4 : pos + 4 + size]))
-                pos += 4 + size
-            del buf[:pos]
-
-    def _dispatch(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "ack":
-            writer = self.writers.get(message[1])
-            if writer is not None:
-                writer.acknowledged(message[2], message[3])
-        elif kind == "reply":
-            self._replies[message[1]] = [message[2]]
-            self._reply_events.pop(message[1]).set()
-        elif kind == "link":
-            state, error = message[1], message[2]
-            previous, self.state = self.state, state
-            for writer in self.writers.values():
-                writer.link_state(state)
-            if state == "up":
-                log.info("store_link_up", store=self.shown, was=previous)
-            else:
-                log.warning(f"store_link_{state}", store=self.shown, error=error)
-        elif kind == "rejected":
-            writer = self.writers.get(message[1])
-            if writer is not None:
-                writer.refused(message[2], message[3], message[4])
-        elif kind == "fenced":
-            writer = self.writers.get(message[1])
-            if writer is not None:
-                writer.fail("fenced", message[2])
-        elif kind == "gave_up":
-            log.error("changes_not_written", store=self.shown, changes=message[1], error=message[2])
-        elif kind == "log":
-            getattr(log, message[1])(message[2], store=self.shown, **message[3])
-
-    def _died(self) -> None:
-        if self._dead:
-            return
-        self._dead = True
-        if not self._closing:
-            code = self._process.returncode if self._process is not None else None
-            for writer in self.writers.values():
-                writer.fail("failed", f"the store process for {self.shown} exited (code {code})")
-        for request, event in list(self._reply_events.items()):
-            self._replies[request] = [
-                UnavailableError(f"the store process for {self.shown} exited")
-            ]
-            event.set()
-        self._reply_events.clear()
-        self._wake()
-
-    async def _watch_deadlines(self) -> None:
-        while True:
-            await trio.sleep(0.05)
-            for writer in self.writers.values():
-                writer.check_stalled()

@@ -24,6 +24,7 @@ from .._log import get_logger
 from .._metrics import Latencies, TokenpoolCollector
 from .._model import Page
 from .._settings import check_name
+from .._store import LinkState
 from . import routes
 from .middleware import Outer
 from .replies import usage_json
@@ -299,6 +300,6 @@ class HttpApp:
             writer = figures.writer
             if not ok:
                 reasons[name] = why
-            elif writer is not None and writer.link != "up":
+            elif writer is not None and writer.link != LinkState.UP:
                 reasons[name] = f"the store link is {writer.link}"
         return not reasons, reasons

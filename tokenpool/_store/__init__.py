@@ -10,6 +10,7 @@ one batch is written once.
 
 from __future__ import annotations
 
+import enum
 import re
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -31,6 +32,27 @@ from .._settings import parse_int
 
 EPOCH_SHIFT = 40
 """Revisions are ``epoch << 40 | n``: each new owner's start above every older one's."""
+
+
+class LinkState(enum.StrEnum):
+    """A pool's link to its store, as statistics, ``INFO``, readiness and the
+    ``tokenpool_store_link{state=...}`` metric show it. The values are the wire values."""
+
+    UP = "up"
+    """Writes commit."""
+    RETRYING = "retrying"
+    """A write failed (or none committed for longer than ``write_timeout``): retrying."""
+    DOWN = "down"
+    """Several retries in a row failed; still retrying, with a longer backoff."""
+    FENCED = "fenced"
+    """A newer owner took the pool over: this process stops writing it, for good."""
+    FAILED = "failed"
+    """The store process exited: nothing more is written, for good."""
+
+    @property
+    def lost(self) -> bool:
+        """Fenced or failed: the link never comes back; activations are refused."""
+        return self is LinkState.FENCED or self is LinkState.FAILED
 
 
 class StoreError(UnavailableError):
@@ -68,9 +90,13 @@ class Snapshot:
 
 
 class KnownUsers:
-    """User ids this store process has committed to ``users``: a batch inserts only the
-    others (a load test cycles through the same users, and an ``INSERT OR IGNORE`` of a
-    known one still costs an index probe per row). Bounded: forgotten when full."""
+    """User ids this store has committed to ``users``: a batch inserts only the others
+    (a load test cycles through the same users, and an ``INSERT OR IGNORE`` of a known
+    one still costs an index probe per row). Bounded: forgotten when full.
+
+    The one such cache: each store (SQLite, PostgreSQL) keeps one, since ``users`` is
+    shared by every pool of the store, and fills it only once a transaction commits.
+    """
 
     LIMIT = 1_000_000
 

@@ -23,22 +23,19 @@ Rules it keeps:
 from __future__ import annotations
 
 import contextlib
-import pickle
 import random
 import select
 import socket
-import struct
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 from .._errors import TokenPoolError
 from .._model import Record, TokensAdded, from_wire
-from . import Batch, FencedError, RejectedError, Store, StoreError, open_store
+from . import Batch, FencedError, LinkState, RejectedError, Store, StoreError, open_store
+from .frames import FrameDecoder, encode
 
-_LEN = struct.Struct(">I")
 MAX_BATCH_RECORDS = 20_000
 """The most change records one transaction carries: after an outage the backlog is
 written in transactions of bounded size (each within the write timeout), never as one
@@ -56,24 +53,23 @@ def _head(entries: list[Any], limit: int) -> list[Any]:
 
 
 class Channel:
-    """Length-prefixed pickle frames over a blocking socket."""
+    """Frames (``frames.py``) over a blocking socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._buf = bytearray()
+        self._decoder = FrameDecoder()
         self.closed = False
 
     def send(self, message: object) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            self.sock.sendall(_LEN.pack(len(data)) + data)
+            self.sock.sendall(encode((message,)))
         except OSError:
             self.closed = True
 
     def receive(self, timeout: float | None) -> list[Any]:
         """Every whole message that arrives within ``timeout`` (``None``: wait for one).
 
-        Sets ``closed`` at end of file.
+        Sets ``closed`` at end of file; raises ``FrameError`` on a corrupt stream.
         """
         out: list[Any] = []
         wait = timeout
@@ -85,22 +81,10 @@ class Channel:
             if not chunk:
                 self.closed = True
                 break
-            self._buf += chunk
-            out += self._frames()
+            out += self._decoder.feed(chunk)
             if out:
                 wait = 0  # take what else is already there, then go and write it
         return out
-
-    def _frames(self) -> Iterator[Any]:
-        buf = self._buf
-        pos = 0
-        while len(buf) - pos >= 4:
-            (size,) = _LEN.unpack_from(buf, pos)
-            if len(buf) - pos - 4 < size:
-                break
-            yield pickle.loads(buf[pos + 4 : pos + 4 + size])
-            pos += 4 + size
-        del buf[:pos]
 
 
 class PoolSink:
@@ -112,12 +96,6 @@ class PoolSink:
         self.tokens = tokens
         self.pending: list[tuple[int, list[list[Record]], dict[str, int], int]] = []
         self.fenced = False
-        self.known_users: set[str] = set()  # users written already: no insert needed
-
-    def remember_users(self, users: dict[str, None]) -> None:
-        if len(self.known_users) + len(users) > 1_000_000:
-            self.known_users.clear()
-        self.known_users.update(users)
 
 
 class StoreProcess:
@@ -134,16 +112,16 @@ class StoreProcess:
             lock_wait=float(config.get("lock_wait", 5.0)),
         )
         self.sinks: dict[int, PoolSink] = {}
-        self.link = "up"
+        self.link = LinkState.UP
         self.closing_since: float | None = None
 
     def log(self, level: str, event: str, **fields: object) -> None:
         self.channel.send(("log", level, event, fields))
 
-    def set_link(self, state: str, error: BaseException | None) -> None:
-        if state != self.link:
+    def set_link(self, state: LinkState, error: BaseException | None) -> None:
+        if state is not self.link:
             self.link = state
-            self.channel.send(("link", state, "" if error is None else str(error)))
+            self.channel.send(("link", state.value, "" if error is None else str(error)))
 
     # -- the loop -------------------------------------------------------------
 
@@ -224,7 +202,7 @@ class StoreProcess:
             except StoreError as error:
                 attempt += 1
                 retry = True
-                self.set_link("retrying" if attempt < 3 else "down", error)
+                self.set_link(LinkState.RETRYING if attempt < 3 else LinkState.DOWN, error)
                 if self.closing_since is not None and (
                     time.monotonic() - self.closing_since > self.shutdown_timeout
                 ):
@@ -233,10 +211,9 @@ class StoreProcess:
                 self.back_off(min(self.retry_cap, 0.05 * 2 ** min(attempt, 20)))
                 continue
             sink.pending = sink.pending[len(entries) :]
-            sink.remember_users(batch.users)
             retry = False  # the next entries were never tried: no commit can have happened
             attempt = 0
-            self.set_link("up", None)
+            self.set_link(LinkState.UP, None)
             self.channel.send(("ack", sink.key, entries[-1][0], batch.records))
 
     def back_off(self, delay: float) -> None:
@@ -266,9 +243,6 @@ class StoreProcess:
             for records in chunks:
                 self._learn_tokens(sink, records)
                 batch.add(records, counters, clock_us)
-        known = sink.known_users
-        if known:
-            batch.users = {u: None for u in batch.users if u not in known}
         return batch
 
     @staticmethod

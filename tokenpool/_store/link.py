@@ -1,0 +1,334 @@
+"""The link to one store process: it starts the process, ships the writers' backlogs
+to it, and reports what comes back.
+
+``StoreLink`` owns one store process (``child.py``) per store: a sender task
+ships what the writers hold, as it is, in one frame per pool (pickle of lists
+of tuples: C speed), and a receiver task reads the acknowledgements and hands
+them to the writers' report methods (``acknowledged``, ``refused``, ``fail``,
+``link_state``). It also carries the few requests the pools make of the store
+(open, list, settings, drop) and answers them.
+
+Rules it keeps:
+- A store process that exits is noticed at once (end of file on the socket):
+  every writer turns ``failed`` and pending requests are answered
+  ``UnavailableError``.
+- Shutdown is bounded: ``close`` waits at most ``shutdown_timeout`` for the
+  backlogs, then says how many changes were not written and stops the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._errors import TokenPoolError, UnavailableError
+from .._log import get_logger
+from . import LinkState, Snapshot, redact
+from .frames import FrameDecoder, FrameError, encode
+
+if TYPE_CHECKING:
+    from .._writer import Writer
+
+log = get_logger("tokenpool.store")
+
+
+class StoreLink:
+    """One store process and the tasks that talk to it. Run ``run`` in a nursery."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durability: str,
+        flush_interval: float,
+        write_timeout: float,
+        shutdown_timeout: float,
+        now_us: Callable[[], int],
+        lock_wait: float = 5.0,
+    ) -> None:
+        self.lock_wait = lock_wait
+        self.url = url
+        self.shown = redact(url)
+        self.kind = "postgresql" if url.startswith("postgres") else "sqlite"
+        self.durability = durability
+        self.flush_interval = flush_interval
+        self.write_timeout = write_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.now_us = now_us
+        self.writers: dict[int, Writer] = {}
+        self._next_key = 0
+        self._next_request = 0
+        self._replies: dict[int, list[Any]] = {}
+        self._reply_events: dict[int, trio.Event] = {}
+        self._outbox: deque[tuple[Any, ...]] = deque()
+        self._wakeup = trio.Event()
+        self._stall_wakeup = trio.Event()
+        self._stall_idle = False  # the stall watcher has no deadline: wake it on news
+        self._stream: trio.SocketStream | None = None
+        self._process: trio.Process | None = None
+        self._closing = False
+        self._dead = False
+        self.state = LinkState.UP
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the store process, then send and receive until ``close``."""
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "tokenpool._store.child", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        self._outbox.appendleft(
+            (
+                "hello",
+                {
+                    "url": self.url,
+                    "durability": self.durability,
+                    "flush_interval": self.flush_interval,
+                    "write_timeout": self.write_timeout,
+                    "shutdown_timeout": self.shutdown_timeout,
+                    "lock_wait": self.lock_wait,
+                },
+            )
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive)
+                nursery.start_soon(self._watch_stalls)
+                task_status.started()
+                await self._send()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._reap()
+
+    async def _reap(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        with trio.move_on_after(self.shutdown_timeout + 2):
+            await process.wait()
+        if process.returncode is None:
+            log.error("store_process_killed", store=self.shown, pid=process.pid)
+            process.kill()
+            await process.wait()
+        if self._stream is not None:
+            await self._stream.aclose()
+
+    async def close(self) -> int:
+        """Write what is queued (at most ``shutdown_timeout``), then stop the process.
+
+        Returns how many changes were not written (logged as ``changes_not_written``).
+        """
+        self._closing = True
+        with trio.move_on_after(self.shutdown_timeout) as scope:
+            for writer in list(self.writers.values()):
+                with contextlib.suppress(TokenPoolError):
+                    await writer.flush()
+        lost = 0
+        if scope.cancelled_caught:
+            for writer in self.writers.values():
+                lost += writer.give_up()
+            log.error(
+                "changes_not_written",
+                store=self.shown,
+                changes=lost,
+                seconds=self.shutdown_timeout,
+                note="the store did not take them before the shutdown timeout",
+            )
+            if self._process is not None and self._process.returncode is None:
+                self._process.kill()  # what it still holds is counted above: do not wait on it
+        self._outbox.append(("close",))
+        self.wake()
+        return lost
+
+    def wake(self) -> None:
+        """Something is queued to send: let the sender run (cheap when already woken)."""
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        if self._stall_idle:  # changes submitted to an empty backlog: they may stall
+            self._rewatch()
+
+    def _rewatch(self) -> None:
+        """Have the stall watcher recompute its deadline: a writer may stall sooner now."""
+        self._stall_idle = False
+        self._stall_wakeup.set()
+
+    # -- requests ---------------------------------------------------------------
+
+    async def _request(self, kind: str, *args: object) -> Any:
+        if self._dead:
+            raise UnavailableError(f"the store process for {self.shown} is not running")
+        self._next_request += 1
+        request = self._next_request
+        event = self._reply_events[request] = trio.Event()
+        for writer in self.writers.values():  # what was submitted before goes first
+            frame = writer.take_unsent()
+            if frame is not None:
+                self._outbox.append(frame)
+        self._outbox.append((kind, request, *args))
+        self.wake()
+        await event.wait()
+        (result,) = self._replies.pop(request)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def open_pool(
+        self, name: str, settings: dict[str, Any], create: bool
+    ) -> tuple[int, Snapshot]:
+        """Take ownership of a pool in the store process and load it."""
+        self._next_key += 1
+        key = self._next_key
+        snapshot: Snapshot = await self._request("open", key, name, settings, create)
+        return key, snapshot
+
+    async def list_pools(self) -> list[str]:
+        """The names of the pools the store holds (not dropped), oldest first."""
+        names: list[str] = await self._request("list", 0)
+        return names
+
+    def add_writer(self, writer: Writer) -> None:
+        self.writers[writer.key] = writer
+
+    async def save_settings(self, key: int, settings: dict[str, Any]) -> None:
+        await self._request("settings", key, settings)
+
+    async def drop_pool(self, key: int) -> None:
+        await self._request("drop", key)
+        self.writers.pop(key, None)
+
+    # -- tasks ------------------------------------------------------------------
+
+    async def _send(self) -> None:
+        assert self._stream is not None
+        stream = self._stream
+        while True:
+            frames: list[tuple[Any, ...]] = []
+            while self._outbox:
+                frames.append(self._outbox.popleft())
+            for writer in self.writers.values():
+                frame = writer.take_unsent()
+                if frame is not None:
+                    frames.append(frame)
+            if frames:
+                try:
+                    await stream.send_all(encode(frames))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
+                if frames[-1][0] == "close":
+                    # Wait for the process to write what it has and exit.
+                    assert self._process is not None
+                    with trio.move_on_after(5):  # it has nothing left to write
+                        await self._process.wait()
+                    return
+                continue
+            if self._dead:
+                return
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    async def _receive(self) -> None:
+        assert self._stream is not None
+        decoder = FrameDecoder()
+        while True:
+            try:
+                chunk = await self._stream.receive_some(1 << 20)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                chunk = b""
+            if not chunk:
+                self._died()
+                return
+            try:
+                messages = decoder.feed(chunk)
+            except FrameError as error:  # the stream is lost: end the process, as if it died
+                log.error("store_link_corrupt", store=self.shown, error=str(error))
+                if self._process is not None and self._process.returncode is None:
+                    self._process.kill()
+                self._died()
+                return
+            for message in messages:
+                self._dispatch(message)
+            if self._stall_idle:  # an acknowledgement may have left a writer up and waiting
+                self._rewatch()
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "ack":
+            writer = self.writers.get(message[1])
+            if writer is not None:
+                writer.acknowledged(message[2], message[3])
+        elif kind == "reply":
+            self._replies[message[1]] = [message[2]]
+            self._reply_events.pop(message[1]).set()
+        elif kind == "link":
+            state, error = LinkState(message[1]), message[2]
+            previous, self.state = self.state, state
+            for writer in self.writers.values():
+                writer.link_state(state)
+            self._rewatch()  # a writer back up may stall sooner than the watcher expects
+            if state is LinkState.UP:
+                log.info("store_link_up", store=self.shown, was=previous)
+            else:
+                log.warning(f"store_link_{state}", store=self.shown, error=error)
+        elif kind == "rejected":
+            writer = self.writers.get(message[1])
+            if writer is not None:
+                writer.refused(message[2], message[3], message[4])
+        elif kind == "fenced":
+            writer = self.writers.get(message[1])
+            if writer is not None:
+                writer.fail(LinkState.FENCED, message[2])
+        elif kind == "gave_up":
+            log.error("changes_not_written", store=self.shown, changes=message[1], error=message[2])
+        elif kind == "log":
+            getattr(log, message[1])(message[2], store=self.shown, **message[3])
+
+    def _died(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        if not self._closing:
+            code = self._process.returncode if self._process is not None else None
+            for writer in self.writers.values():
+                writer.fail(
+                    LinkState.FAILED, f"the store process for {self.shown} exited (code {code})"
+                )
+        for request, event in list(self._reply_events.items()):
+            self._replies[request] = [
+                UnavailableError(f"the store process for {self.shown} exited")
+            ]
+            event.set()
+        self._reply_events.clear()
+        self.wake()
+
+    async def _watch_stalls(self) -> None:
+        """Mark a writer stalled once no acknowledgement came for a second past
+        ``write_timeout`` while its changes wait. Sleeps until the earliest moment one
+        could stall; while none could, until ``wake`` or an acknowledgement."""
+        while True:
+            deadlines = [d for w in self.writers.values() if (d := w.stall_deadline()) is not None]
+            self._stall_wakeup = trio.Event()
+            if deadlines:
+                self._stall_idle = False
+                with trio.move_on_at(min(deadlines)):
+                    await self._stall_wakeup.wait()
+            else:
+                self._stall_idle = True
+                await self._stall_wakeup.wait()
+            for writer in self.writers.values():
+                writer.check_stalled()
