@@ -33,21 +33,31 @@ import trio
 
 from . import __version__
 from ._commands import CommandSettings
-from ._errors import InvalidArgumentError, TokenPoolError
+from ._errors import InvalidArgumentError, TokenPoolError, lone_error
+from ._log import get_logger
 from ._metrics import Latencies
 from ._pool import open_pools
 from ._server import RespServer, RespSettings
 from ._settings import (
-    MAX_SECONDS,
-    MAX_SIZE,
-    MIN_TTL,
+    BURST,
+    FLUSH_INTERVAL,
+    HISTORY_MEMORY,
+    IDLE_TIMEOUT,
+    MAX_BACKLOG,
+    MAX_CLIENTS,
+    MAX_LIFETIME,
+    MIN_HOLD,
+    PORT,
+    SHUTDOWN_TIMEOUT,
+    SIZE,
+    TTL,
     WHEN_FULL,
+    WRITE_TIMEOUT,
     PoolSettings,
+    Range,
     check_choice,
-    check_int,
     check_name,
     check_seconds,
-    parse_int,
     parse_seconds,
 )
 from ._store import check_store_url, redact
@@ -58,24 +68,20 @@ if TYPE_CHECKING:
 DEFAULT_STORE = "sqlite:///data/tokenpool.db"
 
 
-def _int(low: int, high: int) -> Callable[[Any, str], int]:
-    def check(value: Any, what: str) -> int:
-        if isinstance(value, str):
-            return parse_int(value.strip(), what, low, high)
-        return check_int(value, what, low, high)
+def _ranged(limits: Range, none_ok: bool = False) -> Callable[[Any, str], Any]:
+    """An option checked with its setting's one range (text from the command line or
+    the environment, a number from the TOML file); ``none_ok``: none, 0 or empty is None."""
 
-    return check
-
-
-def _seconds(low: float, high: float, none_ok: bool = False) -> Callable[[Any, str], float | None]:
-    def check(value: Any, what: str) -> float | None:
+    def check(value: Any, what: str) -> Any:
         if none_ok and (
-            value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0"))
+            value is None
+            or value == 0
+            or (isinstance(value, str) and value.strip().lower() in ("", "none", "0"))
         ):
             return None
         if isinstance(value, str):
-            return parse_seconds(value.strip(), what, low, high)
-        return check_seconds(value, what, low, high)
+            return limits.parse(value.strip(), what)
+        return limits.check(value, what)
 
     return check
 
@@ -168,28 +174,30 @@ class Option:
 
 OPTIONS = [
     Option("host", _host, "127.0.0.1", "address to bind (a non-loopback one needs a password)"),
-    Option("port", _int(0, 65535), 7379, "RESP port (0 picks a free one)"),
+    Option("port", _ranged(PORT), 7379, "RESP port (0 picks a free one)"),
     Option("http-host", _host, "127.0.0.1", "HTTP address (a non-loopback one needs a password)"),
-    Option("http-port", _int(0, 65535), 4000, "HTTP port: REST API, /metrics, dashboard (0: off)"),
-    Option("size", _int(1, MAX_SIZE), 100, "tokens in the pool 'default'"),
-    Option("ttl", _seconds(MIN_TTL, MAX_SECONDS), 120.0, "seconds a lease lasts"),
+    Option("http-port", _ranged(PORT), 4000, "HTTP port: REST API, /metrics, dashboard (0: off)"),
+    Option("size", _ranged(SIZE), 100, "tokens in the pool 'default'"),
+    Option("ttl", _ranged(TTL), 120.0, "seconds a lease lasts"),
     Option(
         "when-full", _choice(*WHEN_FULL), "evict", "evict, reject or wait when every token is held"
     ),
-    Option(
-        "min-hold", _seconds(0.0, MAX_SECONDS), 0.0, "evict never ends a lease younger than this"
-    ),
-    Option(
-        "max-lifetime", _seconds(MIN_TTL, MAX_SECONDS, True), None, "renew never goes past this"
-    ),
+    Option("min-hold", _ranged(MIN_HOLD), 0.0, "evict never ends a lease younger than this"),
+    Option("max-lifetime", _ranged(MAX_LIFETIME, True), None, "renew never goes past this"),
     Option("name", lambda v, w: check_name(v, w), "default", "the pool the flags above describe"),
     Option("dsn", _store, DEFAULT_STORE, "store: postgresql://..., sqlite:///file.db or 'memory'"),
     Option("durability", _choice("async", "sync"), "async", "async (answer at once) or sync"),
-    Option("flush-interval", _seconds(0.0, 1.0), 0.002, "async: seconds changes gather per commit"),
-    Option("write-timeout", _seconds(0.1, 300.0), 5.0, "seconds one store write may take"),
-    Option("shutdown-timeout", _seconds(0.0, 3600.0), 10.0, "seconds shutdown waits for the store"),
-    Option("max-backlog", _int(1, 10_000_000), 100_000, "unwritten changes before refusing"),
-    Option("history-memory", _int(1, 10_000_000), 100_000, "ended leases kept in memory per pool"),
+    Option(
+        "flush-interval", _ranged(FLUSH_INTERVAL), 0.002, "async: seconds changes gather per commit"
+    ),
+    Option("write-timeout", _ranged(WRITE_TIMEOUT), 5.0, "seconds one store write may take"),
+    Option(
+        "shutdown-timeout", _ranged(SHUTDOWN_TIMEOUT), 10.0, "seconds shutdown waits for the store"
+    ),
+    Option("max-backlog", _ranged(MAX_BACKLOG), 100_000, "unwritten changes before refusing"),
+    Option(
+        "history-memory", _ranged(HISTORY_MEMORY), 100_000, "ended leases kept in memory per pool"
+    ),
     Option(
         "requirepass",
         _secret,
@@ -202,12 +210,12 @@ OPTIONS = [
     Option("admin-password-file", _text, None, "file holding the admin password"),
     Option("tls-cert", _text, None, "PEM certificate: serve TLS only"),
     Option("tls-key", _text, None, "PEM private key for --tls-cert"),
-    Option("max-clients", _int(1, 1_000_000), 10_000, "connections served at once"),
+    Option("max-clients", _ranged(MAX_CLIENTS), 10_000, "connections served at once"),
     Option("rate-limit", _rate, 0.0, "commands/requests a second per client address (0: off)"),
-    Option("rate-limit-burst", _int(0, 10**9), 0, "at once per client address (0: a second's)"),
+    Option("rate-limit-burst", _ranged(BURST), 0, "at once per client address (0: a second's)"),
     Option("user-rate-limit", _rate, 0.0, "activations a second per user id (0: off)"),
-    Option("user-rate-limit-burst", _int(0, 10**9), 0, "at once per user id (0: a second's)"),
-    Option("idle-timeout", _seconds(0.1, 86_400.0), 30.0, "seconds a started command may take"),
+    Option("user-rate-limit-burst", _ranged(BURST), 0, "at once per user id (0: a second's)"),
+    Option("idle-timeout", _ranged(IDLE_TIMEOUT), 30.0, "seconds a started command may take"),
     Option(
         "allow-insecure-bind",
         _flag,
@@ -423,11 +431,7 @@ def _is_loopback(host: str) -> bool:
 
 
 async def serve(config: Config) -> int:
-    log = structlog.wrap_logger(
-        logging.getLogger("tokenpool.cli"),
-        processors=[structlog.stdlib.render_to_log_kwargs],
-        wrapper_class=structlog.stdlib.BoundLogger,
-    )
+    log = get_logger("tokenpool.cli")
     for warning in config.warnings:
         log.warning("insecure_setting", note=warning)
     ssl_context = None
@@ -547,7 +551,7 @@ async def serve(config: Config) -> int:
                     try:
                         ports = await nursery.start(run_server)
                     except BaseException as raised:
-                        failure = _single(raised)
+                        failure = lone_error(raised)
                         if isinstance(failure, TokenPoolError):  # the port, named
                             raise failure from None
                         raise
@@ -588,7 +592,7 @@ async def _start_http(
     try:
         await nursery.start(run)
     except BaseException as raised:
-        failure = _single(raised)
+        failure = lone_error(raised)
         if not isinstance(failure, OSError):
             raise
         if failure.errno == errno.EADDRINUSE:
@@ -598,12 +602,6 @@ async def _start_http(
         raise InvalidArgumentError(
             f"cannot listen for HTTP on {s.host}:{s.port}: {failure.strerror or failure}"
         ) from None
-
-
-def _single(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -616,15 +614,11 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         print(f"tokenpool: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
-    log = structlog.wrap_logger(
-        logging.getLogger("tokenpool.cli"),
-        processors=[structlog.stdlib.render_to_log_kwargs],
-        wrapper_class=structlog.stdlib.BoundLogger,
-    )
+    log = get_logger("tokenpool.cli")
     try:
         return trio.run(serve, config)
     except BaseException as raised:
-        failure = _single(raised)
+        failure = lone_error(raised)
         if isinstance(failure, InvalidArgumentError):
             log.error("cannot_start", code=failure.code, error=str(failure))
             return 2

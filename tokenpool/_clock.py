@@ -15,7 +15,7 @@ from datetime import datetime
 
 import trio
 
-from ._model import to_datetime, to_us
+from ._model import to_us
 
 
 class Clock:
@@ -47,10 +47,6 @@ class Clock:
     def now_us(self) -> int:
         """The current time, in microseconds since the Unix epoch."""
         return self._wall0 + int((trio.current_time() - self._mono0) * 1_000_000)
-
-    def now(self) -> datetime:
-        """The current time."""
-        return to_datetime(self.now_us())
 
     def trio_time(self, at_us: int) -> float:
         """The trio time at which ``now_us()`` reaches ``at_us`` (for ``trio.sleep_until``)."""

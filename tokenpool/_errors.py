@@ -95,6 +95,18 @@ class NoPermError(TokenPoolError):
     code = "NOPERM"
 
 
+def lone_error(error: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups, else ``error`` itself.
+
+    trio's nurseries wrap even a lone exception in a group; a library user who
+    raised ``KeyError`` inside ``async with open_pool()`` should get ``KeyError``,
+    and the CLI should name a port in use, not a group.
+    """
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
 InvalidArgument = InvalidArgumentError
 UnknownToken = UnknownTokenError
 UnknownPool = UnknownPoolError

@@ -103,11 +103,6 @@ def check_user_id(user_id: object) -> str:
     return user_id
 
 
-def check_uuid(value: object, what: str) -> str:
-    """Return ``value`` as a lowercase hyphenated UUID string; else ``InvalidArgumentError``."""
-    return str(uuid.UUID(bytes=uuid_bytes(value, what)))
-
-
 def uuid_bytes(value: object, what: str) -> bytes:
     """The 16 bytes of a UUID given as a string in any case (or a ``uuid.UUID``).
 

@@ -22,6 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ._model import COUNTERS
 from ._store import LinkState
 
 if TYPE_CHECKING:
@@ -154,15 +155,7 @@ class TokenpoolCollector(Collector):
         )
         counters: dict[str, CounterMetricFamily] = {
             name: CounterMetricFamily(f"tokenpool_{name}", help_text, labels=["pool"])
-            for name, help_text in (
-                ("activations", "Leases granted."),
-                ("evictions", "Leases ended to make room (reason evicted)."),
-                ("expirations", "Leases that reached their expiry (reason expired)."),
-                ("releases", "Leases released by their holder (reason released)."),
-                ("clears", "Leases ended by clear or drop (reason cleared)."),
-                ("renewals", "Leases renewed."),
-                ("refusals", "Activations refused FULL."),
-            )
+            for name, help_text in COUNTERS.items()
         }
         backlog = GaugeMetricFamily(
             "tokenpool_write_backlog", "Changes not yet committed to the store.", labels=["pool"]

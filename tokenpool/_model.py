@@ -141,6 +141,19 @@ class Reason(enum.StrEnum):
     CLEARED = "cleared"
 
 
+COUNTERS: Final = {
+    "activations": "Leases granted.",
+    "evictions": "Leases ended to make room (reason evicted).",
+    "expirations": "Leases that reached their expiry (reason expired).",
+    "releases": "Leases released by their holder (reason released).",
+    "clears": "Leases ended by clear or drop (reason cleared).",
+    "renewals": "Leases renewed.",
+    "refusals": "Activations refused FULL.",
+}
+"""A pool's lifetime counters, once: the state keeps them, the store's ``pools`` row has a
+column for each (a test holds the SQL to this), ``Stats``, INFO and /metrics show them."""
+
+
 class Status(enum.StrEnum):
     """Whether a token is leased right now."""
 

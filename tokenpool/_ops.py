@@ -27,7 +27,6 @@ class Op:
 
     __slots__ = ()
     needs_room: ClassVar[bool] = False
-    waits: ClassVar[bool] = False
 
     cost: ClassVar[int] = 1
     """Work on the actor, in units of about one activation: it bounds a batch (a class
@@ -277,12 +276,6 @@ class GetStats(Op):
             active=state.active,
             available=state.available,
             revision=state.revision,
-            activations=state.activations,
-            evictions=state.evictions,
-            expirations=state.expirations,
-            releases=state.releases,
-            clears=state.clears,
-            renewals=state.renewals,
-            refusals=state.refusals,
             waiting=state.waiting,
+            **state.counters(),  # type: ignore[arg-type]
         )

@@ -24,6 +24,7 @@ from ._errors import (
     TokenPoolError,
     UnavailableError,
     UnknownPoolError,
+    lone_error,
 )
 from ._events import EventHub, Subscription
 from ._ids import check_user_id, uuid_bytes, uuid_text
@@ -73,6 +74,7 @@ from ._settings import (
     PoolSettings,
     check_choice,
     check_int,
+    check_listing,
     check_name,
 )
 from ._state import PoolState
@@ -352,12 +354,7 @@ class Pool:
 
         Raises ``InvalidArgumentError`` past 10,000 tokens: page with ``tokens_page``.
         """
-        size = self._core.size
-        if size > TOKENS_MAX:
-            raise InvalidArgumentError(
-                f"the pool has {size:,} tokens; tokens() returns at most {TOKENS_MAX:,}:"
-                " page with tokens_page(cursor)"
-            )
+        check_listing(self._core.size)
         op = GetTokens(0, TOKENS_MAX)
         _cursor, page = op.value(await self._one(op), self._names)
         return cast(list[TokenStatus], page)
@@ -863,7 +860,7 @@ async def open_pools(
                     await pools.close()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        raise lone_error(group) from None
 
 
 @asynccontextmanager
@@ -920,15 +917,3 @@ async def open_pool(
         restore=False,
     ) as pools:
         yield pools.get(name)
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception inside nested single-member groups, else the group itself.
-
-    trio's nurseries wrap even a lone exception in a group; a library user who
-    raised ``KeyError`` inside ``async with open_pool()`` should get ``KeyError``.
-    """
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error

@@ -144,6 +144,19 @@ PAGE_COUNT: Final = Range("count", 1, 1_000)
 """Tokens one page of ``tokens_page`` (``TOKENS CURSOR``, ``SCAN``) returns."""
 TOKENS_MAX: Final = 10_000
 """The most tokens one unpaged listing (``tokens()``, ``TOKENS``) returns."""
+
+
+def check_listing(size: int) -> int:
+    """A pool's size if one unpaged listing may hold it; else say how to page."""
+    if size > TOKENS_MAX:
+        raise InvalidArgumentError(
+            f"the pool has {size:,} tokens; one listing holds at most {TOKENS_MAX:,}: page"
+            " with TOKENS CURSOR 0 [COUNT n] or SCAN over RESP, ?cursor=0 over HTTP, and"
+            " tokens_page(cursor) in the library"
+        )
+    return size
+
+
 CURSOR: Final = Range("cursor", 0, 2**32)
 BEFORE: Final = Range("before", 1, 2**63 - 1)
 REVISION: Final = Range("revision", 0, 2**63 - 1)
@@ -155,6 +168,9 @@ WRITE_TIMEOUT: Final = Range("write_timeout", 0.1, 300.0, seconds=True)
 SHUTDOWN_TIMEOUT: Final = Range("shutdown_timeout", 0.0, 3600.0, seconds=True)
 LOCK_WAIT: Final = Range("lock_wait", 0.0, 3600.0, seconds=True)
 PORT: Final = Range("port", 0, 65535)
+MAX_CLIENTS: Final = Range("max-clients", 1, 1_000_000)
+IDLE_TIMEOUT: Final = Range("idle-timeout", 0.1, 86_400.0, seconds=True)
+BURST: Final = Range("burst", 0, 10**9)
 
 
 def check_max_lifetime(value: object, what: str = "max-lifetime") -> float | None:

@@ -59,6 +59,7 @@ from ._errors import (
 from ._ids import check_user_id, new_id, ordered_ids, uuid_bytes, uuid_text
 from ._model import (
     ADD,
+    COUNTERS,
     END,
     GRANT,
     RENEW,
@@ -454,10 +455,8 @@ class PoolState:
 
     def restore_counters(self, counters: dict[str, int]) -> None:
         """Put back the lifetime counters kept in the store."""
-        for name in ("activations", "evictions", "expirations", "releases", "clears"):
+        for name in COUNTERS:
             setattr(self, name, int(counters.get(name, 0)))
-        self.renewals = int(counters.get("renewals", 0))
-        self.refusals = int(counters.get("refusals", 0))
 
     # -- operations that change the pool ------------------------------------
 
@@ -742,15 +741,7 @@ class PoolState:
         ]
 
     def counters(self) -> dict[str, int]:
-        return {
-            "activations": self.activations,
-            "evictions": self.evictions,
-            "expirations": self.expirations,
-            "releases": self.releases,
-            "clears": self.clears,
-            "renewals": self.renewals,
-            "refusals": self.refusals,
-        }
+        return {name: getattr(self, name) for name in COUNTERS}
 
     @property
     def active(self) -> int:

@@ -7,9 +7,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import _ops as ops
-from .._errors import InvalidArgumentError
 from .._model import LeaseRecord
-from .._settings import TOKENS_MAX
+from .._settings import TOKENS_MAX, check_listing
 from ._base import ITEM_COST, PoolRequest
 
 if TYPE_CHECKING:
@@ -76,13 +75,7 @@ class Tokens(PoolRequest):
 
     def prepare(self, core: PoolCore) -> None:
         if self.cursor is None:
-            size = core.size
-            if size > TOKENS_MAX:
-                raise InvalidArgumentError(
-                    f"the pool has {size:,} tokens; one listing holds at most {TOKENS_MAX:,}:"
-                    " page with TOKENS CURSOR 0 [COUNT n] (or SCAN; ?cursor=0 over HTTP)"
-                )
-            self.size = size
+            self.size = check_listing(core.size)
 
     def op(self) -> ops.Op:
         if self.cursor is None:

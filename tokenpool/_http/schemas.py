@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import attrs
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .._model import Reason
-from .._settings import MAX_LIFETIME, MIN_HOLD, SIZE, TTL, WAIT, WhenFull
+from .._model import Reason, Stats
+from .._settings import MAX_LIFETIME, MIN_HOLD, SIZE, TTL, WAIT, PoolSettings, WhenFull
 
 ReasonName = Reason
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -142,33 +143,22 @@ class ValidOut(_Model):
     valid: bool
 
 
-class PoolSettingsOut(_Model):
-    size: int
-    ttl: float
-    when_full: WhenFull
-    min_hold: float
-    max_lifetime: float | None
-
-
-class PoolStatsOut(_Model):
-    size: int
-    active: int
-    available: int
-    revision: int
-    activations: int
-    evictions: int
-    expirations: int
-    releases: int
-    clears: int
-    renewals: int
-    refusals: int
-    waiting: int
-    store: str
-    durability: str
-    link: str
-    backlog: int
-    last_commit_at: str | None
-    write_lag: float
+_JSON_TYPES: dict[str, Any] = {
+    "int": int,
+    "str": str,
+    "float": float,
+    "float | None": float | None,
+    "datetime | None": str | None,  # ISO-8601, as every time the API shows
+}
+_SETTINGS_TYPES = {"when_full": WhenFull}
+_settings_fields: Any = {
+    f.name: (_SETTINGS_TYPES.get(f.name) or _JSON_TYPES[str(f.type)], ...)
+    for f in attrs.fields(PoolSettings)
+}
+_stats_fields: Any = {f.name: (_JSON_TYPES[str(f.type)], ...) for f in attrs.fields(Stats)}
+PoolSettingsOut: Any = create_model("PoolSettingsOut", __base__=_Model, **_settings_fields)
+PoolStatsOut: Any = create_model("PoolStatsOut", __base__=_Model, **_stats_fields)
+"""Both derived from the values they document (``PoolSettings``, ``Stats``): never restated."""
 
 
 class PoolOut(_Model):

@@ -41,10 +41,10 @@ from .._commands import (
     parse_channel,
     run_batch,
 )
-from .._errors import CompactedError, InvalidArgumentError, TokenPoolError
+from .._errors import CompactedError, InvalidArgumentError, TokenPoolError, lone_error
 from .._log import get_logger
 from .._metrics import Latencies
-from .._model import Stats, iso, to_us
+from .._model import COUNTERS, Stats, iso, to_us
 from .._pool import PoolCore, Pools
 from .._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
 from . import argv as table
@@ -448,7 +448,7 @@ class RespServer:
             finally:
                 del self._by_session[session.client_id]
         except BaseException as raised:  # one bad client never takes the listener down
-            error = _single(raised)
+            error = lone_error(raised)
             if isinstance(error, trio.TooSlowError):
                 reason = "slow reader or tls handshake timeout"
             elif isinstance(
@@ -768,13 +768,7 @@ class RespServer:
                 "active": stats.active,
                 "available": stats.available,
                 "revision": stats.revision,
-                "activations": stats.activations,
-                "evictions": stats.evictions,
-                "expirations": stats.expirations,
-                "releases": stats.releases,
-                "clears": stats.clears,
-                "renewals": stats.renewals,
-                "refusals": stats.refusals,
+                **{name: getattr(stats, name) for name in COUNTERS},
                 "waiting": stats.waiting,
             },
             "persistence": {
@@ -829,12 +823,6 @@ def _writer_fields(core: PoolCore | None) -> dict[str, object]:
         "changes_refused_by_store": writer.rejected,
         "changes_lost": writer.lost,
     }
-
-
-def _single(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
 
 
 def _peer(stream: trio.abc.Stream) -> str:

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnknownPoolError
-from .._model import EndRecord, LeaseRecord, Reason, Usage, to_datetime, to_us
+from .._model import COUNTERS, EndRecord, LeaseRecord, Reason, Usage, to_datetime, to_us
 from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError, redact
 
 LOCK_WAIT = 5.0  # seconds to wait for a previous owner's store process to finish
@@ -38,18 +38,9 @@ _TRAILER = struct.pack(">h", -1)
 _HISTORY_ROW = struct.Struct(">hiiiqi16si16siqiqiq")
 _LEASE_ROW = struct.Struct(">hi16si16siqiqiq")
 _FREE_ROW = struct.Struct(">hi16siiiii")
-_REASON = {
-    r: struct.pack(">i", len(r)) + r.encode() for r in ("expired", "evicted", "released", "cleared")
-}
-_COUNTERS = (
-    "activations",
-    "evictions",
-    "expirations",
-    "releases",
-    "clears",
-    "renewals",
-    "refusals",
-)
+_REASON = {r.value: struct.pack(">i", len(r.value)) + r.value.encode() for r in Reason}
+_COUNTERS = tuple(COUNTERS)
+_SET_COUNTERS = ", ".join(f"{name} = %s" for name in COUNTERS)
 
 
 def _uuid(text: str) -> bytes:
@@ -366,8 +357,7 @@ class PostgresStore:
                 c = batch.counters
                 cur.execute(
                     "UPDATE pools SET written_at = now(), revision = greatest(revision, %s),"
-                    " clock_us = greatest(clock_us, %s), activations = %s, evictions = %s,"
-                    " expirations = %s, releases = %s, clears = %s, renewals = %s, refusals = %s"
+                    f" clock_us = greatest(clock_us, %s), {_SET_COUNTERS}"
                     " WHERE id = %s AND owner_epoch = %s",
                     (
                         batch.revision,

@@ -19,7 +19,6 @@ import fcntl
 import os
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,22 +27,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnavailableError, UnknownPoolError
-from .._model import Reason, Usage, to_datetime
+from .._model import COUNTERS, Reason, Usage, to_datetime
 from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError
 
 T = TypeVar("T")
 
 LOCK_WAIT = 5.0  # seconds to wait for a previous owner's store process to finish
 
-_COUNTERS = (
-    "activations",
-    "evictions",
-    "expirations",
-    "releases",
-    "clears",
-    "renewals",
-    "refusals",
-)
+_COUNTERS = tuple(COUNTERS)
+_SET_COUNTERS = ", ".join(f"{name} = ?" for name in COUNTERS)
 
 
 def sqlite_path(url: str) -> Path:
@@ -272,8 +264,7 @@ class SqliteStore:
                 fenced = (
                     conn.execute(
                         "UPDATE pools SET written_us = ?, revision = max(revision, ?),"
-                        " clock_us = max(clock_us, ?), activations = ?, evictions = ?,"
-                        " expirations = ?, releases = ?, clears = ?, renewals = ?, refusals = ?"
+                        f" clock_us = max(clock_us, ?), {_SET_COUNTERS}"
                         " WHERE id = ? AND owner_epoch = ?",
                         (
                             _now_us(),
@@ -446,7 +437,6 @@ class SqliteReader:
         self.write_timeout = write_timeout
         self._conn: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenpool-sqlite")
-        self._lock = threading.Lock()
 
     def _on_thread(self, fn: Callable[..., T], *args: object) -> T:
         return self._thread.submit(fn, *args).result()
