@@ -28,6 +28,7 @@ from . import (
     persistence,
     profile,
     report,
+    revisions,
     scaling,
     stores,
     sustained,
@@ -46,6 +47,7 @@ SECTIONS: dict[str, Callable[[bool], list[Figure]]] = {
     "memory": memory.run,
     "http": http.run,
     "stores": stores.run,
+    "revisions": revisions.run,
 }
 NEEDS = {
     "compare": ("redis-benchmark", "redis-server", "pgbench"),
@@ -55,6 +57,7 @@ NEEDS = {
     "memory": ("redis-server",),
     "profile": ("redis-benchmark",),
     "http": ("wrk",),
+    "revisions": ("redis-benchmark", "wrk", "git"),
 }
 HEADLINE = {"compare", "scaling"}
 

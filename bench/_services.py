@@ -36,8 +36,10 @@ class Server:
 
 
 @contextmanager
-def tokenpool_server(*args: str) -> Iterator[Server]:
-    """``python -m tokenpool serve`` on a free port, stopped with SIGTERM afterwards."""
+def tokenpool_server(*args: str, cwd: str | None = None) -> Iterator[Server]:
+    """``python -m tokenpool serve`` on a free port, stopped with SIGTERM afterwards.
+
+    ``cwd``: run the ``tokenpool`` of that checkout (another version, same interpreter)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -56,6 +58,7 @@ def tokenpool_server(*args: str) -> Iterator[Server]:
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
+        cwd=cwd,
     )
     assert proc.stderr is not None
     port = 0

@@ -51,7 +51,8 @@ class Commands:
             self.gate.admit(client, request)
         if isinstance(request, PoolRequest):
             core = self.pools.core(request.pool)
-            request.prepare(core)
+            if request.prepares:
+                request.prepare(core)
             (result,) = await run_batch(core, [request])
             if isinstance(result, BaseException):
                 raise result

@@ -61,6 +61,7 @@ class PoolRequest(Request):
 
     __slots__ = ("pool",)
     revised: ClassVar[bool] = False
+    prepares: ClassVar[bool] = False  # ``prepare`` has checks to make (most have none)
     completes: ClassVar[bool] = False  # ``complete`` must run after the batch (a store read)
 
     def __init__(self, pool: str) -> None:

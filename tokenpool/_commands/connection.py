@@ -175,6 +175,8 @@ class Gate:
 
     def spend(self, client: Client, request: Request | None) -> None:
         """Spend the rate budgets of one request (the client's; the user's for an activation)."""
+        if self.client_limit is None and self.user_limit is None:
+            return
         wait = 0.0
         what = ""
         if self.client_limit is not None:

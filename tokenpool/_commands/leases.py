@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from .._pool import PoolCore
 
 
+_new = tuple.__new__  # a named tuple without NamedTuple.__new__'s Python frame
+
+
 class Granted(NamedTuple):
     """A lease as a command answers it: the record, its token's id and (after a change)
     the pool's revision; ``revision`` is None for a read (``LEASE``)."""
@@ -57,7 +60,7 @@ class Activate(PoolRequest):
         return ops.Activate(self.user_id, self.wait)
 
     def result(self, core: PoolCore, raw: LeaseRecord, revision: int) -> Granted:
-        return Granted(raw, core.names(raw.slot), revision)
+        return _new(Granted, (raw, core.names(raw.slot), revision))  # the hot path
 
 
 class Renew(PoolRequest):

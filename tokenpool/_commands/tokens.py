@@ -62,6 +62,7 @@ class Tokens(PoolRequest):
 
     __slots__ = ("count", "cursor", "size")
     name = "tokens"
+    prepares = True
 
     def __init__(self, pool: str, cursor: int | None = None, count: int = 100) -> None:
         self.pool = pool

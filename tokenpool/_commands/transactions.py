@@ -78,7 +78,8 @@ class Transaction(Request):
             return []
         core = pools.core(self.requests[0].pool)
         for request in self.requests:
-            request.prepare(core)
+            if request.prepares:
+                request.prepare(core)
         cost = self.cost
         if cost > TX_COST:  # checked before any work: nothing was applied
             raise InvalidArgumentError(

@@ -75,7 +75,12 @@ if TYPE_CHECKING:
     from .app import HttpApp
 
 
-def _owner(request: Request) -> HttpApp:
+async def _owner(request: Request) -> HttpApp:
+    """The app (async: FastAPI runs a plain ``def`` dependency in a worker thread)."""
+    return _app_of(request)
+
+
+def _app_of(request: Request) -> HttpApp:
     owner: HttpApp = request.app.state.owner
     return owner
 
@@ -83,36 +88,42 @@ def _owner(request: Request) -> HttpApp:
 Owner = Annotated["HttpApp", Depends(_owner)]
 
 
-def _pool_of(request: Request) -> str:
-    """The pool a route of the pool router addresses: its path's, else the default."""
-    named = request.path_params.get("pool")
-    if named is not None:
-        return str(named)
-    return _owner(request).default_pool
-
-
-def _named_pool(
+async def _named_pool(
     pool: Annotated[str, Path(description="a pool name", pattern=POOL_PATTERN, max_length=64)],
 ) -> None:
     """Declares (and checks) ``{pool}`` for the ``/api/pools/{pool}`` mount."""
 
 
-PoolName = Annotated[str, Depends(_pool_of)]
 PoolPath = Annotated[str, Path(description="a pool name", pattern=POOL_PATTERN, max_length=64)]
 
 _bearer = HTTPBearer(auto_error=False, description="the --requirepass password")
 
 
+class Call:
+    """What every route needs, from one dependency (each costs FastAPI a resolution):
+    the app, the authenticated client, and the pool the path addresses (the default
+    pool under ``/api``)."""
+
+    __slots__ = ("client", "owner", "pool")
+
+    def __init__(self, owner: HttpApp, client: Client, pool: str) -> None:
+        self.owner = owner
+        self.client = client
+        self.pool = pool
+
+
 async def _authorized(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Client:
-    return await _owner(request).authenticate(
-        request, credentials.credentials if credentials else None
-    )
+) -> Call:
+    owner = _app_of(request)
+    bearer = credentials.credentials if credentials else None
+    client = await owner.authenticate(request, bearer)
+    named = request.path_params.get("pool")
+    return Call(owner, client, owner.default_pool if named is None else str(named))
 
 
-Authed = Annotated[Client, Depends(_authorized)]
+Authed = Annotated[Call, Depends(_authorized)]
 TokenId = Annotated[str, Path(description="a token id (UUID)", pattern=UUID_PATTERN)]
 UserId = Annotated[
     str, Path(description="a user id", min_length=1, max_length=128, pattern=USER_PATTERN)
@@ -126,7 +137,7 @@ Before = Annotated[
 
 
 router = APIRouter()
-"""The pool's routes: mounted at /api (the default pool) and /api/pools/{pool}."""
+"""The pool's routes: mounted at /api (the default call.pool) and /api/pools/{pool}."""
 pools_router = APIRouter()
 operations = APIRouter()
 
@@ -138,9 +149,7 @@ operations = APIRouter()
     "/tokens/activate", methods=["POST"], responses={**ErrorCodes, 200: {"model": LeaseReply}}
 )
 async def activate(
-    owner: Owner,
-    pool: PoolName,
-    client: Authed,
+    call: Authed,
     request: Request,
     body: Annotated[ActivateIn, Body()],
 ) -> Response:
@@ -149,11 +158,11 @@ async def activate(
     A full pool evicts the oldest lease, refuses (409 FULL), or, with `wait`,
     waits up to that many seconds for a token.
     """
-    command = Activate(pool, body.user_id, body.wait)
+    command = Activate(call.pool, body.user_id, body.wait)
     if command.waits:
-        granted = await owner.waiting(command, client, request)
+        granted = await call.owner.waiting(command, call.client, request)
     else:
-        granted = await owner.execute(command, client)
+        granted = await call.owner.execute(command, call.client)
     return JSONResponse({"data": lease_json(granted)})
 
 
@@ -163,14 +172,12 @@ async def activate(
     responses={**ErrorCodes, 200: {"model": LeaseReply}},
 )
 async def renew(
-    owner: Owner,
-    pool: PoolName,
     token_id: TokenId,
-    client: Authed,
+    call: Authed,
     body: Annotated[RenewIn, Body()],
 ) -> Response:
     """Extend the lease `lease_id` of the token by the pool's ttl."""
-    granted = await owner.execute(Renew(pool, token_id, body.lease_id), client)
+    granted = await call.owner.execute(Renew(call.pool, token_id, body.lease_id), call.client)
     return JSONResponse({"data": lease_json(granted)})
 
 
@@ -180,16 +187,14 @@ async def renew(
     responses={**ErrorCodes, 200: {"model": UsageReply}},
 )
 async def release(
-    owner: Owner,
-    pool: PoolName,
     token_id: TokenId,
-    client: Authed,
+    call: Authed,
     body: Annotated[ReleaseIn | None, Body()] = None,
 ) -> Response:
     """End the token's lease now (reason `released`); with `user_id`, only if that
     user holds it (409 NOTHOLDER otherwise)."""
     user = None if body is None else body.user_id
-    released = await owner.execute(Release(pool, token_id, user), client)
+    released = await call.owner.execute(Release(call.pool, token_id, user), call.client)
     ended = released.usage
     usage = usage_value(ended, released.token_id)
     return JSONResponse({"data": usage_json(usage)})
@@ -201,23 +206,21 @@ async def release(
     responses={**ErrorCodes, 200: {"model": ValidReply}},
 )
 async def validate(
-    owner: Owner,
-    pool: PoolName,
     token_id: TokenId,
-    client: Authed,
+    call: Authed,
     lease_id: Annotated[str, Query(pattern=UUID_PATTERN)],
 ) -> Response:
     """Whether `lease_id` is the token's current lease."""
-    valid = await owner.execute(Validate(pool, token_id, lease_id), client)
+    valid = await call.owner.execute(Validate(call.pool, token_id, lease_id), call.client)
     return JSONResponse({"data": {"valid": valid}})
 
 
 @router.api_route(
     "/tokens/clear", methods=["POST"], responses={**ErrorCodes, 200: {"model": ClearReply}}
 )
-async def clear(owner: Owner, pool: PoolName, client: Authed) -> Response:
+async def clear(call: Authed) -> Response:
     """End every lease (reason `cleared`). With --admin-password, admin only."""
-    cleared = await owner.execute(Clear(pool), client)
+    cleared = await call.owner.execute(Clear(call.pool), call.client)
     return JSONResponse({"data": {"cleared_tokens": cleared.ended, "revision": cleared.revision}})
 
 
@@ -228,9 +231,7 @@ async def clear(owner: Owner, pool: PoolName, client: Authed) -> Response:
     "/tokens", methods=["GET"], responses={**ErrorCodes, 200: {"model": TokenListReply}}
 )
 async def tokens(
-    owner: Owner,
-    pool: PoolName,
-    client: Authed,
+    call: Authed,
     cursor: Annotated[str | None, Query(max_length=20, description="page from here")] = None,
     count: Annotated[int, Query(ge=1, le=PAGE_COUNT.high)] = 100,
 ) -> Response:
@@ -240,19 +241,19 @@ async def tokens(
         start = None if cursor is None else int(CURSOR.parse(cursor))
     except InvalidArgumentError as error:
         raise ApiError("INVALID", str(error)) from None
-    listed: TokenList = await owner.execute(Tokens(pool, start, count), client)
+    listed: TokenList = await call.owner.execute(Tokens(call.pool, start, count), call.client)
     info = listed.info
-    items = await owner.listing(listed.items, lambda item: token_json(info(item)))
+    items = await call.owner.listing(listed.items, lambda item: token_json(info(item)))
     following = None if not listed.cursor else str(listed.cursor)
-    return await owner.reply({"data": items, "next_cursor": following}, len(items))
+    return await call.owner.reply({"data": items, "next_cursor": following}, len(items))
 
 
 @router.api_route(
     "/tokens/{token_id}", methods=["GET"], responses={**ErrorCodes, 200: {"model": TokenReply}}
 )
-async def token(owner: Owner, pool: PoolName, token_id: TokenId, client: Authed) -> Response:
+async def token(token_id: TokenId, call: Authed) -> Response:
     """One token: its status, holder and current lease (`active_usage`)."""
-    info: TokenInfo = await owner.execute(Token(pool, token_id), client)
+    info: TokenInfo = await call.owner.execute(Token(call.pool, token_id), call.client)
     data = token_json(info)
     data["active_usage"] = active_usage(info.lease)
     return JSONResponse({"data": data})
@@ -264,16 +265,14 @@ async def token(owner: Owner, pool: PoolName, token_id: TokenId, client: Authed)
     responses={**ErrorCodes, 200: {"model": HistoryReply}},
 )
 async def history(
-    owner: Owner,
-    pool: PoolName,
     token_id: TokenId,
-    client: Authed,
+    call: Authed,
     limit: Limit = 100,
     before: Before = None,
 ) -> Response:
     """The token's ended leases, newest first, a page at a time."""
-    page = await owner.execute(History(pool, token_id, limit, before), client)
-    return await owner.page("token_id", token_id, page)
+    page = await call.owner.execute(History(call.pool, token_id, limit, before), call.client)
+    return await call.owner.page("token_id", token_id, page)
 
 
 # -- users --
@@ -284,9 +283,9 @@ async def history(
     methods=["GET"],
     responses={**ErrorCodes, 200: {"model": MaybeLeaseReply}},
 )
-async def user_lease(owner: Owner, pool: PoolName, user_id: UserId, client: Authed) -> Response:
+async def user_lease(user_id: UserId, call: Authed) -> Response:
     """The lease `user_id` holds now, or null."""
-    granted = await owner.execute(LeaseOf(pool, user_id), client)
+    granted = await call.owner.execute(LeaseOf(call.pool, user_id), call.client)
     return JSONResponse({"data": None if granted is None else lease_json(granted)})
 
 
@@ -296,16 +295,14 @@ async def user_lease(owner: Owner, pool: PoolName, user_id: UserId, client: Auth
     responses={**ErrorCodes, 200: {"model": HistoryReply}},
 )
 async def user_history(
-    owner: Owner,
-    pool: PoolName,
     user_id: UserId,
-    client: Authed,
+    call: Authed,
     limit: Limit = 100,
     before: Before = None,
 ) -> Response:
     """The user's ended leases, newest first, a page at a time."""
-    page = await owner.execute(UserHistory(pool, user_id, limit, before), client)
-    return await owner.page("user_id", user_id, page)
+    page = await call.owner.execute(UserHistory(call.pool, user_id, limit, before), call.client)
+    return await call.owner.page("user_id", user_id, page)
 
 
 # -- events --
@@ -324,9 +321,7 @@ async def user_history(
     response_class=Response,
 )
 async def events(
-    owner: Owner,
-    pool: PoolName,
-    client: Authed,
+    call: Authed,
     since: Annotated[
         int | None, Query(ge=0, le=REVISION.high, description="replay after it")
     ] = None,
@@ -336,42 +331,42 @@ async def events(
     with its revision as `id`: a reconnecting EventSource resumes after the last
     one it saw (`Last-Event-ID`), or gets an `event: compacted` naming the oldest
     revision still held. A reader too slow gets `event: overflow` and the end."""
-    target = owner.pool(pool)
+    target = call.owner.pool(call.pool)
     if last_event_id:
         try:
             since = int(REVISION.parse(last_event_id.strip(), "Last-Event-ID"))
         except InvalidArgumentError as error:
             raise ApiError("INVALID", str(error)) from None
-    if owner.streams >= owner.settings.max_streams or owner.closing:
+    if call.owner.streams >= call.owner.settings.max_streams or call.owner.closing:
         raise ApiError(
             "UNAVAILABLE",
-            f"{owner.streams} event streams are open (the most this server serves)",
+            f"{call.owner.streams} event streams are open (the most this server serves)",
             {"Retry-After": "5"},
         )
     try:
-        owner.ready_commands().gate.spend(client, None)  # a stream is a request too
+        call.owner.ready_commands().gate.spend(call.client, None)  # a stream is a request too
     except BusyError as error:
         retry = str(max(1, math.ceil(error.retry_after)))
         raise ApiError(error.code, str(error), {"Retry-After": retry}) from None
-    return EventStream(owner, target, since)
+    return EventStream(call.owner, target, since)
 
 
 # -- pools --
 
 
 @pools_router.get("/pools", responses={**ErrorCodes, 200: {"model": PoolListReply}})
-async def list_pools(owner: Owner, client: Authed) -> Response:
+async def list_pools(call: Authed) -> Response:
     """Every pool served here, with its settings and counters."""
-    commands = owner.ready_commands()
+    commands = call.owner.ready_commands()
     out = []
     for name in commands.pools.names():
         with contextlib.suppress(ApiError):
-            out.append(pool_json(await owner.execute(GetPool(name), client)))
+            out.append(pool_json(await call.owner.execute(GetPool(name), call.client)))
     return JSONResponse({"data": out})
 
 
 @pools_router.post("/pools", responses={**ErrorCodes, 200: {"model": PoolReply}})
-async def create_pool(owner: Owner, client: Authed, body: Annotated[PoolIn, Body()]) -> Response:
+async def create_pool(call: Authed, body: Annotated[PoolIn, Body()]) -> Response:
     """Create a pool (409 EXISTS if the name is taken). With --admin-password,
     admin only."""
     try:
@@ -384,35 +379,35 @@ async def create_pool(owner: Owner, client: Authed, body: Annotated[PoolIn, Body
         )
     except InvalidArgumentError as error:
         raise ApiError("INVALID", str(error)) from None
-    await owner.execute(CreatePool(body.name, settings), client)
-    return JSONResponse({"data": pool_json(await owner.execute(GetPool(body.name), client))})
+    await call.owner.execute(CreatePool(body.name, settings), call.client)
+    return JSONResponse(
+        {"data": pool_json(await call.owner.execute(GetPool(body.name), call.client))}
+    )
 
 
 @pools_router.get("/pools/{pool}", responses={**ErrorCodes, 200: {"model": PoolReply}})
-async def pool_info(owner: Owner, pool: PoolPath, client: Authed) -> Response:
+async def pool_info(pool: PoolPath, call: Authed) -> Response:
     """A pool's settings and counters."""
-    return JSONResponse({"data": pool_json(await owner.execute(GetPool(pool), client))})
+    return JSONResponse({"data": pool_json(await call.owner.execute(GetPool(pool), call.client))})
 
 
 @pools_router.patch("/pools/{pool}", responses={**ErrorCodes, 200: {"model": PoolReply}})
-async def alter_pool(
-    owner: Owner, pool: PoolPath, client: Authed, body: Annotated[PoolChange, Body()]
-) -> Response:
+async def alter_pool(pool: PoolPath, call: Authed, body: Annotated[PoolChange, Body()]) -> Response:
     """Change a pool's settings (shrinking retires free tokens first, then evicts the
     oldest leases; `max_lifetime` 0 removes the cap). With --admin-password, admin
     only."""
     changes = {k: v for k, v in body.model_dump().items() if v is not None}
     if "max_lifetime" in changes:
         changes["max_lifetime"] = check_max_lifetime(changes["max_lifetime"])
-    await owner.execute(AlterPool(pool, changes), client)
-    return JSONResponse({"data": pool_json(await owner.execute(GetPool(pool), client))})
+    await call.owner.execute(AlterPool(pool, changes), call.client)
+    return JSONResponse({"data": pool_json(await call.owner.execute(GetPool(pool), call.client))})
 
 
 @pools_router.delete("/pools/{pool}", responses={**ErrorCodes, 200: {"model": DropReply}})
-async def drop_pool(owner: Owner, pool: PoolPath, client: Authed) -> Response:
+async def drop_pool(pool: PoolPath, call: Authed) -> Response:
     """Stop serving a pool: every lease ends (`cleared`); its tokens and history stay
     in the store. With --admin-password, admin only."""
-    await owner.execute(DropPool(pool), client)
+    await call.owner.execute(DropPool(pool), call.client)
     return JSONResponse({"data": {"dropped": pool}})
 
 

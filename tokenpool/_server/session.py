@@ -32,6 +32,7 @@ from . import argv as table
 from .replies import error_reply
 
 REDIS_COMPAT_VERSION = "7.2.0"
+_new = tuple.__new__  # a named tuple without NamedTuple.__new__'s Python frame (hot path)
 
 
 class Pending(NamedTuple):
@@ -158,12 +159,13 @@ class Planner:
             return Action(run)
         try:
             core = self.pools.core(request.pool)
-            request.prepare(core)
+            if request.prepares:
+                request.prepare(core)
         except TokenPoolError as error:
             return self._refused(error)
         if session.executing and getattr(request, "wait", None) is not None:
             request.wait = None  # type: ignore[attr-defined]  # no waiting inside MULTI
-        return Pending(request, core, name)
+        return _new(Pending, (request, core, name))
 
     def _refused(self, error: TokenPoolError) -> Error:
         return error_reply(error)
