@@ -43,6 +43,7 @@ from ._settings import (
     FLUSH_INTERVAL,
     HISTORY_MEMORY,
     IDLE_TIMEOUT,
+    LOOPBACK_NAMES,
     MAX_BACKLOG,
     MAX_CLIENTS,
     MAX_LIFETIME,
@@ -58,6 +59,7 @@ from ._settings import (
     check_choice,
     check_name,
     check_seconds,
+    host_name,
     parse_seconds,
 )
 from ._store import check_store_url, redact
@@ -147,6 +149,17 @@ def _rate(value: Any, what: str) -> float:
     return rate
 
 
+def _hosts(value: Any, what: str) -> frozenset[str]:
+    """``a,b,c`` (names or addresses, any case) or ``*`` for any Host header."""
+    text = _text(value, what).strip()
+    if text == "*":
+        return frozenset({"*"})
+    names = frozenset(host_name(n) for n in text.split(",") if n.strip())
+    if not names or any(not n or " " in n for n in names):
+        raise InvalidArgumentError(f"{what} must be host names separated by commas, or '*'")
+    return names
+
+
 def _host(value: Any, what: str) -> str:
     host = _text(value, what).strip()
     if not host or " " in host:
@@ -177,6 +190,13 @@ OPTIONS = [
     Option("port", _ranged(PORT), 7379, "RESP port (0 picks a free one)"),
     Option("http-host", _host, "127.0.0.1", "HTTP address (a non-loopback one needs a password)"),
     Option("http-port", _ranged(PORT), 4000, "HTTP port: REST API, /metrics, dashboard (0: off)"),
+    Option(
+        "http-allowed-hosts",
+        _hosts,
+        None,
+        "Host names HTTP answers for, comma-separated ('*': any); default the loopback names"
+        " and --http-host",
+    ),
     Option("size", _ranged(SIZE), 100, "tokens in the pool 'default'"),
     Option("ttl", _ranged(TTL), 120.0, "seconds a lease lasts"),
     Option(
@@ -421,6 +441,18 @@ def configure_logging(level: str, fmt: str) -> None:
     root.propagate = False
 
 
+def _allowed_hosts(config: Config) -> frozenset[str] | None:
+    """The Host names HTTP answers for: as given, else the loopback names and --http-host
+    (unless it is a wildcard address: then only the loopback names, say the others)."""
+    given: frozenset[str] | None = config.values.get("http_allowed_hosts")
+    if given is not None:
+        return None if "*" in given else given
+    names = set(LOOPBACK_NAMES)
+    if config.http_host not in ("0.0.0.0", "::", ""):
+        names.add(host_name(config.http_host))
+    return frozenset(names)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -479,6 +511,7 @@ async def serve(config: Config) -> int:
                 max_streams=min(config.max_clients, 10_000),
                 certfile=config.tls_cert,
                 keyfile=config.tls_key,
+                allowed_hosts=_allowed_hosts(config),
             ),
             latencies,
         )

@@ -243,3 +243,15 @@ class PoolSettings:
 
 
 SETTING_NAMES: Final = tuple(f.name for f in attrs.fields(PoolSettings))
+
+
+LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+"""The Host names the HTTP API answers for by default (with --http-host)."""
+
+
+def host_name(value: str) -> str:
+    """The name in a ``Host`` header or an origin's authority, without its port."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:4000
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value

@@ -23,10 +23,10 @@ from .._errors import TokenPoolError
 from .._log import get_logger
 from .._metrics import Latencies, TokenpoolCollector
 from .._model import Page
-from .._settings import check_name
+from .._settings import LOOPBACK_NAMES, check_name
 from .._store import LinkState
 from . import routes
-from .middleware import Outer
+from .middleware import BrowserGuard, Outer
 from .replies import usage_json
 from .schemas import BIG_LISTING, SLICE, ApiError, error_response
 
@@ -46,6 +46,7 @@ class HttpSettings:
     graceful: float = 2.0  # seconds requests in flight get at shutdown
     certfile: str | None = None  # with keyfile: HTTPS only (as --tls-cert makes RESP TLS only)
     keyfile: str | None = None
+    allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES  # None: any (--http-allowed-hosts '*')
 
 
 @attrs.frozen
@@ -76,7 +77,7 @@ class HttpApp:
         self.registry = CollectorRegistry()
         self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
         self.api = self._build()
-        self.asgi = Outer(self.api, self)
+        self.asgi = BrowserGuard(Outer(self.api, self), settings.allowed_hosts)
 
     @property
     def default_pool(self) -> str:

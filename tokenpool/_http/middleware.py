@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive, Scope, Send
 
+from .._settings import host_name
 from .schemas import MAX_BODY, error_response
 
 if TYPE_CHECKING:
@@ -58,3 +59,89 @@ class Outer:
             route = scope.get("route")
             name = getattr(route, "name", None) or "other"
             owner.latencies.observe("http", name, time.perf_counter() - started)
+
+
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SECURITY_HEADERS = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+class BrowserGuard:
+    """What any web page can make a browser send to a local port, refused (OWASP's
+    CSRF and DNS-rebinding sheets):
+
+    - a ``Host`` the server does not answer for (DNS rebinding: a page at a name that
+      resolves to 127.0.0.1 reads and writes as if same-origin): 421;
+    - an unsafe method (POST, PUT, PATCH, DELETE) from another site: an ``Origin``
+      that is not this server's, or ``Sec-Fetch-Site: cross-site``/``same-site``: 403;
+    - an unsafe method whose body is not JSON (``Content-Type: application/json``): a
+      cross-site ``<form>`` or a ``text/plain`` fetch cannot send one: 415 (a body-less
+      request with no type, as the seed's ``curl -X POST .../clear``, is a program's);
+
+    and every response refuses to be framed (``X-Frame-Options``, CSP
+    ``frame-ancestors``)."""
+
+    def __init__(self, app: Any, allowed_hosts: frozenset[str] | None) -> None:
+        self.app = app
+        self.allowed = allowed_hosts  # None: any Host (--http-allowed-hosts '*')
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope.get("headers", ()):
+            headers.setdefault(name, value)
+        host = headers.get(b"host", b"").decode("latin-1")
+        refusal = None
+        if self.allowed is not None and host_name(host) not in self.allowed:
+            refusal = (
+                "BADHOST",
+                f"this server does not answer for the host {host[:100]!r}"
+                " (--http-allowed-hosts names the ones it does)",
+            )
+        elif scope.get("method", "GET") in UNSAFE:
+            refusal = self._unsafe(headers, host)
+        if refusal is not None:
+            await error_response(*refusal)(scope, receive, self._framed(send))
+            return
+        await self.app(scope, receive, self._framed(send))
+
+    @staticmethod
+    def _unsafe(headers: dict[bytes, bytes], host: str) -> tuple[str, str] | None:
+        site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if site in ("cross-site", "same-site"):
+            return "CROSSSITE", f"a {site} request may not change anything here"
+        if origin and origin != "null":
+            authority = origin.split("://", 1)[-1]
+            if authority.lower() != host.lower():
+                return "CROSSSITE", f"a request from {origin[:100]!r} may not change anything here"
+        elif origin == "null":
+            return "CROSSSITE", "a request from an opaque origin may not change anything here"
+        kind = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        has_body = headers.get(b"content-length", b"0").strip() not in (b"0", b"") or (
+            b"transfer-encoding" in headers
+        )
+        if (kind or has_body) and kind != b"application/json":
+            # A <form> or a text/plain fetch always sends a type (and, from a page, an
+            # Origin): only a body-less request of a program (curl -X POST) goes without.
+            return (
+                "NOTJSON",
+                "a request body must be JSON (Content-Type: application/json), not"
+                f" {kind.decode('latin-1')[:60] or 'untyped'}",
+            )
+        return None
+
+    @staticmethod
+    def _framed(send: Send) -> Send:
+        async def framed(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *SECURITY_HEADERS]}
+            await send(message)
+
+        return framed

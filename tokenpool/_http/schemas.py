@@ -35,6 +35,9 @@ STATUS = {
     "BUSY": 429,
     "COMPACTED": 410,
     "TOOLARGE": 413,
+    "NOTJSON": 415,
+    "CROSSSITE": 403,
+    "BADHOST": 421,
 }
 MAX_BODY = 64 * 1024
 SLICE = 256  # listed items formatted between checkpoints
@@ -190,7 +193,7 @@ ValidReply = _data(ValidOut, "ValidReply")
 PoolReply = _data(PoolOut, "PoolReply")
 PoolListReply = _data(list[PoolOut], "PoolListReply")
 ErrorCodes: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorReply} for code in (401, 403, 404, 409, 413, 422, 429, 503)
+    code: {"model": ErrorReply} for code in (401, 403, 404, 409, 413, 415, 421, 422, 429, 503)
 }
 
 
