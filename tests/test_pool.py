@@ -325,7 +325,7 @@ class HeldWriter:
         return self._seq
 
     def commit(self) -> None:
-        fences = [c[4] for c in self.changes if c[0] == GRANT]
+        fences = [c.fence for c in self.changes if c.kind == GRANT]
         self.committed = max([self.committed, *fences])
         self.committed_seq = self._seq
         self._progress.set()
@@ -375,8 +375,8 @@ async def test_cancelled_after_grant_but_before_reply_releases_the_lease() -> No
         writer.commit()
         results = await _commit_while(actor, writer, [GetLease("impatient")])
         assert results == [None]
-        ended = [c for c in writer.changes if c[0] == END]
-        assert [(u[3], u[8]) for u in ended] == [("impatient", "released")]
+        ended = [c for c in writer.changes if c.kind == END]
+        assert [(u.user_id, u.reason) for u in ended] == [("impatient", "released")]
         actor.close()
 
 
