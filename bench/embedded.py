@@ -27,7 +27,7 @@ def _pure_round_trips(state: PoolState, seconds: float) -> float:
     while time.perf_counter() < end:
         for user in users:
             lease = state.activate(user, now)
-            state.release(state.token_text(lease[2]), user, now)
+            state.release(state.token_text(lease.slot), user, now)
             now += 1
         state.changes = []
         done += len(users)

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 
 import tokenpool
 from tests.chaos.cluster import Cluster
-from tokenpool._model import END, GRANT, RENEW, Record
+from tokenpool._model import END, GRANT, RENEW, LeaseRecord, Record
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
 from tokenpool._store import Batch, open_store
@@ -34,23 +34,28 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- coalescing: a batch writes what the changes one by one would have -------
 
 
+def assignment(lease: LeaseRecord) -> tuple[object, ...]:
+    """What a token's row holds of its lease."""
+    return (lease.id, lease.slot, lease.user_id, lease.fence, lease.activated_us, lease.expires_us)
+
+
 def apply_one_by_one(records: list[Record], db: dict[str, dict[Any, object]]) -> None:
     for record in records:
-        if record[0] in (GRANT, RENEW):
-            db["assignments"][record[2]] = record[1:7]
-        elif record[0] == END:
-            db["assignments"].pop(record[2], None)
-            db["history"][record[7]] = record
+        if record.kind in (GRANT, RENEW):
+            db["assignments"][record.slot] = assignment(record)
+        elif record.kind == END:
+            db["assignments"].pop(record.slot, None)
+            db["history"][record.revision] = record
 
 
 def apply_batch(batch: Batch, db: dict[str, dict[Any, object]]) -> None:
     for record in batch.history:
-        db["history"].setdefault(record[7], record)
+        db["history"].setdefault(record.revision, record)
     for slot, lease in batch.final.items():
         if lease is None:
             db["assignments"].pop(slot, None)
         else:
-            db["assignments"][slot] = lease[1:7]
+            db["assignments"][slot] = assignment(lease)
 
 
 @settings(max_examples=200, deadline=None)
@@ -71,7 +76,7 @@ def test_coalesced_batches_write_the_same_rows_as_each_change(
             state.activate(f"u{n}", now)
         elif op == "r" and state.leases():
             lease = state.leases()[n % len(state.leases())]
-            state.renew(state.token_text(lease[2]), lease[1], now)
+            state.renew(state.token_text(lease.slot), lease.id, now)
         elif op == "c":
             state.clear(now)
     changes = state.changes
@@ -85,7 +90,7 @@ def test_coalesced_batches_write_the_same_rows_as_each_change(
         apply_batch(batch, actual)
         apply_batch(batch, actual)  # a retried batch changes nothing more
     assert expected == actual
-    assert {lease[2]: lease[1:7] for lease in state.leases()} == actual["assignments"]
+    assert {lease.slot: assignment(lease) for lease in state.leases()} == actual["assignments"]
 
 
 def test_a_retry_after_a_commit_whose_ack_was_lost_clears_what_it_ends(pg_url: str) -> None:
@@ -105,7 +110,7 @@ def test_a_retry_after_a_commit_whose_ack_was_lost_clears_what_it_ends(pg_url: s
         batch = Batch()
         batch.add(first, state.counters(), now)
         store.write(snapshot.pool_id, batch, tokens, False)  # committed; the ack "lost"
-        state.release(state.token_text(lease[2]), None, now)
+        state.release(state.token_text(lease.slot), None, now)
         retry = Batch()
         retry.add(first, state.counters(), now)
         retry.add(state.changes, state.counters(), now)
@@ -113,7 +118,7 @@ def test_a_retry_after_a_commit_whose_ack_was_lost_clears_what_it_ends(pg_url: s
     finally:
         store.close()
     assert [] == query(pg_url, "SELECT lease_id FROM lease_assignments WHERE lease_id IS NOT NULL")
-    assert [(lease[1], "released")] == query(
+    assert [(lease.id, "released")] == query(
         pg_url, "SELECT lease_id, expiration_reason FROM usage_history"
     )
 

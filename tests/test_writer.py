@@ -1,10 +1,13 @@
-"""The per-pool write-behind on its own: when it reports a stalled store, on trio's MockClock."""
+"""The per-pool write-behind (tokenpool/_writer.py) on its own, on trio's MockClock: when it
+reports a stalled store, a full backlog, a refused batch. Outages with a real store are in
+test_durability.py and test_persistence.py; the actor's sync replies in test_actor.py."""
 
 from __future__ import annotations
 
 import trio
 import trio.testing
 
+from tokenpool._model import GRANT, LeaseRecord
 from tokenpool._store import LinkState
 from tokenpool._writer import Writer
 
@@ -52,3 +55,53 @@ async def test_an_acknowledgement_moves_the_stall_deadline_later(
     assert first is not None
     w.acknowledged(first, 0)
     assert trio.current_time() + 3.0 == w.stall_deadline()
+
+
+def grants(count: int) -> list[LeaseRecord]:
+    return [
+        LeaseRecord(
+            kind=GRANT,
+            id=f"l{i}",
+            slot=i,
+            user_id=f"u{i}",
+            fence=i + 1,
+            activated_us=0,
+            expires_us=1,
+            revision=i + 1,
+        )
+        for i in range(count)
+    ]
+
+
+async def test_a_backlog_at_max_backlog_is_full_until_acknowledged() -> None:
+    w = writer()  # max_backlog=100
+    first = w.submit(grants(60), {}, 0, 60)
+    assert not w.full()
+    w.submit(grants(40), {}, 0, 100)
+    assert (100, True) == (w.backlog, w.full())
+    assert "backlog is full" in w.refusal()
+    assert first is not None
+    w.acknowledged(first, 60)
+    assert (40, False, 60) == (w.backlog, w.full(), w.committed)
+
+
+async def test_an_async_refusal_holds_activations_until_a_write_commits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    w = Writer(
+        QuietLink(),
+        1,
+        "p",
+        max_backlog=100,
+        write_timeout=2.0,
+        committed=0,
+        hold_after_refusal=30.0,
+    )
+    refused = w.submit(grants(1), {}, 0, 1)
+    assert refused is not None
+    w.refused(refused, 1, "CHECK violated")
+    assert w.full() and "CHECK violated" in w.refusal()
+    later = w.submit(grants(2), {}, 0, 3)
+    assert later is not None
+    w.acknowledged(later, 2)
+    assert not w.full()
