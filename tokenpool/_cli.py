@@ -580,12 +580,31 @@ async def serve(config: Config) -> int:
                     await _wait_bounded(served, hurry, grace)
                     nursery.cancel_scope.cancel()
                 await _wait_bounded(http_done, hurry, grace)
+            # The store is closed and what it lost counted: the exit status is known.
+            # The exit status tells the truth: 0 only if everything acknowledged was written.
+            code = 1 if pools.lost or pools.store_died else 0
+            if code:
+                log.error(
+                    "stopped",
+                    changes_not_written=pools.lost,
+                    store_process_died=pools.store_died,
+                )
+            else:
+                log.info("stopped")
+            if not http_done.is_set():
+                # hypercorn shields its socket writes: a client that stops reading would
+                # hold the process forever. Nothing is left to write: exit regardless.
+                trio.lowlevel.spawn_system_task(_exit_after, log, HURRY_SECONDS, code)
             outer.cancel_scope.cancel()
-    if pools.lost:
-        log.error("stopped", changes_not_written=pools.lost)
-        return 1
-    log.info("stopped")
-    return 0
+    return code
+
+
+async def _exit_after(log: Any, seconds: float, code: int) -> None:
+    """Exit with ``code`` in ``seconds`` if the HTTP server has not ended by then."""
+    await trio.sleep(seconds)
+    log.warning("http_clients_abandoned", note="a client stopped reading; exiting without it")
+    logging.shutdown()
+    os._exit(code)
 
 
 HURRY_SECONDS = 1.0

@@ -516,6 +516,11 @@ class Pools:
         await self._changed.wait()
 
     @property
+    def store_died(self) -> bool:
+        """Whether the store process exited before shutdown told it to."""
+        return self._link is not None and self._link.died
+
+    @property
     def link(self) -> StoreLink | None:
         return self._link
 

@@ -84,6 +84,7 @@ class StoreLink:
         self._process: trio.Process | None = None
         self._closing = False
         self._dead = False
+        self.died = False  # it exited before the server told it to: shutdown exits non-zero
         self._close_scope: trio.CancelScope | None = None
         self._hurry_at = math.inf  # a second signal: the latest moment close may wait to
         self._lost_dropped = 0  # changes lost by writers of pools dropped since
@@ -356,6 +357,7 @@ class StoreLink:
         self._dead = True
         if not self._closing or any(w.backlog for w in self.writers.values()):
             code = self._process.returncode if self._process is not None else None
+            self.died = True
             log.error(
                 "store_process_exited",
                 store=self.shown,
