@@ -30,7 +30,7 @@ import trio
 from ._errors import InvalidArgumentError, TokenPoolError, UnavailableError
 from ._log import get_logger
 from ._model import GRANT, LeaseRecord, Record
-from ._ops import Activate, Op, ReleaseLease, Revision
+from ._ops import Activate, EndWaits, Op, ReleaseLease, Revision
 from ._state import WAITING
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = get_logger("tokenpool.actor")
 
+SHUTTING_DOWN = "the server is shutting down; retry on another server or after it restarts"
 _NOT_IN_TIME = "the store did not commit in time; the change is kept and will be written"
 MAX_BATCH = 1024
 """The most requests the actor applies before it hands changes on and replies."""
@@ -189,6 +190,7 @@ class Actor:
         self.publish = publish
         self.send, self._receive = trio.open_memory_channel[Request](queue_size)
         self.closed = False
+        self.draining = False  # shutdown began: activations do not wait (``stop_waiting``)
         self._last: Request | None = None
         self._ended = False  # the last request was applied: refuse what follows it
         self._refusals_sent = state.refusals  # as the last batch to the writer had them
@@ -236,6 +238,20 @@ class Actor:
                 await self.send.send(Request(ops))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 log.warning("undo_lost", leases=[lease.id for lease in grants])
+
+    async def stop_waiting(self) -> None:
+        """Shutdown begins: answer every waiting activation now (``UnavailableError``)
+        and every later one at once, so no client holds the shutdown for its wait."""
+        self.draining = True
+        try:
+            (tickets,) = await self.call((EndWaits(),))
+        except UnavailableError:
+            return  # closed already: its waiters were answered
+        error = UnavailableError(SHUTTING_DOWN)
+        for ticket in tickets:  # type: ignore[attr-defined]
+            if isinstance(ticket, Request) and ticket.state == WAITING_TOKEN:
+                ticket.state = APPLIED
+                ticket.fail(error)
 
     def close(self) -> None:
         """Stop taking requests; the actor answers what is queued, then returns."""
@@ -365,6 +381,7 @@ class Actor:
         state = self.state
         writer = self.writer
         full = writer is not None and writer.full()
+        lost = writer is not None and writer.state.lost  # nothing changed now is written
         track = self.sync
         changes = state.changes
         for request in batch:
@@ -390,7 +407,7 @@ class Actor:
                         )
                     )
                     continue
-                if full and op.needs_room:
+                if full and (op.needs_room or (lost and op.changes)):
                     assert writer is not None
                     results.append(UnavailableError(writer.refusal()))
                     continue
@@ -398,6 +415,9 @@ class Actor:
                     kind = type(op)
                     if kind is Activate:  # the hot path: no method call in between
                         if op.wait:  # type: ignore[attr-defined]
+                            if self.draining:  # shutting down: nobody waits now
+                                results.append(UnavailableError(SHUTTING_DOWN))
+                                continue
                             result = state.activate_or_wait(
                                 op.user_id,  # type: ignore[attr-defined]
                                 now,

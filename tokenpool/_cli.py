@@ -536,6 +536,11 @@ async def serve(config: Config) -> int:
         "appendonly": "no",
     }
     stop = trio.Event()
+    hurry = trio.Event()  # a second signal: shutdown to its minimum
+    served_pools: list[Any] = []  # the pools, once open: a second signal hurries them
+    # Clients get this long to finish what they started (a blocked write is dropped
+    # after it anyway); the store gets shutdown_timeout after that.
+    grace = min(config.idle_timeout, config.shutdown_timeout)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as outer:
 
@@ -543,7 +548,15 @@ async def serve(config: Config) -> int:
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if stop.is_set():
-                        log.warning("signal_again", signal=name, note="shutdown is under way")
+                        log.warning(
+                            "signal_again",
+                            signal=name,
+                            note="shutdown shortened: clients are dropped, the store gets"
+                            f" at most {HURRY_SECONDS:g} s more",
+                        )
+                        hurry.set()
+                        for opened in served_pools:
+                            opened.hurry(HURRY_SECONDS)
                         continue
                     log.info("shutting_down", signal=name)
                     stop.set()
@@ -564,6 +577,9 @@ async def serve(config: Config) -> int:
                 shutdown_timeout=config.shutdown_timeout,
                 declared=config.pools,
             ) as pools:
+                served_pools.append(pools)
+                if hurry.is_set():
+                    pools.hurry(HURRY_SECONDS)
                 # Everything made so far (modules, pools, tokens) lives as long as the
                 # process: out of the collector's way, full collections stay short.
                 gc.freeze()
@@ -594,18 +610,57 @@ async def serve(config: Config) -> int:
                     if http is not None:
                         http.close()
                     http_stop.set()
-                    # Busy connections finish their pipeline; none may take forever.
-                    with trio.move_on_after(config.idle_timeout):
-                        await served.wait()
+                    # Waiting activations are answered now: no client holds shutdown.
+                    await pools.stop_waiting()
+                    # Busy connections finish their pipeline; none may take longer than
+                    # the grace, and a second signal ends it at once.
+                    await _wait_bounded(served, hurry, grace)
                     nursery.cancel_scope.cancel()
-                with trio.move_on_after(config.idle_timeout):
-                    await http_done.wait()
+                await _wait_bounded(http_done, hurry, grace)
+            # The store is closed and what it lost counted: the exit status is known.
+            # The exit status tells the truth: 0 only if everything acknowledged was written.
+            code = 1 if pools.lost or pools.store_died else 0
+            if code:
+                log.error(
+                    "stopped",
+                    changes_not_written=pools.lost,
+                    store_process_died=pools.store_died,
+                )
+            else:
+                log.info("stopped")
+            if not http_done.is_set():
+                # hypercorn shields its socket writes: a client that stops reading would
+                # hold the process forever. Nothing is left to write: exit regardless.
+                trio.lowlevel.spawn_system_task(_exit_after, log, HURRY_SECONDS, code)
             outer.cancel_scope.cancel()
-    if pools.lost:
-        log.error("stopped", changes_not_written=pools.lost)
-        return 1
-    log.info("stopped")
-    return 0
+    return code
+
+
+async def _exit_after(log: Any, seconds: float, code: int) -> None:
+    """Exit with ``code`` in ``seconds`` if the HTTP server has not ended by then."""
+    await trio.sleep(seconds)
+    log.warning("http_clients_abandoned", note="a client stopped reading; exiting without it")
+    logging.shutdown()
+    os._exit(code)
+
+
+HURRY_SECONDS = 1.0
+"""After a second SIGTERM/SIGINT, the most the store process is given to write what it
+holds (what is left is counted as not written, and the exit status says so)."""
+
+
+async def _wait_bounded(event: trio.Event, hurry: trio.Event, seconds: float) -> None:
+    """Wait for ``event`` at most ``seconds``, and not at all once ``hurry`` is set."""
+    with trio.move_on_after(seconds) as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def on_hurry() -> None:
+                await hurry.wait()
+                scope.cancel()
+
+            nursery.start_soon(on_hurry)
+            await event.wait()
+            nursery.cancel_scope.cancel()
 
 
 async def _start_http(

@@ -23,10 +23,13 @@ Names = Callable[[int], str]  # slot -> token id
 
 
 class Op:
-    """Base of the operations. ``needs_room``: refused while the store's backlog is full."""
+    """Base of the operations. ``needs_room``: refused while the store's backlog is full;
+    ``changes``: may change the state, so refused once the store is lost (a change
+    that can never be written is not acknowledged)."""
 
     __slots__ = ()
     needs_room: ClassVar[bool] = False
+    changes: ClassVar[bool] = False
 
     cost: ClassVar[int] = 1
     """Work on the actor, in units of about one activation: it bounds a batch (a class
@@ -65,6 +68,7 @@ class Activate(Op):
 
     __slots__ = ("user_id", "wait")
     needs_room = True
+    changes = True
 
     def __init__(self, user_id: str, wait: float | None = None) -> None:
         self.user_id = user_id
@@ -84,6 +88,7 @@ class ActivateMany(Op):
 
     __slots__ = ("user_ids",)
     needs_room = True
+    changes = True
 
     def __init__(self, user_ids: tuple[str, ...]) -> None:
         self.user_ids = user_ids
@@ -110,6 +115,7 @@ class Release(Op):
     """``pool.release(token_id, user_id=None)``: the usage entry of the ended lease."""
 
     __slots__ = ("token_id", "user_id")
+    changes = True
 
     def __init__(self, token_id: str, user_id: str | None = None) -> None:
         self.token_id = token_id
@@ -126,6 +132,7 @@ class ReleaseLease(Op):
     """End exactly this lease if it is still current (the undo of a grant nobody received)."""
 
     __slots__ = ("lease_id", "slot")
+    changes = True
 
     def __init__(self, slot: int, lease_id: str) -> None:
         self.slot = slot
@@ -140,6 +147,7 @@ class Renew(Op):
 
     __slots__ = ("lease_id", "token_id")
     needs_room = True
+    changes = True
 
     def __init__(self, token_id: str, lease_id: str) -> None:
         self.token_id = token_id
@@ -156,6 +164,7 @@ class Clear(Op):
     """``pool.clear()``: how many leases ended."""
 
     __slots__ = ()
+    changes = True
 
     def apply(self, state: PoolState, now: int) -> int:
         return state.clear(now)
@@ -251,6 +260,16 @@ class GetUserHistory(Op):
 
     def apply(self, state: PoolState, now: int) -> Any:
         return state.user_history(self.user_id, self.limit, self.before)
+
+
+class EndWaits(Op):
+    """Shutdown: take every queued waiter off the queue; their tickets (the actor's
+    caller answers them)."""
+
+    __slots__ = ()
+
+    def apply(self, state: PoolState, now: int) -> list[object]:
+        return state.end_waits()
 
 
 class Revision(Op):

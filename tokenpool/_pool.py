@@ -107,6 +107,8 @@ class PoolStatistics:
 class _Op(Op):
     """Configure, EndAll: admin ops the façade sends."""
 
+    changes = True
+
 
 class _Configure(_Op):
     __slots__ = ("settings",)
@@ -500,6 +502,7 @@ class Pools:
         self._lock = trio.Lock()
         self._changed = trio.Event()
         self.lost = 0  # changes not written at shutdown
+        self._hurry: float | None = None
 
     def _touch(self) -> None:
         self._changed.set()
@@ -508,6 +511,11 @@ class Pools:
     async def changed(self) -> None:
         """Wait until a pool is created or dropped."""
         await self._changed.wait()
+
+    @property
+    def store_died(self) -> bool:
+        """Whether the store process exited before shutdown told it to."""
+        return self._link is not None and self._link.died
 
     @property
     def link(self) -> StoreLink | None:
@@ -686,6 +694,19 @@ class Pools:
         await self._done.pop(name).wait()
         self._touch()
 
+    async def stop_waiting(self) -> None:
+        """Shutdown begins: every pool answers its waiting activations now, and every
+        later one at once (``UnavailableError``)."""
+        for pool in list(self._pools.values()):
+            await pool._core.actor.stop_waiting()
+
+    def hurry(self, seconds: float) -> None:
+        """Shorten shutdown (a second signal): ``close`` waits for the store process at
+        most ``seconds`` more, then counts what was not written."""
+        self._hurry = seconds
+        if self._link is not None:
+            self._link.hurry(seconds)
+
     async def close(self) -> None:
         """Stop every pool, write what is queued (bounded), stop the store process."""
         for pool in self._pools.values():
@@ -695,6 +716,8 @@ class Pools:
         for done in self._done.values():  # each actor answers what was queued first
             await done.wait()
         if self._link is not None:
+            if self._hurry is not None:
+                self._link.hurry(self._hurry)
             self.lost += await self._link.close()
         if self._reader is not None:
             reader, self._reader = self._reader, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable
 
@@ -25,6 +26,12 @@ RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
     "crash-async": lambda a: runs.crash_run(_workload(a), dsn=a.dsn, durability="async"),
     "sigterm": lambda a: runs.crash_run(
         _workload(a), dsn=a.dsn, durability="async", terminate=True
+    ),
+    "sigterm-group": lambda a: runs.crash_run(
+        _workload(a), dsn=a.dsn, durability="async", group_signal=signal.SIGTERM
+    ),
+    "sigint-group": lambda a: runs.crash_run(
+        _workload(a), dsn=a.dsn, durability="async", group_signal=signal.SIGINT
     ),
     "outage-async": lambda a: runs.outage_run(_workload(a), durability="async"),
     "outage-sync": lambda a: runs.outage_run(_workload(a), durability="sync"),

@@ -257,23 +257,31 @@ def crash_run(
     kill_after: float = 1.5,
     window: float = 1.0,
     terminate: bool = False,
+    group_signal: int | None = None,
 ) -> Summary:
     """SIGKILL the server under load, restart it, keep going; check what survived.
 
     With ``terminate``, SIGTERM instead: then nothing may be lost (no window), and
-    the server must exit 0.
+    the server must exit 0. With ``group_signal``, that signal to the whole process
+    group (the store process too, as systemd or a Ctrl-C does): the same promise.
     """
+    if group_signal is not None:
+        terminate = True
     port = free_port()
     with store(dsn) as url:
         args = ("--dsn", url, "--size", str(size), "--ttl", TTL, "--durability", durability)
-        holder = {"server": start(*args, port=port)}
+        grouped = group_signal is not None
+        holder = {"server": start(*args, port=port, new_session=grouped)}
         memory = _Memory(holder["server"].pid)
         facts: dict[str, float] = {}
 
         async def fault() -> None:
             await trio.sleep(kill_after)
             facts["killed_at"] = trio.current_time()
-            if terminate:
+            if group_signal is not None:
+                holder["server"].signal_group(group_signal)
+                facts["exit"] = await trio.to_thread.run_sync(holder["server"].wait)
+            elif terminate:
                 facts["exit"] = await trio.to_thread.run_sync(holder["server"].stop)
             else:
                 await trio.to_thread.run_sync(holder["server"].kill)

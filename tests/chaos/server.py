@@ -49,6 +49,24 @@ class Process:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
 
+    @property
+    def store_pid(self) -> int | None:
+        """The store process's pid, from the server's log (``None`` without a store)."""
+        for event in list(self.log):
+            if event.get("event") == "store_process_started":
+                return int(event["pid"])
+        return None
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the whole process group (the server must have a session of its own)."""
+        os.killpg(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        """Its exit code once it exits (and its log is read)."""
+        code = self.proc.wait(timeout=timeout)
+        self._close()
+        return code
+
     def stop(self) -> int:
         """SIGTERM, as an operator stops it; return its exit code once its log is read."""
         self.proc.send_signal(signal.SIGTERM)
@@ -65,10 +83,14 @@ def _drain(stream: IO[str], log: list[dict[str, Any]]) -> None:
             log.append({"event": "unparsed", "line": line})
 
 
-def start(*args: str, port: int = 0, env: dict[str, str] | None = None) -> Process:
+def start(
+    *args: str, port: int = 0, env: dict[str, str] | None = None, new_session: bool = False
+) -> Process:
     """``python -m tokenpool serve`` with ``args``; returns once it listens.
 
     HTTP is off unless ``args`` give ``--http-port`` (runs may start several servers).
+    ``new_session``: in a process group of its own, to signal the whole group as
+    systemd, ``timeout``, Docker and a shell do (``Process.signal_group``).
     """
     if not any(a.startswith("--http-port") for a in args):
         args = (*args, "--http-port", "0")
@@ -81,6 +103,7 @@ def start(*args: str, port: int = 0, env: dict[str, str] | None = None) -> Proce
         stdout=subprocess.DEVNULL,
         text=True,
         env={**os.environ, **(env or {})},
+        start_new_session=new_session,
     )
     assert proc.stderr is not None
     log: list[dict[str, Any]] = []

@@ -15,9 +15,12 @@ Rules it keeps:
 - A write the database refuses for good (a constraint, a bad value) is split
   into the server's batches and retried one by one; a batch that is still
   refused is reported loudly and dropped, so it never blocks what follows.
-- When the server goes away (end of file on the socket) it writes what
-  reached it, then exits, which frees the ownership locks; shutdown is
-  bounded by ``shutdown_timeout``.
+- It lives inside the server's lifecycle: it ignores SIGINT and SIGTERM (a
+  Ctrl-C or a stop sent to the whole process group is the server's to act
+  on; it is also started in a session of its own), and when the server says
+  ``close`` or goes away (end of file on the socket) it writes what reached
+  it, then exits, which frees the ownership locks; shutdown is bounded by
+  ``shutdown_timeout``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import random
 import select
+import signal
 import socket
 import sys
 import time
@@ -289,6 +293,9 @@ class StoreProcess:
 
 
 def main(argv: list[str]) -> int:
+    # The signals meant for the group are the server's: it tells us when to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[1]))
     channel = Channel(sock)
     hello = channel.receive(None)

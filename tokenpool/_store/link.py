@@ -9,16 +9,25 @@ them to the writers' report methods (``acknowledged``, ``refused``, ``fail``,
 (open, list, settings, drop) and answers them.
 
 Rules it keeps:
+- The store process lives inside the server's lifecycle: it is started in a
+  session of its own and ignores SIGINT/SIGTERM, so a signal to the process
+  group reaches only the server, which tells it to ``close``; it exits at end
+  of file too, so it never outlives the server.
 - A store process that exits is noticed at once (end of file on the socket):
-  every writer turns ``failed`` and pending requests are answered
-  ``UnavailableError``.
+  it is logged, every writer turns ``failed`` (the pools refuse changes) and
+  pending requests are answered ``UnavailableError``. It is not restarted.
+- Every request (open, list, settings, drop) has a deadline (``lock_wait`` +
+  ``write_timeout``): a paused store process never holds a caller forever.
 - Shutdown is bounded: ``close`` waits at most ``shutdown_timeout`` for the
-  backlogs, then says how many changes were not written and stops the process.
+  backlogs (``hurry`` shortens it), then counts every change not committed,
+  whatever the cause (timeout, a dead store process, changes submitted after
+  it died), logs ``changes_not_written`` and returns the count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import subprocess
 import sys
@@ -75,6 +84,10 @@ class StoreLink:
         self._process: trio.Process | None = None
         self._closing = False
         self._dead = False
+        self.died = False  # it exited before the server told it to: shutdown exits non-zero
+        self._close_scope: trio.CancelScope | None = None
+        self._hurry_at = math.inf  # a second signal: the latest moment close may wait to
+        self._lost_dropped = 0  # changes lost by writers of pools dropped since
         self.state = LinkState.UP
 
     # -- lifecycle ------------------------------------------------------------
@@ -88,9 +101,13 @@ class StoreLink:
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                # Not in the server's process group: a Ctrl-C or a stop sent to the
+                # group is the server's to act on (the process also ignores both).
+                start_new_session=True,
             )
         finally:
             theirs.close()
+        log.info("store_process_started", store=self.shown, pid=self._process.pid)
         self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         self._outbox.appendleft(
             (
@@ -132,29 +149,48 @@ class StoreLink:
     async def close(self) -> int:
         """Write what is queued (at most ``shutdown_timeout``), then stop the process.
 
-        Returns how many changes were not written (logged as ``changes_not_written``).
+        Returns how many changes were not written, whatever the cause: the timeout ran
+        out, the store process died with changes unacknowledged, or changes were
+        submitted after it died (logged once as ``changes_not_written``).
         """
         self._closing = True
-        with trio.move_on_after(self.shutdown_timeout) as scope:
+        deadline = min(trio.current_time() + self.shutdown_timeout, self._hurry_at)
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._close_scope = scope
             for writer in list(self.writers.values()):
                 with contextlib.suppress(TokenPoolError):
                     await writer.flush()
-        lost = 0
-        if scope.cancelled_caught:
-            for writer in self.writers.values():
-                lost += writer.give_up()
+        self._close_scope = None
+        for writer in self.writers.values():
+            if writer.backlog:
+                writer.give_up()
+        lost = self._lost_dropped + sum(writer.lost for writer in self.writers.values())
+        if lost:
+            if self._dead:
+                note = "the store process exited before it wrote them"
+            elif scope.cancelled_caught:
+                note = "the store did not take them before the shutdown timeout"
+            else:
+                note = "the store refused them or lost ownership"
             log.error(
                 "changes_not_written",
                 store=self.shown,
                 changes=lost,
-                seconds=self.shutdown_timeout,
-                note="the store did not take them before the shutdown timeout",
+                seconds=round(self.shutdown_timeout, 3),
+                note=note,
             )
-            if self._process is not None and self._process.returncode is None:
-                self._process.kill()  # what it still holds is counted above: do not wait on it
+        process = self._process
+        if scope.cancelled_caught and process is not None and process.returncode is None:
+            process.kill()  # what it still holds is counted above: do not wait on it
         self._outbox.append(("close",))
         self.wake()
         return lost
+
+    def hurry(self, seconds: float) -> None:
+        """Shorten shutdown (a second signal): ``close`` waits at most ``seconds`` more."""
+        self._hurry_at = min(self._hurry_at, trio.current_time() + seconds)
+        if self._close_scope is not None:
+            self._close_scope.deadline = min(self._close_scope.deadline, self._hurry_at)
 
     def wake(self) -> None:
         """Something is queued to send: let the sender run (cheap when already woken)."""
@@ -171,6 +207,8 @@ class StoreLink:
     # -- requests ---------------------------------------------------------------
 
     async def _request(self, kind: str, *args: object) -> Any:
+        """Ask the store process; raises ``UnavailableError`` when it is not running or
+        does not answer within ``lock_wait + write_timeout`` (a paused process)."""
         if self._dead:
             raise UnavailableError(f"the store process for {self.shown} is not running")
         self._next_request += 1
@@ -182,7 +220,16 @@ class StoreLink:
                 self._outbox.append(frame)
         self._outbox.append((kind, request, *args))
         self.wake()
-        await event.wait()
+        seconds = self.lock_wait + self.write_timeout
+        with trio.move_on_after(seconds):
+            await event.wait()
+        if not event.is_set():
+            del self._reply_events[request]  # a late reply is dropped (``_dispatch``)
+            log.error("store_request_timeout", store=self.shown, request=kind, seconds=seconds)
+            raise UnavailableError(
+                f"the store process for {self.shown} did not answer {kind!r} within"
+                f" {seconds:g} s (lock_wait + write_timeout); see the server log"
+            )
         (result,) = self._replies.pop(request)
         if isinstance(result, BaseException):
             raise result
@@ -210,7 +257,9 @@ class StoreLink:
 
     async def drop_pool(self, key: int) -> None:
         await self._request("drop", key)
-        self.writers.pop(key, None)
+        writer = self.writers.pop(key, None)
+        if writer is not None:
+            self._lost_dropped += writer.lost
 
     # -- tasks ------------------------------------------------------------------
 
@@ -273,8 +322,12 @@ class StoreLink:
             if writer is not None:
                 writer.acknowledged(message[2], message[3])
         elif kind == "reply":
+            event = self._reply_events.pop(message[1], None)
+            if event is None:  # its caller gave up waiting (deadline): nobody to answer
+                log.warning("store_reply_late", store=self.shown, request=message[1])
+                return
             self._replies[message[1]] = [message[2]]
-            self._reply_events.pop(message[1]).set()
+            event.set()
         elif kind == "link":
             state, error = LinkState(message[1]), message[2]
             previous, self.state = self.state, state
@@ -302,8 +355,17 @@ class StoreLink:
         if self._dead:
             return
         self._dead = True
-        if not self._closing:
+        if not self._closing or any(w.backlog for w in self.writers.values()):
             code = self._process.returncode if self._process is not None else None
+            self.died = True
+            log.error(
+                "store_process_exited",
+                store=self.shown,
+                code=code,
+                unwritten=sum(w.backlog for w in self.writers.values()),
+                note="changes are refused until the server restarts; what was not"
+                " written is counted at shutdown",
+            )
             for writer in self.writers.values():
                 writer.fail(
                     LinkState.FAILED, f"the store process for {self.shown} exited (code {code})"
