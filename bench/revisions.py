@@ -45,12 +45,14 @@ def _checkout(rev: str, into: str) -> str:
     return into
 
 
-def _loads(quick: bool) -> dict[str, tuple[Callable[[int, int], int], str]]:
-    """name -> (run(resp_port, http_port) -> requests done, protocol)."""
+def _loads(quick: bool) -> dict[str, tuple[Callable[[int, int], tuple[int, float]], str]]:
+    """name -> (run(resp_port, http_port) -> (requests done, requests/s), protocol)."""
     scale = 0.25 if quick else 1.0
 
-    def resp(command: list[str], pipeline: int, requests: int) -> Callable[[int, int], int]:
-        def run(port: int, _http: int) -> int:
+    def resp(
+        command: list[str], pipeline: int, requests: int
+    ) -> Callable[[int, int], tuple[int, float]]:
+        def run(port: int, _http: int) -> tuple[int, float]:
             done = redis_benchmark(
                 port,
                 command,
@@ -59,14 +61,14 @@ def _loads(quick: bool) -> dict[str, tuple[Callable[[int, int], int], str]]:
                 requests=int(requests * scale),
                 keyspace=100_000,
             )
-            return done.requests
+            return done.requests, done.rps
 
         return run
 
-    def http(_port: int, http_port: int) -> int:
+    def http(_port: int, http_port: int) -> tuple[int, float]:
         seconds = 2.0 if quick else 5.0
         got = wrk(http_port, seconds)
-        return int(got["rps"] * seconds)
+        return int(got["rps"] * seconds), got["rps"]
 
     return {
         "PING, pipeline 16": (resp(["PING"], 16, 400_000), "resp"),
@@ -81,6 +83,7 @@ def run(quick: bool) -> list[Figure]:
     rounds = 1 if quick else 3
     loads = _loads(quick)
     per_request: dict[tuple[str, str], list[float]] = {}
+    rates: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="tokenpool-base-") as tmp:
         trees = {"base": _checkout(BASE, tmp), "this": str(ROOT)}
         for _ in range(rounds):
@@ -91,12 +94,13 @@ def run(quick: bool) -> list[Figure]:
                     wait_for_port(http_port, 20.0)
                     for name, (load, _kind) in loads.items():
                         before = cpu_seconds(server.pid)
-                        done = load(server.port, http_port)
+                        done, rps = load(server.port, http_port)
                         spent = cpu_seconds(server.pid) - before
                         per_request.setdefault((name, version), []).append(
                             spent / max(done, 1) * 1e6
                         )
-    return [
+                        rates.setdefault((name, version), []).append(rps)
+    figures = [
         Figure(
             f"server CPU per request: {name} ({version})",
             "us",
@@ -104,4 +108,13 @@ def run(quick: bool) -> list[Figure]:
             {"load": name, "version": BASE if version == "base" else "this", "metric": "cpu"},
         )
         for (name, version), runs in per_request.items()
+    ]
+    return figures + [
+        Figure(
+            f"requests/s: {name} ({version})",
+            "req/s",
+            tuple(runs),
+            {"load": name, "version": BASE if version == "base" else "this", "metric": "rps"},
+        )
+        for (name, version), runs in rates.items()
     ]
