@@ -168,6 +168,7 @@ class _Connection:
         self.closed = False
         self.parser = RequestParser()
         self.hung_up = False  # the client closed its side while a command waited
+        self.fed = False  # bytes were parsed while a command waited: run them before reading
         self._idle_timeout = server.settings.idle_timeout
 
     async def watch_hangup(self, scope: trio.CancelScope) -> None:
@@ -184,6 +185,7 @@ class _Connection:
                 scope.cancel()
                 return
             self.parser.feed(bytes(data))
+            self.fed = True
         await trio.sleep_forever()
 
     def parser_buffered(self) -> int:
@@ -468,7 +470,7 @@ class RespServer:
     async def _serve_client(self, conn: _Connection) -> str:
         session = conn.session
         parser = conn.parser
-        started: float | None = None  # when the incomplete command's first byte came
+        started: float | None = None  # when the incomplete command's first byte came (trio time)
         idle = self.settings.idle_timeout
         stream = conn.stream
         while True:
@@ -484,10 +486,10 @@ class RespServer:
             except ProtocolError as error:
                 problem = error
             if commands:
-                started = time.perf_counter()
+                began = time.perf_counter()
                 await self._execute(conn, commands)
                 self.latencies.observe_pipeline(
-                    "resp", commands, _label, time.perf_counter() - started
+                    "resp", commands, _label, time.perf_counter() - began
                 )
                 if session.quit:
                     return "quit"
@@ -505,8 +507,12 @@ class RespServer:
                 return "protocol error"
             if conn.closed:
                 return "closed by a forwarder"
-            if len(commands) == MAX_PIPELINE:
-                await trio.lowlevel.checkpoint()  # others get a turn before the rest
+            if len(commands) == MAX_PIPELINE or conn.fed:
+                # The rest of a long pipeline, or what came while a command waited
+                # (complete commands may be buffered already: never wait for more bytes
+                # before running them), after others had a turn.
+                conn.fed = False
+                await trio.lowlevel.checkpoint()
                 continue
             if self.closing:
                 return "shutdown"
