@@ -206,3 +206,50 @@ def test_a_password_file(tmp_path: Path) -> None:
     secret.write_text("from-a-file\n")
     args = build_parser().parse_args(["serve", "--requirepass-file", str(secret)])
     assert "from-a-file" == load_config(args, {}).requirepass
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"server = 5\n", "'server' must be a table"),
+        (b"[[pools]]\nsize = 1\n", "'pools' must be a table"),
+        (b"pools = 'gpu'\n", "'pools' must be a table"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not UTF-8"),
+        ("[server]\nname = 'caf\u00e9'\n".encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_every_config_file_shape_error_is_one_line(
+    tmp_path: Path, data: bytes, message: str
+) -> None:
+    """Shapes TOML allows but a config cannot be, and bytes that are not text: one line,
+    exit 2 (they used to end in a traceback)."""
+    config = tmp_path / "bad.toml"
+    config.write_bytes(data)
+    out = run("--config", str(config), "--dsn", "memory")
+    assert 2 == out.returncode
+    assert message in out.stderr and 1 == len(out.stderr.strip().splitlines()), out.stderr
+
+
+def test_a_password_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_bytes("caf\u00e9\n".encode("latin-1"))
+    out = run("--requirepass-file", str(secret), "--dsn", "memory")
+    assert 2 == out.returncode
+    assert "--requirepass-file" in out.stderr and "not UTF-8" in out.stderr, out.stderr
+    assert 1 == len(out.stderr.strip().splitlines()), out.stderr
+
+
+def test_a_password_in_the_environment_that_is_not_utf8_is_refused() -> None:
+    """os.environ decodes non-UTF-8 bytes as lone surrogates: such a password could never
+    match what a client sends, so the server refuses to start with it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenpool", "serve", "--port", "0", "--http-port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+        env={**os.environb, b"TOKENPOOL_PASSWORD": "caf\u00e9".encode("latin-1")},
+    )
+    stderr = out.stderr.decode()
+    assert 2 == out.returncode, stderr
+    assert "TOKENPOOL_PASSWORD" in stderr and "not UTF-8" in stderr, stderr
+    assert 1 == len(stderr.strip().splitlines()), stderr

@@ -87,8 +87,27 @@ def _choice(*choices: str) -> Callable[[Any, str], str]:
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str) or "\x00" in value or len(value) > 4096:
         raise InvalidArgumentError(f"{what} must be text of at most 4096 characters")
+    try:  # the environment decodes bytes that are not UTF-8 as lone surrogates
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(
+            f"{what} is not UTF-8 text (clients send UTF-8: nobody could match it)"
+        ) from None
     text: str = value
     return text
+
+
+def _read_text(path: str, what: str) -> str:
+    """A file's text, or one ``InvalidArgumentError`` naming it (missing, binary, not UTF-8)."""
+    try:
+        return Path(path).read_bytes().decode()
+    except OSError as error:
+        raise InvalidArgumentError(f"{what} {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise InvalidArgumentError(
+            f"{what} {path}: not UTF-8 text (byte {error.start} is 0x{byte:02x})"
+        ) from None
 
 
 def _secret(value: Any, what: str) -> str:
@@ -277,10 +296,9 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     file_pools: dict[str, Any] = {}
     path = args.config or environ.get("TOKENPOOL_CONFIG")
     if path:
+        path = _text(path, "--config")
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as error:
-            raise InvalidArgumentError(f"--config {path}: {error.strerror}") from None
+            data = tomllib.loads(_read_text(path, "--config"))
         except tomllib.TOMLDecodeError as error:
             raise InvalidArgumentError(f"--config {path}: not valid TOML: {error}") from None
         unknown = set(data) - {"server", "pools"}
@@ -288,7 +306,13 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             raise InvalidArgumentError(
                 f"--config {path}: unknown table(s) {', '.join(sorted(unknown))}"
             )
-        file = {k.replace("-", "_"): v for k, v in dict(data.get("server", {})).items()}
+        for table, shape in (("server", "[server] option = value"), ("pools", "[pools.NAME]")):
+            if not isinstance(data.get(table, {}), dict):
+                raise InvalidArgumentError(
+                    f"--config {path}: {table!r} must be a table ({shape}),"
+                    f" not {_toml_kind(data[table])}"
+                )
+        file = {k.replace("-", "_"): v for k, v in data.get("server", {}).items()}
         file_pools = dict(data.get("pools", {}))
         for key, in_file in file.items():
             if key not in BY_DEST:
@@ -334,12 +358,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                 raise InvalidArgumentError(
                     f"give --{name.replace('_', '-')} or its -file, not both"
                 )
-            try:
-                text = Path(file_option).read_text().splitlines()
-            except OSError as error:
-                raise InvalidArgumentError(
-                    f"--{name.replace('_', '-')}-file {file_option}: {error.strerror}"
-                ) from None
+            text = _read_text(file_option, f"--{name.replace('_', '-')}-file").splitlines()
             values[name] = _secret(
                 text[0] if text else "", f"--{name.replace('_', '-')}-file {file_option}"
             )
@@ -377,6 +396,21 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         pools[name] = PoolSettings.make(**changes)
         pools = {name: pools[name], **{k: v for k, v in pools.items() if k != name}}
     return Config(values, pools, warnings)
+
+
+def _toml_kind(value: object) -> str:
+    """What a TOML value is, in TOML's words (for a message)."""
+    if isinstance(value, list):
+        return (
+            "an array of tables ([[...]])" if value and isinstance(value[0], dict) else "an array"
+        )
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return f"a {type(value).__name__}"
 
 
 def _given(
