@@ -19,6 +19,7 @@ import gc
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -456,6 +457,57 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+RESERVED_FDS = 64
+"""File descriptors kept for what is not a client: listeners, the store (SQLite's
+database, log and shared-memory files, the reader, the store process's pipes), logs
+(Redis keeps 32; we have more)."""
+
+
+def fd_budget(max_clients: int, http: bool, soft: int, hard: int) -> tuple[int, int, str | None]:
+    """The soft ``RLIMIT_NOFILE`` to ask for, the clients that fit it, and a warning.
+
+    As Redis: ask for enough descriptors for ``max_clients`` (RESP), as many HTTP
+    event streams (at most 10,000) and ``RESERVED_FDS``; when the hard limit is lower,
+    lower ``max_clients`` to what fits, with a warning. Raises ``InvalidArgumentError``
+    when not even one client fits."""
+    streams = min(max_clients, 10_000) if http else 0
+    need = max_clients + streams + RESERVED_FDS
+    limit = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    limit = max(limit, soft)
+    if need <= limit:
+        return limit, max_clients, None
+    room = limit - RESERVED_FDS
+    fits = room // 2 if http else room
+    if http and room - fits > 10_000:
+        fits = room - 10_000
+    if fits < 1:
+        raise InvalidArgumentError(
+            f"the open-file limit is {limit} (ulimit -n): too low to serve any client;"
+            f" {RESERVED_FDS + 2} at least"
+        )
+    return (
+        limit,
+        fits,
+        f"--max-clients {max_clients} needs {need} open files but the hard limit is {hard}"
+        f" (ulimit -Hn): serving at most {fits} clients",
+    )
+
+
+def _raise_fd_limit(max_clients: int, http: bool, log: Any) -> int:
+    """Raise the soft open-file limit towards the hard one; the clients that fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit, fits, warning = fd_budget(max_clients, http, soft, hard)
+    if limit > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        except (OSError, ValueError) as error:
+            limit, fits, warning = fd_budget(max_clients, http, soft, soft)
+            log.warning("open_file_limit_not_raised", limit=soft, error=str(error))
+    if warning is not None:
+        log.warning("max_clients_lowered", max_clients=fits, open_files=limit, note=warning)
+    return fits
+
+
 async def serve(config: Config) -> int:
     log = structlog.wrap_logger(
         logging.getLogger("tokenpool.cli"),
@@ -480,10 +532,11 @@ async def serve(config: Config) -> int:
                 " set a password (TOKENPOOL_PASSWORD) or pass --allow-insecure-bind"
             )
     store = config.dsn
+    max_clients = _raise_fd_limit(config.max_clients, bool(config.http_port), log)
     settings = RespSettings(
         host=config.host,
         port=config.port,
-        max_clients=config.max_clients,
+        max_clients=max_clients,
         idle_timeout=config.idle_timeout,
         commands=CommandSettings(
             password=config.requirepass,
@@ -506,7 +559,7 @@ async def serve(config: Config) -> int:
             HttpSettings(
                 host=config.http_host,
                 port=config.http_port,
-                max_streams=min(config.max_clients, 10_000),
+                max_streams=min(max_clients, 10_000),
                 certfile=config.tls_cert,
                 keyfile=config.tls_key,
             ),
@@ -522,7 +575,7 @@ async def serve(config: Config) -> int:
         "durability": config.durability,
         "flush-interval": f"{config.flush_interval:g}",
         "store": redact(store) if store else "memory",
-        "maxclients": str(config.max_clients),
+        "maxclients": str(max_clients),
         "timeout": f"{config.idle_timeout:g}",
         "port": str(config.port),
         "bind": config.host,

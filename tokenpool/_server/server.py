@@ -60,6 +60,9 @@ SLICE = 256  # listing items encoded between checkpoints
 LARGE_REPLIES = 16  # listings past HEAVY_COST held at once (each at most ~3 MB)
 READ_SIZE = 64 * 1024
 WAIT_BUFFER = 1024 * 1024  # bytes a client may send while one of its commands waits
+ACCEPT_RETRY = 0.1  # seconds between accepts while out of file descriptors (as trio)
+FD_LOG_EVERY = 10.0  # seconds between log lines about it
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 @attrs.frozen
@@ -352,6 +355,9 @@ class RespServer:
         self._by_session: dict[int, _Connection] = {}
         self.closing = False
         self.ports: list[int] = []
+        self._spare_fd: int | None = None  # given up to refuse a client when out of descriptors
+        self._fd_refusals = 0
+        self._fd_logged = -math.inf
         # Encoding a long listing is the costliest thing a client can ask for: at most
         # two connections do it at once, a slice at a time, so however many ask, a
         # light command waits behind a couple of slices (a few ms), not behind all of them.
@@ -386,6 +392,15 @@ class RespServer:
         self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen until ``shutdown()``; then wait for the connections to finish."""
+        self._spare_fd = _open_spare()
+        try:
+            await self._serve(task_status)
+        finally:
+            spare, self._spare_fd = self._spare_fd, None
+            if spare is not None:
+                os.close(spare)
+
+    async def _serve(self, task_status: trio.TaskStatus[list[int]]) -> None:
         async with trio.open_nursery() as nursery:
             listeners = await _listen(self.settings.host, self.settings.port)
             self.ports = [ln.socket.getsockname()[1] for ln in listeners]
@@ -397,7 +412,56 @@ class RespServer:
                     tls=bool(self.ssl_context),
                 )
                 task_status.started(self.ports)
-                await trio.serve_listeners(self._connection, listeners, handler_nursery=nursery)
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept, listener, nursery)
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """trio's ``serve_listeners``, but out of file descriptors (EMFILE) the client
+        is told ``-ERR max number of clients reached`` (a spare descriptor is given up
+        to accept it, as nginx and libuv do) and one JSON line is logged at most every
+        ``FD_LOG_EVERY`` seconds, not a traceback per attempt."""
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as error:
+                    if error.errno not in _ACCEPT_CAPACITY:
+                        raise
+                    await self._out_of_descriptors(listener, error)
+                    continue
+                nursery.start_soon(self._connection, stream)
+
+    async def _out_of_descriptors(self, listener: trio.SocketListener, error: OSError) -> None:
+        self.rejected += 1
+        self._fd_refusals += 1
+        now = trio.current_time()
+        if now >= self._fd_logged + FD_LOG_EVERY:
+            log.warning(
+                "accept_failed",
+                error=errno.errorcode.get(error.errno or 0, "?"),
+                reason=os.strerror(error.errno or 0),
+                refused_since_last=self._fd_refusals,
+            )
+            self._fd_refusals = 0
+            self._fd_logged = now
+        spare, self._spare_fd = self._spare_fd, None
+        if spare is not None:
+            os.close(spare)
+            try:
+                with trio.move_on_after(0.05):
+                    stream = await listener.accept()
+                    with (
+                        trio.move_on_after(0.1),
+                        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+                    ):
+                        await stream.send_all(b"-ERR max number of clients reached\r\n")
+                    await trio.aclose_forcefully(stream)
+            except OSError:
+                pass
+            finally:
+                self._spare_fd = _open_spare()
+        await trio.sleep(ACCEPT_RETRY)
 
     def shutdown(self) -> None:
         """Stop accepting; idle connections close, busy ones finish their pipeline first."""
@@ -835,6 +899,13 @@ def _writer_fields(core: PoolCore | None) -> dict[str, object]:
         "changes_refused_by_store": writer.rejected,
         "changes_lost": writer.lost,
     }
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _single(error: BaseException) -> BaseException:
