@@ -1036,3 +1036,13 @@ async def test_a_waiter_granted_a_token_can_release_it_in_the_same_write() -> No
             data = await read_until(stream, b"+PONG\r\n")
         assert data.count(b"$1\r\nw\r\n") >= 2  # granted, then LEASE w shows it
         await stream.aclose()
+
+
+async def test_clear_of_many_leases_replies_with_them_all() -> None:
+    """A CLEAR past END_STEP leases runs in steps but answers the total, as one command."""
+    async with running(size=5_000) as (server, port):
+        pool = server.pools.get("default")
+        await pool.activate_many([f"u{n}" for n in range(5_000)])
+        reply = await raw(port, b"CLEAR\r\n")
+        assert reply.startswith(b"*4\r\n$7\r\ncleared\r\n:5000\r\n"), reply
+        assert 0 == (await pool.stats()).active

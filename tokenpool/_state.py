@@ -632,15 +632,25 @@ class PoolState:
         self.changes.append(renewed)
         return renewed
 
-    def clear(self, now: int) -> int:
-        """End every active lease ``cleared``; return how many."""
+    def clear(self, now: int, limit: int | None = None, before: int | None = None) -> int:
+        """End active leases ``cleared``, oldest first; return how many.
+
+        At most ``limit`` of them (all by default), and only those granted at or before
+        revision ``before`` (by default the revision now): a caller ends many leases a
+        step at a time, and leases granted between its steps are not ended.
+        """
         now = self._tick(now)
-        count = len(self._leases)
-        self.clears += count
-        for lease in list(self._leases.values()):
+        cutoff = self.revision if before is None else before
+        ending: list[LeaseRecord] = []
+        for lease in self._leases.values():  # activation order: fences only grow
+            if lease.fence > cutoff or len(ending) == limit:
+                break
+            ending.append(lease)
+        self.clears += len(ending)
+        for lease in ending:
             self._end(lease, now, CLEARED)
             self._free(lease.slot)
-        return count
+        return len(ending)
 
     def end_all(self, now: int) -> int:
         """``clear``, and refuse every queued caller: the pool is being dropped."""
