@@ -656,3 +656,23 @@ async def test_ending_many_leases_lets_other_requests_in_between(how: str) -> No
         else:
             stats = await pool.stats()
             assert (1, 1) == (stats.size, stats.active)
+
+
+async def test_a_replay_counts_against_the_subscriber_buffer() -> None:
+    """A replay longer than the buffer is refused (compacted, naming where to resume)
+    instead of being held whole past the bound; from there the replay fits."""
+    async with tokenpool.open_pool(size=100, ttl=3600) as pool:
+        start = (await pool.stats()).revision
+        await pool.activate_many([f"u{n}" for n in range(30)])
+        with pytest.raises(tokenpool.CompactedError) as caught:
+            async with pool.watch(since=start, buffer=10):
+                pass
+        resume = caught.value.oldest - 1
+        assert start + 20 == resume
+        got = []
+        async with pool.watch(since=resume, buffer=10) as events:
+            async for event in events:
+                got.append(event.user_id)
+                if len(got) == 10:
+                    break
+        assert [f"u{n}" for n in range(20, 30)] == got

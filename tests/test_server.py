@@ -27,6 +27,7 @@ from redis.retry import Retry
 import tokenpool
 from tests.chaos import server as chaos_server
 from tokenpool._commands import CommandSettings
+from tokenpool._resp import encode_command
 from tokenpool._server import RespServer, RespSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1046,3 +1047,18 @@ async def test_clear_of_many_leases_replies_with_them_all() -> None:
         reply = await raw(port, b"CLEAR\r\n")
         assert reply.startswith(b"*4\r\n$7\r\ncleared\r\n:5000\r\n"), reply
         assert 0 == (await pool.stats()).active
+
+
+async def test_subscriptions_per_connection_are_bounded() -> None:
+    """1,000 channels and patterns per connection; a SUBSCRIBE past it is refused whole."""
+    async with running(size=1) as (_server, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        for start in range(0, 1_000, 25):  # a command holds at most 32 arguments
+            names = [f"events:p{n}" for n in range(start, start + 25)]
+            await stream.send_all(encode_command("SUBSCRIBE", *names))
+        with trio.fail_after(10):
+            await read_until(stream, b"events:p999\r\n:1000\r\n")
+            await stream.send_all(b"PSUBSCRIBE events:x* events:y*\r\n")
+            data = await read_until(stream, b"\r\n")
+        assert data.startswith(b"-") and b"at most 1,000" in data, data
+        await stream.aclose()

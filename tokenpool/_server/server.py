@@ -60,6 +60,8 @@ SLICE = 256  # listing items encoded between checkpoints
 LARGE_REPLIES = 16  # listings past HEAVY_COST held at once (each at most ~3 MB)
 READ_SIZE = 64 * 1024
 WAIT_BUFFER = 1024 * 1024  # bytes a client may send while one of its commands waits
+MAX_SUBSCRIPTIONS = 1_000  # channels and patterns per connection (Redis has no bound)
+MAX_FOLLOWED = 1_000  # pools a connection's patterns follow at once (a task each)
 ACCEPT_RETRY = 0.1  # seconds between accepts while out of file descriptors (as trio)
 FD_LOG_EVERY = 10.0  # seconds between log lines about it
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -107,6 +109,13 @@ class _Subscriptions:
         conn = self.server.connection_of(session)
         replies: list[Any] = []
         kind = "psubscribe" if pattern else "subscribe"
+        table = session.patterns if pattern else session.channels
+        held = len(session.channels) + len(session.patterns)
+        if held + len({n for n in names if n not in table}) > MAX_SUBSCRIPTIONS:
+            raise InvalidArgumentError(
+                f"a connection may hold at most {MAX_SUBSCRIPTIONS:,} channels and patterns"
+                f" (it holds {held:,}); none of these was subscribed"
+            )
         for name in names:
             table = session.patterns if pattern else session.channels
             if name not in table:
@@ -172,6 +181,7 @@ class _Connection:
         self.parser = RequestParser()
         self.hung_up = False  # the client closed its side while a command waited
         self.fed = False  # bytes were parsed while a command waited: run them before reading
+        self.followed = 0  # pools its patterns follow (a forwarder task each)
         self._idle_timeout = server.settings.idle_timeout
 
     async def watch_hangup(self, scope: trio.CancelScope) -> None:
@@ -255,7 +265,11 @@ class _Connection:
         seen: set[str] = set()
 
         async def follow(pool_name: str, channel: str) -> None:
-            why = await self._forward_pool(pool_name, None, channel, pattern)
+            self.followed += 1
+            try:
+                why = await self._forward_pool(pool_name, None, channel, pattern)
+            finally:
+                self.followed -= 1
             if why == "closed" and pool_name not in pools.names():
                 seen.discard(pool_name)  # dropped: follow it again if it comes back
 
@@ -264,6 +278,23 @@ class _Connection:
                 for pool_name in pools.names():
                     channel = f"events:{pool_name}"
                     if pool_name not in seen and fnmatch.fnmatchcase(channel, pattern):
+                        if self.followed >= MAX_FOLLOWED:
+                            # A task and a buffer per pool followed: bounded per connection.
+                            # Say so once and stop following more (as an overflow ends a
+                            # subscription); the pools followed so far still deliver.
+                            await self._message(
+                                channel,
+                                pattern,
+                                json.dumps(
+                                    {
+                                        "kind": "overflow",
+                                        "message": f"this connection follows {MAX_FOLLOWED:,}"
+                                        " pools already: pools matched from now on are not"
+                                        " followed",
+                                    }
+                                ),
+                            )
+                            await trio.sleep_forever()
                         seen.add(pool_name)
                         nursery.start_soon(follow, pool_name, channel)
                 await pools.changed()
