@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenpool import InvalidArgumentError
-from tokenpool._cli import OPTIONS, build_parser, load_config
+from tokenpool._cli import OPTIONS, build_parser, fd_budget, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUED = [o for o in OPTIONS if not o.flag and "password" not in o.name and "file" not in o.name]
@@ -206,3 +208,153 @@ def test_a_password_file(tmp_path: Path) -> None:
     secret.write_text("from-a-file\n")
     args = build_parser().parse_args(["serve", "--requirepass-file", str(secret)])
     assert "from-a-file" == load_config(args, {}).requirepass
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"server = 5\n", "'server' must be a table"),
+        (b"[[pools]]\nsize = 1\n", "'pools' must be a table"),
+        (b"pools = 'gpu'\n", "'pools' must be a table"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not UTF-8"),
+        ("[server]\nname = 'caf\u00e9'\n".encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_every_config_file_shape_error_is_one_line(
+    tmp_path: Path, data: bytes, message: str
+) -> None:
+    """Shapes TOML allows but a config cannot be, and bytes that are not text: one line,
+    exit 2 (they used to end in a traceback)."""
+    config = tmp_path / "bad.toml"
+    config.write_bytes(data)
+    out = run("--config", str(config), "--dsn", "memory")
+    assert 2 == out.returncode
+    assert message in out.stderr and 1 == len(out.stderr.strip().splitlines()), out.stderr
+
+
+def test_a_password_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_bytes("caf\u00e9\n".encode("latin-1"))
+    out = run("--requirepass-file", str(secret), "--dsn", "memory")
+    assert 2 == out.returncode
+    assert "--requirepass-file" in out.stderr and "not UTF-8" in out.stderr, out.stderr
+    assert 1 == len(out.stderr.strip().splitlines()), out.stderr
+
+
+def test_a_password_in_the_environment_that_is_not_utf8_is_refused() -> None:
+    """os.environ decodes non-UTF-8 bytes as lone surrogates: such a password could never
+    match what a client sends, so the server refuses to start with it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenpool", "serve", "--port", "0", "--http-port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+        env={**os.environb, b"TOKENPOOL_PASSWORD": "caf\u00e9".encode("latin-1")},
+    )
+    stderr = out.stderr.decode()
+    assert 2 == out.returncode, stderr
+    assert "TOKENPOOL_PASSWORD" in stderr and "not UTF-8" in stderr, stderr
+    assert 1 == len(stderr.strip().splitlines()), stderr
+
+
+def test_the_fd_budget_lowers_max_clients_to_what_the_hard_limit_allows() -> None:
+    assert (10_064, 10_000, None) == fd_budget(10_000, False, 1024, 1 << 20)
+    assert (20_064, 10_000, None) == fd_budget(10_000, True, 1024, 1 << 20)
+    assert (4096, 100, None) == fd_budget(100, True, 4096, 4096)  # never lowered
+    limit, fits, warning = fd_budget(10_000, False, 1024, 1024)
+    assert (1024, 960) == (limit, fits) and warning is not None and "960" in warning
+    assert (1024, 480) == fd_budget(10_000, True, 1024, 1024)[:2]
+    with pytest.raises(InvalidArgumentError, match="open-file limit"):
+        fd_budget(10, False, 64, 64)
+
+
+FLAGS = ("--dsn", "memory", "--log-format", "json")
+
+
+def _serve_limited(nofile: int, *args: str, script: str = "") -> tuple[subprocess.Popen[str], int]:
+    """A server process whose open-file limit (soft and hard) is ``nofile``, and its port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile}))\n"
+        f"import tokenpool._cli as cli\n{script}\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "--port",
+            str(port),
+            "--http-port",
+            "0",
+            *FLAGS,
+            *args,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, port
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError(process.communicate()[1])
+
+
+def _clients(port: int, count: int) -> list[bytes]:
+    """``count`` connections held open at once; each one's answer to PING."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+    try:
+        answers = []
+        for sock in socks:
+            sock.sendall(b"PING\r\n")
+        for sock in socks:
+            answers.append(sock.recv(100))
+        return answers
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_max_clients_is_reconciled_with_the_open_file_limit() -> None:
+    """--max-clients 10000 under a hard limit of 200 files serves 136 clients (200 less
+    the reserve), says so in one JSON line, and tells the 137th why it is refused."""
+    process, port = _serve_limited(200, "--max-clients", "10000")
+    try:
+        answers = _clients(port, 140)
+    finally:
+        process.terminate()
+        _out, err = process.communicate(timeout=30)
+    assert [b"+PONG\r\n"] * 136 == answers[:136]
+    assert [b"-ERR max number of clients reached\r\n"] * 4 == answers[136:]
+    lowered = [json.loads(line) for line in err.splitlines() if "max_clients_lowered" in line]
+    assert 136 == lowered[0]["max_clients"]
+
+
+def test_out_of_file_descriptors_a_client_is_refused_and_one_json_line_logged() -> None:
+    """When accept fails with EMFILE (descriptors taken by something else than clients),
+    the client gets the max-clients error instead of hanging, and the log has one JSON
+    line, not a traceback per attempt."""
+    process, port = _serve_limited(100, "--max-clients", "1000", script="cli.RESERVED_FDS = 1")
+    try:
+        answers = _clients(port, 110)
+    finally:
+        process.terminate()
+        _out, err = process.communicate(timeout=30)
+    assert b"+PONG\r\n" == answers[0]
+    refused = answers.index(b"-ERR max number of clients reached\r\n")
+    assert 50 < refused < 100
+    assert all(a in (b"+PONG\r\n", b"-ERR max number of clients reached\r\n") for a in answers)
+    assert "Traceback" not in err
+    failed = [json.loads(line) for line in err.splitlines() if "accept_failed" in line]
+    assert 1 == len(failed), err
+    assert "EMFILE" == failed[0]["error"]

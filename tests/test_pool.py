@@ -289,3 +289,78 @@ async def test_user_history_lists_every_token_a_user_held() -> None:
         page = await pool.user_history("alice")
         assert tokens[::-1] == [u.token_id for u in page]
         assert page.next_before is None
+
+
+async def _hold(pool: tokenpool.Pool, count: int) -> None:
+    for start in range(0, count, 5_000):
+        await pool.activate_many([f"u{n}" for n in range(start, min(count, start + 5_000))])
+
+
+@pytest.mark.parametrize("how", ["clear", "drop", "shrink"])
+async def test_ending_many_leases_lets_other_requests_in_between(how: str) -> None:
+    """CLEAR, POOL DROP and a shrinking ALTER of 20,000 leases end them END_STEP an
+    actor batch: another client's request is answered before they finish (it used to
+    wait for all of them in one batch)."""
+    count = 20_000
+    async with tokenpool.open_pools(
+        declared={
+            "big": tokenpool.PoolSettings(size=count + 10, ttl=3600),
+            "other": tokenpool.PoolSettings(size=1, ttl=3600),
+        }
+    ) as pools:
+        pool = pools.get("big")
+        await _hold(pool, count)
+        finished = trio.Event()
+        answered_first: list[bool] = []
+        ended: list[int] = []
+
+        async def end_them() -> None:
+            if how == "clear":
+                ended.append(await pool.clear())
+            elif how == "drop":
+                ended.append(await pools.drop("big"))
+            else:
+                await pools.alter("big", size=1)
+            finished.set()
+
+        async def other_client() -> None:
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            await pools.get("other").activate("bystander")
+            if how == "clear":
+                await pool.activate("late")  # granted while the clear runs: kept
+            answered_first.append(not finished.is_set())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(end_them)
+            nursery.start_soon(other_client)
+        assert [True] == answered_first
+        if how == "clear":
+            assert [count] == ended
+            assert (await pool.lease_of("late")) is not None
+            assert 1 == (await pool.stats()).active
+        elif how == "drop":
+            assert [count] == ended
+        else:
+            stats = await pool.stats()
+            assert (1, 1) == (stats.size, stats.active)
+
+
+async def test_a_replay_counts_against_the_subscriber_buffer() -> None:
+    """A replay longer than the buffer is refused (compacted, naming where to resume)
+    instead of being held whole past the bound; from there the replay fits."""
+    async with tokenpool.open_pool(size=100, ttl=3600) as pool:
+        start = (await pool.stats()).revision
+        await pool.activate_many([f"u{n}" for n in range(30)])
+        with pytest.raises(tokenpool.CompactedError) as caught:
+            async with pool.watch(since=start, buffer=10):
+                pass
+        resume = caught.value.oldest - 1
+        assert start + 20 == resume
+        got = []
+        async with pool.watch(since=resume, buffer=10) as events:
+            async for event in events:
+                got.append(event.user_id)
+                if len(got) == 10:
+                    break
+        assert [f"u{n}" for n in range(20, 30)] == got

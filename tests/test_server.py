@@ -27,6 +27,7 @@ from redis.retry import Retry
 import tokenpool
 from tests.chaos import server as chaos_server
 from tokenpool._commands import CommandSettings
+from tokenpool._resp import encode_command
 from tokenpool._server import RespServer, RespSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -994,3 +995,70 @@ async def test_a_waiter_that_hangs_up_is_never_granted() -> None:
         await pool.release(holder.token_id)
         assert await pool.lease_of("ghost") is None
         assert 1 == (await pool.stats()).available
+
+
+async def test_commands_sent_while_a_command_waits_run_after_it_without_more_bytes() -> None:
+    """What a client sends while its ACTIVATE ... WAIT waits is run once the wait ends,
+    without waiting for further bytes (redis-cli -r N ACTIVATE u WAIT hung)."""
+    async with running(size=1) as (server, port):
+        pools = server.pools
+        await pools.alter("default", when_full="wait")
+        pool = pools.get("default")
+        await pool.activate("holder")
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"ACTIVATE w WAIT 0.5\r\n")
+        with trio.fail_after(5):
+            while (await pool.stats()).waiting != 1:
+                await trio.sleep(0.01)
+        await stream.send_all(b"PING\r\nECHO after\r\n")  # arrives while it waits
+        with trio.fail_after(5):
+            data = await read_until(stream, b"after\r\n")
+        assert data.startswith(b"-FULL")
+        assert b"+PONG\r\n$5\r\nafter\r\n" in data
+        await stream.aclose()
+
+
+async def test_a_waiter_granted_a_token_can_release_it_in_the_same_write() -> None:
+    """ACTIVATE ... WAIT then RELEASE in one write on a full wait pool: every reply comes."""
+    async with running(size=1) as (server, port):
+        pools = server.pools
+        await pools.alter("default", when_full="wait")
+        pool = pools.get("default")
+        holder = await pool.activate("holder")
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"ACTIVATE w WAIT 30\r\n")
+        with trio.fail_after(5):
+            while (await pool.stats()).waiting != 1:
+                await trio.sleep(0.01)
+        await stream.send_all(b"LEASE w\r\nPING\r\n")
+        await trio.sleep(0.05)
+        await pool.release(holder.token_id)
+        with trio.fail_after(5):
+            data = await read_until(stream, b"+PONG\r\n")
+        assert data.count(b"$1\r\nw\r\n") >= 2  # granted, then LEASE w shows it
+        await stream.aclose()
+
+
+async def test_clear_of_many_leases_replies_with_them_all() -> None:
+    """A CLEAR past END_STEP leases runs in steps but answers the total, as one command."""
+    async with running(size=5_000) as (server, port):
+        pool = server.pools.get("default")
+        await pool.activate_many([f"u{n}" for n in range(5_000)])
+        reply = await raw(port, b"CLEAR\r\n")
+        assert reply.startswith(b"*4\r\n$7\r\ncleared\r\n:5000\r\n"), reply
+        assert 0 == (await pool.stats()).active
+
+
+async def test_subscriptions_per_connection_are_bounded() -> None:
+    """1,000 channels and patterns per connection; a SUBSCRIBE past it is refused whole."""
+    async with running(size=1) as (_server, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        for start in range(0, 1_000, 25):  # a command holds at most 32 arguments
+            names = [f"events:p{n}" for n in range(start, start + 25)]
+            await stream.send_all(encode_command("SUBSCRIBE", *names))
+        with trio.fail_after(10):
+            await read_until(stream, b"events:p999\r\n:1000\r\n")
+            await stream.send_all(b"PSUBSCRIBE events:x* events:y*\r\n")
+            data = await read_until(stream, b"\r\n")
+        assert data.startswith(b"-") and b"at most 1,000" in data, data
+        await stream.aclose()

@@ -266,6 +266,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert state.size == state.active + state.available
         assert state.revision == self.model.revision
         assert state.waiting == len(self.model.waiters)
+        assert state.waiting == state.statistics()["waiters_queued"]
 
     @invariant()
     def no_lease_outlives_its_deadline(self) -> None:
@@ -391,6 +392,30 @@ def test_a_wait_that_runs_out_gets_full_and_a_cancelled_one_nothing() -> None:
     state.advance(T0_US + 20 * S)  # a's lease expires: nobody is waiting any more
     assert [] == state.woken
     assert 1 == state.available
+
+
+def test_waiters_that_leave_are_removed_at_once() -> None:
+    """Waits that ran out or were cancelled leave nothing queued: a release then does O(1)
+    work (it used to walk every dead waiter in one actor batch)."""
+    state = make(size=1, when_full="wait")
+    state.activate("a", T0_US)
+    for n in range(10_000):
+        state.activate_or_wait(f"w{n}", T0_US, ("timed out", n), 1.0)
+    for n in range(10_000):
+        state.activate_or_wait(f"c{n}", T0_US, ("cancelled", n), 60.0)
+        assert state.cancel_wait(("cancelled", n))
+    figures = state.statistics()
+    assert 10_000 == figures["waiters_queued"]
+    assert figures["wait_deadlines"] <= 2 * 10_000 + 64  # cancelled ones compacted away
+    state.advance(T0_US + 2 * S)
+    assert 10_000 == len(state.woken)
+    figures = state.statistics()
+    assert (0, 0) == (figures["waiters_queued"], state.waiting)
+    assert figures["wait_deadlines"] <= 64
+    state.woken = []
+    state.activate_or_wait("late", T0_US + 2 * S, "late", 60.0)
+    state.release(state.token_text(state.leases()[0].slot), None, T0_US + 2 * S)
+    assert [("late",)] == [(t,) for t, _ in state.woken]
 
 
 def test_expired_lease_ends_exactly_at_its_deadline_even_when_noticed_late() -> None:

@@ -19,6 +19,7 @@ import gc
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -95,8 +96,27 @@ def _choice(*choices: str) -> Callable[[Any, str], str]:
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str) or "\x00" in value or len(value) > 4096:
         raise InvalidArgumentError(f"{what} must be text of at most 4096 characters")
+    try:  # the environment decodes bytes that are not UTF-8 as lone surrogates
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(
+            f"{what} is not UTF-8 text (clients send UTF-8: nobody could match it)"
+        ) from None
     text: str = value
     return text
+
+
+def _read_text(path: str, what: str) -> str:
+    """A file's text, or one ``InvalidArgumentError`` naming it (missing, binary, not UTF-8)."""
+    try:
+        return Path(path).read_bytes().decode()
+    except OSError as error:
+        raise InvalidArgumentError(f"{what} {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise InvalidArgumentError(
+            f"{what} {path}: not UTF-8 text (byte {error.start} is 0x{byte:02x})"
+        ) from None
 
 
 def _secret(value: Any, what: str) -> str:
@@ -305,10 +325,9 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     file_pools: dict[str, Any] = {}
     path = args.config or environ.get("TOKENPOOL_CONFIG")
     if path:
+        path = _text(path, "--config")
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as error:
-            raise InvalidArgumentError(f"--config {path}: {error.strerror}") from None
+            data = tomllib.loads(_read_text(path, "--config"))
         except tomllib.TOMLDecodeError as error:
             raise InvalidArgumentError(f"--config {path}: not valid TOML: {error}") from None
         unknown = set(data) - {"server", "pools"}
@@ -316,7 +335,13 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             raise InvalidArgumentError(
                 f"--config {path}: unknown table(s) {', '.join(sorted(unknown))}"
             )
-        file = {k.replace("-", "_"): v for k, v in dict(data.get("server", {})).items()}
+        for table, shape in (("server", "[server] option = value"), ("pools", "[pools.NAME]")):
+            if not isinstance(data.get(table, {}), dict):
+                raise InvalidArgumentError(
+                    f"--config {path}: {table!r} must be a table ({shape}),"
+                    f" not {_toml_kind(data[table])}"
+                )
+        file = {k.replace("-", "_"): v for k, v in data.get("server", {}).items()}
         file_pools = dict(data.get("pools", {}))
         for key, in_file in file.items():
             if key not in BY_DEST:
@@ -362,12 +387,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                 raise InvalidArgumentError(
                     f"give --{name.replace('_', '-')} or its -file, not both"
                 )
-            try:
-                text = Path(file_option).read_text().splitlines()
-            except OSError as error:
-                raise InvalidArgumentError(
-                    f"--{name.replace('_', '-')}-file {file_option}: {error.strerror}"
-                ) from None
+            text = _read_text(file_option, f"--{name.replace('_', '-')}-file").splitlines()
             values[name] = _secret(
                 text[0] if text else "", f"--{name.replace('_', '-')}-file {file_option}"
             )
@@ -405,6 +425,21 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         pools[name] = PoolSettings.make(**changes)
         pools = {name: pools[name], **{k: v for k, v in pools.items() if k != name}}
     return Config(values, pools, warnings)
+
+
+def _toml_kind(value: object) -> str:
+    """What a TOML value is, in TOML's words (for a message)."""
+    if isinstance(value, list):
+        return (
+            "an array of tables ([[...]])" if value and isinstance(value[0], dict) else "an array"
+        )
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return f"a {type(value).__name__}"
 
 
 def _given(
@@ -462,6 +497,57 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+RESERVED_FDS = 64
+"""File descriptors kept for what is not a client: listeners, the store (SQLite's
+database, log and shared-memory files, the reader, the store process's pipes), logs
+(Redis keeps 32; we have more)."""
+
+
+def fd_budget(max_clients: int, http: bool, soft: int, hard: int) -> tuple[int, int, str | None]:
+    """The soft ``RLIMIT_NOFILE`` to ask for, the clients that fit it, and a warning.
+
+    As Redis: ask for enough descriptors for ``max_clients`` (RESP), as many HTTP
+    event streams (at most 10,000) and ``RESERVED_FDS``; when the hard limit is lower,
+    lower ``max_clients`` to what fits, with a warning. Raises ``InvalidArgumentError``
+    when not even one client fits."""
+    streams = min(max_clients, 10_000) if http else 0
+    need = max_clients + streams + RESERVED_FDS
+    limit = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    limit = max(limit, soft)
+    if need <= limit:
+        return limit, max_clients, None
+    room = limit - RESERVED_FDS
+    fits = room // 2 if http else room
+    if http and room - fits > 10_000:
+        fits = room - 10_000
+    if fits < 1:
+        raise InvalidArgumentError(
+            f"the open-file limit is {limit} (ulimit -n): too low to serve any client;"
+            f" {RESERVED_FDS + 2} at least"
+        )
+    return (
+        limit,
+        fits,
+        f"--max-clients {max_clients} needs {need} open files but the hard limit is {hard}"
+        f" (ulimit -Hn): serving at most {fits} clients",
+    )
+
+
+def _raise_fd_limit(max_clients: int, http: bool, log: Any) -> int:
+    """Raise the soft open-file limit towards the hard one; the clients that fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit, fits, warning = fd_budget(max_clients, http, soft, hard)
+    if limit > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        except (OSError, ValueError) as error:
+            limit, fits, warning = fd_budget(max_clients, http, soft, soft)
+            log.warning("open_file_limit_not_raised", limit=soft, error=str(error))
+    if warning is not None:
+        log.warning("max_clients_lowered", max_clients=fits, open_files=limit, note=warning)
+    return fits
+
+
 async def serve(config: Config) -> int:
     log = get_logger("tokenpool.cli")
     for warning in config.warnings:
@@ -482,10 +568,11 @@ async def serve(config: Config) -> int:
                 " set a password (TOKENPOOL_PASSWORD) or pass --allow-insecure-bind"
             )
     store = config.dsn
+    max_clients = _raise_fd_limit(config.max_clients, bool(config.http_port), log)
     settings = RespSettings(
         host=config.host,
         port=config.port,
-        max_clients=config.max_clients,
+        max_clients=max_clients,
         idle_timeout=config.idle_timeout,
         commands=CommandSettings(
             password=config.requirepass,
@@ -508,7 +595,7 @@ async def serve(config: Config) -> int:
             HttpSettings(
                 host=config.http_host,
                 port=config.http_port,
-                max_streams=min(config.max_clients, 10_000),
+                max_streams=min(max_clients, 10_000),
                 certfile=config.tls_cert,
                 keyfile=config.tls_key,
                 allowed_hosts=_allowed_hosts(config),
@@ -525,7 +612,7 @@ async def serve(config: Config) -> int:
         "durability": config.durability,
         "flush-interval": f"{config.flush_interval:g}",
         "store": redact(store) if store else "memory",
-        "maxclients": str(config.max_clients),
+        "maxclients": str(max_clients),
         "timeout": f"{config.idle_timeout:g}",
         "port": str(config.port),
         "bind": config.host,

@@ -9,7 +9,9 @@ Rules (etcd's watch, Redis's pub/sub buffer limits):
 - ``subscribe(since=r)`` first replays the logged events after revision
   ``r``, then follows live ones, with no gap between the two. A revision
   older than the log holds raises ``CompactedError`` naming the oldest one held.
-- A subscriber's buffer is bounded. One that reads too slowly gets, once its
+- A subscriber's buffer is bounded, its replay included: a replay of more events
+  than the buffer holds raises ``CompactedError`` naming the revision to resume
+  from. One that reads too slowly gets, once its
   buffer is full, a single ``overflow`` event saying how many events it
   missed, and its stream then ends; the actor never waits for it.
 """
@@ -194,9 +196,25 @@ class EventHub:
                     " the history for what came before)",
                     self._floor,
                 )
-            replay = [r for r in self._log if record_revision(r) > since and is_lease_event(r)]
-            if replay:  # already in memory: the buffer bound applies to what comes next
-                subscription._limit += len(replay)
+            # The replay counts against the buffer: walk back from the newest and stop
+            # past ``buffer`` events, so no subscription holds more than its buffer.
+            replay: list[Record] = []
+            for record in reversed(self._log):
+                revision = record_revision(record)
+                if revision <= since:
+                    break
+                if is_lease_event(record):
+                    replay.append(record)
+                    if len(replay) > buffer:
+                        raise CompactedError(
+                            f"more than {buffer:,} events came after revision {since}: a"
+                            f" subscriber replays at most {buffer:,} (subscribe with"
+                            f" since={revision} or later, or read the history for what"
+                            " came before)",
+                            revision + 1,
+                        )
+            if replay:
+                replay.reverse()
                 subscription.push(replay)
         self._subscribers.add(subscription)
         return subscription

@@ -11,6 +11,8 @@ with its lock, which the RESP server would pay at every pipelined command.
 from __future__ import annotations
 
 import bisect
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,11 @@ from ._store import LinkState
 
 if TYPE_CHECKING:
     from ._pool import Pools
+
+METRICS_POOLS = 100
+"""Pools with per-pool series in one scrape (the largest); the rest are counted only."""
+METRICS_CACHE = 1.0
+"""Seconds a rendered scrape is served again to the next scrapers."""
 
 BOUNDS = (
     0.0001,
@@ -143,6 +150,24 @@ class TokenpoolCollector(Collector):
     def _pool_metrics(self) -> Iterator[Metric]:
         pools = self._pools()
         names = [] if pools is None else pools.names()
+        count = GaugeMetricFamily("tokenpool_pools", "Pools served.")
+        count.add_metric([], len(names))
+        yield count
+        if len(names) > METRICS_POOLS:
+            # What one scrape costs is bounded: series for the largest pools only.
+            def largest(name: str) -> tuple[int, str]:
+                try:
+                    return -pools.core(name).size, name  # type: ignore[union-attr]
+                except Exception:  # dropped meanwhile
+                    return 0, name
+
+            names = sorted(names, key=largest)[:METRICS_POOLS]
+        listed = GaugeMetricFamily(
+            "tokenpool_pools_listed",
+            f"Pools with per-pool series here (the {METRICS_POOLS} with the most tokens).",
+        )
+        listed.add_metric([], len(names))
+        yield listed
         tokens = GaugeMetricFamily(
             "tokenpool_tokens", "Tokens of a pool by state.", labels=["pool", "state"]
         )
@@ -254,8 +279,18 @@ class TokenpoolCollector(Collector):
         yield from families.values()
 
 
+_rendered: weakref.WeakKeyDictionary[Any, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+
+
 def render(registry: Any) -> bytes:
+    """The registry's text, rendered at most once per ``METRICS_CACHE`` seconds: however
+    many scrape at once, they share one render."""
     from prometheus_client import generate_latest
 
+    now = time.monotonic()
+    cached = _rendered.get(registry)
+    if cached is not None and now - cached[0] < METRICS_CACHE:
+        return cached[1]
     data: bytes = generate_latest(registry)
+    _rendered[registry] = (now, data)
     return data

@@ -160,14 +160,23 @@ class Renew(Op):
         return _lease(result, names)
 
 
-class Clear(Op):
-    """``pool.clear()``: how many leases ended."""
+END_STEP = 2_000
+"""Leases (or tokens) ended per actor batch by CLEAR, POOL DROP and a shrinking ALTER."""
 
-    __slots__ = ()
+
+class Clear(Op):
+    """``pool.clear()``: how many leases ended (at most ``limit``, granted at or before
+    revision ``before``: see ``PoolState.clear``)."""
+
+    __slots__ = ("before", "limit")
     changes = True
 
+    def __init__(self, limit: int | None = None, before: int | None = None) -> None:
+        self.limit = limit
+        self.before = before
+
     def apply(self, state: PoolState, now: int) -> int:
-        return state.clear(now)
+        return state.clear(now, self.limit, self.before)
 
 
 class Validate(Op):

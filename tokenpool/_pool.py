@@ -43,6 +43,7 @@ from ._model import (
     usage_value,
 )
 from ._ops import (
+    END_STEP,
     Activate,
     ActivateMany,
     Clear,
@@ -55,6 +56,7 @@ from ._ops import (
     Op,
     Release,
     Renew,
+    Revision,
     Validate,
 )
 from ._settings import (
@@ -268,19 +270,55 @@ class PoolCore:
     async def configure(self, settings: PoolSettings) -> None:
         """Apply new settings. Cost before work: a pool grown by millions is grown
         GROW_STEP tokens at a time, each step one actor batch (committed before the
-        next, so the backlog stays bounded), so other clients are served between."""
+        next, so the backlog stays bounded), so other clients are served between; a
+        pool shrunk by many tokens loses END_STEP of them (and their leases) a step."""
         live = self.actor.state.size
         while settings.size > live + GROW_STEP:
             live += GROW_STEP
             await self.one(_Configure(attrs.evolve(settings, size=live)))
-            if self.writer is not None:
-                await self.writer.flush()
-            else:
-                await trio.lowlevel.checkpoint()
+            await self._between_steps()
+        while settings.size < live - END_STEP:
+            live -= END_STEP
+            await self.one(_Configure(attrs.evolve(settings, size=live)))
+            await self._between_steps()
         await self.one(_Configure(settings))
         self.settings = settings
         if self.link is not None and self.writer is not None:
             await self.link.save_settings(self.writer.key, settings.as_dict())
+
+    async def _between_steps(self) -> None:
+        """Between two steps of a long change: others get a turn, and what the step
+        changed is committed first so the backlog stays bounded."""
+        if self.writer is not None:
+            await self.writer.flush()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def clear(self) -> tuple[int, int]:
+        """End every lease granted before now (``cleared``), END_STEP an actor batch;
+        how many ended and the revision after the last step."""
+        results = await self.call([Clear(END_STEP), Revision()])
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        ended, revision = cast(tuple[int, int], tuple(results))
+        return await self.clear_rest(ended, revision)
+
+    async def clear_rest(self, ended: int, revision: int) -> tuple[int, int]:
+        """Go on with a clear whose first step ended ``ended`` leases (``revision``
+        after it): the leases granted before it, END_STEP an actor batch, other
+        requests served between; leases granted meanwhile are not ended. How many
+        ended in all, and the revision after the last step."""
+        step, cutoff = ended, revision
+        while step == END_STEP:
+            await self._between_steps()
+            results = await self.call([Clear(END_STEP, cutoff), Revision()])
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            step, revision = cast(tuple[int, int], tuple(results))
+            ended += step
+        return ended, revision
 
 
 class Pool:
@@ -348,8 +386,12 @@ class Pool:
         return bool(await self._one(Validate(token_id, lease_id)))
 
     async def clear(self) -> int:
-        """End every active lease (reason ``cleared``); return how many ended."""
-        return int(await self._one(Clear()))
+        """End every active lease (reason ``cleared``); return how many ended.
+
+        Many leases end a step at a time (``END_STEP`` per actor batch, others served
+        between): leases granted while it runs are not ended."""
+        ended, _revision = await self._core.clear()
+        return ended
 
     async def tokens(self) -> list[TokenStatus]:
         """Every token's status in creation order, as one snapshot.
@@ -678,7 +720,8 @@ class Pools:
         async with self._lock:
             pool = self.get(name)
             pool._core.closed = True
-            ended = int(await pool._core.one(_EndAll(), last=True))
+            ended, _revision = await pool._core.clear()  # a step at a time, others served
+            ended += int(await pool._core.one(_EndAll(), last=True))
             await self._stop(name)
             writer = pool._core.writer
             if self._link is not None and writer is not None:

@@ -169,9 +169,10 @@ class PoolState:
         self._user_history: dict[str, list[EndRecord]] = {}
         self.history_floor = revision + 1  # memory holds every ended lease from here up
         # Callers waiting for a token (``wait`` pools), and their deadlines.
-        self._waiters: deque[Waiter] = deque()
-        self._waiter_of: dict[object, Waiter] = {}
-        self._wait_deadlines: list[tuple[int, int, Waiter]] = []
+        # One ordered map, ticket -> waiter, first come first: a waiter that leaves
+        # (cancelled, timed out) is removed at once, never left for a release to walk.
+        self._waiters: OrderedDict[object, Waiter] = OrderedDict()
+        self._wait_deadlines: list[tuple[int, int, Waiter]] = []  # compacted as _deadlines
         self._wait_seq = 0
         self.waiting = 0
         self.activations = 0
@@ -207,10 +208,9 @@ class PoolState:
         self._apply_settings(settings)
         self._expires = now + self.ttl_us
         if waited and self.policy != "wait":
-            for waiter in self._waiters:
-                if waiter.active:
-                    self._refuse_waiter(waiter, "the pool no longer waits when full")
-            self._waiters.clear()
+            for waiter in list(self._waiters.values()):
+                self._refuse_waiter(waiter, "the pool no longer waits when full")
+            self._wait_deadlines.clear()
         self.resize(settings.size, now)
 
     # -- time -----------------------------------------------------------------
@@ -235,6 +235,8 @@ class PoolState:
             waiter = heapq.heappop(waits)[2]
             if waiter.active:
                 self._refuse_waiter(waiter, "no token became free in time")
+        if len(waits) > 2 * len(self._waiters) + 64:
+            self._compact_waits()
         return now
 
     def advance(self, now: int) -> None:
@@ -547,20 +549,25 @@ class PoolState:
         check_user_id(user_id)
         until = now + max(1, round(wait * _US))
         waiter = Waiter(ticket, user_id, until)
-        self._waiters.append(waiter)
-        self._waiter_of[ticket] = waiter
+        self._waiters[ticket] = waiter
         self._wait_seq += 1
-        heapq.heappush(self._wait_deadlines, (until, self._wait_seq, waiter))
+        waits = self._wait_deadlines
+        heapq.heappush(waits, (until, self._wait_seq, waiter))
+        if len(waits) > 2 * len(self._waiters) + 64:
+            self._compact_waits()
         self.waiting += 1
         return WAITING
 
     def cancel_wait(self, ticket: object) -> bool:
-        """Take a queued caller off the queue (its caller gave up). Whether it was queued."""
-        waiter = self._waiter_of.pop(ticket, None)
-        if waiter is None or not waiter.active:
+        """Take a queued caller off the queue (its caller gave up), in O(1). Whether it
+        was queued."""
+        waiter = self._waiters.pop(ticket, None)
+        if waiter is None:
             return False
         waiter.active = False
         self.waiting -= 1
+        if len(self._wait_deadlines) > 2 * len(self._waiters) + 64:
+            self._compact_waits()
         return True
 
     def release(self, token_id: str, user_id: str | None, now: int) -> EndRecord:
@@ -624,32 +631,40 @@ class PoolState:
         self.changes.append(renewed)
         return renewed
 
-    def clear(self, now: int) -> int:
-        """End every active lease ``cleared``; return how many."""
+    def clear(self, now: int, limit: int | None = None, before: int | None = None) -> int:
+        """End active leases ``cleared``, oldest first; return how many.
+
+        At most ``limit`` of them (all by default), and only those granted at or before
+        revision ``before`` (by default the revision now): a caller ends many leases a
+        step at a time, and leases granted between its steps are not ended.
+        """
         now = self._tick(now)
-        count = len(self._leases)
-        self.clears += count
-        for lease in list(self._leases.values()):
+        cutoff = self.revision if before is None else before
+        ending: list[LeaseRecord] = []
+        for lease in self._leases.values():  # activation order: fences only grow
+            if lease.fence > cutoff or len(ending) == limit:
+                break
+            ending.append(lease)
+        self.clears += len(ending)
+        for lease in ending:
             self._end(lease, now, CLEARED)
             self._free(lease.slot)
-        return count
+        return len(ending)
 
     def end_all(self, now: int) -> int:
         """``clear``, and refuse every queued caller: the pool is being dropped."""
         count = self.clear(now)
-        for waiter in self._waiters:
-            if waiter.active:
-                self._refuse_waiter(waiter, "the pool was dropped")
-        self._waiters.clear()
+        for waiter in list(self._waiters.values()):
+            self._refuse_waiter(waiter, "the pool was dropped")
+        self._wait_deadlines.clear()
         return count
 
     def end_waits(self) -> list[object]:
         """Take every queued caller off the queue (the pool is closing); their tickets."""
-        tickets = [w.ticket for w in self._waiters if w.active]
-        for waiter in self._waiters:
+        tickets = list(self._waiters)
+        for waiter in self._waiters.values():
             waiter.active = False
         self._waiters.clear()
-        self._waiter_of.clear()
         self._wait_deadlines.clear()
         self.waiting = 0
         return tickets
@@ -795,11 +810,8 @@ class PoolState:
     def _free(self, slot: int) -> None:
         """A token became available: the first queued caller gets it, else the ring."""
         waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            self._waiter_of.pop(waiter.ticket, None)
-            if not waiter.active:
-                continue
+        while waiters:  # only live waiters are queued: the first takes it (or holds one)
+            _ticket, waiter = waiters.popitem(last=False)
             waiter.active = False
             self.waiting -= 1
             held = self._by_user.get(waiter.user_id)
@@ -821,8 +833,14 @@ class PoolState:
             return
         self._push_free(slot)
 
+    def _compact_waits(self) -> None:
+        # Entries of waiters gone (granted, cancelled) outnumber live ones: rebuild.
+        waits = [entry for entry in self._wait_deadlines if entry[2].active]
+        heapq.heapify(waits)
+        self._wait_deadlines = waits
+
     def _refuse_waiter(self, waiter: Waiter, why: str) -> None:
-        self._waiter_of.pop(waiter.ticket, None)
+        self._waiters.pop(waiter.ticket, None)
         waiter.active = False
         self.waiting -= 1
         self.refusals += 1
@@ -880,4 +898,5 @@ class PoolState:
             "history_in_memory": len(self._history),
             "history_floor": self.history_floor,
             "waiters_queued": len(self._waiters),
+            "wait_deadlines": len(self._wait_deadlines),
         }

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from .. import _ops as ops
 from .._model import EndRecord, LeaseRecord
+from .._ops import END_STEP
 from ._base import PoolRequest
 
 if TYPE_CHECKING:
@@ -135,15 +136,23 @@ class LeaseOf(PoolRequest):
 
 
 class Clear(PoolRequest):
-    """End every lease of ``pool`` (``cleared``)."""
+    """End every lease of ``pool`` (``cleared``): ``END_STEP`` of them at its place in
+    the batch, the rest a step at a time after it (others served between; leases
+    granted meanwhile are not ended). The reply counts them all."""
 
     __slots__ = ()
     name = "clear"
     admin = True
     revised = True
+    completes = True
 
     def op(self) -> ops.Op:
-        return ops.Clear()
+        return ops.Clear(END_STEP)
 
     def result(self, core: PoolCore, raw: int, revision: int) -> Cleared:
         return Cleared(raw, revision)
+
+    async def complete(self, core: PoolCore, result: Any) -> Cleared:
+        if result.ended < END_STEP:
+            return cast(Cleared, result)
+        return Cleared(*await core.clear_rest(result.ended, result.revision))

@@ -60,6 +60,11 @@ SLICE = 256  # listing items encoded between checkpoints
 LARGE_REPLIES = 16  # listings past HEAVY_COST held at once (each at most ~3 MB)
 READ_SIZE = 64 * 1024
 WAIT_BUFFER = 1024 * 1024  # bytes a client may send while one of its commands waits
+MAX_SUBSCRIPTIONS = 1_000  # channels and patterns per connection (Redis has no bound)
+MAX_FOLLOWED = 1_000  # pools a connection's patterns follow at once (a task each)
+ACCEPT_RETRY = 0.1  # seconds between accepts while out of file descriptors (as trio)
+FD_LOG_EVERY = 10.0  # seconds between log lines about it
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 @attrs.frozen
@@ -104,6 +109,13 @@ class _Subscriptions:
         conn = self.server.connection_of(session)
         replies: list[Any] = []
         kind = "psubscribe" if pattern else "subscribe"
+        table = session.patterns if pattern else session.channels
+        held = len(session.channels) + len(session.patterns)
+        if held + len({n for n in names if n not in table}) > MAX_SUBSCRIPTIONS:
+            raise InvalidArgumentError(
+                f"a connection may hold at most {MAX_SUBSCRIPTIONS:,} channels and patterns"
+                f" (it holds {held:,}); none of these was subscribed"
+            )
         for name in names:
             table = session.patterns if pattern else session.channels
             if name not in table:
@@ -168,6 +180,8 @@ class _Connection:
         self.closed = False
         self.parser = RequestParser()
         self.hung_up = False  # the client closed its side while a command waited
+        self.fed = False  # bytes were parsed while a command waited: run them before reading
+        self.followed = 0  # pools its patterns follow (a forwarder task each)
         self._idle_timeout = server.settings.idle_timeout
 
     async def watch_hangup(self, scope: trio.CancelScope) -> None:
@@ -184,6 +198,7 @@ class _Connection:
                 scope.cancel()
                 return
             self.parser.feed(bytes(data))
+            self.fed = True
         await trio.sleep_forever()
 
     def parser_buffered(self) -> int:
@@ -250,7 +265,11 @@ class _Connection:
         seen: set[str] = set()
 
         async def follow(pool_name: str, channel: str) -> None:
-            why = await self._forward_pool(pool_name, None, channel, pattern)
+            self.followed += 1
+            try:
+                why = await self._forward_pool(pool_name, None, channel, pattern)
+            finally:
+                self.followed -= 1
             if why == "closed" and pool_name not in pools.names():
                 seen.discard(pool_name)  # dropped: follow it again if it comes back
 
@@ -259,6 +278,23 @@ class _Connection:
                 for pool_name in pools.names():
                     channel = f"events:{pool_name}"
                     if pool_name not in seen and fnmatch.fnmatchcase(channel, pattern):
+                        if self.followed >= MAX_FOLLOWED:
+                            # A task and a buffer per pool followed: bounded per connection.
+                            # Say so once and stop following more (as an overflow ends a
+                            # subscription); the pools followed so far still deliver.
+                            await self._message(
+                                channel,
+                                pattern,
+                                json.dumps(
+                                    {
+                                        "kind": "overflow",
+                                        "message": f"this connection follows {MAX_FOLLOWED:,}"
+                                        " pools already: pools matched from now on are not"
+                                        " followed",
+                                    }
+                                ),
+                            )
+                            await trio.sleep_forever()
                         seen.add(pool_name)
                         nursery.start_soon(follow, pool_name, channel)
                 await pools.changed()
@@ -350,6 +386,9 @@ class RespServer:
         self._by_session: dict[int, _Connection] = {}
         self.closing = False
         self.ports: list[int] = []
+        self._spare_fd: int | None = None  # given up to refuse a client when out of descriptors
+        self._fd_refusals = 0
+        self._fd_logged = -math.inf
         # Encoding a long listing is the costliest thing a client can ask for: at most
         # two connections do it at once, a slice at a time, so however many ask, a
         # light command waits behind a couple of slices (a few ms), not behind all of them.
@@ -384,6 +423,15 @@ class RespServer:
         self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen until ``shutdown()``; then wait for the connections to finish."""
+        self._spare_fd = _open_spare()
+        try:
+            await self._serve(task_status)
+        finally:
+            spare, self._spare_fd = self._spare_fd, None
+            if spare is not None:
+                os.close(spare)
+
+    async def _serve(self, task_status: trio.TaskStatus[list[int]]) -> None:
         async with trio.open_nursery() as nursery:
             listeners = await _listen(self.settings.host, self.settings.port)
             self.ports = [ln.socket.getsockname()[1] for ln in listeners]
@@ -395,7 +443,56 @@ class RespServer:
                     tls=bool(self.ssl_context),
                 )
                 task_status.started(self.ports)
-                await trio.serve_listeners(self._connection, listeners, handler_nursery=nursery)
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept, listener, nursery)
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """trio's ``serve_listeners``, but out of file descriptors (EMFILE) the client
+        is told ``-ERR max number of clients reached`` (a spare descriptor is given up
+        to accept it, as nginx and libuv do) and one JSON line is logged at most every
+        ``FD_LOG_EVERY`` seconds, not a traceback per attempt."""
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as error:
+                    if error.errno not in _ACCEPT_CAPACITY:
+                        raise
+                    await self._out_of_descriptors(listener, error)
+                    continue
+                nursery.start_soon(self._connection, stream)
+
+    async def _out_of_descriptors(self, listener: trio.SocketListener, error: OSError) -> None:
+        self.rejected += 1
+        self._fd_refusals += 1
+        now = trio.current_time()
+        if now >= self._fd_logged + FD_LOG_EVERY:
+            log.warning(
+                "accept_failed",
+                error=errno.errorcode.get(error.errno or 0, "?"),
+                reason=os.strerror(error.errno or 0),
+                refused_since_last=self._fd_refusals,
+            )
+            self._fd_refusals = 0
+            self._fd_logged = now
+        spare, self._spare_fd = self._spare_fd, None
+        if spare is not None:
+            os.close(spare)
+            try:
+                with trio.move_on_after(0.05):
+                    stream = await listener.accept()
+                    with (
+                        trio.move_on_after(0.1),
+                        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+                    ):
+                        await stream.send_all(b"-ERR max number of clients reached\r\n")
+                    await trio.aclose_forcefully(stream)
+            except OSError:
+                pass
+            finally:
+                self._spare_fd = _open_spare()
+        await trio.sleep(ACCEPT_RETRY)
 
     def shutdown(self) -> None:
         """Stop accepting; idle connections close, busy ones finish their pipeline first."""
@@ -468,7 +565,7 @@ class RespServer:
     async def _serve_client(self, conn: _Connection) -> str:
         session = conn.session
         parser = conn.parser
-        started: float | None = None  # when the incomplete command's first byte came
+        started: float | None = None  # when the incomplete command's first byte came (trio time)
         idle = self.settings.idle_timeout
         stream = conn.stream
         while True:
@@ -484,10 +581,10 @@ class RespServer:
             except ProtocolError as error:
                 problem = error
             if commands:
-                started = time.perf_counter()
+                began = time.perf_counter()
                 await self._execute(conn, commands)
                 self.latencies.observe_pipeline(
-                    "resp", commands, _label, time.perf_counter() - started
+                    "resp", commands, _label, time.perf_counter() - began
                 )
                 if session.quit:
                     return "quit"
@@ -505,8 +602,12 @@ class RespServer:
                 return "protocol error"
             if conn.closed:
                 return "closed by a forwarder"
-            if len(commands) == MAX_PIPELINE:
-                await trio.lowlevel.checkpoint()  # others get a turn before the rest
+            if len(commands) == MAX_PIPELINE or conn.fed:
+                # The rest of a long pipeline, or what came while a command waited
+                # (complete commands may be buffered already: never wait for more bytes
+                # before running them), after others had a turn.
+                conn.fed = False
+                await trio.lowlevel.checkpoint()
                 continue
             if self.closing:
                 return "shutdown"
@@ -823,6 +924,13 @@ def _writer_fields(core: PoolCore | None) -> dict[str, object]:
         "changes_refused_by_store": writer.rejected,
         "changes_lost": writer.lost,
     }
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _peer(stream: trio.abc.Stream) -> str:
