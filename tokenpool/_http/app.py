@@ -207,6 +207,13 @@ class HttpApp:
             self.errors += 1
             return error_response(error.code, error.message, error.headers)
 
+        @api.exception_handler(TokenPoolError)
+        async def refused(request: Request, error: TokenPoolError) -> Response:
+            # a refusal raised outside execute() (a setting checked in a route): its
+            # documented status, never a 500
+            self.errors += 1
+            return error_response(error.code, str(error))
+
         @api.exception_handler(RequestValidationError)
         async def invalid(request: Request, error: RequestValidationError) -> Response:
             problems = []
