@@ -263,7 +263,7 @@ async def test_pools_created_at_run_time_come_back_after_a_restart(store_url: st
         await pools.drop("gpu")
     async with tokenpool.open_pools(store_url) as pools:
         assert [] == pools.names()  # dropped: not served; its rows stay
-    assert 1 == len(query(store_url, "SELECT lease_id FROM usage_history"))
+    assert 1 == len(query(store_url, "SELECT lease_id FROM token_usage_history"))
 
 
 async def test_a_dropped_pool_takes_no_activation_sent_after_the_drop(store_url: str) -> None:
@@ -461,3 +461,42 @@ async def test_the_library_prints_nothing_unless_logging_is_configured(
         pass  # recovery logs pool_recovered, to the stdlib logger "tokenpool" only
     out, err = capfd.readouterr()
     assert ("", "") == (out, err)
+
+
+# -- a store older than its own history (issue 18, item 6) ---------------------
+
+
+async def test_a_pools_row_older_than_its_history_keeps_every_acknowledged_eviction(
+    store_url: str,
+) -> None:
+    """A ``pools`` row rewound (restored from an earlier backup, or edited) must not make
+    fences restart below stored ones: every acknowledged sync eviction is in the history."""
+    evicted: list[str] = []
+    async with tokenpool.open_pool(size=1, store=store_url, durability="sync") as pool:
+        for i in range(6):
+            lease = await pool.activate(f"before-{i}")
+            evicted.append(lease.id)
+        await pool.release(lease.token_id)  # no lease left whose fence would save the day
+    execute(store_url, "UPDATE pools SET revision = 0, owner_epoch = 0, clock_us = 0")
+    async with tokenpool.open_pool(size=1, store=store_url, durability="sync") as pool:
+        for i in range(6):
+            lease = await pool.activate(f"after-{i}")
+            evicted.append(lease.id)
+        assert lease.fence > max(
+            r for (r,) in query(store_url, "SELECT max(fence) FROM token_usage_history")
+        )
+    stored = {
+        lease_id for (lease_id,) in query(store_url, "SELECT lease_id FROM token_usage_history")
+    }
+    assert [] == [e for e in evicted[:-1] if e not in stored]
+
+
+async def test_a_stored_time_past_year_9999_refuses_the_store_in_one_line(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'pool.db'}"
+    async with tokenpool.open_pool(size=1, ttl=60, store=store) as pool:
+        await pool.activate("alice")
+    execute(store, "UPDATE token_assignments SET expires_us = 300000000000000000")
+    with pytest.raises(tokenpool.InvalidArgumentError, match="outside years 1 to 9999") as caught:
+        async with tokenpool.open_pool(size=1, ttl=60, store=store):
+            pass
+    assert 1 == len(str(caught.value).splitlines())
