@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -500,3 +501,43 @@ async def test_a_stored_time_past_year_9999_refuses_the_store_in_one_line(tmp_pa
         async with tokenpool.open_pool(size=1, ttl=60, store=store):
             pass
     assert 1 == len(str(caught.value).splitlines())
+
+
+# -- a small disk (issue 18, item 13) -------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MB tmpfs (root only: skipped, saying why, where mount fails)."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount an 8 MB tmpfs here: {done.stderr.strip()[:120]}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_small_disk_filled_by_the_wal_takes_writes_again(small_disk: Path) -> None:
+    """The WAL (checkpointed on its own only every 64 MiB) fills an 8 MB disk: the store
+    checkpoints it on "database or disk is full" and the retry commits; nothing is lost
+    and a restart finds every lease ended."""
+    store = f"sqlite:///{small_disk / 'pool.db'}"
+    ended = 0
+    async with tokenpool.open_pool(size=1, store=store, durability="sync", write_timeout=5) as pool:
+        for i in range(1500):  # about 16 MB of WAL at a few pages a commit
+            await pool.activate(f"user-{i}")
+        ended = (await pool.stats()).evictions
+        assert (small_disk / "pool.db-wal").stat().st_size < 8 << 20
+    async with tokenpool.open_pool(size=1, store=store) as pool:
+        assert ended == (await pool.stats()).evictions
+    assert [(ended,)] == query(store, "SELECT count(*) FROM token_usage_history")

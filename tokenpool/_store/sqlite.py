@@ -82,6 +82,7 @@ def _connect(path: Path, write_timeout: float, synchronous: str) -> sqlite3.Conn
 
 
 JOURNAL_SIZE_LIMIT = 64 << 20
+WAL_FLOOR = 1 << 20  # below this the WAL is never checkpointed for want of room
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
@@ -306,6 +307,21 @@ class SqliteStore:
             unclean=row is not None and not row[1] and row[2] is not None,
         )
 
+    def _bound_wal(self, conn: sqlite3.Connection) -> None:
+        """Checkpoint (and truncate) the WAL once it is as big as the room left on its
+        disk, so it never takes more than half of what was free: a WAL that fills the
+        disk cannot be checkpointed any more (the database must grow first), and SQLite
+        would checkpoint on its own only at 64 MiB. Two system calls a batch."""
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+            if wal < WAL_FLOOR:
+                return
+            disk = os.statvfs(self.path)
+        except OSError:
+            return
+        if wal >= disk.f_bavail * disk.f_frsize:
+            _checkpoint(conn)
+
     def _high_water(self, conn: sqlite3.Connection, name: str) -> tuple[int, int]:
         """The highest revision and time the pool's rows hold, whatever its ``pools`` row
         says (a row restored from an older backup must not restart fences below them):
@@ -384,6 +400,7 @@ class SqliteStore:
                 raise
             conn.execute("COMMIT")
             self._users.committed(users)
+            self._bound_wal(conn)
         except sqlite3.IntegrityError as error:
             raise RejectedError(f"write to {self.path} refused: {error}") from error
         except sqlite3.Error as error:
