@@ -183,6 +183,12 @@ class HeldWriter:
     def refusal(self) -> str:
         return "full"
 
+    def owns(self) -> bool:
+        return True
+
+    def disowned(self) -> str:
+        return "not owned"
+
     def submit(
         self, records: list[Record], counters: dict[str, int], clock_us: int, last_rev: int
     ) -> int:

@@ -168,7 +168,14 @@ async def assert_store_matches(pool: tokenpool.Pool, url: str) -> None:
     ended = stats.evictions + stats.expirations + stats.releases + stats.clears
     history = query(url, "SELECT lease_id FROM usage_history")
     assert ended == len(history) == len({r[0] for r in history})
-    live = {t.id: t.lease_id for t in await pool.tokens() if t.lease_id is not None}
+    with trio.fail_after(10):  # the next proof of ownership after an outage
+        while True:
+            try:
+                tokens = await pool.tokens()
+                break
+            except tokenpool.UnavailableError:
+                await trio.sleep(0.05)
+    live = {t.id: t.lease_id for t in tokens if t.lease_id is not None}
     assert live == dict(
         query(url, "SELECT token_id, lease_id FROM lease_assignments WHERE lease_id IS NOT NULL")
     )
@@ -207,7 +214,9 @@ async def test_async_mode_serves_through_a_stopped_database(
         stats = await pool.stats()
         assert stats.link in ("retrying", "down")
         assert stats.backlog > 0
-        assert during > 300 and [] == errors
+        assert during > 300
+        # Served until the last proof of ownership ran out (2 s), then refused, never worse.
+        assert [] == [e for e in errors if "cannot show it still owns the store" not in e]
         await trio.to_thread.run_sync(pg_cluster.start)
         await assert_store_matches(pool, cluster_url)
 
@@ -254,7 +263,9 @@ async def test_a_hung_database_never_blocks_the_actor(
             await trio.to_thread.run_sync(pg_cluster.resume)
         assert stats.link in ("retrying", "down")
         assert stats.backlog > 0
-        assert during > 300 and [] == errors
+        assert during > 300
+        # Served until the last proof of ownership ran out (2 s), then refused, never worse.
+        assert [] == [e for e in errors if "cannot show it still owns the store" not in e]
         await assert_store_matches(pool, cluster_url)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -263,7 +264,7 @@ async def test_pools_created_at_run_time_come_back_after_a_restart(store_url: st
         await pools.drop("gpu")
     async with tokenpool.open_pools(store_url) as pools:
         assert [] == pools.names()  # dropped: not served; its rows stay
-    assert 1 == len(query(store_url, "SELECT lease_id FROM usage_history"))
+    assert 1 == len(query(store_url, "SELECT lease_id FROM token_usage_history"))
 
 
 async def test_a_dropped_pool_takes_no_activation_sent_after_the_drop(store_url: str) -> None:
@@ -324,7 +325,8 @@ async def test_stale_owner_is_fenced_and_stops_taking_activations(store_url: str
                 await trio.sleep(0.01)
         with pytest.raises(tokenpool.UnavailableError):
             await pool.activate("c")
-        assert "a" == (await pool.lease_of("a")).user_id  # type: ignore[union-attr]
+        with pytest.raises(tokenpool.UnavailableError, match="fenced"):  # vouches no more
+            await pool.lease_of("a")
     assert [] == query(store_url, ACTIVE + " AND user_id <> 'a'")
 
 
@@ -460,3 +462,82 @@ async def test_the_library_prints_nothing_unless_logging_is_configured(
         pass  # recovery logs pool_recovered, to the stdlib logger "tokenpool" only
     out, err = capfd.readouterr()
     assert ("", "") == (out, err)
+
+
+# -- a store older than its own history (issue 18, item 6) ---------------------
+
+
+async def test_a_pools_row_older_than_its_history_keeps_every_acknowledged_eviction(
+    store_url: str,
+) -> None:
+    """A ``pools`` row rewound (restored from an earlier backup, or edited) must not make
+    fences restart below stored ones: every acknowledged sync eviction is in the history."""
+    evicted: list[str] = []
+    async with tokenpool.open_pool(size=1, store=store_url, durability="sync") as pool:
+        for i in range(6):
+            lease = await pool.activate(f"before-{i}")
+            evicted.append(lease.id)
+        await pool.release(lease.token_id)  # no lease left whose fence would save the day
+    execute(store_url, "UPDATE pools SET revision = 0, owner_epoch = 0, clock_us = 0")
+    async with tokenpool.open_pool(size=1, store=store_url, durability="sync") as pool:
+        for i in range(6):
+            lease = await pool.activate(f"after-{i}")
+            evicted.append(lease.id)
+        assert lease.fence > max(
+            r for (r,) in query(store_url, "SELECT max(fence) FROM token_usage_history")
+        )
+    stored = {
+        lease_id for (lease_id,) in query(store_url, "SELECT lease_id FROM token_usage_history")
+    }
+    assert [] == [e for e in evicted[:-1] if e not in stored]
+
+
+async def test_a_stored_time_past_year_9999_refuses_the_store_in_one_line(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'pool.db'}"
+    async with tokenpool.open_pool(size=1, ttl=60, store=store) as pool:
+        await pool.activate("alice")
+    execute(store, "UPDATE token_assignments SET expires_us = 300000000000000000")
+    with pytest.raises(tokenpool.InvalidArgumentError, match="outside years 1 to 9999") as caught:
+        async with tokenpool.open_pool(size=1, ttl=60, store=store):
+            pass
+    assert 1 == len(str(caught.value).splitlines())
+
+
+# -- a small disk (issue 18, item 13) -------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MB tmpfs (root only: skipped, saying why, where mount fails)."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount an 8 MB tmpfs here: {done.stderr.strip()[:120]}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_small_disk_filled_by_the_wal_takes_writes_again(small_disk: Path) -> None:
+    """The WAL (checkpointed on its own only every 64 MiB) fills an 8 MB disk: the store
+    checkpoints it on "database or disk is full" and the retry commits; nothing is lost
+    and a restart finds every lease ended."""
+    store = f"sqlite:///{small_disk / 'pool.db'}"
+    ended = 0
+    async with tokenpool.open_pool(size=1, store=store, durability="sync", write_timeout=5) as pool:
+        for i in range(1500):  # about 16 MB of WAL at a few pages a commit
+            await pool.activate(f"user-{i}")
+        ended = (await pool.stats()).evictions
+        assert (small_disk / "pool.db-wal").stat().st_size < 8 << 20
+    async with tokenpool.open_pool(size=1, store=store) as pool:
+        assert ended == (await pool.stats()).evictions
+    assert [(ended,)] == query(store, "SELECT count(*) FROM token_usage_history")

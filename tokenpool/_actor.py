@@ -144,6 +144,11 @@ class Writer(Protocol):
 
     def refusal(self) -> str: ...
 
+    def owns(self) -> bool:
+        """Whether the pool can show it still owns its store (``Op.vouches``)."""
+
+    def disowned(self) -> str: ...
+
     def submit(
         self, records: list[Record], counters: dict[str, int], clock_us: int, last_rev: int
     ) -> int | None:
@@ -382,6 +387,9 @@ class Actor:
         writer = self.writer
         full = writer is not None and writer.full()
         lost = writer is not None and writer.state.lost  # nothing changed now is written
+        # One check per batch: a pool that cannot show it owns its store vouches for no
+        # lease, whichever transport asked (the one place every request passes).
+        disowned = writer is not None and not writer.owns()
         track = self.sync
         changes = state.changes
         for request in batch:
@@ -410,6 +418,10 @@ class Actor:
                 if full and (op.needs_room or (lost and op.changes)):
                     assert writer is not None
                     results.append(UnavailableError(writer.refusal()))
+                    continue
+                if disowned and op.vouches:
+                    assert writer is not None
+                    results.append(UnavailableError(writer.disowned()))
                     continue
                 try:
                     kind = type(op)

@@ -30,6 +30,9 @@ class Op:
     __slots__ = ()
     needs_room: ClassVar[bool] = False
     changes: ClassVar[bool] = False
+    vouches: ClassVar[bool] = False
+    """Its answer vouches for a lease (grants, renews, validates or shows a holder): a
+    pool that cannot show it still owns its store refuses it (``UnavailableError``)."""
 
     cost: ClassVar[int] = 1
     """Work on the actor, in units of about one activation: it bounds a batch (a class
@@ -67,6 +70,7 @@ class Activate(Op):
     """``pool.activate(user_id, wait=None)``: the user's lease."""
 
     __slots__ = ("user_id", "wait")
+    vouches = True
     needs_room = True
     changes = True
 
@@ -87,6 +91,7 @@ class ActivateMany(Op):
     """``pool.activate_many(user_ids)``: a lease (or an ``InvalidArgumentError``) per user."""
 
     __slots__ = ("user_ids",)
+    vouches = True
     needs_room = True
     changes = True
 
@@ -146,6 +151,7 @@ class Renew(Op):
     """``pool.renew(token_id, lease_id)``: the renewed lease."""
 
     __slots__ = ("lease_id", "token_id")
+    vouches = True
     needs_room = True
     changes = True
 
@@ -183,6 +189,7 @@ class Validate(Op):
     """``pool.validate(token_id, lease_id)``: whether that lease is current."""
 
     __slots__ = ("lease_id", "token_id")
+    vouches = True
 
     def __init__(self, token_id: str, lease_id: str) -> None:
         self.token_id = token_id
@@ -196,6 +203,7 @@ class GetLease(Op):
     """``pool.lease_of(user_id)``: the user's lease or ``None``."""
 
     __slots__ = ("user_id",)
+    vouches = True
 
     def __init__(self, user_id: str) -> None:
         self.user_id = user_id
@@ -211,6 +219,7 @@ class GetToken(Op):
     """``pool.token(token_id)``: one token's status."""
 
     __slots__ = ("token_id",)
+    vouches = True
 
     def __init__(self, token_id: str) -> None:
         self.token_id = token_id
@@ -226,6 +235,7 @@ class GetTokens(Op):
     """``pool.tokens(cursor, count)``: a page of token statuses and the next cursor."""
 
     __slots__ = ("count", "cursor")
+    vouches = True
 
     def __init__(self, cursor: int = 0, count: int = 1000) -> None:
         self.cursor = cursor

@@ -80,7 +80,15 @@ from ._settings import (
     check_name,
 )
 from ._state import PoolState
-from ._store import EPOCH_SHIFT, Reader, Snapshot, StoreError, check_store_url, open_reader
+from ._store import (
+    EPOCH_SHIFT,
+    OWNERSHIP_VALIDITY,
+    Reader,
+    Snapshot,
+    StoreError,
+    check_store_url,
+    open_reader,
+)
 from ._store.link import StoreLink
 from ._writer import Writer, WriterStatistics
 
@@ -261,6 +269,8 @@ class PoolCore:
         writer = self.writer
         if writer is not None and writer.full():
             return False, writer.refusal()
+        if writer is not None and not writer.owns():
+            return False, writer.disowned()
         return True, ""
 
     async def flush(self) -> None:
@@ -659,7 +669,18 @@ class Pools:
                 committed=base,
                 # sync callers are told of a refusal; async ones were answered already
                 hold_after_refusal=REFUSAL_HOLD if c.durability == "async" else 0.0,
+                vouch_from=time.monotonic() + OWNERSHIP_VALIDITY if snapshot.unclean else 0.0,
             )
+            if snapshot.unclean:
+                log.warning(
+                    "store_not_released",
+                    pool=name,
+                    store=link.shown,
+                    seconds=OWNERSHIP_VALIDITY,
+                    note="the previous owner did not release the pool (killed, cut off or"
+                    " its file replaced): it may still vouch; this pool vouches for no"
+                    " lease until its validity has run out",
+                )
             link.add_writer(writer)
             changes, state.changes = state.changes, []
             writer.submit(changes, state.counters(), state.now, state.revision)

@@ -25,6 +25,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import deque
 from typing import Any, Protocol
@@ -76,6 +77,10 @@ class Link(Protocol):
 
     def now_us(self) -> int: ...
 
+    def owns(self) -> bool: ...
+
+    def disowned(self) -> str: ...
+
 
 class _Entry:
     __slots__ = ("last_rev", "records", "seq", "size", "submitted")
@@ -101,8 +106,12 @@ class Writer:
         write_timeout: float,
         committed: int,
         hold_after_refusal: float = 0.0,
+        vouch_from: float = 0.0,
     ) -> None:
         self._link = link
+        # time.monotonic() before which this pool vouches for nothing: a predecessor that
+        # did not release the store may still vouch until then (OWNERSHIP_VALIDITY)
+        self.vouch_from = vouch_from
         # async pools: after the store refused a batch for good, activations are refused
         # until a write commits again, or for this long (what was acknowledged is lost:
         # do not go on promising what may not be kept).
@@ -151,6 +160,27 @@ class Writer:
             return True
         self._refusing_until = 0.0
         return False
+
+    def owns(self) -> bool:
+        """Whether this pool can show it still owns its store: only then may it answer
+        what vouches for a lease (``Op.vouches``)."""
+        if self.state.lost or not self._link.owns():
+            return False
+        if self.vouch_from and time.monotonic() < self.vouch_from:
+            return False
+        self.vouch_from = 0.0
+        return True
+
+    def disowned(self) -> str:
+        """Why ``owns()`` is false (for the ``UnavailableError``)."""
+        if self.state.lost:
+            return self.refusal()
+        if self.vouch_from and time.monotonic() < self.vouch_from:
+            return (
+                "taking over from an owner that did not release the store; it may still"
+                f" vouch for {self.vouch_from - time.monotonic():.1f} s more"
+            )
+        return self._link.disowned()
 
     def refusal(self) -> str:
         """Why activations are refused now (for the error the actor answers)."""

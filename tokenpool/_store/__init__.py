@@ -33,6 +33,34 @@ from .._settings import parse_int
 EPOCH_SHIFT = 40
 """Revisions are ``epoch << 40 | n``: each new owner's start above every older one's."""
 
+OWNERSHIP_INTERVAL = 1.0
+"""Seconds between the proofs a store link asks of its store process: SQLite, the flock
+is held and the path still names the locked file; PostgreSQL, the session holding the
+advisory locks is alive and every pool's ``owner_epoch`` is still ours."""
+OWNERSHIP_VALIDITY = 2.0
+"""Seconds a proof vouches for ownership, counted on the server's monotonic clock from
+when the proof was SENT (never from when the answer came). Past it a pool answers
+nothing that vouches for a lease until a proof succeeds again. A new owner that finds
+its predecessor did not release the store (``Snapshot.unclean``) vouches for nothing
+until this long after it took over, so the two validities never overlap."""
+
+MIN_TIME_US = -62_135_596_800_000_000
+"""0001-01-01T00:00:00Z in microseconds since the Unix epoch: Python's first datetime."""
+MAX_TIME_US = 253_402_300_799_999_999
+"""9999-12-31T23:59:59.999999Z: Python's last datetime. A stored time outside these
+bounds cannot be shown; the store is refused at start (``check_times``)."""
+
+
+def check_times(where: str, times: dict[str, int | None]) -> None:
+    """Refuse a store holding a time no reply could show (``InvalidArgumentError``, one
+    line naming what and where): every connection reading it would fail."""
+    for what, value in times.items():
+        if value is not None and not MIN_TIME_US <= value <= MAX_TIME_US:
+            raise InvalidArgumentError(
+                f"{where} holds a time outside years 1 to 9999 ({what} = {value} microseconds"
+                " since 1970): fix or remove that row, then start again"
+            )
+
 
 class LinkState(enum.StrEnum):
     """A pool's link to its store, as statistics, ``INFO``, readiness and the
@@ -87,6 +115,9 @@ class Snapshot:
     tokens: list[tuple[str, int]]
     leases: list[tuple[str, str, str, int, int, int]]
     created: bool = False
+    unclean: bool = False
+    """The previous owner did not release the pool (its store process was killed, its
+    file replaced, its session cut): it may still vouch for a while."""
 
 
 class KnownUsers:
@@ -179,12 +210,17 @@ class Store(Protocol):
     def list_pools(self) -> list[str]:
         """The names of the pools not dropped, oldest first."""
 
+    def prove(self) -> dict[int, str]:
+        """Show this process still owns its pools: the ids of those it no longer owns,
+        with why. Raises ``StoreError`` when it cannot tell (no proof then)."""
+
     def save_settings(self, pool_id: int, settings: dict[str, Any]) -> None: ...
 
     def drop_pool(self, pool_id: int) -> None: ...
 
     def close(self) -> None:
-        """Release ownership and close connections."""
+        """Release ownership (marking each pool released, so the next owner need not
+        wait out this one's validity) and close connections."""
 
 
 class Reader(Protocol):

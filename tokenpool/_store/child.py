@@ -168,6 +168,9 @@ class StoreProcess:
             if kind == "list":
                 self.channel.send(("reply", request, self.store.list_pools()))
                 return
+            if kind == "prove":
+                self.prove(request)
+                return
             sink = self.sinks[key]
             self.write(sink)  # what came before the setting change goes first
             if kind == "settings":
@@ -180,6 +183,17 @@ class StoreProcess:
             self.channel.send(("reply", request, error))
         except Exception as error:  # a bug: say it, keep serving the other pools
             self.channel.send(("reply", request, StoreError(f"{type(error).__name__}: {error}")))
+
+    def prove(self, request: int) -> None:
+        """Show the server this process still owns its pools: a pool lost is fenced (for
+        good); the reply is the proof (an error when none could be made)."""
+        lost = self.store.prove()
+        for sink in list(self.sinks.values()):
+            if sink.pool_id in lost and not sink.fenced:
+                sink.fenced = True
+                sink.pending = []
+                self.channel.send(("fenced", sink.key, lost[sink.pool_id]))
+        self.channel.send(("reply", request, None))
 
     def write_all(self) -> None:
         for sink in list(self.sinks.values()):

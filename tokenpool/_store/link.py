@@ -22,6 +22,10 @@ Rules it keeps:
   backlogs (``hurry`` shortens it), then counts every change not committed,
   whatever the cause (timeout, a dead store process, changes submitted after
   it died), logs ``changes_not_written`` and returns the count.
+- Ownership is a lease the link keeps renewing: every ``OWNERSHIP_INTERVAL`` it asks
+  the store process to prove it still owns the store, and ``owns()`` is true until
+  ``OWNERSHIP_VALIDITY`` after the last proof that succeeded, counted from when that
+  proof was sent (monotonic clock). A dead store process ends it at once.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import math
 import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -39,7 +44,7 @@ import trio
 
 from .._errors import TokenPoolError, UnavailableError
 from .._log import get_logger
-from . import LinkState, Snapshot, redact
+from . import OWNERSHIP_INTERVAL, OWNERSHIP_VALIDITY, LinkState, Snapshot, redact
 from .frames import FrameDecoder, FrameError, encode
 
 if TYPE_CHECKING:
@@ -89,6 +94,8 @@ class StoreLink:
         self._hurry_at = math.inf  # a second signal: the latest moment close may wait to
         self._lost_dropped = 0  # changes lost by writers of pools dropped since
         self.state = LinkState.UP
+        self.valid_until = 0.0  # time.monotonic() up to which the last proof vouches
+        self.proof_error = ""  # why the last proof failed, for the refusal's message
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -126,6 +133,7 @@ class StoreLink:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive)
                 nursery.start_soon(self._watch_stalls)
+                nursery.start_soon(self._keep_proving)
                 task_status.started()
                 await self._send()
                 nursery.cancel_scope.cancel()
@@ -235,13 +243,50 @@ class StoreLink:
             raise result
         return result
 
+    def owns(self) -> bool:
+        """Whether a proof that this process owns the store still vouches (it is never
+        true once the store process has died)."""
+        return not self._dead and time.monotonic() <= self.valid_until
+
+    def disowned(self) -> str:
+        """Why ``owns()`` is false, for the ``UnavailableError`` a vouching request gets."""
+        if self._dead:
+            why = "its store process exited"
+        elif self.proof_error:
+            why = self.proof_error[:200]
+        else:
+            why = f"no proof within {OWNERSHIP_VALIDITY:g} s (is the store process stopped?)"
+        return f"cannot show it still owns the store {self.shown}: {why}"
+
+    def _proved(self, sent: float) -> None:
+        self.valid_until = max(self.valid_until, sent + OWNERSHIP_VALIDITY)
+        self.proof_error = ""
+
+    async def prove(self) -> None:
+        """Ask the store process to show it still owns the store; renew ``owns()``."""
+        sent = time.monotonic()  # the proof vouches from when it was asked, not answered
+        try:
+            await self._request("prove", 0)
+        except TokenPoolError as error:
+            self.proof_error = str(error)
+            return
+        self._proved(sent)
+
+    async def _keep_proving(self) -> None:
+        while not self._dead:
+            await trio.sleep(OWNERSHIP_INTERVAL)
+            if self.writers and not self._closing:
+                await self.prove()
+
     async def open_pool(
         self, name: str, settings: dict[str, Any], create: bool
     ) -> tuple[int, Snapshot]:
         """Take ownership of a pool in the store process and load it."""
         self._next_key += 1
         key = self._next_key
+        sent = time.monotonic()
         snapshot: Snapshot = await self._request("open", key, name, settings, create)
+        self._proved(sent)  # it took (or holds) the lock just now
         return key, snapshot
 
     async def list_pools(self) -> list[str]:
@@ -355,6 +400,7 @@ class StoreLink:
         if self._dead:
             return
         self._dead = True
+        self.valid_until = 0.0
         if not self._closing or any(w.backlog for w in self.writers.values()):
             code = self._process.returncode if self._process is not None else None
             self.died = True

@@ -28,7 +28,17 @@ from psycopg import sql
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnknownPoolError
 from .._model import COUNTERS, EndRecord, LeaseRecord, Reason, Usage, to_datetime, to_us
-from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError, redact
+from . import (
+    MAX_TIME_US,
+    MIN_TIME_US,
+    Batch,
+    FencedError,
+    KnownUsers,
+    RejectedError,
+    Snapshot,
+    StoreError,
+    redact,
+)
 
 LOCK_WAIT = 5.0  # seconds to wait for a previous owner's store process to finish
 _SCHEMA_LOCK = 0x746F6B656E706F6F  # "tokenpoo": serialises schema set-up between processes
@@ -261,7 +271,7 @@ class PostgresStore:
             with conn.transaction():
                 made = False
                 row = conn.execute(
-                    "SELECT id, dropped_at IS NOT NULL FROM pools WHERE name = %s", (name,)
+                    "SELECT id, dropped_at IS NOT NULL, owner FROM pools WHERE name = %s", (name,)
                 ).fetchone()
                 if row is None or row[1]:
                     if not create:
@@ -295,13 +305,15 @@ class PostgresStore:
                             name,
                         ),
                     )
+                top_revision, top_us = self._high_water(conn, name)
                 got = conn.execute(
-                    "UPDATE pools"
-                    " SET owner_epoch = greatest(owner_epoch + 1, (revision >> 40) + 1),"
+                    "UPDATE pools SET revision = greatest(revision, %s),"
+                    " clock_us = greatest(clock_us, %s),"
+                    " owner_epoch = greatest(owner_epoch + 1, (greatest(revision, %s) >> 40) + 1),"
                     " owner = %s, owned_at = now() WHERE name = %s RETURNING id, owner_epoch,"
                     " revision, clock_us, size, ttl_seconds, when_full, min_hold_seconds,"
                     " max_lifetime_seconds, " + ", ".join(_COUNTERS),
-                    (owner, name),
+                    (top_revision, top_us, top_revision, owner, name),
                 ).fetchone()
                 assert got is not None
             pool_id, epoch, revision, clock_us = int(got[0]), int(got[1]), int(got[2]), int(got[3])
@@ -341,7 +353,76 @@ class PostgresStore:
                 f"cannot open pool {name!r} in {self.url}: {_first_line(error)}"
             ) from error
         self._pools[pool_id] = (name, epoch)
-        return Snapshot(pool_id, epoch, revision, clock_us, stored, counters, tokens, leases, made)
+        unclean = row is not None and not row[1] and row[2] is not None
+        return Snapshot(
+            pool_id, epoch, revision, clock_us, stored, counters, tokens, leases, made, unclean
+        )
+
+    def _high_water(self, conn: psycopg.Connection[Any], name: str) -> tuple[int, int]:
+        """The highest revision and time the pool's rows hold, whatever its ``pools`` row
+        says (one restored from an older backup must not restart fences below them): the
+        newest history row (one probe of the primary key) and every assignment. Refuses
+        (``InvalidArgumentError``) a time no reply could show, before anything loads it."""
+        epoch_us = "(extract(epoch FROM {0}) * 1000000)::numeric"
+        newest = conn.execute(
+            "SELECT revision, "
+            + epoch_us.format("ended_at")
+            + ", "
+            + epoch_us.format("started_at")
+            + " FROM token_usage_history WHERE pool_id = (SELECT id FROM pools WHERE name = %s)"
+            " ORDER BY revision DESC LIMIT 1",
+            (name,),
+        ).fetchone()
+        held = conn.execute(
+            "SELECT max(fence), "
+            + ", ".join(
+                f"{f}({epoch_us.format(c)})"
+                for c in ("assigned_at", "expires_at")
+                for f in ("max", "min")
+            )
+            + " FROM token_assignments WHERE pool_id = (SELECT id FROM pools WHERE name = %s)",
+            (name,),
+        ).fetchone()
+        assert held is not None
+        times = {
+            "newest token_usage_history.ended_at": None if newest is None else newest[1],
+            "newest token_usage_history.started_at": None if newest is None else newest[2],
+            "latest token_assignments.assigned_at": held[1],
+            "earliest token_assignments.assigned_at": held[2],
+            "latest token_assignments.expires_at": held[3],
+            "earliest token_assignments.expires_at": held[4],
+        }
+        for what, value in times.items():
+            if value is not None and not MIN_TIME_US <= value <= MAX_TIME_US:
+                raise InvalidArgumentError(
+                    f"pool {name!r} in {self.url} holds a time outside years 1 to 9999"
+                    f" ({what}): fix or remove that row, then start again"
+                )
+        revision = max(0 if newest is None else int(newest[0]), int(held[0] or 0))
+        at = max(0 if newest is None else int(newest[1]), int(held[1] or 0))
+        return revision, at
+
+    def prove(self) -> dict[int, str]:
+        """The session holding the advisory locks is alive (a reconnection retakes them
+        all, or is fenced) and every pool's ``owner_epoch`` is still ours."""
+        if not self._pools:
+            return {}
+        try:
+            conn = self._connection()
+            rows = conn.execute(
+                "SELECT id, owner_epoch FROM pools WHERE id = ANY(%s)", (list(self._pools),)
+            ).fetchall()
+        except psycopg.Error as error:
+            self._drop_broken()
+            raise StoreError(
+                f"ownership check on {self.url} failed: {_first_line(error)}"
+            ) from error
+        epochs = {int(r[0]): int(r[1]) for r in rows}
+        return {
+            pool_id: f"pool {name!r} was taken over by a newer owner (ours was epoch {epoch})"
+            for pool_id, (name, epoch) in self._pools.items()
+            if epochs.get(pool_id) != epoch
+        }
 
     def _unlock(self, conn: psycopg.Connection[Any], name: str) -> None:
         conn.execute(
@@ -424,6 +505,19 @@ class PostgresStore:
                     "INSERT INTO token_usage_history SELECT * FROM staged_history"
                     " ON CONFLICT DO NOTHING"
                 )
+                # What was there must be the same lease (the earlier attempt committed),
+                # never another one: a collision with history is refused, not ignored.
+                cur.execute(
+                    "SELECT s.revision, h.lease_id, s.lease_id FROM staged_history s"
+                    " JOIN token_usage_history h USING (pool_id, revision)"
+                    " WHERE h.lease_id <> s.lease_id LIMIT 1"
+                )
+                clash = cur.fetchone()
+                if clash is not None:
+                    raise RejectedError(
+                        f"history revision {clash[0]} already holds lease {clash[1]}, not"
+                        f" {clash[2]}: the store's history is ahead of this pool's revision"
+                    )
             else:
                 with cur.copy(
                     "COPY token_usage_history (pool_id, revision, lease_id, token_id, fence,"
@@ -496,7 +590,8 @@ class PostgresStore:
         try:
             conn = self._connection()
             conn.execute(
-                "UPDATE pools SET dropped_at = now() WHERE id = %s AND owner_epoch = %s",
+                "UPDATE pools SET dropped_at = now(), owner = NULL"
+                " WHERE id = %s AND owner_epoch = %s",
                 (pool_id, epoch),
             )
             self._unlock(conn, name)
@@ -509,8 +604,18 @@ class PostgresStore:
             self._conn = None
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken and self._pools:
+            try:  # released: the next owner need not wait out our validity
+                for pool_id, (_name, epoch) in self._pools.items():
+                    conn.execute(
+                        "UPDATE pools SET owner = NULL WHERE id = %s AND owner_epoch = %s",
+                        (pool_id, epoch),
+                    )
+            except psycopg.Error:
+                pass
+        if conn is not None:
+            conn.close()
         self._conn = None
 
 

@@ -15,6 +15,7 @@ it locked, so a database replaced or deleted under it stops it at once.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnavailableError, UnknownPoolError
 from .._model import COUNTERS, Reason, Usage, to_datetime
-from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError
+from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError, check_times
 
 T = TypeVar("T")
 
@@ -67,7 +68,40 @@ def _connect(path: Path, write_timeout: float, synchronous: str) -> sqlite3.Conn
     # time copying the same hot pages, and the 60 s sustained run filled the backlog
     # (800 refusals); at 64 MiB it kept up (0 refusals, 17.5k activations/s).
     conn.execute("PRAGMA wal_autocheckpoint = 16384")
+    # After a checkpoint, keep at most this much WAL on disk (SQLite keeps all of it).
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     return conn
+
+
+JOURNAL_SIZE_LIMIT = 64 << 20
+WAL_FLOOR = 1 << 20  # below this the WAL is never checkpointed for want of room
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database and truncate it to nothing: a WAL grown to fill a
+    small disk otherwise fails every write with "database or disk is full" for good,
+    across restarts (SQLite checkpoints on its own only every 64 MiB)."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.Error:
+        pass  # a reader holds the WAL or the disk is still full: the retry tries again
+
+
+def _check_history(conn: sqlite3.Connection, pool_id: int, rows: list[tuple[Any, ...]]) -> None:
+    """A retried batch found some of its history rows stored: each must be the same lease
+    (the earlier attempt committed), never another one (a collision with history)."""
+    for row in rows:
+        got = conn.execute(
+            "SELECT lease_id FROM token_usage_history WHERE pool_id = ? AND revision = ?",
+            (pool_id, row[1]),
+        ).fetchone()
+        if got is not None and got[0] != row[2]:
+            raise RejectedError(
+                f"history revision {row[1]} already holds lease {got[0]}, not {row[2]}:"
+                " the store's history is ahead of this pool's revision"
+            )
 
 
 class SqliteStore:
@@ -131,6 +165,7 @@ class SqliteStore:
                     f"the SQLite file {path} holds tokenpool's version 1 tables; this version"
                     " needs version 2: use another file"
                 )
+            _checkpoint(conn)  # a WAL left by a disk that filled up: free its room first
             conn.executescript(resources.files(__package__).joinpath("sqlite.sql").read_text())
         except sqlite3.Error as error:
             self._release()
@@ -169,7 +204,7 @@ class SqliteStore:
             try:
                 made = False
                 row = conn.execute(
-                    "SELECT id, dropped_us IS NOT NULL FROM pools WHERE name = ?", (name,)
+                    "SELECT id, dropped_us IS NOT NULL, owner FROM pools WHERE name = ?", (name,)
                 ).fetchone()
                 if row is None or row[1]:
                     if not create:
@@ -195,10 +230,19 @@ class SqliteStore:
                         " WHERE name = ?",
                         (*values, name),
                     )
+                top_revision, top_us = self._high_water(conn, name)
                 conn.execute(
-                    "UPDATE pools SET owner_epoch = max(owner_epoch + 1, (revision >> 40) + 1),"
+                    "UPDATE pools SET revision = max(revision, ?), clock_us = max(clock_us, ?),"
+                    " owner_epoch = max(owner_epoch + 1, (max(revision, ?) >> 40) + 1),"
                     " owner = ?, owned_us = ? WHERE name = ?",
-                    (f"{socket.gethostname()}:{os.getpid()}", _now_us(), name),
+                    (
+                        top_revision,
+                        top_us,
+                        top_revision,
+                        f"{socket.gethostname()}:{os.getpid()}",
+                        _now_us(),
+                        name,
+                    ),
                 )
                 got = conn.execute(
                     "SELECT id, owner_epoch, revision, clock_us, size, ttl_seconds, when_full,"
@@ -252,7 +296,68 @@ class SqliteStore:
             [(t[0], int(t[1])) for t in tokens],
             [(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5])) for r in leases],
             made,
+            unclean=row is not None and not row[1] and row[2] is not None,
         )
+
+    def _bound_wal(self, conn: sqlite3.Connection) -> None:
+        """Checkpoint (and truncate) the WAL once it is as big as the room left on its
+        disk, so it never takes more than half of what was free: a WAL that fills the
+        disk cannot be checkpointed any more (the database must grow first), and SQLite
+        would checkpoint on its own only at 64 MiB. Two system calls a batch."""
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+            if wal < WAL_FLOOR:
+                return
+            disk = os.statvfs(self.path)
+        except OSError:
+            return
+        if wal >= disk.f_bavail * disk.f_frsize:
+            _checkpoint(conn)
+
+    def _high_water(self, conn: sqlite3.Connection, name: str) -> tuple[int, int]:
+        """The highest revision and time the pool's rows hold, whatever its ``pools`` row
+        says (a row restored from an older backup must not restart fences below them):
+        the newest history row (by the primary key: one probe) and every assignment.
+        Refuses (``InvalidArgumentError``) a time no reply could show."""
+        pool_id = conn.execute("SELECT id FROM pools WHERE name = ?", (name,)).fetchone()[0]
+        newest = conn.execute(
+            "SELECT revision, ended_us, started_us FROM token_usage_history WHERE pool_id = ?"
+            " ORDER BY revision DESC LIMIT 1",
+            (pool_id,),
+        ).fetchone()
+        held = conn.execute(
+            "SELECT max(fence), max(assigned_us), min(assigned_us), max(expires_us),"
+            " min(expires_us) FROM token_assignments WHERE pool_id = ?",
+            (pool_id,),
+        ).fetchone()
+        clock = conn.execute("SELECT clock_us FROM pools WHERE id = ?", (pool_id,)).fetchone()
+        check_times(
+            f"pool {name!r} in {self.path}",
+            {
+                "pools.clock_us": clock[0],
+                "newest token_usage_history.ended_us": None if newest is None else newest[1],
+                "newest token_usage_history.started_us": None if newest is None else newest[2],
+                "latest token_assignments.assigned_us": held[1],
+                "earliest token_assignments.assigned_us": held[2],
+                "latest token_assignments.expires_us": held[3],
+                "earliest token_assignments.expires_us": held[4],
+            },
+        )
+        revision = max(0 if newest is None else int(newest[0]), int(held[0] or 0))
+        at = max(0 if newest is None else int(newest[1]), int(held[1] or 0))
+        return revision, at
+
+    def prove(self) -> dict[int, str]:
+        """The flock is held and the path still names the locked file; else every pool
+        is lost (the file is the unit of ownership)."""
+        if self._conn is None or self._lock_fd is None:
+            return {}
+        try:
+            self._check_identity()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours: a no-op
+        except (FencedError, OSError) as error:
+            return {pool_id: str(error) for pool_id in self._pools}
+        return {}
 
     def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
         name, epoch = self._pools[pool_id]
@@ -280,15 +385,21 @@ class SqliteStore:
                 if fenced:
                     raise FencedError(f"pool {name!r} was taken over by a newer owner")
                 users = self._users.unknown(batch.users)
-                self._statements(conn, pool_id, batch, tokens, users)
+                self._statements(conn, pool_id, batch, tokens, users, retry)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
             self._users.committed(users)
+            self._bound_wal(conn)
         except sqlite3.IntegrityError as error:
             raise RejectedError(f"write to {self.path} refused: {error}") from error
         except sqlite3.Error as error:
+            if error.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                _checkpoint(conn)  # the WAL may be what fills the disk: the retry finds room
+            elif conn.in_transaction:  # a COMMIT that failed leaves its transaction open
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise StoreError(f"write to {self.path} failed: {error}") from error
 
     def _statements(
@@ -298,6 +409,7 @@ class SqliteStore:
         batch: Batch,
         tokens: dict[int, str],
         users: list[str],
+        retry: bool,
     ) -> None:
         numbers = self._numbers
         if batch.tokens_added:
@@ -316,25 +428,29 @@ class SqliteStore:
         if users:
             conn.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in users])
         if batch.history:
-            conn.executemany(
-                "INSERT OR IGNORE INTO token_usage_history (pool_id, revision, lease_id, token_no,"
+            rows = [
+                (
+                    pool_id,
+                    r.revision,
+                    r.id,
+                    numbers[tokens[r.slot]],
+                    r.fence,
+                    r.activated_us,
+                    r.ended_us,
+                    r.reason,
+                    r.user_id,
+                )
+                for r in batch.history
+            ]
+            insert = (
+                " INTO token_usage_history (pool_id, revision, lease_id, token_no,"
                 " fence, started_us, ended_us, expiration_reason, user_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        pool_id,
-                        r.revision,
-                        r.id,
-                        numbers[tokens[r.slot]],
-                        r.fence,
-                        r.activated_us,
-                        r.ended_us,
-                        r.reason,
-                        r.user_id,
-                    )
-                    for r in batch.history
-                ],
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             )
+            if not retry:  # a collision with history is an IntegrityError: refused, reported
+                conn.executemany("INSERT" + insert, rows)
+            elif conn.executemany("INSERT OR IGNORE" + insert, rows).rowcount != len(rows):
+                _check_history(conn, pool_id, rows)
         if batch.final:
             free = (None, None, None, None, None)
             conn.executemany(
@@ -392,13 +508,22 @@ class SqliteStore:
         _name, epoch = self._pools.pop(pool_id)
         try:
             self._connection().execute(
-                "UPDATE pools SET dropped_us = ? WHERE id = ? AND owner_epoch = ?",
+                "UPDATE pools SET dropped_us = ?, owner = NULL WHERE id = ? AND owner_epoch = ?",
                 (_now_us(), pool_id, epoch),
             )
         except sqlite3.Error as error:
             raise StoreError(f"dropping a pool in {self.path} failed: {error}") from error
 
     def close(self) -> None:
+        """Mark each pool released (the next owner need not wait out our validity), but
+        only in the file we still own, then free the lock."""
+        if self._conn is not None and self._pools:
+            with contextlib.suppress(sqlite3.Error, FencedError):
+                self._check_identity()
+                self._conn.executemany(
+                    "UPDATE pools SET owner = NULL WHERE id = ? AND owner_epoch = ?",
+                    [(pool_id, epoch) for pool_id, (_name, epoch) in self._pools.items()],
+                )
         self._release()
 
 
