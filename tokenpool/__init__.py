@@ -3,9 +3,13 @@
     async with tokenpool.open_pool(size=100, ttl=120.0) as pool:
         lease = await pool.activate("alice")
 
+    async with tokenpool.connect("tokenpool://127.0.0.1:7379") as client:  # trio or asyncio
+        lease = await client.pool("default").activate("alice")
+
 Everything public is exported here; the underscored modules are private.
 """
 
+from ._client import Client, Hold, RemotePool, connect
 from ._clock import Clock
 from ._errors import (
     Compacted,
@@ -15,6 +19,8 @@ from ._errors import (
     FullError,
     InvalidArgument,
     InvalidArgumentError,
+    LeaseLost,
+    LeaseLostError,
     NoPermError,
     NotActive,
     NotActiveError,
@@ -29,6 +35,8 @@ from ._errors import (
     UnknownPoolError,
     UnknownToken,
     UnknownTokenError,
+    Unreachable,
+    UnreachableError,
 )
 from ._model import Event, Lease, Page, Reason, Stats, Status, TokenStatus, Usage
 from ._ops import (
@@ -53,6 +61,7 @@ __all__ = [
     "Activate",
     "ActivateMany",
     "Clear",
+    "Client",
     "Clock",
     "Compacted",
     "CompactedError",
@@ -64,9 +73,12 @@ __all__ = [
     "GetStats",
     "GetToken",
     "GetTokens",
+    "Hold",
     "InvalidArgument",
     "InvalidArgumentError",
     "Lease",
+    "LeaseLost",
+    "LeaseLostError",
     "NoPermError",
     "NotActive",
     "NotActiveError",
@@ -82,6 +94,7 @@ __all__ = [
     "Pools",
     "Reason",
     "Release",
+    "RemotePool",
     "Renew",
     "Stats",
     "Status",
@@ -93,9 +106,12 @@ __all__ = [
     "UnknownPoolError",
     "UnknownToken",
     "UnknownTokenError",
+    "Unreachable",
+    "UnreachableError",
     "Usage",
     "Validate",
     "__version__",
+    "connect",
     "open_pool",
     "open_pools",
 ]
