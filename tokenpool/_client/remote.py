@@ -196,10 +196,11 @@ class RemotePool:
         return await self._usage_at(token_id, revision)
 
     async def _usage_at(self, token_id: str, revision: int) -> Usage:
-        # RELEASE answers the revision that ended the lease; that revision is the
-        # entry's place in the token's history, so this reads exactly that entry.
+        # RELEASE answers the pool's revision after it: the end's own, or the grant's
+        # that followed it in the same step (a wait pool hands the token on). Either
+        # way the newest entry of the token's history up to it is the lease it ended.
         page = await self.history(token_id, limit=1, before=revision + 1)
-        if not page or page[0].revision != revision:
+        if not page:
             raise TokenPoolError(f"the history of {token_id} lacks revision {revision}")
         return page[0]
 
