@@ -11,6 +11,7 @@ Everything public is exported here; the underscored modules are private.
 
 from ._client import Client, Hold, RemotePool, connect
 from ._clock import Clock
+from ._commands.connection import BusyError
 from ._errors import (
     Compacted,
     CompactedError,
@@ -60,6 +61,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Activate",
     "ActivateMany",
+    "BusyError",
     "Clear",
     "Client",
     "Clock",
