@@ -563,3 +563,34 @@ def test_hold_loses_the_lease(backend: str, way: str, on_lost: str, tmp_path: Pa
 
     with running(*args) as process:
         anyio.run(main, process, backend=backend)
+
+
+def test_hold_releases_and_passes_on_the_blocks_own_error(backend: str, server: Process) -> None:
+    """A block that raises: the lease is released and the block's own exception comes out,
+    not wrapped in a group."""
+
+    async def main() -> None:
+        async with tokenpool.connect(url(server)) as client:
+            pool = client.pool()
+            with pytest.raises(KeyError):
+                async with pool.hold("alice"):
+                    raise KeyError("mine")
+            assert None is await pool.lease_of("alice")
+
+    run(backend, main)
+
+
+def test_urls() -> None:
+    """The URL forms: scheme, TLS, user, password (never shown), default port; bad ones
+    are refused naming what is wrong."""
+    from tokenpool._client.address import Address
+
+    plain = Address.parse("tokenpool://h")
+    assert ("h", 7379, False, None) == (plain.host, plain.port, plain.tls, plain.auth())
+    admin = Address.parse("rediss://admin:p%40w@h:1")
+    assert (1, True, ("AUTH", "admin", "p@w")) == (admin.port, admin.tls, admin.auth())
+    assert ("AUTH", "pw") == Address.parse("redis://:pw@h").auth()
+    assert "pw" not in str(Address.parse("redis://:pw@h")) + repr(Address.parse("redis://:pw@h"))
+    for bad in ("http://h", "tokenpool://", "tokenpool://h:99999", "tokenpool://h/gpu"):
+        with pytest.raises(InvalidArgumentError):
+            Address.parse(bad)
