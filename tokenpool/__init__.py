@@ -3,10 +3,15 @@
     async with tokenpool.open_pool(size=100, ttl=120.0) as pool:
         lease = await pool.activate("alice")
 
+    async with tokenpool.connect("tokenpool://127.0.0.1:7379") as client:  # trio or asyncio
+        lease = await client.pool("default").activate("alice")
+
 Everything public is exported here; the underscored modules are private.
 """
 
+from ._client import Client, Hold, RemotePool, connect
 from ._clock import Clock
+from ._commands.connection import BusyError
 from ._errors import (
     Compacted,
     CompactedError,
@@ -15,6 +20,8 @@ from ._errors import (
     FullError,
     InvalidArgument,
     InvalidArgumentError,
+    LeaseLost,
+    LeaseLostError,
     NoPermError,
     NotActive,
     NotActiveError,
@@ -29,6 +36,8 @@ from ._errors import (
     UnknownPoolError,
     UnknownToken,
     UnknownTokenError,
+    Unreachable,
+    UnreachableError,
 )
 from ._model import Event, Lease, Page, Reason, Stats, Status, TokenStatus, Usage
 from ._ops import (
@@ -52,7 +61,9 @@ __version__ = "0.2.0"
 __all__ = [
     "Activate",
     "ActivateMany",
+    "BusyError",
     "Clear",
+    "Client",
     "Clock",
     "Compacted",
     "CompactedError",
@@ -64,9 +75,12 @@ __all__ = [
     "GetStats",
     "GetToken",
     "GetTokens",
+    "Hold",
     "InvalidArgument",
     "InvalidArgumentError",
     "Lease",
+    "LeaseLost",
+    "LeaseLostError",
     "NoPermError",
     "NotActive",
     "NotActiveError",
@@ -82,6 +96,7 @@ __all__ = [
     "Pools",
     "Reason",
     "Release",
+    "RemotePool",
     "Renew",
     "Stats",
     "Status",
@@ -93,9 +108,12 @@ __all__ = [
     "UnknownPoolError",
     "UnknownToken",
     "UnknownTokenError",
+    "Unreachable",
+    "UnreachableError",
     "Usage",
     "Validate",
     "__version__",
+    "connect",
     "open_pool",
     "open_pools",
 ]

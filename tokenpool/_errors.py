@@ -95,6 +95,32 @@ class NoPermError(TokenPoolError):
     code = "NOPERM"
 
 
+class LeaseLostError(NotHolderError):
+    """(client) ``hold()`` lost its lease while the block ran, and cancelled the block.
+
+    ``cause`` says how: ``NotHolderError`` (evicted, released elsewhere, cleared,
+    expired), ``UnavailableError`` (the server refused to renew), or
+    ``UnreachableError`` (the lease's ``expires_at`` passed with no renewal).
+    ``lease`` is the last lease the holder had.
+    """
+
+    def __init__(self, message: str, lease: object, cause: BaseException) -> None:
+        super().__init__(message)
+        self.lease = lease
+        self.cause = cause
+
+
+class UnreachableError(TokenPoolError, ConnectionError):
+    """(client) The server could not be reached, or did not answer in time.
+
+    Raised by ``tokenpool.connect``'s pools when no connection could be made or
+    kept, or a reply did not come within the client's ``timeout``. Whether a
+    request that was sent took effect is then unknown (see the client's retries).
+    """
+
+    code = "UNREACHABLE"
+
+
 def lone_error(error: BaseException) -> BaseException:
     """The one exception inside nested single-member groups, else ``error`` itself.
 
@@ -116,3 +142,5 @@ Full = FullError
 Unavailable = UnavailableError
 PoolLocked = PoolLockedError
 Compacted = CompactedError
+Unreachable = UnreachableError
+LeaseLost = LeaseLostError

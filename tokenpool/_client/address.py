@@ -1,0 +1,72 @@
+"""Where a client connects, parsed once from its URL.
+
+``tokenpool://[[user]:password@]host[:port]`` (``redis://`` too, as every Redis client
+writes it); ``tokenpools://`` or ``rediss://`` for TLS. The port defaults to 7379 (the
+server's). A password with no user is ``AUTH <password>``; with a user
+(``tokenpool://admin:pw@host``) it is ``AUTH admin pw``, the server's admin user. The
+password is never shown: ``str(address)`` leaves it out.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+from urllib.parse import unquote, urlsplit
+
+import attrs
+
+from .._errors import InvalidArgumentError
+
+DEFAULT_PORT: Final = 7379
+_PLAIN: Final = ("tokenpool", "redis")
+_TLS: Final = ("tokenpools", "rediss")
+
+
+@attrs.frozen
+class Address:
+    """A server's address and how to greet it."""
+
+    host: str
+    port: int = DEFAULT_PORT
+    tls: bool = False
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> Address:
+        """The address a URL names. Raises ``InvalidArgumentError`` naming what is wrong."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as error:
+            raise InvalidArgumentError(f"bad tokenpool URL: {error}") from None
+        if parts.scheme not in _PLAIN + _TLS:
+            raise InvalidArgumentError(
+                f"a tokenpool URL starts tokenpool://, tokenpools://, redis:// or rediss://,"
+                f" not {parts.scheme + '://' if parts.scheme else repr(url[:20])}"
+            )
+        if not parts.hostname:
+            raise InvalidArgumentError("a tokenpool URL needs a host (tokenpool://host:port)")
+        if parts.path not in ("", "/", "/0"):
+            raise InvalidArgumentError(
+                f"a tokenpool URL has no path (pools are named per call), not {parts.path!r}"
+            )
+        return cls(
+            host=parts.hostname,
+            port=DEFAULT_PORT if port is None else port,
+            tls=parts.scheme in _TLS,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+        )
+
+    def auth(self) -> tuple[str, ...] | None:
+        """The ``AUTH`` command to send first, or ``None``."""
+        if self.password is None:
+            return None
+        if self.username:
+            return ("AUTH", self.username, self.password)
+        return ("AUTH", self.password)
+
+    def __str__(self) -> str:
+        scheme = "tokenpools" if self.tls else "tokenpool"
+        user = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}"

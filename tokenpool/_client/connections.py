@@ -1,0 +1,213 @@
+"""A bounded pool of RESP connections, shared by pipelining.
+
+- At most ``max_connections`` connections, counting those being opened.
+- A request takes an idle connection if there is one, else opens another while under
+  the bound, else joins the pipeline of the least loaded connection: so
+  ``max_connections=1`` serves any number of concurrent callers over one socket.
+- A request that blocks its connection on the server (``ACTIVATE ... WAIT``, which the
+  server answers before reading what follows it) takes a connection to itself.
+- A caller waits at most ``timeout`` for a connection (connecting included) and, for a
+  request that does not block, at most ``timeout`` more for its reply; past that the
+  connection is broken (the server is stalled or gone) and ``UnreachableError`` raised.
+- A broken connection is dropped at once and replaced on demand.
+
+Retries: a request that failed before it was written is always tried once more on
+another connection; one that failed after it was written is tried again only when it
+is ``safe`` (means the same if the server already applied it: reads, ``ACTIVATE``,
+which gives a user the lease it holds, and ``RENEW``). Never ``RELEASE``, ``CLEAR``,
+or the ``POOL`` changes: their outcome is then unknown, and the caller is told so.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import hiredis
+
+from .._errors import TokenPoolError, UnreachableError
+from .._resp import encode_command
+from .address import Address
+from .connection import Connection, Slot
+from .replies import error_of
+
+
+class Connections:
+    """The client's connections to one server."""
+
+    def __init__(
+        self,
+        address: Address,
+        task_group: anyio.abc.TaskGroup,
+        *,
+        max_connections: int,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self._tg = task_group
+        self._ssl = ssl_context
+        self._live: list[Connection] = []
+        self._opening = 0
+        self._changed = anyio.Event()
+        self.opened = 0  # connections made over the client's life (a figure for tests)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def open_stream(self) -> anyio.abc.ByteStream:
+        """A new stream to the server, authenticated (a subscription's, or a connection's).
+        Raises ``UnreachableError``, or the server's error for a refused ``AUTH``."""
+        address = self.address
+        try:
+            with anyio.fail_after(self.timeout):
+                stream: anyio.abc.ByteStream
+                if address.tls:
+                    stream = await anyio.connect_tcp(
+                        address.host,
+                        address.port,
+                        tls=True,
+                        ssl_context=self._ssl,
+                        tls_standard_compatible=False,
+                    )
+                else:
+                    stream = await anyio.connect_tcp(address.host, address.port)
+                auth = address.auth()
+                if auth is None:
+                    return stream
+                try:
+                    await stream.send(encode_command(*auth))
+                    reader = hiredis.Reader(encoding="utf-8", errors="strict")
+                    while (reply := reader.gets()) is False:
+                        reader.feed(await stream.receive())
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await stream.aclose()
+                    raise
+        except (OSError, TimeoutError, ssl.SSLError, anyio.EndOfStream) as error:
+            reason = str(error) or type(error).__name__
+            raise UnreachableError(f"cannot connect to {address}: {reason}") from None
+        if isinstance(reply, Exception):
+            await stream.aclose()
+            raise error_of(reply)
+        return stream
+
+    async def open_connection(self) -> Connection:
+        """A new connection, authenticated, its reader running in the client's task group."""
+        stream = await self.open_stream()
+        connection = Connection(stream, self.address, self.timeout, self._notify)
+        self._tg.start_soon(connection.read_replies)
+        self.opened += 1
+        return connection
+
+    async def _take(self, exclusive: bool) -> Connection:
+        """A connection for one request (``exclusive``: to itself until ``give_back``)."""
+        while True:
+            self._live = [c for c in self._live if c.broken is None]
+            free = [c for c in self._live if not c.exclusive]
+            best = min(free, key=lambda c: c.load, default=None)
+            full = len(self._live) + self._opening >= self.max_connections
+            if best is not None and (best.load == 0 or (full and not exclusive)):
+                best.exclusive = exclusive
+                return best
+            if not full:
+                self._opening += 1
+                try:
+                    connection = await self.open_connection()
+                finally:
+                    self._opening -= 1
+                    self._notify()
+                connection.exclusive = exclusive
+                self._live.append(connection)
+                return connection
+            await self._changed.wait()
+
+    def give_back(self, connection: Connection) -> None:
+        if connection.exclusive:
+            connection.exclusive = False
+            self._notify()
+
+    async def call(
+        self,
+        commands: Sequence[Sequence[str]],
+        *,
+        safe: bool,
+        blocks: float | None = None,
+    ) -> list[Any]:
+        """Send ``commands`` in one write and return their replies, in order (an error
+        reply as the library's exception, not raised: the caller decides).
+
+        ``blocks``: the seconds the server may hold the connection before answering
+        (``ACTIVATE ... WAIT``): the request takes a connection to itself and waits that
+        much longer for its reply. Raises ``UnreachableError`` (after one retry where
+        allowed: see the module's rules).
+        """
+        for attempt in (0, 1):
+            try:
+                return await self._call_once(commands, blocks)
+            except _NotSent as failure:
+                if attempt:
+                    raise failure.error from None
+            except UnreachableError:
+                if attempt or not safe:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _call_once(
+        self, commands: Sequence[Sequence[str]], blocks: float | None
+    ) -> list[Any]:
+        try:
+            with anyio.fail_after(self.timeout):
+                connection = await self._take(exclusive=blocks is not None)
+        except TimeoutError:
+            raise _NotSent(
+                UnreachableError(
+                    f"no connection to {self.address} within {self.timeout:g} s"
+                    f" ({self.max_connections} in use or being opened)"
+                )
+            ) from None
+        except UnreachableError as error:
+            raise _NotSent(error) from None
+        try:
+            try:
+                slots = await connection.send(commands)
+            except UnreachableError as error:
+                raise _NotSent(error) from None
+            wait = self.timeout + (blocks or 0.0)
+            return [await _reply(connection, slot, wait) for slot in slots]
+        finally:
+            self.give_back(connection)
+
+    async def aclose(self) -> None:
+        for connection in self._live:
+            await connection.close()
+        self._live = []
+
+
+class _NotSent(Exception):
+    """A request that never reached the stream: safe to try again."""
+
+    def __init__(self, error: UnreachableError) -> None:
+        self.error = error
+
+
+async def _reply(connection: Connection, slot: Slot, wait: float) -> Any:
+    """The reply in ``slot``: an error reply as an exception value; raises
+    ``UnreachableError`` if the connection broke or no reply came within ``wait``."""
+    with anyio.move_on_after(wait if math.isfinite(wait) else math.inf):
+        await slot.done.wait()
+    if not slot.done.is_set():
+        connection.fail(f"no reply within {wait:g} s")
+    value = slot.value
+    if isinstance(value, UnreachableError):
+        raise value
+    if isinstance(value, Exception) and not isinstance(value, TokenPoolError):
+        return error_of(value)
+    return value
