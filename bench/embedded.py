@@ -11,6 +11,7 @@ import trio
 import trio.lowlevel
 
 from tokenpool import open_pool
+from tokenpool._model import SLOT
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
 
@@ -27,7 +28,7 @@ def _pure_round_trips(state: PoolState, seconds: float) -> float:
     while time.perf_counter() < end:
         for user in users:
             lease = state.activate(user, now)
-            state.release(state.token_text(lease.slot), user, now)
+            state.release(state.token_text(lease[SLOT]), user, now)
             now += 1
         state.changes = []
         done += len(users)

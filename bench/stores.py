@@ -14,7 +14,7 @@ import tempfile
 import time
 from uuid import uuid4
 
-from tokenpool._model import END, GRANT, from_wire
+from tokenpool._model import END, GRANT
 from tokenpool._store import Batch, open_store
 
 from ._measure import Figure
@@ -74,7 +74,7 @@ def _rows_per_second(url: str, rows: int) -> float:
                     )
                 )
                 now += 10
-            batch.add(from_wire(records), {"activations": first + BATCH}, now)
+            batch.add(records, {"activations": first + BATCH}, now)
             store.write(pool_id, batch, tokens, False)
         return rows / (time.perf_counter() - started)
     finally:

@@ -22,7 +22,15 @@ from tokenpool import (
     UnavailableError,
 )
 from tokenpool._actor import Actor
-from tokenpool._model import END, GRANT, Record
+from tokenpool._model import (
+    END,
+    FENCE,
+    GRANT,
+    KIND,
+    REASON,
+    USER,
+    Record,
+)
 from tokenpool._ops import Op
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
@@ -197,7 +205,7 @@ class HeldWriter:
         return self._seq
 
     def commit(self) -> None:
-        fences = [c.fence for c in self.changes if c.kind == GRANT]
+        fences = [c[FENCE] for c in self.changes if c[KIND] == GRANT]
         self.committed = max([self.committed, *fences])
         self.committed_seq = self._seq
         self._progress.set()
@@ -247,8 +255,8 @@ async def test_cancelled_after_grant_but_before_reply_releases_the_lease() -> No
         writer.commit()
         results = await _commit_while(actor, writer, [GetLease("impatient")])
         assert results == [None]
-        ended = [c for c in writer.changes if c.kind == END]
-        assert [(u.user_id, u.reason) for u in ended] == [("impatient", "released")]
+        ended = [c for c in writer.changes if c[KIND] == END]
+        assert [(u[USER], u[REASON]) for u in ended] == [("impatient", "released")]
         actor.close()
 
 

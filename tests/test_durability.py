@@ -20,7 +20,21 @@ from hypothesis import given, settings
 
 import tokenpool
 from tests.chaos.cluster import Cluster
-from tokenpool._model import END, GRANT, RENEW, LeaseRecord, Record
+from tokenpool._model import (
+    END,
+    FENCE,
+    GRANT,
+    ID,
+    KIND,
+    RENEW,
+    REV,
+    SLOT,
+    START,
+    STOP,
+    USER,
+    LeaseRecord,
+    Record,
+)
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
 from tokenpool._store import Batch, open_store
@@ -36,21 +50,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def assignment(lease: LeaseRecord) -> tuple[object, ...]:
     """What a token's row holds of its lease."""
-    return (lease.id, lease.slot, lease.user_id, lease.fence, lease.activated_us, lease.expires_us)
+    return (lease[ID], lease[SLOT], lease[USER], lease[FENCE], lease[START], lease[STOP])
 
 
 def apply_one_by_one(records: list[Record], db: dict[str, dict[Any, object]]) -> None:
     for record in records:
-        if record.kind in (GRANT, RENEW):
-            db["assignments"][record.slot] = assignment(record)
-        elif record.kind == END:
-            db["assignments"].pop(record.slot, None)
-            db["history"][record.revision] = record
+        if record[KIND] in (GRANT, RENEW):
+            db["assignments"][record[SLOT]] = assignment(record)
+        elif record[KIND] == END:
+            db["assignments"].pop(record[SLOT], None)
+            db["history"][record[REV]] = record
 
 
 def apply_batch(batch: Batch, db: dict[str, dict[Any, object]]) -> None:
     for record in batch.history:
-        db["history"].setdefault(record.revision, record)
+        db["history"].setdefault(record[REV], record)
     for slot, lease in batch.final.items():
         if lease is None:
             db["assignments"].pop(slot, None)
@@ -76,7 +90,7 @@ def test_coalesced_batches_write_the_same_rows_as_each_change(
             state.activate(f"u{n}", now)
         elif op == "r" and state.leases():
             lease = state.leases()[n % len(state.leases())]
-            state.renew(state.token_text(lease.slot), lease.id, now)
+            state.renew(state.token_text(lease[SLOT]), lease[ID], now)
         elif op == "c":
             state.clear(now)
     changes = state.changes
@@ -90,7 +104,7 @@ def test_coalesced_batches_write_the_same_rows_as_each_change(
         apply_batch(batch, actual)
         apply_batch(batch, actual)  # a retried batch changes nothing more
     assert expected == actual
-    assert {lease.slot: assignment(lease) for lease in state.leases()} == actual["assignments"]
+    assert {lease[SLOT]: assignment(lease) for lease in state.leases()} == actual["assignments"]
 
 
 def test_a_retry_after_a_commit_whose_ack_was_lost_clears_what_it_ends(pg_url: str) -> None:
@@ -110,7 +124,7 @@ def test_a_retry_after_a_commit_whose_ack_was_lost_clears_what_it_ends(pg_url: s
         batch = Batch()
         batch.add(first, state.counters(), now)
         store.write(snapshot.pool_id, batch, tokens, False)  # committed; the ack "lost"
-        state.release(state.token_text(lease.slot), None, now)
+        state.release(state.token_text(lease[SLOT]), None, now)
         retry = Batch()
         retry.add(first, state.counters(), now)
         retry.add(state.changes, state.counters(), now)
@@ -118,7 +132,7 @@ def test_a_retry_after_a_commit_whose_ack_was_lost_clears_what_it_ends(pg_url: s
     finally:
         store.close()
     assert [] == query(pg_url, "SELECT lease_id FROM lease_assignments WHERE lease_id IS NOT NULL")
-    assert [(lease.id, "released")] == query(
+    assert [(lease[ID], "released")] == query(
         pg_url, "SELECT lease_id, expiration_reason FROM usage_history"
     )
 

@@ -26,7 +26,25 @@ from tokenpool import (
     UnknownTokenError,
     Usage,
 )
-from tokenpool._model import END, GRANT, RENEW, lease_value, to_datetime, to_us, usage_value
+from tokenpool._model import (
+    END,
+    FENCE,
+    GRANT,
+    ID,
+    KIND,
+    REASON,
+    RENEW,
+    REV,
+    SLOT,
+    START,
+    STOP,
+    USER,
+    lease_value,
+    record_revision,
+    to_datetime,
+    to_us,
+    usage_value,
+)
 from tokenpool._settings import PoolSettings
 from tokenpool._state import WAITING, PoolState
 
@@ -89,10 +107,10 @@ class PoolMachine(RuleBasedStateMachine):
         self.model_woken: dict[int, object] = {}
 
     def lease(self, record: tuple) -> Lease:  # type: ignore[type-arg]
-        return lease_value(record, self.state.token_text(record.slot))
+        return lease_value(record, self.state.token_text(record[SLOT]))
 
     def usage(self, record: tuple) -> Usage:  # type: ignore[type-arg]
-        return usage_value(record, self.state.token_text(record.slot))
+        return usage_value(record, self.state.token_text(record[SLOT]))
 
     def settle(self) -> None:
         """Collect what the step changed and who it woke, in both."""
@@ -225,8 +243,8 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def one_holder_per_token_and_one_token_per_user(self) -> None:
         leases = self.state.leases()
-        assert len({lease.slot for lease in leases}) == len(leases)
-        assert len({lease.user_id for lease in leases}) == len(leases)
+        assert len({lease[SLOT] for lease in leases}) == len(leases)
+        assert len({lease[USER] for lease in leases}) == len(leases)
         for user in USERS:
             record = self.state.lease_of(user)
             assert self.model.holder_lease(user) == (None if record is None else self.lease(record))
@@ -247,15 +265,15 @@ class PoolMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_ended_lease_once_with_its_own_revision(self) -> None:
-        ended = [r for r in self.records if r.kind == END]
-        assert len({r.revision for r in ended}) == len(ended)
+        ended = [r for r in self.records if r[KIND] == END]
+        assert len({r[REV] for r in ended}) == len(ended)
         assert [self.usage(r) for r in ended] == self.model.history
-        started = {r.id for r in self.records if r.kind == GRANT}
-        assert {r.id for r in ended} <= started
+        started = {r[ID] for r in self.records if r[KIND] == GRANT}
+        assert {r[ID] for r in ended} <= started
 
     @invariant()
     def records_carry_growing_revisions(self) -> None:
-        revisions = [r.revision for r in self.records]
+        revisions = [record_revision(r) for r in self.records]
         assert revisions == sorted(revisions)
 
     @invariant()
@@ -272,11 +290,9 @@ class PoolMachine(RuleBasedStateMachine):
     def no_lease_outlives_its_deadline(self) -> None:
         leases = self.state.leases()
         for lease in leases:
-            assert lease.expires_us > to_us(self.now)
+            assert lease[STOP] > to_us(self.now)
             if self.state.max_life_us is not None:
-                assert lease.expires_us - lease.activated_us <= max(
-                    self.state.max_life_us, self.state.ttl_us
-                )
+                assert lease[STOP] - lease[START] <= max(self.state.max_life_us, self.state.ttl_us)
         deadline = self.state.next_deadline()
         waits = [w[2] for w in self.model.waiters]
         nearest = [to_us(x) for x in [*(lease.expires_at for lease in self.model.leases), *waits]]
@@ -313,22 +329,22 @@ def test_available_tokens_are_leased_fifo() -> None:
     state = make(size=3)
     a = state.activate("a", T0_US)
     b = state.activate("b", T0_US)
-    state.release(state.token_text(b.slot), None, T0_US)
-    state.release(state.token_text(a.slot), None, T0_US)
-    third = next(s for s in range(3) if s not in (a.slot, b.slot))
-    assert [third, b.slot, a.slot] == [state.activate(u, T0_US).slot for u in "xyz"]
+    state.release(state.token_text(b[SLOT]), None, T0_US)
+    state.release(state.token_text(a[SLOT]), None, T0_US)
+    third = next(s for s in range(3) if s not in (a[SLOT], b[SLOT]))
+    assert [third, b[SLOT], a[SLOT]] == [state.activate(u, T0_US)[SLOT] for u in "xyz"]
 
 
 def test_full_pool_evicts_the_oldest_activation_and_shares_its_revision() -> None:
     state = make(size=2)
     a = state.activate("a", T0_US)
     b = state.activate("b", T0_US + S)
-    state.renew(state.token_text(a.slot), a.id, T0_US + 2 * S)  # renewing keeps activation order
+    state.renew(state.token_text(a[SLOT]), a[ID], T0_US + 2 * S)  # renewing keeps activation order
     state.changes = []
     c = state.activate("c", T0_US + 3 * S)
-    assert a.slot == c.slot
+    assert a[SLOT] == c[SLOT]
     (ended, granted) = state.changes
-    assert (END, "evicted", c.fence) == (ended.kind, ended.reason, ended.revision)
+    assert (END, "evicted", c[FENCE]) == (ended[KIND], ended[REASON], ended[REV])
     assert granted is c
     assert state.lease_of("a") is None
     assert b == state.lease_of("b")
@@ -348,17 +364,17 @@ def test_min_hold_protects_young_leases_from_eviction() -> None:
     with pytest.raises(FullError, match="min-hold"):
         state.activate("b", T0_US + 5 * S - 1)
     b = state.activate("b", T0_US + 5 * S)
-    assert a.slot == b.slot
+    assert a[SLOT] == b[SLOT]
 
 
 def test_max_lifetime_caps_renewals() -> None:
     state = make(size=1, ttl=10.0, max_lifetime=25.0)
     a = state.activate("a", T0_US)
-    token = state.token_text(a.slot)
-    r1 = state.renew(token, a.id, T0_US + 9 * S)
-    assert T0_US + 19 * S == r1.expires_us
-    r2 = state.renew(token, a.id, T0_US + 18 * S)
-    assert T0_US + 25 * S == r2.expires_us
+    token = state.token_text(a[SLOT])
+    r1 = state.renew(token, a[ID], T0_US + 9 * S)
+    assert T0_US + 19 * S == r1[STOP]
+    r2 = state.renew(token, a[ID], T0_US + 18 * S)
+    assert T0_US + 25 * S == r2[STOP]
     state.advance(T0_US + 25 * S)
     assert state.lease_of("a") is None
 
@@ -371,9 +387,9 @@ def test_wait_pool_grants_the_first_waiter_when_a_token_frees() -> None:
     assert WAITING is state.activate_or_wait("c", T0_US, t2, 30.0)
     with pytest.raises(FullError):
         state.activate_or_wait("d", T0_US, object(), None)  # no wait asked: refused at once
-    state.release(state.token_text(a.slot), "a", T0_US + S)
+    state.release(state.token_text(a[SLOT]), "a", T0_US + S)
     ((ticket, lease),) = state.woken
-    assert (t1, "b", a.slot) == (ticket, lease.user_id, lease.slot)
+    assert (t1, "b", a[SLOT]) == (ticket, lease[USER], lease[SLOT])
     assert 1 == state.waiting
 
 
@@ -414,7 +430,7 @@ def test_waiters_that_leave_are_removed_at_once() -> None:
     assert figures["wait_deadlines"] <= 64
     state.woken = []
     state.activate_or_wait("late", T0_US + 2 * S, "late", 60.0)
-    state.release(state.token_text(state.leases()[0].slot), None, T0_US + 2 * S)
+    state.release(state.token_text(state.leases()[0][SLOT]), None, T0_US + 2 * S)
     assert [("late",)] == [(t,) for t, _ in state.woken]
 
 
@@ -424,35 +440,35 @@ def test_expired_lease_ends_exactly_at_its_deadline_even_when_noticed_late() -> 
     state.changes = []
     state.advance(T0_US + 5 * 3600 * S)
     (ended,) = state.changes
-    assert (lease.expires_us, "expired") == (ended.ended_us, ended.reason)
+    assert (lease[STOP], "expired") == (ended[STOP], ended[REASON])
 
 
 def test_time_never_runs_backwards() -> None:
     state = make()
     state.activate("a", T0_US + 10 * S)
     b = state.activate("b", T0_US)  # an older now is taken as the newest seen
-    assert T0_US + 10 * S == b.activated_us
+    assert T0_US + 10 * S == b[START]
 
 
 def test_renew_pushes_expiry_and_keeps_identity() -> None:
     state = make()
     lease = state.activate("a", T0_US)
     later = T0_US + 7 * S
-    renewed = state.renew(state.token_text(lease.slot).upper(), lease.id.upper(), later)
-    assert (lease.id, lease.fence, later + 10 * S, RENEW) == (
-        renewed.id,
-        renewed.fence,
-        renewed.expires_us,
-        renewed.kind,
+    renewed = state.renew(state.token_text(lease[SLOT]).upper(), lease[ID].upper(), later)
+    assert (lease[ID], lease[FENCE], later + 10 * S, RENEW) == (
+        renewed[ID],
+        renewed[FENCE],
+        renewed[STOP],
+        renewed[KIND],
     )
-    state.advance(lease.expires_us)
-    assert state.validate(state.token_text(lease.slot), lease.id)
+    state.advance(lease[STOP])
+    assert state.validate(state.token_text(lease[SLOT]), lease[ID])
 
 
 def test_release_errors_name_the_problem() -> None:
     state = make()
     lease = state.activate("a", T0_US)
-    token = state.token_text(lease.slot)
+    token = state.token_text(lease[SLOT])
     assert error_code(lambda: state.release(token, "b", T0_US)) == "NOTHOLDER"
     other = next(t for t in state.token_ids() if t != token)
     assert error_code(lambda: state.release(other, None, T0_US)) == "NOTACTIVE"
@@ -471,7 +487,7 @@ def test_clear_gives_every_ended_lease_its_own_revision() -> None:
     state.changes = []
     before = state.revision
     assert 2 == state.clear(T0_US)
-    assert [before + 1, before + 2] == [r.revision for r in state.changes]
+    assert [before + 1, before + 2] == [r[REV] for r in state.changes]
     assert (0, 3) == (state.active, state.available)
 
 
@@ -481,11 +497,11 @@ def test_history_pages_by_revision_and_says_when_to_read_the_store() -> None:
         state.activate(f"u{i}", T0_US)
     token = state.token_ids()[0]
     page, store_before = state.history(token, 5)
-    assert [f"u{i}" for i in range(28, 23, -1)] == [r.user_id for r in page]
+    assert [f"u{i}" for i in range(28, 23, -1)] == [r[USER] for r in page]
     assert 0 == store_before
-    older, store_before = state.history(token, 100, before=page[-1].revision)
-    assert len(older) < 100 and store_before == older[-1].revision  # the rest is in the store only
-    assert [f"u{i}" for i in range(23, 23 - len(older), -1)] == [r.user_id for r in older]
+    older, store_before = state.history(token, 100, before=page[-1][REV])
+    assert len(older) < 100 and store_before == older[-1][REV]  # the rest is in the store only
+    assert [f"u{i}" for i in range(23, 23 - len(older), -1)] == [r[USER] for r in older]
 
 
 def test_resize_grows_then_shrinks_available_first_then_oldest_leases() -> None:
@@ -497,10 +513,10 @@ def test_resize_grows_then_shrinks_available_first_then_oldest_leases() -> None:
     state.changes = []
     state.resize(1, T0_US + 3 * S)
     assert 1 == state.size
-    assert [a.id] == [r.id for r in state.changes if r.kind == END]
+    assert [a[ID]] == [r[ID] for r in state.changes if r[KIND] == END]
     assert b == state.lease_of("b")
     with pytest.raises(UnknownTokenError):
-        state.token(state.token_text(a.slot))  # retired
+        state.token(state.token_text(a[SLOT]))  # retired
 
 
 def test_tokens_page_walks_every_live_token_once() -> None:
@@ -519,7 +535,7 @@ def test_tokens_page_walks_every_live_token_once() -> None:
 @given(user=valid_user_ids)
 def test_valid_user_ids_are_accepted(user: str) -> None:
     state = make()
-    assert user == state.activate(user, T0_US).user_id
+    assert user == state.activate(user, T0_US)[USER]
 
 
 @given(bad=invalid_user_ids)
@@ -548,9 +564,9 @@ def test_history_limits_are_checked() -> None:
 def test_deadline_heap_stays_bounded_under_renew_churn() -> None:
     state = make(size=2)
     lease = state.activate("a", T0_US)
-    token = state.token_text(lease.slot)
+    token = state.token_text(lease[SLOT])
     for i in range(10_000):
-        lease = state.renew(token, lease.id, T0_US + i * 1000)
+        lease = state.renew(token, lease[ID], T0_US + i * 1000)
     assert state.statistics()["deadlines"] <= 2 * 1 + 64 + 1
 
 

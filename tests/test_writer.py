@@ -59,16 +59,7 @@ async def test_an_acknowledgement_moves_the_stall_deadline_later(
 
 def grants(count: int) -> list[LeaseRecord]:
     return [
-        LeaseRecord(
-            kind=GRANT,
-            id=f"l{i}",
-            slot=i,
-            user_id=f"u{i}",
-            fence=i + 1,
-            activated_us=0,
-            expires_us=1,
-            revision=i + 1,
-        )
+        (GRANT, f"l{i}", i, f"u{i}", i + 1, 0, 1, i + 1)  # a lease record (see _model)
         for i in range(count)
     ]
 

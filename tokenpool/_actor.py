@@ -29,7 +29,7 @@ import trio
 
 from ._errors import InvalidArgumentError, TokenPoolError, UnavailableError
 from ._log import get_logger
-from ._model import GRANT, LeaseRecord, Record
+from ._model import FENCE, GRANT, ID, KIND, SLOT, LeaseRecord, Record, is_lease
 from ._ops import Activate, EndWaits, Op, ReleaseLease, Revision
 from ._state import WAITING
 
@@ -237,12 +237,12 @@ class Actor:
 
     async def _undo(self, grants: list[LeaseRecord]) -> None:
         """Release the leases an abandoned request granted (shielded: we are cancelled)."""
-        ops = [ReleaseLease(lease.slot, lease.id) for lease in grants]
+        ops = [ReleaseLease(lease[SLOT], lease[ID]) for lease in grants]
         with trio.CancelScope(shield=True):
             try:
                 await self.send.send(Request(ops))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                log.warning("undo_lost", leases=[lease.id for lease in grants])
+                log.warning("undo_lost", leases=[lease[ID] for lease in grants])
 
     async def stop_waiting(self) -> None:
         """Shutdown begins: answer every waiting activation now (``UnavailableError``)
@@ -453,9 +453,7 @@ class Actor:
             changes = state.changes
             if track and len(changes) > mark:
                 request.changed = True
-                request.grants = [
-                    c for c in changes[mark:] if type(c) is LeaseRecord and c.kind == GRANT
-                ]
+                request.grants = [c for c in changes[mark:] if c[KIND] == GRANT]
             request.state = WAITING_TOKEN if request.wait_index >= 0 else APPLIED
 
     def _woken(self) -> list[Request]:
@@ -477,9 +475,9 @@ class Actor:
                     results[j] = self.state.revision
             request.wait_index = -1
             request.state = APPLIED
-            if self.sync and isinstance(result, LeaseRecord):
+            if self.sync and is_lease(result):
                 request.changed = True
-                request.grants = [result] if result.kind == GRANT else []
+                request.grants = [result] if result[KIND] == GRANT else []  # type: ignore[index, list-item]
             out.append(request)
         return out
 
@@ -576,11 +574,11 @@ def _holds_uncommitted(results: list[object], writer: Writer) -> bool:
     """
     committed = writer.committed
     for result in results:
-        if type(result) is LeaseRecord:
-            if result.fence > committed:
+        if is_lease(result):
+            if result[FENCE] > committed:  # type: ignore[index]
                 return True
         elif type(result) is list:
             for item in result:  # activate_many
-                if type(item) is LeaseRecord and item.fence > committed:
+                if is_lease(item) and item[FENCE] > committed:
                     return True
     return False

@@ -27,11 +27,18 @@ import trio
 from ._errors import CompactedError
 from ._model import (
     END,
+    FENCE,
     GRANT,
+    ID,
+    KIND,
+    REASON,
     RENEW,
-    EndRecord,
+    REV,
+    SLOT,
+    START,
+    STOP,
+    USER,
     Event,
-    LeaseRecord,
     Record,
     is_lease_event,
     record_revision,
@@ -41,33 +48,33 @@ from ._model import (
 KINDS = {GRANT: "granted", RENEW: "renewed", END: "ended"}
 
 
-def event_of(record: LeaseRecord | EndRecord, pool: str, names: Callable[[int], str]) -> Event:
+def event_of(record: Record, pool: str, names: Callable[[int], str]) -> Event:
     """A lease or end record as an ``Event``."""
-    token = names(record.slot)
-    if isinstance(record, EndRecord):
+    token = names(record[SLOT])
+    if record[KIND] == END:
         return Event(
             "ended",
             pool,
-            record.revision,
+            record[REV],
             token,
-            record.id,
-            record.user_id,
-            record.fence,
-            to_datetime(record.activated_us),
+            record[ID],
+            record[USER],
+            record[FENCE],
+            to_datetime(record[START]),
             None,
-            to_datetime(record.ended_us),
-            record.reason,
+            to_datetime(record[STOP]),
+            record[REASON],
         )
     return Event(
-        KINDS[record.kind],
+        KINDS[record[KIND]],
         pool,
-        record.revision,
+        record[REV],
         token,
-        record.id,
-        record.user_id,
-        record.fence,
-        to_datetime(record.activated_us),
-        to_datetime(record.expires_us),
+        record[ID],
+        record[USER],
+        record[FENCE],
+        to_datetime(record[START]),
+        to_datetime(record[STOP]),
     )
 
 
@@ -124,7 +131,7 @@ class Subscription:
         while True:
             if self._current:
                 record = self._current.popleft()
-                return event_of(record, hub.pool, hub.names)  # type: ignore[arg-type]
+                return event_of(record, hub.pool, hub.names)
             if self._batches:
                 batch = self._batches.popleft()
                 self._buffered -= len(batch)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from ._model import lease_value, token_value, usage_value
+from ._model import SLOT, lease_value, token_value, usage_value
 from ._state import PoolState
 
 Names = Callable[[int], str]  # slot -> token id
@@ -63,7 +63,7 @@ class Op:
 
 
 def _lease(result: Any, names: Names) -> Any:
-    return None if result is None else lease_value(result, names(result.slot))
+    return None if result is None else lease_value(result, names(result[SLOT]))
 
 
 class Activate(Op):
@@ -130,7 +130,7 @@ class Release(Op):
         return state.release(self.token_id, self.user_id, now)
 
     def value(self, result: Any, names: Names) -> Any:
-        return usage_value(result, names(result.slot))
+        return usage_value(result, names(result[SLOT]))
 
 
 class ReleaseLease(Op):

@@ -31,9 +31,9 @@ from ._ids import check_user_id, uuid_bytes, uuid_text
 from ._log import get_logger
 from ._model import (
     GRANT,
+    SLOT,
     EndRecord,
     Lease,
-    LeaseRecord,
     Page,
     Stats,
     TokenStatus,
@@ -202,7 +202,7 @@ class PoolCore:
         """
         entries, store_before = result
         names = self.names
-        page = [usage_value(r, names(r.slot)) for r in entries]
+        page = [usage_value(r, names(r[SLOT])) for r in entries]
         if store_before and self.reader is not None and len(page) < limit:
             assert self.writer is not None
             try:
@@ -372,7 +372,7 @@ class Pool:
         if wait is not None:
             wait = WAIT.check(wait)
         record = await self._one(Activate(user_id, wait))
-        return lease_value(record, self._names(record.slot))
+        return lease_value(record, self._names(record[SLOT]))
 
     async def release(self, token_id: str, user_id: str | None = None) -> Usage:
         """End the token's lease (reason ``released``) and return its history entry.
@@ -381,7 +381,7 @@ class Pool:
         leased, ``NotHolderError`` when ``user_id`` is given and does not hold it.
         """
         record = await self._one(Release(token_id, user_id))
-        return usage_value(record, self._names(record.slot))
+        return usage_value(record, self._names(record[SLOT]))
 
     async def renew(self, token_id: str, lease_id: str) -> Lease:
         """Push the lease's ``expires_at`` to now + ttl (never past ``max_lifetime``).
@@ -389,7 +389,7 @@ class Pool:
         Raises ``NotHolderError`` when that lease is no longer the token's current one.
         """
         record = await self._one(Renew(token_id, lease_id))
-        return lease_value(record, self._names(record.slot))
+        return lease_value(record, self._names(record[SLOT]))
 
     async def validate(self, token_id: str, lease_id: str) -> bool:
         """Whether ``lease_id`` is the token's current lease. Raises ``UnknownTokenError``."""
@@ -838,9 +838,7 @@ def _recovered(
         if slot is None:
             log.warning("lease_of_unknown_token", pool=name, lease=lease_id, token=token_id)
             continue
-        state.restore_lease(
-            LeaseRecord(GRANT, lease_id, slot, user_id, fence, activated, expires, fence)
-        )
+        state.restore_lease((GRANT, lease_id, slot, user_id, fence, activated, expires, fence))
     state.revision = max(state.revision, snapshot.epoch << EPOCH_SHIFT)
     state.restore_counters(snapshot.counters)
     state.restored()

@@ -46,7 +46,7 @@ from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import compress
-from operator import attrgetter
+from operator import itemgetter
 from typing import Any, overload
 
 from ._errors import (
@@ -61,15 +61,20 @@ from ._model import (
     ADD,
     COUNTERS,
     END,
+    FENCE,
     GRANT,
+    ID,
     RENEW,
     RETIRE,
+    REV,
+    SLOT,
+    START,
+    STOP,
+    USER,
     EndRecord,
     LeaseRecord,
     Reason,
     Record,
-    TokensAdded,
-    TokensRetired,
 )
 from ._settings import BEFORE, HISTORY_LIMIT, TOKENS_MAX, PoolSettings, check_int
 
@@ -81,8 +86,7 @@ CLEARED = Reason.CLEARED.value
 WAITING = object()
 """``activate_or_wait`` queued the caller: its result comes later through ``woken``."""
 
-_rev = attrgetter("revision")
-_new = tuple.__new__  # a record without NamedTuple.__new__'s Python frame (hot path)
+_rev = itemgetter(REV)
 _LIVE = bytes([1, 0]) + bytes(254)  # retired flag -> "is live", for itertools.compress
 _US = 1_000_000
 
@@ -226,7 +230,7 @@ class PoolState:
         while deadlines and deadlines[0][0] <= now:
             expires_at, _fence, slot, lease_id = heapq.heappop(deadlines)
             lease = self._leases.get(slot)
-            if lease is not None and lease.id == lease_id and lease.expires_us == expires_at:
+            if lease is not None and lease[ID] == lease_id and lease[STOP] == expires_at:
                 self.expirations += 1
                 self._end(lease, expires_at, EXPIRED)
                 self._free(slot)
@@ -250,7 +254,7 @@ class PoolState:
         while deadlines:
             expires_at, _fence, slot, lease_id = deadlines[0]
             lease = leases.get(slot)
-            if lease is not None and lease.id == lease_id and lease.expires_us == expires_at:
+            if lease is not None and lease[ID] == lease_id and lease[STOP] == expires_at:
                 break
             heapq.heappop(deadlines)
         waits = self._wait_deadlines
@@ -367,7 +371,7 @@ class PoolState:
         self._index(slots)
         self.revision += 1
         self.changes.append(
-            TokensAdded(
+            (
                 ADD,
                 self.revision,
                 now,
@@ -431,7 +435,7 @@ class PoolState:
                 self._text.pop(slot, None)
             self._live -= len(removed)
             self.revision += 1
-            self.changes.append(TokensRetired(RETIRE, self.revision, now, tuple(removed)))
+            self.changes.append((RETIRE, self.revision, now, tuple(removed)))
 
     def restore_lease(self, lease: LeaseRecord) -> None:
         """Put back a lease loaded from the store (recovery). Load them oldest first.
@@ -439,11 +443,11 @@ class PoolState:
         ``lease`` is a GRANT record; the caller ends the leases that expired
         meanwhile with ``advance(now)``.
         """
-        slot = lease.slot
-        if slot in self._leases or lease.user_id in self._by_user:
-            raise InvalidArgumentError(f"lease {lease.id} collides with a lease already restored")
+        slot = lease[SLOT]
+        if slot in self._leases or lease[USER] in self._by_user:
+            raise InvalidArgumentError(f"lease {lease[ID]} collides with a lease already restored")
         self._grant(lease)  # ``restored()`` then rebuilds the ring without its slot
-        self.revision = max(self.revision, lease.revision, lease.fence)
+        self.revision = max(self.revision, lease[REV], lease[FENCE])
 
     def restored(self) -> None:
         """Recovery is done: rebuild the ring from the slots no restored lease holds."""
@@ -486,29 +490,26 @@ class PoolState:
             self.revision = fence = self.revision + 1
         elif self.policy == "evict" and leases:
             slot, oldest = next(iter(leases.items()))
-            if self.min_hold_us and now - oldest.activated_us < self.min_hold_us:
+            if self.min_hold_us and now - oldest[START] < self.min_hold_us:
                 self.refusals += 1
                 raise FullError(
                     f"every token is held, none for at least min-hold {self.settings.min_hold:g} s"
                 )
             del leases[slot]
-            del self._by_user[oldest.user_id]
+            del self._by_user[oldest[USER]]
             self.revision = fence = self.revision + 1
             self.evictions += 1
             self._remember(
-                _new(
-                    EndRecord,
-                    (
-                        END,
-                        oldest.id,
-                        slot,
-                        oldest.user_id,
-                        oldest.fence,
-                        oldest.activated_us,
-                        now,
-                        fence,
-                        EVICTED,
-                    ),
+                (
+                    END,
+                    oldest[ID],
+                    slot,
+                    oldest[USER],
+                    oldest[FENCE],
+                    oldest[START],
+                    now,
+                    fence,
+                    EVICTED,
                 )
             )
         else:
@@ -521,7 +522,7 @@ class PoolState:
         if self.max_life_us is not None and self.max_life_us < self.ttl_us:
             expires = now + self.max_life_us
         lease_id = self._ids()
-        lease = _new(LeaseRecord, (GRANT, lease_id, slot, user_id, fence, now, expires, fence))
+        lease: LeaseRecord = (GRANT, lease_id, slot, user_id, fence, now, expires, fence)
         leases[slot] = lease
         self._by_user[user_id] = lease
         deadlines = self._deadlines
@@ -583,7 +584,7 @@ class PoolState:
         lease = self._leases.get(slot)
         if lease is None:
             raise NotActiveError(f"token {self.token_text(slot)} is not active")
-        if user_id is not None and lease.user_id != user_id:
+        if user_id is not None and lease[USER] != user_id:
             raise NotHolderError(f"user {user_id!r} does not hold token {self.token_text(slot)}")
         self.releases += 1
         ended = self._end(lease, now, RELEASED)
@@ -597,7 +598,7 @@ class PoolState:
         """
         now = self._tick(now)
         lease = self._leases.get(slot)
-        if lease is not None and lease.id == lease_id:
+        if lease is not None and lease[ID] == lease_id:
             self.releases += 1
             self._end(lease, now, RELEASED)
             self._free(slot)
@@ -613,19 +614,28 @@ class PoolState:
         slot = self.slot_of(token_id)
         now = self._tick(now)
         lease = self._leases.get(slot)
-        if lease is None or lease.id != lease_id:
+        if lease is None or lease[ID] != lease_id:
             raise NotHolderError(
                 f"lease {lease_id} is not the current lease of token {self.token_text(slot)}"
             )
         expires = self._expires
         if self.max_life_us is not None:
-            expires = min(expires, lease.activated_us + self.max_life_us)
-        expires = max(expires, lease.expires_us) if self.max_life_us is not None else expires
+            expires = min(expires, lease[START] + self.max_life_us)
+        expires = max(expires, lease[STOP]) if self.max_life_us is not None else expires
         self.revision += 1
-        renewed = lease._replace(kind=RENEW, expires_us=expires, revision=self.revision)
+        renewed: LeaseRecord = (
+            RENEW,
+            lease[ID],
+            slot,
+            lease[USER],
+            lease[FENCE],
+            lease[START],
+            expires,
+            self.revision,
+        )
         # Replace in place: renewing keeps the lease's place in activation order.
         self._leases[slot] = renewed
-        self._by_user[lease.user_id] = renewed
+        self._by_user[lease[USER]] = renewed
         self._push_deadline(renewed)
         self.renewals += 1
         self.changes.append(renewed)
@@ -642,13 +652,13 @@ class PoolState:
         cutoff = self.revision if before is None else before
         ending: list[LeaseRecord] = []
         for lease in self._leases.values():  # activation order: fences only grow
-            if lease.fence > cutoff or len(ending) == limit:
+            if lease[FENCE] > cutoff or len(ending) == limit:
                 break
             ending.append(lease)
         self.clears += len(ending)
         for lease in ending:
             self._end(lease, now, CLEARED)
-            self._free(lease.slot)
+            self._free(lease[SLOT])
         return len(ending)
 
     def end_all(self, now: int) -> int:
@@ -675,7 +685,7 @@ class PoolState:
         """Whether that lease is the token's current one. Raises ``UnknownTokenError``."""
         lease_id = uuid_text(uuid_bytes(lease_id, "lease_id"))
         lease = self._leases.get(self.slot_of(token_id))
-        return lease is not None and lease.id == lease_id
+        return lease is not None and lease[ID] == lease_id
 
     def token(self, token_id: str) -> tuple[int, LeaseRecord | None]:
         """One token: its slot and its lease (``None`` when available)."""
@@ -735,7 +745,7 @@ class PoolState:
             page = entries[max(0, stop - limit) : stop][::-1]
         if len(page) >= limit:
             return page, 0
-        lowest = page[-1].revision if page else cap
+        lowest = page[-1][REV] if page else cap
         store_before = min(lowest, self.history_floor)
         return page, (store_before if store_before > 1 else 0)
 
@@ -769,40 +779,37 @@ class PoolState:
     # -- internals --------------------------------------------------------------
 
     def _grant(self, lease: LeaseRecord) -> None:
-        self._leases[lease.slot] = lease
-        self._by_user[lease.user_id] = lease
+        self._leases[lease[SLOT]] = lease
+        self._by_user[lease[USER]] = lease
         self._push_deadline(lease)
 
     def _push_deadline(self, lease: LeaseRecord) -> None:
         deadlines = self._deadlines
-        heapq.heappush(deadlines, (lease.expires_us, lease.fence, lease.slot, lease.id))
+        heapq.heappush(deadlines, (lease[STOP], lease[FENCE], lease[SLOT], lease[ID]))
         if len(deadlines) > 2 * len(self._leases) + 64:
             self._compact_deadlines()
 
     def _compact_deadlines(self) -> None:
         # Stale entries (ended or renewed leases) outnumber live ones: rebuild
         # from the live leases, O(n) once per n pushes.
-        self._deadlines = [(x.expires_us, x.fence, x.slot, x.id) for x in self._leases.values()]
+        self._deadlines = [(x[STOP], x[FENCE], x[SLOT], x[ID]) for x in self._leases.values()]
         heapq.heapify(self._deadlines)
 
     def _end(self, lease: LeaseRecord, ended_at: int, reason: str) -> EndRecord:
-        slot = lease.slot
+        slot = lease[SLOT]
         del self._leases[slot]
-        del self._by_user[lease.user_id]
+        del self._by_user[lease[USER]]
         self.revision += 1
-        ended = _new(
-            EndRecord,
-            (
-                END,
-                lease.id,
-                slot,
-                lease.user_id,
-                lease.fence,
-                lease.activated_us,
-                ended_at,
-                self.revision,
-                reason,
-            ),
+        ended = (
+            END,
+            lease[ID],
+            slot,
+            lease[USER],
+            lease[FENCE],
+            lease[START],
+            ended_at,
+            self.revision,
+            reason,
         )
         self._remember(ended)
         return ended
@@ -824,8 +831,15 @@ class PoolState:
             expires = now + self.ttl_us
             if self.max_life_us is not None:
                 expires = min(expires, now + self.max_life_us)
-            lease = LeaseRecord(
-                GRANT, self._ids(), slot, waiter.user_id, fence, now, expires, fence
+            lease: LeaseRecord = (
+                GRANT,
+                self._ids(),
+                slot,
+                waiter.user_id,
+                fence,
+                now,
+                expires,
+                fence,
             )
             self._grant(lease)
             self.changes.append(lease)
@@ -850,14 +864,14 @@ class PoolState:
         self.changes.append(ended)
         history = self._history
         history.append(ended)
-        per_slot = self._by_slot.get(ended.slot)
+        per_slot = self._by_slot.get(ended[SLOT])
         if per_slot is None:
-            self._by_slot[ended.slot] = [ended]
+            self._by_slot[ended[SLOT]] = [ended]
         else:
             per_slot.append(ended)
-        per_user = self._user_history.get(ended.user_id)
+        per_user = self._user_history.get(ended[USER])
         if per_user is None:
-            self._user_history[ended.user_id] = [ended]
+            self._user_history[ended[USER]] = [ended]
         else:
             per_user.append(ended)
         if len(history) > self.history_memory + (self.history_memory >> 3):
@@ -876,9 +890,9 @@ class PoolState:
         last = 0
         while len(history) > self.history_memory:
             ended = history.popleft()
-            slots[ended.slot] = slots.get(ended.slot, 0) + 1
-            users[ended.user_id] = users.get(ended.user_id, 0) + 1
-            last = ended.revision
+            slots[ended[SLOT]] = slots.get(ended[SLOT], 0) + 1
+            users[ended[USER]] = users.get(ended[USER], 0) + 1
+            last = ended[REV]
         for slot, n in slots.items():
             entries = self._by_slot[slot]
             del entries[:n]

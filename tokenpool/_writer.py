@@ -35,7 +35,7 @@ import trio
 
 from ._errors import UnavailableError
 from ._log import get_logger
-from ._model import Record, to_wire
+from ._model import Record
 from ._store import LinkState
 
 log = get_logger("tokenpool.writer")
@@ -244,7 +244,7 @@ class Writer:
             "write",
             self.key,
             entries[-1].seq,
-            [to_wire(e.records) for e in entries],
+            [e.records for e in entries],
             self._counters,
             self._clock_us,
         )

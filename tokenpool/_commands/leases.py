@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from .. import _ops as ops
-from .._model import EndRecord, LeaseRecord
+from .._model import SLOT, EndRecord, LeaseRecord
 from .._ops import END_STEP
 from ._base import PoolRequest
 
@@ -61,7 +61,7 @@ class Activate(PoolRequest):
         return ops.Activate(self.user_id, self.wait)
 
     def result(self, core: PoolCore, raw: LeaseRecord, revision: int) -> Granted:
-        return _new(Granted, (raw, core.names(raw.slot), revision))  # the hot path
+        return _new(Granted, (raw, core.names(raw[SLOT]), revision))  # the hot path
 
 
 class Renew(PoolRequest):
@@ -78,7 +78,7 @@ class Renew(PoolRequest):
         return ops.Renew(self.token_id, self.lease_id)
 
     def result(self, core: PoolCore, raw: LeaseRecord, revision: int) -> Granted:
-        return Granted(raw, core.names(raw.slot), revision)
+        return Granted(raw, core.names(raw[SLOT]), revision)
 
 
 class Release(PoolRequest):
@@ -97,7 +97,7 @@ class Release(PoolRequest):
         return ops.Release(self.token_id, self.user_id)
 
     def result(self, core: PoolCore, raw: EndRecord, revision: int) -> Released:
-        return Released(raw, core.names(raw.slot), revision)
+        return Released(raw, core.names(raw[SLOT]), revision)
 
 
 class Validate(PoolRequest):
@@ -132,7 +132,7 @@ class LeaseOf(PoolRequest):
         return ops.GetLease(self.user_id)
 
     def result(self, core: PoolCore, raw: LeaseRecord | None, revision: int) -> Granted | None:
-        return None if raw is None else Granted(raw, core.names(raw.slot), None)
+        return None if raw is None else Granted(raw, core.names(raw[SLOT]), None)
 
 
 class Clear(PoolRequest):

@@ -7,18 +7,18 @@ from typing import Any
 import attrs
 
 from .._commands import Granted, PoolInfo, TokenInfo
-from .._model import LeaseRecord, Stats, Usage, iso, to_us
+from .._model import FENCE, ID, START, STOP, USER, LeaseRecord, Stats, Usage, iso, to_us
 
 
 def lease_json(granted: Granted) -> dict[str, Any]:
     lease = granted.lease
     out: dict[str, Any] = {
-        "id": lease.id,
+        "id": lease[ID],
         "token_id": granted.token_id,
-        "user_id": lease.user_id,
-        "fence": lease.fence,
-        "activated_at": iso(lease.activated_us),
-        "expires_at": iso(lease.expires_us),
+        "user_id": lease[USER],
+        "fence": lease[FENCE],
+        "activated_at": iso(lease[START]),
+        "expires_at": iso(lease[STOP]),
     }
     if granted.revision is not None:
         out["revision"] = granted.revision
@@ -43,9 +43,9 @@ def token_json(token: TokenInfo) -> dict[str, Any]:
     return {
         "id": token.token_id,
         "status": "available" if lease is None else "active",
-        "current_user_id": None if lease is None else lease.user_id,
-        "activated_at": None if lease is None else iso(lease.activated_us),
-        "expires_at": None if lease is None else iso(lease.expires_us),
+        "current_user_id": None if lease is None else lease[USER],
+        "activated_at": None if lease is None else iso(lease[START]),
+        "expires_at": None if lease is None else iso(lease[STOP]),
     }
 
 
@@ -53,11 +53,11 @@ def active_usage(record: LeaseRecord | None) -> dict[str, Any] | None:
     if record is None:
         return None
     return {
-        "id": record.id,
-        "user_id": record.user_id,
-        "started_at": iso(record.activated_us),
-        "expires_at": iso(record.expires_us),
-        "fence": record.fence,
+        "id": record[ID],
+        "user_id": record[USER],
+        "started_at": iso(record[START]),
+        "expires_at": iso(record[STOP]),
+        "fence": record[FENCE],
     }
 
 

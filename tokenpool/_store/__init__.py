@@ -19,12 +19,19 @@ import attrs
 
 from .._errors import InvalidArgumentError, UnavailableError
 from .._model import (
+    ADD,
+    CREATED,
+    END,
     GRANT,
+    KIND,
+    RENEW,
+    RETIRE,
+    SLOT,
+    TOKENS,
+    USER,
     EndRecord,
     LeaseRecord,
     Record,
-    TokensAdded,
-    TokensRetired,
     Usage,
     record_revision,
 )
@@ -164,20 +171,22 @@ class Batch:
         history = self.history
         users = self.users
         for record in records:
-            if type(record) is EndRecord:
+            kind = record[KIND]
+            if kind == END:
                 history.append(record)
-                final[record.slot] = None
-            elif type(record) is LeaseRecord:
-                final[record.slot] = record
-                if record.kind == GRANT:  # a renewal's user is known already
-                    users[record.user_id] = None
-            elif type(record) is TokensAdded:
+                final[record[SLOT]] = None
+            elif kind == GRANT:
+                final[record[SLOT]] = record
+                users[record[USER]] = None
+            elif kind == RENEW:  # a renewal's user is known already
+                final[record[SLOT]] = record
+            elif kind == ADD:
                 self.tokens_added += [
-                    (slot, token, record.created_us) for slot, token in record.tokens
+                    (slot, token, record[CREATED]) for slot, token in record[TOKENS]
                 ]
-            elif type(record) is TokensRetired:
-                self.tokens_retired += [(slot, record.at_us) for slot in record.slots]
-                for slot in record.slots:
+            elif kind == RETIRE:
+                self.tokens_retired += [(slot, record[CREATED]) for slot in record[TOKENS]]
+                for slot in record[TOKENS]:
                     final[slot] = None
         self.records += len(records)
         if records:

@@ -36,7 +36,7 @@ import traceback
 from typing import Any
 
 from .._errors import TokenPoolError
-from .._model import Record, TokensAdded, from_wire
+from .._model import ADD, KIND, TOKENS, Record
 from . import Batch, FencedError, LinkState, RejectedError, Store, StoreError, open_store
 from .frames import FrameDecoder, encode
 
@@ -150,8 +150,7 @@ class StoreProcess:
             _, key, seq, chunks, counters, clock_us = message
             sink = self.sinks.get(key)
             if sink is not None and not sink.fenced:
-                named = [from_wire(records) for records in chunks]
-                sink.pending.append((seq, named, counters, clock_us))
+                sink.pending.append((seq, chunks, counters, clock_us))
             return
         if kind == "close":
             self.closing_since = time.monotonic()
@@ -266,8 +265,8 @@ class StoreProcess:
     @staticmethod
     def _learn_tokens(sink: PoolSink, records: list[Record]) -> None:
         for record in records:
-            if type(record) is TokensAdded:  # the slots of new tokens
-                for slot, token in record.tokens:
+            if record[KIND] == ADD:  # the slots of new tokens
+                for slot, token in record[TOKENS]:
                     sink.tokens[slot] = token
 
     def isolate(

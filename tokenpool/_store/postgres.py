@@ -27,7 +27,23 @@ import psycopg
 from psycopg import sql
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnknownPoolError
-from .._model import COUNTERS, EndRecord, LeaseRecord, Reason, Usage, to_datetime, to_us
+from .._model import (
+    COUNTERS,
+    FENCE,
+    ID,
+    REASON,
+    REV,
+    SLOT,
+    START,
+    STOP,
+    USER,
+    EndRecord,
+    LeaseRecord,
+    Reason,
+    Usage,
+    to_datetime,
+    to_us,
+)
 from . import (
     MAX_TIME_US,
     MIN_TIME_US,
@@ -74,21 +90,21 @@ def history_copy(pool_id: int, rows: list[EndRecord], tokens: dict[int, str]) ->
                 4,
                 pool_id,
                 8,
-                r.revision,
+                r[REV],
                 16,
-                _uuid(r.id),
+                _uuid(r[ID]),
                 16,
-                _uuid(tokens[r.slot]),
+                _uuid(tokens[r[SLOT]]),
                 8,
-                r.fence,
+                r[FENCE],
                 8,
-                r.activated_us - _PG_EPOCH_US,
+                r[START] - _PG_EPOCH_US,
                 8,
-                r.ended_us - _PG_EPOCH_US,
+                r[STOP] - _PG_EPOCH_US,
             )
         )
-        out.append(reason[r.reason])
-        out.append(_text(r.user_id))
+        out.append(reason[r[REASON]])
+        out.append(_text(r[USER]))
     out.append(_TRAILER)
     return b"".join(out)
 
@@ -108,16 +124,16 @@ def leases_copy(final: dict[int, LeaseRecord | None], tokens: dict[int, str]) ->
                 16,
                 _uuid(tokens[slot]),
                 16,
-                _uuid(r.id),
+                _uuid(r[ID]),
                 8,
-                r.fence,
+                r[FENCE],
                 8,
-                r.activated_us - _PG_EPOCH_US,
+                r[START] - _PG_EPOCH_US,
                 8,
-                r.expires_us - _PG_EPOCH_US,
+                r[STOP] - _PG_EPOCH_US,
             )
         )
-        out.append(_text(r.user_id))
+        out.append(_text(r[USER]))
     out.append(_TRAILER)
     return b"".join(out)
 

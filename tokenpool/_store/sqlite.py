@@ -28,7 +28,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .._errors import InvalidArgumentError, PoolLockedError, UnavailableError, UnknownPoolError
-from .._model import COUNTERS, Reason, Usage, to_datetime
+from .._model import (
+    COUNTERS,
+    FENCE,
+    ID,
+    REASON,
+    REV,
+    SLOT,
+    START,
+    STOP,
+    USER,
+    Reason,
+    Usage,
+    to_datetime,
+)
 from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError, check_times
 
 T = TypeVar("T")
@@ -431,14 +444,14 @@ class SqliteStore:
             rows = [
                 (
                     pool_id,
-                    r.revision,
-                    r.id,
-                    numbers[tokens[r.slot]],
-                    r.fence,
-                    r.activated_us,
-                    r.ended_us,
-                    r.reason,
-                    r.user_id,
+                    r[REV],
+                    r[ID],
+                    numbers[tokens[r[SLOT]]],
+                    r[FENCE],
+                    r[START],
+                    r[STOP],
+                    r[REASON],
+                    r[USER],
                 )
                 for r in batch.history
             ]
@@ -458,11 +471,7 @@ class SqliteStore:
                 " assigned_us = ?, expires_us = ? WHERE token_no = ?",
                 [
                     (
-                        *(
-                            free
-                            if r is None
-                            else (r.id, r.user_id, r.fence, r.activated_us, r.expires_us)
-                        ),
+                        *(free if r is None else (r[ID], r[USER], r[FENCE], r[START], r[STOP])),
                         numbers[tokens[slot]],
                     )
                     for slot, r in batch.final.items()
