@@ -124,6 +124,8 @@ class HttpApp:
             "clients": h.in_flight + h.streams,
             "commands": h.requests,
             "errors": h.errors,
+            "auth_failures": h.auth_failures,
+            "rate_limited": 0 if self.commands is None else self.commands.gate.rate_limited["http"],
         }
         return out
 
