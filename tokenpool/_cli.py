@@ -599,6 +599,7 @@ async def serve(config: Config) -> int:
                 certfile=config.tls_cert,
                 keyfile=config.tls_key,
                 allowed_hosts=_allowed_hosts(config),
+                idle_timeout=config.idle_timeout,
             ),
             latencies,
         )

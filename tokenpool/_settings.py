@@ -93,10 +93,12 @@ def check_seconds(value: object, what: str, low: float, high: float) -> float:
 
 
 def check_name(value: object, what: str = "pool name") -> str:
-    """A pool name: 1 to 64 characters of ``[A-Za-z0-9_.-]``."""
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    """A pool name: 1 to 64 characters of ``[A-Za-z0-9_.-]``, and not ``.`` or ``..``
+    (a URL path segment: ``/api/pools/../tokens`` is ``/api/tokens`` to every browser)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (".", ".."):
         raise InvalidArgumentError(
-            f"{what} must be 1 to 64 characters of A-Z a-z 0-9 _ . -, not {_shown(value)}"
+            f"{what} must be 1 to 64 characters of A-Z a-z 0-9 _ . - (not . or ..),"
+            f" not {_shown(value)}"
         )
     return value
 

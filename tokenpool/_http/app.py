@@ -28,7 +28,7 @@ from .._store import LinkState
 from . import routes
 from .middleware import BrowserGuard, Outer
 from .replies import usage_json
-from .schemas import BIG_LISTING, SLICE, ApiError, error_response
+from .schemas import BIG_LISTING, SLICE, ApiError, error_response, plain_problem
 
 if TYPE_CHECKING:
     from .._pool import Pool, Pools
@@ -47,6 +47,7 @@ class HttpSettings:
     certfile: str | None = None  # with keyfile: HTTPS only (as --tls-cert makes RESP TLS only)
     keyfile: str | None = None
     allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES  # None: any (--http-allowed-hosts '*')
+    idle_timeout: float = 30.0  # seconds a request's body may take (--idle-timeout)
 
 
 @attrs.frozen
@@ -77,7 +78,9 @@ class HttpApp:
         self.registry = CollectorRegistry()
         self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
         self.api = self._build()
-        self.asgi = BrowserGuard(Outer(self.api, self), settings.allowed_hosts)
+        self.asgi = BrowserGuard(
+            Outer(self.api, self, settings.idle_timeout), settings.allowed_hosts
+        )
 
     @property
     def default_pool(self) -> str:
@@ -121,7 +124,7 @@ class HttpApp:
             }
         h = self.statistics()
         out["http"] = {
-            "clients": h.in_flight + h.streams,
+            "clients": h.in_flight,  # an event stream is a request in flight: counted once
             "commands": h.requests,
             "errors": h.errors,
             "auth_failures": h.auth_failures,
@@ -218,10 +221,7 @@ class HttpApp:
 
         @api.exception_handler(RequestValidationError)
         async def invalid(request: Request, error: RequestValidationError) -> Response:
-            problems = []
-            for item in error.errors()[:5]:
-                where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
-                problems.append(f"{where or 'body'}: {item.get('msg', 'invalid')}")
+            problems = [plain_problem(item) for item in error.errors()[:5]]
             self.errors += 1
             return error_response("INVALID", "; ".join(problems) or "invalid request")
 

@@ -64,6 +64,21 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
         await out(f"retry: 2000\n: events of pool {self.pool.name}\n\n")
+        current = self.pool.statistics().stats.revision
+        if self.since is not None and self.since > current:
+            # a revision this pool never reached: the server restarted without its
+            # history (memory store). Resuming would skip silently, then go back to
+            # lower ids: tell the client to reload, as for compacted history.
+            payload = json.dumps(
+                {
+                    "kind": "compacted",
+                    "oldest": current + 1,
+                    "message": f"revision {self.since} is ahead of this pool's {current}"
+                    " (the server restarted without its history): reload",
+                }
+            )
+            await out(f"event: compacted\ndata: {payload}\n\n")
+            return
         try:
             async with self.pool.watch(self.since) as events:
                 self.owner.subscriptions.add(events)

@@ -1,11 +1,12 @@
-"""ASGI middleware: request bodies bounded before they are read, requests in flight
-counted, each request timed under its route's name."""
+"""ASGI middleware: request bodies read whole within a size and a deadline, requests
+in flight counted, each request timed under its route's name."""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
+import trio
 from starlette.types import Receive, Scope, Send
 
 from .._settings import host_name
@@ -16,49 +17,97 @@ if TYPE_CHECKING:
 
 
 class Outer:
-    """Bounds request bodies (413 before reading past ``MAX_BODY``), counts requests in
-    flight, and times each one under its route's name."""
+    """Bounds request bodies, counts requests in flight, and times each one under its
+    route's name.
 
-    def __init__(self, app: Any, owner: HttpApp) -> None:
+    A body is read whole here, before the app sees it, within ``MAX_BODY`` bytes (413
+    ``TOOLARGE``, before reading past a declared length, or as soon as a chunked body
+    passes it) and within ``body_timeout`` seconds of the request's start (408, so a
+    body sent a byte a second is dropped). A request with both ``Content-Length`` and
+    ``Transfer-Encoding`` is refused (400) and its connection closed (RFC 9112 §6.1:
+    the two framings disagree, the classic request-smuggling shape)."""
+
+    def __init__(self, app: Any, owner: HttpApp, body_timeout: float = 30.0) -> None:
         self.app = app
         self.owner = owner
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        length: int | None = None
+        chunked = False
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     length = int(value)
                 except ValueError:
                     length = MAX_BODY + 1
-                if length > MAX_BODY or length < 0:
-                    await error_response(
-                        "TOOLARGE", f"a request body may have at most {MAX_BODY} bytes"
-                    )(scope, receive, send)
-                    return
-        seen = 0
-
-        async def bounded() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > MAX_BODY:  # chunked, no length: stop reading, as if it hung up
-                    return {"type": "http.disconnect"}
-            return message
+            elif name == b"transfer-encoding":
+                chunked = True
+        refusal = None
+        if chunked and length is not None:
+            refusal = (
+                "BADFRAMING",
+                "a request may not have both Content-Length and Transfer-Encoding",
+            )
+        elif length is not None and (length > MAX_BODY or length < 0):
+            refusal = ("TOOLARGE", f"a request body may have at most {MAX_BODY} bytes")
+        elif chunked or length:
+            body = await self._body(receive)
+            if isinstance(body, tuple):
+                refusal = body
+            elif body is None:
+                return  # the client hung up
+            else:
+                receive = _replay(body, receive)
+        if refusal is not None:
+            # the rest of the body is unread: the connection cannot be reused
+            closing = {"connection": "close"}
+            await error_response(*refusal, closing)(scope, receive, send)
+            return
 
         owner = self.owner
         owner.in_flight += 1
         started = time.perf_counter()
         try:
-            await self.app(scope, bounded, send)
+            await self.app(scope, receive, send)
         finally:
             owner.in_flight -= 1
             route = scope.get("route")
             name = getattr(route, "name", None) or "other"
             owner.latencies.observe("http", name, time.perf_counter() - started)
+
+    async def _body(self, receive: Receive) -> bytes | tuple[str, str] | None:
+        """The whole body; a refusal (too large, too slow); None if the client left."""
+        parts: list[bytes] = []
+        seen = 0
+        with trio.move_on_after(self.body_timeout):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None
+                chunk = message.get("body", b"")
+                seen += len(chunk)
+                if seen > MAX_BODY:
+                    return ("TOOLARGE", f"a request body may have at most {MAX_BODY} bytes")
+                parts.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(parts)
+        return ("SLOWBODY", f"the request body took longer than {self.body_timeout:g} s")
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the body read already, then what the connection says."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Any:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed
 
 
 UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -35,6 +35,8 @@ STATUS = {
     "BUSY": 429,
     "COMPACTED": 410,
     "TOOLARGE": 413,
+    "BADFRAMING": 400,
+    "SLOWBODY": 408,
     "NOTJSON": 415,
     "CROSSSITE": 403,
     "BADHOST": 421,
@@ -70,6 +72,64 @@ def error_response(code: str, message: str, headers: dict[str, str] | None = Non
         status_code=STATUS.get(code, 500),
         headers=headers,
     )
+
+
+_RULES = {
+    "user_id": "user_id must be 1 to 128 characters (at most 128 bytes of UTF-8) with no"
+    " space or control character",
+    "lease_id": "lease_id must be a UUID (8-4-4-4-12 hexadecimal digits)",
+    "token_id": "token_id must be a UUID (8-4-4-4-12 hexadecimal digits)",
+    "pool": "the pool name must be 1 to 64 characters of A-Z a-z 0-9 _ . - (not . or ..)",
+    "name": "name must be 1 to 64 characters of A-Z a-z 0-9 _ . - (not . or ..)",
+}
+_PLACES = {"query": "the query parameter ", "header": "the header ", "path": "", "body": ""}
+
+
+def plain_problem(item: Any) -> str:
+    """One of pydantic's validation errors in plain words: what was wrong and the rule,
+    never a regular expression or pydantic's own wording."""
+    loc = [str(p) for p in item.get("loc", ())]
+    place = _PLACES.get(loc[0], "") if loc else ""
+    field = ".".join(loc[1:]) if loc and loc[0] in _PLACES else ".".join(loc)
+    kind = str(item.get("type", ""))
+    ctx = item.get("ctx") or {}
+    if not field:  # the body as a whole
+        if kind == "missing":
+            return "the request needs a JSON body"
+        if kind == "json_invalid":
+            return "the body is not valid JSON"
+        return "the body must be a JSON object"
+    name = f"{place}{field}"
+    if kind == "missing":
+        return f"{name} is required"
+    if kind == "extra_forbidden":
+        return f"{name} is not a field this request takes"
+    rule = _RULES.get(loc[-1])
+    if rule is not None and kind.startswith("string"):
+        return rule if not place else f"{place}{rule}"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"{name} must be at least {ctx.get('ge', ctx.get('gt'))}"
+    if kind in ("less_than_equal", "less_than"):
+        return f"{name} must be at most {ctx.get('le', ctx.get('lt'))}"
+    if kind == "string_too_short":
+        return f"{name} must have at least {ctx.get('min_length')} characters"
+    if kind == "string_too_long":
+        return f"{name} may have at most {ctx.get('max_length')} characters"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{name} must be a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return f"{name} must be a number"
+    if kind == "finite_number":
+        return f"{name} must be a finite number"
+    if kind in ("enum", "literal_error"):
+        return f"{name} must be one of {ctx.get('expected', 'the documented values')}"
+    if kind == "string_type":
+        return f"{name} must be a string"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{name} must be true or false"
+    if kind in ("dict_type", "model_attributes_type", "model_type"):
+        return f"{name} must be a JSON object"
+    return f"{name} is not valid" + (f": {rule}" if rule else "")
 
 
 class _Model(BaseModel):
