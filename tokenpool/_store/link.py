@@ -289,6 +289,16 @@ class StoreLink:
         self._proved(sent)  # it took (or holds) the lock just now
         return key, snapshot
 
+    async def open_pools(self, names: list[str]) -> list[tuple[int, Snapshot]]:
+        """Take ownership of many stored pools and load them: ONE request, whatever
+        their number (restore at start)."""
+        keys = list(range(self._next_key + 1, self._next_key + 1 + len(names)))
+        self._next_key += len(names)
+        sent = time.monotonic()
+        snapshots: list[Snapshot] = await self._request("open_many", 0, keys, names)
+        self._proved(sent)
+        return list(zip(keys, snapshots, strict=True))
+
     async def list_pools(self) -> list[str]:
         """The names of the pools the store holds (not dropped), oldest first."""
         names: list[str] = await self._request("list", 0)
