@@ -243,6 +243,12 @@ class StoreLink:
             raise result
         return result
 
+    @property
+    def requests(self) -> int:
+        """How many requests (open, list, settings, drop, proofs) were sent to the store
+        process so far: recovery's stay bounded whatever the number of pools."""
+        return self._next_request
+
     def owns(self) -> bool:
         """Whether a proof that this process owns the store still vouches (it is never
         true once the store process has died)."""
