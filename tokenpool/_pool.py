@@ -633,6 +633,33 @@ class Pools:
         async with self._lock:
             return await self._open(name, PoolSettings(), create=False, stored=True)
 
+    async def restore_all(self, names: Sequence[str]) -> list[Pool]:
+        """Serve the store's pools ``names`` (those not served yet) with their stored
+        settings, in bulk: ownership and snapshots for RESTORE_BATCH pools per request
+        to the store process (one transaction), and what recovery changed submitted for
+        all of them before waiting for any commit."""
+        served: list[Pool] = []
+        async with self._lock:
+            names = list(dict.fromkeys(n for n in names if n not in self._pools))
+            link = await self._start_link()
+            if link is None:
+                raise UnknownPoolError("a pool can only be restored from a store")
+            for start in range(0, len(names), RESTORE_BATCH):
+                chunk = names[start : start + RESTORE_BATCH]
+                opened = await link.open_pools(chunk)
+                recovered = []
+                for name, (key, snapshot) in zip(chunk, opened, strict=True):
+                    settings = PoolSettings.make(**snapshot.settings)
+                    clock = self._clock.fork() if self._clock is not None else Clock()
+                    state, writer = self._recover(link, name, settings, key, snapshot, clock)
+                    recovered.append((name, settings, state, clock, writer))
+                for _name, _settings, state, _clock, writer in recovered:
+                    await writer.flush()  # commit what recovery changed, then serve
+                    writer.committed = state.revision
+                for name, settings, state, clock, writer in recovered:
+                    served.append(await self._serve(name, settings, state, clock, writer, link))
+        return served
+
     async def _open(
         self, name: str, settings: PoolSettings, *, create: bool, stored: bool, grow: bool = False
     ) -> Pool:
@@ -641,53 +668,77 @@ class Pools:
         c = self._config
         link = await self._start_link()
         clock = self._clock.fork() if self._clock is not None else Clock()
-        writer: Writer | None = None
         if link is None:
             clock.start()
             state = PoolState(settings, history_memory=c.history_memory)
             state.resize(min(settings.size, GROW_STEP) if grow else settings.size, clock.now_us())
             state.changes = []
-        else:
-            key, snapshot = await link.open_pool(name, settings.as_dict(), create)
-            if stored:
-                settings = PoolSettings.make(**snapshot.settings)
-            state, base = _recovered(
-                snapshot,
-                settings,
-                c.history_memory,
-                clock,
-                name,
-                link.shown,
-                GROW_STEP if grow else None,
+            return await self._serve(name, settings, state, clock, None, None)
+        key, snapshot = await link.open_pool(name, settings.as_dict(), create)
+        if stored:
+            settings = PoolSettings.make(**snapshot.settings)
+        state, writer = self._recover(
+            link, name, settings, key, snapshot, clock, GROW_STEP if grow else None
+        )
+        await writer.flush()  # commit what recovery changed, then serve
+        writer.committed = state.revision
+        if not stored and not snapshot.created and snapshot.settings != settings.as_dict():
+            await link.save_settings(key, settings.as_dict())
+        return await self._serve(name, settings, state, clock, writer, link)
+
+    def _recover(
+        self,
+        link: StoreLink,
+        name: str,
+        settings: PoolSettings,
+        key: int,
+        snapshot: Snapshot,
+        clock: Clock,
+        grow_step: int | None = None,
+    ) -> tuple[PoolState, Writer]:
+        """Rebuild a pool from its snapshot and give it a writer holding what recovery
+        changed (submitted, not yet committed: the caller waits for that)."""
+        c = self._config
+        state, base = _recovered(
+            snapshot, settings, c.history_memory, clock, name, link.shown, grow_step
+        )
+        writer = Writer(
+            link,
+            key,
+            name,
+            max_backlog=c.max_backlog,
+            write_timeout=c.write_timeout,
+            committed=base,
+            # sync callers are told of a refusal; async ones were answered already
+            hold_after_refusal=REFUSAL_HOLD if c.durability == "async" else 0.0,
+            vouch_from=time.monotonic() + OWNERSHIP_VALIDITY if snapshot.unclean else 0.0,
+        )
+        if snapshot.unclean:
+            log.warning(
+                "store_not_released",
+                pool=name,
+                store=link.shown,
+                seconds=OWNERSHIP_VALIDITY,
+                note="the previous owner did not release the pool (killed, cut off or"
+                " its file replaced): it may still vouch; this pool vouches for no"
+                " lease until its validity has run out",
             )
-            writer = Writer(
-                link,
-                key,
-                name,
-                max_backlog=c.max_backlog,
-                write_timeout=c.write_timeout,
-                committed=base,
-                # sync callers are told of a refusal; async ones were answered already
-                hold_after_refusal=REFUSAL_HOLD if c.durability == "async" else 0.0,
-                vouch_from=time.monotonic() + OWNERSHIP_VALIDITY if snapshot.unclean else 0.0,
-            )
-            if snapshot.unclean:
-                log.warning(
-                    "store_not_released",
-                    pool=name,
-                    store=link.shown,
-                    seconds=OWNERSHIP_VALIDITY,
-                    note="the previous owner did not release the pool (killed, cut off or"
-                    " its file replaced): it may still vouch; this pool vouches for no"
-                    " lease until its validity has run out",
-                )
-            link.add_writer(writer)
-            changes, state.changes = state.changes, []
-            writer.submit(changes, state.counters(), state.now, state.revision)
-            await writer.flush()  # commit what recovery changed, then serve
-            writer.committed = state.revision
-            if not stored and not snapshot.created and snapshot.settings != settings.as_dict():
-                await link.save_settings(key, settings.as_dict())
+        link.add_writer(writer)
+        changes, state.changes = state.changes, []
+        writer.submit(changes, state.counters(), state.now, state.revision)
+        return state, writer
+
+    async def _serve(
+        self,
+        name: str,
+        settings: PoolSettings,
+        state: PoolState,
+        clock: Clock,
+        writer: Writer | None,
+        link: StoreLink | None,
+    ) -> Pool:
+        """Start the actor of a pool recovered (or made) and serve it."""
+        c = self._config
         if settings.size >= LARGE_POOL:
             # Move the token tables to the GC's permanent generation: full collections
             # would otherwise rescan structures that are never garbage.
@@ -788,6 +839,10 @@ class Pools:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(reader.close)
 
+
+RESTORE_BATCH = 1_000
+"""Pools opened per request to the store process at start (one transaction each): the
+round trips grow with the pools a thousand at a time, and no request nears its deadline."""
 
 REFUSAL_HOLD = 5.0
 """Seconds an async pool refuses activations after the store refused a batch for good,
@@ -936,9 +991,7 @@ async def open_pools(
                 if restore and store is not None:
                     link = await pools._start_link()
                     assert link is not None
-                    for name in await link.list_pools():
-                        if name not in pools:
-                            await pools.restore(name)
+                    await pools.restore_all(await link.list_pools())
                 yield pools
             finally:
                 with trio.CancelScope(shield=True):

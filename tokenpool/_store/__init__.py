@@ -212,6 +212,11 @@ class Store(Protocol):
         it does not exist and ``create`` is false.
         """
 
+    def open_pools(self, names: list[str]) -> list[Snapshot]:
+        """``open_pool`` (``create`` false) for many pools in one transaction, in a number
+        of statements that does not grow with the pools (restore at start). Raises as
+        ``open_pool``; then none of them is taken."""
+
     def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
         """Apply ``batch`` in one transaction, idempotently (``retry``: it may have
         committed already). Raises ``StoreError``, ``RejectedError``, ``FencedError``."""

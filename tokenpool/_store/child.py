@@ -164,6 +164,14 @@ class StoreProcess:
                 self.sinks[key] = PoolSink(key, snapshot.pool_id, tokens)
                 self.channel.send(("reply", request, snapshot))
                 return
+            if kind == "open_many":  # restore at start: many pools, one transaction
+                keys, names = message[3], message[4]
+                snapshots = self.store.open_pools(names)
+                for key, snapshot in zip(keys, snapshots, strict=True):
+                    tokens = {slot: t for slot, (t, _) in enumerate(snapshot.tokens)}
+                    self.sinks[key] = PoolSink(key, snapshot.pool_id, tokens)
+                self.channel.send(("reply", request, snapshots))
+                return
             if kind == "list":
                 self.channel.send(("reply", request, self.store.list_pools()))
                 return

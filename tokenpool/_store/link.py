@@ -243,6 +243,12 @@ class StoreLink:
             raise result
         return result
 
+    @property
+    def requests(self) -> int:
+        """How many requests (open, list, settings, drop, proofs) were sent to the store
+        process so far: recovery's stay bounded whatever the number of pools."""
+        return self._next_request
+
     def owns(self) -> bool:
         """Whether a proof that this process owns the store still vouches (it is never
         true once the store process has died)."""
@@ -288,6 +294,16 @@ class StoreLink:
         snapshot: Snapshot = await self._request("open", key, name, settings, create)
         self._proved(sent)  # it took (or holds) the lock just now
         return key, snapshot
+
+    async def open_pools(self, names: list[str]) -> list[tuple[int, Snapshot]]:
+        """Take ownership of many stored pools and load them: ONE request, whatever
+        their number (restore at start)."""
+        keys = list(range(self._next_key + 1, self._next_key + 1 + len(names)))
+        self._next_key += len(names)
+        sent = time.monotonic()
+        snapshots: list[Snapshot] = await self._request("open_many", 0, keys, names)
+        self._proved(sent)
+        return list(zip(keys, snapshots, strict=True))
 
     async def list_pools(self) -> list[str]:
         """The names of the pools the store holds (not dropped), oldest first."""

@@ -272,17 +272,7 @@ class PostgresStore:
     def open_pool(self, name: str, settings: dict[str, Any], create: bool) -> Snapshot:
         try:
             conn = self._connection()
-            deadline = time.monotonic() + self.lock_wait
-            while not self._take_lock(conn, name):
-                if time.monotonic() < deadline:
-                    # A crashed server's store process may still be writing: it exits
-                    # (and frees the lock) once done. Wait a little for it.
-                    time.sleep(0.05)
-                    continue
-                raise PoolLockedError(
-                    f"pool {name!r} in schema {self.schema!r} of {self.url} is owned by"
-                    " another process; stop it first (or give this pool another name)"
-                )
+            self._lock_or_wait(conn, name)
             owner = f"{socket.gethostname()}:{os.getpid()}"
             with conn.transaction():
                 made = False
@@ -374,6 +364,196 @@ class PostgresStore:
             pool_id, epoch, revision, clock_us, stored, counters, tokens, leases, made, unclean
         )
 
+    def _lock_or_wait(self, conn: psycopg.Connection[Any], name: str) -> None:
+        deadline = time.monotonic() + self.lock_wait
+        while not self._take_lock(conn, name):
+            if time.monotonic() < deadline:
+                # A crashed server's store process may still be writing: it exits
+                # (and frees the lock) once done. Wait a little for it.
+                time.sleep(0.05)
+                continue
+            raise PoolLockedError(
+                f"pool {name!r} in schema {self.schema!r} of {self.url} is owned by"
+                " another process; stop it first (or give this pool another name)"
+            )
+
+    def open_pools(self, names: list[str]) -> list[Snapshot]:
+        """``open_pool`` for many stored pools at once (restore at start): every lock
+        tried in one query, then ONE transaction of set-wise statements (the rows, the
+        high-water marks, the epoch bump, the tokens, the leases), whatever the number
+        of pools. Raises as ``open_pool`` does; then no pool of the batch is taken."""
+        if not names:
+            return []
+        conn: psycopg.Connection[Any] | None = None
+        locked: list[str] = []
+        try:
+            conn = self._connection()
+            keys = [f"tokenpool/{self.schema}/{name}" for name in names]
+            tried = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(k, 0)) FROM"
+                " unnest(%s::text[]) WITH ORDINALITY AS u(k, i) ORDER BY i",
+                (keys,),
+            ).fetchall()
+            for name, (got_lock,) in zip(names, tried, strict=True):
+                if not got_lock:
+                    self._lock_or_wait(conn, name)  # a previous owner finishing: wait for it
+                locked.append(name)
+            snapshots = self._load_many(conn, names)
+        except psycopg.Error as error:
+            self._drop_broken()
+            raise StoreError(
+                f"cannot open {len(names)} pools in {self.url}: {_first_line(error)}"
+            ) from error
+        except BaseException:
+            if conn is not None and not conn.closed and not conn.broken:
+                for name in locked:
+                    self._unlock(conn, name)
+            raise
+        for snapshot, name in zip(snapshots, names, strict=True):
+            self._pools[snapshot.pool_id] = (name, snapshot.epoch)
+        return snapshots
+
+    def _load_many(self, conn: psycopg.Connection[Any], names: list[str]) -> list[Snapshot]:
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+        epoch_us = "(extract(epoch FROM {0}) * 1000000)::numeric"
+        with conn.transaction():
+            rows = {
+                r[1]: r
+                for r in conn.execute(
+                    "SELECT id, name, dropped_at IS NOT NULL, owner FROM pools"
+                    " WHERE name = ANY(%s)",
+                    (names,),
+                )
+            }
+            for name in names:
+                if name not in rows or rows[name][2]:
+                    raise UnknownPoolError(f"no pool {name!r} in {self.url}")
+            ids = [int(rows[name][0]) for name in names]
+            newest = {
+                int(r[0]): r[1:]
+                for r in conn.execute(
+                    "SELECT p.id, h.revision, h.ended, h.started FROM unnest(%s::integer[]) AS"
+                    " p(id) JOIN LATERAL (SELECT revision, "
+                    + epoch_us.format("ended_at")
+                    + " AS ended, "
+                    + epoch_us.format("started_at")
+                    + " AS started FROM token_usage_history WHERE pool_id = p.id"
+                    " ORDER BY revision DESC LIMIT 1) h ON true",
+                    (ids,),
+                )
+            }
+            held = {
+                int(r[0]): r[1:]
+                for r in conn.execute(
+                    "SELECT pool_id, max(fence), "
+                    + ", ".join(
+                        f"{f}({epoch_us.format(c)})"
+                        for c in ("assigned_at", "expires_at")
+                        for f in ("max", "min")
+                    )
+                    + " FROM token_assignments WHERE pool_id = ANY(%s) GROUP BY pool_id",
+                    (ids,),
+                )
+            }
+            tops: list[int] = []
+            ats: list[int] = []
+            for name, pool_id in zip(names, ids, strict=True):
+                revision, at = self._check_high_water(
+                    name, newest.get(pool_id), held.get(pool_id, (None,) * 5)
+                )
+                tops.append(revision)
+                ats.append(at)
+            got = {
+                int(r[0]): r
+                for r in conn.execute(
+                    "UPDATE pools p SET revision = greatest(p.revision, v.rev),"
+                    " clock_us = greatest(p.clock_us, v.at),"
+                    " owner_epoch = greatest(p.owner_epoch + 1,"
+                    " (greatest(p.revision, v.rev) >> 40) + 1),"
+                    " owner = %s, owned_at = now()"
+                    " FROM unnest(%s::integer[], %s::bigint[], %s::bigint[]) AS v(id, rev, at)"
+                    " WHERE p.id = v.id RETURNING p.id, p.owner_epoch, p.revision, p.clock_us,"
+                    " p.size, p.ttl_seconds, p.when_full, p.min_hold_seconds,"
+                    " p.max_lifetime_seconds, " + ", ".join(f"p.{c}" for c in _COUNTERS),
+                    (owner, ids, tops, ats),
+                )
+            }
+        tokens: dict[int, list[tuple[str, int]]] = {pool_id: [] for pool_id in ids}
+        for r in conn.execute(
+            "SELECT pool_id, id, created_at FROM tokens WHERE pool_id = ANY(%s)"
+            " AND retired_at IS NULL ORDER BY pool_id, created_at, id",
+            (ids,),
+        ):
+            tokens[int(r[0])].append((str(r[1]), to_us(r[2])))
+        leases: dict[int, list[tuple[str, str, str, int, int, int]]] = {i: [] for i in ids}
+        for r in conn.execute(
+            "SELECT pool_id, lease_id, token_id, user_id, fence, assigned_at, expires_at"
+            " FROM token_assignments WHERE pool_id = ANY(%s) AND lease_id IS NOT NULL"
+            " ORDER BY pool_id, assigned_at, fence",
+            (ids,),
+        ):
+            leases[int(r[0])].append(
+                (str(r[1]), str(r[2]), r[3], int(r[4]), to_us(r[5]), to_us(r[6]))
+            )
+        snapshots = []
+        for name, pool_id in zip(names, ids, strict=True):
+            snapshots.append(
+                self._snapshot(got[pool_id], tokens[pool_id], leases[pool_id], rows[name])
+            )
+        return snapshots
+
+    @staticmethod
+    def _snapshot(
+        got: Any,
+        tokens: list[tuple[str, int]],
+        leases: list[tuple[str, str, str, int, int, int]],
+        row: Any,
+        made: bool = False,
+    ) -> Snapshot:
+        """A snapshot from the ``pools`` row after the epoch bump (``got``: id, epoch,
+        revision, clock, the settings, the counters) and the pool's tokens and leases;
+        ``row``: (id, name or id, dropped, owner) before it, or ``None`` when made now."""
+        pool_id, epoch, revision, clock_us = int(got[0]), int(got[1]), int(got[2]), int(got[3])
+        stored = {
+            "size": int(got[4]),
+            "ttl": float(got[5]),
+            "when_full": got[6],
+            "min_hold": float(got[7]),
+            "max_lifetime": None if got[8] is None else float(got[8]),
+        }
+        counters = {k: int(v) for k, v in zip(_COUNTERS, got[9:], strict=True)}
+        clock_us = max(
+            clock_us,
+            max((lease[4] for lease in leases), default=0),
+            max((t[1] for t in tokens), default=0),
+        )
+        unclean = row is not None and not row[2] and row[3] is not None
+        return Snapshot(
+            pool_id, epoch, revision, clock_us, stored, counters, tokens, leases, made, unclean
+        )
+
+    def _check_high_water(self, name: str, newest: Any, held: Any) -> tuple[int, int]:
+        """The highest revision and time from the newest history row (revision, ended,
+        started; or ``None``) and the assignments' (max fence, max/min assigned, max/min
+        expires); refuses (``InvalidArgumentError``) a time no reply could show."""
+        times = {
+            "newest token_usage_history.ended_at": None if newest is None else newest[1],
+            "newest token_usage_history.started_at": None if newest is None else newest[2],
+            "latest token_assignments.assigned_at": held[1],
+            "earliest token_assignments.assigned_at": held[2],
+            "latest token_assignments.expires_at": held[3],
+            "earliest token_assignments.expires_at": held[4],
+        }
+        for what, value in times.items():
+            if value is not None and not MIN_TIME_US <= value <= MAX_TIME_US:
+                raise InvalidArgumentError(
+                    f"pool {name!r} in {self.url} holds a time outside years 1 to 9999"
+                    f" ({what}): fix or remove that row, then start again"
+                )
+        revision = max(0 if newest is None else int(newest[0]), int(held[0] or 0))
+        at = max(0 if newest is None else int(newest[1]), int(held[1] or 0))
+        return revision, at
+
     def _high_water(self, conn: psycopg.Connection[Any], name: str) -> tuple[int, int]:
         """The highest revision and time the pool's rows hold, whatever its ``pools`` row
         says (one restored from an older backup must not restart fences below them): the
@@ -400,23 +580,7 @@ class PostgresStore:
             (name,),
         ).fetchone()
         assert held is not None
-        times = {
-            "newest token_usage_history.ended_at": None if newest is None else newest[1],
-            "newest token_usage_history.started_at": None if newest is None else newest[2],
-            "latest token_assignments.assigned_at": held[1],
-            "earliest token_assignments.assigned_at": held[2],
-            "latest token_assignments.expires_at": held[3],
-            "earliest token_assignments.expires_at": held[4],
-        }
-        for what, value in times.items():
-            if value is not None and not MIN_TIME_US <= value <= MAX_TIME_US:
-                raise InvalidArgumentError(
-                    f"pool {name!r} in {self.url} holds a time outside years 1 to 9999"
-                    f" ({what}): fix or remove that row, then start again"
-                )
-        revision = max(0 if newest is None else int(newest[0]), int(held[0] or 0))
-        at = max(0 if newest is None else int(newest[1]), int(held[1] or 0))
-        return revision, at
+        return self._check_high_water(name, newest, held)
 
     def prove(self) -> dict[int, str]:
         """The session holding the advisory locks is alive (a reconnection retakes them

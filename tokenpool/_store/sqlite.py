@@ -215,75 +215,107 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                made = False
-                row = conn.execute(
-                    "SELECT id, dropped_us IS NOT NULL, owner FROM pools WHERE name = ?", (name,)
-                ).fetchone()
-                if row is None or row[1]:
-                    if not create:
-                        raise UnknownPoolError(f"no pool {name!r} in {self.path}")
-                    made = True
-                values = (
-                    settings["size"],
-                    settings["ttl"],
-                    settings["when_full"],
-                    settings["min_hold"],
-                    settings["max_lifetime"],
-                )
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO pools (name, size, ttl_seconds, when_full, min_hold_seconds,"
-                        " max_lifetime_seconds, created_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (name, *values, _now_us()),
-                    )
-                elif row[1]:
-                    conn.execute(
-                        "UPDATE pools SET dropped_us = NULL, size = ?, ttl_seconds = ?,"
-                        " when_full = ?, min_hold_seconds = ?, max_lifetime_seconds = ?"
-                        " WHERE name = ?",
-                        (*values, name),
-                    )
-                top_revision, top_us = self._high_water(conn, name)
-                conn.execute(
-                    "UPDATE pools SET revision = max(revision, ?), clock_us = max(clock_us, ?),"
-                    " owner_epoch = max(owner_epoch + 1, (max(revision, ?) >> 40) + 1),"
-                    " owner = ?, owned_us = ? WHERE name = ?",
-                    (
-                        top_revision,
-                        top_us,
-                        top_revision,
-                        f"{socket.gethostname()}:{os.getpid()}",
-                        _now_us(),
-                        name,
-                    ),
-                )
-                got = conn.execute(
-                    "SELECT id, owner_epoch, revision, clock_us, size, ttl_seconds, when_full,"
-                    " min_hold_seconds, max_lifetime_seconds, "
-                    + ", ".join(_COUNTERS)
-                    + " FROM pools WHERE name = ?",
-                    (name,),
-                ).fetchone()
+                taken = self._take(conn, name, settings, create)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-            pool_id = int(got[0])
-            rows = conn.execute(
-                "SELECT id, created_us, no FROM tokens WHERE pool_id = ? AND retired_us IS NULL"
-                " ORDER BY created_us, id",
-                (pool_id,),
-            ).fetchall()
-            self._numbers.update((r[0], r[2]) for r in rows)
-            tokens = [(r[0], r[1]) for r in rows]
-            leases = conn.execute(
-                "SELECT a.lease_id, t.id, a.user_id, a.fence, a.assigned_us, a.expires_us"
-                " FROM token_assignments a JOIN tokens t ON t.no = a.token_no"
-                " WHERE a.pool_id = ? AND a.lease_id IS NOT NULL ORDER BY a.assigned_us, a.fence",
-                (pool_id,),
-            ).fetchall()
+            return self._load(conn, name, *taken)
         except sqlite3.Error as error:
             raise StoreError(f"cannot open pool {name!r} in {self.path}: {error}") from error
+
+    def open_pools(self, names: list[str]) -> list[Snapshot]:
+        """``open_pool`` for many stored pools at once (restore at start): ownership of
+        all of them taken in ONE transaction (one commit), then each one loaded. Raises
+        as ``open_pool`` does; then no pool of the batch is taken."""
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                taken = [self._take(conn, name, None, False) for name in names]
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return [self._load(conn, name, *t) for name, t in zip(names, taken, strict=True)]
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open {len(names)} pools in {self.path}: {error}") from error
+
+    def _take(
+        self, conn: sqlite3.Connection, name: str, settings: dict[str, Any] | None, create: bool
+    ) -> tuple[Any, bool, Any]:
+        """In the caller's transaction: make the pool if asked (``settings``), bump its
+        owner epoch above everything stored; the row before, whether it was made, and
+        the row after."""
+        made = False
+        row = conn.execute(
+            "SELECT id, dropped_us IS NOT NULL, owner FROM pools WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None or row[1]:
+            if not create or settings is None:
+                raise UnknownPoolError(f"no pool {name!r} in {self.path}")
+            made = True
+            values = (
+                settings["size"],
+                settings["ttl"],
+                settings["when_full"],
+                settings["min_hold"],
+                settings["max_lifetime"],
+            )
+            if row is None:
+                conn.execute(
+                    "INSERT INTO pools (name, size, ttl_seconds, when_full, min_hold_seconds,"
+                    " max_lifetime_seconds, created_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (name, *values, _now_us()),
+                )
+            else:
+                conn.execute(
+                    "UPDATE pools SET dropped_us = NULL, size = ?, ttl_seconds = ?,"
+                    " when_full = ?, min_hold_seconds = ?, max_lifetime_seconds = ?"
+                    " WHERE name = ?",
+                    (*values, name),
+                )
+        top_revision, top_us = self._high_water(conn, name)
+        conn.execute(
+            "UPDATE pools SET revision = max(revision, ?), clock_us = max(clock_us, ?),"
+            " owner_epoch = max(owner_epoch + 1, (max(revision, ?) >> 40) + 1),"
+            " owner = ?, owned_us = ? WHERE name = ?",
+            (
+                top_revision,
+                top_us,
+                top_revision,
+                f"{socket.gethostname()}:{os.getpid()}",
+                _now_us(),
+                name,
+            ),
+        )
+        got = conn.execute(
+            "SELECT id, owner_epoch, revision, clock_us, size, ttl_seconds, when_full,"
+            " min_hold_seconds, max_lifetime_seconds, "
+            + ", ".join(_COUNTERS)
+            + " FROM pools WHERE name = ?",
+            (name,),
+        ).fetchone()
+        return row, made, got
+
+    def _load(
+        self, conn: sqlite3.Connection, name: str, row: Any, made: bool, got: Any
+    ) -> Snapshot:
+        """The snapshot of a pool ``_take`` took: its tokens and leases read now."""
+        pool_id = int(got[0])
+        rows = conn.execute(
+            "SELECT id, created_us, no FROM tokens WHERE pool_id = ? AND retired_us IS NULL"
+            " ORDER BY created_us, id",
+            (pool_id,),
+        ).fetchall()
+        self._numbers.update((r[0], r[2]) for r in rows)
+        tokens = [(r[0], r[1]) for r in rows]
+        leases = conn.execute(
+            "SELECT a.lease_id, t.id, a.user_id, a.fence, a.assigned_us, a.expires_us"
+            " FROM token_assignments a JOIN tokens t ON t.no = a.token_no"
+            " WHERE a.pool_id = ? AND a.lease_id IS NOT NULL ORDER BY a.assigned_us, a.fence",
+            (pool_id,),
+        ).fetchall()
         epoch = int(got[1])
         self._pools[pool_id] = (name, epoch)
         stored = {
