@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -204,8 +207,11 @@ class HttpApp:
                 " /api/pools/{pool} address a named pool. Errors are"
                 ' {"error": {"code", "message"}} with the library\'s codes.'
             ),
+            docs_url=None,  # served below from the package's own copies: no CDN
+            redoc_url=None,
         )
         api.state.owner = self
+        _offline_docs(api)
 
         @api.exception_handler(ApiError)
         async def api_error(request: Request, error: ApiError) -> Response:
@@ -313,3 +319,32 @@ class HttpApp:
             elif writer is not None and writer.link != LinkState.UP:
                 reasons[name] = f"the store link is {writer.link}"
         return not reasons, reasons
+
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def _offline_docs(api: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` from copies in the package (``static/``):
+    FastAPI's defaults load them from a CDN, and are blank on a machine with no network."""
+    api.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="tokenpool: the HTTP API",
+            swagger_js_url="/static/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc() -> Response:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="tokenpool: the HTTP API",
+            redoc_js_url="/static/redoc.standalone.js",
+            redoc_favicon_url="data:,",
+            with_google_fonts=False,
+        )
