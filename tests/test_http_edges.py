@@ -266,3 +266,39 @@ def test_h2c_upgrade_is_ignored() -> None:
         assert not preface.startswith(b"\x00"), "an HTTP/2 SETTINGS frame came back"
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             assert 200 == client.get("/healthz").status_code
+
+
+# -- a stuck event-stream reader --------------------------------------------------------
+
+
+def test_an_event_stream_whose_reader_stops_reading_ends_and_frees_its_slot() -> None:
+    """hypercorn's writes are shielded, so the stuck send itself stays until the client
+    reads or goes; the stream's slot and its subscription in the pool are given back."""
+    import socket
+
+    import redis
+
+    def subscribers(client: httpx.Client) -> float:
+        return metric(client.get("/metrics").text, "tokenpool_event_subscribers", pool="default")
+
+    with serving("--dsn", "memory", "--size", "1", "--idle-timeout", "1") as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        with httpx.Client(base_url=base, timeout=10) as client:
+            stuck = socket.create_connection(("127.0.0.1", server.http_port))
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stuck.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+            time.sleep(1.2)
+            assert 1 == subscribers(client)
+            r = redis.Redis(port=server.port)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                pipe = r.pipeline(transaction=False)
+                for i in range(2_000):  # each evicts: an ended and a granted event
+                    pipe.execute_command("ACTIVATE", f"u{i}")
+                pipe.execute()
+                time.sleep(1.2)  # past --idle-timeout and the metrics cache
+                if subscribers(client) == 0:
+                    break
+            stuck.close()
+            r.close()
+            assert 0 == subscribers(client), "a reader that stopped reading kept its subscription"

@@ -106,8 +106,10 @@ class Subscription:
         self._ready.set()
 
     def close(self) -> None:
+        """Stop following (the pool buffers nothing more for it, and no longer counts it)."""
         self.closed = True
         self._ready.set()
+        self._hub.unsubscribe(self)
 
     def next_revision(self) -> int | None:
         """The revision of the next event if it is already here (``None`` if not).

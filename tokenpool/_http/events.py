@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .._errors import CompactedError
+from .._log import get_logger
 
 if TYPE_CHECKING:
     from .._pool import Pool
     from .app import HttpApp
 
+log = get_logger("tokenpool.http")
+
 HEARTBEAT = 15.0  # seconds between comments on an idle event stream
+FINAL_SEND = 1.0  # seconds the end of a stream may take to send
+
+
+class _StuckReader(Exception):
+    """The client stopped reading: a send stayed blocked past ``--idle-timeout``."""
 
 
 class EventStream(Response):
@@ -28,6 +36,8 @@ class EventStream(Response):
     """
 
     media_type = "text/event-stream"
+
+    _events: Any = None
 
     def __init__(self, owner: HttpApp, pool: Pool, since: int | None) -> None:
         # Not Response.__init__: it would declare a Content-Length for an empty body.
@@ -42,6 +52,8 @@ class EventStream(Response):
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         owner = self.owner
         owner.streams += 1
+        self._counted = True
+        self._sending_since: float | None = None
         try:
             async with trio.open_nursery() as nursery:
 
@@ -51,17 +63,48 @@ class EventStream(Response):
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(hang_up)
-                with contextlib.suppress(OSError, trio.BrokenResourceError):
-                    await self._forward(send)
+                nursery.start_soon(self._watch_reader)
+                try:
+                    with contextlib.suppress(OSError, trio.BrokenResourceError):
+                        await self._forward(send)
+                except _StuckReader:
+                    pass
                 nursery.cancel_scope.cancel()
         finally:
-            owner.streams -= 1
-        with contextlib.suppress(Exception):
+            self._release_slot()
+        with contextlib.suppress(Exception), trio.move_on_after(FINAL_SEND):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    def _release_slot(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.owner.streams -= 1
+
+    async def _watch_reader(self) -> None:
+        """hypercorn sends a response's bytes in a shielded scope, so a reader that stops
+        reading blocks the send for good, whatever cancels it: past --idle-timeout the
+        stream gives its slot and its subscription back at once (the pool no longer
+        buffers for it); the blocked send ends when the client reads or goes."""
+        deadline = self.owner.settings.idle_timeout
+        while True:
+            await trio.sleep(min(1.0, deadline / 2))
+            since = self._sending_since
+            if since is not None and trio.current_time() - since > deadline:
+                log.warning("event_stream_dropped", pool=self.pool.name, reason="slow reader")
+                self._release_slot()
+                if self._events is not None:
+                    self._events.close()
+                return
+
     async def _forward(self, send: Send) -> None:
+        self._events = None
+
         async def out(text: str) -> None:
+            if not self._counted:
+                raise _StuckReader  # the watcher gave the slot up
+            self._sending_since = trio.current_time()  # the watcher times each send
             await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            self._sending_since = None
 
         await out(f"retry: 2000\n: events of pool {self.pool.name}\n\n")
         current = self.pool.statistics().stats.revision
@@ -81,27 +124,30 @@ class EventStream(Response):
             return
         try:
             async with self.pool.watch(self.since) as events:
+                self._events = events
                 self.owner.subscriptions.add(events)
                 try:
                     while True:
-                        with trio.move_on_after(HEARTBEAT):
+                        event = None
+                        with trio.move_on_after(HEARTBEAT):  # the wait, never the send
                             try:
                                 event = await events.__anext__()
                             except StopAsyncIteration:
                                 return
-                            payload = json.dumps(event.as_dict())
-                            if event.kind == "overflow":
-                                await out(f"event: overflow\ndata: {payload}\n\n")
-                                return
-                            following = events.next_revision()
-                            if following == event.revision:
-                                # an eviction: its ended event shares the revision with the
-                                # grant after it; the resume point is after both
-                                await out(f"data: {payload}\n\n")
-                            else:
-                                await out(f"id: {event.revision}\ndata: {payload}\n\n")
+                        if event is None:
+                            await out(": keepalive\n\n")
                             continue
-                        await out(": keepalive\n\n")
+                        payload = json.dumps(event.as_dict())
+                        if event.kind == "overflow":
+                            await out(f"event: overflow\ndata: {payload}\n\n")
+                            return
+                        following = events.next_revision()
+                        if following == event.revision:
+                            # an eviction: its ended event shares the revision with the
+                            # grant after it; the resume point is after both
+                            await out(f"data: {payload}\n\n")
+                        else:
+                            await out(f"id: {event.revision}\ndata: {payload}\n\n")
                 finally:
                     self.owner.subscriptions.discard(events)
         except CompactedError as error:
