@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -258,6 +259,7 @@ def crash_run(
     window: float = 1.0,
     terminate: bool = False,
     group_signal: int | None = None,
+    name: str | None = None,
 ) -> Summary:
     """SIGKILL the server under load, restart it, keep going; check what survived.
 
@@ -318,14 +320,17 @@ def crash_run(
             Anomaly("slow restart", f"serving again took {facts['restart_s']:.1f} s (over 5 s)")
         )
     lost_ops = sum(1 for op in history if op.lost)
+    signal_name = "SIGTERM" if terminate else "SIGKILL"
+    if group_signal is not None:
+        signal_name = f"{signal.Signals(group_signal).name} to the process group"
     faults = (
-        f"{'SIGTERM' if terminate else 'SIGKILL'} under load,"
+        f"{signal_name} under load,"
         f" restart in {facts['restart_s']:.2f} s;"
         f" {lost_ops} calls cut off; {figures['lost_in_window']:.0f} acknowledged grants"
         f" lost in the window (oldest {figures['max_lost_age_s'] * 1000:.0f} ms before the kill)"
     )
     return _summary(
-        f"{'sigterm' if terminate else 'crash'} ({durability})",
+        name or f"{'sigterm' if terminate else 'crash'} ({durability})",
         anomalies,
         operations=len(history),
         clients=workload.clients,
