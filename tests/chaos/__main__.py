@@ -49,7 +49,11 @@ RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
     "ownership": lambda a: lifecycle.ownership_run(dsn=a.dsn),
     "outage-async": lambda a: runs.outage_run(_workload(a), durability="async"),
     "outage-sync": lambda a: runs.outage_run(_workload(a), durability="sync"),
-    "hostile": lambda a: runs.hostile_run(),
+    # The long run (200,000 operations): 3,000 pools and a CLEAR of 50,000 leases.
+    "hostile": lambda a: runs.hostile_run(
+        pools=max(300, min(3_000, a.operations // 60)),
+        clear=max(5_000, min(50_000, a.operations // 4)),
+    ),
     "clock": lambda a: runs.clock_run(_workload(a), dsn=a.dsn),
 }
 

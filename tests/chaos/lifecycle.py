@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from .checker import Anomaly
-from .history import _Client, _pairs
+from .history import _Client, _pairs, call_many
 from .runs import TTL, Summary, _Memory, _summary, store
 from .server import Process, free_port, start, stored_leases
 
@@ -73,7 +73,7 @@ class Load:
                     )
                     batch.append(args)
                 self.sent += len(batch)
-                replies = await _pipeline(client, batch)
+                replies = await call_many(client, batch)
                 for reply in replies:
                     if isinstance(reply, list):
                         self.acked.add(str(_pairs(reply)["id"]))
@@ -83,24 +83,6 @@ class Load:
             return
         finally:
             await client.aclose()
-
-
-async def _pipeline(client: _Client, batch: list[tuple[str, ...]]) -> list[Any]:
-    """Send ``batch`` at once; its replies, in order."""
-    from tokenpool._resp import encode_command
-
-    await client.stream.send_all(b"".join(encode_command(*args) for args in batch))
-    out: list[Any] = []
-    while len(out) < len(batch):
-        reply = client.reader.gets()
-        if reply is False:
-            data = await client.stream.receive_some(65536)
-            if not data:
-                raise trio.BrokenResourceError("the server closed the connection")
-            client.reader.feed(data)
-            continue
-        out.append(reply)
-    return out
 
 
 def _reported(server: Process) -> int:

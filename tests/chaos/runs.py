@@ -493,16 +493,36 @@ def hostile_run(
     idle_timeout: float = 2,
     size: int = 10_000,
     grace: float = 1.5,
+    pools: int = 300,
+    clear: int = 5_000,
+    channels: int = 1_200,
+    patterns: int = 300,
+    waiters: int = 200,
 ) -> Summary:
     """Negative protocol cases, random bytes, slowloris and floods of the largest replies
     against one server at once, while a well-behaved client's PING is timed.
 
     ``grace``: how long after its deadline a slowloris connection may still be seen
-    open (the clients measure from their own process, which shares the cores)."""
+    open (the clients measure from their own process, which shares the cores).
+
+    Then, one after another while the PING is still timed: ``pools`` pools created and a
+    ``/metrics`` scrape; one connection with ``patterns`` PSUBSCRIBE patterns over them;
+    ``waiters`` clients waiting on a full pool that give up (a WAIT that runs out, or a
+    hang-up); a ``CLEAR`` of ``clear`` leases; one connection subscribing to ``channels``
+    replaying channels of that pool (refused past 1,000)."""
     from . import hostile
 
     anomalies: list[Anomaly] = []
-    args = ("--dsn", "memory", "--size", str(size), "--idle-timeout", str(idle_timeout))
+    http_port = free_port()
+    args: tuple[str, ...] = (
+        "--dsn",
+        "memory",
+        "--size",
+        str(size),
+        "--idle-timeout",
+        str(idle_timeout),
+    )
+    args += ("--http-port", str(http_port))
     with running(*args) as server:
         memory = _Memory(server.pid)
         fds_before = open_fds(server.pid)
@@ -536,6 +556,17 @@ def hostile_run(
 
                     abuse.start_soon(run_slowloris)
                     abuse.start_soon(flood)
+                await second_round()
+
+        async def second_round() -> None:
+            port = server.port
+            facts["pools"] = await hostile.many_pools(port, pools)
+            facts["metrics"] = await hostile.scrape_metrics(http_port)
+            facts["patterns"] = await hostile.patterns(port, patterns, pools)
+            facts["waiters"] = await hostile.waiters_giving_up(port, waiters)
+            facts["clear"] = await hostile.big_clear(port, clear)
+            revision = int((await pool_stats(port, "big"))["revision"])
+            facts["channels"] = await hostile.subscriptions(port, channels, "big", revision)
 
         trio.run(main)
         out, _ = probe.communicate("stop\n", timeout=30)
@@ -579,18 +610,32 @@ def hostile_run(
         rss = memory.stop()
     if rss > MAX_HOSTILE_RSS_MB:
         anomalies.append(Anomaly("memory", f"the server grew to {rss:.0f} MB"))
+    taken, refusal = facts["channels"]
+    if channels > MAX_CHANNELS and (taken > MAX_CHANNELS or not refusal):
+        anomalies.append(
+            Anomaly("subscriptions", f"{taken} channels taken on one connection ({refusal!r})")
+        )
+    if facts["clear"][0] != clear:
+        anomalies.append(Anomaly("clear", f"CLEAR ended {facts['clear'][0]} of {clear} leases"))
+    metrics_bytes, metrics_s = facts["metrics"]
+    patterns_taken, _ = facts["patterns"]
     faults = (
         f"{len(hostile.NEGATIVE)} negative protocol cases, {garbage_connections} random-byte"
         f" clients ({facts['garbage_closed']} closed by the server), {len(slow)} slowloris"
         f" connections (closed after {min(slow):.1f} to {max(slow):.1f} s),"
         f" {flood_connections} never-reading clients each asking 1,024 of the largest"
-        f" replies (pool of {size:,})"
+        f" replies (pool of {size:,}); {facts['pools']:,} pools then /metrics"
+        f" ({metrics_bytes / 1024:.0f} KB in {metrics_s * 1000:.0f} ms); {patterns_taken}"
+        f" PSUBSCRIBE patterns over them; {waiters} waiters giving up ({facts['waiters']}"
+        f" WAITs ran out, the rest hung up); CLEAR of {facts['clear'][0]:,} leases"
+        f" (answered in {facts['clear'][1] * 1000:.0f} ms); {channels:,} replaying channels"
+        f" on one connection ({taken} taken, then {refusal.split(' ')[0] or 'not refused'})"
     )
     summary = _summary(
         "hostile clients",
         anomalies,
         operations=facts["served"],
-        clients=2 + garbage_connections + len(slow) + flood_connections,
+        clients=2 + garbage_connections + len(slow) + flood_connections + waiters + 3,
         faults=faults,
         rss=rss,
     )
@@ -604,6 +649,7 @@ WORST_PING = 0.5  # seconds a well-behaved PING may wait while the abuse goes on
 # shared with the abusers' own process: one garbage collection or one descheduling of
 # the server shows in the worst; the p99 is in the table too)
 MAX_HOSTILE_RSS_MB = 400
+MAX_CHANNELS = 1_000  # channels and patterns one connection may hold (README)
 
 
 def outage_run(
