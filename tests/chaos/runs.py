@@ -558,19 +558,29 @@ def hostile_run(
                     abuse.start_soon(flood)
                 await second_round()
 
+        phases: list[tuple[float, str]] = [(time.time(), "first round")]
+
         async def second_round() -> None:
             port = server.port
+            phases.append((time.time(), "creating pools"))
             facts["pools"] = await hostile.many_pools(port, pools)
+            phases.append((time.time(), "/metrics"))
             facts["metrics"] = await hostile.scrape_metrics(http_port)
+            phases.append((time.time(), "patterns"))
             facts["patterns"] = await hostile.patterns(port, patterns, pools)
+            phases.append((time.time(), "waiters"))
             facts["waiters"] = await hostile.waiters_giving_up(port, waiters)
+            phases.append((time.time(), "leasing and clearing the big pool"))
             facts["clear"] = await hostile.big_clear(port, clear)
+            phases.append((time.time(), "subscriptions"))
             revision = int((await pool_stats(port, "big"))["revision"])
             facts["channels"] = await hostile.subscriptions(port, channels, "big", revision)
+            phases.append((time.time(), "after"))
 
         trio.run(main)
         out, _ = probe.communicate("stop\n", timeout=30)
-        facts["pings"] = [float(x) for x in json.loads(out)]
+        timed = [(float(at), float(rtt)) for at, rtt in json.loads(out)]
+        facts["pings"] = [rtt for _, rtt in timed]
         facts["served"] = len(facts["pings"])
         for (name, _payload, expected), outcome in zip(
             hostile.NEGATIVE, facts["negative"], strict=True
@@ -593,6 +603,12 @@ def hostile_run(
             )
         pings = facts["pings"]
         worst = max(pings) if pings else float("inf")
+        # The worst PING of each phase: which abuse made the well-behaved client wait.
+        by_phase: dict[str, float] = {}
+        for at, rtt in timed:
+            phase = max((p for p in phases if p[0] <= at), default=phases[0])[1]
+            by_phase[phase] = max(by_phase.get(phase, 0.0), rtt)
+        facts["by_phase"] = by_phase
         if worst > WORST_PING:
             anomalies.append(
                 Anomaly("starved", f"a well-behaved PING waited {worst * 1000:.0f} ms")
@@ -629,7 +645,9 @@ def hostile_run(
         f" PSUBSCRIBE patterns over them; {waiters} waiters giving up ({facts['waiters']}"
         f" WAITs ran out, the rest hung up); CLEAR of {facts['clear'][0]:,} leases"
         f" (answered in {facts['clear'][1] * 1000:.0f} ms); {channels:,} replaying channels"
-        f" on one connection ({taken} taken, then {refusal.split(' ')[0] or 'not refused'})"
+        f" on one connection ({taken} taken, then {refusal.split(' ')[0] or 'not refused'});"
+        f" worst PING while {max(by_phase.items(), key=lambda kv: kv[1])[0]}"
+        f" (by phase: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in by_phase.items())})"
     )
     summary = _summary(
         "hostile clients",
