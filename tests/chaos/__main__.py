@@ -27,6 +27,14 @@ RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
     "sigterm": lambda a: runs.crash_run(
         _workload(a), dsn=a.dsn, durability="async", terminate=True
     ),
+    "sigint": lambda a: runs.crash_run(
+        _workload(a),
+        dsn=a.dsn,
+        durability="async",
+        terminate=True,
+        pid_signal=signal.SIGINT,
+        name="sigint (async)",
+    ),
     "sigterm-group": lambda a: runs.crash_run(
         _workload(a),
         dsn=a.dsn,

@@ -260,12 +260,14 @@ def crash_run(
     terminate: bool = False,
     group_signal: int | None = None,
     name: str | None = None,
+    pid_signal: int = signal.SIGTERM,
 ) -> Summary:
     """SIGKILL the server under load, restart it, keep going; check what survived.
 
-    With ``terminate``, SIGTERM instead: then nothing may be lost (no window), and
-    the server must exit 0. With ``group_signal``, that signal to the whole process
-    group (the store process too, as systemd or a Ctrl-C does): the same promise.
+    With ``terminate``, ``pid_signal`` (SIGTERM, or SIGINT) to the pid instead: then
+    nothing may be lost (no window), and the server must exit 0. With ``group_signal``,
+    that signal to the whole process group (the store process too, as systemd or a
+    Ctrl-C does): the same promise.
     """
     if group_signal is not None:
         terminate = True
@@ -283,8 +285,9 @@ def crash_run(
             if group_signal is not None:
                 holder["server"].signal_group(group_signal)
                 facts["exit"] = await trio.to_thread.run_sync(holder["server"].wait)
-            elif terminate:
-                facts["exit"] = await trio.to_thread.run_sync(holder["server"].stop)
+            elif terminate:  # ``pid_signal`` to the server's pid alone
+                holder["server"].proc.send_signal(pid_signal)
+                facts["exit"] = await trio.to_thread.run_sync(holder["server"].wait)
             else:
                 await trio.to_thread.run_sync(holder["server"].kill)
             begun = time.monotonic()
@@ -320,7 +323,7 @@ def crash_run(
             Anomaly("slow restart", f"serving again took {facts['restart_s']:.1f} s (over 5 s)")
         )
     lost_ops = sum(1 for op in history if op.lost)
-    signal_name = "SIGTERM" if terminate else "SIGKILL"
+    signal_name = signal.Signals(pid_signal).name if terminate else "SIGKILL"
     if group_signal is not None:
         signal_name = f"{signal.Signals(group_signal).name} to the process group"
     faults = (
