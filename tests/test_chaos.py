@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.chaos import runs
+from tests.chaos import lifecycle, runs
 from tests.chaos.checker import StoredLease, check
 from tests.chaos.history import Operation, Workload, pool_revision, pool_tokens, record
 from tests.chaos.server import running, stored_leases
@@ -164,6 +164,30 @@ def test_sigterm_under_load_loses_nothing_and_exits_0(pg_server: str) -> None:
         terminate=True,
     )
     assert [] == summary.detail
+
+
+def test_a_killed_store_process_loses_only_what_shutdown_reports(pg_server: str) -> None:
+    summary = lifecycle.store_killed_run(8, 6000, dsn=pg_server)
+    assert [] == summary.detail
+    assert "exit 1" in summary.faults
+
+
+def test_a_paused_store_process_loses_nothing(pg_server: str) -> None:
+    summary = lifecycle.store_paused_run(8, 6000, dsn=pg_server, pause=2.5)
+    assert [] == summary.detail
+
+
+def test_waiters_and_a_non_reader_do_not_hold_shutdown() -> None:
+    summary = lifecycle.shutdown_waiters_run(8, 6000, waiters=20, shutdown_timeout=2.0)
+    assert [] == summary.detail
+
+
+def test_a_server_that_lost_ownership_never_vouches_after_the_second_grants(
+    pg_server: str,
+) -> None:
+    summary = lifecycle.ownership_run(dsn=pg_server, after_grants=0.5)
+    assert [] == summary.detail
+    assert summary.operations > 0  # the first was asked after the second granted
 
 
 def test_hostile_clients_never_take_the_server_down() -> None:

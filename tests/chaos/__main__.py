@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from . import runs
+from . import lifecycle, runs
 from .history import Workload
 
 RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
@@ -27,15 +27,41 @@ RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
     "sigterm": lambda a: runs.crash_run(
         _workload(a), dsn=a.dsn, durability="async", terminate=True
     ),
+    "sigint": lambda a: runs.crash_run(
+        _workload(a),
+        dsn=a.dsn,
+        durability="async",
+        terminate=True,
+        pid_signal=signal.SIGINT,
+        name="sigint (async)",
+    ),
     "sigterm-group": lambda a: runs.crash_run(
-        _workload(a), dsn=a.dsn, durability="async", group_signal=signal.SIGTERM
+        _workload(a),
+        dsn=a.dsn,
+        durability="async",
+        group_signal=signal.SIGTERM,
+        name="sigterm to the group (async)",
     ),
     "sigint-group": lambda a: runs.crash_run(
-        _workload(a), dsn=a.dsn, durability="async", group_signal=signal.SIGINT
+        _workload(a),
+        dsn=a.dsn,
+        durability="async",
+        group_signal=signal.SIGINT,
+        name="sigint to the group (async)",
     ),
+    "store-killed": lambda a: lifecycle.store_killed_run(a.clients, a.operations, dsn=a.dsn),
+    "store-paused": lambda a: lifecycle.store_paused_run(a.clients, a.operations, dsn=a.dsn),
+    "shutdown-waiters": lambda a: lifecycle.shutdown_waiters_run(
+        a.clients, a.operations, dsn=a.dsn
+    ),
+    "ownership": lambda a: lifecycle.ownership_run(dsn=a.dsn),
     "outage-async": lambda a: runs.outage_run(_workload(a), durability="async"),
     "outage-sync": lambda a: runs.outage_run(_workload(a), durability="sync"),
-    "hostile": lambda a: runs.hostile_run(),
+    # The long run (200,000 operations): 3,000 pools and a CLEAR of 50,000 leases.
+    "hostile": lambda a: runs.hostile_run(
+        pools=max(300, min(3_000, a.operations // 60)),
+        clear=max(5_000, min(50_000, a.operations // 4)),
+    ),
     "clock": lambda a: runs.clock_run(_workload(a), dsn=a.dsn),
 }
 

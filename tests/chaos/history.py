@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -91,6 +92,22 @@ class _Client:
         await trio.aclose_forcefully(self.stream)
 
 
+async def call_many(client: _Client, batch: Sequence[tuple[str, ...]]) -> list[Any]:
+    """Send ``batch`` at once (a pipeline); its replies, in order."""
+    await client.stream.send_all(b"".join(encode(*args) for args in batch))
+    out: list[Any] = []
+    while len(out) < len(batch):
+        reply = client.reader.gets()
+        if reply is False:
+            data = await client.stream.receive_some(65536)
+            if not data:
+                raise trio.BrokenResourceError("the server closed the connection")
+            client.reader.feed(data)
+            continue
+        out.append(reply)
+    return out
+
+
 async def _reconnect(port: int, seconds: float = 60.0) -> _Client:
     """A new connection, retried while the server restarts."""
     with trio.fail_after(seconds):
@@ -110,11 +127,12 @@ async def pool_tokens(port: int) -> list[str]:
         await client.aclose()
 
 
-async def pool_stats(port: int) -> dict[str, Any]:
-    """The server's STATS as a dict."""
+async def pool_stats(port: int, pool: str | None = None) -> dict[str, Any]:
+    """The server's STATS as a dict (``TP.STATS <pool>`` with a pool)."""
     client = await _Client.open(port)
     try:
-        stats: dict[str, Any] = _pairs(await client.call("STATS"))
+        ask = ("STATS",) if pool is None else ("TP.STATS", pool)
+        stats: dict[str, Any] = _pairs(await client.call(*ask))
         return stats
     finally:
         await client.aclose()

@@ -7,6 +7,9 @@ served, its memory and file descriptors stay bounded.
 - ``random_bytes``: many connections sending random bytes and RESP-shaped garbage.
 - ``slowloris``: many connections sending a byte a second, each of which must be
   dropped within the per-command deadline of its first byte.
+- The second round: many pools and a ``/metrics`` scrape, many ``PSUBSCRIBE`` patterns
+  over them, one connection subscribing to channels (replays) past the bound of 1,000,
+  waiters that give up, and a ``CLEAR`` of many leases.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import random
 
 import attrs
 import trio
+
+from tokenpool._resp import encode_command as encode
+
+from .history import _Client, call_many
 
 # (name, payload, what the reply must start with; None: a close with no reply is fine)
 NEGATIVE: list[tuple[str, bytes, bytes | None]] = [
@@ -226,3 +233,178 @@ async def large_replies(port: int, connections: int, pipeline: int, seconds: flo
         for n in range(connections):
             nursery.start_soon(silent, n)
     return received
+
+
+# -- the second round (issue 18): subscriptions, waits, big clears, many pools --
+
+
+async def _open(port: int) -> _Client:
+    return await _Client.open(port)
+
+
+async def many_pools(port: int, pools: int) -> int:
+    """``POOL CREATE`` of ``pools`` small pools (pipelined); how many were created."""
+    client = await _open(port)
+    try:
+        created = 0
+        for first in range(0, pools, 100):
+            batch = [
+                ("POOL", "CREATE", f"p{n}", "SIZE", "2", "TTL", "60")
+                for n in range(first, min(pools, first + 100))
+            ]
+            created += sum(1 for r in await call_many(client, batch) if r == "OK")
+        # An event in each, for the patterns to forward.
+        await call_many(client, [("TP.ACTIVATE", f"p{n}", "u") for n in range(pools)])
+        return created
+    finally:
+        await client.aclose()
+
+
+async def scrape_metrics(http_port: int) -> tuple[int, float]:
+    """One ``GET /metrics``: its size in bytes and how long it took."""
+    begun = trio.current_time()
+    stream = await trio.open_tcp_stream("127.0.0.1", http_port)
+    data = b""
+    async with stream:
+        await stream.send_all(
+            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        with trio.move_on_after(30):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    if not data.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"/metrics answered {data[:80]!r}")
+    return len(data), trio.current_time() - begun
+
+
+async def subscriptions(port: int, channels: int, pool: str, revision: int) -> tuple[int, str]:
+    """One connection subscribing to ``channels`` channels ``events:<pool>@<rev>`` (each a
+    replay of up to ``channels`` events), 30 a command. Returns how many were taken and
+    the first refusal's text."""
+    client = await _open(port)
+    taken = 0
+    try:
+        for first in range(0, channels, 30):
+            names = [
+                f"events:{pool}@{max(0, revision - n)}"
+                for n in range(first, min(channels, first + 30))
+            ]
+            await client.stream.send_all(encode("SUBSCRIBE", *names))
+            # One reply per channel taken; a refusal is one error for the whole command.
+            got = 0
+            while got < len(names):
+                reply = client.reader.gets()
+                if reply is False:
+                    with trio.fail_after(10):
+                        data = await client.stream.receive_some(65536)
+                    if not data:
+                        return taken, "closed"
+                    client.reader.feed(data)
+                    continue
+                if isinstance(reply, Exception):
+                    return taken, str(reply)
+                if isinstance(reply, list) and reply and reply[0] == "subscribe":
+                    got += 1
+                    taken += 1
+        return taken, ""
+    finally:
+        await client.aclose()
+
+
+async def patterns(port: int, count: int, pools: int) -> tuple[int, str]:
+    """One connection with ``count`` PSUBSCRIBE patterns each matching many of ``pools``
+    pools (``events:p1*``, ``events:p2*``, ... and ``events:*``). Returns how many were
+    taken and the first refusal's text."""
+    names = ["events:*"] + [f"events:p{n}*" for n in range(1, count)]
+    client = await _open(port)
+    taken = 0
+    try:
+        for first in range(0, len(names), 30):
+            chunk = names[first : first + 30]
+            await client.stream.send_all(encode("PSUBSCRIBE", *chunk))
+            got = 0
+            while got < len(chunk):
+                reply = client.reader.gets()
+                if reply is False:
+                    with trio.fail_after(10):
+                        data = await client.stream.receive_some(65536)
+                    if not data:
+                        return taken, "closed"
+                    client.reader.feed(data)
+                    continue
+                if isinstance(reply, Exception):
+                    return taken, str(reply)
+                if isinstance(reply, list) and reply and reply[0] == "psubscribe":
+                    got += 1
+                    taken += 1
+        # Events in every pool while the patterns are held (and this client reads none).
+        other = await _open(port)
+        try:
+            await call_many(other, [("TP.ACTIVATE", f"p{n}", "v") for n in range(pools)])
+        finally:
+            await other.aclose()
+        return taken, ""
+    finally:
+        await client.aclose()
+
+
+async def waiters_giving_up(port: int, count: int) -> int:
+    """``count`` clients wait on a full pool (``WHEN-FULL wait``): half with a short WAIT
+    that runs out, half hanging up mid-wait; then the holder releases and a new client
+    must be granted at once. Returns how many short waits were answered."""
+    admin = await _open(port)
+    answered = 0
+    try:
+        await admin.call("POOL", "CREATE", "waitq", "SIZE", "1", "TTL", "60", "WHEN-FULL", "wait")
+        lease = await admin.call("TP.ACTIVATE", "waitq", "holder")
+
+        async def short(n: int) -> None:
+            nonlocal answered
+            client = await _open(port)
+            try:
+                with trio.fail_after(30):
+                    await client.call("TP.ACTIVATE", "waitq", f"s{n}", "WAIT", "0.5")
+                answered += 1
+            finally:
+                await client.aclose()
+
+        async def hang_up(n: int) -> None:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(encode("TP.ACTIVATE", "waitq", f"h{n}", "WAIT", "300"))
+                await trio.sleep(0.5)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(count):
+                nursery.start_soon(short if n % 2 else hang_up, n)
+        holder = dict(zip(lease[::2], lease[1::2], strict=True))
+        released = await admin.call("TP.RELEASE", "waitq", holder["token_id"], "holder")
+        if not isinstance(released, int):
+            raise RuntimeError(f"the holder's RELEASE answered {released!r}")
+        with trio.fail_after(5):
+            granted = await admin.call("TP.ACTIVATE", "waitq", "after", "WAIT", "1")
+        if not isinstance(granted, list):
+            raise RuntimeError(f"after the waiters gave up, ACTIVATE answered {granted!r}")
+        return answered
+    finally:
+        await admin.aclose()
+
+
+async def big_clear(port: int, leases: int) -> tuple[int, float]:
+    """A pool of ``leases`` tokens, every one leased (pipelined), then one ``CLEAR``:
+    how many it ended and how long its answer took."""
+    client = await _open(port)
+    try:
+        await client.call("POOL", "CREATE", "big", "SIZE", str(leases), "TTL", "600")
+        for first in range(0, leases, 1000):
+            batch = [
+                ("TP.ACTIVATE", "big", f"u{n}") for n in range(first, min(leases, first + 1000))
+            ]
+            await call_many(client, batch)
+        begun = trio.current_time()
+        reply = await client.call("TP.CLEAR", "big")
+        took = trio.current_time() - begun
+        fields = dict(zip(reply[::2], reply[1::2], strict=True))
+        return int(fields["cleared"]), took
+    finally:
+        await client.aclose()

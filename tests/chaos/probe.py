@@ -1,7 +1,8 @@
 """A well-behaved client in a process of its own: ``python -m tests.chaos.probe PORT``.
 
-Sends PING every 20 ms on one connection until its stdin closes, then prints the
-round-trip times (seconds, one JSON list). Being its own process, its timings are
+Sends PING every 20 ms on one connection until its stdin closes, then prints
+``[sent, round trip]`` per PING (wall-clock seconds, seconds; one JSON list), so a run
+can tell which of its phases a slow PING fell in. Being its own process, its timings are
 the server's, not those of a load generator's busy event loop.
 """
 
@@ -14,10 +15,11 @@ import sys
 import time
 
 
-def main(port: int, every: float = 0.02) -> list[float]:
-    out: list[float] = []
+def main(port: int, every: float = 0.02) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         while not select.select([sys.stdin], [], [], every)[0]:
+            sent = time.time()
             started = time.perf_counter()
             try:
                 sock.sendall(b"PING\r\n")
@@ -28,9 +30,9 @@ def main(port: int, every: float = 0.02) -> list[float]:
                         raise OSError("closed")
                     reply += chunk
             except OSError:
-                out.append(float("inf"))
+                out.append((sent, float("inf")))
                 break
-            out.append(time.perf_counter() - started)
+            out.append((sent, time.perf_counter() - started))
     return out
 
 

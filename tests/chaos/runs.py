@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -258,12 +259,15 @@ def crash_run(
     window: float = 1.0,
     terminate: bool = False,
     group_signal: int | None = None,
+    name: str | None = None,
+    pid_signal: int = signal.SIGTERM,
 ) -> Summary:
     """SIGKILL the server under load, restart it, keep going; check what survived.
 
-    With ``terminate``, SIGTERM instead: then nothing may be lost (no window), and
-    the server must exit 0. With ``group_signal``, that signal to the whole process
-    group (the store process too, as systemd or a Ctrl-C does): the same promise.
+    With ``terminate``, ``pid_signal`` (SIGTERM, or SIGINT) to the pid instead: then
+    nothing may be lost (no window), and the server must exit 0. With ``group_signal``,
+    that signal to the whole process group (the store process too, as systemd or a
+    Ctrl-C does): the same promise.
     """
     if group_signal is not None:
         terminate = True
@@ -281,8 +285,9 @@ def crash_run(
             if group_signal is not None:
                 holder["server"].signal_group(group_signal)
                 facts["exit"] = await trio.to_thread.run_sync(holder["server"].wait)
-            elif terminate:
-                facts["exit"] = await trio.to_thread.run_sync(holder["server"].stop)
+            elif terminate:  # ``pid_signal`` to the server's pid alone
+                holder["server"].proc.send_signal(pid_signal)
+                facts["exit"] = await trio.to_thread.run_sync(holder["server"].wait)
             else:
                 await trio.to_thread.run_sync(holder["server"].kill)
             begun = time.monotonic()
@@ -318,14 +323,17 @@ def crash_run(
             Anomaly("slow restart", f"serving again took {facts['restart_s']:.1f} s (over 5 s)")
         )
     lost_ops = sum(1 for op in history if op.lost)
+    signal_name = signal.Signals(pid_signal).name if terminate else "SIGKILL"
+    if group_signal is not None:
+        signal_name = f"{signal.Signals(group_signal).name} to the process group"
     faults = (
-        f"{'SIGTERM' if terminate else 'SIGKILL'} under load,"
+        f"{signal_name} under load,"
         f" restart in {facts['restart_s']:.2f} s;"
         f" {lost_ops} calls cut off; {figures['lost_in_window']:.0f} acknowledged grants"
         f" lost in the window (oldest {figures['max_lost_age_s'] * 1000:.0f} ms before the kill)"
     )
     return _summary(
-        f"{'sigterm' if terminate else 'crash'} ({durability})",
+        name or f"{'sigterm' if terminate else 'crash'} ({durability})",
         anomalies,
         operations=len(history),
         clients=workload.clients,
@@ -488,16 +496,36 @@ def hostile_run(
     idle_timeout: float = 2,
     size: int = 10_000,
     grace: float = 1.5,
+    pools: int = 300,
+    clear: int = 5_000,
+    channels: int = 1_200,
+    patterns: int = 300,
+    waiters: int = 200,
 ) -> Summary:
     """Negative protocol cases, random bytes, slowloris and floods of the largest replies
     against one server at once, while a well-behaved client's PING is timed.
 
     ``grace``: how long after its deadline a slowloris connection may still be seen
-    open (the clients measure from their own process, which shares the cores)."""
+    open (the clients measure from their own process, which shares the cores).
+
+    Then, one after another while the PING is still timed: ``pools`` pools created and a
+    ``/metrics`` scrape; one connection with ``patterns`` PSUBSCRIBE patterns over them;
+    ``waiters`` clients waiting on a full pool that give up (a WAIT that runs out, or a
+    hang-up); a ``CLEAR`` of ``clear`` leases; one connection subscribing to ``channels``
+    replaying channels of that pool (refused past 1,000)."""
     from . import hostile
 
     anomalies: list[Anomaly] = []
-    args = ("--dsn", "memory", "--size", str(size), "--idle-timeout", str(idle_timeout))
+    http_port = free_port()
+    args: tuple[str, ...] = (
+        "--dsn",
+        "memory",
+        "--size",
+        str(size),
+        "--idle-timeout",
+        str(idle_timeout),
+    )
+    args += ("--http-port", str(http_port))
     with running(*args) as server:
         memory = _Memory(server.pid)
         fds_before = open_fds(server.pid)
@@ -531,10 +559,31 @@ def hostile_run(
 
                     abuse.start_soon(run_slowloris)
                     abuse.start_soon(flood)
+                await second_round()
+
+        phases: list[tuple[float, str]] = [(time.time(), "first round")]
+
+        async def second_round() -> None:
+            port = server.port
+            phases.append((time.time(), "creating pools"))
+            facts["pools"] = await hostile.many_pools(port, pools)
+            phases.append((time.time(), "/metrics"))
+            facts["metrics"] = await hostile.scrape_metrics(http_port)
+            phases.append((time.time(), "patterns"))
+            facts["patterns"] = await hostile.patterns(port, patterns, pools)
+            phases.append((time.time(), "waiters"))
+            facts["waiters"] = await hostile.waiters_giving_up(port, waiters)
+            phases.append((time.time(), "leasing and clearing the big pool"))
+            facts["clear"] = await hostile.big_clear(port, clear)
+            phases.append((time.time(), "subscriptions"))
+            revision = int((await pool_stats(port, "big"))["revision"])
+            facts["channels"] = await hostile.subscriptions(port, channels, "big", revision)
+            phases.append((time.time(), "after"))
 
         trio.run(main)
         out, _ = probe.communicate("stop\n", timeout=30)
-        facts["pings"] = [float(x) for x in json.loads(out)]
+        timed = [(float(at), float(rtt)) for at, rtt in json.loads(out)]
+        facts["pings"] = [rtt for _, rtt in timed]
         facts["served"] = len(facts["pings"])
         for (name, _payload, expected), outcome in zip(
             hostile.NEGATIVE, facts["negative"], strict=True
@@ -557,6 +606,12 @@ def hostile_run(
             )
         pings = facts["pings"]
         worst = max(pings) if pings else float("inf")
+        # The worst PING of each phase: which abuse made the well-behaved client wait.
+        by_phase: dict[str, float] = {}
+        for at, rtt in timed:
+            phase = max((p for p in phases if p[0] <= at), default=phases[0])[1]
+            by_phase[phase] = max(by_phase.get(phase, 0.0), rtt)
+        facts["by_phase"] = by_phase
         if worst > WORST_PING:
             anomalies.append(
                 Anomaly("starved", f"a well-behaved PING waited {worst * 1000:.0f} ms")
@@ -574,18 +629,34 @@ def hostile_run(
         rss = memory.stop()
     if rss > MAX_HOSTILE_RSS_MB:
         anomalies.append(Anomaly("memory", f"the server grew to {rss:.0f} MB"))
+    taken, refusal = facts["channels"]
+    if channels > MAX_CHANNELS and (taken > MAX_CHANNELS or not refusal):
+        anomalies.append(
+            Anomaly("subscriptions", f"{taken} channels taken on one connection ({refusal!r})")
+        )
+    if facts["clear"][0] != clear:
+        anomalies.append(Anomaly("clear", f"CLEAR ended {facts['clear'][0]} of {clear} leases"))
+    metrics_bytes, metrics_s = facts["metrics"]
+    patterns_taken, _ = facts["patterns"]
     faults = (
         f"{len(hostile.NEGATIVE)} negative protocol cases, {garbage_connections} random-byte"
         f" clients ({facts['garbage_closed']} closed by the server), {len(slow)} slowloris"
         f" connections (closed after {min(slow):.1f} to {max(slow):.1f} s),"
         f" {flood_connections} never-reading clients each asking 1,024 of the largest"
-        f" replies (pool of {size:,})"
+        f" replies (pool of {size:,}); {facts['pools']:,} pools then /metrics"
+        f" ({metrics_bytes / 1024:.0f} KB in {metrics_s * 1000:.0f} ms); {patterns_taken}"
+        f" PSUBSCRIBE patterns over them; {waiters} waiters giving up ({facts['waiters']}"
+        f" WAITs ran out, the rest hung up); CLEAR of {facts['clear'][0]:,} leases"
+        f" (answered in {facts['clear'][1] * 1000:.0f} ms); {channels:,} replaying channels"
+        f" on one connection ({taken} taken, then {refusal.split(' ')[0] or 'not refused'});"
+        f" worst PING while {max(by_phase.items(), key=lambda kv: kv[1])[0]}"
+        f" (by phase: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in by_phase.items())})"
     )
     summary = _summary(
         "hostile clients",
         anomalies,
         operations=facts["served"],
-        clients=2 + garbage_connections + len(slow) + flood_connections,
+        clients=2 + garbage_connections + len(slow) + flood_connections + waiters + 3,
         faults=faults,
         rss=rss,
     )
@@ -599,6 +670,7 @@ WORST_PING = 0.5  # seconds a well-behaved PING may wait while the abuse goes on
 # shared with the abusers' own process: one garbage collection or one descheduling of
 # the server shows in the worst; the p99 is in the table too)
 MAX_HOSTILE_RSS_MB = 400
+MAX_CHANNELS = 1_000  # channels and patterns one connection may hold (README)
 
 
 def outage_run(
