@@ -322,15 +322,7 @@ class PostgresStore:
                     (top_revision, top_us, top_revision, owner, name),
                 ).fetchone()
                 assert got is not None
-            pool_id, epoch, revision, clock_us = int(got[0]), int(got[1]), int(got[2]), int(got[3])
-            stored = {
-                "size": int(got[4]),
-                "ttl": float(got[5]),
-                "when_full": got[6],
-                "min_hold": float(got[7]),
-                "max_lifetime": None if got[8] is None else float(got[8]),
-            }
-            counters = {k: int(v) for k, v in zip(_COUNTERS, got[9:], strict=True)}
+            pool_id = int(got[0])
             tokens = [
                 (str(r[0]), to_us(r[1]))
                 for r in conn.execute(
@@ -348,21 +340,15 @@ class PostgresStore:
                     (pool_id,),
                 )
             ]
-            clock_us = max(
-                clock_us,
-                max((lease[4] for lease in leases), default=0),
-                max((t[1] for t in tokens), default=0),
-            )
         except psycopg.Error as error:
             self._drop_broken()
             raise StoreError(
                 f"cannot open pool {name!r} in {self.url}: {_first_line(error)}"
             ) from error
-        self._pools[pool_id] = (name, epoch)
         unclean = row is not None and not row[1] and row[2] is not None
-        return Snapshot(
-            pool_id, epoch, revision, clock_us, stored, counters, tokens, leases, made, unclean
-        )
+        snapshot = self._snapshot(got, tokens, leases, unclean, made)
+        self._pools[pool_id] = (name, snapshot.epoch)
+        return snapshot
 
     def _lock_or_wait(self, conn: psycopg.Connection[Any], name: str) -> None:
         deadline = time.monotonic() + self.lock_wait
@@ -498,7 +484,12 @@ class PostgresStore:
         snapshots = []
         for name, pool_id in zip(names, ids, strict=True):
             snapshots.append(
-                self._snapshot(got[pool_id], tokens[pool_id], leases[pool_id], rows[name])
+                self._snapshot(
+                    got[pool_id],
+                    tokens[pool_id],
+                    leases[pool_id],
+                    rows[name][3] is not None,  # not dropped (checked above): owned before?
+                )
             )
         return snapshots
 
@@ -507,12 +498,13 @@ class PostgresStore:
         got: Any,
         tokens: list[tuple[str, int]],
         leases: list[tuple[str, str, str, int, int, int]],
-        row: Any,
+        unclean: bool,
         made: bool = False,
     ) -> Snapshot:
         """A snapshot from the ``pools`` row after the epoch bump (``got``: id, epoch,
         revision, clock, the settings, the counters) and the pool's tokens and leases;
-        ``row``: (id, name or id, dropped, owner) before it, or ``None`` when made now."""
+        ``unclean``: its previous owner did not release it. The one place both
+        ``open_pool`` and ``open_pools`` read that row."""
         pool_id, epoch, revision, clock_us = int(got[0]), int(got[1]), int(got[2]), int(got[3])
         stored = {
             "size": int(got[4]),
@@ -527,7 +519,6 @@ class PostgresStore:
             max((lease[4] for lease in leases), default=0),
             max((t[1] for t in tokens), default=0),
         )
-        unclean = row is not None and not row[2] and row[3] is not None
         return Snapshot(
             pool_id, epoch, revision, clock_us, stored, counters, tokens, leases, made, unclean
         )
