@@ -12,26 +12,36 @@ if TYPE_CHECKING:
     from .._pool import PoolCore
 
 
-class History(PoolRequest):
-    """A page of the token's ended leases, newest first, ended before ``before``.
+class _HistoryPage(PoolRequest):
+    """A page of ended leases, newest first, ended before ``before``: what ``History``
+    and ``UserHistory`` share (their cost is known from ``limit`` before any work).
 
     The part memory holds is read at the request's place in its batch; older
     entries come from the store after the batch (``complete``), so the page is one
     snapshot even while leases keep ending."""
 
-    __slots__ = ("before", "limit", "token_id")
-    name = "history"
+    __slots__ = ("before", "limit")
     completes = True
 
-    def __init__(self, pool: str, token_id: str, limit: int = 100, before: int | None = None):
+    def __init__(self, pool: str, limit: int, before: int | None) -> None:
         self.pool = pool
-        self.token_id = token_id
         self.limit = limit
         self.before = before
 
     @property
     def cost(self) -> int:  # type: ignore[override]
         return ITEM_COST * self.limit
+
+
+class History(_HistoryPage):
+    """A page of the token's ended leases."""
+
+    __slots__ = ("token_id",)
+    name = "history"
+
+    def __init__(self, pool: str, token_id: str, limit: int = 100, before: int | None = None):
+        super().__init__(pool, limit, before)
+        self.token_id = token_id
 
     def op(self) -> ops.Op:
         return ops.GetHistory(self.token_id, self.limit, self.before)
@@ -40,22 +50,15 @@ class History(PoolRequest):
         return await core.complete_history(result, self.token_id, None, self.limit)
 
 
-class UserHistory(PoolRequest):
-    """As ``History``, for the leases one user held in ``pool``."""
+class UserHistory(_HistoryPage):
+    """A page of the leases one user held in ``pool``."""
 
-    __slots__ = ("before", "limit", "user_id")
+    __slots__ = ("user_id",)
     name = "userhistory"
-    completes = True
 
     def __init__(self, pool: str, user_id: str, limit: int = 100, before: int | None = None):
-        self.pool = pool
+        super().__init__(pool, limit, before)
         self.user_id = user_id
-        self.limit = limit
-        self.before = before
-
-    @property
-    def cost(self) -> int:  # type: ignore[override]
-        return ITEM_COST * self.limit
 
     def op(self) -> ops.Op:
         return ops.GetUserHistory(self.user_id, self.limit, self.before)
