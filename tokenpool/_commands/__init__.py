@@ -26,7 +26,7 @@ from .leases import Activate, Clear, Cleared, Granted, LeaseOf, Release, Release
 from .pools import AlterPool, CreatePool, DropPool, GetPool, GetStats, ListPools, PoolInfo
 from .pubsub import parse_channel
 from .tokens import Scan, Token, TokenIds, TokenInfo, TokenList, Tokens
-from .transactions import MULTI_MAX, TX_COST, Transaction, run_batch
+from .transactions import MULTI_MAX, TX_COST, run_batch
 
 if TYPE_CHECKING:
     from .._pool import Pools
@@ -97,7 +97,6 @@ __all__ = [
     "TokenInfo",
     "TokenList",
     "Tokens",
-    "Transaction",
     "UserHistory",
     "Validate",
     "WrongPassError",

@@ -1,8 +1,9 @@
 """Batches: many pool requests in ONE trip through a pool's actor.
 
 ``run_batch`` is the one engine: ``Commands.execute`` runs a request alone
-through it, the RESP driver a pipeline's segment, and ``Transaction`` (``EXEC``)
-a transaction: no other client's request runs between its requests.
+through it, the RESP driver a pipeline's segment and a transaction (``EXEC``,
+bounded by ``MULTI_MAX`` and ``TX_COST`` before it runs): no other client's
+request runs between a batch's requests.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._errors import InvalidArgumentError, TokenPoolError
+from .._errors import TokenPoolError
 from .._ops import Op
-from ._base import REVISION_OP, PoolRequest, Request
+from ._base import REVISION_OP, PoolRequest
 
 if TYPE_CHECKING:
-    from .._pool import PoolCore, Pools
-    from .connection import Client
+    from .._pool import PoolCore
 
 MULTI_MAX = 1024
 """Requests one transaction may hold."""
@@ -51,47 +51,3 @@ async def run_batch(core: PoolCore, requests: Sequence[PoolRequest]) -> list[Any
                 result = error
         out.append(result)
     return out
-
-
-class Transaction(Request):
-    """``MULTI``...``EXEC``: requests on one pool, applied as one actor batch.
-
-    Bounded before it runs (``MULTI_MAX`` requests, ``TX_COST`` estimated reply
-    bytes); refused whole otherwise, so nothing of it is applied."""
-
-    __slots__ = ("requests",)
-    name = "exec"
-
-    def __init__(self, requests: Sequence[PoolRequest]) -> None:
-        if len(requests) > MULTI_MAX:
-            raise InvalidArgumentError(f"a transaction may hold at most {MULTI_MAX} commands")
-        if len({r.pool for r in requests}) > 1:
-            raise InvalidArgumentError("CROSSSLOT the commands of a transaction must name one pool")
-        self.requests = list(requests)
-
-    @property
-    def cost(self) -> int:  # type: ignore[override]
-        return sum(r.cost for r in self.requests)
-
-    async def run(self, pools: Pools, client: Client) -> list[Any]:
-        if not self.requests:
-            return []
-        core = pools.core(self.requests[0].pool)
-        for request in self.requests:
-            if request.prepares:
-                request.prepare(core)
-        cost = self.cost
-        if cost > TX_COST:  # checked before any work: nothing was applied
-            raise InvalidArgumentError(
-                f"its replies would take about {cost:,} bytes, at most {TX_COST:,} in one"
-                " transaction; page listings (TOKENS CURSOR 0 COUNT n, HISTORY LIMIT n) or"
-                " send them outside MULTI"
-            )
-        results = await run_batch(core, self.requests)
-        for i, request in enumerate(self.requests):
-            if request.completes and not isinstance(results[i], BaseException):
-                try:
-                    results[i] = await request.complete(core, results[i])
-                except TokenPoolError as error:
-                    results[i] = error
-        return results

@@ -3,7 +3,7 @@
 ``Planner.plan(argv, session)`` turns one command into a plan at its place in the
 pipeline: a ``Pending`` pool request (batched with its neighbours), a reply value
 (answered at once), an ``Action`` (async work that runs alone: a failed AUTH's
-delay, a pool created, a subscription) or a ``Transaction`` (EXEC). What lives
+delay, a pool created, a subscription) or a ``TxPlan`` (EXEC). What lives
 on a connection is only what Redis keeps there: the protocol version, a name,
 authentication, a MULTI queue and subscriptions. No command's meaning depends on
 it: the pool is named in the command, or it is the server's default pool.
