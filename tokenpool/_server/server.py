@@ -92,11 +92,13 @@ class ServerStatistics:
     rate_limited: int
 
 
+_KNOWN = frozenset(CONNECTION) | frozenset(table.BY_NAME) | frozenset(table.KEYED)
+
+
 def _label(name: str) -> str:
     """A command's metric label: its name if it is one (a bounded set), else ``other``."""
     upper = name.upper()
-    known = upper in CONNECTION or upper in table.BY_NAME or upper in table.KEYED
-    return upper.lower() if known else "other"
+    return upper.lower() if upper in _KNOWN else "other"
 
 
 class _Subscriptions:
