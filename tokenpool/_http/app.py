@@ -4,7 +4,6 @@ request, errors as the documented shape), readiness, and the FastAPI app itself.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .._commands import Activate, BusyError, Client, Commands
+from .._commands import Activate, Client, Commands
 from .._commands import Request as Command
 from .._errors import TokenPoolError
 from .._log import get_logger
@@ -31,7 +30,7 @@ from .._store import LinkState
 from . import routes
 from .middleware import BrowserGuard, Outer
 from .replies import usage_json
-from .schemas import BIG_LISTING, SLICE, ApiError, error_response, plain_problem
+from .schemas import BIG_LISTING, SLICE, ApiError, api_error, error_response, plain_problem
 
 if TYPE_CHECKING:
     from .._pool import Pool, Pools
@@ -171,11 +170,8 @@ class HttpApp:
         self.requests += 1
         try:
             return await commands.execute(command, client)
-        except BusyError as error:
-            retry = str(max(1, math.ceil(error.retry_after)))
-            raise ApiError(error.code, str(error), {"Retry-After": retry}) from None
         except TokenPoolError as error:
-            raise ApiError(error.code, str(error)) from None
+            raise api_error(error) from None
 
     async def listing(self, items: Any, format: Callable[[Any], Any]) -> list[Any]:
         """Format a long listing a slice at a time (others run between the slices)."""
@@ -214,16 +210,17 @@ class HttpApp:
         _offline_docs(api)
 
         @api.exception_handler(ApiError)
-        async def api_error(request: Request, error: ApiError) -> Response:
+        async def answer_api_error(request: Request, error: ApiError) -> Response:
             self.errors += 1
             return error_response(error.code, error.message, error.headers)
 
         @api.exception_handler(TokenPoolError)
         async def refused(request: Request, error: TokenPoolError) -> Response:
-            # a refusal raised outside execute() (a setting checked in a route): its
-            # documented status, never a 500
+            # a refusal raised in a route outside execute() (an argument checked there, a
+            # rate limit spent): its documented status, never a 500
             self.errors += 1
-            return error_response(error.code, str(error))
+            refusal = api_error(error)
+            return error_response(refusal.code, refusal.message, refusal.headers)
 
         @api.exception_handler(RequestValidationError)
         async def invalid(request: Request, error: RequestValidationError) -> Response:

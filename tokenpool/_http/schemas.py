@@ -6,12 +6,15 @@ reasons and policies from the one list of each.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import attrs
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from .._commands import BusyError
+from .._errors import TokenPoolError
 from .._model import Reason, Stats
 from .._settings import MAX_LIFETIME, MIN_HOLD, SIZE, TTL, WAIT, PoolSettings, WhenFull
 
@@ -58,12 +61,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def _error_response(code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}},
-        status_code=STATUS.get(code, 500),
-        headers=headers,
-    )
+def api_error(error: TokenPoolError) -> ApiError:
+    """A refusal of the command layer as the API's error: its code and status, and for a
+    rate limit the seconds to wait (``Retry-After``). The one place both the routes and
+    the app's error handler turn one into the other."""
+    headers = {}
+    if isinstance(error, BusyError):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return ApiError(error.code, str(error), headers)
 
 
 def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
