@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -198,6 +199,8 @@ class Actor:
         self.draining = False  # shutdown began: activations do not wait (``stop_waiting``)
         self._last: Request | None = None
         self._ended = False  # the last request was applied: refuse what follows it
+        # Told how long each batch held the loop (the server's pause histogram).
+        self.on_batch: Callable[[float], None] | None = None
         self._refusals_sent = state.refusals  # as the last batch to the writer had them
         self.batches = 0
         self.requests = 0
@@ -359,6 +362,7 @@ class Actor:
                             first = await receive.receive()
                         except trio.EndOfChannel:
                             return
+                started = perf_counter()
                 now = self.now_us()
                 if first is None and deadline is not None and now < deadline:
                     # trio woke us at the deadline; float rounding must not leave it pending.
@@ -379,6 +383,8 @@ class Actor:
                 self.batches += 1
                 self.requests += len(batch)
                 self._deliver(batch, now)
+                if self.on_batch is not None:
+                    self.on_batch(perf_counter() - started)
         finally:
             self._fail_pending()
 

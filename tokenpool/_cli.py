@@ -37,6 +37,7 @@ from ._commands import CommandSettings
 from ._errors import InvalidArgumentError, TokenPoolError, lone_error
 from ._log import get_logger
 from ._metrics import Latencies
+from ._pauses import Pauses
 from ._pool import open_pools
 from ._server import RespServer, RespSettings
 from ._settings import (
@@ -584,7 +585,8 @@ async def serve(config: Config) -> int:
             default_pool=config.name,
         ),
     )
-    latencies = Latencies()
+    pauses = Pauses()
+    latencies = Latencies(pauses)
     http = None
     if config.http_port:
         # Imported only when served: FastAPI, pydantic and starlette are most of the
@@ -629,7 +631,10 @@ async def serve(config: Config) -> int:
     # Clients get this long to finish what they started (a blocked write is dropped
     # after it anyway); the store gets shutdown_timeout after that.
     grace = min(config.idle_timeout, config.shutdown_timeout)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with (
+        pauses.watching_gc(),
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+    ):
         async with trio.open_nursery() as outer:
 
             async def watch_signals() -> None:
@@ -650,6 +655,7 @@ async def serve(config: Config) -> int:
                     stop.set()
 
             outer.start_soon(watch_signals)
+            outer.start_soon(pauses.heartbeat)
             http_done = trio.Event()
             if http is not None:
                 await _start_http(outer, http, http_stop, http_done)
@@ -671,6 +677,7 @@ async def serve(config: Config) -> int:
                 # Everything made so far (modules, pools, tokens) lives as long as the
                 # process: out of the collector's way, full collections stay short.
                 gc.freeze()
+                pools.observe_batches(pauses.actor_batch)
                 server = RespServer(
                     pools, settings, ssl_context=ssl_context, config=shown, latencies=latencies
                 )

@@ -25,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ._model import COUNTERS
+from ._pauses import PAUSE_BOUNDS, Pauses
 from ._store import LinkState
 
 if TYPE_CHECKING:
@@ -62,7 +63,10 @@ class Latencies:
     number of series is bounded whatever clients send.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pauses: Pauses | None = None) -> None:
+        # The loop's pauses travel with the latencies they explain: both drivers and
+        # the collector already hold this object.
+        self.pauses = pauses or Pauses()
         self._series: dict[tuple[str, str], list[float]] = {}
         self._by_name: dict[str, list[float]] = {}  # RESP: a command as sent -> its series
 
@@ -146,6 +150,20 @@ class TokenpoolCollector(Collector):
             buckets.append(("+Inf", cumulative[-1]))
             histogram.add_metric([transport, command], buckets, total)
         yield histogram
+        pauses = HistogramMetricFamily(
+            "tokenpool_pause_seconds",
+            "Pauses of the server's event loop by cause: gc (a collection), actor (one"
+            " batch of a pool), loop (how late a 10 ms heartbeat woke).",
+            labels=["cause"],
+        )
+        for series in self._latencies.pauses.snapshot():
+            steps: list[tuple[str, float]] = [
+                (f"{bound:g}", count)
+                for bound, count in zip(PAUSE_BOUNDS, series.cumulative, strict=False)
+            ]
+            steps.append(("+Inf", series.count))
+            pauses.add_metric([series.cause], steps, series.total)
+        yield pauses
 
     def _pool_metrics(self) -> Iterator[Metric]:
         pools = self._pools()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, cast
 
@@ -555,6 +555,14 @@ class Pools:
         self._changed = trio.Event()
         self.lost = 0  # changes not written at shutdown
         self._hurry: float | None = None
+        self._on_batch: Callable[[float], None] | None = None
+
+    def observe_batches(self, callback: Callable[[float], None] | None) -> None:
+        """Tell ``callback`` how many seconds each actor batch of every pool (served now
+        or later) held the event loop: the server's pause histogram."""
+        self._on_batch = callback
+        for pool in self._pools.values():
+            pool._core.actor.on_batch = callback
 
     def _touch(self) -> None:
         self._changed.set()
@@ -754,6 +762,7 @@ class Pools:
             publish=hub.publish,
             write_timeout=c.write_timeout,
         )
+        actor.on_batch = self._on_batch
         core = PoolCore(
             name,
             settings,

@@ -43,10 +43,10 @@ from __future__ import annotations
 import heapq
 from array import array
 from bisect import bisect_left
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import compress
-from operator import itemgetter
+from itertools import compress, islice
+from struct import Struct
 from typing import Any, overload
 
 from ._errors import (
@@ -86,7 +86,8 @@ CLEARED = Reason.CLEARED.value
 WAITING = object()
 """``activate_or_wait`` queued the caller: its result comes later through ``woken``."""
 
-_rev = itemgetter(REV)
+_PACK = Struct("=q").pack  # one revision in a per-slot or per-user index
+_REV_BYTES = 8
 _LIVE = bytes([1, 0]) + bytes(254)  # retired flag -> "is live", for itertools.compress
 _US = 1_000_000
 
@@ -167,10 +168,13 @@ class PoolState:
         self._by_user: dict[str, LeaseRecord] = {}
         # (expires_us, fence, slot, lease_id): live only while that lease is current.
         self._deadlines: list[tuple[int, int, int, str]] = []
-        # Ended leases, newest last: all of them (bounded), per slot and per user.
-        self._history: deque[EndRecord] = deque()
-        self._by_slot: dict[int, list[EndRecord]] = {}
-        self._user_history: dict[str, list[EndRecord]] = {}
+        # Ended leases (bounded): revision -> record, oldest first; and per slot and per
+        # user the revisions of theirs, packed in a bytearray. A bytearray and a dict
+        # of them are invisible to the cyclic collector, where a list per user (100,000
+        # of them) made every full collection walk them all: see ``_RevIndex``.
+        self._ended: dict[int, EndRecord] = {}
+        self._by_slot: dict[int, bytearray] = {}
+        self._user_history: dict[str, bytearray] = {}
         self.history_floor = revision + 1  # memory holds every ended lease from here up
         # Callers waiting for a token (``wait`` pools), and their deadlines.
         # One ordered map, ticket -> waiter, first come first: a waiter that leaves
@@ -734,15 +738,18 @@ class PoolState:
         return self._page(self._user_history.get(check_user_id(user_id)), limit, before)
 
     def _page(
-        self, entries: list[EndRecord] | None, limit: int, before: int | None
+        self, entries: bytearray | None, limit: int, before: int | None
     ) -> tuple[list[EndRecord], int]:
         if before is not None:
             BEFORE.check(before)
         cap = before if before is not None else 2**63
         page: list[EndRecord] = []
         if entries:
-            stop = bisect_left(entries, cap, key=_rev) if before is not None else len(entries)
-            page = entries[max(0, stop - limit) : stop][::-1]
+            with memoryview(entries) as raw, raw.cast("q") as revs:
+                stop = bisect_left(revs, cap) if before is not None else len(revs)
+                chosen = revs[max(0, stop - limit) : stop].tolist()
+            ended = self._ended
+            page = [ended[rev] for rev in reversed(chosen)]
         if len(page) >= limit:
             return page, 0
         lowest = page[-1][REV] if page else cap
@@ -862,18 +869,20 @@ class PoolState:
 
     def _remember(self, ended: EndRecord) -> None:
         self.changes.append(ended)
-        history = self._history
-        history.append(ended)
+        rev = ended[REV]
+        history = self._ended
+        history[rev] = ended
+        packed = _PACK(rev)
         per_slot = self._by_slot.get(ended[SLOT])
         if per_slot is None:
-            self._by_slot[ended[SLOT]] = [ended]
+            self._by_slot[ended[SLOT]] = bytearray(packed)
         else:
-            per_slot.append(ended)
+            per_slot += packed
         per_user = self._user_history.get(ended[USER])
         if per_user is None:
-            self._user_history[ended[USER]] = [ended]
+            self._user_history[ended[USER]] = bytearray(packed)
         else:
-            per_user.append(ended)
+            per_user += packed
         if len(history) > self.history_memory + (self.history_memory >> 3):
             self._trim_history()
 
@@ -882,17 +891,19 @@ class PoolState:
 
         The oldest entry of the pool is also the oldest of its token and of its
         user, so trimming from the front keeps every per-token and per-user
-        list a complete suffix: memory holds everything from ``history_floor`` up.
+        index a complete suffix: memory holds everything from ``history_floor`` up.
         """
-        history = self._history
+        history = self._ended
         slots: dict[int, int] = {}
         users: dict[str, int] = {}
         last = 0
-        while len(history) > self.history_memory:
-            ended = history.popleft()
-            slots[ended[SLOT]] = slots.get(ended[SLOT], 0) + 1
-            users[ended[USER]] = users.get(ended[USER], 0) + 1
-            last = ended[REV]
+        # Revisions only grow, and a dict keeps insertion order: the oldest come first.
+        oldest = list(islice(history, len(history) - self.history_memory))
+        for rev in oldest:
+            ended = history.pop(rev)
+            slots[ended[SLOT]] = slots.get(ended[SLOT], 0) + _REV_BYTES
+            users[ended[USER]] = users.get(ended[USER], 0) + _REV_BYTES
+            last = rev
         for slot, n in slots.items():
             entries = self._by_slot[slot]
             del entries[:n]
@@ -909,7 +920,7 @@ class PoolState:
         """Sizes of the internal structures (for tests and ``INFO``)."""
         return {
             "deadlines": len(self._deadlines),
-            "history_in_memory": len(self._history),
+            "history_in_memory": len(self._ended),
             "history_floor": self.history_floor,
             "waiters_queued": len(self._waiters),
             "wait_deadlines": len(self._wait_deadlines),

@@ -45,6 +45,7 @@ from .._errors import CompactedError, InvalidArgumentError, TokenPoolError, lone
 from .._log import get_logger
 from .._metrics import Latencies
 from .._model import COUNTERS, Stats, iso, to_us
+from .._pauses import info_fields
 from .._pool import PoolCore, Pools
 from .._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
 from . import argv as table
@@ -897,6 +898,7 @@ class RespServer:
             "keyspace": {
                 "db0": f"keys={stats.size},expires={stats.active},avg_ttl=0",
             },
+            "pauses": info_fields(self.latencies.pauses.snapshot()),
         }
         wanted = section.lower() if section else None
         lines: list[str] = []
