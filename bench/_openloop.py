@@ -33,6 +33,7 @@ class OpenLoopRun:
     max: float
     errors: int
     unanswered: int
+    late_p99: float  # the generator's own lateness: a request queued this long after due
 
     @property
     def refused(self) -> int:
@@ -72,6 +73,7 @@ def open_loop(
         selector.register(conn.sock, selectors.EVENT_READ, conn)
     total = int(rate * seconds)
     latencies: list[float] = []
+    lateness: list[float] = []
     errors = 0
     sent = 0
     clock = time.perf_counter
@@ -85,7 +87,9 @@ def open_loop(
             while sent < due:
                 conn = conns[sent % connections]
                 conn.out += request(rng)
-                conn.due.append(start + sent / rate)
+                due_at = start + sent / rate
+                conn.due.append(due_at)
+                lateness.append(now - due_at)
                 sent += 1
             for conn in conns:
                 if conn.out:
@@ -114,6 +118,7 @@ def open_loop(
             conn.sock.close()
         selector.close()
     latencies.sort()
+    lateness.sort()
     return OpenLoopRun(
         offered=rate,
         rps=len(latencies) / elapsed if elapsed > 0 else 0.0,
@@ -123,4 +128,5 @@ def open_loop(
         max=latencies[-1] if latencies else float("nan"),
         errors=errors,
         unanswered=total - len(latencies) - errors,
+        late_p99=_percentile(lateness, 99) * 1000,
     )
