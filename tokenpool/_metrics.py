@@ -69,6 +69,8 @@ class Latencies:
         self.pauses = pauses or Pauses()
         self._series: dict[tuple[str, str], list[float]] = {}
         self._by_name: dict[str, list[float]] = {}  # RESP: a command as sent -> its series
+        # Series kept elsewhere and shown here too (the HTTP workers' latencies, summed)
+        self.remote: Callable[[], dict[tuple[str, str], list[float]]] | None = None
 
     def observe(self, transport: str, command: str, seconds: float, count: int = 1) -> None:
         key = (transport, command)
@@ -101,10 +103,22 @@ class Latencies:
             series[index] += 1
             series[-1] += seconds
 
+    def series(self, transport: str) -> dict[str, list[float]]:
+        """One transport's series as they are (bucket counts, +Inf, sum), by command:
+        what an HTTP worker reports to its server."""
+        return {c: list(v) for (t, c), v in self._series.items() if t == transport}
+
     def snapshot(self) -> list[tuple[str, str, list[float], float]]:
         """(transport, command, cumulative counts per bound and +Inf, sum) per series."""
         out = []
-        for (transport, command), series in sorted(self._series.items()):
+        merged = self._series
+        if self.remote is not None:
+            merged = {k: list(v) for k, v in self._series.items()}
+            for key, series in self.remote().items():
+                mine = merged.setdefault(key, [0.0] * (len(BOUNDS) + 2))
+                for i, count in enumerate(series[: len(mine)]):
+                    mine[i] += count
+        for (transport, command), series in sorted(merged.items()):
             cumulative = []
             total = 0.0
             for count in series[:-1]:

@@ -69,7 +69,9 @@ class Connections:
         try:
             with anyio.fail_after(self.timeout):
                 stream: anyio.abc.ByteStream
-                if address.tls:
+                if address.unix is not None:
+                    stream = await anyio.connect_unix(address.unix)
+                elif address.tls:
                     stream = await anyio.connect_tcp(
                         address.host,
                         address.port,
