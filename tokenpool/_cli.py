@@ -706,6 +706,8 @@ async def serve(config: Config) -> int:
                         served.set()
 
                 async with trio.open_nursery() as nursery:
+                    if link is not None:  # before the port: workers reach the pools at once
+                        await nursery.start(link.serve)
                     try:
                         ports = await nursery.start(run_server)
                     except BaseException as raised:
@@ -714,8 +716,6 @@ async def serve(config: Config) -> int:
                             raise failure from None
                         raise
                     shown["port"] = str(ports[0])
-                    if link is not None:
-                        nursery.start_soon(link.serve)
                     await stop.wait()
                     server.shutdown()
                     if http is not None:

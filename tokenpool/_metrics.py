@@ -35,6 +35,9 @@ METRICS_POOLS = 100
 """Pools with per-pool series in one scrape (the largest); the rest are counted only."""
 METRICS_CACHE = 1.0
 """Seconds a rendered scrape is served again to the next scrapers."""
+METRICS_FRESH = 0.05
+"""The same, after an HTTP worker's report came with its scrape (so a client sees its
+own requests counted): still at most 20 renders a second, however many scrape."""
 
 BOUNDS = (
     0.0001,
@@ -314,14 +317,14 @@ class TokenpoolCollector(Collector):
 _rendered: weakref.WeakKeyDictionary[Any, tuple[float, bytes]] = weakref.WeakKeyDictionary()
 
 
-def render(registry: Any) -> bytes:
-    """The registry's text, rendered at most once per ``METRICS_CACHE`` seconds: however
+def render(registry: Any, max_age: float = METRICS_CACHE) -> bytes:
+    """The registry's text, rendered at most once per ``max_age`` seconds: however
     many scrape at once, they share one render."""
     from prometheus_client import generate_latest
 
     now = time.monotonic()
     cached = _rendered.get(registry)
-    if cached is not None and now - cached[0] < METRICS_CACHE:
+    if cached is not None and now - cached[0] < max_age:
         return cached[1]
     data: bytes = generate_latest(registry)
     _rendered[registry] = (now, data)

@@ -103,6 +103,17 @@ class EventStream:
                 self._failed = error
         return self._ready[0].revision if self._ready else None
 
+    async def wait_next_revision(self, seconds: float) -> int | None:
+        """``next_revision``, waiting up to ``seconds`` for the next event to arrive."""
+        with anyio.move_on_after(seconds):
+            while self.next_revision() is None and not self._ended and self._stream is not None:
+                try:
+                    data = await self._stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    break  # the next __anext__ sees it again, and reconnects
+                self._reader.feed(data)
+        return self.next_revision()
+
     def close(self) -> None:
         """Stop: the stream ends (a wait for the next event ends at once)."""
         self._ended = True

@@ -22,6 +22,7 @@ log = get_logger("tokenpool.http")
 
 HEARTBEAT = 15.0  # seconds between comments on an idle event stream
 FINAL_SEND = 1.0  # seconds the end of a stream may take to send
+PAIR_WAIT = 0.05  # seconds to wait for the grant after an eviction (a worker's stream)
 
 
 class _StuckReader(Exception):
@@ -143,6 +144,12 @@ class EventStream(Response):
                             await out(f"event: overflow\ndata: {payload}\n\n")
                             return
                         following = events.next_revision()
+                        if following is None and event.reason == "evicted":
+                            # over a worker's link the grant that follows an eviction
+                            # may be a read behind it: wait a moment for it
+                            wait_next = getattr(events, "wait_next_revision", None)
+                            if wait_next is not None:
+                                following = await wait_next(PAIR_WAIT)
                         if following == event.revision:
                             # an eviction: its ended event shares the revision with the
                             # grant after it; the resume point is after both

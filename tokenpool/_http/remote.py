@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -148,6 +148,9 @@ class RemoteBackend:
         self._connections = connections
         self._default_pool = default_pool
         self._auth_delay = auth_delay
+        # this worker's name and figures, sent with each scrape (set by the worker)
+        self.worker = ""
+        self.figures: Callable[[], dict[str, Any]] | None = None
 
     @property
     def default_pool(self) -> str:
@@ -194,7 +197,8 @@ class RemoteBackend:
         return bool(answer["ready"]), dict(answer["reasons"])
 
     async def metrics(self) -> bytes:
-        reply = await self._call(["WORKER", "METRICS"], safe=True)
+        mine = [] if self.figures is None else [self.worker, json.dumps(self.figures())]
+        reply = await self._call(["WORKER", "METRICS", *mine], safe=True)
         return str(reply).encode()
 
     async def report(self, worker: str, figures: dict[str, Any]) -> None:

@@ -262,10 +262,10 @@ class HttpWorkers:
 
         app = self.app
 
-        async def metrics() -> bytes:
-            from .._metrics import render
+        async def metrics(fresh: bool) -> bytes:
+            from .._metrics import METRICS_CACHE, METRICS_FRESH, render
 
-            return render(app.registry)
+            return render(app.registry, METRICS_FRESH if fresh else METRICS_CACHE)
 
         async def readiness() -> tuple[bool, dict[str, str]]:
             return await app.readiness()

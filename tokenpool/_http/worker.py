@@ -162,6 +162,8 @@ async def _serve(config: dict[str, Any], sock: socket.socket) -> None:
         url, config["default_pool"], auth_delay=config["auth_delay"]
     ) as backend:
         app.attach_backend(backend)
+        backend.worker = config["worker"]
+        backend.figures = lambda: _figures(app)
         loop = asyncio.get_running_loop()
 
         def parent_said() -> None:

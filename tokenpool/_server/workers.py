@@ -14,8 +14,9 @@ the client library over this socket, with three commands only they may send:
   connection, which other requests share). The reply is the command layer's
   neutral result, pickled (base64): the parent trusts its own results, never a
   worker's bytes, which arrive as RESP arguments parsed by the command table.
-- ``WORKER READY``, ``WORKER METRICS``, ``WORKER REPORT <id> <json>``: the server's
-  readiness (JSON) and Prometheus text, and a worker's own figures (every second).
+- ``WORKER READY``, ``WORKER METRICS [<id> <json>]``, ``WORKER REPORT <id> <json>``:
+  the server's readiness (JSON) and Prometheus text (with the scraping worker's
+  figures first), and a worker's own figures (every second).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class WorkerLink:
         self,
         secret: str,
         readiness: Callable[[], Awaitable[tuple[bool, dict[str, str]]]],
-        metrics: Callable[[], Awaitable[bytes]],
+        metrics: Callable[[bool], Awaitable[bytes]],
         report: Callable[[str, dict[str, Any]], None],
     ) -> None:
         self.secret = secret
@@ -127,10 +128,16 @@ def _worker(p: Planner, session: Session, args: list[str]) -> Any:
             return json.dumps({"ready": ok, "reasons": reasons})
 
         return Action(ready)
-    if sub == "METRICS" and len(args) == 1:
+    if sub == "METRICS" and len(args) in (1, 3):
+        fresh = len(args) == 3
+        if fresh:  # the scraping worker's own figures first, so they are current
+            try:
+                link.report(args[1][:64], json.loads(args[2]))
+            except ValueError:
+                return Error("ERR", "WORKER METRICS takes JSON")
 
         async def metrics() -> Any:
-            return await link.metrics()
+            return await link.metrics(fresh)
 
         return Action(metrics)
     if sub == "REPORT" and len(args) == 3:
@@ -140,7 +147,7 @@ def _worker(p: Planner, session: Session, args: list[str]) -> Any:
             return Error("ERR", "WORKER REPORT takes JSON")
         link.report(args[1][:64], figures)
         return OK
-    return Error("ERR", "WORKER READY | METRICS | REPORT <id> <json>")
+    return Error("ERR", "WORKER READY | METRICS [<id> <json>] | REPORT <id> <json>")
 
 
 WORKER_COMMANDS: dict[str, tuple[int, int, Handler, str]] = {
