@@ -845,6 +845,8 @@ async def _start_http_workers(
             done.set()
 
     nursery.start_soon(run)
+    with trio.move_on_after(30):  # as in-process HTTP: serving before the pools recover
+        await workers.ready.wait()
     return workers
 
 

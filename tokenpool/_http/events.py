@@ -96,6 +96,9 @@ class EventStream(Response):
                 self._release_slot()
                 if self._events is not None:
                     self._events.close()
+                    closing = getattr(self._events, "aclose", None)
+                    if closing is not None:  # a worker's: its link to the server too
+                        await closing()
                 return
 
     async def _forward(self, send: Send) -> None:

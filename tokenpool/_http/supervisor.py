@@ -46,6 +46,7 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 HEALTHY_AFTER = 10.0  # seconds a worker lives before the backoff starts over
 KILL_AFTER = 1.0  # seconds past the grace before a worker still running is killed
+STARTUP_WAIT = 30.0  # seconds the server waits for its workers to accept, at start
 _COUNTERS = ("requests", "errors")
 _GAUGES = ("in_flight", "streams")
 
@@ -129,16 +130,28 @@ async def supervise_workers(
     sock: socket.socket,
     figures: WorkerFigures,
     stop: trio.Event,
+    ready: trio.Event | None = None,
 ) -> None:
     """Run ``plan.count`` workers on ``sock`` until ``stop``; then stop them within the
-    grace (killing what is left). Returns when every worker has exited."""
+    grace (killing what is left). ``ready`` is set once each has started the first
+    time. Returns when every worker has exited."""
+    started = [trio.Event() for _ in range(plan.count)]
     async with trio.open_nursery() as nursery:
         for slot in range(plan.count):
-            nursery.start_soon(_keep_worker, plan, sock, figures, stop, slot)
+            nursery.start_soon(_keep_worker, plan, sock, figures, stop, slot, started[slot])
+        for event in started:
+            await event.wait()
+        if ready is not None:
+            ready.set()
 
 
 async def _keep_worker(
-    plan: WorkerPlan, sock: socket.socket, figures: WorkerFigures, stop: trio.Event, slot: int
+    plan: WorkerPlan,
+    sock: socket.socket,
+    figures: WorkerFigures,
+    stop: trio.Event,
+    slot: int,
+    started_once: trio.Event,
 ) -> None:
     """One worker slot: a worker running, replaced when it dies, until ``stop``."""
     pause = BACKOFF_FIRST
@@ -147,7 +160,7 @@ async def _keep_worker(
         generation += 1
         name = f"{slot}.{generation}"
         started = trio.current_time()
-        code = await _run_worker(plan, sock, name, stop)
+        code = await _run_worker(plan, sock, name, stop, started_once)
         figures.retire(name)
         if stop.is_set():
             return
@@ -159,7 +172,9 @@ async def _keep_worker(
         pause = min(pause * 2, BACKOFF_MAX)
 
 
-async def _run_worker(plan: WorkerPlan, sock: socket.socket, name: str, stop: trio.Event) -> int:
+async def _run_worker(
+    plan: WorkerPlan, sock: socket.socket, name: str, stop: trio.Event, started: trio.Event
+) -> int:
     """Start one worker and wait for it; at ``stop``, close its stdin and wait at most
     the grace (then kill it). Its exit status (negative: the signal that ended it)."""
     config = {
@@ -177,6 +192,7 @@ async def _run_worker(plan: WorkerPlan, sock: socket.socket, name: str, stop: tr
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "tokenpool._http.worker"],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         pass_fds=(sock.fileno(),),
     )
     assert process.stdin is not None
@@ -197,7 +213,20 @@ async def _run_worker(plan: WorkerPlan, sock: socket.socket, name: str, stop: tr
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGKILL)
 
+            async def wait_started() -> None:
+                said = b""
+                assert process.stdout is not None
+                with trio.move_on_after(STARTUP_WAIT):
+                    while b"\n" not in said:
+                        chunk = await process.stdout.receive_some(64)
+                        if not chunk:
+                            break
+                        said += chunk
+                started.set()  # started, or given up on: either way not awaited longer
+                await process.stdout.aclose()
+
             nursery.start_soon(stop_it)
+            nursery.start_soon(wait_started)
             code = await process.wait()
             nursery.cancel_scope.cancel()
     finally:
@@ -206,8 +235,10 @@ async def _run_worker(plan: WorkerPlan, sock: socket.socket, name: str, stop: tr
                 process.send_signal(signal.SIGKILL)
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await process.wait()
-        with contextlib.suppress(Exception):
-            await trio.aclose_forcefully(process.stdin)
+        started.set()
+        for pipe in (process.stdin, process.stdout):
+            with contextlib.suppress(Exception):
+                await trio.aclose_forcefully(pipe)  # type: ignore[arg-type]
     return code
 
 
@@ -252,6 +283,7 @@ class HttpWorkers:
             log_level=log_level,
             log_format=log_format,
         )
+        self.ready = trio.Event()  # every worker accepts connections
         log.info("http_listening", host=s.host, port=self.port, workers=count)
 
     def link_server(self, server: RespServer, settings: RespSettings) -> RespServer:
@@ -279,7 +311,7 @@ class HttpWorkers:
     async def run(self, stop: trio.Event) -> None:
         """Supervise the workers until ``stop``; then clean up."""
         try:
-            await supervise_workers(self.plan, self.sock, self.figures, stop)
+            await supervise_workers(self.plan, self.sock, self.figures, stop, self.ready)
         finally:
             self.sock.close()
             shutil.rmtree(self._dir, ignore_errors=True)

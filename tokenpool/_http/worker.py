@@ -22,6 +22,7 @@ or the connection closed; httptools has neither bound), the app's own body bound
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import sys
 from typing import Any
 
 import anyio
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -54,7 +56,14 @@ class BoundedHttpTools(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._in_head and self._head_timer is None:
             self._head_timer = self.loop.call_later(self.timeout_keep_alive, self._too_slow)
-        super().data_received(data)
+        self._unset_keepalive_if_required()  # as uvicorn's: a request is coming
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._refuse_framing(str(error))
+            return
+        except httptools.HttpParserUpgrade:
+            pass  # answered in HTTP/1.1: no h2c (uvicorn would only log it for h2c)
         if self._in_head:
             self._head += len(data)
             if self._head > MAX_HEAD and not self.transport.is_closing():
@@ -84,28 +93,40 @@ class BoundedHttpTools(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "TOOLARGE",
-                    "message": f"a request head may have at most {MAX_HEAD} bytes",
-                }
-            }
-        ).encode()
+        message = f"a request head may have at most {MAX_HEAD} bytes"
+        self._answer(b"431 Request Header Fields Too Large", "TOOLARGE", message)
+
+    def _refuse_framing(self, why: str) -> None:
+        """A request httptools cannot read (its text says why): 400, and the connection
+        closed, as the app's BADFRAMING (RFC 9112 §6.1: both framings, a smuggling shape)."""
+        if "Content-Length" in why and "Transfer-Encoding" in why:
+            message = "a request may not have both Content-Length and Transfer-Encoding"
+            self._answer(b"400 Bad Request", "BADFRAMING", message)
+        else:
+            self._answer(b"400 Bad Request", "BADREQUEST", f"a malformed request: {why[:100]}")
+
+    def _answer(self, status: bytes, code: str, message: str) -> None:
+        if self.transport.is_closing():
+            return
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body)
+            b"HTTP/1.1 %b\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (status, len(body), body)
         )
         self.transport.close()
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, without its signal handlers: this process ignores the group's signals."""
+    """uvicorn, without its signal handlers (this process ignores the group's signals),
+    telling its parent on standard output once it accepts connections."""
 
     def capture_signals(self) -> Any:
-        import contextlib
-
         return contextlib.nullcontext()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        with contextlib.suppress(OSError):  # the parent stops reading once told
+            os.write(1, b"ready\n")
 
 
 def _figures(app: HttpApp) -> dict[str, Any]:
