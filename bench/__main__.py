@@ -23,6 +23,7 @@ from . import (
     compare,
     embedded,
     http,
+    httpworkers,
     memory,
     openloop,
     persistence,
@@ -46,6 +47,7 @@ SECTIONS: dict[str, Callable[[bool], list[Figure]]] = {
     "persistence": persistence.run,
     "memory": memory.run,
     "http": http.run,
+    "httpworkers": httpworkers.run,
     "stores": stores.run,
     "revisions": revisions.run,
 }
@@ -57,6 +59,7 @@ NEEDS = {
     "memory": ("redis-server",),
     "profile": ("redis-benchmark",),
     "http": ("wrk",),
+    "httpworkers": ("wrk",),
     "revisions": ("redis-benchmark", "wrk", "git"),
 }
 HEADLINE = {"compare", "scaling"}

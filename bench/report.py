@@ -74,6 +74,8 @@ def _embedded(path: str, **more: Any) -> Callable[[list[Fig]], list[float] | Non
     return lambda fs: _value(_find(fs, section="embedded", path=path, size=100, **more))
 
 
+_WORKERS2 = "tokenpool --http-workers 2 (postgresql)"  # as bench/httpworkers.py names it
+
 GOALS: list[Goal] = [
     (
         "sustained 60 s, default SQLite store: refusals (at most)",
@@ -210,6 +212,26 @@ GOALS: list[Goal] = [
         ),
         0.8,
         "x",
+    ),
+    (
+        "HTTP activate, --http-workers 2 / the seed on uvicorn (2 workers), PostgreSQL",
+        lambda fs: _value(
+            _find(fs, section="httpworkers", system=_WORKERS2, metric="ratio_to_seed")
+        ),
+        3.0,
+        "x",
+    ),
+    (
+        "HTTP activate, --http-workers 2: p99 (ms, at most)",
+        lambda fs: _value(_find(fs, section="httpworkers", system=_WORKERS2, metric="p99")),
+        -20.0,
+        "ms",
+    ),
+    (
+        "HTTP activate, --http-workers 2: non-2xx (at most)",
+        lambda fs: _value(_find(fs, section="httpworkers", system=_WORKERS2, metric="non_2xx")),
+        AT_MOST_ZERO,
+        "",
     ),
 ]
 

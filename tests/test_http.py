@@ -494,3 +494,35 @@ def test_openapi_describes_every_route() -> None:
         ):
             assert path in paths
         assert 200 == client.get("/docs").status_code
+
+
+def test_the_plain_activation_answers_as_the_route_does() -> None:
+    """``{"user_id": ...}`` alone takes the path in front of FastAPI; a ``wait`` of null
+    or a non-ASCII user id goes through FastAPI: the same shape and headers either way."""
+    with api("--size", "3", "--requirepass", "pw") as client:
+        auth = {"Authorization": "Bearer pw"}
+        plain = client.post("/api/tokens/activate", json={"user_id": "a"}, headers=auth)
+        routed = client.post(
+            "/api/tokens/activate", json={"user_id": "b", "wait": None}, headers=auth
+        )
+        other = client.post(
+            "/api/pools/default/tokens/activate", json={"user_id": "é"}, headers=auth
+        )
+        for response in (plain, routed, other):
+            assert 200 == response.status_code
+            assert "application/json" == response.headers["content-type"]
+            assert "DENY" == response.headers["x-frame-options"]
+        assert set(plain.json()["data"]) == set(routed.json()["data"]) == set(other.json()["data"])
+        assert ["a", "b", "é"] == [r.json()["data"]["user_id"] for r in (plain, routed, other)]
+        again = client.post("/api/tokens/activate", json={"user_id": "a"}, headers=auth)
+        assert plain.json()["data"]["id"] == again.json()["data"]["id"]
+        refused = client.post("/api/tokens/activate", json={"user_id": "a"})
+        assert (401, "NOAUTH") == error_of(refused)
+        wrong = client.post(
+            "/api/tokens/activate", json={"user_id": "a"}, headers={"Authorization": "Bearer x"}
+        )
+        assert (401, "WRONGPASS") == error_of(wrong)
+        unknown = client.post(
+            "/api/pools/nosuch/tokens/activate", json={"user_id": "a"}, headers=auth
+        )
+        assert (404, "UNKNOWN") == error_of(unknown)

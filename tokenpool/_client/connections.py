@@ -131,6 +131,19 @@ class Connections:
                 return connection
             await self._changed.wait()
 
+    def _take_now(self, exclusive: bool) -> Connection | None:
+        """``_take`` when it need not wait (an idle connection, or a pipeline to join once
+        every connection is open): the common case, without a timeout's cancel scope."""
+        if any(c.broken is not None for c in self._live):
+            return None
+        free = [c for c in self._live if not c.exclusive]
+        best = min(free, key=lambda c: c.load, default=None)
+        full = len(self._live) + self._opening >= self.max_connections
+        if best is not None and (best.load == 0 or (full and not exclusive)):
+            best.exclusive = exclusive
+            return best
+        return None
+
     def give_back(self, connection: Connection) -> None:
         if connection.exclusive:
             connection.exclusive = False
@@ -166,8 +179,10 @@ class Connections:
         self, commands: Sequence[Sequence[str]], blocks: float | None
     ) -> list[Any]:
         try:
-            with anyio.fail_after(self.timeout):
-                connection = await self._take(exclusive=blocks is not None)
+            connection = self._take_now(exclusive=blocks is not None)
+            if connection is None:
+                with anyio.fail_after(self.timeout):
+                    connection = await self._take(exclusive=blocks is not None)
         except TimeoutError:
             raise _NotSent(
                 UnreachableError(

@@ -28,6 +28,7 @@ from .._model import Page
 from .._settings import LOOPBACK_NAMES
 from . import routes
 from .backend import AUTH_REQUIRED, Backend, EventSource, LocalBackend
+from .fast import FastActivate
 from .middleware import BrowserGuard, Outer
 from .replies import usage_json
 from .schemas import BIG_LISTING, SLICE, ApiError, api_error, error_response, plain_problem
@@ -85,7 +86,8 @@ class HttpApp:
         self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
         self.api = self._build()
         self.asgi = BrowserGuard(
-            Outer(self.api, self, settings.idle_timeout), settings.allowed_hosts
+            Outer(FastActivate(self.api, self), self, settings.idle_timeout),
+            settings.allowed_hosts,
         )
 
     @property
@@ -154,8 +156,12 @@ class HttpApp:
 
     async def authenticate(self, request: Request, bearer: str | None) -> Any:
         """The request's client: its address, and the password its bearer gives (if any)."""
-        backend = self.ready_backend()
         peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
+        return await self.caller(peer, bearer)
+
+    async def caller(self, peer: str, bearer: str | None) -> Any:
+        """The client at ``peer`` with the password ``bearer`` (or None), or ApiError."""
+        backend = self.ready_backend()
         try:
             return await backend.caller(peer, bearer)
         except TokenPoolError as error:
