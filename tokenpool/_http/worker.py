@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -197,6 +198,9 @@ async def _serve(config: dict[str, Any], sock: socket.socket) -> None:
         idle_timeout=s["idle_timeout"],
     )
     app = HttpApp(settings, Latencies())
+    # The app, its routes and the modules live as long as the process: out of the
+    # collector's way, full collections stay short (as the server does after recovery).
+    gc.freeze()
     uv = uvicorn.Config(
         app.asgi,
         http=BoundedHttpTools,
