@@ -42,6 +42,7 @@ from .app import HttpApp, HttpSettings
 from .remote import WORKER_USER, RemoteBackend, open_remote_backend
 
 MAX_HEAD = 16 * 1024
+LINK_CONNECTIONS = 8  # to the server, pipelined (2 measured no better on 2 busy cores)
 REPORT_EVERY = 1.0
 
 
@@ -219,7 +220,10 @@ async def _serve(config: dict[str, Any], sock: socket.socket) -> None:
     server = _Server(uv)
     url = f"unix://{WORKER_USER}:{config['secret']}@{config['link']}"
     async with open_remote_backend(
-        url, config["default_pool"], auth_delay=config["auth_delay"]
+        url,
+        config["default_pool"],
+        auth_delay=config["auth_delay"],
+        max_connections=LINK_CONNECTIONS,
     ) as backend:
         app.attach_backend(backend)
         backend.worker = config["worker"]
