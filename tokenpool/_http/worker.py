@@ -209,6 +209,7 @@ async def _serve(config: dict[str, Any], sock: socket.socket) -> None:
         access_log=False,
         log_config=None,
         server_header=False,
+        proxy_headers=False,  # nothing trusts X-Forwarded-For: budgets are per TCP peer
         date_header=True,
         timeout_keep_alive=max(1, round(settings.keep_alive)),
         timeout_graceful_shutdown=max(1, round(settings.graceful)),
