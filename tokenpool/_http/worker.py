@@ -205,6 +205,7 @@ async def _serve(config: dict[str, Any], sock: socket.socket) -> None:
     uv = uvicorn.Config(
         app.asgi,
         http=BoundedHttpTools,
+        ws="none",  # no WebSocket upgrades: the API has none
         lifespan="off",
         access_log=False,
         log_config=None,
