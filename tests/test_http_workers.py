@@ -6,6 +6,7 @@ environment: the option's variable, which the servers the tests start inherit.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -101,6 +102,28 @@ def test_activate_through_workers_then_a_killed_worker_is_replaced_and_resp_neve
                 assert 200 == held.status_code
                 assert lease.json()["data"]["id"] == held.json()["data"]["id"]
         r.close()
+
+
+def test_a_stopped_worker_is_replaced() -> None:
+    with workers() as server:
+        (name, pid), _ = sorted(worker_pids(server).items())
+        time.sleep(1.5)  # it has reported once
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: any(
+                    e.get("event") == "http_worker_hung" and e.get("worker") == name
+                    for e in server.log
+                ),
+                timeout=20,
+            )
+            wait_for(
+                lambda: len(worker_pids(server)) == 2 and pid not in worker_pids(server).values()
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert 200 == httpx.get(f"http://127.0.0.1:{server.http_port}/healthz").status_code
 
 
 def test_sigterm_to_the_group_stops_server_and_workers_cleanly() -> None:

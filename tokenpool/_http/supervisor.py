@@ -7,7 +7,9 @@ socket, each with the socket's descriptor, the link's path and a per-run secret 
 its standard input:
 
 - a worker that dies is logged and started again, after a pause that doubles from
-  0.1 s to 5 s while they keep dying (and starts over once one lives 10 s);
+  0.1 s to 5 s while they keep dying (and starts over once one lives 10 s); one that
+  stops reporting its figures (stopped, wedged) for ``HUNG_AFTER`` is killed and so
+  replaced;
 - shutdown closes each worker's standard input (its signal to stop: it finishes
   what it holds within the grace) and kills what is left after it;
 - a worker whose parent dies sees its standard input end and stops as well.
@@ -46,6 +48,7 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 HEALTHY_AFTER = 10.0  # seconds a worker lives before the backoff starts over
 KILL_AFTER = 1.0  # seconds past the grace before a worker still running is killed
+HUNG_AFTER = 10.0  # seconds without a report (one a second) before a worker is replaced
 STARTUP_WAIT = 30.0  # seconds the server waits for its workers to accept, at start
 _COUNTERS = ("requests", "errors")
 _GAUGES = ("in_flight", "streams")
@@ -56,14 +59,17 @@ class WorkerFigures:
 
     def __init__(self) -> None:
         self._latest: dict[str, dict[str, Any]] = {}
+        self.seen: dict[str, float] = {}  # a worker's latest report, trio time
         self._gone: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._gone_latencies: dict[tuple[str, str], list[float]] = {}
 
     def report(self, worker: str, figures: dict[str, Any]) -> None:
         if len(self._latest) < 1024 or worker in self._latest:
             self._latest[worker] = figures
+            self.seen[worker] = trio.current_time()
 
     def retire(self, worker: str) -> None:
+        self.seen.pop(worker, None)
         figures = self._latest.pop(worker, None)
         if figures is None:
             return
@@ -160,7 +166,7 @@ async def _keep_worker(
         generation += 1
         name = f"{slot}.{generation}"
         started = trio.current_time()
-        code = await _run_worker(plan, sock, name, stop, started_once)
+        code = await _run_worker(plan, sock, figures, name, stop, started_once)
         figures.retire(name)
         if stop.is_set():
             return
@@ -173,7 +179,12 @@ async def _keep_worker(
 
 
 async def _run_worker(
-    plan: WorkerPlan, sock: socket.socket, name: str, stop: trio.Event, started: trio.Event
+    plan: WorkerPlan,
+    sock: socket.socket,
+    figures: WorkerFigures,
+    name: str,
+    stop: trio.Event,
+    started: trio.Event,
 ) -> int:
     """Start one worker and wait for it; at ``stop``, close its stdin and wait at most
     the grace (then kill it). Its exit status (negative: the signal that ended it)."""
@@ -225,8 +236,21 @@ async def _run_worker(
                 started.set()  # started, or given up on: either way not awaited longer
                 await process.stdout.aclose()
 
+            async def watch_hung() -> None:
+                # a worker that reported once and then stopped reporting (stopped,
+                # wedged) is replaced; one that never reported waits for the pools
+                while True:
+                    await trio.sleep(1.0)
+                    seen = figures.seen.get(name)
+                    if seen is not None and trio.current_time() - seen > HUNG_AFTER:
+                        log.warning("http_worker_hung", worker=name, silent_for=HUNG_AFTER)
+                        with contextlib.suppress(ProcessLookupError):
+                            process.send_signal(signal.SIGKILL)
+                        return
+
             nursery.start_soon(stop_it)
             nursery.start_soon(wait_started)
+            nursery.start_soon(watch_hung)
             code = await process.wait()
             nursery.cancel_scope.cancel()
     finally:
