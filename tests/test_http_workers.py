@@ -242,3 +242,38 @@ def test_a_request_head_past_16_kib_is_refused(size: int) -> None:
         while chunk := s.recv(65536):
             received += chunk
         assert received.startswith(b"HTTP/1.1 431")
+
+
+def test_stalled_http_clients_are_dropped_and_never_delay_resp() -> None:
+    """300 connections that send half a request head and stop: RESP answers meanwhile,
+    and the workers close them once the head's deadline (5 s) passes."""
+    with workers() as server:
+        stalled = []
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", server.http_port or 0))
+            s.sendall(b"POST /api/tokens/activate HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            stalled.append(s)
+        r = redis.Redis(port=server.port, socket_timeout=5)
+        worst = 0.0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            began = time.monotonic()
+            assert r.ping()
+            worst = max(worst, time.monotonic() - began)
+            time.sleep(0.01)
+        assert worst < 0.25
+        assert 200 == httpx.get(f"http://127.0.0.1:{server.http_port}/healthz").status_code
+
+        def closed(s: socket.socket) -> bool:
+            s.settimeout(0.01)
+            try:
+                return s.recv(1) == b""
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+
+        wait_for(lambda: all(closed(s) for s in stalled), timeout=15)
+        for s in stalled:
+            s.close()
+        r.close()
