@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -277,3 +278,23 @@ def test_stalled_http_clients_are_dropped_and_never_delay_resp() -> None:
         for s in stalled:
             s.close()
         r.close()
+
+
+def test_https_through_workers(tmp_path: Path) -> None:
+    """``--tls-cert`` makes the workers' HTTP HTTPS (uvicorn's TLS), as in-process."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    with workers("--tls-cert", str(cert_file), "--tls-key", str(key_file)) as server:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with httpx.Client(base_url=f"https://localhost:{server.http_port}", verify=context) as c:
+            lease = c.post("/api/tokens/activate", json={"user_id": "tls"})
+            assert 200 == lease.status_code
+            assert "tls" == lease.json()["data"]["user_id"]
