@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import attrs
 
 from .._errors import InvalidArgumentError, UnavailableError
+from .._ids import uuid_text
 from .._model import (
     ADD,
     CREATED,
@@ -33,6 +34,7 @@ from .._model import (
     LeaseRecord,
     Record,
     Usage,
+    added_tokens,
     record_revision,
 )
 from .._settings import parse_int
@@ -181,8 +183,9 @@ class Batch:
             elif kind == RENEW:  # a renewal's user is known already
                 final[record[SLOT]] = record
             elif kind == ADD:
+                created = record[CREATED]
                 self.tokens_added += [
-                    (slot, token, record[CREATED]) for slot, token in record[TOKENS]
+                    (slot, uuid_text(raw), created) for slot, raw in added_tokens(record)
                 ]
             elif kind == RETIRE:
                 self.tokens_retired += [(slot, record[CREATED]) for slot in record[TOKENS]]

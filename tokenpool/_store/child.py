@@ -36,7 +36,8 @@ import traceback
 from typing import Any
 
 from .._errors import TokenPoolError
-from .._model import ADD, KIND, TOKENS, Record
+from .._ids import uuid_text
+from .._model import ADD, KIND, Record, added_tokens
 from . import Batch, FencedError, LinkState, RejectedError, Store, StoreError, open_store
 from .frames import FrameDecoder, encode
 
@@ -274,8 +275,8 @@ class StoreProcess:
     def _learn_tokens(sink: PoolSink, records: list[Record]) -> None:
         for record in records:
             if record[KIND] == ADD:  # the slots of new tokens
-                for slot, token in record[TOKENS]:
-                    sink.tokens[slot] = token
+                for slot, raw in added_tokens(record):
+                    sink.tokens[slot] = uuid_text(raw)
 
     def isolate(
         self,
