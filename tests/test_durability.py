@@ -37,7 +37,7 @@ from tokenpool._model import (
 )
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
-from tokenpool._store import Batch, open_store
+from tokenpool._store import Batch, SlotTokens, open_store
 
 from .dbutil import query
 from .strategies import CountingIds
@@ -120,7 +120,7 @@ def test_a_retry_after_a_commit_whose_ack_was_lost_clears_what_it_ends(pg_url: s
         lease = state.activate("a", now)
         first = list(state.changes)
         state.changes = []
-        tokens = {slot: token for slot, token, _ in state.slots()}
+        tokens = SlotTokens(token for _, token, _ in sorted(state.slots()))
         batch = Batch()
         batch.add(first, state.counters(), now)
         store.write(snapshot.pool_id, batch, tokens, False)  # committed; the ack "lost"

@@ -42,7 +42,16 @@ from .._model import (
     Usage,
     to_datetime,
 )
-from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError, check_times
+from . import (
+    Batch,
+    FencedError,
+    KnownUsers,
+    RejectedError,
+    SlotTokens,
+    Snapshot,
+    StoreError,
+    check_times,
+)
 
 T = TypeVar("T")
 
@@ -404,7 +413,7 @@ class SqliteStore:
             return {pool_id: str(error) for pool_id in self._pools}
         return {}
 
-    def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
+    def write(self, pool_id: int, batch: Batch, tokens: SlotTokens, retry: bool) -> None:
         name, epoch = self._pools[pool_id]
         conn = self._connection()
         try:
@@ -452,7 +461,7 @@ class SqliteStore:
         conn: sqlite3.Connection,
         pool_id: int,
         batch: Batch,
-        tokens: dict[int, str],
+        tokens: SlotTokens,
         users: list[str],
         retry: bool,
     ) -> None:
