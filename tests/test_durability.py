@@ -247,7 +247,7 @@ async def test_sync_mode_answers_unavailable_in_time_and_recovers(
         # The write misses its deadline ("in time"), or, when stopping the database took
         # long enough on a loaded machine, the last proof of ownership ran out first:
         # both are the truthful refusal, and neither may take longer than the deadline.
-        with pytest.raises(tokenpool.UnavailableError, match="in time|still owns"):
+        with pytest.raises(tokenpool.UnavailableError, match=r"in time|still owns"):
             await pool.activate("during")
         assert trio.current_time() - started < 1 + 1 + 0.5  # write_timeout + client slack
         await trio.to_thread.run_sync(pg_cluster.start)
