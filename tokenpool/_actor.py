@@ -166,6 +166,8 @@ class ActorStatistics:
     waiting: int
     history_in_memory: int
     deadlines: int
+    wait_grants: int = 0  # tokens granted to a caller that waited, and their total wait
+    waited_us: int = 0
 
 
 class Actor:
@@ -561,6 +563,8 @@ class Actor:
             waiting=self.state.waiting,
             history_in_memory=state["history_in_memory"],
             deadlines=state["deadlines"],
+            wait_grants=self.state.wait_grants,
+            waited_us=self.state.waited_us,
         )
 
 

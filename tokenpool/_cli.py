@@ -700,6 +700,8 @@ async def serve(config: Config) -> int:
                             raise failure from None
                         raise
                     shown["port"] = str(ports[0])
+                    if http is not None:
+                        nursery.start_soon(http.sample)  # the series of /api/.../series
                     await stop.wait()
                     server.shutdown()
                     if http is not None:

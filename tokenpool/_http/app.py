@@ -25,9 +25,10 @@ from .._errors import TokenPoolError
 from .._log import get_logger
 from .._metrics import Latencies, TokenpoolCollector
 from .._model import Page
+from .._series import Sampler, SeriesBook, store_backfill
 from .._settings import LOOPBACK_NAMES, check_name
 from .._store import LinkState
-from . import routes
+from . import analytics, routes
 from .middleware import BrowserGuard, Outer
 from .replies import usage_json
 from .schemas import BIG_LISTING, SLICE, ApiError, api_error, error_response, plain_problem
@@ -77,6 +78,8 @@ class HttpApp:
         self._heavy = trio.CapacityLimiter(2)
         self.requests = 0
         self.errors = 0
+        self.series = SeriesBook()
+        self._sampler = Sampler(self.series, self._pools, backfill=store_backfill)
         self.registry = CollectorRegistry()
         self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
         self.api = self._build()
@@ -98,6 +101,14 @@ class HttpApp:
         self.closing = True
         for subscription in list(self.subscriptions):
             subscription.close()
+
+    async def sample(self) -> None:
+        """Sample every pool's figures once a second for ``/series`` (until cancelled)."""
+        await self._sampler.run()
+
+    def sampler_now(self) -> int:
+        """The second the sampler is at (the series' newest)."""
+        return self._sampler.now()
 
     def statistics(self) -> HttpStatistics:
         c = self.commands
@@ -252,6 +263,12 @@ class HttpApp:
         api.include_router(routes.router, prefix="/api")
         api.include_router(
             routes.router, prefix="/api/pools/{pool}", dependencies=[Depends(routes._named_pool)]
+        )
+        api.include_router(analytics.router, prefix="/api")
+        api.include_router(
+            analytics.router,
+            prefix="/api/pools/{pool}",
+            dependencies=[Depends(routes._named_pool)],
         )
         api.include_router(routes.pools_router, prefix="/api")
         api.include_router(routes.operations)

@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS token_usage_history (
 );
 CREATE INDEX IF NOT EXISTS history_by_token ON token_usage_history (token_id, revision DESC);
 CREATE INDEX IF NOT EXISTS history_by_user ON token_usage_history (pool_id, user_id, revision DESC);
+-- The usage analytics read a pool's leases ended in a time range (_store/analytics.py).
+CREATE INDEX IF NOT EXISTS history_by_end ON token_usage_history (pool_id, ended_at);
 
 -- The names SQLite's views give these tables (the same queries run on both stores).
 CREATE OR REPLACE VIEW lease_assignments AS SELECT * FROM token_assignments;

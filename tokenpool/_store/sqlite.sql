@@ -71,6 +71,8 @@ CREATE TABLE IF NOT EXISTS token_usage_history (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_by_token ON token_usage_history (token_no, revision);
 CREATE INDEX IF NOT EXISTS history_by_user ON token_usage_history (pool_id, user_id, revision);
+-- The usage analytics read a pool's leases ended in a time range (_store/analytics.py).
+CREATE INDEX IF NOT EXISTS history_by_end ON token_usage_history (pool_id, ended_us);
 
 -- The same shape as PostgreSQL's tables, token ids as text: for people and reports.
 CREATE VIEW IF NOT EXISTS lease_assignments AS
