@@ -176,9 +176,10 @@ class PoolCore:
     def size(self) -> int:
         return self.actor.state.size
 
-    async def call(self, ops: Sequence[Op]) -> list[object]:
-        """Apply ``ops`` in one actor batch: a result (the state's own value) or an error each."""
-        return await self.actor.call(ops)
+    async def call(self, ops: Sequence[Op], trace: list[Any] | None = None) -> list[object]:
+        """Apply ``ops`` in one actor batch: a result (the state's own value) or an error
+        each. ``trace``: the span contexts of the commands they carry (``_trace``)."""
+        return await self.actor.call(ops, trace)
 
     async def one(self, op: Op, *, last: bool = False) -> Any:
         """Apply one op; ``last``: as the actor's last message (nothing sent later is
@@ -776,6 +777,7 @@ class Pools:
             queue_size=c.queue_size,
             publish=hub.publish,
             write_timeout=c.write_timeout,
+            name=name,
         )
         actor.on_batch = self._on_batch
         core = PoolCore(

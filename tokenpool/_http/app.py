@@ -32,6 +32,7 @@ from . import analytics, routes
 from .middleware import BrowserGuard, Outer
 from .replies import usage_json
 from .schemas import BIG_LISTING, SLICE, ApiError, api_error, error_response, plain_problem
+from .tracing import TracedApp
 
 if TYPE_CHECKING:
     from .._pool import Pool, Pools
@@ -83,8 +84,8 @@ class HttpApp:
         self.registry = CollectorRegistry()
         self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
         self.api = self._build()
-        self.asgi = BrowserGuard(
-            Outer(self.api, self, settings.idle_timeout), settings.allowed_hosts
+        self.asgi = TracedApp(
+            BrowserGuard(Outer(self.api, self, settings.idle_timeout), settings.allowed_hosts)
         )
 
     @property
