@@ -92,16 +92,18 @@ _PG = _Dialect(
     mark="%s",
     ended="ended_at",
     started="started_at",
-    hold="extract(epoch FROM ended_at - started_at)::float8",
-    bucket=f"floor(ln(greatest(extract(epoch FROM ended_at - started_at) * 1e6, 1))"
+    # date_part is double precision; extract() is numeric since PostgreSQL 14, and
+    # numeric ln() over a month of rows took 5 times as long
+    hold="date_part('epoch', ended_at - started_at)",
+    bucket=f"floor(ln(greatest(date_part('epoch', ended_at - started_at) * 1e6, 1))"
     f" * {BUCKETS_PER_E})::int",
     reason="expiration_reason::text",
     token_key="token_id",
-    hour="floor(extract(epoch FROM ended_at) / 3600)::bigint",
+    hour="floor(date_part('epoch', ended_at) / 3600)::bigint",
     assigned="assigned_at",
-    period_end="floor(extract(epoch FROM ended_at) / %s)::bigint",
-    period_start="floor(extract(epoch FROM started_at) / %s)::bigint",
-    period_assigned="floor(extract(epoch FROM assigned_at) / %s)::bigint",
+    period_end="floor(date_part('epoch', ended_at) / %s)::bigint",
+    period_start="floor(date_part('epoch', started_at) / %s)::bigint",
+    period_assigned="floor(date_part('epoch', assigned_at) / %s)::bigint",
 )
 _SQLITE = _Dialect(
     mark="?",
