@@ -12,14 +12,19 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .._errors import InvalidArgumentError
+from .._errors import InvalidArgumentError, TokenPoolError
+from .._log import get_logger
 from .._settings import check_name
 from .._store.analytics import LIMIT_MAX, Table, check_report
 from ._base import ITEM_COST, Request
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .._pool import Pools
     from .connection import Client
+
+log = get_logger("tokenpool.analytics")
 
 DAY_US = 86_400_000_000
 MAX_OFFSET = 1_000_000
@@ -79,3 +84,28 @@ class Report(Request):
             self.cursor,
             abandon_on_cancel=True,
         )
+
+
+ROLL_EVERY = 60.0
+"""Seconds between two roll-ups of the served pools' new history into the summary tables."""
+ROLL_BUDGET = 5.0
+"""Seconds one pool's roll-up may take in one round (a long history is rolled up over
+several rounds; reports are right meanwhile, reading the rest from the history)."""
+
+
+async def keep_rolled_up(pools: Callable[[], Pools | None]) -> None:
+    """Roll the history of every served pool up into the summary tables, soon after start
+    and then every ``ROLL_EVERY`` seconds, in a worker thread, until cancelled."""
+    await trio.sleep(5.0)
+    while True:
+        served = pools()
+        if served is not None and served.store is not None:
+            analyst = served.analyst()
+            for name in served.names():
+                try:
+                    await trio.to_thread.run_sync(
+                        analyst.roll, name, ROLL_BUDGET, abandon_on_cancel=True
+                    )
+                except TokenPoolError as error:
+                    log.warning("analytics_rollup_failed", pool=name, error=str(error))
+        await trio.sleep(ROLL_EVERY)

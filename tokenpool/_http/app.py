@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from .._commands import Activate, Client, Commands
 from .._commands import Request as Command
+from .._commands.analytics import keep_rolled_up
 from .._errors import TokenPoolError
 from .._log import get_logger
 from .._metrics import Latencies, TokenpoolCollector
@@ -104,8 +105,11 @@ class HttpApp:
             subscription.close()
 
     async def sample(self) -> None:
-        """Sample every pool's figures once a second for ``/series`` (until cancelled)."""
-        await self._sampler.run()
+        """Sample every pool's figures once a second for ``/series``, and keep the usage
+        analytics' summary tables rolled up (until cancelled)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sampler.run)
+            nursery.start_soon(keep_rolled_up, self._pools)
 
     def sampler_now(self) -> int:
         """The second the sampler is at (the series' newest)."""

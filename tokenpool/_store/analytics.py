@@ -1,12 +1,22 @@
 """Usage analytics read from a store's history, in SQL for PostgreSQL and SQLite.
 
 The rules every report keeps:
-- It reads one pool's leases that ENDED in ``[since, until)``, through the index
-  ``history_by_end (pool_id, ended_at)``: a lease counts in the range it ended in.
+- It reads one pool's leases that ENDED in ``[since, until)``: a lease counts in the
+  range it ended in.
+- It reads the summary tables (``usage_hours``: per hour, reason and hold-time bucket;
+  ``usage_users``, ``usage_tokens``: per day) for the whole hours (days) inside the
+  range, and the history itself for the rest: the partial hours (days) at the edges
+  (through the index ``history_by_end (pool_id, ended_at)``) and the rows not rolled
+  up yet (above the pool's ``usage_rollup.revision``, through the primary key). The
+  parts never overlap, so a report is the same rolled up or not (a test holds it).
+- The summary tables are kept by this connection (``roll``: a pool's new rows,
+  ``ROLL_CHUNK`` a transaction, the watermark moved in the same transaction, the
+  pool's row locked), never by the write path: a write costs what it did, plus the
+  one index.
 - Its answer is bounded: at most ``limit`` rows (1 to 1,000), paged by an offset
   cursor; the summary is one row, its hold-time percentiles read from a histogram of
-  ``BUCKETS_PER_E`` buckets per factor of e (each within 3.2% of the exact figure)
-  that the database builds, so no report ships rows to be sorted here.
+  ``BUCKETS_PER_E`` buckets per factor of e (each within 3.2% of the exact figure),
+  so no report ships rows to be sorted here.
 - Every statement has a deadline (``REPORT_TIMEOUT``): PostgreSQL's
   ``statement_timeout``, SQLite's progress handler. Past it the report is refused
   (``UnavailableError``, saying to narrow the range), never left running.
@@ -66,6 +76,10 @@ class Analyst(Protocol):
         """One page of a report. Raises ``UnavailableError`` past its deadline and
         ``StoreError`` when the store cannot be read."""
 
+    def roll(self, pool: str, budget: float = 5.0) -> int:
+        """Roll the pool's history rows not rolled up yet into the summary tables (for up to
+        ``budget`` seconds); how many. Reports are right without it, only slower."""
+
     def timeline(self, pool: str, since_us: int, until_us: int, step: int) -> dict[int, list[int]]:
         """Per period of ``step`` seconds (Unix seconds // step) in the range: leases
         granted, and ended by each reason (``TIMELINE_KINDS`` order)."""
@@ -81,7 +95,10 @@ class _Dialect(NamedTuple):
     bucket: str  # the hold time's histogram bucket, an integer
     reason: str
     token_key: str  # what the history groups a token by
+    token_rollup: str  # its column in usage_tokens
     hour: str  # the Unix hour the lease ended in
+    day: str  # the Unix day
+    greatest: str
     assigned: str
     period_end: str  # (Unix seconds of the end) // step, step as a parameter
     period_start: str
@@ -99,7 +116,10 @@ _PG = _Dialect(
     f" * {BUCKETS_PER_E})::int",
     reason="expiration_reason::text",
     token_key="token_id",
+    token_rollup="token_id",
     hour="floor(date_part('epoch', ended_at) / 3600)::bigint",
+    day="floor(date_part('epoch', ended_at) / 86400)::bigint",
+    greatest="greatest",
     assigned="assigned_at",
     period_end="floor(date_part('epoch', ended_at) / %s)::bigint",
     period_start="floor(date_part('epoch', started_at) / %s)::bigint",
@@ -113,54 +133,137 @@ _SQLITE = _Dialect(
     bucket=f"CAST(ln(max(ended_us - started_us, 1)) * {BUCKETS_PER_E} AS INTEGER)",
     reason="expiration_reason",
     token_key="token_no",
+    token_rollup="token_no",
     hour="(ended_us / 3600000000)",
+    day="(ended_us / 86400000000)",
+    greatest="max",
     assigned="assigned_us",
     period_end="(ended_us / 1000000 / ?)",
     period_start="(started_us / 1000000 / ?)",
     period_assigned="(assigned_us / 1000000 / ?)",
 )
 
+HOUR_US = 3_600_000_000
+DAY_US = 86_400_000_000
+ROLL_CHUNK = 200_000
+"""History rows one roll-up transaction takes (a pool's oldest not rolled up yet)."""
+
+Execute = Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
+
 
 class _Queries:
-    """The SQL of each report in one dialect, and how its rows become a ``Table``."""
+    """The SQL of each report and of the roll-up in one dialect.
+
+    A report over ``[since, until)`` reads the summary tables for the whole hours (days,
+    for users and tokens) inside the range, and the history itself for the rest: the
+    partial hours at its edges, and the rows not rolled up yet (revision above the
+    pool's ``usage_rollup.revision``). The three parts never overlap."""
 
     def __init__(self, d: _Dialect) -> None:
         self.d = d
         m = d.mark
-        self.where = (
-            f"pool_id = (SELECT id FROM pools WHERE name = {m})"
-            f" AND {d.ended} >= {m} AND {d.ended} < {m}"
+        counts = ", ".join(
+            f"CASE WHEN {d.reason} = '{r}' THEN 1 ELSE 0 END AS {r}" for r in REASONS
         )
-        by_reason = ", ".join(
-            f"sum(CASE WHEN {d.reason} = '{r}' THEN 1 ELSE 0 END)" for r in REASONS
+        self.raw_row = f"1 AS leases, {d.hold} AS hold, {d.hold} AS hmax, {counts}"
+        # the edges (rolled up, outside the whole units), then what is not rolled up
+        self.raw_where = [
+            f"pool_id = {m} AND {d.ended} >= {m} AND {d.ended} < {m} AND revision <= {m}",
+            f"pool_id = {m} AND {d.ended} >= {m} AND {d.ended} < {m} AND revision <= {m}",
+            f"pool_id = {m} AND revision > {m} AND {d.ended} >= {m} AND {d.ended} < {m}",
+        ]
+
+    def raw(self, select: str) -> str:
+        return " UNION ALL ".join(
+            f"SELECT {select} FROM token_usage_history WHERE {w}" for w in self.raw_where
         )
-        self.by_reason = by_reason
 
     def summary(self) -> str:
-        d = self.d
+        d, m = self.d, self.d.mark
         return (
-            f"SELECT {d.reason}, {d.bucket}, count(*), sum({d.hold}), max({d.hold})"
-            f" FROM token_usage_history WHERE {self.where} GROUP BY 1, 2"
+            "SELECT reason, bucket, sum(leases), sum(hold), max(hmax) FROM ("
+            "SELECT reason, bucket, leases, hold_sum AS hold, hold_max AS hmax FROM usage_hours"
+            f" WHERE pool_id = {m} AND hour >= {m} AND hour < {m} UNION ALL "
+            + self.raw(f"{d.reason}, {d.bucket}, 1, {d.hold}, {d.hold}")
+            + ") AS u GROUP BY reason, bucket"
         )
 
-    def grouped(self, key: str, order: str) -> str:
-        d = self.d
-        m = d.mark
+    def grouped(self, kind: str, order: str) -> str:
+        d, m = self.d, self.d.mark
+        sums = ", ".join(f"sum({r})" for r in REASONS)
+        if kind == "hours":
+            counts = ", ".join(
+                f"CASE WHEN reason = '{r}' THEN leases ELSE 0 END AS {r}" for r in REASONS
+            )
+            rolled = (
+                f"SELECT hour AS k, leases, hold_sum AS hold, hold_max AS hmax, {counts}"
+                f" FROM usage_hours WHERE pool_id = {m} AND hour >= {m} AND hour < {m}"
+            )
+            key = d.hour
+        else:
+            table, column = ("usage_users", "user_id")
+            key = "user_id"
+            if kind == "tokens":
+                table, column, key = "usage_tokens", d.token_rollup, d.token_key
+            rolled = (
+                f"SELECT {column} AS k, leases, hold_sum AS hold, hold_max AS hmax,"
+                f" {', '.join(REASONS)} FROM {table}"
+                f" WHERE pool_id = {m} AND day >= {m} AND day < {m}"
+            )
         return (
-            f"SELECT {key} AS k, count(*) AS leases, sum({d.hold}) AS hold, max({d.hold}),"
-            f" {self.by_reason} FROM token_usage_history WHERE {self.where}"
-            f" GROUP BY k ORDER BY {order} LIMIT {m} OFFSET {m}"
+            f"SELECT k, sum(leases) AS leases, sum(hold) AS hold, max(hmax), {sums} FROM ("
+            f"{rolled} UNION ALL {self.raw(f'{key} AS k, {self.raw_row}')}"
+            f") AS u GROUP BY k ORDER BY {order} LIMIT {m} OFFSET {m}"
         )
+
+    def roll(self) -> list[str]:
+        """Add a pool's history rows ``(wm, top]`` to the summary tables (idempotent with
+        the watermark they move in the same transaction)."""
+        d, m = self.d, self.d.mark
+        rows = (
+            f"FROM token_usage_history WHERE pool_id = {m} AND revision > {m} AND revision <= {m}"
+        )
+        g = d.greatest
+        per_reason = ", ".join(
+            f"sum(CASE WHEN {d.reason} = '{r}' THEN 1 ELSE 0 END)" for r in REASONS
+        )
+        added = ", ".join(f"{r} = {{t}}.{r} + excluded.{r}" for r in REASONS)
+        common = (
+            "leases = {t}.leases + excluded.leases, hold_sum = {t}.hold_sum + excluded.hold_sum,"
+            f" hold_max = {g}({{t}}.hold_max, excluded.hold_max)"
+        )
+        return [
+            "INSERT INTO usage_hours (pool_id, hour, reason, bucket, leases, hold_sum, hold_max)"
+            f" SELECT pool_id, {d.hour}, {d.reason}, {d.bucket}, count(*), sum({d.hold}),"
+            f" max({d.hold}) {rows} GROUP BY 1, 2, 3, 4"
+            " ON CONFLICT (pool_id, hour, reason, bucket) DO UPDATE SET "
+            + common.format(t="usage_hours"),
+            f"INSERT INTO usage_users (pool_id, day, user_id, leases, hold_sum, hold_max,"
+            f" {', '.join(REASONS)}) SELECT pool_id, {d.day}, user_id, count(*),"
+            f" sum({d.hold}), max({d.hold}), {per_reason} {rows} GROUP BY 1, 2, 3"
+            " ON CONFLICT (pool_id, day, user_id) DO UPDATE SET "
+            + common.format(t="usage_users")
+            + ", "
+            + added.format(t="usage_users"),
+            f"INSERT INTO usage_tokens (pool_id, day, {d.token_rollup}, leases, hold_sum,"
+            f" hold_max, {', '.join(REASONS)}) SELECT pool_id, {d.day}, {d.token_key},"
+            f" count(*), sum({d.hold}), max({d.hold}), {per_reason} {rows} GROUP BY 1, 2, 3"
+            f" ON CONFLICT (pool_id, day, {d.token_rollup}) DO UPDATE SET "
+            + common.format(t="usage_tokens")
+            + ", "
+            + added.format(t="usage_tokens"),
+        ]
 
     def timeline(self) -> list[str]:
         d = self.d
         m = d.mark
         pool = f"pool_id = (SELECT id FROM pools WHERE name = {m})"
+        where = f"{pool} AND {d.ended} >= {m} AND {d.ended} < {m}"
         return [
             f"SELECT {d.period_end}, {d.reason}, count(*) FROM token_usage_history"
-            f" WHERE {self.where} GROUP BY 1, 2",
+            f" WHERE {where} GROUP BY 1, 2",
             f"SELECT {d.period_start}, 'grants', count(*) FROM token_usage_history"
-            f" WHERE {self.where} AND {d.started} >= {m} GROUP BY 1",
+            f" WHERE {where} AND {d.started} >= {m} GROUP BY 1",
             f"SELECT {d.period_assigned}, 'grants', count(*) FROM token_assignments"
             f" WHERE {pool} AND lease_id IS NOT NULL AND {d.assigned} >= {m}"
             f" AND {d.assigned} < {m} GROUP BY 1",
@@ -258,60 +361,140 @@ def _grouped_row(key: Any, row: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
+def _units(since_us: int, until_us: int, unit_us: int) -> tuple[int, int, int, int]:
+    """The whole units (hours, days) inside ``[since, until)`` as ``[u0, u1)``, and where
+    the history's edges end and begin again (``e0``, ``e1``; both ``until`` when no
+    whole unit fits)."""
+    u0 = -(-since_us // unit_us)
+    u1 = until_us // unit_us
+    if u0 >= u1:
+        return 0, 0, until_us, until_us
+    return u0, u1, u0 * unit_us, u1 * unit_us
+
+
 class _SqlAnalyst:
-    """What both stores share: the reports over ``_run(sql, args)``."""
+    """What both stores share: the reports and the roll-up over ``_session(fn)``, which
+    runs ``fn(execute)`` in one transaction with the deadline."""
 
     def __init__(self, dialect: _Dialect, timeout: float) -> None:
         self.q = _Queries(dialect)
         self.timeout = timeout
 
-    def _run(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[list[tuple[Any, ...]]]:
+    def _session(self, fn: Callable[[Execute], T], write: bool = False) -> T:
         raise NotImplementedError
 
     def _time(self, us: int) -> Any:
         raise NotImplementedError
 
-    def _token_ids(self, keys: list[Any]) -> dict[Any, str]:
+    def _token_ids(self, execute: Execute, keys: list[Any]) -> dict[Any, str]:
         return {k: str(k) for k in keys}
+
+    def _pool_id(self, execute: Execute, pool: str) -> tuple[int, int] | None:
+        m = self.q.d.mark
+        rows = execute(f"SELECT id FROM pools WHERE name = {m}", (pool,))
+        if not rows:
+            return None
+        pool_id = int(rows[0][0])
+        rolled = execute(f"SELECT revision FROM usage_rollup WHERE pool_id = {m}", (pool_id,))
+        return pool_id, int(rolled[0][0]) if rolled else 0
+
+    def _raw_args(
+        self, pool_id: int, rolled: int, since: int, until: int, e0: int, e1: int
+    ) -> tuple[Any, ...]:
+        t = self._time
+        return (
+            *(pool_id, t(since), t(e0), rolled),
+            *(pool_id, t(e1), t(until), rolled),
+            *(pool_id, rolled, t(since), t(until)),
+        )
 
     def report(
         self, pool: str, kind: str, sort: str, since_us: int, until_us: int, limit: int, offset: int
     ) -> Table:
         sort = check_report(kind, sort)
-        span = (pool, self._time(since_us), self._time(until_us))
-        if kind == "summary":
-            (rows,) = self._run([(self.q.summary(), span)])
-            return summarize(rows)
-        d = self.q.d
-        key = {"users": "user_id", "tokens": d.token_key, "hours": d.hour}[kind]
-        sql = self.q.grouped(key, _order(sort))
-        (rows,) = self._run([(sql, (*span, limit + 1, offset))])
-        following = offset + limit if len(rows) > limit else None
-        rows = rows[:limit]
-        if kind == "tokens":
-            names = self._token_ids([r[0] for r in rows])
-            out = [_grouped_row(names.get(r[0], str(r[0])), r) for r in rows]
-            first = "token_id"
-        elif kind == "hours":
-            out = [_grouped_row(iso(int(r[0]) * 3_600_000_000), r) for r in rows]
-            first = "hour"
-        else:
+
+        def run(execute: Execute) -> Table:
+            found = self._pool_id(execute, pool)
+            unit = DAY_US if kind in ("users", "tokens") else HOUR_US
+            u0, u1, e0, e1 = _units(since_us, until_us, unit)
+            if found is None:
+                found = (-1, 0)
+            pool_id, rolled = found
+            raw = self._raw_args(pool_id, rolled, since_us, until_us, e0, e1)
+            if kind == "summary":
+                return summarize(execute(self.q.summary(), (pool_id, u0, u1, *raw)))
+            sql = self.q.grouped(kind, _order(sort))
+            rows = execute(sql, (pool_id, u0, u1, *raw, limit + 1, offset))
+            following = offset + limit if len(rows) > limit else None
+            rows = rows[:limit]
+            if kind == "tokens":
+                names = self._token_ids(execute, [r[0] for r in rows])
+                out = [_grouped_row(names.get(r[0], str(r[0])), r) for r in rows]
+                return Table(("token_id", *GROUP_COLUMNS), out, following)
+            if kind == "hours":
+                out = [_grouped_row(iso(int(r[0]) * HOUR_US), r) for r in rows]
+                return Table(("hour", *GROUP_COLUMNS), out, following)
             out = [_grouped_row(r[0], r) for r in rows]
-            first = "user_id"
-        return Table((first, *GROUP_COLUMNS), out, following)
+            return Table(("user_id", *GROUP_COLUMNS), out, following)
+
+        return self._session(run)
+
+    def roll(self, pool: str, budget: float = 5.0) -> int:
+        """Roll the pool's new history rows up into the summary tables, ``ROLL_CHUNK`` a
+        transaction, for up to ``budget`` seconds; how many rows."""
+        deadline = time.monotonic() + budget
+        total = 0
+        while time.monotonic() < deadline:
+            rolled = self._session(lambda execute: self._roll_chunk(execute, pool), write=True)
+            total += rolled
+            if rolled < ROLL_CHUNK:
+                break
+        return total
+
+    def _roll_chunk(self, execute: Execute, pool: str) -> int:
+        m = self.q.d.mark
+        rows = execute(f"SELECT id FROM pools WHERE name = {m}", (pool,))
+        if not rows:
+            return 0
+        pool_id = int(rows[0][0])
+        execute(
+            f"INSERT INTO usage_rollup (pool_id, revision) VALUES ({m}, 0)"
+            " ON CONFLICT (pool_id) DO NOTHING",
+            (pool_id,),
+        )
+        lock = " FOR UPDATE" if m == "%s" else ""  # two servers never roll one pool at once
+        (wm,) = execute(f"SELECT revision FROM usage_rollup WHERE pool_id = {m}{lock}", (pool_id,))[
+            0
+        ]
+        newer = f"FROM token_usage_history WHERE pool_id = {m} AND revision > {m}"
+        edge = execute(
+            f"SELECT revision {newer} ORDER BY revision LIMIT 1 OFFSET {m}",
+            (pool_id, wm, ROLL_CHUNK - 1),
+        )
+        if edge:
+            top, count = int(edge[0][0]), ROLL_CHUNK
+        else:
+            (top, count) = execute(f"SELECT max(revision), count(*) {newer}", (pool_id, wm))[0]
+            if not count:
+                return 0
+        for statement in self.q.roll():
+            execute(statement, (pool_id, wm, top))
+        execute(f"UPDATE usage_rollup SET revision = {m} WHERE pool_id = {m}", (top, pool_id))
+        return int(count)
 
     def timeline(self, pool: str, since_us: int, until_us: int, step: int) -> dict[int, list[int]]:
         since, until = self._time(since_us), self._time(until_us)
         ends, starts, active = self.q.timeline()
-        results = self._run(
-            [
-                (ends, (step, pool, since, until)),
-                (starts, (step, pool, since, until, since)),
-                (active, (step, pool, since, until)),
+
+        def run(execute: Execute) -> list[list[tuple[Any, ...]]]:
+            return [
+                execute(ends, (step, pool, since, until)),
+                execute(starts, (step, pool, since, until, since)),
+                execute(active, (step, pool, since, until)),
             ]
-        )
+
         out: dict[int, list[int]] = {}
-        for rows in results:
+        for rows in self._session(run):
             for period, kind, count in rows:
                 figures = out.setdefault(int(period), [0] * len(TIMELINE_KINDS))
                 figures[TIMELINE_KINDS.index(str(kind))] += int(count)
@@ -337,7 +520,7 @@ class PostgresAnalyst(_SqlAnalyst):
     def _time(self, us: int) -> Any:
         return to_datetime(us)
 
-    def _run(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[list[tuple[Any, ...]]]:
+    def _session(self, fn: Callable[[Execute], T], write: bool = False) -> T:
         import psycopg
 
         from .postgres import connect
@@ -347,12 +530,16 @@ class PostgresAnalyst(_SqlAnalyst):
                 if self._conn is None or self._conn.closed or self._conn.broken:
                     self._conn = connect(self._url, "analytics", self.timeout)
                 conn = self._conn
-                out = []
+
+                def execute(sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+                    cursor = conn.execute(sql.encode(), args)
+                    return cursor.fetchall() if cursor.description else []
+
                 with conn.transaction():
+                    if not write:  # one snapshot: the watermark, the sums and the rows agree
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                     conn.execute(f"SET LOCAL statement_timeout = {int(self.timeout * 1000)}")
-                    for sql, args in statements:
-                        out.append(conn.execute(sql, args).fetchall())
-                return out
+                    return fn(execute)
             except psycopg.errors.QueryCanceled:
                 raise _too_long(self.timeout) from None
             except psycopg.Error as error:
@@ -378,28 +565,36 @@ class SqliteAnalyst(_SqlAnalyst):
         self._conn: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenpool-analytics")
 
-    def _on_thread(self, fn: Callable[[], T]) -> T:
-        return self._thread.submit(fn).result()
-
     def _time(self, us: int) -> Any:
         return us
 
-    def _run(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[list[tuple[Any, ...]]]:
-        def run() -> list[list[tuple[Any, ...]]]:
-            if self._conn is None:
+    def _session(self, fn: Callable[[Execute], T], write: bool = False) -> T:
+        def run() -> T:
+            if self._conn is None:  # read-write: it keeps the summary tables
                 self._conn = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, timeout=self.timeout
+                    self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
                 )
             conn = self._conn
             deadline = time.monotonic() + self.timeout
             conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+
+            def execute(sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+                return conn.execute(sql, args).fetchall()
+
             try:
-                return [conn.execute(sql, args).fetchall() for sql, args in statements]
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    out = fn(execute)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return out
             finally:
                 conn.set_progress_handler(None, 0)
 
         try:
-            return self._on_thread(run)
+            return self._thread.submit(run).result()
         except sqlite3.OperationalError as error:
             if "interrupt" in str(error):
                 raise _too_long(self.timeout) from None
@@ -407,17 +602,12 @@ class SqliteAnalyst(_SqlAnalyst):
         except sqlite3.Error as error:
             raise StoreError(f"report from {self.path} failed: {error}") from error
 
-    def _token_ids(self, keys: list[Any]) -> dict[Any, str]:
+    def _token_ids(self, execute: Execute, keys: list[Any]) -> dict[Any, str]:
         if not keys:
             return {}
         marks = ", ".join("?" * len(keys))
-
-        def run() -> dict[Any, str]:
-            assert self._conn is not None
-            rows = self._conn.execute(f"SELECT no, id FROM tokens WHERE no IN ({marks})", keys)
-            return {no: ident for no, ident in rows}
-
-        return self._on_thread(run)
+        rows = execute(f"SELECT no, id FROM tokens WHERE no IN ({marks})", tuple(keys))
+        return {no: ident for no, ident in rows}
 
     def close(self) -> None:
         def run() -> None:
@@ -425,7 +615,7 @@ class SqliteAnalyst(_SqlAnalyst):
                 self._conn.close()
                 self._conn = None
 
-        self._on_thread(run)
+        self._thread.submit(run).result()
         self._thread.shutdown()
 
 
