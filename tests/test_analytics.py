@@ -175,6 +175,7 @@ async def test_the_summary_tables_change_no_report(
     try:
         raw = _all_reports(analyst)
         monkeypatch.setattr(analytics, "ROLL_CHUNK", 2)
+        monkeypatch.setattr(analytics, "ROLL_CHUNK_SQLITE", 2)
         assert 5 == analyst.roll("p")
         assert 0 == analyst.roll("p")
         rolled = _all_reports(analyst)
