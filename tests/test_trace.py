@@ -142,3 +142,51 @@ def test_an_endpoint_without_the_sdk_names_the_extra(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(builtins, "__import__", no_exporter)
     with pytest.raises(tokenpool.InvalidArgumentError, match=r"tokenpool\[otlp\]"):
         _trace.configure("http://127.0.0.1:4318")
+
+
+def test_a_server_with_an_otlp_endpoint_exports_its_spans() -> None:
+    """A real server process, ``--otlp-endpoint`` at a collector of our own: an HTTP
+    activation's spans arrive as OTLP/HTTP protobuf at ``/v1/traces`` by shutdown."""
+    import http.server
+    import threading
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from tests.test_http import serving
+
+    received: list[bytes] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/v1/traces":
+                received.append(body)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+        with serving("--dsn", "memory", "--otlp-endpoint", endpoint) as server:
+            reply = httpx.post(
+                f"http://127.0.0.1:{server.http_port}/api/tokens/activate",
+                json={"user_id": "dora"},
+            )
+            assert 200 == reply.status_code
+        names = set()
+        for body in received:
+            request = ExportTraceServiceRequest.FromString(body)
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    names |= {span.name for span in scope.spans}
+        assert {"POST /api/tokens/activate", "tokenpool.activate"} <= names
+    finally:
+        collector.shutdown()
+        collector.server_close()
