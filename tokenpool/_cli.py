@@ -32,7 +32,7 @@ import attrs
 import structlog
 import trio
 
-from . import __version__
+from . import __version__, _trace
 from ._commands import CommandSettings
 from ._errors import InvalidArgumentError, TokenPoolError, lone_error
 from ._log import get_logger
@@ -263,6 +263,13 @@ OPTIONS = [
         False,
         "allow a non-loopback host without a password",
         flag=True,
+    ),
+    Option(
+        "otlp-endpoint",
+        _text,
+        None,
+        "export traces by OTLP/HTTP to this collector (http://host:4318); needs tokenpool[otlp]",
+        ("TOKENPOOL_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
     ),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("log-format", _choice("auto", "json", "console"), "auto", "log line format"),
@@ -568,6 +575,9 @@ async def serve(config: Config) -> int:
                 f"refusing to listen on {host} ({option}) without --requirepass;"
                 " set a password (TOKENPOOL_PASSWORD) or pass --allow-insecure-bind"
             )
+    if config.otlp_endpoint:
+        _trace.configure(config.otlp_endpoint)  # InvalidArgumentError without the extra
+        log.info("tracing", otlp_endpoint=config.otlp_endpoint)
     store = config.dsn
     max_clients = _raise_fd_limit(config.max_clients, bool(config.http_port), log)
     settings = RespSettings(
@@ -700,6 +710,8 @@ async def serve(config: Config) -> int:
                             raise failure from None
                         raise
                     shown["port"] = str(ports[0])
+                    if http is not None:
+                        nursery.start_soon(http.sample)  # the series of /api/.../series
                     await stop.wait()
                     server.shutdown()
                     if http is not None:
@@ -728,6 +740,8 @@ async def serve(config: Config) -> int:
                 # hold the process forever. Nothing is left to write: exit regardless.
                 trio.lowlevel.spawn_system_task(_exit_after, log, HURRY_SECONDS, code)
             outer.cancel_scope.cancel()
+    if _trace.on:
+        _trace.disable()  # exports what is left
     return code
 
 

@@ -126,12 +126,13 @@ class Pairs(Sequence[tuple[int, "LeaseRecord | None"]]):
 class Waiter:
     """A caller queued on a full ``wait`` pool. ``ticket`` is the actor's handle on it."""
 
-    __slots__ = ("active", "ticket", "until", "user_id")
+    __slots__ = ("active", "since", "ticket", "until", "user_id")
 
-    def __init__(self, ticket: object, user_id: str, until: int) -> None:
+    def __init__(self, ticket: object, user_id: str, until: int, since: int = 0) -> None:
         self.ticket = ticket
         self.user_id = user_id
         self.until = until
+        self.since = since  # when it was queued: the wait time of the grant it gets
         self.active = True
 
 
@@ -185,6 +186,8 @@ class PoolState:
         self._wait_deadlines: list[tuple[int, int, Waiter]] = []  # compacted as _deadlines
         self._wait_seq = 0
         self.waiting = 0
+        self.wait_grants = 0  # grants made to a queued caller, and their total wait
+        self.waited_us = 0
         self.activations = 0
         self.evictions = 0
         self.expirations = 0
@@ -555,7 +558,7 @@ class PoolState:
             return held
         check_user_id(user_id)
         until = now + max(1, round(wait * _US))
-        waiter = Waiter(ticket, user_id, until)
+        waiter = Waiter(ticket, user_id, until, now)
         self._waiters[ticket] = waiter
         self._wait_seq += 1
         waits = self._wait_deadlines
@@ -853,6 +856,8 @@ class PoolState:
             self._grant(lease)
             self.changes.append(lease)
             self.woken.append((waiter.ticket, lease))
+            self.wait_grants += 1
+            self.waited_us += now - waiter.since
             return
         self._push_free(slot)
 

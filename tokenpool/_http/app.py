@@ -21,16 +21,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from .._commands import Activate, Client, Commands
 from .._commands import Request as Command
+from .._commands.analytics import keep_rolled_up
 from .._errors import TokenPoolError
 from .._log import get_logger
 from .._metrics import Latencies, TokenpoolCollector
 from .._model import Page
+from .._series import Sampler, SeriesBook, store_backfill
 from .._settings import LOOPBACK_NAMES, check_name
 from .._store import LinkState
-from . import routes
+from . import analytics, routes
 from .middleware import BrowserGuard, Outer
 from .replies import usage_json
 from .schemas import BIG_LISTING, SLICE, ApiError, api_error, error_response, plain_problem
+from .tracing import TracedApp
 
 if TYPE_CHECKING:
     from .._pool import Pool, Pools
@@ -77,11 +80,13 @@ class HttpApp:
         self._heavy = trio.CapacityLimiter(2)
         self.requests = 0
         self.errors = 0
+        self.series = SeriesBook()
+        self._sampler = Sampler(self.series, self._pools, backfill=store_backfill)
         self.registry = CollectorRegistry()
         self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
         self.api = self._build()
-        self.asgi = BrowserGuard(
-            Outer(self.api, self, settings.idle_timeout), settings.allowed_hosts
+        self.asgi = TracedApp(
+            BrowserGuard(Outer(self.api, self, settings.idle_timeout), settings.allowed_hosts)
         )
 
     @property
@@ -98,6 +103,17 @@ class HttpApp:
         self.closing = True
         for subscription in list(self.subscriptions):
             subscription.close()
+
+    async def sample(self) -> None:
+        """Sample every pool's figures once a second for ``/series``, and keep the usage
+        analytics' summary tables rolled up (until cancelled)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sampler.run)
+            nursery.start_soon(keep_rolled_up, self._pools)
+
+    def sampler_now(self) -> int:
+        """The second the sampler is at (the series' newest)."""
+        return self._sampler.now()
 
     def statistics(self) -> HttpStatistics:
         c = self.commands
@@ -252,6 +268,12 @@ class HttpApp:
         api.include_router(routes.router, prefix="/api")
         api.include_router(
             routes.router, prefix="/api/pools/{pool}", dependencies=[Depends(routes._named_pool)]
+        )
+        api.include_router(analytics.router, prefix="/api")
+        api.include_router(
+            analytics.router,
+            prefix="/api/pools/{pool}",
+            dependencies=[Depends(routes._named_pool)],
         )
         api.include_router(routes.pools_router, prefix="/api")
         api.include_router(routes.operations)

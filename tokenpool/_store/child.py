@@ -65,6 +65,13 @@ def _head(entries: list[Any], limit: int) -> list[Any]:
     return entries
 
 
+def _timing(began: int, batch: Batch) -> tuple[int, int, int]:
+    """What an acknowledgement tells of its transaction, for the server's store-batch
+    span: when it began and committed (wall-clock nanoseconds) and the rows written."""
+    rows = len(batch.history) + len(batch.final) + len(batch.tokens_added)
+    return began, time.time_ns(), rows + len(batch.tokens_retired)
+
+
 class Channel:
     """Frames (``frames.py``) over a blocking socket."""
 
@@ -223,6 +230,7 @@ class StoreProcess:
         while sink.pending and not sink.fenced:
             entries = _head(sink.pending, MAX_BATCH_RECORDS)
             batch = self._batch(sink, entries)
+            began = time.time_ns()
             try:
                 self._write(sink, batch, retry)
             except FencedError as error:
@@ -248,7 +256,9 @@ class StoreProcess:
             retry = False  # the next entries were never tried: no commit can have happened
             attempt = 0
             self.set_link(LinkState.UP, None)
-            self.channel.send(("ack", sink.key, entries[-1][0], batch.records))
+            self.channel.send(
+                ("ack", sink.key, entries[-1][0], batch.records, *_timing(began, batch))
+            )
 
     def back_off(self, delay: float) -> None:
         """Wait ``delay`` (jittered) before a retry, taking in what arrives meanwhile: a
@@ -296,6 +306,7 @@ class StoreProcess:
         drop (and report) each one it still refuses, acknowledge the rest."""
         for entry in entries:
             batch = self._batch(sink, [entry])
+            began = time.time_ns()
             try:
                 self._write(sink, batch, True)
             except RejectedError as refused:
@@ -305,7 +316,9 @@ class StoreProcess:
                 sink.pending = sink.pending[sink.pending.index(entry) :]
                 return
             else:
-                self.channel.send(("ack", sink.key, entry[0], batch.records))
+                self.channel.send(
+                    ("ack", sink.key, entry[0], batch.records, *_timing(began, batch))
+                )
         sink.pending = sink.pending[len(entries) :]
         del error
 
