@@ -44,6 +44,7 @@ from ._settings import (
     BURST,
     FLUSH_INTERVAL,
     HISTORY_MEMORY,
+    HTTP_WORKERS,
     IDLE_TIMEOUT,
     LOOPBACK_NAMES,
     MAX_BACKLOG,
@@ -217,6 +218,13 @@ OPTIONS = [
         None,
         "Host names HTTP answers for, comma-separated ('*': any); default the loopback names"
         " and --http-host",
+    ),
+    Option(
+        "http-workers",
+        _ranged(HTTP_WORKERS),
+        0,
+        "HTTP worker processes (uvicorn) reaching the pools over a private socket"
+        " (0: HTTP in this process)",
     ),
     Option("size", _ranged(SIZE), 100, "tokens in the pool 'default'"),
     Option("ttl", _ranged(TTL), 120.0, "seconds a lease lasts"),
@@ -667,7 +675,12 @@ async def serve(config: Config) -> int:
             outer.start_soon(watch_signals)
             outer.start_soon(pauses.heartbeat)
             http_done = trio.Event()
-            if http is not None:
+            workers = None
+            if http is not None and config.http_workers:
+                workers = await _start_http_workers(
+                    outer, http, config, grace, http_stop, http_done
+                )
+            elif http is not None:
                 await _start_http(outer, http, http_stop, http_done)
             else:
                 http_done.set()
@@ -694,6 +707,7 @@ async def serve(config: Config) -> int:
                 if http is not None:
                     http.attach(server.commands, server)
                 served = trio.Event()
+                link = None if workers is None else workers.link_server(server, settings)
 
                 async def run_server(*, task_status: trio.TaskStatus[list[int]]) -> None:
                     try:
@@ -702,6 +716,8 @@ async def serve(config: Config) -> int:
                         served.set()
 
                 async with trio.open_nursery() as nursery:
+                    if link is not None:  # before the port: workers reach the pools at once
+                        await nursery.start(link.serve)
                     try:
                         ports = await nursery.start(run_server)
                     except BaseException as raised:
@@ -722,6 +738,9 @@ async def serve(config: Config) -> int:
                     # Busy connections finish their pipeline; none may take longer than
                     # the grace, and a second signal ends it at once.
                     await _wait_bounded(served, hurry, grace)
+                    if link is not None:  # the workers finish their requests through it
+                        await _wait_bounded(http_done, hurry, grace + 1)
+                        link.shutdown()
                     nursery.cancel_scope.cancel()
                 await _wait_bounded(http_done, hurry, grace)
             # The store is closed and what it lost counted: the exit status is known.
@@ -799,6 +818,50 @@ async def _start_http(
         raise InvalidArgumentError(
             f"cannot listen for HTTP on {s.host}:{s.port}: {failure.strerror or failure}"
         ) from None
+
+
+async def _start_http_workers(
+    nursery: trio.Nursery,
+    app: HttpApp,
+    config: Config,
+    grace: float,
+    stop: trio.Event,
+    done: trio.Event,
+) -> Any:
+    """Bind the HTTP port and start ``--http-workers`` processes on it (they answer 503
+    until the pools are recovered and the link to them is served)."""
+    from ._http.supervisor import HttpWorkers
+
+    s = app.settings
+    try:
+        workers = HttpWorkers(
+            app,
+            config.http_workers,
+            grace=grace,
+            default_pool=config.name,
+            max_clients=config.max_clients,
+            log_level=config.log_level,
+            log_format=config.log_format,
+        )
+    except OSError as failure:
+        if failure.errno == errno.EADDRINUSE:
+            raise InvalidArgumentError(
+                f"HTTP port {s.port} on {s.host} is in use; pass --http-port (0 turns HTTP off)"
+            ) from None
+        raise InvalidArgumentError(
+            f"cannot listen for HTTP on {s.host}:{s.port}: {failure.strerror or failure}"
+        ) from None
+
+    async def run() -> None:
+        try:
+            await workers.run(stop)
+        finally:
+            done.set()
+
+    nursery.start_soon(run)
+    with trio.move_on_after(30):  # as in-process HTTP: serving before the pools recover
+        await workers.ready.wait()
+    return workers
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

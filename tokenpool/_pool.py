@@ -558,6 +558,9 @@ class Pools:
         self._lock = trio.Lock()
         self._changed = trio.Event()
         self.lost = 0  # changes not written at shutdown
+        # The per-second and per-minute figures of the pools (``_series.SeriesBook``), while
+        # something samples them (the HTTP side of ``tokenpool serve``); None otherwise.
+        self.series: Any = None
         self._hurry: float | None = None
         self._on_batch: Callable[[float], None] | None = None
 
