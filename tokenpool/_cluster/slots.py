@@ -73,3 +73,17 @@ def shares(nodes: Sequence[str]) -> dict[str, int]:
         return {}
     base, extra = divmod(SLOTS, len(ordered))
     return {node: base + (1 if i < extra else 0) for i, node in enumerate(ordered)}
+
+
+def claims(free: Sequence[int], deficits: dict[str, int], me: str) -> list[int]:
+    """Which of the ``free`` slots (sorted) ``me`` should take, when each node in
+    ``deficits`` lacks that many of its share: the free slots are cut in consecutive
+    runs, one per node in id order, so nodes that take at the same moment from the
+    same map mostly take different slots (the database settles any overlap)."""
+    start = 0
+    for node in sorted(deficits):
+        want = max(0, deficits[node])
+        if node == me:
+            return list(free[start : start + want])
+        start += want
+    return []

@@ -49,6 +49,7 @@ from .._pauses import info_fields
 from .._pool import PoolCore, Pools
 from .._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
 from . import argv as table
+from . import cluster as _cluster  # noqa: F401  (registers CLUSTER)
 from .replies import Listing, error_reply, granted_wire, reply_of
 from .session import CONNECTION, REDIS_COMPAT_VERSION, Action, Pending, Planner, Session, TxPlan
 
@@ -369,6 +370,7 @@ class RespServer:
         config: dict[str, str] | None = None,
         latencies: Latencies | None = None,
         commands: Commands | None = None,
+        cluster: Any = None,
     ) -> None:
         self.pools = pools
         self.latencies = latencies or Latencies()
@@ -378,6 +380,7 @@ class RespServer:
         self.planner = Planner(
             self.commands, config=config, info=self.info, subscriber=_Subscriptions(self)
         )
+        self.planner.cluster = cluster  # cluster mode: a ClusterNode (routes by slot)
         self.config = self.planner.config
         self.started = time.monotonic()
         self.clients = 0

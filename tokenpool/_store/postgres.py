@@ -57,6 +57,7 @@ from . import (
 )
 
 LOCK_WAIT = 5.0  # seconds to wait for a previous owner's store process to finish
+TAKE_OVER_WAIT = 0.5  # cluster mode: seconds before a stale holder's session is ended
 _SCHEMA_LOCK = 0x746F6B656E706F6F  # "tokenpoo": serialises schema set-up between processes
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01, PostgreSQL's zero for timestamps
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -192,8 +193,14 @@ class PostgresStore:
     kind = "postgresql"
 
     def __init__(
-        self, url: str, *, write_timeout: float = 5.0, lock_wait: float = LOCK_WAIT
+        self,
+        url: str,
+        *,
+        write_timeout: float = 5.0,
+        lock_wait: float = LOCK_WAIT,
+        take_over: bool = False,
     ) -> None:
+        self.take_over = take_over
         self.url = redact(url)
         self._url = url
         self.lock_wait = lock_wait
@@ -351,8 +358,15 @@ class PostgresStore:
         return snapshot
 
     def _lock_or_wait(self, conn: psycopg.Connection[Any], name: str) -> None:
-        deadline = time.monotonic() + self.lock_wait
+        deadline = time.monotonic() + (
+            min(self.lock_wait, TAKE_OVER_WAIT) if self.take_over else self.lock_wait
+        )
+        ended = False
         while not self._take_lock(conn, name):
+            if self.take_over and not ended and time.monotonic() >= deadline:
+                self._end_holder(conn, name)  # once: a holder that comes back is refused
+                ended = True
+                deadline = time.monotonic() + self.lock_wait
             if time.monotonic() < deadline:
                 # A crashed server's store process may still be writing: it exits
                 # (and frees the lock) once done. Wait a little for it.
@@ -362,6 +376,19 @@ class PostgresStore:
                 f"pool {name!r} in schema {self.schema!r} of {self.url} is owned by"
                 " another process; stop it first (or give this pool another name)"
             )
+
+    def _end_holder(self, conn: psycopg.Connection[Any], name: str) -> None:
+        """Cluster mode: this node holds the lease on the pool's slot, so a session
+        still holding the pool's lock belongs to an owner whose lease ran out (a paused
+        node's store process): end it, so nothing it has in flight can commit late."""
+        key = f"tokenpool/{self.schema}/{name}"
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND granted AND objsubid = 1 AND pid <> pg_backend_pid()"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0)",
+            (key,),
+        )
 
     def open_pools(self, names: list[str]) -> list[Snapshot]:
         """``open_pool`` for many stored pools at once (restore at start): every lock
@@ -769,6 +796,21 @@ class PostgresStore:
         except psycopg.Error as error:
             self._drop_broken()
             raise StoreError(f"dropping pool {name!r} failed: {_first_line(error)}") from error
+
+    def release_pool(self, pool_id: int) -> None:
+        entry = self._pools.pop(pool_id, None)
+        if entry is None:
+            return
+        name, epoch = entry
+        try:
+            conn = self._connection()
+            conn.execute(
+                "UPDATE pools SET owner = NULL WHERE id = %s AND owner_epoch = %s",
+                (pool_id, epoch),
+            )
+            self._unlock(conn, name)
+        except (psycopg.Error, StoreError):  # fenced or cut: the next owner finds out
+            self._drop_broken()
 
     def _drop_broken(self) -> None:
         if self._conn is not None and (self._conn.broken or self._conn.closed):
