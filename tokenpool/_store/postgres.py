@@ -209,6 +209,7 @@ class PostgresStore:
         self._conn: psycopg.Connection[Any] | None = None
         self._backend_pid: int | None = None
         self._pools: dict[int, tuple[str, int]] = {}  # pool id -> (name, epoch)
+        self._lost: dict[int, str] = {}  # cluster mode: pools whose lock was not retaken
         self._users = KnownUsers()
         self._schema_done = False
 
@@ -224,15 +225,41 @@ class PostgresStore:
         try:
             if not self._schema_done:
                 self._apply_schema(conn)
-            for pool_id, (name, _epoch) in self._pools.items():
-                if not self._take_lock(conn, name):
-                    raise FencedError(f"pool {name!r} (id {pool_id}): its lock is held elsewhere")
+            if self.take_over:
+                self._retake_each(conn)
+            else:
+                for pool_id, (name, _epoch) in self._pools.items():
+                    if not self._take_lock(conn, name):
+                        raise FencedError(
+                            f"pool {name!r} (id {pool_id}): its lock is held elsewhere"
+                        )
             self._backend_pid = conn.info.backend_pid
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         return conn
+
+    def _retake_each(self, conn: psycopg.Connection[Any]) -> None:
+        """Cluster mode, after a reconnection: end our previous session if it is still
+        there (so nothing it had in flight commits late), then retake each pool's lock
+        once. A pool whose lock another node holds now (its slot was taken over while
+        this node was cut off or paused) is lost alone, not every pool of the process."""
+        old = self._backend_pid
+        if old is not None and old != conn.info.backend_pid:
+            conn.execute("SELECT pg_terminate_backend(%s)", (old,))
+            for _ in range(50):
+                alive = conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (old,))
+                if alive.fetchone() is None:
+                    break
+                threading.Event().wait(0.05)
+        query = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+        for pool_id, (name, _epoch) in self._pools.items():
+            if pool_id in self._lost:
+                continue
+            row = conn.execute(query, (f"tokenpool/{self.schema}/{name}",)).fetchone()
+            if not (row and row[0]):
+                self._lost[pool_id] = f"pool {name!r} (id {pool_id}): taken over by another node"
 
     def _take_lock(self, conn: psycopg.Connection[Any], name: str) -> bool:
         key = f"tokenpool/{self.schema}/{name}"
@@ -616,11 +643,13 @@ class PostgresStore:
                 f"ownership check on {self.url} failed: {_first_line(error)}"
             ) from error
         epochs = {int(r[0]): int(r[1]) for r in rows}
-        return {
+        lost = {
             pool_id: f"pool {name!r} was taken over by a newer owner (ours was epoch {epoch})"
             for pool_id, (name, epoch) in self._pools.items()
             if epochs.get(pool_id) != epoch
         }
+        lost.update(self._lost)
+        return lost
 
     def _unlock(self, conn: psycopg.Connection[Any], name: str) -> None:
         conn.execute(
@@ -630,6 +659,8 @@ class PostgresStore:
 
     def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
         name, epoch = self._pools[pool_id]
+        if pool_id in self._lost:
+            raise FencedError(self._lost[pool_id])
         try:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
@@ -785,6 +816,7 @@ class PostgresStore:
 
     def drop_pool(self, pool_id: int) -> None:
         name, epoch = self._pools.pop(pool_id)
+        self._lost.pop(pool_id, None)
         try:
             conn = self._connection()
             conn.execute(
@@ -799,7 +831,7 @@ class PostgresStore:
 
     def release_pool(self, pool_id: int) -> None:
         entry = self._pools.pop(pool_id, None)
-        if entry is None:
+        if entry is None or self._lost.pop(pool_id, None) is not None:
             return
         name, epoch = entry
         try:
