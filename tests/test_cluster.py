@@ -17,7 +17,8 @@ import pytest
 import redis
 from redis.exceptions import ClusterDownError, MovedError, TryAgainError
 
-from tests.chaos.server import Process, free_port, start
+from tests.chaos.runs import _overlaps
+from tests.chaos.server import Process, free_port, start, stored_leases
 from tokenpool._cli import main
 from tokenpool._cluster.slots import SLOTS, key_slot
 
@@ -153,6 +154,11 @@ def test_three_nodes_route_every_pool_to_its_owner(pg_url: str) -> None:
         assert all(served.values())  # every node serves some of them
         for pool in pools:
             assert pool in served[owner(nodes, pool).name]
+        with nodes[1].client() as r:
+            info = r.info("cluster")
+            assert 1 == info["cluster_enabled"] and "ok" == info["cluster_state"]
+            assert "cluster" == r.info("server")["redis_mode"]
+            assert "n2" == text(r.execute_command("CLUSTER", "MYID"))
         pool = pools[0]
         home = owner(nodes, pool)
         other = next(n for n in nodes if n is not home)
@@ -199,6 +205,7 @@ def test_a_killed_owner_is_taken_over_within_5_s_with_its_leases(pg_url: str) ->
         with owner(nodes, pool, ask=survivors).client() as r:
             bob = fields(r.execute_command("TP.ACTIVATE", pool, "bob"))
         assert int(bob["fence"]) > int(alice["fence"])
+        assert [] == _overlaps(stored_leases(pg_url, pool))
 
 
 def test_a_paused_owner_grants_nothing_and_rejoins_as_a_standby(pg_url: str) -> None:
@@ -255,6 +262,9 @@ def test_a_paused_owner_grants_nothing_and_rejoins_as_a_standby(pg_url: str) -> 
 
         eventually(moved, 5, "MOVED to the new owner")
         paused.close()
+        stored = stored_leases(pg_url, pool)
+        assert [] == _overlaps(stored)  # per token, no two holders across the owners
+        assert {alice["id"], bob["id"]} <= {lease.id for lease in stored}
         assert "live" == home.info()["tokenpool_node_state"]
 
 
@@ -290,6 +300,8 @@ def test_cluster_commands_say_cluster_mode_is_off_without_a_node_id(tmp_path: An
                 with pytest.raises(redis.ResponseError, match="cluster support disabled"):
                     r.execute_command("CLUSTER", sub)
             assert r.execute_command("TP.ACTIVATE", "default", "alice")
+            assert {"cluster_enabled": 0} == r.info("cluster")
+            assert "standalone" == r.info("server")["redis_mode"]
     finally:
         server.stop()
 

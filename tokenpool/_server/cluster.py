@@ -79,12 +79,21 @@ def _nodes(node: ClusterNode) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def info_fields(node: ClusterNode | None) -> dict[str, object]:
+    """INFO's cluster section (``cluster_enabled:0`` without cluster mode, as Redis)."""
+    return {"cluster_enabled": 0} if node is None else _fields(node)
+
+
 def _info(node: ClusterNode) -> str:
+    return "".join(f"{k}:{v}\r\n" for k, v in _fields(node).items())
+
+
+def _fields(node: ClusterNode) -> dict[str, object]:
     views = node.nodes()
     live = {v.id for v in views if v.live}
     assigned = sum(1 for owner in node.owners if owner is not None)
     served = sum(1 for owner in node.owners if owner is not None and owner in live)
-    fields = {
+    fields: dict[str, object] = {
         "cluster_enabled": 1,
         "cluster_state": "ok" if served == SLOTS and node.valid() else "fail",
         "cluster_slots_assigned": assigned,
@@ -102,7 +111,7 @@ def _info(node: ClusterNode) -> str:
         "tokenpool_renewals": node.renewals,
         "tokenpool_renew_failures": node.renew_failures,
     }
-    return "".join(f"{k}:{v}\r\n" for k, v in fields.items())
+    return fields
 
 
 @command("CLUSTER", 1, 2, "The cluster's nodes and slots, as Redis Cluster (cluster mode)")
