@@ -15,8 +15,10 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
+import trio
 from redis.exceptions import ClusterDownError, MovedError, TryAgainError
 
+import tokenpool
 from tests.chaos.runs import _overlaps
 from tests.chaos.server import Process, free_port, start, stored_leases
 from tokenpool._cli import main
@@ -154,6 +156,12 @@ def test_three_nodes_route_every_pool_to_its_owner(pg_url: str) -> None:
         assert all(served.values())  # every node serves some of them
         for pool in pools:
             assert pool in served[owner(nodes, pool).name]
+
+        async def through_the_client_library() -> dict[str, str]:
+            async with tokenpool.connect(f"tokenpool://127.0.0.1:{nodes[2].port}") as client:
+                return {p: (await client.pool(p).activate("alice")).id for p in pools}
+
+        assert {p: leases[p]["id"] for p in pools} == trio.run(through_the_client_library)
         with nodes[1].client() as r:
             info = r.info("cluster")
             assert 1 == info["cluster_enabled"] and "ok" == info["cluster_state"]
@@ -185,9 +193,20 @@ def test_a_killed_owner_is_taken_over_within_5_s_with_its_leases(pg_url: str) ->
         with home.client() as r:
             r.execute_command("POOL", "CREATE", pool, "SIZE", 2, "TTL", 600)
             alice = fields(r.execute_command("TP.ACTIVATE", pool, "alice"))
-        assert home.process is not None
-        home.process.kill()
+        seed = next(n for n in nodes if n is not home)
+
+        async def across_the_failover() -> tuple[str | None, str | None]:
+            async with tokenpool.connect(
+                f"tokenpool://127.0.0.1:{seed.port}", timeout=10
+            ) as client:
+                before = await client.pool(pool).lease_of("alice")  # routed to the owner
+                assert home.process is not None
+                home.process.kill()
+                after = await client.pool(pool).lease_of("alice")  # waits out the failover
+                return (before and before.id), (after and after.id)
+
         killed = time.monotonic()
+        assert (alice["id"], alice["id"]) == trio.run(across_the_failover)
         survivors = [n for n in nodes if n is not home]
 
         def served_again() -> dict[str, str] | None:
@@ -198,7 +217,7 @@ def test_a_killed_owner_is_taken_over_within_5_s_with_its_leases(pg_url: str) ->
                 return fields(r.execute_command("TP.LEASE", pool, "alice"))
 
         lease = eventually(served_again, 10, "the pool served by a surviving node")
-        took = time.monotonic() - killed
+        took = time.monotonic() - killed  # (the client library saw it served first)
         assert took < 5.0, f"served again after {took:.2f} s"
         assert alice["id"] == lease["id"]
         assert alice["fence"] == lease["fence"]
