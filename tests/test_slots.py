@@ -4,6 +4,7 @@ names, hash tags included."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 import time
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from redis.crc import key_slot as redis_py_key_slot
 
 from tests.chaos.server import free_port
-from tokenpool._cluster.slots import SLOTS, crc16, key_slot, ranges, shares
+from tokenpool._cluster.slots import SLOTS, balance, crc16, key_slot, ranges, shares
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,39 @@ def test_shares_cover_every_slot_within_one(nodes: list[str]) -> None:
     assert SLOTS == sum(got.values())
     assert max(got.values()) - min(got.values()) <= 1
     assert got == shares(list(reversed(nodes)))  # every node computes the same
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.lists(st.sampled_from(["a", "b", "c", "gone", None]), min_size=1, max_size=8),
+    st.randoms(use_true_random=False),
+)
+def test_rounds_of_the_balancing_rule_spread_every_slot_evenly(
+    count: int, pattern: list[str | None], rng: random.Random
+) -> None:
+    """From any map (slots of nodes that are gone, nobody's, unevenly held), rounds of
+    every node applying ``balance`` (the database taking only free slots) end with each
+    slot owned once and every node at its share."""
+    nodes = [f"n{i}" for i in range(count)]
+    live = set(nodes)
+    owners: list[str | None] = [
+        (p if p in (None, "gone") else nodes[ord(p) % count]) for p in pattern
+    ] * (SLOTS // len(pattern)) + [None] * (SLOTS % len(pattern))
+    for _ in range(60):
+        changed = False
+        for node in rng.sample(nodes, count):
+            take, give = balance(node, owners, live, nodes, 1024)
+            assert not (take and give)
+            for slot in take:
+                assert owners[slot] is None or owners[slot] not in live
+                owners[slot] = node
+                changed = True
+            for slot in give:
+                assert owners[slot] == node
+                owners[slot] = None
+                changed = True
+        if not changed:
+            break
+    held = {n: owners.count(n) for n in nodes}
+    assert shares(nodes) == held

@@ -45,7 +45,7 @@ from .._log import get_logger
 from .._settings import PoolSettings
 from .directory import Directory, Member, Renewal, SlotMap
 from .lease import LocalLease, margin
-from .slots import SLOTS, claims, key_slot, shares
+from .slots import SLOTS, balance, key_slot
 
 if TYPE_CHECKING:
     from .._pool import Pools
@@ -176,13 +176,6 @@ class ClusterNode:
             )
         return out
 
-    def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for owner in self.owners:
-            if owner is not None:
-                counts[owner] = counts.get(owner, 0) + 1
-        return counts
-
     def advertise(self, host: str, port: int) -> None:
         """The address clients are sent to, when ``--advertise`` did not say: the
         listening host and port (a wildcard host cannot be reached: refused)."""
@@ -303,24 +296,17 @@ class ClusterNode:
             if self.owned:
                 await self._give(set(self.owned))
             return
-        live = {m.id for m in self.members.values() if m.live}
-        serving_nodes = [m.id for m in self.members.values() if m.live and m.state == "live"]
-        share = shares(serving_nodes)
-        counts = self.counts()
-        mine = len(self.owned)
-        if mine < share.get(self.id, 0):
-            free = [
-                slot for slot, owner in enumerate(self.owners) if owner is None or owner not in live
-            ]
-            deficits = {n: share[n] - counts.get(n, 0) for n in share}
-            wanted = claims(free, deficits, self.id)
-            if wanted:
-                await self._take(wanted)
-        elif mine > share.get(self.id, 0) and any(
-            counts.get(n, 0) < share[n] for n in share if n != self.id
-        ):
-            excess = mine - share[self.id]
-            give = sorted(self.owned, reverse=True)[: min(excess, GIVE_STEP)]
+        members = self.members.values()
+        take, give = balance(
+            self.id,
+            self.owners,
+            {m.id for m in members if m.live},
+            [m.id for m in members if m.live and m.state == "live"],
+            GIVE_STEP,
+        )
+        if take:
+            await self._take(take)
+        elif give:
             await self._give(set(give))
 
     async def _take(self, wanted: list[int]) -> None:

@@ -9,6 +9,7 @@ hashed (``{gpu}.a`` and ``{gpu}.b`` share a slot; ``{}x`` and ``x{`` hash whole)
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 SLOTS = 16_384
@@ -87,3 +88,29 @@ def claims(free: Sequence[int], deficits: dict[str, int], me: str) -> list[int]:
             return list(free[start : start + want])
         start += want
     return []
+
+
+def balance(
+    me: str,
+    owners: Sequence[str | None],
+    live: set[str],
+    serving: Sequence[str],
+    give_step: int,
+) -> tuple[list[int], list[int]]:
+    """What ``me`` should do in one round, from the slot map: (slots to take, slots to
+    give up). ``owners``: each slot's owner (``None``: nobody); ``live``: the nodes whose
+    lease holds; ``serving``: the live nodes that take slots (not draining). A node
+    under its share claims free slots (nobody's, or a node's that is not live); a node
+    over its share gives up to ``give_step`` slots (its highest) while another serving
+    node is under its share."""
+    share = shares(serving)
+    counts = Counter(owners)
+    mine, target = counts.get(me, 0), share.get(me, 0)
+    if mine < target:
+        free = [slot for slot, owner in enumerate(owners) if owner is None or owner not in live]
+        deficits = {node: share[node] - counts.get(node, 0) for node in share}
+        return claims(free, deficits, me), []
+    if mine > target and any(counts.get(n, 0) < share[n] for n in share if n != me):
+        held = [slot for slot, owner in enumerate(owners) if owner == me]
+        return [], sorted(held, reverse=True)[: min(mine - target, give_step)]
+    return [], []
