@@ -23,10 +23,11 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 def _slots(node: ClusterNode) -> list[Any]:
+    """Every owned range, a failed owner's too (as Redis lists a failed master's until
+    its failover): clients keep a map that covers the slots, and a command sent to a
+    node that cannot answer is retried on the map read after the takeover."""
     out: list[Any] = []
     for view in node.nodes():
-        if not view.live:
-            continue
         host, port = _host_port(view.address)
         for first, last in view.ranges:
             out.append([first, last, [host, port, view.id]])
