@@ -198,3 +198,45 @@ def _same(a: list[Any], b: list[Any]) -> bool:
             assert (r[0], len(r)) == (s[0], len(s))
             assert list(r[1:]) == pytest.approx(list(s[1:]), rel=1e-6, abs=1e-5)  # rounded to 1e-6
     return True
+
+
+@pytest.mark.parametrize("http_workers", ["0", "2"])
+def test_reports_and_series_on_resp_and_through_http_workers(
+    tmp_path: object, http_workers: str
+) -> None:
+    """TP.REPORT and TP.SERIES are requests of the command layer: RESP answers them as
+    JSON, and an HTTP worker (another process, no pools of its own) reaches them through
+    its backend, with the same figures as the server's own."""
+    import json
+
+    import redis
+
+    url = f"sqlite:///{tmp_path}/w.db"
+    with serving("--dsn", url, "--size", "2", "--http-workers", http_workers) as server:
+        client = redis.Redis(port=server.port, decode_responses=True)
+        for user in ("ann", "ben", "cat"):
+            client.execute_command("TP.ACTIVATE", "default", user)
+        client.execute_command("TP.CLEAR", "default")
+        summary = json.loads(
+            client.execute_command("TP.REPORT", "default", "summary", "SINCE", "0")
+        )
+        row = dict(zip(summary["columns"], summary["rows"][0], strict=True))
+        assert 3 == row["leases"] and 1 == row["evicted"] and 2 == row["cleared"]
+        users = json.loads(
+            client.execute_command("TP.REPORT", "default", "USERS", "SINCE", "0", "LIMIT", "2")
+        )
+        assert 2 == len(users["rows"]) and 2 == users["next_cursor"]
+        for bad in (["people"], ["users", "SINCE", "yesterday"], ["users", "LIMIT", "-1"]):
+            with pytest.raises(redis.ResponseError, match=r"INVALID|must be|syntax"):
+                client.execute_command("TP.REPORT", "default", *bad)
+        series = json.loads(client.execute_command("TP.SERIES", "default"))
+        assert 1 == series["step"] and "held" in json.dumps(series["values"])
+        with pytest.raises(redis.ResponseError, match="hour or day"):
+            client.execute_command("TP.SERIES", "default", "week")
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=10) as api:
+            body = api.get("/api/analytics/summary", params={"since": "0"}).json()["data"]
+            assert row == body["rows"][0]
+            day = api.get("/api/series", params={"window": "day"}).json()["data"]
+            assert 60 == day["step"] and set(series["values"]) == set(day["values"])
+            assert (404, "UNKNOWN") == error_of(api.get("/api/pools/nope/series"))
+        client.close()

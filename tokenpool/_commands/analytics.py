@@ -14,7 +14,7 @@ import trio
 
 from .._errors import InvalidArgumentError, NotKeptError, TokenPoolError
 from .._log import get_logger
-from .._series import json_window
+from .._series import PoolSeries, json_window
 from .._settings import check_name
 from .._store.analytics import LIMIT_MAX, Table, check_report
 from ._base import ITEM_COST, Request
@@ -108,7 +108,12 @@ class Series(Request):
         book = pools.series
         if book is None:
             raise NotKeptError("this server samples no series (its HTTP side is off)")
-        kept = book.of(self.pool)
+        try:
+            kept = book.of(self.pool)
+        except NotKeptError:
+            if self.pool not in pools.names()[: book.limit]:
+                raise
+            kept = PoolSeries()  # served, not sampled yet (the first second): an empty window
         return json_window(self.pool, kept.window(self.window, int(time.time())))
 
 
