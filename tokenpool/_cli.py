@@ -32,7 +32,7 @@ import attrs
 import structlog
 import trio
 
-from . import __version__
+from . import __version__, _trace
 from ._commands import CommandSettings
 from ._errors import InvalidArgumentError, TokenPoolError, lone_error
 from ._log import get_logger
@@ -42,6 +42,8 @@ from ._pool import open_pools
 from ._server import RespServer, RespSettings
 from ._settings import (
     BURST,
+    CLUSTER_RENEW,
+    CLUSTER_VALIDITY,
     FLUSH_INTERVAL,
     HISTORY_MEMORY,
     HTTP_WORKERS,
@@ -182,6 +184,23 @@ def _hosts(value: Any, what: str) -> frozenset[str]:
     return names
 
 
+def _node_id(value: Any, what: str) -> str | None:
+    if value is None or value == "":
+        return None
+    return check_name(value, what)
+
+
+def _advertise(value: Any, what: str) -> str | None:
+    """``host:port`` clients are sent to (``[v6]:port`` for an IPv6 address)."""
+    if value is None or value == "":
+        return None
+    text = _text(value, what)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InvalidArgumentError(f"{what} must be HOST:PORT (port 1 to 65535), not {text!r}")
+    return text
+
+
 def _host(value: Any, what: str) -> str:
     host = _text(value, what).strip()
     if not host or " " in host:
@@ -271,6 +290,27 @@ OPTIONS = [
         False,
         "allow a non-loopback host without a password",
         flag=True,
+    ),
+    Option(
+        "otlp-endpoint",
+        _text,
+        None,
+        "export traces by OTLP/HTTP to this collector (http://host:4318); needs tokenpool[otlp]",
+        ("TOKENPOOL_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ),
+    Option("node-id", _node_id, None, "cluster mode: this node's name (needs a PostgreSQL --dsn)"),
+    Option("advertise", _advertise, None, "cluster mode: HOST:PORT clients are sent to"),
+    Option(
+        "cluster-validity",
+        _ranged(CLUSTER_VALIDITY),
+        3.0,
+        "cluster mode: seconds a node's lease on its slots lasts from each renewal",
+    ),
+    Option(
+        "cluster-renew",
+        _ranged(CLUSTER_RENEW),
+        1.0,
+        "cluster mode: seconds between renewals (at most a third of the validity)",
     ),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("log-format", _choice("auto", "json", "console"), "auto", "log line format"),
@@ -402,6 +442,19 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             )
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise InvalidArgumentError("--tls-cert and --tls-key go together")
+    if values["node_id"] is not None:
+        if not str(values["dsn"] or "").startswith(("postgresql://", "postgres://")):
+            raise InvalidArgumentError(
+                "cluster mode (--node-id) needs a PostgreSQL --dsn: every node of a cluster"
+                " uses the same database and schema"
+            )
+        if values["cluster_renew"] * 3 > values["cluster_validity"]:
+            raise InvalidArgumentError(
+                f"--cluster-renew {values['cluster_renew']:g} must be at most a third of"
+                f" --cluster-validity {values['cluster_validity']:g}"
+            )
+    elif values["advertise"] is not None:
+        raise InvalidArgumentError("--advertise needs --node-id (cluster mode)")
     pools: dict[str, PoolSettings] = {}
     for name, table in file_pools.items():
         check_name(name, f"pool name {name!r} in {path}")
@@ -576,6 +629,9 @@ async def serve(config: Config) -> int:
                 f"refusing to listen on {host} ({option}) without --requirepass;"
                 " set a password (TOKENPOOL_PASSWORD) or pass --allow-insecure-bind"
             )
+    if config.otlp_endpoint:
+        _trace.configure(config.otlp_endpoint)  # InvalidArgumentError without the extra
+        log.info("tracing", otlp_endpoint=config.otlp_endpoint)
     store = config.dsn
     max_clients = _raise_fd_limit(config.max_clients, bool(config.http_port), log)
     settings = RespSettings(
@@ -674,6 +730,7 @@ async def serve(config: Config) -> int:
                 await _start_http(outer, http, http_stop, http_done)
             else:
                 http_done.set()
+            clustered = config.node_id is not None
             async with open_pools(
                 store,
                 durability=config.durability,
@@ -682,7 +739,9 @@ async def serve(config: Config) -> int:
                 flush_interval=config.flush_interval,
                 write_timeout=config.write_timeout,
                 shutdown_timeout=config.shutdown_timeout,
-                declared=config.pools,
+                # cluster mode: a node serves the pools of the slots it takes, later
+                declared=None if clustered else config.pools,
+                restore=not clustered,
             ) as pools:
                 served_pools.append(pools)
                 if hurry.is_set():
@@ -691,8 +750,14 @@ async def serve(config: Config) -> int:
                 # process: out of the collector's way, full collections stay short.
                 gc.freeze()
                 pools.observe_batches(pauses.actor_batch)
+                node = _cluster_node(config, pools) if clustered else None
                 server = RespServer(
-                    pools, settings, ssl_context=ssl_context, config=shown, latencies=latencies
+                    pools,
+                    settings,
+                    ssl_context=ssl_context,
+                    config=shown,
+                    latencies=latencies,
+                    cluster=node,
                 )
                 if http is not None:
                     http.attach(server.commands, server)
@@ -716,7 +781,16 @@ async def serve(config: Config) -> int:
                             raise failure from None
                         raise
                     shown["port"] = str(ports[0])
+                    if http is not None:
+                        nursery.start_soon(http.sample)  # the series of /api/.../series
+                    if node is not None:
+                        node.advertise(config.host, ports[0])
+                        await nursery.start(node.run)
                     await stop.wait()
+                    if node is not None:
+                        # Its slots go to the other nodes now, their pools written first.
+                        with trio.move_on_after(config.shutdown_timeout):
+                            await node.leave()
                     server.shutdown()
                     if http is not None:
                         http.close()
@@ -747,7 +821,26 @@ async def serve(config: Config) -> int:
                 # hold the process forever. Nothing is left to write: exit regardless.
                 trio.lowlevel.spawn_system_task(_exit_after, log, HURRY_SECONDS, code)
             outer.cancel_scope.cancel()
+    if _trace.on:
+        _trace.disable()  # exports what is left
     return code
+
+
+def _cluster_node(config: Config, pools: Any) -> Any:
+    from ._cluster.directory import Directory
+    from ._cluster.node import ClusterNode, ClusterSettings
+
+    return ClusterNode(
+        pools,
+        ClusterSettings(
+            node_id=config.node_id,
+            address=config.advertise or "",
+            validity=config.cluster_validity,
+            renew=config.cluster_renew,
+        ),
+        Directory(config.dsn, timeout=config.cluster_validity),
+        declared=config.pools,
+    )
 
 
 async def _exit_after(log: Any, seconds: float, code: int) -> None:

@@ -21,6 +21,7 @@ from ._clock import Clock
 from ._errors import (
     ExistsError,
     InvalidArgumentError,
+    NotKeptError,
     TokenPoolError,
     UnavailableError,
     UnknownPoolError,
@@ -89,6 +90,7 @@ from ._store import (
     check_store_url,
     open_reader,
 )
+from ._store.analytics import Analyst, open_analyst
 from ._store.link import StoreLink
 from ._writer import Writer, WriterStatistics
 
@@ -174,9 +176,10 @@ class PoolCore:
     def size(self) -> int:
         return self.actor.state.size
 
-    async def call(self, ops: Sequence[Op]) -> list[object]:
-        """Apply ``ops`` in one actor batch: a result (the state's own value) or an error each."""
-        return await self.actor.call(ops)
+    async def call(self, ops: Sequence[Op], trace: list[Any] | None = None) -> list[object]:
+        """Apply ``ops`` in one actor batch: a result (the state's own value) or an error
+        each. ``trace``: the span contexts of the commands they carry (``_trace``)."""
+        return await self.actor.call(ops, trace)
 
     async def one(self, op: Op, *, last: bool = False) -> Any:
         """Apply one op; ``last``: as the actor's last message (nothing sent later is
@@ -551,11 +554,19 @@ class Pools:
         self._done: dict[str, trio.Event] = {}
         self._link: StoreLink | None = None
         self._reader: Reader | None = None
+        self._analyst: Analyst | None = None
         self._lock = trio.Lock()
         self._changed = trio.Event()
         self.lost = 0  # changes not written at shutdown
+        # The per-second and per-minute figures of the pools (``_series.SeriesBook``), while
+        # something samples them (the HTTP side of ``tokenpool serve``); None otherwise.
+        self.series: Any = None
         self._hurry: float | None = None
         self._on_batch: Callable[[float], None] | None = None
+        # Cluster mode (set before any pool is served): each pool's writer vouches only
+        # while lease_of(name)() is true, and a pool's lock held by a stale owner's
+        # store process is taken over (the node holds the slot's lease).
+        self.lease_of: Callable[[str], Callable[[], bool]] | None = None
 
     def observe_batches(self, callback: Callable[[float], None] | None) -> None:
         """Tell ``callback`` how many seconds each actor batch of every pool (served now
@@ -580,6 +591,18 @@ class Pools:
     @property
     def link(self) -> StoreLink | None:
         return self._link
+
+    def analyst(self) -> Analyst:
+        """The store's usage analytics (its own connection, opened on first use).
+        Raises ``NotKeptError`` when there is no store: memory keeps no history."""
+        if self.store is None:
+            raise NotKeptError(
+                "usage analytics need a store (--dsn postgresql://... or sqlite:///...):"
+                " a memory-only server keeps no history"
+            )
+        if self._analyst is None:
+            self._analyst = open_analyst(self.store)
+        return self._analyst
 
     def names(self) -> list[str]:
         """The names of the pools served, in creation order."""
@@ -612,6 +635,7 @@ class Pools:
                 shutdown_timeout=c.shutdown_timeout,
                 now_us=_wall_us,
                 lock_wait=c.lock_wait,
+                take_over=self.lease_of is not None,
             )
             await self._nursery.start(link.run)
             self._link = link
@@ -719,9 +743,15 @@ class Pools:
             committed=base,
             # sync callers are told of a refusal; async ones were answered already
             hold_after_refusal=REFUSAL_HOLD if c.durability == "async" else 0.0,
-            vouch_from=time.monotonic() + OWNERSHIP_VALIDITY if snapshot.unclean else 0.0,
+            # In cluster mode the slot's lease already outlived the old owner's (it was
+            # taken only once expired), so there is nothing more to wait out.
+            vouch_from=time.monotonic() + OWNERSHIP_VALIDITY
+            if snapshot.unclean and self.lease_of is None
+            else 0.0,
         )
-        if snapshot.unclean:
+        if self.lease_of is not None:
+            writer.lease = self.lease_of(name)
+        elif snapshot.unclean:
             log.warning(
                 "store_not_released",
                 pool=name,
@@ -761,6 +791,7 @@ class Pools:
             queue_size=c.queue_size,
             publish=hub.publish,
             write_timeout=c.write_timeout,
+            name=name,
         )
         actor.on_batch = self._on_batch
         core = PoolCore(
@@ -811,6 +842,23 @@ class Pools:
                 await self._link.drop_pool(writer.key)
             return ended
 
+    async def release(self, name: str) -> None:
+        """Stop serving a pool and give up its ownership in the store, keeping its
+        leases there (cluster mode: its slot moves to another node, which recovers it).
+        Requests queued are answered first; later ones find no pool here."""
+        async with self._lock:
+            pool = self._pools.get(name)
+            if pool is None:
+                return
+            pool._core.closed = True
+            await self._stop(name)
+            writer = pool._core.writer
+            if self._link is not None and writer is not None:
+                try:
+                    await self._link.release_pool(writer.key)
+                except TokenPoolError as error:
+                    log.warning("pool_release_failed", pool=name, error=str(error))
+
     async def _stop(self, name: str) -> None:
         pool = self._pools.pop(name)
         pool._core.actor.close()
@@ -847,6 +895,10 @@ class Pools:
             reader, self._reader = self._reader, None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(reader.close)
+        if self._analyst is not None:
+            analyst, self._analyst = self._analyst, None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(analyst.close)
 
 
 RESTORE_BATCH = 1_000

@@ -28,11 +28,13 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
 import trio
 
+from . import _trace
 from ._errors import UnavailableError
 from ._log import get_logger
 from ._model import Record
@@ -83,9 +85,10 @@ class Link(Protocol):
 
 
 class _Entry:
-    __slots__ = ("last_rev", "records", "seq", "size", "submitted")
+    __slots__ = ("last_rev", "records", "seq", "size", "submitted", "trace")
 
     def __init__(self, seq: int, records: list[Record], submitted: float, last_rev: int) -> None:
+        self.trace: Any = None  # the span context of the actor batch that submitted it
         self.seq = seq
         self.records = records
         self.size = len(records)
@@ -112,6 +115,9 @@ class Writer:
         # time.monotonic() before which this pool vouches for nothing: a predecessor that
         # did not release the store may still vouch until then (OWNERSHIP_VALIDITY)
         self.vouch_from = vouch_from
+        # cluster mode: whether this node's lease on the pool's hash slot is still valid
+        # (checked with the store's ownership: a node vouches only while both hold)
+        self.lease: Callable[[], bool] | None = None
         # async pools: after the store refused a batch for good, activations are refused
         # until a write commits again, or for this long (what was acknowledged is lost:
         # do not go on promising what may not be kept).
@@ -145,6 +151,7 @@ class Writer:
         self._high = False
         self._progress = trio.Event()
         self._last_ack = 0.0
+        self._sent: deque[tuple[int, int]] = deque()  # (last seq, frame bytes), tracing on
 
     # -- the actor's side (no await) --------------------------------------------
 
@@ -166,6 +173,8 @@ class Writer:
         what vouches for a lease (``Op.vouches``)."""
         if self.state.lost or not self._link.owns():
             return False
+        if self.lease is not None and not self.lease():
+            return False
         if self.vouch_from and time.monotonic() < self.vouch_from:
             return False
         self.vouch_from = 0.0
@@ -175,6 +184,11 @@ class Writer:
         """Why ``owns()`` is false (for the ``UnavailableError``)."""
         if self.state.lost:
             return self.refusal()
+        if self.lease is not None and not self.lease():
+            return (
+                "this node's lease on the pool's hash slot ran out (cluster): another node"
+                " may own the pool now"
+            )
         if self.vouch_from and time.monotonic() < self.vouch_from:
             return (
                 "taking over from an owner that did not release the store; it may still"
@@ -249,9 +263,22 @@ class Writer:
             self._clock_us,
         )
 
-    def acknowledged(self, seq: int, written: int) -> None:
+    def traced(self, seq: int, context: Any) -> None:
+        """The span context of the actor batch that submitted ``seq`` (tracing on)."""
+        if self._entries and self._entries[-1].seq == seq:
+            self._entries[-1].trace = context
+
+    def sent(self, seq: int, size: int) -> None:
+        """The link sent the batches up to ``seq`` in a frame of ``size`` bytes (tracing on)."""
+        self._sent.append((seq, size))
+
+    def acknowledged(self, seq: int, written: int, timing: tuple[int, ...] = ()) -> None:
+        """Batches up to ``seq`` committed (``written`` changes); ``timing``: when the
+        transaction began and committed (ns) and its rows, for its span."""
         now = self._last_ack = trio.current_time()
         entries = self._entries
+        if _trace.on and timing:
+            self._trace_commit(seq, written, timing)
         while entries and entries[0].seq <= seq:
             entry = entries.popleft()
             self.backlog -= entry.size
@@ -273,6 +300,15 @@ class Writer:
             self.state = LinkState.UP
         self._drained()
         self._wake()
+
+    def _trace_commit(self, seq: int, written: int, timing: tuple[int, ...]) -> None:
+        links = [e.trace for e in self._entries if e.seq <= seq and e.trace is not None]
+        sent = 0
+        while self._sent and self._sent[0][0] <= seq:
+            sent += self._sent.popleft()[1]
+        if links:
+            began, committed, rows = timing
+            _trace.store_batch(self.name, links, began, committed, rows, sent, written)
 
     def refused(self, seq: int, changes: int, message: str) -> None:
         """The store refused one batch for good: say it loudly, report it by number."""

@@ -21,17 +21,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from .._commands import Activate, Commands
 from .._commands import Request as Command
+from .._commands.analytics import keep_rolled_up
 from .._errors import TokenPoolError
 from .._log import get_logger
 from .._metrics import Latencies, TokenpoolCollector, render
 from .._model import Page
+from .._series import Sampler, SeriesBook, store_backfill
 from .._settings import LOOPBACK_NAMES
-from . import routes
+from . import analytics, routes
 from .backend import AUTH_REQUIRED, Backend, EventSource, LocalBackend
 from .fast import FastActivate
 from .middleware import BrowserGuard, Outer
 from .replies import usage_json
 from .schemas import BIG_LISTING, SLICE, ApiError, api_error, error_response, plain_problem
+from .tracing import TracedApp
 
 if TYPE_CHECKING:
     from .._pool import Pools
@@ -82,12 +85,16 @@ class HttpApp:
         self._heavy: anyio.CapacityLimiter | None = None  # made in the serving event loop
         self.requests = 0
         self.errors = 0
+        self.series = SeriesBook()
+        self._sampler = Sampler(self.series, self._pools, backfill=store_backfill)
         self.registry = CollectorRegistry()
         self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
         self.api = self._build()
-        self.asgi = BrowserGuard(
-            Outer(FastActivate(self.api, self), self, settings.idle_timeout),
-            settings.allowed_hosts,
+        self.asgi = TracedApp(
+            BrowserGuard(
+                Outer(FastActivate(self.api, self), self, settings.idle_timeout),
+                settings.allowed_hosts,
+            )
         )
 
     @property
@@ -100,6 +107,7 @@ class HttpApp:
         self.commands = commands
         self.resp = resp
         self.backend = LocalBackend(commands)
+        commands.pools.series = self.series  # what Series requests read, on any transport
 
     def attach_backend(self, backend: Backend) -> None:
         """Serve through ``backend`` (an HTTP worker: the server over RESP)."""
@@ -110,6 +118,17 @@ class HttpApp:
         self.closing = True
         for subscription in list(self.subscriptions):
             subscription.close()
+
+    async def sample(self) -> None:
+        """Sample every pool's figures once a second for ``/series``, and keep the usage
+        analytics' summary tables rolled up (until cancelled)."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._sampler.run)
+            group.start_soon(keep_rolled_up, self._pools)
+
+    def sampler_now(self) -> int:
+        """The second the sampler is at (the series' newest)."""
+        return self._sampler.now()
 
     def statistics(self) -> HttpStatistics:
         c = self.commands
@@ -290,6 +309,12 @@ class HttpApp:
         api.include_router(routes.router, prefix="/api")
         api.include_router(
             routes.router, prefix="/api/pools/{pool}", dependencies=[Depends(routes._named_pool)]
+        )
+        api.include_router(analytics.router, prefix="/api")
+        api.include_router(
+            analytics.router,
+            prefix="/api/pools/{pool}",
+            dependencies=[Depends(routes._named_pool)],
         )
         api.include_router(routes.pools_router, prefix="/api")
         api.include_router(routes.operations)

@@ -36,9 +36,11 @@ USER_MAX = 128  # characters (ASCII here: bytes too), as the schema's user_id
 
 
 class _Route:
-    """What ``Outer`` reads of a matched route: its name, for the timing's label."""
+    """What ``Outer`` and the tracing read of a matched route: its name (the timing's
+    label) and its template without the mount's prefix (the span's name), as FastAPI's."""
 
     name = "activate"
+    path_format = "/tokens/activate"
 
 
 _ROUTE = _Route()

@@ -43,6 +43,7 @@ from .._commands import (
     Validate,
 )
 from .._commands import Request as Command
+from .._commands.analytics import Report, Series
 from .._errors import InvalidArgumentError, TokenPoolError, UnavailableError, UnreachableError
 from .backend import Events
 
@@ -115,6 +116,24 @@ def argv_of(command: Command) -> tuple[list[str], bool]:
         return ["POOL", "ALTER", c.pool, *_pool_options(c.changes)], False
     if kind is DropPool:
         return ["POOL", "DROP", c.pool], False
+    if kind is Series:
+        return ["TP.SERIES", c.pool, c.window], True
+    if kind is Report:
+        sort = [] if c.sort is None else ["SORT", c.sort]
+        return [
+            "TP.REPORT",
+            c.pool,
+            c.kind,
+            "SINCE",
+            f"{c.since / 1_000_000:.6f}",
+            "UNTIL",
+            f"{c.until / 1_000_000:.6f}",
+            "LIMIT",
+            str(c.limit),
+            "CURSOR",
+            str(c.cursor),
+            *sort,
+        ], True
     raise InvalidArgumentError(f"{kind.__name__} is not sent to the server by HTTP workers")
 
 

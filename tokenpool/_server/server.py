@@ -49,6 +49,7 @@ from .._pauses import info_fields
 from .._pool import PoolCore, Pools
 from .._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
 from . import argv as table
+from .cluster import info_fields as cluster_info  # (the module registers CLUSTER)
 from .replies import Listing, error_reply, granted_wire, reply_of
 from .session import CONNECTION, REDIS_COMPAT_VERSION, Action, Pending, Planner, Session, TxPlan
 from .workers import VIA, via_reply
@@ -388,6 +389,7 @@ class RespServer:
         latencies: Latencies | None = None,
         commands: Commands | None = None,
         worker: Any = None,
+        cluster: Any = None,
     ) -> None:
         self.pools = pools
         self.worker = worker  # a WorkerLink: this listener serves the HTTP workers only
@@ -402,6 +404,7 @@ class RespServer:
             subscriber=_Subscriptions(self),
             worker=worker,
         )
+        self.planner.cluster = cluster  # cluster mode: a ClusterNode (routes by slot)
         self.config = self.planner.config
         self.started = time.monotonic()
         self.clients = 0
@@ -888,7 +891,7 @@ class RespServer:
             "server": {
                 "redis_version": REDIS_COMPAT_VERSION,
                 "tokenpool_version": __version__,
-                "redis_mode": "standalone",
+                "redis_mode": "standalone" if self.planner.cluster is None else "cluster",
                 "process_id": os.getpid(),
                 "tcp_port": self.ports[0] if self.ports else self.settings.port,
                 "uptime_in_seconds": int(time.monotonic() - self.started),
@@ -933,6 +936,7 @@ class RespServer:
                 "db0": f"keys={stats.size},expires={stats.active},avg_ttl=0",
             },
             "pauses": info_fields(self.latencies.pauses.snapshot()),
+            "cluster": cluster_info(self.planner.cluster),
         }
         wanted = section.lower() if section else None
         lines: list[str] = []

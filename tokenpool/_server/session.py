@@ -127,6 +127,7 @@ class Planner:
         self.config = config or {}
         self.info = info
         self.subscriber = subscriber  # the driver's pub/sub side (subscribe/unsubscribe)
+        self.cluster: Any = None  # cluster mode: the ClusterNode that routes by slot
         self.count = 0
         self.errors = 0
         # The listener of the HTTP workers (``workers.py``): its own AUTH, VIA and WORKER.
@@ -158,6 +159,13 @@ class Planner:
             return self._refused(error)
         if session.subscribed and session.proto == 2:
             return self._subscribed_only(argv)
+        cluster = self.cluster
+        if cluster is not None:  # a pool this node does not serve: MOVED, as Redis Cluster
+            pool = getattr(request, "pool", None)
+            if pool is not None:
+                elsewhere = cluster.route(pool)
+                if elsewhere is not None:
+                    return self._refused(elsewhere)
         if queueing:
             return self._queue(name, argv, session, request)
         if not isinstance(request, PoolRequest):

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .. import _trace
 from .._errors import TokenPoolError, UnavailableError
 from .._log import get_logger
 from . import OWNERSHIP_INTERVAL, OWNERSHIP_VALIDITY, LinkState, Snapshot, redact
@@ -66,7 +67,9 @@ class StoreLink:
         shutdown_timeout: float,
         now_us: Callable[[], int],
         lock_wait: float = 5.0,
+        take_over: bool = False,
     ) -> None:
+        self.take_over = take_over
         self.lock_wait = lock_wait
         self.url = url
         self.shown = redact(url)
@@ -126,6 +129,7 @@ class StoreLink:
                     "write_timeout": self.write_timeout,
                     "shutdown_timeout": self.shutdown_timeout,
                     "lock_wait": self.lock_wait,
+                    "take_over": self.take_over,
                 },
             )
         )
@@ -322,6 +326,16 @@ class StoreLink:
         if writer is not None:
             self._lost_dropped += writer.lost
 
+    async def release_pool(self, key: int) -> None:
+        """Write what the pool has pending, then stop owning it (cluster mode: its slot
+        moves). The writer is forgotten even if the store process does not answer."""
+        try:
+            await self._request("release", key)
+        finally:
+            writer = self.writers.pop(key, None)
+            if writer is not None:
+                self._lost_dropped += writer.lost
+
     # -- tasks ------------------------------------------------------------------
 
     async def _send(self) -> None:
@@ -335,6 +349,8 @@ class StoreLink:
                 frame = writer.take_unsent()
                 if frame is not None:
                     frames.append(frame)
+                    if _trace.on:  # the bytes of the frame, for the store batch's span
+                        writer.sent(frame[2], len(encode((frame,))))
             if frames:
                 try:
                     await stream.send_all(encode(frames))
@@ -381,7 +397,7 @@ class StoreLink:
         if kind == "ack":
             writer = self.writers.get(message[1])
             if writer is not None:
-                writer.acknowledged(message[2], message[3])
+                writer.acknowledged(message[2], message[3], message[4:])
         elif kind == "reply":
             event = self._reply_events.pop(message[1], None)
             if event is None:  # its caller gave up waiting (deadline): nobody to answer
