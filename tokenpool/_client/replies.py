@@ -28,6 +28,7 @@ from .._errors import (
     NoPermError,
     NotActiveError,
     NotHolderError,
+    NotKeptError,
     PoolLockedError,
     TokenPoolError,
     TryAgainError,
@@ -54,17 +55,32 @@ _ERRORS: Final[dict[str, Callable[[str], TokenPoolError]]] = {
         MovedError,
         TryAgainError,
         ClusterDownError,
+        NotKeptError,
     )
 }
 _RETRY_IN = re.compile(r"retry in ([0-9.]+) s")
+
+
+_CODED: dict[str, type[TokenPoolError]] = {}
+
+
+def _coded(code: str) -> type[TokenPoolError]:
+    """A ``TokenPoolError`` class with ``code`` (a newer server's code: the HTTP workers
+    answer it with its status, not 500)."""
+    cls = _CODED.get(code)
+    if cls is None:
+        cls = type("TokenPoolError", (TokenPoolError,), {"code": code})
+        if len(_CODED) < 64:
+            _CODED[code] = cls
+    return cls
 
 
 def error_of(reply: Exception) -> TokenPoolError:
     """An error reply (``CODE message``) as the library's exception for its code.
 
     ``UNKNOWN`` is a pool when the message says so (``no pool ...``), else a token;
-    ``BUSY`` carries ``retry_after`` parsed from its message; an unknown code (``ERR``)
-    is a plain ``TokenPoolError`` with the whole text.
+    ``BUSY`` carries ``retry_after`` parsed from its message; an unknown code is a plain
+    ``TokenPoolError`` with the whole text (and that ``code``, unless it is ``ERR``).
     """
     text = str(reply)
     code, _, message = text.partition(" ")
@@ -76,6 +92,8 @@ def error_of(reply: Exception) -> TokenPoolError:
         return BusyError(message, float(found.group(1)) if found else 0.0)
     make = _ERRORS.get(code)
     if make is None:
+        if code.isupper() and code.isalpha() and code != "ERR":
+            return _coded(code)(text)  # a code this client has no class for: kept, not ERR
         return TokenPoolError(text)
     return make(message)
 
