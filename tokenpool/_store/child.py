@@ -36,8 +36,17 @@ import traceback
 from typing import Any
 
 from .._errors import TokenPoolError
-from .._model import ADD, KIND, TOKENS, Record
-from . import Batch, FencedError, LinkState, RejectedError, Store, StoreError, open_store
+from .._model import ADD, KIND, Record, added_tokens
+from . import (
+    Batch,
+    FencedError,
+    LinkState,
+    RejectedError,
+    SlotTokens,
+    Store,
+    StoreError,
+    open_store,
+)
 from .frames import FrameDecoder, encode
 
 MAX_BATCH_RECORDS = 20_000
@@ -101,7 +110,7 @@ class Channel:
 class PoolSink:
     """One pool's pending writes and its slot-to-token table."""
 
-    def __init__(self, key: int, pool_id: int, tokens: dict[int, str]) -> None:
+    def __init__(self, key: int, pool_id: int, tokens: SlotTokens) -> None:
         self.key = key
         self.pool_id = pool_id
         self.tokens = tokens
@@ -167,7 +176,7 @@ class StoreProcess:
             if kind == "open":
                 _, _, _, name, settings, create = message
                 snapshot = self.store.open_pool(name, settings, create)
-                tokens = {slot: t for slot, (t, _) in enumerate(snapshot.tokens)}
+                tokens = SlotTokens(t for t, _ in snapshot.tokens)
                 self.sinks[key] = PoolSink(key, snapshot.pool_id, tokens)
                 self.channel.send(("reply", request, snapshot))
                 return
@@ -175,7 +184,7 @@ class StoreProcess:
                 keys, names = message[3], message[4]
                 snapshots = self.store.open_pools(names)
                 for key, snapshot in zip(keys, snapshots, strict=True):
-                    tokens = {slot: t for slot, (t, _) in enumerate(snapshot.tokens)}
+                    tokens = SlotTokens(t for t, _ in snapshot.tokens)
                     self.sinks[key] = PoolSink(key, snapshot.pool_id, tokens)
                 self.channel.send(("reply", request, snapshots))
                 return
@@ -284,8 +293,8 @@ class StoreProcess:
     def _learn_tokens(sink: PoolSink, records: list[Record]) -> None:
         for record in records:
             if record[KIND] == ADD:  # the slots of new tokens
-                for slot, token in record[TOKENS]:
-                    sink.tokens[slot] = token
+                for slot, raw in added_tokens(record):
+                    sink.tokens.add(slot, raw)
 
     def isolate(
         self,
