@@ -42,8 +42,11 @@ from ._pool import open_pools
 from ._server import RespServer, RespSettings
 from ._settings import (
     BURST,
+    CLUSTER_RENEW,
+    CLUSTER_VALIDITY,
     FLUSH_INTERVAL,
     HISTORY_MEMORY,
+    HTTP_WORKERS,
     IDLE_TIMEOUT,
     LOOPBACK_NAMES,
     MAX_BACKLOG,
@@ -181,6 +184,23 @@ def _hosts(value: Any, what: str) -> frozenset[str]:
     return names
 
 
+def _node_id(value: Any, what: str) -> str | None:
+    if value is None or value == "":
+        return None
+    return check_name(value, what)
+
+
+def _advertise(value: Any, what: str) -> str | None:
+    """``host:port`` clients are sent to (``[v6]:port`` for an IPv6 address)."""
+    if value is None or value == "":
+        return None
+    text = _text(value, what)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InvalidArgumentError(f"{what} must be HOST:PORT (port 1 to 65535), not {text!r}")
+    return text
+
+
 def _host(value: Any, what: str) -> str:
     host = _text(value, what).strip()
     if not host or " " in host:
@@ -217,6 +237,13 @@ OPTIONS = [
         None,
         "Host names HTTP answers for, comma-separated ('*': any); default the loopback names"
         " and --http-host",
+    ),
+    Option(
+        "http-workers",
+        _ranged(HTTP_WORKERS),
+        0,
+        "HTTP worker processes (uvicorn) reaching the pools over a private socket"
+        " (0: HTTP in this process)",
     ),
     Option("size", _ranged(SIZE), 100, "tokens in the pool 'default'"),
     Option("ttl", _ranged(TTL), 120.0, "seconds a lease lasts"),
@@ -270,6 +297,20 @@ OPTIONS = [
         None,
         "export traces by OTLP/HTTP to this collector (http://host:4318); needs tokenpool[otlp]",
         ("TOKENPOOL_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ),
+    Option("node-id", _node_id, None, "cluster mode: this node's name (needs a PostgreSQL --dsn)"),
+    Option("advertise", _advertise, None, "cluster mode: HOST:PORT clients are sent to"),
+    Option(
+        "cluster-validity",
+        _ranged(CLUSTER_VALIDITY),
+        3.0,
+        "cluster mode: seconds a node's lease on its slots lasts from each renewal",
+    ),
+    Option(
+        "cluster-renew",
+        _ranged(CLUSTER_RENEW),
+        1.0,
+        "cluster mode: seconds between renewals (at most a third of the validity)",
     ),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("log-format", _choice("auto", "json", "console"), "auto", "log line format"),
@@ -401,6 +442,19 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             )
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise InvalidArgumentError("--tls-cert and --tls-key go together")
+    if values["node_id"] is not None:
+        if not str(values["dsn"] or "").startswith(("postgresql://", "postgres://")):
+            raise InvalidArgumentError(
+                "cluster mode (--node-id) needs a PostgreSQL --dsn: every node of a cluster"
+                " uses the same database and schema"
+            )
+        if values["cluster_renew"] * 3 > values["cluster_validity"]:
+            raise InvalidArgumentError(
+                f"--cluster-renew {values['cluster_renew']:g} must be at most a third of"
+                f" --cluster-validity {values['cluster_validity']:g}"
+            )
+    elif values["advertise"] is not None:
+        raise InvalidArgumentError("--advertise needs --node-id (cluster mode)")
     pools: dict[str, PoolSettings] = {}
     for name, table in file_pools.items():
         check_name(name, f"pool name {name!r} in {path}")
@@ -667,10 +721,16 @@ async def serve(config: Config) -> int:
             outer.start_soon(watch_signals)
             outer.start_soon(pauses.heartbeat)
             http_done = trio.Event()
-            if http is not None:
+            workers = None
+            if http is not None and config.http_workers:
+                workers = await _start_http_workers(
+                    outer, http, config, grace, http_stop, http_done
+                )
+            elif http is not None:
                 await _start_http(outer, http, http_stop, http_done)
             else:
                 http_done.set()
+            clustered = config.node_id is not None
             async with open_pools(
                 store,
                 durability=config.durability,
@@ -679,7 +739,9 @@ async def serve(config: Config) -> int:
                 flush_interval=config.flush_interval,
                 write_timeout=config.write_timeout,
                 shutdown_timeout=config.shutdown_timeout,
-                declared=config.pools,
+                # cluster mode: a node serves the pools of the slots it takes, later
+                declared=None if clustered else config.pools,
+                restore=not clustered,
             ) as pools:
                 served_pools.append(pools)
                 if hurry.is_set():
@@ -688,12 +750,19 @@ async def serve(config: Config) -> int:
                 # process: out of the collector's way, full collections stay short.
                 gc.freeze()
                 pools.observe_batches(pauses.actor_batch)
+                node = _cluster_node(config, pools) if clustered else None
                 server = RespServer(
-                    pools, settings, ssl_context=ssl_context, config=shown, latencies=latencies
+                    pools,
+                    settings,
+                    ssl_context=ssl_context,
+                    config=shown,
+                    latencies=latencies,
+                    cluster=node,
                 )
                 if http is not None:
                     http.attach(server.commands, server)
                 served = trio.Event()
+                link = None if workers is None else workers.link_server(server, settings)
 
                 async def run_server(*, task_status: trio.TaskStatus[list[int]]) -> None:
                     try:
@@ -702,6 +771,8 @@ async def serve(config: Config) -> int:
                         served.set()
 
                 async with trio.open_nursery() as nursery:
+                    if link is not None:  # before the port: workers reach the pools at once
+                        await nursery.start(link.serve)
                     try:
                         ports = await nursery.start(run_server)
                     except BaseException as raised:
@@ -712,7 +783,14 @@ async def serve(config: Config) -> int:
                     shown["port"] = str(ports[0])
                     if http is not None:
                         nursery.start_soon(http.sample)  # the series of /api/.../series
+                    if node is not None:
+                        node.advertise(config.host, ports[0])
+                        await nursery.start(node.run)
                     await stop.wait()
+                    if node is not None:
+                        # Its slots go to the other nodes now, their pools written first.
+                        with trio.move_on_after(config.shutdown_timeout):
+                            await node.leave()
                     server.shutdown()
                     if http is not None:
                         http.close()
@@ -722,6 +800,9 @@ async def serve(config: Config) -> int:
                     # Busy connections finish their pipeline; none may take longer than
                     # the grace, and a second signal ends it at once.
                     await _wait_bounded(served, hurry, grace)
+                    if link is not None:  # the workers finish their requests through it
+                        await _wait_bounded(http_done, hurry, grace + 1)
+                        link.shutdown()
                     nursery.cancel_scope.cancel()
                 await _wait_bounded(http_done, hurry, grace)
             # The store is closed and what it lost counted: the exit status is known.
@@ -743,6 +824,23 @@ async def serve(config: Config) -> int:
     if _trace.on:
         _trace.disable()  # exports what is left
     return code
+
+
+def _cluster_node(config: Config, pools: Any) -> Any:
+    from ._cluster.directory import Directory
+    from ._cluster.node import ClusterNode, ClusterSettings
+
+    return ClusterNode(
+        pools,
+        ClusterSettings(
+            node_id=config.node_id,
+            address=config.advertise or "",
+            validity=config.cluster_validity,
+            renew=config.cluster_renew,
+        ),
+        Directory(config.dsn, timeout=config.cluster_validity),
+        declared=config.pools,
+    )
 
 
 async def _exit_after(log: Any, seconds: float, code: int) -> None:
@@ -799,6 +897,50 @@ async def _start_http(
         raise InvalidArgumentError(
             f"cannot listen for HTTP on {s.host}:{s.port}: {failure.strerror or failure}"
         ) from None
+
+
+async def _start_http_workers(
+    nursery: trio.Nursery,
+    app: HttpApp,
+    config: Config,
+    grace: float,
+    stop: trio.Event,
+    done: trio.Event,
+) -> Any:
+    """Bind the HTTP port and start ``--http-workers`` processes on it (they answer 503
+    until the pools are recovered and the link to them is served)."""
+    from ._http.supervisor import HttpWorkers
+
+    s = app.settings
+    try:
+        workers = HttpWorkers(
+            app,
+            config.http_workers,
+            grace=grace,
+            default_pool=config.name,
+            max_clients=config.max_clients,
+            log_level=config.log_level,
+            log_format=config.log_format,
+        )
+    except OSError as failure:
+        if failure.errno == errno.EADDRINUSE:
+            raise InvalidArgumentError(
+                f"HTTP port {s.port} on {s.host} is in use; pass --http-port (0 turns HTTP off)"
+            ) from None
+        raise InvalidArgumentError(
+            f"cannot listen for HTTP on {s.host}:{s.port}: {failure.strerror or failure}"
+        ) from None
+
+    async def run() -> None:
+        try:
+            await workers.run(stop)
+        finally:
+            done.set()
+
+    nursery.start_soon(run)
+    with trio.move_on_after(30):  # as in-process HTTP: serving before the pools recover
+        await workers.ready.wait()
+    return workers
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

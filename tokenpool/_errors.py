@@ -79,6 +79,26 @@ class PoolLockedError(TokenPoolError):
     code = "LOCKED"
 
 
+class MovedError(TokenPoolError):
+    """(cluster) The pool's hash slot is owned by another node: the message is Redis
+    Cluster's ``<slot> <host>:<port>``, so every cluster client follows it."""
+
+    code = "MOVED"
+
+
+class TryAgainError(TokenPoolError):
+    """(cluster) This node is taking the pool's slot over and is not serving it yet."""
+
+    code = "TRYAGAIN"
+
+
+class ClusterDownError(TokenPoolError):
+    """(cluster) No node serves the pool's slot now (its owner failed and no other node
+    took it over yet), or cluster mode is off on this server."""
+
+    code = "CLUSTERDOWN"
+
+
 class CompactedError(TokenPoolError):
     """``watch(since=...)`` asked for events older than the oldest one still kept."""
 
@@ -148,6 +168,9 @@ NotActive = NotActiveError
 Full = FullError
 Unavailable = UnavailableError
 PoolLocked = PoolLockedError
+Moved = MovedError
+TryAgain = TryAgainError
+ClusterDown = ClusterDownError
 Compacted = CompactedError
 Unreachable = UnreachableError
 NotKept = NotKeptError

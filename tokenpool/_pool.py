@@ -564,8 +564,15 @@ class Pools:
         self._lock = trio.Lock()
         self._changed = trio.Event()
         self.lost = 0  # changes not written at shutdown
+        # The per-second and per-minute figures of the pools (``_series.SeriesBook``), while
+        # something samples them (the HTTP side of ``tokenpool serve``); None otherwise.
+        self.series: Any = None
         self._hurry: float | None = None
         self._on_batch: Callable[[float], None] | None = None
+        # Cluster mode (set before any pool is served): each pool's writer vouches only
+        # while lease_of(name)() is true, and a pool's lock held by a stale owner's
+        # store process is taken over (the node holds the slot's lease).
+        self.lease_of: Callable[[str], Callable[[], bool]] | None = None
 
     def observe_batches(self, callback: Callable[[float], None] | None) -> None:
         """Tell ``callback`` how many seconds each actor batch of every pool (served now
@@ -634,6 +641,7 @@ class Pools:
                 shutdown_timeout=c.shutdown_timeout,
                 now_us=_wall_us,
                 lock_wait=c.lock_wait,
+                take_over=self.lease_of is not None,
             )
             await self._nursery.start(link.run)
             self._link = link
@@ -741,9 +749,15 @@ class Pools:
             committed=base,
             # sync callers are told of a refusal; async ones were answered already
             hold_after_refusal=REFUSAL_HOLD if c.durability == "async" else 0.0,
-            vouch_from=time.monotonic() + OWNERSHIP_VALIDITY if snapshot.unclean else 0.0,
+            # In cluster mode the slot's lease already outlived the old owner's (it was
+            # taken only once expired), so there is nothing more to wait out.
+            vouch_from=time.monotonic() + OWNERSHIP_VALIDITY
+            if snapshot.unclean and self.lease_of is None
+            else 0.0,
         )
-        if snapshot.unclean:
+        if self.lease_of is not None:
+            writer.lease = self.lease_of(name)
+        elif snapshot.unclean:
             log.warning(
                 "store_not_released",
                 pool=name,
@@ -833,6 +847,23 @@ class Pools:
                     await pool.flush()
                 await self._link.drop_pool(writer.key)
             return ended
+
+    async def release(self, name: str) -> None:
+        """Stop serving a pool and give up its ownership in the store, keeping its
+        leases there (cluster mode: its slot moves to another node, which recovers it).
+        Requests queued are answered first; later ones find no pool here."""
+        async with self._lock:
+            pool = self._pools.get(name)
+            if pool is None:
+                return
+            pool._core.closed = True
+            await self._stop(name)
+            writer = pool._core.writer
+            if self._link is not None and writer is not None:
+                try:
+                    await self._link.release_pool(writer.key)
+                except TokenPoolError as error:
+                    log.warning("pool_release_failed", pool=name, error=str(error))
 
     async def _stop(self, name: str) -> None:
         pool = self._pools.pop(name)

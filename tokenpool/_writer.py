@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -114,6 +115,9 @@ class Writer:
         # time.monotonic() before which this pool vouches for nothing: a predecessor that
         # did not release the store may still vouch until then (OWNERSHIP_VALIDITY)
         self.vouch_from = vouch_from
+        # cluster mode: whether this node's lease on the pool's hash slot is still valid
+        # (checked with the store's ownership: a node vouches only while both hold)
+        self.lease: Callable[[], bool] | None = None
         # async pools: after the store refused a batch for good, activations are refused
         # until a write commits again, or for this long (what was acknowledged is lost:
         # do not go on promising what may not be kept).
@@ -169,6 +173,8 @@ class Writer:
         what vouches for a lease (``Op.vouches``)."""
         if self.state.lost or not self._link.owns():
             return False
+        if self.lease is not None and not self.lease():
+            return False
         if self.vouch_from and time.monotonic() < self.vouch_from:
             return False
         self.vouch_from = 0.0
@@ -178,6 +184,11 @@ class Writer:
         """Why ``owns()`` is false (for the ``UnavailableError``)."""
         if self.state.lost:
             return self.refusal()
+        if self.lease is not None and not self.lease():
+            return (
+                "this node's lease on the pool's hash slot ran out (cluster): another node"
+                " may own the pool now"
+            )
         if self.vouch_from and time.monotonic() < self.vouch_from:
             return (
                 "taking over from an owner that did not release the store; it may still"

@@ -11,6 +11,13 @@
   connection is broken (the server is stalled or gone) and ``UnreachableError`` raised.
 - A broken connection is dropped at once and replaced on demand.
 
+Cluster mode: a request for a pool another node owns is answered ``MOVED <slot>
+<host>:<port>`` before any work, so it is sent again to that node (its own bounded
+connections, opened on demand), and the pool's node is remembered; ``TRYAGAIN`` and
+``CLUSTERDOWN`` (a slot being taken over) are retried with a growing pause within
+``timeout``, ``CLUSTERDOWN`` and a node that cannot be reached (for a ``safe``
+request) going back to the first server, which knows the new owner once it is chosen.
+
 Retries: a request that failed before it was written is always tried once more on
 another connection; one that failed after it was written is tried again only when it
 is ``safe`` (means the same if the server already applied it: reads, ``ACTIVATE``,
@@ -27,9 +34,16 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import attrs
 import hiredis
 
-from .._errors import TokenPoolError, UnreachableError
+from .._errors import (
+    ClusterDownError,
+    MovedError,
+    TokenPoolError,
+    TryAgainError,
+    UnreachableError,
+)
 from .._resp import encode_command
 from .address import Address
 from .connection import Connection, Slot
@@ -54,6 +68,8 @@ class Connections:
         self._tg = task_group
         self._ssl = ssl_context
         self._live: list[Connection] = []
+        self._nodes: dict[tuple[str, int], Connections] = {}  # cluster: other nodes
+        self._routes: dict[str, tuple[str, int]] = {}  # cluster: pool -> its node
         self._opening = 0
         self._changed = anyio.Event()
         self.opened = 0  # connections made over the client's life (a figure for tests)
@@ -69,7 +85,9 @@ class Connections:
         try:
             with anyio.fail_after(self.timeout):
                 stream: anyio.abc.ByteStream
-                if address.tls:
+                if address.unix is not None:
+                    stream = await anyio.connect_unix(address.unix)
+                elif address.tls:
                     stream = await anyio.connect_tcp(
                         address.host,
                         address.port,
@@ -147,8 +165,75 @@ class Connections:
         ``blocks``: the seconds the server may hold the connection before answering
         (``ACTIVATE ... WAIT``): the request takes a connection to itself and waits that
         much longer for its reply. Raises ``UnreachableError`` (after one retry where
-        allowed: see the module's rules).
+        allowed: see the module's rules). In a cluster, ``MOVED`` is followed and a slot
+        being taken over waited for (see the module's rules).
         """
+        pool = _pool_of(commands)
+        route = self._routes.get(pool) if pool is not None else None
+        target = self if route is None else self._node(route)
+        deadline = anyio.current_time() + self.timeout
+        pause = 0.05
+        redirects = 0
+        while True:
+            try:
+                replies = await target._call(commands, safe=safe, blocks=blocks)
+            except UnreachableError:
+                if target is self or not safe or anyio.current_time() + pause > deadline:
+                    raise
+                if pool is not None:  # that node is gone: the first server learns who is next
+                    self._routes.pop(pool, None)
+                target = self
+                await anyio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+                redirects = 0
+                continue
+            moved = next((r for r in replies if isinstance(r, MovedError)), None)
+            if moved is not None and all(isinstance(r, MovedError) for r in replies):
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise UnreachableError(
+                        f"more than {MAX_REDIRECTS} MOVED in a row for pool {pool!r}"
+                    )
+                node = _address_of(moved)
+                if pool is not None:
+                    self._routes[pool] = node
+                target = self._node(node)
+                continue
+            if (
+                any(isinstance(r, TryAgainError | ClusterDownError) for r in replies)
+                and anyio.current_time() + pause < deadline
+            ):
+                if pool is not None and any(isinstance(r, ClusterDownError) for r in replies):
+                    self._routes.pop(pool, None)
+                    target = self
+                await anyio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+                redirects = 0
+                continue
+            return replies
+
+    def _node(self, node: tuple[str, int]) -> Connections:
+        """The connections to another node of the cluster (made on first use)."""
+        if node == (self.address.host, self.address.port):
+            return self
+        found = self._nodes.get(node)
+        if found is None:
+            found = self._nodes[node] = Connections(
+                attrs.evolve(self.address, host=node[0], port=node[1]),
+                self._tg,
+                max_connections=self.max_connections,
+                timeout=self.timeout,
+                ssl_context=self._ssl,
+            )
+        return found
+
+    async def _call(
+        self,
+        commands: Sequence[Sequence[str]],
+        *,
+        safe: bool,
+        blocks: float | None = None,
+    ) -> list[Any]:
         for attempt in (0, 1):
             try:
                 return await self._call_once(commands, blocks)
@@ -181,7 +266,14 @@ class Connections:
             except UnreachableError as error:
                 raise _NotSent(error) from None
             wait = self.timeout + (blocks or 0.0)
-            return [await _reply(connection, slot, wait) for slot in slots]
+            try:
+                return [await _reply(connection, slot, wait) for slot in slots]
+            except anyio.get_cancelled_exc_class():
+                if blocks is not None:
+                    # a caller that gives up a wait (ACTIVATE ... WAIT) hangs up: the server
+                    # then gives the wait up too, and never grants what nobody awaits
+                    connection.fail("the caller gave up waiting")
+                raise
         finally:
             self.give_back(connection)
 
@@ -189,6 +281,38 @@ class Connections:
         for connection in self._live:
             await connection.close()
         self._live = []
+        for node in self._nodes.values():
+            await node.aclose()
+        self._nodes = {}
+
+
+MAX_REDIRECTS = 16
+"""``MOVED`` replies one call follows in a row (redis-py's bound); waits for a slot
+being taken over are bounded by the client's ``timeout`` instead."""
+
+
+def _pool_of(commands: Sequence[Sequence[str]]) -> str | None:
+    """The pool the commands name (they name one: a ``TP.`` command's first argument,
+    a ``POOL`` command's name), for routing in a cluster."""
+    if not commands or len(commands[0]) < 2:
+        return None
+    first = commands[0]
+    name = str(first[0]).upper()
+    if name.startswith("TP."):
+        return str(first[1])
+    if name == "POOL" and len(first) > 2:
+        return str(first[2])
+    return None
+
+
+def _address_of(moved: MovedError) -> tuple[str, int]:
+    """``MOVED <slot> <host>:<port>``'s node."""
+    _slot, _, address = str(moved).partition(" ")
+    host, _, port = address.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise UnreachableError(f"a MOVED reply names no address: {str(moved)[:80]!r}") from None
 
 
 class _NotSent(Exception):

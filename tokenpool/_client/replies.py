@@ -19,15 +19,18 @@ import attrs
 
 from .._commands.connection import BusyError, NoAuthError, WrongPassError
 from .._errors import (
+    ClusterDownError,
     CompactedError,
     ExistsError,
     FullError,
     InvalidArgumentError,
+    MovedError,
     NoPermError,
     NotActiveError,
     NotHolderError,
     PoolLockedError,
     TokenPoolError,
+    TryAgainError,
     UnavailableError,
     UnknownPoolError,
     UnknownTokenError,
@@ -48,6 +51,9 @@ _ERRORS: Final[dict[str, Callable[[str], TokenPoolError]]] = {
         NoPermError,
         NoAuthError,
         WrongPassError,
+        MovedError,
+        TryAgainError,
+        ClusterDownError,
     )
 }
 _RETRY_IN = re.compile(r"retry in ([0-9.]+) s")

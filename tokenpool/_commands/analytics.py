@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .._errors import InvalidArgumentError, TokenPoolError
+from .._errors import InvalidArgumentError, NotKeptError, TokenPoolError
 from .._log import get_logger
+from .._series import PoolSeries, json_window
 from .._settings import check_name
 from .._store.analytics import LIMIT_MAX, Table, check_report
 from ._base import ITEM_COST, Request
@@ -28,6 +29,7 @@ log = get_logger("tokenpool.analytics")
 
 DAY_US = 86_400_000_000
 MAX_OFFSET = 1_000_000
+WINDOWS = ("hour", "day")
 """The furthest page a cursor reaches (an offset into the report's rows)."""
 
 
@@ -84,6 +86,35 @@ class Report(Request):
             self.cursor,
             abandon_on_cancel=True,
         )
+
+
+class Series(Request):
+    """The pool's sampled figures over the last ``hour`` (one a second) or ``day`` (one a
+    minute), as the API's JSON object. Raises ``NotKeptError`` where nothing samples
+    them (a server without HTTP, a pool past the sampled ones)."""
+
+    __slots__ = ("pool", "window")
+    name = "series"
+    cost = ITEM_COST * 60
+
+    def __init__(self, pool: str, window: str = "hour") -> None:
+        self.pool = check_name(pool)
+        if window not in WINDOWS:
+            raise InvalidArgumentError(f"the window must be hour or day, not {window[:20]!r}")
+        self.window = window
+
+    async def run(self, pools: Pools, client: Client) -> dict[str, object]:
+        pools.get(self.pool)  # UnknownPoolError for a pool not served here
+        book = pools.series
+        if book is None:
+            raise NotKeptError("this server samples no series (its HTTP side is off)")
+        try:
+            kept = book.of(self.pool)
+        except NotKeptError:
+            if self.pool not in pools.names()[: book.limit]:
+                raise
+            kept = PoolSeries()  # served, not sampled yet (the server just started): all gaps
+        return json_window(self.pool, kept.window(self.window, int(time.time())))
 
 
 ROLL_EVERY = 60.0

@@ -12,9 +12,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 
-from .._commands.analytics import Report
+from .._commands.analytics import Report, Series
 from .._errors import InvalidArgumentError, TokenPoolError
-from .._series import PoolSeries, json_window
 from .._store.analytics import LIMIT_MAX, REPORTS, Table
 from .routes import Authed
 from .schemas import ErrorCodes, api_error
@@ -68,15 +67,7 @@ async def series(
     value): tokens held, size, grants and ended leases by reason a second, refusals a
     second, callers waiting, their mean wait (s) and the write lag (s)."""
     owner = call.owner
-    pools = owner.ready_commands().pools
-    owner.pool(call.pool)  # UNKNOWN for a pool not served here
-    try:
-        kept = owner.series.of(call.pool)
-    except TokenPoolError as error:
-        if call.pool not in pools.names()[: owner.series.limit]:
-            raise api_error(error) from None
-        kept = PoolSeries()  # served, not sampled yet (the server just started): all gaps
-    data = json_window(call.pool, kept.window(window, owner.sampler_now()))
+    data = await owner.execute(Series(call.pool, window), call.client)
     return await owner.reply({"data": data}, 1_000 if window == "day" else 4_000)
 
 

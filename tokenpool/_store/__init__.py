@@ -270,6 +270,10 @@ class Store(Protocol):
 
     def drop_pool(self, pool_id: int) -> None: ...
 
+    def release_pool(self, pool_id: int) -> None:
+        """Stop owning one pool (marked released; best effort: never raises), keep
+        serving the others (cluster mode: its hash slot moves to another node)."""
+
     def close(self) -> None:
         """Release ownership (marking each pool released, so the next owner need not
         wait out this one's validity) and close connections."""
@@ -357,16 +361,27 @@ def _redact_safe(url: str) -> str:
         return re.sub(r"//[^@/]*@", "//***@", url)[:120]
 
 
-def open_store(url: str, *, write_timeout: float, durability: str, lock_wait: float = 5.0) -> Store:
+def open_store(
+    url: str,
+    *,
+    write_timeout: float,
+    durability: str,
+    lock_wait: float = 5.0,
+    take_over: bool = False,
+) -> Store:
     """The store for ``url`` (in the store process).
 
     ``lock_wait``: seconds to wait for a previous owner's store process (a crashed
-    server's, still writing what it held) before ``PoolLockedError``.
+    server's, still writing what it held) before ``PoolLockedError``. ``take_over``
+    (PostgreSQL, cluster mode: the node holds the pool's slot lease, so any other
+    holder of the pool's lock is stale): end the session holding it instead.
     """
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
-        return PostgresStore(url, write_timeout=write_timeout, lock_wait=lock_wait)
+        return PostgresStore(
+            url, write_timeout=write_timeout, lock_wait=lock_wait, take_over=take_over
+        )
     from .sqlite import SqliteStore
 
     # WAL with synchronous=NORMAL survives a process crash; FULL also an OS crash.

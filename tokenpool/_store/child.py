@@ -130,6 +130,7 @@ class StoreProcess:
             write_timeout=self.write_timeout,
             durability=config["durability"],
             lock_wait=float(config.get("lock_wait", 5.0)),
+            take_over=bool(config.get("take_over", False)),
         )
         self.sinks: dict[int, PoolSink] = {}
         self.link = LinkState.UP
@@ -200,6 +201,9 @@ class StoreProcess:
                 self.store.save_settings(sink.pool_id, message[3])
             elif kind == "drop":
                 self.store.drop_pool(sink.pool_id)
+                del self.sinks[key]
+            elif kind == "release":
+                self.store.release_pool(sink.pool_id)
                 del self.sinks[key]
             self.channel.send(("reply", request, None))
         except TokenPoolError as error:

@@ -67,7 +67,9 @@ class StoreLink:
         shutdown_timeout: float,
         now_us: Callable[[], int],
         lock_wait: float = 5.0,
+        take_over: bool = False,
     ) -> None:
+        self.take_over = take_over
         self.lock_wait = lock_wait
         self.url = url
         self.shown = redact(url)
@@ -127,6 +129,7 @@ class StoreLink:
                     "write_timeout": self.write_timeout,
                     "shutdown_timeout": self.shutdown_timeout,
                     "lock_wait": self.lock_wait,
+                    "take_over": self.take_over,
                 },
             )
         )
@@ -322,6 +325,16 @@ class StoreLink:
         writer = self.writers.pop(key, None)
         if writer is not None:
             self._lost_dropped += writer.lost
+
+    async def release_pool(self, key: int) -> None:
+        """Write what the pool has pending, then stop owning it (cluster mode: its slot
+        moves). The writer is forgotten even if the store process does not answer."""
+        try:
+            await self._request("release", key)
+        finally:
+            writer = self.writers.pop(key, None)
+            if writer is not None:
+                self._lost_dropped += writer.lost
 
     # -- tasks ------------------------------------------------------------------
 

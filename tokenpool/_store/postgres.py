@@ -58,6 +58,7 @@ from . import (
 )
 
 LOCK_WAIT = 5.0  # seconds to wait for a previous owner's store process to finish
+TAKE_OVER_WAIT = 0.5  # cluster mode: seconds before a stale holder's session is ended
 _SCHEMA_LOCK = 0x746F6B656E706F6F  # "tokenpoo": serialises schema set-up between processes
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01, PostgreSQL's zero for timestamps
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -193,8 +194,14 @@ class PostgresStore:
     kind = "postgresql"
 
     def __init__(
-        self, url: str, *, write_timeout: float = 5.0, lock_wait: float = LOCK_WAIT
+        self,
+        url: str,
+        *,
+        write_timeout: float = 5.0,
+        lock_wait: float = LOCK_WAIT,
+        take_over: bool = False,
     ) -> None:
+        self.take_over = take_over
         self.url = redact(url)
         self._url = url
         self.lock_wait = lock_wait
@@ -203,6 +210,7 @@ class PostgresStore:
         self._conn: psycopg.Connection[Any] | None = None
         self._backend_pid: int | None = None
         self._pools: dict[int, tuple[str, int]] = {}  # pool id -> (name, epoch)
+        self._lost: dict[int, str] = {}  # cluster mode: pools whose lock was not retaken
         self._users = KnownUsers()
         self._schema_done = False
 
@@ -218,15 +226,41 @@ class PostgresStore:
         try:
             if not self._schema_done:
                 self._apply_schema(conn)
-            for pool_id, (name, _epoch) in self._pools.items():
-                if not self._take_lock(conn, name):
-                    raise FencedError(f"pool {name!r} (id {pool_id}): its lock is held elsewhere")
+            if self.take_over:
+                self._retake_each(conn)
+            else:
+                for pool_id, (name, _epoch) in self._pools.items():
+                    if not self._take_lock(conn, name):
+                        raise FencedError(
+                            f"pool {name!r} (id {pool_id}): its lock is held elsewhere"
+                        )
             self._backend_pid = conn.info.backend_pid
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         return conn
+
+    def _retake_each(self, conn: psycopg.Connection[Any]) -> None:
+        """Cluster mode, after a reconnection: end our previous session if it is still
+        there (so nothing it had in flight commits late), then retake each pool's lock
+        once. A pool whose lock another node holds now (its slot was taken over while
+        this node was cut off or paused) is lost alone, not every pool of the process."""
+        old = self._backend_pid
+        if old is not None and old != conn.info.backend_pid:
+            conn.execute("SELECT pg_terminate_backend(%s)", (old,))
+            for _ in range(50):
+                alive = conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (old,))
+                if alive.fetchone() is None:
+                    break
+                threading.Event().wait(0.05)
+        query = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+        for pool_id, (name, _epoch) in self._pools.items():
+            if pool_id in self._lost:
+                continue
+            row = conn.execute(query, (f"tokenpool/{self.schema}/{name}",)).fetchone()
+            if not (row and row[0]):
+                self._lost[pool_id] = f"pool {name!r} (id {pool_id}): taken over by another node"
 
     def _take_lock(self, conn: psycopg.Connection[Any], name: str) -> bool:
         key = f"tokenpool/{self.schema}/{name}"
@@ -352,8 +386,15 @@ class PostgresStore:
         return snapshot
 
     def _lock_or_wait(self, conn: psycopg.Connection[Any], name: str) -> None:
-        deadline = time.monotonic() + self.lock_wait
+        deadline = time.monotonic() + (
+            min(self.lock_wait, TAKE_OVER_WAIT) if self.take_over else self.lock_wait
+        )
+        ended = False
         while not self._take_lock(conn, name):
+            if self.take_over and not ended and time.monotonic() >= deadline:
+                self._end_holder(conn, name)  # once: a holder that comes back is refused
+                ended = True
+                deadline = time.monotonic() + self.lock_wait
             if time.monotonic() < deadline:
                 # A crashed server's store process may still be writing: it exits
                 # (and frees the lock) once done. Wait a little for it.
@@ -363,6 +404,19 @@ class PostgresStore:
                 f"pool {name!r} in schema {self.schema!r} of {self.url} is owned by"
                 " another process; stop it first (or give this pool another name)"
             )
+
+    def _end_holder(self, conn: psycopg.Connection[Any], name: str) -> None:
+        """Cluster mode: this node holds the lease on the pool's slot, so a session
+        still holding the pool's lock belongs to an owner whose lease ran out (a paused
+        node's store process): end it, so nothing it has in flight can commit late."""
+        key = f"tokenpool/{self.schema}/{name}"
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND granted AND objsubid = 1 AND pid <> pg_backend_pid()"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0)",
+            (key,),
+        )
 
     def open_pools(self, names: list[str]) -> list[Snapshot]:
         """``open_pool`` for many stored pools at once (restore at start): every lock
@@ -590,11 +644,13 @@ class PostgresStore:
                 f"ownership check on {self.url} failed: {_first_line(error)}"
             ) from error
         epochs = {int(r[0]): int(r[1]) for r in rows}
-        return {
+        lost = {
             pool_id: f"pool {name!r} was taken over by a newer owner (ours was epoch {epoch})"
             for pool_id, (name, epoch) in self._pools.items()
             if epochs.get(pool_id) != epoch
         }
+        lost.update(self._lost)
+        return lost
 
     def _unlock(self, conn: psycopg.Connection[Any], name: str) -> None:
         conn.execute(
@@ -604,6 +660,8 @@ class PostgresStore:
 
     def write(self, pool_id: int, batch: Batch, tokens: SlotTokens, retry: bool) -> None:
         name, epoch = self._pools[pool_id]
+        if pool_id in self._lost:
+            raise FencedError(self._lost[pool_id])
         try:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
@@ -759,6 +817,7 @@ class PostgresStore:
 
     def drop_pool(self, pool_id: int) -> None:
         name, epoch = self._pools.pop(pool_id)
+        self._lost.pop(pool_id, None)
         try:
             conn = self._connection()
             conn.execute(
@@ -770,6 +829,21 @@ class PostgresStore:
         except psycopg.Error as error:
             self._drop_broken()
             raise StoreError(f"dropping pool {name!r} failed: {_first_line(error)}") from error
+
+    def release_pool(self, pool_id: int) -> None:
+        entry = self._pools.pop(pool_id, None)
+        if entry is None or self._lost.pop(pool_id, None) is not None:
+            return
+        name, epoch = entry
+        try:
+            conn = self._connection()
+            conn.execute(
+                "UPDATE pools SET owner = NULL WHERE id = %s AND owner_epoch = %s",
+                (pool_id, epoch),
+            )
+            self._unlock(conn, name)
+        except (psycopg.Error, StoreError):  # fenced or cut: the next owner finds out
+            self._drop_broken()
 
     def _drop_broken(self) -> None:
         if self._conn is not None and (self._conn.broken or self._conn.closed):

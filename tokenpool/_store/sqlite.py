@@ -570,6 +570,16 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise StoreError(f"dropping a pool in {self.path} failed: {error}") from error
 
+    def release_pool(self, pool_id: int) -> None:
+        entry = self._pools.pop(pool_id, None)
+        if entry is None:
+            return
+        with contextlib.suppress(sqlite3.Error, StoreError):
+            self._connection().execute(
+                "UPDATE pools SET owner = NULL WHERE id = ? AND owner_epoch = ?",
+                (pool_id, entry[1]),
+            )
+
     def close(self) -> None:
         """Mark each pool released (the next owner need not wait out our validity), but
         only in the file we still own, then free the lock."""

@@ -1,0 +1,154 @@
+"""``CLUSTER``: Redis Cluster's view of the nodes and their slots, in Redis's shapes, so
+``redis-cli -c`` and cluster clients (redis-py's ``RedisCluster``) route each command
+to its pool's owner. Without ``--node-id`` every subcommand answers, as a Redis with
+cluster support disabled does, that cluster mode is off."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._cluster.slots import SLOTS, key_slot
+from .._resp import OK, Error
+from .session import Action, Planner, Session, command
+
+if TYPE_CHECKING:
+    from .._cluster.node import ClusterNode, NodeView
+
+OFF = Error("ERR", "This instance has cluster support disabled (start it with --node-id)")
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _slots(node: ClusterNode) -> list[Any]:
+    """Every owned range, a failed owner's too (as Redis lists a failed master's until
+    its failover): clients keep a map that covers the slots, and a command sent to a
+    node that cannot answer is retried on the map read after the takeover."""
+    out: list[Any] = []
+    for view in node.nodes():
+        host, port = _host_port(view.address)
+        for first, last in view.ranges:
+            out.append([first, last, [host, port, view.id]])
+    out.sort(key=lambda entry: entry[0])
+    return out
+
+
+def _shards(node: ClusterNode) -> list[Any]:
+    out: list[Any] = []
+    for view in node.nodes():
+        host, port = _host_port(view.address)
+        out.append(
+            {
+                "slots": [bound for run in view.ranges for bound in run],
+                "nodes": [
+                    {
+                        "id": view.id,
+                        "port": port,
+                        "ip": host,
+                        "endpoint": host,
+                        "role": "master",
+                        "replication-offset": 0,
+                        "health": "online" if view.live else "failed",
+                    }
+                ],
+            }
+        )
+    return out
+
+
+def _flags(view: NodeView) -> str:
+    flags = ["myself"] if view.myself else []
+    flags.append("master")
+    if not view.live:
+        flags.append("fail")
+    return ",".join(flags)
+
+
+def _nodes(node: ClusterNode) -> str:
+    lines = []
+    for view in node.nodes():
+        host, port = _host_port(view.address)
+        epoch = node.top_epoch if view.myself else 0
+        ranges = " ".join(str(a) if a == b else f"{a}-{b}" for a, b in view.ranges)
+        link = "connected" if view.live else "disconnected"
+        lines.append(
+            f"{view.id} {host}:{port}@{port + 10000} {_flags(view)} - 0"
+            f" {int(view.heartbeat_age * 1000)} {epoch} {link}" + (f" {ranges}" if ranges else "")
+        )
+    return "".join(line + "\n" for line in lines)
+
+
+def info_fields(node: ClusterNode | None) -> dict[str, object]:
+    """INFO's cluster section (``cluster_enabled:0`` without cluster mode, as Redis)."""
+    return {"cluster_enabled": 0} if node is None else _fields(node)
+
+
+def _info(node: ClusterNode) -> str:
+    return "".join(f"{k}:{v}\r\n" for k, v in _fields(node).items())
+
+
+def _fields(node: ClusterNode) -> dict[str, object]:
+    views = node.nodes()
+    live = {v.id for v in views if v.live}
+    assigned = sum(1 for owner in node.owners if owner is not None)
+    served = sum(1 for owner in node.owners if owner is not None and owner in live)
+    fields: dict[str, object] = {
+        "cluster_enabled": 1,
+        "cluster_state": "ok" if served == SLOTS and node.valid() else "fail",
+        "cluster_slots_assigned": assigned,
+        "cluster_slots_ok": served,
+        "cluster_slots_pfail": 0,
+        "cluster_slots_fail": assigned - served,
+        "cluster_known_nodes": len(views),
+        "cluster_size": sum(1 for v in views if v.ranges),
+        "cluster_current_epoch": node.top_epoch,
+        "cluster_my_epoch": node.top_epoch,
+        "tokenpool_node_state": "draining" if node.draining else node.state,
+        "tokenpool_lease_valid": int(node.valid()),
+        "tokenpool_slots_owned": len(node.owned),
+        "tokenpool_slots_served": len(node.serving),
+        "tokenpool_renewals": node.renewals,
+        "tokenpool_renew_failures": node.renew_failures,
+    }
+    return fields
+
+
+@command("CLUSTER", 1, 2, "The cluster's nodes and slots, as Redis Cluster (cluster mode)")
+def _cluster(p: Planner, session: Session, args: list[str]) -> Any:
+    node: ClusterNode | None = p.cluster
+    sub = args[0].upper()
+    if node is None:
+        return OFF
+    if sub == "KEYSLOT" and len(args) == 2:
+        return key_slot(args[1])
+    if len(args) != 1:
+        return Error(
+            "ERR", f"unknown subcommand or wrong number of arguments for 'CLUSTER|{args[0][:20]}'"
+        )
+    if sub == "SLOTS":
+        return _slots(node)
+    if sub == "SHARDS":
+        return _shards(node)
+    if sub == "NODES":
+        return _nodes(node)
+    if sub == "INFO":
+        return _info(node)
+    if sub == "MYID":
+        return node.id
+    if sub == "DRAIN":
+        if p.gate.settings.admin_password is not None and session.client.user != "admin":
+            return Error(
+                "NOPERM",
+                "this command needs the admin user: AUTH admin <password> (--admin-password)",
+            )
+
+        async def run() -> Any:
+            await node.drain()
+            return OK
+
+        return Action(run)
+    return Error(
+        "ERR", f"unknown subcommand or wrong number of arguments for 'CLUSTER|{args[0][:20]}'"
+    )
