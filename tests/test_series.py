@@ -154,3 +154,32 @@ async def test_the_sampler_samples_every_pool_once_a_second(
         waits = [v for v in values["wait"] if v]
         assert 1 == len(waits) and 1.9 < waits[0] < 2.1
         assert ["a", "b"] == book.names()
+
+
+def test_the_series_over_http() -> None:
+    import time
+
+    import httpx
+
+    from tests.test_http import error_of, serving
+
+    with (
+        serving("--dsn", "memory", "--size", "4") as server,
+        httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=10) as api,
+    ):
+        api.post("/api/tokens/activate", json={"user_id": "ann"})
+        deadline = time.monotonic() + 10
+        while True:
+            hour = api.get("/api/series").json()["data"]
+            if 1.0 in hour["values"]["held"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert (1, HOUR) == (hour["step"], len(hour["values"]["held"]))
+        assert set(FIELDS) == set(hour["values"])
+        assert 1.0 in hour["values"]["held"]
+        assert 4.0 == hour["values"]["size"][-1]
+        day = api.get("/api/pools/default/series", params={"window": "day"}).json()["data"]
+        assert (60, DAY) == (day["step"], len(day["values"]["held"]))
+        assert day["start"] % 60 == 0
+        assert (422, "INVALID") == error_of(api.get("/api/series?window=week"))
+        assert (404, "UNKNOWN") == error_of(api.get("/api/pools/nope/series"))

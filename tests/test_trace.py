@@ -190,3 +190,10 @@ def test_a_server_with_an_otlp_endpoint_exports_its_spans() -> None:
     finally:
         collector.shutdown()
         collector.server_close()
+
+
+async def test_a_report_has_its_span_too(spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    async with _servers(tmp_path) as (base, _port, _pools), httpx.AsyncClient() as client:
+        assert 200 == (await client.get(f"{base}/api/analytics/summary")).status_code
+    (report,) = _named(list(spans.get_finished_spans()), "tokenpool.analytics")
+    assert {"tokenpool.pool": "default", "tokenpool.result": "ok"} == dict(report.attributes or {})

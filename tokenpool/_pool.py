@@ -249,10 +249,16 @@ class PoolCore:
             write_lag=writer.write_lag,
         )
 
+    def stats_now(self) -> Stats:
+        """The pool's ``Stats`` now, its store's included (no await; cheaper than
+        ``statistics()``, which sorts the writer's recent lags: the once-a-second sampler
+        of the series reads this)."""
+        state = self.actor.state
+        return self.with_store(GetStats().apply(state, state.now))
+
     def statistics(self) -> PoolStatistics:
         """Every figure of the pool, its actor and its writer (no await: a snapshot now)."""
-        state = self.actor.state
-        stats = self.with_store(GetStats().apply(state, state.now))
+        stats = self.stats_now()
         events = self.hub.statistics()
         return PoolStatistics(
             name=self.name,

@@ -321,10 +321,10 @@ class Sampler:
             if i and i % self.YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             try:
-                figures = pools.core(name).statistics()
+                core = pools.core(name)
             except LookupError:
                 continue  # dropped meanwhile
-            stats, actor = figures.stats, figures.actor
+            stats, actor = core.stats_now(), core.actor.statistics()
             self.book.of(name).sample(
                 t,
                 Figures(
@@ -402,7 +402,7 @@ def store_backfill(pools: Pools) -> Backfill:
 
     async def backfill(name: str, now: int) -> tuple[Rows, Rows]:
         analyst = pools.analyst()
-        stats = pools.core(name).statistics().stats
+        stats = pools.core(name).stats_now()
         out = []
         for step, periods in ((1, HOUR), (60, DAY)):
             last = now // step

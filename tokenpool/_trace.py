@@ -91,7 +91,8 @@ def start_commands(pool: str, requests: Sequence[Any]) -> list[Span]:
     spans = []
     for request in requests:
         span = t.start_span(f"tokenpool.{request.name}")
-        span.set_attribute("tokenpool.pool", pool)
+        if pool:
+            span.set_attribute("tokenpool.pool", pool)
         user = getattr(request, "user_id", None)
         if isinstance(user, str):
             span.set_attribute("user.id", user)

@@ -113,7 +113,7 @@ class Series(Request):
         except NotKeptError:
             if self.pool not in pools.names()[: book.limit]:
                 raise
-            kept = PoolSeries()  # served, not sampled yet (the first second): an empty window
+            kept = PoolSeries()  # served, not sampled yet (the server just started): all gaps
         return json_window(self.pool, kept.window(self.window, int(time.time())))
 
 
