@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -120,6 +121,12 @@ def test_analytics_over_http_as_json_and_csv(tmp_path: object) -> None:
             for user in ("=cmd", "bob", "carol"):
                 api.post("/api/tokens/activate", json={"user_id": user})
             api.post("/api/tokens/clear")
+            deadline = time.monotonic() + 20  # the store is written behind: wait for the 3
+            while time.monotonic() < deadline:
+                summary = api.get("/api/analytics/summary").json()["data"]["rows"][0]
+                if summary["leases"] == 3:
+                    break
+                time.sleep(0.05)
             body = api.get("/api/analytics/users", params={"limit": 2}).json()["data"]
             assert 2 == len(body["rows"]) and 2 == body["next_cursor"]
             assert {"user_id", "leases", "evicted"} <= set(body["columns"])
@@ -217,10 +224,16 @@ def test_reports_and_series_on_resp_and_through_http_workers(
         for user in ("ann", "ben", "cat"):
             client.execute_command("TP.ACTIVATE", "default", user)
         client.execute_command("TP.CLEAR", "default")
-        summary = json.loads(
-            client.execute_command("TP.REPORT", "default", "summary", "SINCE", "0")
-        )
-        row = dict(zip(summary["columns"], summary["rows"][0], strict=True))
+        # Reports read the store, written behind: ask until the three ended leases are in.
+        deadline = time.monotonic() + 20
+        while True:
+            summary = json.loads(
+                client.execute_command("TP.REPORT", "default", "summary", "SINCE", "0")
+            )
+            row = dict(zip(summary["columns"], summary["rows"][0], strict=True))
+            if row["leases"] == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert 3 == row["leases"] and 1 == row["evicted"] and 2 == row["cleared"]
         users = json.loads(
             client.execute_command("TP.REPORT", "default", "USERS", "SINCE", "0", "LIMIT", "2")
