@@ -326,6 +326,30 @@ def test_drain_gives_every_slot_to_the_other_nodes(pg_url: str) -> None:
             assert alice["id"] == fields(r.execute_command("TP.LEASE", pool, "alice"))["id"]
 
 
+def test_sigterm_hands_the_slots_over_and_exits_0(pg_url: str) -> None:
+    """A node stopped normally (SIGTERM) drains (its pools written, then released),
+    leaves the cluster and exits 0; the others serve its pools at once, with no wait
+    for its lease to run out."""
+    with cluster(pg_url, 2) as nodes:
+        pool = "printers"
+        home = owner(nodes, pool)
+        other = next(n for n in nodes if n is not home)
+        with home.client() as r:
+            r.execute_command("POOL", "CREATE", pool, "SIZE", 2, "TTL", 600)
+            alice = fields(r.execute_command("TP.ACTIVATE", pool, "alice"))
+        assert home.process is not None
+        stopped = time.monotonic()
+        assert 0 == home.process.stop()
+        assert any(e.get("event") == "cluster_left" for e in home.process.log)
+        with other.client() as r:
+            lease = eventually(
+                lambda: fields(r.execute_command("TP.LEASE", pool, "alice")), 10, "served"
+            )
+        assert alice["id"] == lease["id"]
+        assert time.monotonic() - stopped < VALIDITY + 2 * RENEW
+        assert str(SLOTS) == other.info()["tokenpool_slots_served"]
+
+
 def test_cluster_commands_say_cluster_mode_is_off_without_a_node_id(tmp_path: Any) -> None:
     server = start("--dsn", "memory")
     try:
