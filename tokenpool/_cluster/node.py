@@ -378,10 +378,11 @@ class ClusterNode:
 
     async def _close_all(self) -> None:
         """The lease ran out: stop serving everything and close every pool (what they
-        have pending is written if the store still takes it from us)."""
+        have pending is written if the store still takes it from us, without waiting
+        for it: the database may be down)."""
         self.serving.clear()
         for name in self.pools.names():
-            await self.pools.release(name)
+            await self.pools.release(name, wait=False)
         self.owned.clear()
         self.owners = [None if o == self.id else o for o in self.owners]
         self.version = -1
