@@ -21,6 +21,7 @@ import trio
 from redis.exceptions import ClusterDownError, MovedError, RedisClusterException, TryAgainError
 
 import tokenpool
+from tests.chaos.cluster import Cluster
 from tests.chaos.runs import _overlaps
 from tests.chaos.server import Process, free_port, start, stored_leases
 from tokenpool._cli import main
@@ -348,6 +349,36 @@ def test_sigterm_hands_the_slots_over_and_exits_0(pg_url: str) -> None:
         assert alice["id"] == lease["id"]
         assert time.monotonic() - stopped < VALIDITY + 2 * RENEW
         assert str(SLOTS) == other.info()["tokenpool_slots_served"]
+
+
+def test_a_cluster_that_loses_its_database_stops_then_serves_again(
+    pg_cluster: Cluster, cluster_url: str
+) -> None:
+    """PostgreSQL stopped: past the validity no node serves (no lease can be shown, so
+    none grants or vouches); started again: the nodes join again as new incarnations,
+    take the slots over and serve the pools recovered from the store."""
+    with cluster(cluster_url, 2, "--write-timeout", "1") as nodes:
+        pool = "badges"
+        home = owner(nodes, pool)
+        with home.client() as r:
+            r.execute_command("POOL", "CREATE", pool, "SIZE", 2, "TTL", 600)
+            alice = fields(r.execute_command("TP.ACTIVATE", pool, "alice"))
+        pg_cluster.stop("immediate")
+        try:
+            time.sleep(VALIDITY + 0.5)
+            for node in nodes:
+                with node.client() as r:
+                    for ask in (("TP.LEASE", pool, "alice"), ("TP.ACTIVATE", pool, "bob")):
+                        with pytest.raises(redis.ResponseError):
+                            r.execute_command(*ask)
+        finally:
+            pg_cluster.start()
+
+        def served() -> dict[str, str] | None:
+            with owner(nodes, pool).client() as r:
+                return fields(r.execute_command("TP.LEASE", pool, "alice"))
+
+        assert alice["id"] == eventually(served, 30, "served again")["id"]
 
 
 def test_cluster_commands_say_cluster_mode_is_off_without_a_node_id(tmp_path: Any) -> None:
