@@ -15,7 +15,7 @@ import time
 from uuid import uuid4
 
 from tokenpool._model import END, GRANT
-from tokenpool._store import Batch, open_store
+from tokenpool._store import Batch, SlotTokens, open_store
 
 from ._measure import Figure
 from ._services import pg_schema, store_url
@@ -38,11 +38,11 @@ def _rows_per_second(url: str, rows: int) -> float:
         }
         snapshot = store.open_pool("rows", settings, True)
         pool_id = snapshot.pool_id
-        tokens = {slot: token for slot, (token, _) in enumerate(snapshot.tokens)}
-        if not tokens:  # a new pool: its tokens come as ADD records, as the server sends
-            tokens = {slot: str(uuid4()) for slot in range(SIZE)}
+        tokens = SlotTokens(token for token, _ in snapshot.tokens)
+        if not len(tokens):  # a new pool: its tokens come as ADD records, as the server sends
+            tokens = SlotTokens(str(uuid4()) for _ in range(SIZE))
             add = Batch()
-            add.tokens_added = [(slot, token, 1) for slot, token in tokens.items()]
+            add.tokens_added = [(slot, tokens[slot], 1) for slot in range(len(tokens))]
             add.records = 1
             add.revision = 1
             store.write(pool_id, add, tokens, False)

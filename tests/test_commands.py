@@ -38,6 +38,7 @@ DOCUMENTED = {
     "NOPERM",
     "EXECABORT",
     "CROSSSLOT",
+    "NOTKEPT",
 }
 # Commands whose effect is on the connection or the set of pools, not the pool's state.
 CONNECTION = {"AUTH", "HELLO", "QUIT", "RESET", "CLIENT", "SELECT", "MULTI", "EXEC", "DISCARD"}

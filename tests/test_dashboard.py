@@ -3,7 +3,9 @@ and the live API against its own OpenAPI document (schemathesis)."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,3 +130,128 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_the_schema()
             },
         )
         assert 0 == out.returncode, out.stdout[-6000:] + out.stderr[-2000:]
+
+
+def _an_hour_of_history(path: Path, size: int) -> tuple[int, list[str]]:
+    """The SQLite store of pool ``default`` (``size`` tokens) with an hour of ended leases
+    written straight into its history, as a busy hour leaves it: each second a few leases
+    start (more at the top of a wave), each held 5 to 24 s, ending expired, evicted or
+    released. Returns how many, and the users."""
+    import sqlite3
+    import uuid
+
+    import trio
+
+    import tokenpool
+
+    async def create() -> None:
+        async with tokenpool.open_pool(size=size, ttl=60, store=f"sqlite:///{path}"):
+            pass
+
+    trio.run(create)
+    now = int(time.time())
+    conn = sqlite3.connect(path)
+    (pool_id, revision) = conn.execute("SELECT id, revision FROM pools").fetchone()
+    tokens = [r[0] for r in conn.execute("SELECT no FROM tokens WHERE pool_id = ?", (pool_id,))]
+    rows = []
+    users = [f"user-{i:03d}" for i in range(60)]
+    reasons = ("expired", "evicted", "released")
+    n = 0
+    for second in range(now - 3600, now - 30):
+        wave = 1 + int(1.5 * (1 + math.sin((second % 1200) / 1200 * 2 * math.pi)))
+        for k in range((second % 3 == 0) + wave - 1):
+            hold = 5 + (second * 7 + k * 13) % 20
+            revision += 1
+            rows.append(
+                (
+                    pool_id,
+                    revision,
+                    str(uuid.uuid4()),
+                    tokens[n % len(tokens)],
+                    revision,
+                    second * 1_000_000,
+                    (second + hold) * 1_000_000,
+                    reasons[(second + k) % 3],
+                    users[(second * 3 + k) % len(users)],
+                )
+            )
+            n += 1
+    with conn:
+        conn.executemany("INSERT INTO token_usage_history VALUES (?,?,?,?,?,?,?,?,?)", rows)
+        conn.execute(
+            "UPDATE pools SET revision = ?, clock_us = ?",
+            (revision, max(r[6] for r in rows)),
+        )
+    conn.close()
+    return len(rows), users
+
+
+def _path_points(d: str) -> list[tuple[int, float]]:
+    return [(int(x), float(y)) for x, y in re.findall(r"[ML](\d+) ([\d.]+)", d)]
+
+
+def test_the_charts_draw_the_figures_the_series_api_returns(tmp_path: Path) -> None:
+    """An hour of history in the store: the server rebuilds its series from it; the page's
+    charts, read back from their SVG paths, hold the API's figures second by second; the
+    usage panel counts the API's leases; a user found shows its history."""
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    leases, users = _an_hour_of_history(tmp_path / "hour.db", 50)
+    with serving("--dsn", f"sqlite:///{tmp_path}/hour.db", "--size", "50") as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        api = httpx.Client(base_url=base, timeout=10)
+        for i in range(3):  # and a few live leases
+            api.post("/api/tokens/activate", json={"user_id": f"live-{i}"})
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(base + "/")
+            # the series are rebuilt from the store in the background: wait for the hour
+            page.wait_for_function(
+                "(document.querySelector('[data-chart=events] path[data-field=grants]')"
+                "?.getAttribute('d') || '').split('L').length > 3000",
+                timeout=20_000,
+            )
+            page.wait_for_selector("[data-usage=summary] [data-leases]", timeout=10_000)
+            drawn = page.evaluate(
+                """() => Object.fromEntries([...document.querySelectorAll('.chart svg')].map(
+                    (svg) => [svg.parentElement.dataset.chart, {
+                        max: Number(svg.dataset.max), start: Number(svg.dataset.start),
+                        paths: Object.fromEntries([...svg.querySelectorAll('path')].map(
+                            (p) => [p.dataset.field, p.getAttribute('d')]))}]))"""
+            )
+            served = api.get("/api/series").json()["data"]
+            compared = 0
+            for chart in drawn.values():
+                offset = chart["start"] - served["start"]
+                for field, d in chart["paths"].items():
+                    for x, y in _path_points(d):
+                        if x + offset < 0:
+                            continue  # out of the API's window by the time it was asked
+                        expected = served["values"][field][x + offset]
+                        shown = (100 - y) / 100 * chart["max"]
+                        assert expected is not None
+                        assert abs(expected - shown) <= chart["max"] * 1e-4 + 1e-3, (field, x)
+                        compared += 1
+            assert compared > 3 * 3000
+            grants = [v for v in served["values"]["grants"] if v]
+            # the history (less its first seconds, out of the window by now) and the live ones
+            assert leases * 0.97 <= sum(grants) <= leases + 3
+            summary = api.get("/api/analytics/summary").json()["data"]["rows"][0]
+            shown_leases = page.inner_text("[data-usage=summary] [data-leases]")
+            assert f"{summary['leases']:,}" == shown_leases
+            page.fill("#find input", users[5])
+            page.press("#find input", "Enter")
+            page.wait_for_selector(".found tr[data-lease]", timeout=10_000)
+            assert 20 == page.locator(".found tr[data-lease]").count()  # a page of 20
+            page.click(".found [data-more]")
+            page.wait_for_function(
+                "document.querySelectorAll('.found tr[data-lease]').length > 20", timeout=10_000
+            )
+            page.fill("#find input", "")
+            page.press("#find input", "Enter")
+            docs = ROOT / "docs"
+            page.screenshot(path=str(docs / "dashboard-charts.png"), full_page=True)
+            browser.close()
+        api.close()

@@ -37,7 +37,7 @@ from tokenpool._model import (
 )
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
-from tokenpool._store import Batch, open_store
+from tokenpool._store import Batch, SlotTokens, open_store
 
 from .dbutil import query
 from .strategies import CountingIds
@@ -120,7 +120,7 @@ def test_a_retry_after_a_commit_whose_ack_was_lost_clears_what_it_ends(pg_url: s
         lease = state.activate("a", now)
         first = list(state.changes)
         state.changes = []
-        tokens = {slot: token for slot, token, _ in state.slots()}
+        tokens = SlotTokens(token for _, token, _ in sorted(state.slots()))
         batch = Batch()
         batch.add(first, state.counters(), now)
         store.write(snapshot.pool_id, batch, tokens, False)  # committed; the ack "lost"
@@ -241,14 +241,15 @@ async def test_sync_mode_answers_unavailable_in_time_and_recovers(
     async with tokenpool.open_pool(
         size=5, store=cluster_url, durability="sync", write_timeout=1
     ) as pool:
-        await pool.activate("before")
+        before = await pool.activate("before")
         await trio.to_thread.run_sync(pg_cluster.stop, "immediate")
         started = trio.current_time()
-        with pytest.raises(tokenpool.UnavailableError, match="in time"):
+        # The write misses its deadline ("in time"), or, when stopping the database took
+        # long enough on a loaded machine, the last proof of ownership ran out first:
+        # both are the truthful refusal, and neither may take longer than the deadline.
+        with pytest.raises(tokenpool.UnavailableError, match=r"in time|still owns"):
             await pool.activate("during")
         assert trio.current_time() - started < 1 + 1 + 0.5  # write_timeout + client slack
-        assert "before" == (await pool.lease_of("before")).user_id  # type: ignore[union-attr]
-        assert await pool.lease_of("during") is None  # the unconfirmed grant was released
         await trio.to_thread.run_sync(pg_cluster.start)
         with trio.fail_after(20):
             while True:
@@ -257,6 +258,8 @@ async def test_sync_mode_answers_unavailable_in_time_and_recovers(
                     break
                 except tokenpool.UnavailableError:
                     await trio.sleep(0.1)
+        assert before == await pool.lease_of("before")  # kept through the outage
+        assert await pool.lease_of("during") is None  # the unconfirmed grant was released
         await assert_store_matches(pool, cluster_url)
 
 

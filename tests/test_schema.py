@@ -49,3 +49,19 @@ async def test_the_schema_takes_every_policy_and_reason_and_nothing_else(store_u
     else:
         (row,) = query(store_url, "SELECT enum_range(NULL::expiration_reason)::text")
         assert {r.value for r in Reason} == set(row[0].strip("{}").split(","))
+
+
+async def test_the_history_is_indexed_by_pool_and_end_time_for_the_analytics(
+    store_url: str,
+) -> None:
+    await _created(store_url)
+    if store_url.startswith("sqlite"):
+        columns = [r[2] for r in query(store_url, "PRAGMA index_info(history_by_end)")]
+        assert ["pool_id", "ended_us"] == columns
+    else:
+        (row,) = query(
+            store_url,
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'history_by_end'"
+            " AND schemaname = current_schema()",
+        )
+        assert row[0].endswith("(pool_id, ended_at)")

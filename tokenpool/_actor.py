@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from time import perf_counter
+from time import perf_counter, time_ns
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
 
+from . import _trace
 from ._errors import InvalidArgumentError, TokenPoolError, UnavailableError
 from ._log import get_logger
 from ._model import FENCE, GRANT, ID, KIND, SLOT, LeaseRecord, Record, is_lease
@@ -61,9 +62,20 @@ class Request:
     switch, and its abort hook implements the cancellation rule above.
     """
 
-    __slots__ = ("actor", "changed", "grants", "ops", "results", "state", "task", "wait_index")
+    __slots__ = (
+        "actor",
+        "changed",
+        "grants",
+        "ops",
+        "results",
+        "state",
+        "task",
+        "trace",
+        "wait_index",
+    )
 
     def __init__(self, ops: Sequence[Op], actor: Actor | None = None) -> None:
+        self.trace: list[Any] | None = None  # the span contexts of its commands (_trace)
         self.ops = ops
         self.results: list[object] = []
         self.state = QUEUED
@@ -155,6 +167,9 @@ class Writer(Protocol):
     ) -> int | None:
         """Queue one batch's changes; its sequence number, or None when the store is lost."""
 
+    def traced(self, seq: int, context: Any) -> None:
+        """The span context of the actor batch that submitted ``seq`` (``_trace``)."""
+
 
 @attrs.frozen
 class ActorStatistics:
@@ -166,6 +181,8 @@ class ActorStatistics:
     waiting: int
     history_in_memory: int
     deadlines: int
+    wait_grants: int = 0  # tokens granted to a caller that waited, and their total wait
+    waited_us: int = 0
 
 
 class Actor:
@@ -182,7 +199,9 @@ class Actor:
         queue_size: int = 4096,
         publish: Callable[[list[Record]], None] | None = None,
         write_timeout: float = 5.0,
+        name: str = "",
     ) -> None:
+        self.name = name  # the pool's, for its spans
         self.state = state
         self.write_timeout = write_timeout
         # sync callers waiting for their batch to commit, oldest first:
@@ -205,9 +224,11 @@ class Actor:
         self.batches = 0
         self.requests = 0
 
-    async def call(self, ops: Sequence[Op]) -> list[object]:
-        """Apply ``ops`` in one message; return a result or an error per op."""
+    async def call(self, ops: Sequence[Op], trace: list[Any] | None = None) -> list[object]:
+        """Apply ``ops`` in one message; return a result or an error per op. ``trace``:
+        the span contexts of the commands they carry, linked from the batch's span."""
         request = Request(ops, self)
+        request.trace = trace
         try:
             try:
                 self.send.send_nowait(request)
@@ -382,7 +403,10 @@ class Actor:
                     self._apply(batch, now)
                 self.batches += 1
                 self.requests += len(batch)
-                self._deliver(batch, now)
+                if _trace.on:
+                    self._traced(batch, now, started)
+                else:
+                    self._deliver(batch, now)
                 if self.on_batch is not None:
                     self.on_batch(perf_counter() - started)
         finally:
@@ -461,6 +485,21 @@ class Actor:
                 request.changed = True
                 request.grants = [c for c in changes[mark:] if c[KIND] == GRANT]
             request.state = WAITING_TOKEN if request.wait_index >= 0 else APPLIED
+
+    def _traced(self, batch: list[Request], now: int, started: float) -> None:
+        """``_deliver``, and the batch's span: linked to its commands' spans, and handed
+        to the writer with the batch's changes (the store batch links to it)."""
+        start_ns = time_ns() - int((perf_counter() - started) * 1e9)
+        writer = self.writer
+        last_seq = writer.last_seq if writer is not None else 0
+        changes = len(self.state.changes)
+        self._deliver(batch, now)
+        links = [c for request in batch if request.trace for c in request.trace]
+        if not links:
+            return
+        context = _trace.actor_batch(self.name, links, start_ns, len(batch), changes)
+        if writer is not None and writer.last_seq != last_seq:
+            writer.traced(writer.last_seq, context)
 
     def _woken(self) -> list[Request]:
         """Callers a freed token (or a run-out wait) answered in this batch."""
@@ -561,6 +600,8 @@ class Actor:
             waiting=self.state.waiting,
             history_in_memory=state["history_in_memory"],
             deadlines=state["deadlines"],
+            wait_grants=self.state.wait_grants,
+            waited_us=self.state.waited_us,
         )
 
 

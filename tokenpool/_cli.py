@@ -32,7 +32,7 @@ import attrs
 import structlog
 import trio
 
-from . import __version__
+from . import __version__, _trace
 from ._commands import CommandSettings
 from ._errors import InvalidArgumentError, TokenPoolError, lone_error
 from ._log import get_logger
@@ -46,6 +46,7 @@ from ._settings import (
     CLUSTER_VALIDITY,
     FLUSH_INTERVAL,
     HISTORY_MEMORY,
+    HTTP_WORKERS,
     IDLE_TIMEOUT,
     LOOPBACK_NAMES,
     MAX_BACKLOG,
@@ -237,6 +238,13 @@ OPTIONS = [
         "Host names HTTP answers for, comma-separated ('*': any); default the loopback names"
         " and --http-host",
     ),
+    Option(
+        "http-workers",
+        _ranged(HTTP_WORKERS),
+        0,
+        "HTTP worker processes (uvicorn) reaching the pools over a private socket"
+        " (0: HTTP in this process)",
+    ),
     Option("size", _ranged(SIZE), 100, "tokens in the pool 'default'"),
     Option("ttl", _ranged(TTL), 120.0, "seconds a lease lasts"),
     Option(
@@ -282,6 +290,13 @@ OPTIONS = [
         False,
         "allow a non-loopback host without a password",
         flag=True,
+    ),
+    Option(
+        "otlp-endpoint",
+        _text,
+        None,
+        "export traces by OTLP/HTTP to this collector (http://host:4318); needs tokenpool[otlp]",
+        ("TOKENPOOL_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
     ),
     Option("node-id", _node_id, None, "cluster mode: this node's name (needs a PostgreSQL --dsn)"),
     Option("advertise", _advertise, None, "cluster mode: HOST:PORT clients are sent to"),
@@ -614,6 +629,9 @@ async def serve(config: Config) -> int:
                 f"refusing to listen on {host} ({option}) without --requirepass;"
                 " set a password (TOKENPOOL_PASSWORD) or pass --allow-insecure-bind"
             )
+    if config.otlp_endpoint:
+        _trace.configure(config.otlp_endpoint)  # InvalidArgumentError without the extra
+        log.info("tracing", otlp_endpoint=config.otlp_endpoint)
     store = config.dsn
     max_clients = _raise_fd_limit(config.max_clients, bool(config.http_port), log)
     settings = RespSettings(
@@ -703,7 +721,12 @@ async def serve(config: Config) -> int:
             outer.start_soon(watch_signals)
             outer.start_soon(pauses.heartbeat)
             http_done = trio.Event()
-            if http is not None:
+            workers = None
+            if http is not None and config.http_workers:
+                workers = await _start_http_workers(
+                    outer, http, config, grace, http_stop, http_done
+                )
+            elif http is not None:
                 await _start_http(outer, http, http_stop, http_done)
             else:
                 http_done.set()
@@ -739,6 +762,7 @@ async def serve(config: Config) -> int:
                 if http is not None:
                     http.attach(server.commands, server)
                 served = trio.Event()
+                link = None if workers is None else workers.link_server(server, settings)
 
                 async def run_server(*, task_status: trio.TaskStatus[list[int]]) -> None:
                     try:
@@ -747,6 +771,8 @@ async def serve(config: Config) -> int:
                         served.set()
 
                 async with trio.open_nursery() as nursery:
+                    if link is not None:  # before the port: workers reach the pools at once
+                        await nursery.start(link.serve)
                     try:
                         ports = await nursery.start(run_server)
                     except BaseException as raised:
@@ -755,6 +781,8 @@ async def serve(config: Config) -> int:
                             raise failure from None
                         raise
                     shown["port"] = str(ports[0])
+                    if http is not None:
+                        nursery.start_soon(http.sample)  # the series of /api/.../series
                     if node is not None:
                         node.advertise(config.host, ports[0])
                         await nursery.start(node.run)
@@ -772,6 +800,9 @@ async def serve(config: Config) -> int:
                     # Busy connections finish their pipeline; none may take longer than
                     # the grace, and a second signal ends it at once.
                     await _wait_bounded(served, hurry, grace)
+                    if link is not None:  # the workers finish their requests through it
+                        await _wait_bounded(http_done, hurry, grace + 1)
+                        link.shutdown()
                     nursery.cancel_scope.cancel()
                 await _wait_bounded(http_done, hurry, grace)
             # The store is closed and what it lost counted: the exit status is known.
@@ -790,6 +821,8 @@ async def serve(config: Config) -> int:
                 # hold the process forever. Nothing is left to write: exit regardless.
                 trio.lowlevel.spawn_system_task(_exit_after, log, HURRY_SECONDS, code)
             outer.cancel_scope.cancel()
+    if _trace.on:
+        _trace.disable()  # exports what is left
     return code
 
 
@@ -864,6 +897,50 @@ async def _start_http(
         raise InvalidArgumentError(
             f"cannot listen for HTTP on {s.host}:{s.port}: {failure.strerror or failure}"
         ) from None
+
+
+async def _start_http_workers(
+    nursery: trio.Nursery,
+    app: HttpApp,
+    config: Config,
+    grace: float,
+    stop: trio.Event,
+    done: trio.Event,
+) -> Any:
+    """Bind the HTTP port and start ``--http-workers`` processes on it (they answer 503
+    until the pools are recovered and the link to them is served)."""
+    from ._http.supervisor import HttpWorkers
+
+    s = app.settings
+    try:
+        workers = HttpWorkers(
+            app,
+            config.http_workers,
+            grace=grace,
+            default_pool=config.name,
+            max_clients=config.max_clients,
+            log_level=config.log_level,
+            log_format=config.log_format,
+        )
+    except OSError as failure:
+        if failure.errno == errno.EADDRINUSE:
+            raise InvalidArgumentError(
+                f"HTTP port {s.port} on {s.host} is in use; pass --http-port (0 turns HTTP off)"
+            ) from None
+        raise InvalidArgumentError(
+            f"cannot listen for HTTP on {s.host}:{s.port}: {failure.strerror or failure}"
+        ) from None
+
+    async def run() -> None:
+        try:
+            await workers.run(stop)
+        finally:
+            done.set()
+
+    nursery.start_soon(run)
+    with trio.move_on_after(30):  # as in-process HTTP: serving before the pools recover
+        await workers.ready.wait()
+    return workers
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

@@ -109,6 +109,13 @@ class CompactedError(TokenPoolError):
         self.oldest = oldest
 
 
+class NotKeptError(TokenPoolError, LookupError):
+    """What was asked for is not kept here: usage analytics of a memory-only server (it
+    keeps no history), or the series of a pool past the ones sampled."""
+
+    code = "NOTKEPT"
+
+
 class NoPermError(TokenPoolError):
     """The client is authenticated but may not run this command (admin commands)."""
 
@@ -166,4 +173,5 @@ TryAgain = TryAgainError
 ClusterDown = ClusterDownError
 Compacted = CompactedError
 Unreachable = UnreachableError
+NotKept = NotKeptError
 LeaseLost = LeaseLostError

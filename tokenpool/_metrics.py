@@ -35,6 +35,9 @@ METRICS_POOLS = 100
 """Pools with per-pool series in one scrape (the largest); the rest are counted only."""
 METRICS_CACHE = 1.0
 """Seconds a rendered scrape is served again to the next scrapers."""
+METRICS_FRESH = 0.05
+"""The same, after an HTTP worker's report came with its scrape (so a client sees its
+own requests counted): still at most 20 renders a second, however many scrape."""
 
 BOUNDS = (
     0.0001,
@@ -69,6 +72,8 @@ class Latencies:
         self.pauses = pauses or Pauses()
         self._series: dict[tuple[str, str], list[float]] = {}
         self._by_name: dict[str, list[float]] = {}  # RESP: a command as sent -> its series
+        # Series kept elsewhere and shown here too (the HTTP workers' latencies, summed)
+        self.remote: Callable[[], dict[tuple[str, str], list[float]]] | None = None
 
     def observe(self, transport: str, command: str, seconds: float, count: int = 1) -> None:
         key = (transport, command)
@@ -101,10 +106,22 @@ class Latencies:
             series[index] += 1
             series[-1] += seconds
 
+    def series(self, transport: str) -> dict[str, list[float]]:
+        """One transport's series as they are (bucket counts, +Inf, sum), by command:
+        what an HTTP worker reports to its server."""
+        return {c: list(v) for (t, c), v in self._series.items() if t == transport}
+
     def snapshot(self) -> list[tuple[str, str, list[float], float]]:
         """(transport, command, cumulative counts per bound and +Inf, sum) per series."""
         out = []
-        for (transport, command), series in sorted(self._series.items()):
+        merged = self._series
+        if self.remote is not None:
+            merged = {k: list(v) for k, v in self._series.items()}
+            for key, series in self.remote().items():
+                mine = merged.setdefault(key, [0.0] * (len(BOUNDS) + 2))
+                for i, count in enumerate(series[: len(mine)]):
+                    mine[i] += count
+        for (transport, command), series in sorted(merged.items()):
             cumulative = []
             total = 0.0
             for count in series[:-1]:
@@ -300,14 +317,14 @@ class TokenpoolCollector(Collector):
 _rendered: weakref.WeakKeyDictionary[Any, tuple[float, bytes]] = weakref.WeakKeyDictionary()
 
 
-def render(registry: Any) -> bytes:
-    """The registry's text, rendered at most once per ``METRICS_CACHE`` seconds: however
+def render(registry: Any, max_age: float = METRICS_CACHE) -> bytes:
+    """The registry's text, rendered at most once per ``max_age`` seconds: however
     many scrape at once, they share one render."""
     from prometheus_client import generate_latest
 
     now = time.monotonic()
     cached = _rendered.get(registry)
-    if cached is not None and now - cached[0] < METRICS_CACHE:
+    if cached is not None and now - cached[0] < max_age:
         return cached[1]
     data: bytes = generate_latest(registry)
     _rendered[registry] = (now, data)

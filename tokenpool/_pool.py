@@ -21,6 +21,7 @@ from ._clock import Clock
 from ._errors import (
     ExistsError,
     InvalidArgumentError,
+    NotKeptError,
     TokenPoolError,
     UnavailableError,
     UnknownPoolError,
@@ -89,6 +90,7 @@ from ._store import (
     check_store_url,
     open_reader,
 )
+from ._store.analytics import Analyst, open_analyst
 from ._store.link import StoreLink
 from ._writer import Writer, WriterStatistics
 
@@ -174,9 +176,10 @@ class PoolCore:
     def size(self) -> int:
         return self.actor.state.size
 
-    async def call(self, ops: Sequence[Op]) -> list[object]:
-        """Apply ``ops`` in one actor batch: a result (the state's own value) or an error each."""
-        return await self.actor.call(ops)
+    async def call(self, ops: Sequence[Op], trace: list[Any] | None = None) -> list[object]:
+        """Apply ``ops`` in one actor batch: a result (the state's own value) or an error
+        each. ``trace``: the span contexts of the commands they carry (``_trace``)."""
+        return await self.actor.call(ops, trace)
 
     async def one(self, op: Op, *, last: bool = False) -> Any:
         """Apply one op; ``last``: as the actor's last message (nothing sent later is
@@ -246,10 +249,16 @@ class PoolCore:
             write_lag=writer.write_lag,
         )
 
+    def stats_now(self) -> Stats:
+        """The pool's ``Stats`` now, its store's included (no await; cheaper than
+        ``statistics()``, which sorts the writer's recent lags: the once-a-second sampler
+        of the series reads this)."""
+        state = self.actor.state
+        return self.with_store(GetStats().apply(state, state.now))
+
     def statistics(self) -> PoolStatistics:
         """Every figure of the pool, its actor and its writer (no await: a snapshot now)."""
-        state = self.actor.state
-        stats = self.with_store(GetStats().apply(state, state.now))
+        stats = self.stats_now()
         events = self.hub.statistics()
         return PoolStatistics(
             name=self.name,
@@ -551,9 +560,13 @@ class Pools:
         self._done: dict[str, trio.Event] = {}
         self._link: StoreLink | None = None
         self._reader: Reader | None = None
+        self._analyst: Analyst | None = None
         self._lock = trio.Lock()
         self._changed = trio.Event()
         self.lost = 0  # changes not written at shutdown
+        # The per-second and per-minute figures of the pools (``_series.SeriesBook``), while
+        # something samples them (the HTTP side of ``tokenpool serve``); None otherwise.
+        self.series: Any = None
         self._hurry: float | None = None
         self._on_batch: Callable[[float], None] | None = None
         # Cluster mode (set before any pool is served): each pool's writer vouches only
@@ -584,6 +597,18 @@ class Pools:
     @property
     def link(self) -> StoreLink | None:
         return self._link
+
+    def analyst(self) -> Analyst:
+        """The store's usage analytics (its own connection, opened on first use).
+        Raises ``NotKeptError`` when there is no store: memory keeps no history."""
+        if self.store is None:
+            raise NotKeptError(
+                "usage analytics need a store (--dsn postgresql://... or sqlite:///...):"
+                " a memory-only server keeps no history"
+            )
+        if self._analyst is None:
+            self._analyst = open_analyst(self.store)
+        return self._analyst
 
     def names(self) -> list[str]:
         """The names of the pools served, in creation order."""
@@ -772,6 +797,7 @@ class Pools:
             queue_size=c.queue_size,
             publish=hub.publish,
             write_timeout=c.write_timeout,
+            name=name,
         )
         actor.on_batch = self._on_batch
         core = PoolCore(
@@ -879,6 +905,10 @@ class Pools:
             reader, self._reader = self._reader, None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(reader.close)
+        if self._analyst is not None:
+            analyst, self._analyst = self._analyst, None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(analyst.close)
 
 
 RESTORE_BATCH = 1_000

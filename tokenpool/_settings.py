@@ -143,6 +143,8 @@ WAIT: Final = Range("wait", 0.0, MAX_SECONDS, seconds=True)
 HISTORY_LIMIT: Final = Range("limit", 1, 10_000)
 """History entries one page returns."""
 PAGE_COUNT: Final = Range("count", 1, 1_000)
+HTTP_WORKERS: Final = Range("http-workers", 0, 64)
+"""HTTP worker processes (0: HTTP is served in the server's own process)."""
 """Tokens one page of ``tokens_page`` (``TOKENS CURSOR``, ``SCAN``) returns."""
 TOKENS_MAX: Final = 10_000
 CLUSTER_VALIDITY: Final = Range("cluster-validity", 1.0, 600.0, seconds=True)

@@ -45,7 +45,7 @@ from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import compress, islice
+from itertools import compress
 from struct import Struct
 from typing import Any, overload
 
@@ -56,6 +56,7 @@ from ._errors import (
     NotHolderError,
     UnknownTokenError,
 )
+from ._history import EndedLog
 from ._ids import check_user_id, new_id, ordered_ids, uuid_bytes, uuid_text
 from ._model import (
     ADD,
@@ -64,7 +65,6 @@ from ._model import (
     FENCE,
     GRANT,
     ID,
-    REASON,
     RENEW,
     RETIRE,
     REV,
@@ -89,37 +89,6 @@ WAITING = object()
 
 _PACK = Struct("=q").pack  # one revision in a per-slot or per-user index
 _REV_BYTES = 8
-_END_HEAD = Struct("=qqqqiBH")  # revision, fence, start, stop, slot, reason, id length
-_REASONS = tuple(reason.value for reason in Reason)
-_REASON_CODE = {reason: code for code, reason in enumerate(_REASONS)}
-
-
-def _pack_end(ended: EndRecord) -> bytes:
-    """An ended lease as bytes, for the in-memory history (see ``PoolState._ended``)."""
-    lease_id = ended[ID].encode()
-    return (
-        _END_HEAD.pack(
-            ended[REV],
-            ended[FENCE],
-            ended[START],
-            ended[STOP],
-            ended[SLOT],
-            _REASON_CODE[ended[REASON]],
-            len(lease_id),
-        )
-        + lease_id
-        + ended[USER].encode()
-    )
-
-
-def _unpack_end(raw: bytes) -> EndRecord:
-    rev, fence, start, stop, slot, reason, id_length = _END_HEAD.unpack_from(raw)
-    head = _END_HEAD.size
-    lease_id = raw[head : head + id_length].decode()
-    user = raw[head + id_length :].decode()
-    return (END, lease_id, slot, user, fence, start, stop, rev, _REASONS[reason])
-
-
 _LIVE = bytes([1, 0]) + bytes(254)  # retired flag -> "is live", for itertools.compress
 _US = 1_000_000
 
@@ -157,12 +126,13 @@ class Pairs(Sequence[tuple[int, "LeaseRecord | None"]]):
 class Waiter:
     """A caller queued on a full ``wait`` pool. ``ticket`` is the actor's handle on it."""
 
-    __slots__ = ("active", "ticket", "until", "user_id")
+    __slots__ = ("active", "since", "ticket", "until", "user_id")
 
-    def __init__(self, ticket: object, user_id: str, until: int) -> None:
+    def __init__(self, ticket: object, user_id: str, until: int, since: int = 0) -> None:
         self.ticket = ticket
         self.user_id = user_id
         self.until = until
+        self.since = since  # when it was queued: the wait time of the grant it gets
         self.active = True
 
 
@@ -200,12 +170,12 @@ class PoolState:
         self._by_user: dict[str, LeaseRecord] = {}
         # (expires_us, fence, slot, lease_id): live only while that lease is current.
         self._deadlines: list[tuple[int, int, int, str]] = []
-        # Ended leases (bounded): revision -> record packed in bytes, oldest first; and
-        # per slot and per user the revisions of theirs, packed in a bytearray. Bytes,
+        # Ended leases (bounded, packed: see ``_history``), oldest first; and per slot
+        # and per user the revisions of theirs, packed in a bytearray. Bytes,
         # bytearrays and dicts of them are invisible to the cyclic collector: kept as
         # tuples and lists, every full collection walked all 100,000 (9 ms of cache
         # misses, about once a second under load).
-        self._ended: dict[int, bytes] = {}
+        self._ended = EndedLog()
         self._by_slot: dict[int, bytearray] = {}
         self._user_history: dict[str, bytearray] = {}
         self.history_floor = revision + 1  # memory holds every ended lease from here up
@@ -216,6 +186,8 @@ class PoolState:
         self._wait_deadlines: list[tuple[int, int, Waiter]] = []  # compacted as _deadlines
         self._wait_seq = 0
         self.waiting = 0
+        self.wait_grants = 0  # grants made to a queued caller, and their total wait
+        self.waited_us = 0
         self.activations = 0
         self.evictions = 0
         self.expirations = 0
@@ -412,7 +384,7 @@ class PoolState:
                 ADD,
                 self.revision,
                 now,
-                tuple((s, uuid_text(r)) for s, r in zip(slots, raws, strict=True)),
+                (slots[0], b"".join(raws)),
             )
         )
         for slot in slots:
@@ -586,7 +558,7 @@ class PoolState:
             return held
         check_user_id(user_id)
         until = now + max(1, round(wait * _US))
-        waiter = Waiter(ticket, user_id, until)
+        waiter = Waiter(ticket, user_id, until, now)
         self._waiters[ticket] = waiter
         self._wait_seq += 1
         waits = self._wait_deadlines
@@ -782,7 +754,7 @@ class PoolState:
                 stop = bisect_left(revs, cap) if before is not None else len(revs)
                 chosen = revs[max(0, stop - limit) : stop].tolist()
             ended = self._ended
-            page = [_unpack_end(ended[rev]) for rev in reversed(chosen)]
+            page = [ended.get(rev) for rev in reversed(chosen)]
         if len(page) >= limit:
             return page, 0
         lowest = page[-1][REV] if page else cap
@@ -884,6 +856,8 @@ class PoolState:
             self._grant(lease)
             self.changes.append(lease)
             self.woken.append((waiter.ticket, lease))
+            self.wait_grants += 1
+            self.waited_us += now - waiter.since
             return
         self._push_free(slot)
 
@@ -902,10 +876,9 @@ class PoolState:
 
     def _remember(self, ended: EndRecord) -> None:
         self.changes.append(ended)
-        rev = ended[REV]
         history = self._ended
-        history[rev] = _pack_end(ended)
-        packed = _PACK(rev)
+        history.append(ended)
+        packed = _PACK(ended[REV])
         per_slot = self._by_slot.get(ended[SLOT])
         if per_slot is None:
             self._by_slot[ended[SLOT]] = bytearray(packed)
@@ -930,13 +903,10 @@ class PoolState:
         slots: dict[int, int] = {}
         users: dict[str, int] = {}
         last = 0
-        # Revisions only grow, and a dict keeps insertion order: the oldest come first.
-        oldest = list(islice(history, len(history) - self.history_memory))
-        for rev in oldest:
-            ended = _unpack_end(history.pop(rev))
+        for ended in history.drop_oldest(len(history) - self.history_memory):
             slots[ended[SLOT]] = slots.get(ended[SLOT], 0) + _REV_BYTES
             users[ended[USER]] = users.get(ended[USER], 0) + _REV_BYTES
-            last = rev
+            last = ended[REV]
         for slot, n in slots.items():
             entries = self._by_slot[slot]
             del entries[:n]

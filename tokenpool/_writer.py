@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from . import _trace
 from ._errors import UnavailableError
 from ._log import get_logger
 from ._model import Record
@@ -84,9 +85,10 @@ class Link(Protocol):
 
 
 class _Entry:
-    __slots__ = ("last_rev", "records", "seq", "size", "submitted")
+    __slots__ = ("last_rev", "records", "seq", "size", "submitted", "trace")
 
     def __init__(self, seq: int, records: list[Record], submitted: float, last_rev: int) -> None:
+        self.trace: Any = None  # the span context of the actor batch that submitted it
         self.seq = seq
         self.records = records
         self.size = len(records)
@@ -149,6 +151,7 @@ class Writer:
         self._high = False
         self._progress = trio.Event()
         self._last_ack = 0.0
+        self._sent: deque[tuple[int, int]] = deque()  # (last seq, frame bytes), tracing on
 
     # -- the actor's side (no await) --------------------------------------------
 
@@ -260,9 +263,22 @@ class Writer:
             self._clock_us,
         )
 
-    def acknowledged(self, seq: int, written: int) -> None:
+    def traced(self, seq: int, context: Any) -> None:
+        """The span context of the actor batch that submitted ``seq`` (tracing on)."""
+        if self._entries and self._entries[-1].seq == seq:
+            self._entries[-1].trace = context
+
+    def sent(self, seq: int, size: int) -> None:
+        """The link sent the batches up to ``seq`` in a frame of ``size`` bytes (tracing on)."""
+        self._sent.append((seq, size))
+
+    def acknowledged(self, seq: int, written: int, timing: tuple[int, ...] = ()) -> None:
+        """Batches up to ``seq`` committed (``written`` changes); ``timing``: when the
+        transaction began and committed (ns) and its rows, for its span."""
         now = self._last_ack = trio.current_time()
         entries = self._entries
+        if _trace.on and timing:
+            self._trace_commit(seq, written, timing)
         while entries and entries[0].seq <= seq:
             entry = entries.popleft()
             self.backlog -= entry.size
@@ -284,6 +300,15 @@ class Writer:
             self.state = LinkState.UP
         self._drained()
         self._wake()
+
+    def _trace_commit(self, seq: int, written: int, timing: tuple[int, ...]) -> None:
+        links = [e.trace for e in self._entries if e.seq <= seq and e.trace is not None]
+        sent = 0
+        while self._sent and self._sent[0][0] <= seq:
+            sent += self._sent.popleft()[1]
+        if links:
+            began, committed, rows = timing
+            _trace.store_batch(self.name, links, began, committed, rows, sent, written)
 
     def refused(self, seq: int, changes: int, message: str) -> None:
         """The store refused one batch for good: say it loudly, report it by number."""

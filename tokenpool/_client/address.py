@@ -1,7 +1,8 @@
 """Where a client connects, parsed once from its URL.
 
 ``tokenpool://[[user]:password@]host[:port]`` (``redis://`` too, as every Redis client
-writes it); ``tokenpools://`` or ``rediss://`` for TLS. The port defaults to 7379 (the
+writes it); ``tokenpools://`` or ``rediss://`` for TLS; ``unix://[[user]:password@]/path``
+for a Unix socket (as redis-py writes it). The port defaults to 7379 (the
 server's). A password with no user is ``AUTH <password>``; with a user
 (``tokenpool://admin:pw@host``) it is ``AUTH admin pw``, the server's admin user. The
 password is never shown: ``str(address)`` leaves it out.
@@ -19,6 +20,7 @@ from .._errors import InvalidArgumentError
 DEFAULT_PORT: Final = 7379
 _PLAIN: Final = ("tokenpool", "redis")
 _TLS: Final = ("tokenpools", "rediss")
+_UNIX: Final = "unix"
 
 
 @attrs.frozen
@@ -30,6 +32,7 @@ class Address:
     tls: bool = False
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
+    unix: str | None = None  # a Unix socket's path (host and port are then unused)
 
     @classmethod
     def parse(cls, url: str) -> Address:
@@ -39,6 +42,15 @@ class Address:
             port = parts.port
         except ValueError as error:
             raise InvalidArgumentError(f"bad tokenpool URL: {error}") from None
+        if parts.scheme == _UNIX:
+            if not parts.path.startswith("/"):
+                raise InvalidArgumentError("a unix:// URL names a socket's path: unix:///path")
+            return cls(
+                host="localhost",
+                unix=unquote(parts.path),
+                username=unquote(parts.username) if parts.username else None,
+                password=unquote(parts.password) if parts.password is not None else None,
+            )
         if parts.scheme not in _PLAIN + _TLS:
             raise InvalidArgumentError(
                 f"a tokenpool URL starts tokenpool://, tokenpools://, redis:// or rediss://,"
@@ -69,4 +81,6 @@ class Address:
     def __str__(self) -> str:
         scheme = "tokenpools" if self.tls else "tokenpool"
         user = f"{self.username}@" if self.username else ""
+        if self.unix is not None:
+            return f"unix://{user}{self.unix}"
         return f"{scheme}://{user}{self.host}:{self.port}"

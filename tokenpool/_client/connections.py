@@ -85,7 +85,9 @@ class Connections:
         try:
             with anyio.fail_after(self.timeout):
                 stream: anyio.abc.ByteStream
-                if address.tls:
+                if address.unix is not None:
+                    stream = await anyio.connect_unix(address.unix)
+                elif address.tls:
                     stream = await anyio.connect_tcp(
                         address.host,
                         address.port,
@@ -264,7 +266,14 @@ class Connections:
             except UnreachableError as error:
                 raise _NotSent(error) from None
             wait = self.timeout + (blocks or 0.0)
-            return [await _reply(connection, slot, wait) for slot in slots]
+            try:
+                return [await _reply(connection, slot, wait) for slot in slots]
+            except anyio.get_cancelled_exc_class():
+                if blocks is not None:
+                    # a caller that gives up a wait (ACTIVATE ... WAIT) hangs up: the server
+                    # then gives the wait up too, and never grants what nobody awaits
+                    connection.fail("the caller gave up waiting")
+                raise
         finally:
             self.give_back(connection)
 

@@ -39,7 +39,9 @@ class EventStream:
         self._seen_at_last: set[str] = set()  # kinds delivered at revision _last
         self._stream: Any = None
         self._reader: Any = None
-        self._ready: deque[Any] = deque()
+        self._ready: deque[Event] = deque()  # accepted, not delivered yet (next_revision)
+        self._failed: TokenPoolError | None = None  # to raise after what is ready
+        self._waiting: anyio.CancelScope | None = None
         self._ended = False
         self.reconnects = 0  # how many times the subscription was made again
 
@@ -48,42 +50,89 @@ class EventStream:
 
     async def __anext__(self) -> Event:
         while True:
+            if self._ready:
+                event: Event = self._ready.popleft()
+                return event
+            if self._failed is not None:
+                failed, self._failed = self._failed, None
+                raise failed
             if self._ended:
                 raise StopAsyncIteration
             if self._stream is None:
                 await self._subscribe()
             reply = await self._next_reply()
             if reply is None:
-                continue  # the connection broke: subscribe again
-            if not isinstance(reply, list) or len(reply) != 3 or reply[0] != "message":
-                if isinstance(reply, Exception):
-                    raise replies.error_of(reply)
-                continue  # the subscribe confirmation
-            event = replies.event(self._pool.name, reply[2])
-            if isinstance(event, CompactedError):
-                raise event
-            if event.kind == "overflow":
-                self._ended = True
-                return event
-            if event.revision < self._last or (
-                event.revision == self._last and event.kind in self._seen_at_last
-            ):
-                continue  # delivered before the reconnect
-            if event.revision > self._last:
-                self._last = event.revision
-                self._seen_at_last = set()
-            self._seen_at_last.add(event.kind)
+                continue  # the connection broke (subscribe again), or close() was called
+            accepted = self._accept(reply)
+            if accepted is not None:
+                return accepted
+
+    def _accept(self, reply: Any) -> Event | None:
+        """A reply as the next event to deliver, or None (a confirmation, a repeat)."""
+        if not isinstance(reply, list) or len(reply) != 3 or reply[0] != "message":
+            if isinstance(reply, Exception):
+                raise replies.error_of(reply)
+            return None  # the subscribe confirmation
+        event = replies.event(self._pool.name, reply[2])
+        if isinstance(event, CompactedError):
+            raise event
+        if event.kind == "overflow":
+            self._ended = True
             return event
+        if event.revision < self._last or (
+            event.revision == self._last and event.kind in self._seen_at_last
+        ):
+            return None  # delivered before the reconnect
+        if event.revision > self._last:
+            self._last = event.revision
+            self._seen_at_last = set()
+        self._seen_at_last.add(event.kind)
+        return event
+
+    def next_revision(self) -> int | None:
+        """The revision of the next event if it has arrived already (``None`` if not): an
+        eviction's ``ended`` and ``granted`` share one, and come in one message burst."""
+        if not self._ready and self._reader is not None and self._failed is None:
+            try:
+                while (reply := self._reader.gets()) is not False:
+                    accepted = self._accept(reply)
+                    if accepted is not None:
+                        self._ready.append(accepted)
+                        break
+            except TokenPoolError as error:
+                self._failed = error
+        return self._ready[0].revision if self._ready else None
+
+    async def wait_next_revision(self, seconds: float) -> int | None:
+        """``next_revision``, waiting up to ``seconds`` for the next event to arrive."""
+        with anyio.move_on_after(seconds):
+            while self.next_revision() is None and not self._ended and self._stream is not None:
+                try:
+                    data = await self._stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    break  # the next __anext__ sees it again, and reconnects
+                self._reader.feed(data)
+        return self.next_revision()
+
+    def close(self) -> None:
+        """Stop: the stream ends (a wait for the next event ends at once)."""
+        self._ended = True
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def _next_reply(self) -> Any:
         while True:
             reply = self._reader.gets()
             if reply is not False:
                 return reply
-            try:
-                data = await self._stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                await self._drop()
+            with anyio.CancelScope() as self._waiting:
+                try:
+                    data = await self._stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    await self._drop()
+                    return None
+            self._waiting = None
+            if self._ended:
                 return None
             self._reader.feed(data)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .. import _trace
 from ._base import ITEM_COST, SMALL_COST, PoolRequest, Request
 from .connection import BusyError, Client, CommandSettings, Gate, NoAuthError, WrongPassError
 from .history import History, UserHistory
@@ -58,6 +59,15 @@ class Commands:
                 raise result
             if request.completes:
                 result = await request.complete(core, result)
+            return result
+        if _trace.on:  # a pool's creation, a report...: a span of its own
+            (span,) = _trace.start_commands(getattr(request, "pool", ""), [request])
+            try:
+                result = await request.run(self.pools, client)
+            except BaseException as error:
+                _trace.end_commands([span], [error])
+                raise
+            _trace.end_commands([span], [result])
             return result
         return await request.run(self.pools, client)
 

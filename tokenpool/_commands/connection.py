@@ -125,10 +125,11 @@ class Gate:
             return "default"
         return None
 
-    async def authenticate(self, client: Client, user: str | None, password: str) -> None:
-        """``AUTH [user] password`` (``user`` None: a bearer, either user's password).
-
-        Raises ``WrongPassError`` after ``auth_delay`` for a wrong one (counted once)."""
+    def check_password(self, client: Client, user: str | None, password: str) -> None:
+        """``AUTH [user] password`` (``user`` None: a bearer, either user's password),
+        without the delay: raises ``WrongPassError`` at once for a wrong one (counted
+        once, the address's budget spent). The HTTP workers' ``VIA`` uses it, and the
+        worker makes its client wait."""
         if not self.passwords:
             raise TokenPoolError(
                 "AUTH <password> called without any password configured for the default"
@@ -150,8 +151,15 @@ class Gate:
             peer=client.peer,
             user=(user or "bearer")[:64],
         )
-        await trio.sleep(self.settings.auth_delay)  # every failed attempt, not once a pipeline
         raise WrongPassError("invalid username-password pair or user is disabled.")
+
+    async def authenticate(self, client: Client, user: str | None, password: str) -> None:
+        """``check_password``, and a wrong one answered after ``auth_delay``."""
+        try:
+            self.check_password(client, user, password)
+        except WrongPassError:
+            await trio.sleep(self.settings.auth_delay)  # every failed attempt, not once a pipeline
+            raise
 
     # -- each request ---------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .. import _trace
 from .._errors import TokenPoolError
 from .._ops import Op
 from ._base import REVISION_OP, PoolRequest
@@ -34,7 +35,26 @@ async def run_batch(core: PoolCore, requests: Sequence[PoolRequest]) -> list[Any
         ops.append(request.op())
         if request.revised:
             ops.append(REVISION_OP)
+    if _trace.on:
+        return await _traced(core, requests, ops)
     raw = await core.call(ops)
+    return _results(core, requests, raw)
+
+
+async def _traced(core: PoolCore, requests: Sequence[PoolRequest], ops: list[Op]) -> list[Any]:
+    """``run_batch`` with a span per request, linked from the actor batch that ran it."""
+    spans = _trace.start_commands(core.name, requests)
+    try:
+        raw = await core.call(ops, trace=_trace.contexts(spans))
+    except BaseException as error:
+        _trace.end_commands(spans, [error] * len(spans))
+        raise
+    out = _results(core, requests, raw)
+    _trace.end_commands(spans, out)
+    return out
+
+
+def _results(core: PoolCore, requests: Sequence[PoolRequest], raw: list[object]) -> list[Any]:
     out: list[Any] = []
     i = 0
     for request in requests:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import attrs
-import trio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -19,21 +19,24 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .._commands import Activate, Client, Commands
+from .._commands import Activate, Commands
 from .._commands import Request as Command
+from .._commands.analytics import keep_rolled_up
 from .._errors import TokenPoolError
 from .._log import get_logger
-from .._metrics import Latencies, TokenpoolCollector
+from .._metrics import Latencies, TokenpoolCollector, render
 from .._model import Page
-from .._settings import LOOPBACK_NAMES, check_name
-from .._store import LinkState
-from . import routes
+from .._series import Sampler, SeriesBook, store_backfill
+from .._settings import LOOPBACK_NAMES
+from . import analytics, routes
+from .backend import AUTH_REQUIRED, Backend, EventSource, LocalBackend
 from .middleware import BrowserGuard, Outer
 from .replies import usage_json
 from .schemas import BIG_LISTING, SLICE, ApiError, api_error, error_response, plain_problem
+from .tracing import TracedApp
 
 if TYPE_CHECKING:
-    from .._pool import Pool, Pools
+    from .._pool import Pools
     from .._server import RespServer
 
 log = get_logger("tokenpool.http")
@@ -68,30 +71,43 @@ class HttpApp:
     def __init__(self, settings: HttpSettings, latencies: Latencies) -> None:
         self.settings = settings
         self.latencies = latencies
-        self.commands: Commands | None = None
+        self.commands: Commands | None = None  # the pools of this process, if served here
+        self.backend: Backend | None = None
         self.resp: RespServer | None = None
+        # The parent of HTTP workers: their figures, summed (requests, errors, in flight,
+        # streams), for this process's /metrics (which the workers serve).
+        self.remote_figures: Callable[[], dict[str, int]] | None = None
         self.in_flight = 0
         self.streams = 0
         self.subscriptions: set[Any] = set()
         self.closing = False
-        self._heavy = trio.CapacityLimiter(2)
+        self._heavy: anyio.CapacityLimiter | None = None  # made in the serving event loop
         self.requests = 0
         self.errors = 0
+        self.series = SeriesBook()
+        self._sampler = Sampler(self.series, self._pools, backfill=store_backfill)
         self.registry = CollectorRegistry()
         self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
         self.api = self._build()
-        self.asgi = BrowserGuard(
-            Outer(self.api, self, settings.idle_timeout), settings.allowed_hosts
+        self.asgi = TracedApp(
+            BrowserGuard(Outer(self.api, self, settings.idle_timeout), settings.allowed_hosts)
         )
 
     @property
     def default_pool(self) -> str:
         """The pool the paths without ``/pools/{pool}`` address (the flags' ``--name``)."""
-        return "default" if self.commands is None else self.commands.settings.default_pool
+        return "default" if self.backend is None else self.backend.default_pool
 
     def attach(self, commands: Commands, resp: RespServer | None = None) -> None:
+        """Serve the pools of this process (``commands``, the RESP server's own)."""
         self.commands = commands
         self.resp = resp
+        self.backend = LocalBackend(commands)
+        commands.pools.series = self.series  # what Series requests read, on any transport
+
+    def attach_backend(self, backend: Backend) -> None:
+        """Serve through ``backend`` (an HTTP worker: the server over RESP)."""
+        self.backend = backend
 
     def close(self) -> None:
         """End every event stream (shutdown): their pools are about to close."""
@@ -99,13 +115,25 @@ class HttpApp:
         for subscription in list(self.subscriptions):
             subscription.close()
 
+    async def sample(self) -> None:
+        """Sample every pool's figures once a second for ``/series``, and keep the usage
+        analytics' summary tables rolled up (until cancelled)."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._sampler.run)
+            group.start_soon(keep_rolled_up, self._pools)
+
+    def sampler_now(self) -> int:
+        """The second the sampler is at (the series' newest)."""
+        return self._sampler.now()
+
     def statistics(self) -> HttpStatistics:
         c = self.commands
+        remote = {} if self.remote_figures is None else self.remote_figures()
         return HttpStatistics(
-            requests=self.requests,
-            errors=self.errors,
-            in_flight=self.in_flight,
-            streams=self.streams,
+            requests=self.requests + remote.get("requests", 0),
+            errors=self.errors + remote.get("errors", 0),
+            in_flight=self.in_flight + remote.get("in_flight", 0),
+            streams=self.streams + remote.get("streams", 0),
             auth_failures=0 if c is None else c.gate.auth_failures["http"],
         )
 
@@ -136,58 +164,79 @@ class HttpApp:
 
     # -- running a command ---------------------------------------------------------
 
-    def ready_commands(self) -> Commands:
-        if self.commands is None:
+    def ready_backend(self) -> Backend:
+        if self.backend is None or not self.backend.attached:
             raise ApiError("UNAVAILABLE", "the server is still recovering its pools")
-        return self.commands
+        return self.backend
 
-    async def authenticate(self, request: Request, bearer: str | None) -> Client:
-        """The request's client: its address, and the user its bearer opens (if any)."""
-        commands = self.ready_commands()
+    async def authenticate(self, request: Request, bearer: str | None) -> Any:
+        """The request's client: its address, and the password its bearer gives (if any)."""
+        backend = self.ready_backend()
         peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
-        client = commands.client(peer, "http")
-        if bearer is None:
-            if not client.authed:
-                raise ApiError(
-                    "NOAUTH",
-                    "authentication required: send Authorization: Bearer <password>",
-                    {"WWW-Authenticate": "Bearer"},
-                )
-            return client  # no password is needed to lease (at most an admin one is set)
         try:
-            await commands.gate.authenticate(client, None, bearer)
+            return await backend.caller(peer, bearer)
         except TokenPoolError as error:
-            raise ApiError(
-                "WRONGPASS" if error.code == "WRONGPASS" else "INVALID",
-                "invalid password" if error.code == "WRONGPASS" else str(error),
-                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            ) from None
-        return client
+            raise self.refusal(error) from None
 
-    async def execute(self, command: Command, client: Client) -> Any:
-        """Run one request through the command layer; its neutral result, or ApiError."""
-        commands = self.ready_commands()
+    @staticmethod
+    def refusal(error: TokenPoolError) -> ApiError:
+        """A refusal as the API's error; a password's in the words of HTTP's bearers."""
+        if error.code == "NOAUTH":
+            return ApiError("NOAUTH", AUTH_REQUIRED, {"WWW-Authenticate": "Bearer"})
+        if error.code == "WRONGPASS":
+            return ApiError(
+                "WRONGPASS",
+                "invalid password",
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        if error.code == "ERR" and "AUTH" in str(error):  # a bearer, and no password is set
+            return ApiError(
+                "INVALID", str(error), {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            )
+        return api_error(error)
+
+    async def execute(self, command: Command, client: Any) -> Any:
+        """Run one request through the backend; its neutral result, or ApiError."""
+        backend = self.ready_backend()
         self.requests += 1
         try:
-            return await commands.execute(command, client)
+            return await backend.execute(command, client)
         except TokenPoolError as error:
-            raise api_error(error) from None
+            raise self.refusal(error) from None
+
+    async def pool_names(self, client: Any) -> list[str]:
+        try:
+            return await self.ready_backend().pool_names(client)
+        except TokenPoolError as error:
+            raise self.refusal(error) from None
+
+    async def events(self, pool: str, client: Any) -> EventSource:
+        try:
+            return await self.ready_backend().events(pool, client)
+        except TokenPoolError as error:
+            raise self.refusal(error) from None
+
+    def _heavy_slots(self) -> anyio.CapacityLimiter:
+        if self._heavy is None:
+            self._heavy = anyio.CapacityLimiter(2)
+        return self._heavy
 
     async def listing(self, items: Any, format: Callable[[Any], Any]) -> list[Any]:
         """Format a long listing a slice at a time (others run between the slices)."""
         if len(items) <= SLICE:
             return [format(i) for i in items]
         out: list[Any] = []
+        heavy = self._heavy_slots()
         for start in range(0, len(items), SLICE):
-            async with self._heavy:
+            async with heavy:
                 out += [format(i) for i in items[start : start + SLICE]]
-            await trio.lowlevel.checkpoint()
+            await anyio.lowlevel.checkpoint()
         return out
 
     async def reply(self, body: dict[str, Any], size: int = 0) -> Response:
         if size > BIG_LISTING:
-            async with self._heavy:
-                data = await trio.to_thread.run_sync(json.dumps, body)
+            async with self._heavy_slots():
+                data = await anyio.to_thread.run_sync(json.dumps, body)
             return Response(data, media_type="application/json")
         return JSONResponse(body)
 
@@ -253,69 +302,63 @@ class HttpApp:
         api.include_router(
             routes.router, prefix="/api/pools/{pool}", dependencies=[Depends(routes._named_pool)]
         )
+        api.include_router(analytics.router, prefix="/api")
+        api.include_router(
+            analytics.router,
+            prefix="/api/pools/{pool}",
+            dependencies=[Depends(routes._named_pool)],
+        )
         api.include_router(routes.pools_router, prefix="/api")
         api.include_router(routes.operations)
         return api
 
     # -- the parts of routes ---------------------------------------------------------
 
-    def pool(self, name: str) -> Pool:
-        commands = self.ready_commands()
-        try:
-            return commands.pools.get(check_name(name))
-        except TokenPoolError as error:
-            raise ApiError(error.code, str(error)) from None
-
     async def page(self, key: str, value: str, page: Page) -> Response:
         usages = await self.listing(page, usage_json)
         body = {"data": {key: value, "usages": usages, "next_before": page.next_before}}
         return await self.reply(body, len(usages))
 
-    async def waiting(self, command: Activate, client: Client, request: Request) -> Any:
-        """An activation that may wait: give the wait up (never granted) if the client
-        hangs up meanwhile."""
+    async def waiting(self, command: Activate, client: Any, request: Request) -> Any:
+        """An activation that may wait: give the wait up (never granted, in this
+        process; a worker's server finishes the wait) if the client hangs up meanwhile."""
         result: list[Any] = []
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as tg:
 
             async def hang_up() -> None:
                 while (await request.receive())["type"] != "http.disconnect":
                     pass
-                nursery.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
 
             async def wait() -> None:
                 try:
                     result.append(await self.execute(command, client))
                 except ApiError as error:  # raised below, not as an exception group
                     result.append(error)
-                nursery.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
 
-            nursery.start_soon(hang_up)
-            nursery.start_soon(wait)
+            tg.start_soon(hang_up)
+            tg.start_soon(wait)
         if result and isinstance(result[0], ApiError):
             raise result[0]
         if not result:
             raise ApiError("UNAVAILABLE", "the client hung up while waiting")
         return result[0]
 
-    def readiness(self) -> tuple[bool, dict[str, str]]:
-        if self.commands is None:
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        if self.backend is None or not self.backend.attached:
             return False, {"server": "recovering the pools from the store"}
         if self.closing:
             return False, {"server": "shutting down"}
-        reasons: dict[str, str] = {}
-        pools = self.commands.pools
-        for name in pools.names():
-            try:
-                figures = pools.get(name).statistics()
-                ok, why = pools.get(name).ready
-            except TokenPoolError:
-                continue
-            writer = figures.writer
-            if not ok:
-                reasons[name] = why
-            elif writer is not None and writer.link != LinkState.UP:
-                reasons[name] = f"the store link is {writer.link}"
-        return not reasons, reasons
+        return await self.backend.readiness()
+
+    async def metrics(self) -> bytes:
+        """The Prometheus text: the server's (a worker asks it), else this registry's."""
+        if self.backend is not None and self.backend.attached:
+            text = await self.backend.metrics()
+            if text is not None:
+                return text
+        return render(self.registry)
 
 
 STATIC = Path(__file__).resolve().parent / "static"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
-import trio
+import anyio
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -14,13 +15,14 @@ from .._errors import CompactedError
 from .._log import get_logger
 
 if TYPE_CHECKING:
-    from .._pool import Pool
     from .app import HttpApp
+    from .backend import EventSource
 
 log = get_logger("tokenpool.http")
 
 HEARTBEAT = 15.0  # seconds between comments on an idle event stream
 FINAL_SEND = 1.0  # seconds the end of a stream may take to send
+PAIR_WAIT = 0.05  # seconds to wait for the grant after an eviction (a worker's stream)
 
 
 class _StuckReader(Exception):
@@ -39,7 +41,7 @@ class EventStream(Response):
 
     _events: Any = None
 
-    def __init__(self, owner: HttpApp, pool: Pool, since: int | None) -> None:
+    def __init__(self, owner: HttpApp, pool: EventSource, since: int | None) -> None:
         # Not Response.__init__: it would declare a Content-Length for an empty body.
         self.status_code = 200
         self.background = None
@@ -55,24 +57,24 @@ class EventStream(Response):
         self._counted = True
         self._sending_since: float | None = None
         try:
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as tg:
 
                 async def hang_up() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    nursery.cancel_scope.cancel()
+                    tg.cancel_scope.cancel()
 
-                nursery.start_soon(hang_up)
-                nursery.start_soon(self._watch_reader)
+                tg.start_soon(hang_up)
+                tg.start_soon(self._watch_reader)
                 try:
-                    with contextlib.suppress(OSError, trio.BrokenResourceError):
+                    with contextlib.suppress(OSError, anyio.BrokenResourceError):
                         await self._forward(send)
                 except _StuckReader:
                     pass
-                nursery.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
         finally:
             self._release_slot()
-        with contextlib.suppress(Exception), trio.move_on_after(FINAL_SEND):
+        with contextlib.suppress(Exception), anyio.move_on_after(FINAL_SEND):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _release_slot(self) -> None:
@@ -87,13 +89,16 @@ class EventStream(Response):
         buffers for it); the blocked send ends when the client reads or goes."""
         deadline = self.owner.settings.idle_timeout
         while True:
-            await trio.sleep(min(1.0, deadline / 2))
+            await anyio.sleep(min(1.0, deadline / 2))
             since = self._sending_since
-            if since is not None and trio.current_time() - since > deadline:
+            if since is not None and time.monotonic() - since > deadline:
                 log.warning("event_stream_dropped", pool=self.pool.name, reason="slow reader")
                 self._release_slot()
                 if self._events is not None:
                     self._events.close()
+                    closing = getattr(self._events, "aclose", None)
+                    if closing is not None:  # a worker's: its link to the server too
+                        await closing()
                 return
 
     async def _forward(self, send: Send) -> None:
@@ -102,12 +107,12 @@ class EventStream(Response):
         async def out(text: str) -> None:
             if not self._counted:
                 raise _StuckReader  # the watcher gave the slot up
-            self._sending_since = trio.current_time()  # the watcher times each send
+            self._sending_since = time.monotonic()  # the watcher times each send
             await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
             self._sending_since = None
 
         await out(f"retry: 2000\n: events of pool {self.pool.name}\n\n")
-        current = self.pool.statistics().stats.revision
+        current = self.pool.revision
         if self.since is not None and self.since > current:
             # a revision this pool never reached: the server restarted without its
             # history (memory store). Resuming would skip silently, then go back to
@@ -129,7 +134,7 @@ class EventStream(Response):
                 try:
                     while True:
                         event = None
-                        with trio.move_on_after(HEARTBEAT):  # the wait, never the send
+                        with anyio.move_on_after(HEARTBEAT):  # the wait, never the send
                             try:
                                 event = await events.__anext__()
                             except StopAsyncIteration:
@@ -142,6 +147,12 @@ class EventStream(Response):
                             await out(f"event: overflow\ndata: {payload}\n\n")
                             return
                         following = events.next_revision()
+                        if following is None and event.reason == "evicted":
+                            # over a worker's link the grant that follows an eviction
+                            # may be a read behind it: wait a moment for it
+                            wait_next = getattr(events, "wait_next_revision", None)
+                            if wait_next is not None:
+                                following = await wait_next(PAIR_WAIT)
                         if following == event.revision:
                             # an eviction: its ended event shares the revision with the
                             # grant after it; the resume point is after both

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-import trio
+import anyio
 from starlette.types import Receive, Scope, Send
 
 from .._settings import host_name
@@ -83,7 +83,7 @@ class Outer:
         """The whole body; a refusal (too large, too slow); None if the client left."""
         parts: list[bytes] = []
         seen = 0
-        with trio.move_on_after(self.body_timeout):
+        with anyio.move_on_after(self.body_timeout):
             while True:
                 message = await receive()
                 if message["type"] != "http.request":

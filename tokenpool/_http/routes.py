@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from importlib import resources
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -17,7 +17,6 @@ from .._commands import (
     Activate,
     AlterPool,
     Clear,
-    Client,
     CreatePool,
     DropPool,
     GetPool,
@@ -32,7 +31,6 @@ from .._commands import (
     UserHistory,
     Validate,
 )
-from .._metrics import render
 from .._model import usage_value
 from .._settings import (
     CURSOR,
@@ -103,7 +101,7 @@ class Call:
 
     __slots__ = ("client", "owner", "pool")
 
-    def __init__(self, owner: HttpApp, client: Client, pool: str) -> None:
+    def __init__(self, owner: HttpApp, client: Any, pool: str) -> None:
         self.owner = owner
         self.client = client
         self.pool = pool
@@ -329,7 +327,6 @@ async def events(
     with its revision as `id`: a reconnecting EventSource resumes after the last
     one it saw (`Last-Event-ID`), or gets an `event: compacted` naming the oldest
     revision still held. A reader too slow gets `event: overflow` and the end."""
-    target = call.owner.pool(call.pool)
     if last_event_id:
         since = int(REVISION.parse(last_event_id.strip(), "Last-Event-ID"))
     if call.owner.streams >= call.owner.settings.max_streams or call.owner.closing:
@@ -338,8 +335,8 @@ async def events(
             f"{call.owner.streams} event streams are open (the most this server serves)",
             {"Retry-After": "5"},
         )
-    call.owner.ready_commands().gate.spend(call.client, None)  # a stream is a request too
-    return EventStream(call.owner, target, since)
+    source = await call.owner.events(call.pool, call.client)  # a stream is a request too
+    return EventStream(call.owner, source, since)
 
 
 # -- pools --
@@ -348,9 +345,8 @@ async def events(
 @pools_router.get("/pools", responses={**ErrorCodes, 200: {"model": PoolListReply}})
 async def list_pools(call: Authed) -> Response:
     """Every pool served here, with its settings and counters."""
-    commands = call.owner.ready_commands()
     out = []
-    for name in commands.pools.names():
+    for name in await call.owner.pool_names(call.client):
         with contextlib.suppress(ApiError):
             out.append(pool_json(await call.owner.execute(GetPool(name), call.client)))
     return JSONResponse({"data": out})
@@ -417,7 +413,7 @@ async def healthz() -> Response:
 )
 async def readyz(owner: Owner) -> Response:
     """Ready: recovery done, every pool's store link up and its backlog not full."""
-    ready, reasons = owner.readiness()
+    ready, reasons = await owner.readiness()
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "reasons": reasons},
         status_code=200 if ready else 503,
@@ -429,7 +425,8 @@ async def readyz(owner: Owner) -> Response:
 )
 async def metrics(owner: Owner) -> Response:
     """Prometheus text format: tokens, counters, write-behind, clients, latencies."""
-    return Response(render(owner.registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+    text = await owner.metrics()
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @operations.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -26,6 +26,7 @@ POOL_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 STATUS = {
     "INVALID": 422,
     "UNKNOWN": 404,
+    "NOTKEPT": 404,
     "NOTHOLDER": 409,
     "NOTACTIVE": 409,
     "FULL": 409,

@@ -41,6 +41,7 @@ from .._commands import (
     UserHistory,
     Validate,
 )
+from .._commands.analytics import Report, Series
 from .._errors import InvalidArgumentError
 from .._settings import (
     BEFORE,
@@ -127,6 +128,41 @@ def _scan(pool: str, args: list[str]) -> Request:
     opts = _options(args[1:], ("COUNT", "MATCH", "TYPE"), "SCAN <cursor> [COUNT n] [MATCH p]")
     count = PAGE_COUNT.parse(opts.get("COUNT", "10"))
     return Scan(pool, CURSOR.parse(args[0]), count, opts.get("MATCH"))
+
+
+_REPORT_USAGE = (
+    "REPORT <summary|users|tokens|hours> [SINCE <unix s>] [UNTIL <unix s>] [LIMIT n]"
+    " [CURSOR c] [SORT order]"
+)
+
+
+def _unix_us(value: str, what: str) -> int:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < 2**53 / 1_000_000:  # nan, inf, negatives and the far future
+        raise InvalidArgumentError(f"{what} must be Unix seconds, not {value[:30]!r}")
+    return round(seconds * 1_000_000)
+
+
+def _report(pool: str, args: list[str]) -> Request:
+    opts = _options(args[1:], ("SINCE", "UNTIL", "LIMIT", "CURSOR", "SORT"), _REPORT_USAGE)
+    since = _unix_us(opts["SINCE"], "SINCE") if "SINCE" in opts else None
+    until = _unix_us(opts["UNTIL"], "UNTIL") if "UNTIL" in opts else None
+    numbers = {}
+    for key, default in (("LIMIT", 100), ("CURSOR", 0)):
+        raw = opts.get(key, str(default))
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+            raise InvalidArgumentError(f"{key} must be a whole number, not {raw[:20]!r}")
+        numbers[key] = int(raw)
+    return Report(
+        pool, args[0].lower(), since, until, numbers["LIMIT"], numbers["CURSOR"], opts.get("SORT")
+    )
+
+
+def _series(pool: str, args: list[str]) -> Request:
+    return Series(pool, args[0].lower() if args else "hour")
 
 
 POOL_OPTIONS = ("SIZE", "TTL", "WHEN-FULL", "MIN-HOLD", "MAX-LIFETIME")
@@ -267,6 +303,29 @@ SPECS: tuple[Spec, ...] = (
         lambda p, a: _history(p, a, True),
         "A page of a user's ended leases, newest first",
         (_USER, *_LIMIT),
+    ),
+    Spec(
+        "REPORT",
+        1,
+        11,
+        _report,
+        "A usage report over the pool's stored history, as JSON",
+        (
+            Arg("report"),
+            Arg("since", "integer", "SINCE", True),
+            Arg("until", "integer", "UNTIL", True),
+            Arg("count", "integer", "LIMIT", True),
+            Arg("cursor", "integer", "CURSOR", True),
+            Arg("order", "string", "SORT", True),
+        ),
+    ),
+    Spec(
+        "SERIES",
+        0,
+        1,
+        _series,
+        "The pool's figures a second over the hour, or a minute over the day, as JSON",
+        (Arg("window", "string", optional=True),),
     ),
     Spec("STATS", 0, 0, lambda p, a: GetStats(p), "The pool's counters and its store's state"),
     Spec("DBSIZE", 0, 0, lambda p, a: GetStats(p), "The pool's number of tokens"),

@@ -3,6 +3,7 @@ text for a float), the hand-made encoder of the hot reply, listings a slice at a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from .._errors import TokenPoolError
 from .._model import FENCE, ID, START, STOP, USER, LeaseRecord, Page, Stats, Usage, iso, to_us
 from .._resp import OK, Error, Reply
 from .._settings import PoolSettings
+from .._store.analytics import Table
 
 _iso_cache: dict[int, str] = {}
 
@@ -150,6 +152,11 @@ def reply_of(result: Any, command: str) -> Any:
             **settings_fields(result.settings),
             **stats_fields(result.stats),
         }
+    if kind is Table:
+        table = {"columns": list(result.columns), "rows": [list(r) for r in result.rows]}
+        return json.dumps({**table, "next_cursor": result.next_cursor}, default=str)
+    if kind is dict and command.endswith("SERIES"):
+        return json.dumps(result)
     if result is None and command.startswith("POOL"):
         return OK
     if kind is PoolSettings or (kind is int and command == "POOL"):

@@ -52,6 +52,7 @@ from . import argv as table
 from .cluster import info_fields as cluster_info  # (the module registers CLUSTER)
 from .replies import Listing, error_reply, granted_wire, reply_of
 from .session import CONNECTION, REDIS_COMPAT_VERSION, Action, Pending, Planner, Session, TxPlan
+from .workers import VIA, via_reply
 
 log = get_logger("tokenpool.server")
 
@@ -78,6 +79,7 @@ class RespSettings:
     max_clients: int = 10_000
     idle_timeout: float = 30.0
     commands: CommandSettings = attrs.Factory(CommandSettings)
+    unix: str | None = None  # listen on this Unix socket instead (the HTTP workers' link)
 
 
 @attrs.frozen
@@ -358,6 +360,22 @@ async def _listen(host: str, port: int) -> list[trio.SocketListener]:
         ) from None
 
 
+async def _listen_unix(path: str) -> trio.SocketListener:
+    """A listener on a Unix socket at ``path`` (replacing a stale one)."""
+    import socket as stdlib_socket
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(1024)
+    except OSError as failure:
+        sock.close()
+        raise InvalidArgumentError(f"cannot listen on {path}: {failure.strerror}") from None
+    return trio.SocketListener(sock)
+
+
 class RespServer:
     """Serves pools over RESP. ``serve`` runs the listener until ``shutdown``."""
 
@@ -370,15 +388,21 @@ class RespServer:
         config: dict[str, str] | None = None,
         latencies: Latencies | None = None,
         commands: Commands | None = None,
+        worker: Any = None,
         cluster: Any = None,
     ) -> None:
         self.pools = pools
+        self.worker = worker  # a WorkerLink: this listener serves the HTTP workers only
         self.latencies = latencies or Latencies()
         self.settings = settings
         self.ssl_context = ssl_context
         self.commands = commands or Commands(pools, settings.commands)
         self.planner = Planner(
-            self.commands, config=config, info=self.info, subscriber=_Subscriptions(self)
+            self.commands,
+            config=config,
+            info=self.info,
+            subscriber=_Subscriptions(self),
+            worker=worker,
         )
         self.planner.cluster = cluster  # cluster mode: a ClusterNode (routes by slot)
         self.config = self.planner.config
@@ -439,15 +463,19 @@ class RespServer:
 
     async def _serve(self, task_status: trio.TaskStatus[list[int]]) -> None:
         async with trio.open_nursery() as nursery:
-            listeners = await _listen(self.settings.host, self.settings.port)
-            self.ports = [ln.socket.getsockname()[1] for ln in listeners]
+            if self.settings.unix is not None:
+                listeners = [await _listen_unix(self.settings.unix)]
+            else:
+                listeners = await _listen(self.settings.host, self.settings.port)
+            self.ports = [ln.socket.getsockname()[1] for ln in listeners if not self.settings.unix]
             with trio.CancelScope() as self._listeners:
-                log.info(
-                    "listening",
-                    host=self.settings.host,
-                    ports=self.ports,
-                    tls=bool(self.ssl_context),
-                )
+                if self.settings.unix is None:
+                    log.info(
+                        "listening",
+                        host=self.settings.host,
+                        ports=self.ports,
+                        tls=bool(self.ssl_context),
+                    )
                 task_status.started(self.ports)
                 async with trio.open_nursery() as accepting:
                     for listener in listeners:
@@ -527,6 +555,10 @@ class RespServer:
             return
         self.clients += 1
         session = Session(self._next_id, self.commands.client(peer, "resp"))
+        if self.worker is not None:  # only AUTH tokenpool-worker <secret> opens it
+            session.client.authed = False
+            session.client.user = ""
+            session.client.transport = "worker"
         log.debug("client_connected", client=session.client_id, peer=peer)
         reason = "closed"
         try:
@@ -714,7 +746,7 @@ class RespServer:
                 out.append(plan)
                 continue
             result = next(results)
-            if type(result) is Granted and result.revision is not None:
+            if type(result) is Granted and result.revision is not None and plan.command != VIA:
                 out.append(granted_wire(result, proto))
                 continue
             if plan.request.cost > HEAVY_COST:
@@ -782,6 +814,8 @@ class RespServer:
         except TokenPoolError as error:
             self.planner.errors += 1
             return error_reply(error)
+        if plan.command == VIA:
+            return via_reply(result)
         return reply_of(result, plan.command)
 
     async def _transaction(self, conn: _Connection, tx: TxPlan, proto: int) -> None:
@@ -944,7 +978,10 @@ def _open_spare() -> int | None:
 def _peer(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     try:
-        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
+        name = sock.getpeername()  # type: ignore[union-attr]
+        if isinstance(name, str | bytes):
+            return "unix"
+        host, port = name[:2]
         return f"{host}:{port}"
     except (AttributeError, OSError, ValueError):
         return "?"

@@ -118,6 +118,7 @@ class Planner:
         config: dict[str, str] | None = None,
         info: Callable[[Session, str | None], Awaitable[str]] | None = None,
         subscriber: Any = None,
+        worker: Any = None,
     ) -> None:
         self.commands = commands
         self.pools = commands.pools
@@ -129,6 +130,15 @@ class Planner:
         self.cluster: Any = None  # cluster mode: the ClusterNode that routes by slot
         self.count = 0
         self.errors = 0
+        # The listener of the HTTP workers (``workers.py``): its own AUTH, VIA and WORKER.
+        self.worker = worker
+        self.connection = CONNECTION
+        self.unmetered: frozenset[str] = frozenset()
+        if worker is not None:
+            from .workers import WORKER_COMMANDS
+
+            self.connection = WORKER_COMMANDS
+            self.unmetered = frozenset({"VIA", "WORKER"})  # metered per HTTP client instead
 
     def plan(self, argv: list[str], session: Session) -> Any:
         self.count += 1
@@ -197,7 +207,7 @@ class Planner:
         return Simple("QUEUED")
 
     def _connection_command(self, name: str, argv: list[str], session: Session) -> Any:
-        spec = CONNECTION.get(name)
+        spec = self.connection.get(name)
         queueing = session.multi is not None and not session.executing
         if spec is None:
             shown = " ".join(f"'{a[:40]}'" for a in argv[1:4])
@@ -209,7 +219,7 @@ class Planner:
         if not low <= len(argv) - 1 <= high:
             session.multi_failed = queueing
             return Error("ERR", f"wrong number of arguments for '{argv[0].lower()[:40]}' command")
-        if name not in NO_AUTH_OK:
+        if name not in NO_AUTH_OK and name not in self.unmetered:
             try:
                 self.gate.admit(session.client, None, counted=not session.executing)
             except TokenPoolError as error:

@@ -36,8 +36,17 @@ import traceback
 from typing import Any
 
 from .._errors import TokenPoolError
-from .._model import ADD, KIND, TOKENS, Record
-from . import Batch, FencedError, LinkState, RejectedError, Store, StoreError, open_store
+from .._model import ADD, KIND, Record, added_tokens
+from . import (
+    Batch,
+    FencedError,
+    LinkState,
+    RejectedError,
+    SlotTokens,
+    Store,
+    StoreError,
+    open_store,
+)
 from .frames import FrameDecoder, encode
 
 MAX_BATCH_RECORDS = 20_000
@@ -54,6 +63,13 @@ def _head(entries: list[Any], limit: int) -> list[Any]:
         if total > limit and i:
             return entries[:i]
     return entries
+
+
+def _timing(began: int, batch: Batch) -> tuple[int, int, int]:
+    """What an acknowledgement tells of its transaction, for the server's store-batch
+    span: when it began and committed (wall-clock nanoseconds) and the rows written."""
+    rows = len(batch.history) + len(batch.final) + len(batch.tokens_added)
+    return began, time.time_ns(), rows + len(batch.tokens_retired)
 
 
 class Channel:
@@ -94,7 +110,7 @@ class Channel:
 class PoolSink:
     """One pool's pending writes and its slot-to-token table."""
 
-    def __init__(self, key: int, pool_id: int, tokens: dict[int, str]) -> None:
+    def __init__(self, key: int, pool_id: int, tokens: SlotTokens) -> None:
         self.key = key
         self.pool_id = pool_id
         self.tokens = tokens
@@ -161,7 +177,7 @@ class StoreProcess:
             if kind == "open":
                 _, _, _, name, settings, create = message
                 snapshot = self.store.open_pool(name, settings, create)
-                tokens = {slot: t for slot, (t, _) in enumerate(snapshot.tokens)}
+                tokens = SlotTokens(t for t, _ in snapshot.tokens)
                 self.sinks[key] = PoolSink(key, snapshot.pool_id, tokens)
                 self.channel.send(("reply", request, snapshot))
                 return
@@ -169,7 +185,7 @@ class StoreProcess:
                 keys, names = message[3], message[4]
                 snapshots = self.store.open_pools(names)
                 for key, snapshot in zip(keys, snapshots, strict=True):
-                    tokens = {slot: t for slot, (t, _) in enumerate(snapshot.tokens)}
+                    tokens = SlotTokens(t for t, _ in snapshot.tokens)
                     self.sinks[key] = PoolSink(key, snapshot.pool_id, tokens)
                 self.channel.send(("reply", request, snapshots))
                 return
@@ -218,6 +234,7 @@ class StoreProcess:
         while sink.pending and not sink.fenced:
             entries = _head(sink.pending, MAX_BATCH_RECORDS)
             batch = self._batch(sink, entries)
+            began = time.time_ns()
             try:
                 self._write(sink, batch, retry)
             except FencedError as error:
@@ -243,7 +260,9 @@ class StoreProcess:
             retry = False  # the next entries were never tried: no commit can have happened
             attempt = 0
             self.set_link(LinkState.UP, None)
-            self.channel.send(("ack", sink.key, entries[-1][0], batch.records))
+            self.channel.send(
+                ("ack", sink.key, entries[-1][0], batch.records, *_timing(began, batch))
+            )
 
     def back_off(self, delay: float) -> None:
         """Wait ``delay`` (jittered) before a retry, taking in what arrives meanwhile: a
@@ -278,8 +297,8 @@ class StoreProcess:
     def _learn_tokens(sink: PoolSink, records: list[Record]) -> None:
         for record in records:
             if record[KIND] == ADD:  # the slots of new tokens
-                for slot, token in record[TOKENS]:
-                    sink.tokens[slot] = token
+                for slot, raw in added_tokens(record):
+                    sink.tokens.add(slot, raw)
 
     def isolate(
         self,
@@ -291,6 +310,7 @@ class StoreProcess:
         drop (and report) each one it still refuses, acknowledge the rest."""
         for entry in entries:
             batch = self._batch(sink, [entry])
+            began = time.time_ns()
             try:
                 self._write(sink, batch, True)
             except RejectedError as refused:
@@ -300,7 +320,9 @@ class StoreProcess:
                 sink.pending = sink.pending[sink.pending.index(entry) :]
                 return
             else:
-                self.channel.send(("ack", sink.key, entry[0], batch.records))
+                self.channel.send(
+                    ("ack", sink.key, entry[0], batch.records, *_timing(began, batch))
+                )
         sink.pending = sink.pending[len(entries) :]
         del error
 

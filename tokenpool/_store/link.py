@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .. import _trace
 from .._errors import TokenPoolError, UnavailableError
 from .._log import get_logger
 from . import OWNERSHIP_INTERVAL, OWNERSHIP_VALIDITY, LinkState, Snapshot, redact
@@ -367,6 +368,8 @@ class StoreLink:
                 frame = writer.take_unsent()
                 if frame is not None:
                     frames.append(frame)
+                    if _trace.on:  # the bytes of the frame, for the store batch's span
+                        writer.sent(frame[2], len(encode((frame,))))
             if frames:
                 try:
                     await stream.send_all(encode(frames))
@@ -413,7 +416,7 @@ class StoreLink:
         if kind == "ack":
             writer = self.writers.get(message[1])
             if writer is not None:
-                writer.acknowledged(message[2], message[3])
+                writer.acknowledged(message[2], message[3], message[4:])
         elif kind == "reply":
             event = self._reply_events.pop(message[1], None)
             if event is None and message[1] in self._unawaited:

@@ -51,6 +51,7 @@ from . import (
     FencedError,
     KnownUsers,
     RejectedError,
+    SlotTokens,
     Snapshot,
     StoreError,
     redact,
@@ -79,7 +80,7 @@ def _text(value: str) -> bytes:
     return struct.pack(">i", len(data)) + data
 
 
-def history_copy(pool_id: int, rows: list[EndRecord], tokens: dict[int, str]) -> bytes:
+def history_copy(pool_id: int, rows: list[EndRecord], tokens: SlotTokens) -> bytes:
     """END records as a binary COPY stream for ``token_usage_history``."""
     pack = _HISTORY_ROW.pack
     reason = _REASON
@@ -95,7 +96,7 @@ def history_copy(pool_id: int, rows: list[EndRecord], tokens: dict[int, str]) ->
                 16,
                 _uuid(r[ID]),
                 16,
-                _uuid(tokens[r[SLOT]]),
+                tokens.raw(r[SLOT]),
                 8,
                 r[FENCE],
                 8,
@@ -110,20 +111,20 @@ def history_copy(pool_id: int, rows: list[EndRecord], tokens: dict[int, str]) ->
     return b"".join(out)
 
 
-def leases_copy(final: dict[int, LeaseRecord | None], tokens: dict[int, str]) -> bytes:
+def leases_copy(final: dict[int, LeaseRecord | None], tokens: SlotTokens) -> bytes:
     """Each touched token's lease (or NULLs) as a binary COPY stream for ``staged_leases``."""
     pack = _LEASE_ROW.pack
     free = _FREE_ROW.pack
     out = [_HEADER]
     for slot, r in final.items():
         if r is None:
-            out.append(free(6, 16, _uuid(tokens[slot]), -1, -1, -1, -1, -1))
+            out.append(free(6, 16, tokens.raw(slot), -1, -1, -1, -1, -1))
             continue
         out.append(
             pack(
                 6,
                 16,
-                _uuid(tokens[slot]),
+                tokens.raw(slot),
                 16,
                 _uuid(r[ID]),
                 8,
@@ -657,7 +658,7 @@ class PostgresStore:
             (f"tokenpool/{self.schema}/{name}",),
         )
 
-    def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
+    def write(self, pool_id: int, batch: Batch, tokens: SlotTokens, retry: bool) -> None:
         name, epoch = self._pools[pool_id]
         if pool_id in self._lost:
             raise FencedError(self._lost[pool_id])
@@ -699,7 +700,7 @@ class PostgresStore:
         cur: psycopg.Cursor[Any],
         pool_id: int,
         batch: Batch,
-        tokens: dict[int, str],
+        tokens: SlotTokens,
         retry: bool,
         users: list[str],
     ) -> None:

@@ -82,6 +82,53 @@ CREATE TABLE IF NOT EXISTS token_usage_history (
 );
 CREATE INDEX IF NOT EXISTS history_by_token ON token_usage_history (token_id, revision DESC);
 CREATE INDEX IF NOT EXISTS history_by_user ON token_usage_history (pool_id, user_id, revision DESC);
+-- The usage analytics read a pool's leases ended in a time range (_store/analytics.py).
+CREATE INDEX IF NOT EXISTS history_by_end ON token_usage_history (pool_id, ended_at);
+
+-- Summary tables of the usage analytics (_store/analytics.py): the history rolled up by
+-- the server's analytics connection, never by the write path, a pool's new revisions at
+-- a time (usage_rollup.revision: rolled up to here, in the same transaction as the sums).
+-- Hours of (reason, hold-time bucket); days of users and of tokens.
+CREATE TABLE IF NOT EXISTS usage_rollup (
+    pool_id     integer PRIMARY KEY,
+    revision    bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage_hours (
+    pool_id     integer NOT NULL,
+    hour        bigint NOT NULL,            -- Unix hours (seconds / 3600) of ended_at
+    reason      text NOT NULL,
+    bucket      integer NOT NULL,           -- floor(ln(hold microseconds) * 16)
+    leases      bigint NOT NULL,
+    hold_sum    double precision NOT NULL,  -- seconds
+    hold_max    double precision NOT NULL,
+    PRIMARY KEY (pool_id, hour, reason, bucket)
+);
+CREATE TABLE IF NOT EXISTS usage_users (
+    pool_id     integer NOT NULL,
+    day         bigint NOT NULL,            -- Unix days of ended_at
+    user_id     text NOT NULL,
+    leases      bigint NOT NULL,
+    hold_sum    double precision NOT NULL,
+    hold_max    double precision NOT NULL,
+    expired     bigint NOT NULL,
+    evicted     bigint NOT NULL,
+    released    bigint NOT NULL,
+    cleared     bigint NOT NULL,
+    PRIMARY KEY (pool_id, day, user_id)
+);
+CREATE TABLE IF NOT EXISTS usage_tokens (
+    pool_id     integer NOT NULL,
+    day         bigint NOT NULL,
+    token_id    uuid NOT NULL,
+    leases      bigint NOT NULL,
+    hold_sum    double precision NOT NULL,
+    hold_max    double precision NOT NULL,
+    expired     bigint NOT NULL,
+    evicted     bigint NOT NULL,
+    released    bigint NOT NULL,
+    cleared     bigint NOT NULL,
+    PRIMARY KEY (pool_id, day, token_id)
+);
 
 -- The names SQLite's views give these tables (the same queries run on both stores).
 CREATE OR REPLACE VIEW lease_assignments AS SELECT * FROM token_assignments;

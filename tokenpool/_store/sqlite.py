@@ -21,6 +21,7 @@ import os
 import socket
 import sqlite3
 import time
+from array import array
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -42,7 +43,16 @@ from .._model import (
     Usage,
     to_datetime,
 )
-from . import Batch, FencedError, KnownUsers, RejectedError, Snapshot, StoreError, check_times
+from . import (
+    Batch,
+    FencedError,
+    KnownUsers,
+    RejectedError,
+    SlotTokens,
+    Snapshot,
+    StoreError,
+    check_times,
+)
 
 T = TypeVar("T")
 
@@ -139,7 +149,9 @@ class SqliteStore:
         self._lock_fd: int | None = None
         self._pools: dict[int, tuple[str, int]] = {}
         self._users = KnownUsers()
-        self._numbers: dict[str, int] = {}  # token id -> tokens.no
+        # pool id -> each slot's tokens.no (slots as the server numbers them: the live
+        # tokens in (created, id) order, then those added since): 8 bytes a token.
+        self._numbers: dict[int, array[int]] = {}
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is not None:
@@ -308,7 +320,7 @@ class SqliteStore:
             " ORDER BY created_us, id",
             (pool_id,),
         ).fetchall()
-        self._numbers.update((r[0], r[2]) for r in rows)
+        self._numbers[pool_id] = array("q", [r[2] for r in rows])
         tokens = [(r[0], r[1]) for r in rows]
         leases = conn.execute(
             "SELECT a.lease_id, t.id, a.user_id, a.fence, a.assigned_us, a.expires_us"
@@ -404,7 +416,7 @@ class SqliteStore:
             return {pool_id: str(error) for pool_id in self._pools}
         return {}
 
-    def write(self, pool_id: int, batch: Batch, tokens: dict[int, str], retry: bool) -> None:
+    def write(self, pool_id: int, batch: Batch, tokens: SlotTokens, retry: bool) -> None:
         name, epoch = self._pools[pool_id]
         conn = self._connection()
         try:
@@ -452,23 +464,26 @@ class SqliteStore:
         conn: sqlite3.Connection,
         pool_id: int,
         batch: Batch,
-        tokens: dict[int, str],
+        tokens: SlotTokens,
         users: list[str],
         retry: bool,
     ) -> None:
-        numbers = self._numbers
+        numbers = self._numbers.setdefault(pool_id, array("q"))
         if batch.tokens_added:
-            for _, token, at in batch.tokens_added:
-                if token not in numbers:
-                    row = conn.execute(
-                        "INSERT INTO tokens (id, pool_id, created_us) VALUES (?, ?, ?)"
-                        " ON CONFLICT (id) DO UPDATE SET id = excluded.id RETURNING no",
-                        (token, pool_id, at),
-                    ).fetchone()
-                    numbers[token] = int(row[0])
+            for slot, token, at in batch.tokens_added:
+                # Always asked (a token row rolled back with a failed batch is made again,
+                # one committed before gives its number back): adding tokens is rare.
+                row = conn.execute(
+                    "INSERT INTO tokens (id, pool_id, created_us) VALUES (?, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET id = excluded.id RETURNING no",
+                    (token, pool_id, at),
+                ).fetchone()
+                if slot >= len(numbers):
+                    numbers.extend([-1] * (slot + 1 - len(numbers)))
+                numbers[slot] = int(row[0])
             conn.executemany(
                 "INSERT OR IGNORE INTO token_assignments (token_no, pool_id) VALUES (?, ?)",
-                [(numbers[t], pool_id) for _, t, _ in batch.tokens_added],
+                [(numbers[slot], pool_id) for slot, _, _ in batch.tokens_added],
             )
         if users:
             conn.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in users])
@@ -478,7 +493,7 @@ class SqliteStore:
                     pool_id,
                     r[REV],
                     r[ID],
-                    numbers[tokens[r[SLOT]]],
+                    numbers[r[SLOT]],
                     r[FENCE],
                     r[START],
                     r[STOP],
@@ -504,7 +519,7 @@ class SqliteStore:
                 [
                     (
                         *(free if r is None else (r[ID], r[USER], r[FENCE], r[START], r[STOP])),
-                        numbers[tokens[slot]],
+                        numbers[slot],
                     )
                     for slot, r in batch.final.items()
                 ],
@@ -512,7 +527,7 @@ class SqliteStore:
         if batch.tokens_retired:
             conn.executemany(
                 "UPDATE tokens SET retired_us = ? WHERE no = ? AND retired_us IS NULL",
-                [(at, numbers[tokens[slot]]) for slot, at in batch.tokens_retired],
+                [(at, numbers[slot]) for slot, at in batch.tokens_retired],
             )
 
     def list_pools(self) -> list[str]:

@@ -71,6 +71,51 @@ CREATE TABLE IF NOT EXISTS token_usage_history (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_by_token ON token_usage_history (token_no, revision);
 CREATE INDEX IF NOT EXISTS history_by_user ON token_usage_history (pool_id, user_id, revision);
+-- The usage analytics read a pool's leases ended in a time range (_store/analytics.py).
+CREATE INDEX IF NOT EXISTS history_by_end ON token_usage_history (pool_id, ended_us);
+
+-- Summary tables of the usage analytics (see postgres.sql): rolled up by the server's
+-- analytics connection, never by the write path.
+CREATE TABLE IF NOT EXISTS usage_rollup (
+    pool_id     INTEGER PRIMARY KEY,
+    revision    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage_hours (
+    pool_id     INTEGER NOT NULL,
+    hour        INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    bucket      INTEGER NOT NULL,
+    leases      INTEGER NOT NULL,
+    hold_sum    REAL NOT NULL,
+    hold_max    REAL NOT NULL,
+    PRIMARY KEY (pool_id, hour, reason, bucket)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_users (
+    pool_id     INTEGER NOT NULL,
+    day         INTEGER NOT NULL,
+    user_id     TEXT NOT NULL,
+    leases      INTEGER NOT NULL,
+    hold_sum    REAL NOT NULL,
+    hold_max    REAL NOT NULL,
+    expired     INTEGER NOT NULL,
+    evicted     INTEGER NOT NULL,
+    released    INTEGER NOT NULL,
+    cleared     INTEGER NOT NULL,
+    PRIMARY KEY (pool_id, day, user_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_tokens (
+    pool_id     INTEGER NOT NULL,
+    day         INTEGER NOT NULL,
+    token_no    INTEGER NOT NULL,
+    leases      INTEGER NOT NULL,
+    hold_sum    REAL NOT NULL,
+    hold_max    REAL NOT NULL,
+    expired     INTEGER NOT NULL,
+    evicted     INTEGER NOT NULL,
+    released    INTEGER NOT NULL,
+    cleared     INTEGER NOT NULL,
+    PRIMARY KEY (pool_id, day, token_no)
+) WITHOUT ROWID;
 
 -- The same shape as PostgreSQL's tables, token ids as text: for people and reports.
 CREATE VIEW IF NOT EXISTS lease_assignments AS

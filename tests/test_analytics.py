@@ -1,0 +1,242 @@
+"""Usage analytics (``_store/analytics.py``, the ``Report`` request, ``/api/.../analytics``)
+on real PostgreSQL and SQLite stores, over a history made by a real pool on MockClock."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+import tokenpool
+from tests.test_http import error_of, serving
+from tokenpool._commands.analytics import Report
+from tokenpool._errors import InvalidArgumentError
+from tokenpool._model import to_us
+from tokenpool._store.analytics import open_analyst, summarize
+
+START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+T0 = to_us(START)
+
+
+async def _history(url: str) -> None:
+    """Pool ``p`` of 2 tokens, ttl 0.2 s. At 09:00 alice releases at once, bob expires
+    (held 0.2 s), carol and dave are held when the server stops; it starts again an
+    hour later: both expired meanwhile; erin and frank take the tokens, and erin2
+    evicts erin."""
+    async with tokenpool.open_pool(
+        size=2, ttl=0.2, store=url, clock=tokenpool.Clock(START), name="p"
+    ) as pool:
+        lease = await pool.activate("alice")
+        await pool.release(lease.token_id)
+        await pool.activate("bob")
+        await trio.sleep(0.3)
+        await pool.activate("carol")
+        await pool.activate("dave")
+    later = tokenpool.Clock(START + timedelta(hours=1))
+    async with tokenpool.open_pool(size=2, ttl=60, store=url, clock=later, name="p") as pool:
+        await pool.activate("erin")
+        await pool.activate("frank")
+        await pool.activate("erin2")
+        await pool.flush()
+
+
+async def test_the_reports_count_what_the_history_holds(store_url: str) -> None:
+    await _history(store_url)
+    analyst = open_analyst(store_url)
+    try:
+        span = (T0, T0 + 3 * 3_600_000_000)
+        table = analyst.report("p", "summary", "leases", *span, 10, 0)
+        row = dict(zip(table.columns, table.rows[0], strict=True))
+        assert 5 == row["leases"]
+        assert {"released": 1, "expired": 3, "evicted": 1, "cleared": 0} == {
+            r: row[r] for r in ("released", "expired", "evicted", "cleared")
+        }
+        assert 0.2 == pytest.approx(row["hold_max_s"])
+        assert 0.2 == pytest.approx(row["hold_p90_s"], rel=0.04)
+        assert 0.6 == row["expired_share"]
+        users = analyst.report("p", "users", "leases", *span, 2, 0)
+        assert ("user_id", "leases") == users.columns[:2]
+        assert 2 == len(users.rows) and 2 == users.next_cursor
+        rest = analyst.report("p", "users", "leases", *span, 10, 2)
+        assert 5 == len(users.rows) + len(rest.rows) and rest.next_cursor is None
+        evicted = analyst.report("p", "users", "evicted", *span, 1, 0)
+        assert "erin" == evicted.rows[0][0]
+        tokens = analyst.report("p", "tokens", "leases", *span, 10, 0)
+        assert 2 == len(tokens.rows) and 5 == sum(r[1] for r in tokens.rows)
+        assert all(len(r[0]) == 36 for r in tokens.rows)  # token ids as UUID text
+        hours = analyst.report("p", "hours", "time", *span, 10, 0)
+        assert [("2026-01-05T09:00:00.000000Z", 4), ("2026-01-05T10:00:00.000000Z", 1)] == [
+            (r[0], r[1]) for r in hours.rows
+        ]
+        busiest = analyst.report("p", "hours", "leases", *span, 1, 0)
+        assert "2026-01-05T09:00:00.000000Z" == busiest.rows[0][0]
+        nothing = analyst.report("p", "summary", "leases", T0 - 10**9, T0, 10, 0)
+        assert 0 == nothing.rows[0][0]
+        assert [] == analyst.report("nope", "users", "leases", *span, 10, 0).rows
+    finally:
+        analyst.close()
+
+
+async def test_the_timeline_counts_grants_and_ends_per_period(store_url: str) -> None:
+    await _history(store_url)
+    analyst = open_analyst(store_url)
+    try:
+        timeline = analyst.timeline("p", T0, T0 + 2 * 3_600_000_000, 60)
+    finally:
+        analyst.close()
+    first = T0 // 60_000_000
+    # grants, expired, evicted, released, cleared
+    assert [4, 3, 0, 1, 0] == timeline[first]
+    assert [3, 0, 1, 0, 0] == timeline[first + 60]  # frank and erin2 still hold theirs
+
+
+def test_a_report_checks_its_arguments_where_it_is_made() -> None:
+    with pytest.raises(InvalidArgumentError, match="summary, users, tokens, hours"):
+        Report("p", "people")
+    with pytest.raises(InvalidArgumentError, match="leases, hold, evicted"):
+        Report("p", "users", sort="time")
+    with pytest.raises(InvalidArgumentError, match="since must be before until"):
+        Report("p", "users", since=10, until=10)
+    with pytest.raises(InvalidArgumentError, match="limit"):
+        Report("p", "users", limit=0)
+    assert "leases" == Report("p", "users").sort
+
+
+def test_an_empty_summary_says_zero_leases_and_no_percentiles() -> None:
+    (row,) = summarize([]).rows
+    assert (0, None, None) == row[:3]
+
+
+def test_analytics_over_http_as_json_and_csv(tmp_path: object) -> None:
+    url = f"sqlite:///{tmp_path}/a.db"
+    with serving("--dsn", url, "--size", "2") as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        with httpx.Client(base_url=base, timeout=10) as api:
+            for user in ("=cmd", "bob", "carol"):
+                api.post("/api/tokens/activate", json={"user_id": user})
+            api.post("/api/tokens/clear")
+            body = api.get("/api/analytics/users", params={"limit": 2}).json()["data"]
+            assert 2 == len(body["rows"]) and 2 == body["next_cursor"]
+            assert {"user_id", "leases", "evicted"} <= set(body["columns"])
+            since = "2000-01-01T00:00:00Z"
+            text = api.get(
+                "/api/pools/default/analytics/users", params={"format": "csv", "since": since}
+            ).text
+            rows = list(csv.reader(io.StringIO(text)))
+            assert "user_id" == rows[0][0]
+            assert {"'=cmd", "bob", "carol"} == {r[0] for r in rows[1:]}
+            summary = api.get("/api/analytics/summary").json()["data"]["rows"][0]
+            assert 3 == summary["leases"] and 1 == summary["evicted"]
+            assert (422, "INVALID") == error_of(api.get("/api/analytics/people"))
+            assert (422, "INVALID") == error_of(api.get("/api/analytics/users?since=yesterday"))
+            assert (404, "UNKNOWN") == error_of(api.get("/api/pools/nope/analytics/users"))
+
+
+def test_a_memory_only_server_says_it_keeps_no_history() -> None:
+    with (
+        serving("--dsn", "memory") as server,
+        httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=10) as api,
+    ):
+        status, code = error_of(api.get("/api/analytics/summary"))
+        assert (404, "NOTKEPT") == (status, code)
+        assert "keeps no history" in api.get("/api/analytics/users").json()["error"]["message"]
+
+
+def _all_reports(analyst: Any) -> list[Any]:
+    day = 86_400_000_000
+    ranges = [
+        (T0, T0 + 3 * 3_600_000_000),  # whole hours
+        (T0 + 100_000, T0 + 3_600_000_000 + 5),  # edges of hours only
+        (T0 - 2 * day, T0 + 2 * day),  # whole days
+        (T0 - day // 2, T0 + day + 7),  # a whole day between two partial ones
+    ]
+    out = []
+    for since, until in ranges:
+        for kind, sort in (("summary", "leases"), ("users", "evicted"), ("tokens", "hold")):
+            out.append(analyst.report("p", kind, sort, since, until, 10, 0))
+        out.append(analyst.report("p", "hours", "time", since, until, 10, 0))
+    return out
+
+
+async def test_the_summary_tables_change_no_report(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reports are the same read from the history alone, from the summary tables, and
+    from both (rolled up part of the way, a few rows at a time)."""
+    from tokenpool._store import analytics
+
+    await _history(store_url)
+    analyst = open_analyst(store_url)
+    try:
+        raw = _all_reports(analyst)
+        monkeypatch.setattr(analytics, "ROLL_CHUNK", 2)
+        monkeypatch.setattr(analytics, "ROLL_CHUNK_SQLITE", 2)
+        assert 5 == analyst.roll("p")
+        assert 0 == analyst.roll("p")
+        rolled = _all_reports(analyst)
+        assert _same(raw, rolled)
+        later = tokenpool.Clock(START + timedelta(hours=1, minutes=5))
+        async with tokenpool.open_pool(size=2, ttl=60, store=store_url, clock=later, name="p"):
+            pass  # frank and erin2 expire meanwhile: history not rolled up yet
+        mixed = _all_reports(analyst)
+        assert 7 == mixed[0].rows[0][0]  # 5 rolled up, 2 not
+        assert 2 == analyst.roll("p")
+        assert _same(mixed, _all_reports(analyst))
+    finally:
+        analyst.close()
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    for x, y in zip(a, b, strict=True):
+        assert x.columns == y.columns and x.next_cursor == y.next_cursor
+        for r, s in zip(x.rows, y.rows, strict=True):
+            assert (r[0], len(r)) == (s[0], len(s))
+            assert list(r[1:]) == pytest.approx(list(s[1:]), rel=1e-6, abs=1e-5)  # rounded to 1e-6
+    return True
+
+
+@pytest.mark.parametrize("http_workers", ["0", "2"])
+def test_reports_and_series_on_resp_and_through_http_workers(
+    tmp_path: object, http_workers: str
+) -> None:
+    """TP.REPORT and TP.SERIES are requests of the command layer: RESP answers them as
+    JSON, and an HTTP worker (another process, no pools of its own) reaches them through
+    its backend, with the same figures as the server's own."""
+    import json
+
+    import redis
+
+    url = f"sqlite:///{tmp_path}/w.db"
+    with serving("--dsn", url, "--size", "2", "--http-workers", http_workers) as server:
+        client = redis.Redis(port=server.port, decode_responses=True)
+        for user in ("ann", "ben", "cat"):
+            client.execute_command("TP.ACTIVATE", "default", user)
+        client.execute_command("TP.CLEAR", "default")
+        summary = json.loads(
+            client.execute_command("TP.REPORT", "default", "summary", "SINCE", "0")
+        )
+        row = dict(zip(summary["columns"], summary["rows"][0], strict=True))
+        assert 3 == row["leases"] and 1 == row["evicted"] and 2 == row["cleared"]
+        users = json.loads(
+            client.execute_command("TP.REPORT", "default", "USERS", "SINCE", "0", "LIMIT", "2")
+        )
+        assert 2 == len(users["rows"]) and 2 == users["next_cursor"]
+        for bad in (["people"], ["users", "SINCE", "yesterday"], ["users", "LIMIT", "-1"]):
+            with pytest.raises(redis.ResponseError, match=r"INVALID|must be|syntax"):
+                client.execute_command("TP.REPORT", "default", *bad)
+        series = json.loads(client.execute_command("TP.SERIES", "default"))
+        assert 1 == series["step"] and "held" in json.dumps(series["values"])
+        with pytest.raises(redis.ResponseError, match="hour or day"):
+            client.execute_command("TP.SERIES", "default", "week")
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=10) as api:
+            body = api.get("/api/analytics/summary", params={"since": "0"}).json()["data"]
+            assert row == body["rows"][0]
+            day = api.get("/api/series", params={"window": "day"}).json()["data"]
+            assert 60 == day["step"] and set(series["values"]) == set(day["values"])
+            assert (404, "UNKNOWN") == error_of(api.get("/api/pools/nope/series"))
+        client.close()

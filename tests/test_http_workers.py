@@ -1,0 +1,216 @@
+"""``tokenpool serve --http-workers 2``: real worker processes, real signals, real sockets.
+
+(Every HTTP test file also runs through workers with ``TOKENPOOL_HTTP_WORKERS=2`` in the
+environment: the option's variable, which the servers the tests start inherit.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import redis
+
+from tests.chaos import server as chaos_server
+from tests.test_http import free_port, metric
+
+
+def worker_pids(server: chaos_server.Process) -> dict[str, int]:
+    """The workers running now, by name (from the server's log)."""
+    started = {e["worker"]: e["pid"] for e in server.log if e.get("event") == "http_worker_started"}
+    died = {e["worker"] for e in server.log if e.get("event") == "http_worker_died"}
+    return {name: pid for name, pid in started.items() if name not in died}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+@contextmanager
+def workers(*args: str, new_session: bool = False) -> Iterator[chaos_server.Process]:
+    port = free_port()
+    server = chaos_server.start(
+        "--dsn",
+        "memory",
+        "--http-port",
+        str(port),
+        "--http-workers",
+        "2",
+        *args,
+        new_session=new_session,
+    )
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            try:
+                server.stop()
+            except Exception:
+                server.kill()
+
+
+def wait_for(condition: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_activate_through_workers_then_a_killed_worker_is_replaced_and_resp_never_waits() -> None:
+    with workers() as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        lease = httpx.post(f"{base}/api/tokens/activate", json={"user_id": "alice"})
+        assert 200 == lease.status_code
+        assert "alice" == lease.json()["data"]["user_id"]
+        before = worker_pids(server)
+        assert 2 == len(before)
+        victim_name, victim = sorted(before.items())[0]
+        r = redis.Redis(port=server.port, socket_timeout=5)
+        os.kill(victim, signal.SIGKILL)
+        worst = 0.0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # the pools are not the worker's: RESP is unmoved
+            began = time.monotonic()
+            assert r.ping()
+            worst = max(worst, time.monotonic() - began)
+            time.sleep(0.01)
+        assert worst < 0.5
+        wait_for(
+            lambda: len(worker_pids(server)) == 2 and victim not in worker_pids(server).values()
+        )
+        assert any(
+            e.get("event") == "http_worker_died" and e.get("worker") == victim_name
+            for e in server.log
+        )
+        for _ in range(10):  # whichever worker answers
+            with httpx.Client(base_url=base) as client:
+                held = client.get("/api/users/alice/lease")
+                assert 200 == held.status_code
+                assert lease.json()["data"]["id"] == held.json()["data"]["id"]
+        r.close()
+
+
+def test_sigterm_to_the_group_stops_server_and_workers_cleanly() -> None:
+    with workers("--shutdown-timeout", "5", new_session=True) as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        assert 200 == httpx.post(f"{base}/api/tokens/activate", json={"user_id": "a"}).status_code
+        pids = list(worker_pids(server).values())
+        assert 2 == len(pids)
+        began = time.monotonic()
+        server.signal_group(signal.SIGTERM)
+        assert 0 == server.wait(timeout=30)
+        assert time.monotonic() - began < 5
+        wait_for(lambda: not any(alive(p) for p in pids), timeout=5)
+        assert not any(e.get("event") == "http_worker_died" for e in server.log)
+
+
+def test_workers_exit_when_their_parent_is_killed() -> None:
+    with workers() as server:
+        pids = list(worker_pids(server).values())
+        assert 2 == len(pids)
+        server.kill()
+        wait_for(lambda: not any(alive(p) for p in pids), timeout=15)
+
+
+def test_a_foreign_host_and_a_cross_site_post_are_refused_through_workers() -> None:
+    with workers() as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        with httpx.Client(base_url=base) as client:
+            rebound = client.get("/api/tokens", headers={"Host": "attacker.example"})
+            assert (421, "BADHOST") == (rebound.status_code, rebound.json()["error"]["code"])
+            cross = client.post(
+                "/api/tokens/clear",
+                headers={"Origin": "http://evil.example", "Content-Type": "application/json"},
+                content=b"{}",
+            )
+            assert (403, "CROSSSITE") == (cross.status_code, cross.json()["error"]["code"])
+            form = client.post(
+                "/api/tokens/activate",
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+                content=b"user_id=a",
+            )
+            assert (415, "NOTJSON") == (form.status_code, form.json()["error"]["code"])
+            assert "DENY" == client.get("/healthz").headers["x-frame-options"]
+
+
+def test_metrics_count_http_requests_once_and_the_worker_links_not_as_resp() -> None:
+    with workers() as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        with httpx.Client(base_url=base) as client:
+            for user in ("a", "b", "c"):
+                assert (
+                    200 == client.post("/api/tokens/activate", json={"user_id": user}).status_code
+                )
+            assert 422 == client.post("/api/tokens/activate", json={"user_id": "a b"}).status_code
+            text = client.get("/metrics").text
+        # requests executed (a 422 refused before it is executed is an error, not a command)
+        assert 3 == metric(text, "tokenpool_commands_total", transport="http")
+        assert 1 <= metric(text, "tokenpool_error_replies_total", transport="http")
+        assert 4 == metric(
+            text, "tokenpool_request_duration_seconds_count", transport="http", command="activate"
+        )
+        assert 3 == metric(text, "tokenpool_activations_total", pool="default")
+        # the workers' connections to the server are neither RESP clients nor commands
+        assert 0 == metric(text, "tokenpool_connected_clients", transport="resp")
+        assert 0 == metric(text, "tokenpool_commands_total", transport="resp")
+
+
+def test_rate_limits_and_passwords_count_each_http_client_not_the_worker() -> None:
+    with workers("--requirepass", "secret", "--rate-limit", "2", "--rate-limit-burst", "3") as s:
+        base = f"http://127.0.0.1:{s.http_port}"
+        good = {"Authorization": "Bearer secret"}
+        with httpx.Client(base_url=base) as client:
+            assert 401 == client.get("/api/tokens").status_code
+            wrong = client.get("/api/tokens", headers={"Authorization": "Bearer nope"})
+            assert (401, "WRONGPASS") == (wrong.status_code, wrong.json()["error"]["code"])
+            codes = [client.get("/api/tokens", headers=good).status_code for _ in range(6)]
+            assert 429 in codes and 200 in codes
+            text = client.get("/metrics").text
+        assert 1 == metric(text, "tokenpool_auth_failures_total", transport="http")
+        assert 0 == metric(text, "tokenpool_auth_failures_total", transport="resp")
+        assert 1 <= metric(text, "tokenpool_rate_limited_total", transport="http")
+        assert 0 == metric(text, "tokenpool_rate_limited_total", transport="resp")
+
+
+def test_events_stream_through_a_worker() -> None:
+    with workers("--size", "1") as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        with (
+            httpx.Client(base_url=base, timeout=10) as client,
+            client.stream("GET", "/api/events") as stream,
+        ):
+            client.post("/api/tokens/activate", json={"user_id": "a"})
+            client.post("/api/tokens/activate", json={"user_id": "b"})  # evicts a
+            seen: list[str] = []
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    seen.append(line)
+                if len(seen) == 3:
+                    break
+        assert ['"granted"', '"ended"', '"granted"'] == [
+            line.split('"kind": ', 1)[1].split(",", 1)[0] for line in seen
+        ]
+
+
+@pytest.mark.parametrize("size", [17 * 1024])
+def test_a_request_head_past_16_kib_is_refused(size: int) -> None:
+    with workers() as server, socket.create_connection(("127.0.0.1", server.http_port or 0)) as s:
+        s.settimeout(10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * size)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 431")

@@ -1,0 +1,142 @@
+"""Usage analytics: a report over a pool's history in the store (summary, users,
+tokens, hours), by time range, a page at a time (``_store/analytics.py`` holds the SQL).
+
+Not an actor op: a report reads the store only, on a connection of its own, from a
+worker thread, so a long one holds neither the pool nor other reads.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from .._errors import InvalidArgumentError, NotKeptError, TokenPoolError
+from .._log import get_logger
+from .._series import PoolSeries, json_window
+from .._settings import check_name
+from .._store.analytics import LIMIT_MAX, Table, check_report
+from ._base import ITEM_COST, Request
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .._pool import Pools
+    from .connection import Client
+
+log = get_logger("tokenpool.analytics")
+
+DAY_US = 86_400_000_000
+MAX_OFFSET = 1_000_000
+WINDOWS = ("hour", "day")
+"""The furthest page a cursor reaches (an offset into the report's rows)."""
+
+
+class Report(Request):
+    """One page of the ``kind`` report of ``pool`` over the leases that ended in
+    ``[since, until)`` (microseconds since the Unix epoch; by default the last day),
+    ordered by ``sort`` (the report's default when ``None``). ``cursor`` is the
+    ``next_cursor`` of the previous page. Raises ``InvalidArgumentError`` for an
+    unknown report, order or an empty range; ``NotKeptError`` on a server without a
+    store; ``UnavailableError`` past the report's deadline."""
+
+    __slots__ = ("cursor", "kind", "limit", "pool", "since", "sort", "until")
+    name = "analytics"
+
+    def __init__(
+        self,
+        pool: str,
+        kind: str,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+        cursor: int = 0,
+        sort: str | None = None,
+    ) -> None:
+        self.pool = check_name(pool)
+        self.sort = check_report(kind, sort)
+        self.kind = kind
+        if not 1 <= limit <= LIMIT_MAX:
+            raise InvalidArgumentError(f"limit must be 1 to {LIMIT_MAX}, not {limit}")
+        if not 0 <= cursor <= MAX_OFFSET:
+            raise InvalidArgumentError(f"cursor must be 0 to {MAX_OFFSET}, not {cursor}")
+        self.until = until if until is not None else time.time_ns() // 1000
+        self.since = since if since is not None else self.until - DAY_US
+        if self.since >= self.until:
+            raise InvalidArgumentError("since must be before until")
+        self.limit = limit
+        self.cursor = cursor
+
+    @property
+    def cost(self) -> int:  # type: ignore[override]
+        return ITEM_COST * self.limit
+
+    async def run(self, pools: Pools, client: Client) -> Table:
+        pools.get(self.pool)  # UnknownPoolError for a pool not served here
+        analyst = pools.analyst()
+        return await trio.to_thread.run_sync(
+            analyst.report,
+            self.pool,
+            self.kind,
+            self.sort,
+            self.since,
+            self.until,
+            self.limit,
+            self.cursor,
+            abandon_on_cancel=True,
+        )
+
+
+class Series(Request):
+    """The pool's sampled figures over the last ``hour`` (one a second) or ``day`` (one a
+    minute), as the API's JSON object. Raises ``NotKeptError`` where nothing samples
+    them (a server without HTTP, a pool past the sampled ones)."""
+
+    __slots__ = ("pool", "window")
+    name = "series"
+    cost = ITEM_COST * 60
+
+    def __init__(self, pool: str, window: str = "hour") -> None:
+        self.pool = check_name(pool)
+        if window not in WINDOWS:
+            raise InvalidArgumentError(f"the window must be hour or day, not {window[:20]!r}")
+        self.window = window
+
+    async def run(self, pools: Pools, client: Client) -> dict[str, object]:
+        pools.get(self.pool)  # UnknownPoolError for a pool not served here
+        book = pools.series
+        if book is None:
+            raise NotKeptError("this server samples no series (its HTTP side is off)")
+        try:
+            kept = book.of(self.pool)
+        except NotKeptError:
+            if self.pool not in pools.names()[: book.limit]:
+                raise
+            kept = PoolSeries()  # served, not sampled yet (the server just started): all gaps
+        return json_window(self.pool, kept.window(self.window, int(time.time())))
+
+
+ROLL_EVERY = 60.0
+"""Seconds between two roll-ups of the served pools' new history into the summary tables."""
+ROLL_BUDGET = 5.0
+"""Seconds one pool's roll-up may take in one round (a long history is rolled up over
+several rounds; reports are right meanwhile, reading the rest from the history)."""
+
+
+async def keep_rolled_up(pools: Callable[[], Pools | None]) -> None:
+    """Roll the history of every served pool up into the summary tables, soon after start
+    and then every ``ROLL_EVERY`` seconds, in a worker thread, until cancelled."""
+    await trio.sleep(5.0)
+    while True:
+        served = pools()
+        if served is not None and served.store is not None:
+            analyst = served.analyst()
+            for name in served.names():
+                try:
+                    await trio.to_thread.run_sync(
+                        analyst.roll, name, ROLL_BUDGET, abandon_on_cancel=True
+                    )
+                except TokenPoolError as error:
+                    log.warning("analytics_rollup_failed", pool=name, error=str(error))
+        await trio.sleep(ROLL_EVERY)

@@ -1,0 +1,226 @@
+"""An HTTP worker process: the HTTP app on uvicorn (httptools, uvloop), reaching the
+pools through its server's private socket (``RemoteBackend``).
+
+Started by the server's supervisor (``supervisor.py``) as ``python -m
+tokenpool._http.worker``, with the listening HTTP socket inherited and one JSON line
+of settings on standard input. It lives inside its parent's lifecycle:
+
+- it ignores SIGINT and SIGTERM (the group's signals are the parent's to act on);
+- when its standard input ends (the parent closes it to stop the worker, or the
+  parent died and the kernel closed it) it stops: event streams end, no new
+  connection is accepted, requests in flight get ``graceful`` seconds;
+- every second it reports its figures to the server, whose ``/metrics`` (served by
+  every worker) shows them summed, counted once under the HTTP transport.
+
+Bounds (uvicorn's, and two of ours): ``limit_concurrency`` connections and requests
+(503 past it), idle keep-alive connections closed after ``keep_alive`` seconds, a
+request head of at most 16 KiB that must arrive within ``keep_alive`` seconds (431
+or the connection closed; httptools has neither bound), the app's own body bounds
+(64 KiB, ``--idle-timeout``), HTTP/1.1 only (uvicorn speaks no HTTP/2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import anyio
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .._metrics import Latencies
+from .app import HttpApp, HttpSettings
+from .remote import WORKER_USER, RemoteBackend, open_remote_backend
+
+MAX_HEAD = 16 * 1024
+REPORT_EVERY = 1.0
+
+
+class BoundedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bounded request head: at most ``MAX_HEAD``
+    bytes (431), arriving within the keep-alive timeout (else the connection closes:
+    a head sent a byte at a time must not hold a connection for good)."""
+
+    _head = 0
+    _in_head = True
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head and self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.timeout_keep_alive, self._too_slow)
+        self._unset_keepalive_if_required()  # as uvicorn's: a request is coming
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._refuse_framing(str(error))
+            return
+        except httptools.HttpParserUpgrade:
+            pass  # answered in HTTP/1.1: no h2c (uvicorn would only log it for h2c)
+        if self._in_head:
+            self._head += len(data)
+            if self._head > MAX_HEAD and not self.transport.is_closing():
+                self._refuse()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        self._in_head = True
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse(self) -> None:
+        message = f"a request head may have at most {MAX_HEAD} bytes"
+        self._answer(b"431 Request Header Fields Too Large", "TOOLARGE", message)
+
+    def _refuse_framing(self, why: str) -> None:
+        """A request httptools cannot read (its text says why): 400, and the connection
+        closed, as the app's BADFRAMING (RFC 9112 §6.1: both framings, a smuggling shape)."""
+        if "Content-Length" in why and "Transfer-Encoding" in why:
+            message = "a request may not have both Content-Length and Transfer-Encoding"
+            self._answer(b"400 Bad Request", "BADFRAMING", message)
+        else:
+            self._answer(b"400 Bad Request", "BADREQUEST", f"a malformed request: {why[:100]}")
+
+    def _answer(self, status: bytes, code: str, message: str) -> None:
+        if self.transport.is_closing():
+            return
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        self.transport.write(
+            b"HTTP/1.1 %b\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (status, len(body), body)
+        )
+        self.transport.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, without its signal handlers (this process ignores the group's signals),
+    telling its parent on standard output once it accepts connections."""
+
+    def capture_signals(self) -> Any:
+        return contextlib.nullcontext()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        with contextlib.suppress(OSError):  # the parent stops reading once told
+            os.write(1, b"ready\n")
+
+
+def _figures(app: HttpApp) -> dict[str, Any]:
+    return {
+        "requests": app.requests,
+        "errors": app.errors,
+        "in_flight": app.in_flight,
+        "streams": app.streams,
+        "latencies": app.latencies.series("http"),
+    }
+
+
+async def _report(backend: RemoteBackend, app: HttpApp, worker: str) -> None:
+    while True:
+        await anyio.sleep(REPORT_EVERY)
+        try:
+            await backend.report(worker, _figures(app))
+        except Exception:  # the server is starting or stopping: the next report says it
+            continue
+
+
+async def _serve(config: dict[str, Any], sock: socket.socket) -> None:
+    s = config["settings"]
+    settings = HttpSettings(
+        host=s["host"],
+        port=s["port"],
+        max_streams=s["max_streams"],
+        keep_alive=s["keep_alive"],
+        graceful=s["graceful"],
+        certfile=s["certfile"],
+        keyfile=s["keyfile"],
+        allowed_hosts=None if s["allowed_hosts"] is None else frozenset(s["allowed_hosts"]),
+        idle_timeout=s["idle_timeout"],
+    )
+    app = HttpApp(settings, Latencies())
+    uv = uvicorn.Config(
+        app.asgi,
+        http=BoundedHttpTools,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        date_header=True,
+        timeout_keep_alive=max(1, round(settings.keep_alive)),
+        timeout_graceful_shutdown=max(1, round(settings.graceful)),
+        limit_concurrency=config["limit_concurrency"],
+        backlog=1024,
+        ssl_certfile=settings.certfile,
+        ssl_keyfile=settings.keyfile,
+    )
+    server = _Server(uv)
+    url = f"unix://{WORKER_USER}:{config['secret']}@{config['link']}"
+    async with open_remote_backend(
+        url, config["default_pool"], auth_delay=config["auth_delay"]
+    ) as backend:
+        app.attach_backend(backend)
+        backend.worker = config["worker"]
+        backend.figures = lambda: _figures(app)
+        loop = asyncio.get_running_loop()
+
+        def parent_said() -> None:
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                data = b""
+            if not data:  # the parent closed our stdin (stop), or died
+                loop.remove_reader(0)
+                app.close()
+                server.should_exit = True
+
+        loop.add_reader(0, parent_said)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_report, backend, app, config["worker"])
+            await server.serve(sockets=[sock])
+            tg.cancel_scope.cancel()
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 0  # the parent went away before telling us anything
+    config = json.loads(line)
+    from .._cli import configure_logging
+
+    configure_logging(config["log_level"], config["log_format"])
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    sock = socket.socket(fileno=config["fd"])
+    import uvloop
+
+    uvloop.run(_serve(config, sock))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

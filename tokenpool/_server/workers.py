@@ -1,0 +1,158 @@
+"""The server's side of its HTTP workers: a private RESP listener on a Unix socket.
+
+HTTP worker processes (``tokenpool serve --http-workers N``) reach the pools through
+the client library over this socket, with three commands only they may send:
+
+- ``AUTH tokenpool-worker <secret>``: the per-run secret the parent handed its workers
+  (on this socket ``AUTH`` takes nothing else; a connection starts unauthenticated
+  whatever ``--requirepass`` says);
+- ``VIA <peer> <bearer> <command...>``: run a pool command for an HTTP client at
+  ``peer`` with the password ``bearer`` (``""``: none). It is admitted, rate-limited
+  and counted for that address and under the HTTP transport, so a client's budgets
+  are the same whichever worker serves it, and a failed password is counted once
+  (answered at once: the worker makes the client wait the delay, not this
+  connection, which other requests share). The reply is the command layer's
+  neutral result, pickled (base64): the parent trusts its own results, never a
+  worker's bytes, which arrive as RESP arguments parsed by the command table.
+- ``WORKER READY``, ``WORKER METRICS [<id> <json>]``, ``WORKER REPORT <id> <json>``:
+  the server's readiness (JSON) and Prometheus text (with the scraping worker's
+  figures first), and a worker's own figures (every second).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import pickle
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .._commands import Client, TokenList
+from .._errors import TokenPoolError
+from .._resp import OK, Error
+from . import argv as table
+from .replies import error_reply
+from .session import CONNECTION, Action, Handler, Pending, Planner, Session
+
+WORKER_USER = "tokenpool-worker"
+VIA = "VIA"
+
+
+class WorkerLink:
+    """What the worker listener needs of the parent: its secret, readiness, metrics, and
+    where the workers' figures go."""
+
+    def __init__(
+        self,
+        secret: str,
+        readiness: Callable[[], Awaitable[tuple[bool, dict[str, str]]]],
+        metrics: Callable[[bool], Awaitable[bytes]],
+        report: Callable[[str, dict[str, Any]], None],
+    ) -> None:
+        self.secret = secret
+        self.readiness = readiness
+        self.metrics = metrics
+        self.report = report
+
+
+def via_reply(result: Any) -> bytes:
+    """A neutral result as ``VIA``'s reply (a token listing's id lookup made plain)."""
+    if type(result) is TokenList:
+        names = {slot: result.names(slot) for slot, _ in result.items}
+        result = TokenList(list(result.items), names.__getitem__, result.cursor)
+    return base64.b64encode(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _link(p: Planner) -> WorkerLink:
+    link = p.worker
+    assert isinstance(link, WorkerLink)
+    return link
+
+
+def _auth(p: Planner, session: Session, args: list[str]) -> Any:
+    if len(args) == 2 and args[0] == WORKER_USER:
+        given = args[1].encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(given, _link(p).secret.encode()):
+            session.client.authed = True
+            session.client.user = WORKER_USER
+            return OK
+    return Error("WRONGPASS", "this socket is for the server's own HTTP workers")
+
+
+def _is_worker(session: Session) -> bool:
+    return session.client.user == WORKER_USER
+
+
+def _via(p: Planner, session: Session, args: list[str]) -> Any:
+    if not _is_worker(session):
+        return Error("NOPERM", "VIA is for the server's own HTTP workers")
+    peer, bearer, inner = args[0], args[1], args[2:]
+    name = inner[0].upper()
+    if name not in table.KEYED and name != "POOL":
+        return Error("ERR", f"VIA runs pool commands, not {inner[0][:40]!r}")
+    client = Client(peer, "http", p.commands.settings)
+    if bearer:
+        try:
+            p.gate.check_password(client, None, bearer)
+        except TokenPoolError as error:
+            return error_reply(error)
+    saved = session.client
+    session.client = client
+    try:
+        plan = p.plan(inner, session)
+    finally:
+        session.client = saved
+    kind = type(plan)
+    if kind is Pending:
+        return Pending(plan.request, plan.core, VIA)
+    if kind is Action:
+        run = plan.run
+
+        async def pickled() -> Any:
+            return via_reply(await run())
+
+        return Action(pickled)
+    return plan  # an error reply
+
+
+def _worker(p: Planner, session: Session, args: list[str]) -> Any:
+    if not _is_worker(session):
+        return Error("NOPERM", "WORKER is for the server's own HTTP workers")
+    link = _link(p)
+    sub = args[0].upper()
+    if sub == "READY" and len(args) == 1:
+
+        async def ready() -> Any:
+            ok, reasons = await link.readiness()
+            return json.dumps({"ready": ok, "reasons": reasons})
+
+        return Action(ready)
+    if sub == "METRICS" and len(args) in (1, 3):
+        fresh = len(args) == 3
+        if fresh:  # the scraping worker's own figures first, so they are current
+            try:
+                link.report(args[1][:64], json.loads(args[2]))
+            except ValueError:
+                return Error("ERR", "WORKER METRICS takes JSON")
+
+        async def metrics() -> Any:
+            return await link.metrics(fresh)
+
+        return Action(metrics)
+    if sub == "REPORT" and len(args) == 3:
+        try:
+            figures = json.loads(args[2])
+        except ValueError:
+            return Error("ERR", "WORKER REPORT takes JSON")
+        link.report(args[1][:64], figures)
+        return OK
+    return Error("ERR", "WORKER READY | METRICS [<id> <json>] | REPORT <id> <json>")
+
+
+WORKER_COMMANDS: dict[str, tuple[int, int, Handler, str]] = {
+    **CONNECTION,
+    "AUTH": (2, 2, _auth, "AUTH tokenpool-worker <secret>"),
+    VIA: (3, 64, _via, "VIA <peer> <bearer> <command...>: a pool command for an HTTP client"),
+    "WORKER": (1, 3, _worker, "WORKER READY | METRICS | REPORT <id> <json>"),
+}
