@@ -170,6 +170,10 @@ def test_three_nodes_route_every_pool_to_its_owner(pg_url: str) -> None:
         with nodes[1].client() as r:
             info = r.info("cluster")
             assert 1 == info["cluster_enabled"] and "ok" == info["cluster_state"]
+            assert {"n1", "n2", "n3"} == {
+                k.removeprefix("member_") for k in info if k.startswith("member_")
+            }
+            assert SLOTS == sum(int(info[f"member_n{i}"]["slots"]) for i in (1, 2, 3))
             assert "cluster" == r.info("server")["redis_mode"]
             assert "n2" == text(r.execute_command("CLUSTER", "MYID"))
         pool = pools[0]
