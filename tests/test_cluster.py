@@ -176,6 +176,17 @@ def test_three_nodes_route_every_pool_to_its_owner(pg_url: str) -> None:
             assert SLOTS == sum(int(info[f"member_n{i}"]["slots"]) for i in (1, 2, 3))
             assert "cluster" == r.info("server")["redis_mode"]
             assert "n2" == text(r.execute_command("CLUSTER", "MYID"))
+            lines = text(r.execute_command("CLUSTER", "NODES")).splitlines()
+            assert 3 == len(lines)
+            mine = next(line.split() for line in lines if "myself" in line)
+            assert ["n2", f"127.0.0.1:{nodes[1].port}@{nodes[1].port + 10000}"] == mine[:2]
+            assert "myself,master" == mine[2] and "connected" == mine[7]
+            shards = r.execute_command("CLUSTER", "SHARDS")
+            assert 3 == len(shards)
+            bounds = [shard.get("slots", shard.get(b"slots")) for shard in shards]
+            assert SLOTS == sum(
+                sum(b - a + 1 for a, b in zip(s[::2], s[1::2], strict=True)) for s in bounds
+            )
         pool = pools[0]
         home = owner(nodes, pool)
         other = next(n for n in nodes if n is not home)
