@@ -21,6 +21,7 @@ import trio
 from redis.exceptions import ClusterDownError, MovedError, RedisClusterException, TryAgainError
 
 import tokenpool
+from tests.chaos.cluster import Cluster
 from tests.chaos.runs import _overlaps
 from tests.chaos.server import Process, free_port, start, stored_leases
 from tokenpool._cli import main
@@ -169,8 +170,23 @@ def test_three_nodes_route_every_pool_to_its_owner(pg_url: str) -> None:
         with nodes[1].client() as r:
             info = r.info("cluster")
             assert 1 == info["cluster_enabled"] and "ok" == info["cluster_state"]
+            assert {"n1", "n2", "n3"} == {
+                k.removeprefix("member_") for k in info if k.startswith("member_")
+            }
+            assert SLOTS == sum(int(info[f"member_n{i}"]["slots"]) for i in (1, 2, 3))
             assert "cluster" == r.info("server")["redis_mode"]
             assert "n2" == text(r.execute_command("CLUSTER", "MYID"))
+            lines = text(r.execute_command("CLUSTER", "NODES")).splitlines()
+            assert 3 == len(lines)
+            mine = next(line.split() for line in lines if "myself" in line)
+            assert ["n2", f"127.0.0.1:{nodes[1].port}@{nodes[1].port + 10000}"] == mine[:2]
+            assert "myself,master" == mine[2] and "connected" == mine[7]
+            shards = r.execute_command("CLUSTER", "SHARDS")
+            assert 3 == len(shards)
+            bounds = [shard.get("slots", shard.get(b"slots")) for shard in shards]
+            assert SLOTS == sum(
+                sum(b - a + 1 for a, b in zip(s[::2], s[1::2], strict=True)) for s in bounds
+            )
         pool = pools[0]
         home = owner(nodes, pool)
         other = next(n for n in nodes if n is not home)
@@ -324,6 +340,60 @@ def test_drain_gives_every_slot_to_the_other_nodes(pg_url: str) -> None:
         )
         with owner(nodes, pool, ask=others).client() as r:
             assert alice["id"] == fields(r.execute_command("TP.LEASE", pool, "alice"))["id"]
+
+
+def test_sigterm_hands_the_slots_over_and_exits_0(pg_url: str) -> None:
+    """A node stopped normally (SIGTERM) drains (its pools written, then released),
+    leaves the cluster and exits 0; the others serve its pools at once, with no wait
+    for its lease to run out."""
+    with cluster(pg_url, 2) as nodes:
+        pool = "printers"
+        home = owner(nodes, pool)
+        other = next(n for n in nodes if n is not home)
+        with home.client() as r:
+            r.execute_command("POOL", "CREATE", pool, "SIZE", 2, "TTL", 600)
+            alice = fields(r.execute_command("TP.ACTIVATE", pool, "alice"))
+        assert home.process is not None
+        stopped = time.monotonic()
+        assert 0 == home.process.stop()
+        assert any(e.get("event") == "cluster_left" for e in home.process.log)
+        with other.client() as r:
+            lease = eventually(
+                lambda: fields(r.execute_command("TP.LEASE", pool, "alice")), 10, "served"
+            )
+        assert alice["id"] == lease["id"]
+        assert time.monotonic() - stopped < VALIDITY + 2 * RENEW
+        assert str(SLOTS) == other.info()["tokenpool_slots_served"]
+
+
+def test_a_cluster_that_loses_its_database_stops_then_serves_again(
+    pg_cluster: Cluster, cluster_url: str
+) -> None:
+    """PostgreSQL stopped: past the validity no node serves (no lease can be shown, so
+    none grants or vouches); started again: the nodes join again as new incarnations,
+    take the slots over and serve the pools recovered from the store."""
+    with cluster(cluster_url, 2, "--write-timeout", "1") as nodes:
+        pool = "badges"
+        home = owner(nodes, pool)
+        with home.client() as r:
+            r.execute_command("POOL", "CREATE", pool, "SIZE", 2, "TTL", 600)
+            alice = fields(r.execute_command("TP.ACTIVATE", pool, "alice"))
+        pg_cluster.stop("immediate")
+        try:
+            time.sleep(VALIDITY + 0.5)
+            for node in nodes:
+                with node.client() as r:
+                    for ask in (("TP.LEASE", pool, "alice"), ("TP.ACTIVATE", pool, "bob")):
+                        with pytest.raises(redis.ResponseError):
+                            r.execute_command(*ask)
+        finally:
+            pg_cluster.start()
+
+        def served() -> dict[str, str] | None:
+            with owner(nodes, pool).client() as r:
+                return fields(r.execute_command("TP.LEASE", pool, "alice"))
+
+        assert alice["id"] == eventually(served, 30, "served again")["id"]
 
 
 def test_cluster_commands_say_cluster_mode_is_off_without_a_node_id(tmp_path: Any) -> None:

@@ -36,9 +36,9 @@ def cluster_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Re
         ],
         stdout=subprocess.DEVNULL,
     )
-    r = redis.Redis(port=port, socket_timeout=5)
+    r = redis.Redis(port=port, socket_timeout=30)
     try:
-        for _ in range(100):
+        for _ in range(400):  # up to 20 s: the machine may be busy
             try:
                 r.ping()
                 break

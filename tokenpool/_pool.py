@@ -848,10 +848,12 @@ class Pools:
                 await self._link.drop_pool(writer.key)
             return ended
 
-    async def release(self, name: str) -> None:
+    async def release(self, name: str, *, wait: bool = True) -> None:
         """Stop serving a pool and give up its ownership in the store, keeping its
         leases there (cluster mode: its slot moves to another node, which recovers it).
-        Requests queued are answered first; later ones find no pool here."""
+        Requests queued are answered first; later ones find no pool here. ``wait``: for
+        the store process to write what the pool has pending and release it (else it
+        does so when it can: the node's lease ran out, the store may be down)."""
         async with self._lock:
             pool = self._pools.get(name)
             if pool is None:
@@ -859,7 +861,9 @@ class Pools:
             pool._core.closed = True
             await self._stop(name)
             writer = pool._core.writer
-            if self._link is not None and writer is not None:
+            if self._link is not None and writer is not None and not wait:
+                self._link.forget_pool(writer.key)
+            elif self._link is not None and writer is not None:
                 try:
                     await self._link.release_pool(writer.key)
                 except TokenPoolError as error:

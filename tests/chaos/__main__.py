@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from . import lifecycle, runs
+from . import lifecycle, nodes, runs
 from .history import Workload
 
 RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
@@ -63,6 +63,12 @@ RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
         clear=max(5_000, min(50_000, a.operations // 4)),
     ),
     "clock": lambda a: runs.clock_run(_workload(a), dsn=a.dsn),
+    "cluster-sync": lambda a: nodes.cluster_run(
+        a.clients, a.operations, dsn=a.dsn, durability="sync"
+    ),
+    "cluster-async": lambda a: nodes.cluster_run(
+        a.clients, a.operations, dsn=a.dsn, durability="async"
+    ),
 }
 
 

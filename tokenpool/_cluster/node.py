@@ -336,6 +336,11 @@ class ClusterNode:
         """Open the pools of ``slots`` (recovered from the store), then serve them."""
         started = trio.current_time()
         try:
+            # A pool of these slots still open here is stale (created while its slot was
+            # being given up): the store has the truth, recover it from there.
+            for name in self.pools.names():
+                if slot_of(name) in slots:
+                    await self.pools.release(name)
             link = await self.pools._start_link()
             assert link is not None
             names = [n for n in await link.list_pools() if slot_of(n) in slots]
@@ -378,10 +383,11 @@ class ClusterNode:
 
     async def _close_all(self) -> None:
         """The lease ran out: stop serving everything and close every pool (what they
-        have pending is written if the store still takes it from us)."""
+        have pending is written if the store still takes it from us, without waiting
+        for it: the database may be down)."""
         self.serving.clear()
         for name in self.pools.names():
-            await self.pools.release(name)
+            await self.pools.release(name, wait=False)
         self.owned.clear()
         self.owners = [None if o == self.id else o for o in self.owners]
         self.version = -1

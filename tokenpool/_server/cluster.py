@@ -112,6 +112,12 @@ def _fields(node: ClusterNode) -> dict[str, object]:
         "tokenpool_renewals": node.renewals,
         "tokenpool_renew_failures": node.renew_failures,
     }
+    for view in views:  # each member: where it is, its state and what it owns
+        fields[f"member_{view.id}"] = (
+            f"address={view.address},state={view.state},live={int(view.live)},"
+            f"slots={sum(b - a + 1 for a, b in view.ranges)},"
+            f"heartbeat_ms={int(view.heartbeat_age * 1000)}"
+        )
     return fields
 
 

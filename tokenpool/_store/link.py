@@ -84,6 +84,7 @@ class StoreLink:
         self._next_request = 0
         self._replies: dict[int, list[Any]] = {}
         self._reply_events: dict[int, trio.Event] = {}
+        self._unawaited: set[int] = set()  # requests whose reply nobody waits for
         self._outbox: deque[tuple[Any, ...]] = deque()
         self._wakeup = trio.Event()
         self._stall_wakeup = trio.Event()
@@ -336,6 +337,24 @@ class StoreLink:
             if writer is not None:
                 self._lost_dropped += writer.lost
 
+    def forget_pool(self, key: int) -> None:
+        """``release_pool`` without waiting (cluster mode, the node's lease ran out and
+        the store may be down): the store process writes what it holds for the pool,
+        then releases it, whenever it can; nothing here waits for it."""
+        writer = self.writers.pop(key, None)
+        if writer is not None:
+            self._lost_dropped += writer.lost
+        if self._dead:
+            return
+        if writer is not None:
+            frame = writer.take_unsent()  # what it submitted goes first
+            if frame is not None:
+                self._outbox.append(frame)
+        self._next_request += 1
+        self._unawaited.add(self._next_request)
+        self._outbox.append(("release", self._next_request, key))
+        self.wake()
+
     # -- tasks ------------------------------------------------------------------
 
     async def _send(self) -> None:
@@ -400,6 +419,9 @@ class StoreLink:
                 writer.acknowledged(message[2], message[3], message[4:])
         elif kind == "reply":
             event = self._reply_events.pop(message[1], None)
+            if event is None and message[1] in self._unawaited:
+                self._unawaited.discard(message[1])
+                return
             if event is None:  # its caller gave up waiting (deadline): nobody to answer
                 log.warning("store_reply_late", store=self.shown, request=message[1])
                 return
