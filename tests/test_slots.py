@@ -28,27 +28,38 @@ def cluster_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Re
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     folder: Path = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"),
-            *("--dir", str(folder), "--save", "", "--appendonly", "no"),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    r = redis.Redis(port=port, socket_timeout=30)
+    proc: subprocess.Popen[bytes] | None = None
+    r: redis.Redis | None = None
     try:
-        for _ in range(400):  # up to 20 s: the machine may be busy
-            try:
-                r.ping()
+        # A port another test took meanwhile makes the server exit at once: another port.
+        for _attempt in range(5):
+            port = free_port()
+            proc = subprocess.Popen(
+                [
+                    *(binary, "--port", str(port), "--bind", "127.0.0.1"),
+                    *("--cluster-enabled", "yes", "--dir", str(folder)),
+                    *("--save", "", "--appendonly", "no"),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            r = redis.Redis(port=port, socket_timeout=30, socket_connect_timeout=1, retry=None)
+            deadline = time.monotonic() + 20  # the machine may be busy
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    r.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            if proc.poll() is None:
                 break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        assert proc is not None and r is not None and proc.poll() is None, "no redis-server"
         yield r
     finally:
-        r.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+        if r is not None:
+            r.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 NAMES = st.one_of(
