@@ -230,7 +230,7 @@ def test_reports_and_series_on_resp_and_through_http_workers(
             summary = json.loads(
                 client.execute_command("TP.REPORT", "default", "summary", "SINCE", "0")
             )
-            row = dict(zip(summary["columns"], summary["rows"][0], strict=True))
+            row = summary["rows"][0]  # an object per row, as the HTTP report's
             if row["leases"] == 3 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -239,16 +239,33 @@ def test_reports_and_series_on_resp_and_through_http_workers(
             client.execute_command("TP.REPORT", "default", "USERS", "SINCE", "0", "LIMIT", "2")
         )
         assert 2 == len(users["rows"]) and 2 == users["next_cursor"]
-        for bad in (["people"], ["users", "SINCE", "yesterday"], ["users", "LIMIT", "-1"]):
+        for bad in (
+            ["people"],
+            ["users", "SINCE", "yesterday"],
+            ["users", "LIMIT", "-1"],
+            *(["summary", "SINCE", t] for t in ("1_000", "\u0663", "+5", "1e9", "nan", "-5")),
+            ["summary", "UNTIL", "999999999999"],
+            ["summary", "CURSOR", "9" * 30],
+        ):
             with pytest.raises(redis.ResponseError, match=r"INVALID|must be|syntax"):
                 client.execute_command("TP.REPORT", "default", *bad)
         series = json.loads(client.execute_command("TP.SERIES", "default"))
         assert 1 == series["step"] and "held" in json.dumps(series["values"])
         with pytest.raises(redis.ResponseError, match="hour or day"):
             client.execute_command("TP.SERIES", "default", "week")
+        for name in ("TP.REPORT", "TP.SERIES"):  # a store query is never flagged fast
+            reply = client.execute_command("COMMAND", "INFO", name)  # redis-py: by name
+            flags = reply[name.lower()]["flags"]
+            assert "fast" not in flags and "readonly" in flags, reply
         with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=10) as api:
             body = api.get("/api/analytics/summary", params={"since": "0"}).json()["data"]
             assert row == body["rows"][0]
+            for since in ("1_000", "\u0663", "+5", "1e9"):
+                response = api.get("/api/analytics/summary", params={"since": since})
+                assert (422, "INVALID") == error_of(response), since
+                assert "Unix seconds" in response.json()["error"]["message"]
+            response = api.get("/api/analytics/summary", params={"until": "0"})
+            assert "since must be before until" == response.json()["error"]["message"]
             day = api.get("/api/series", params={"window": "day"}).json()["data"]
             assert 60 == day["step"] and set(series["values"]) == set(day["values"])
             assert (404, "UNKNOWN") == error_of(api.get("/api/pools/nope/series"))

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenpool._history import ENTRY_BYTES, EndedLog
-from tokenpool._model import END, REV, EndRecord, Reason
+from tokenpool._model import END, REV, SLOT, USER, EndRecord, Reason
 
 _US = st.integers(min_value=0, max_value=2**62)
 _lease_ids = st.one_of(
@@ -57,7 +57,8 @@ def test_the_log_keeps_what_a_dict_keeps(steps: list[tuple[str, int, object]]) -
             model[rev] = ended
         else:
             oldest = sorted(model)[:n]
-            assert log.drop_oldest(n) == [model.pop(r) for r in oldest]
+            gone = [model.pop(r) for r in oldest]
+            assert log.drop_oldest(n) == [(e[REV], e[SLOT], e[USER]) for e in gone]
         assert len(log) == len(model)
         for r, ended in model.items():
             assert log.get(r) == ended

@@ -302,3 +302,43 @@ def test_an_event_stream_whose_reader_stops_reading_ends_and_frees_its_slot() ->
             stuck.close()
             r.close()
             assert 0 == subscribers(client), "a reader that stopped reading kept its subscription"
+
+
+# -- heads, Host and JSON, as a reviewer sent them ------------------------------------------
+
+
+def test_a_head_past_16_kib_in_one_write_is_431_and_two_hosts_are_400() -> None:
+    """Both HTTP servers: a head (target and headers) that arrives whole in one read is
+    held to the same 16 KiB as one that trickles in; more than one Host is a 400 (a proxy
+    routing on another one than the check reads would make the Host check moot)."""
+    with serving("--dsn", "memory") as server:
+        port = server.http_port or 0
+        for head in (
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: %s\r\n\r\n" % (b"a" * 20_000),
+            b"GET /healthz?q=%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % (b"b" * 20_000),
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+            + b"".join(b"X-H%d: %s\r\n" % (i, b"c" * 60) for i in range(300))
+            + b"\r\n",
+        ):
+            received, _ = raw(port, head, wait=2.0)
+            assert received.startswith(b"HTTP/1.1 431"), received[:100]
+            assert b"HEADTOOLARGE" in received
+        two = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n"
+        received, _ = raw(port, two, wait=2.0)
+        assert received.startswith(b"HTTP/1.1 400"), received[:100]  # h11 refuses it itself
+        fine = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Ok: %s\r\n\r\n" % (b"d" * 8000)
+        received, _ = raw(port, fine, wait=1.0)
+        assert received.startswith(b"HTTP/1.1 200"), received[:100]
+
+
+def test_a_body_that_is_not_json_is_said_so_in_words() -> None:
+    with api() as client:
+        for body in (b'{"user_id":', b'{"user_id": "x", '):
+            response = client.post(
+                "/api/tokens/activate",
+                content=body,
+                headers={"Content-Type": "application/json"},
+            )
+            assert (422, "INVALID") == error_of(response)
+            message = response.json()["error"]["message"]
+            assert message.startswith("the body is not valid JSON at character"), message

@@ -38,12 +38,17 @@ object's header, the packed numbers, the raw lease id, the list slot, the revisi
 def _pack(ended: EndRecord) -> bytes:
     lease_id: str = ended[ID]
     raw = b""
-    if len(lease_id) == 36:
+    # Canonical UUID text (what the pool makes and the stores give back) is kept as its
+    # 16 bytes; anything else as its text, so it reads back exactly as it was.
+    if (
+        len(lease_id) == 36
+        and lease_id[8] == lease_id[13] == lease_id[18] == lease_id[23] == "-"
+        and lease_id.count("-") == 4
+        and not any(c in lease_id for c in "ABCDEF")
+    ):
         try:
             raw = bytes.fromhex(lease_id.replace("-", ""))
         except ValueError:
-            raw = b""
-        if raw and uuid_text(raw) != lease_id:  # not canonical: keep the text as it is
             raw = b""
     body = raw if raw else lease_id.encode()
     return (
@@ -73,6 +78,15 @@ def _unpack(rev: int, packed: bytes) -> EndRecord:
     return (END, lease_id, slot, user, fence, start, stop, rev, _REASONS[reason])
 
 
+def _slot_user(packed: bytes) -> tuple[int, str]:
+    slot, id_length = _SLOT_AND_ID.unpack_from(packed, 24)
+    at = _HEAD.size + (16 if id_length == _RAW_ID else id_length)
+    return slot, packed[at:].decode()
+
+
+_SLOT_AND_ID = Struct("=i1xH")  # the head's slot, (reason), id length: from byte 24
+
+
 class EndedLog:
     """Ended leases in revision order, the oldest dropped first (amortised O(1))."""
 
@@ -98,12 +112,13 @@ class EndedLog:
             raise KeyError(rev)
         return _unpack(rev, self._entries[i])
 
-    def drop_oldest(self, count: int) -> list[EndRecord]:
-        """Forget the ``count`` oldest entries; returns them, oldest first."""
+    def drop_oldest(self, count: int) -> list[tuple[int, int, str]]:
+        """Forget the ``count`` oldest entries; returns their (revision, slot, user),
+        oldest first (what the indexes need; the rest is not decoded)."""
         start = self._first
         stop = min(start + count, len(self._revs))
         revs, entries = self._revs, self._entries
-        dropped = [_unpack(revs[i], entries[i]) for i in range(start, stop)]
+        dropped = [(revs[i], *_slot_user(entries[i])) for i in range(start, stop)]
         for i in range(start, stop):
             entries[i] = b""  # the bytes go now; the slots go at the next compaction
         self._first = stop

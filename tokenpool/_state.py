@@ -903,10 +903,10 @@ class PoolState:
         slots: dict[int, int] = {}
         users: dict[str, int] = {}
         last = 0
-        for ended in history.drop_oldest(len(history) - self.history_memory):
-            slots[ended[SLOT]] = slots.get(ended[SLOT], 0) + _REV_BYTES
-            users[ended[USER]] = users.get(ended[USER], 0) + _REV_BYTES
-            last = ended[REV]
+        for rev, slot, user in history.drop_oldest(len(history) - self.history_memory):
+            slots[slot] = slots.get(slot, 0) + _REV_BYTES
+            users[user] = users.get(user, 0) + _REV_BYTES
+            last = rev
         for slot, n in slots.items():
             entries = self._by_slot[slot]
             del entries[:n]

@@ -7,6 +7,7 @@ worker thread, so a long one holds neither the pool nor other reads.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,32 @@ if TYPE_CHECKING:
 log = get_logger("tokenpool.analytics")
 
 DAY_US = 86_400_000_000
+LAST_SECOND = 253_402_300_799
+"""9999-12-31T23:59:59Z: the latest time a report's range may name (Unix seconds)."""
+_UNIX = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?")
+
+
+def parse_unix_seconds(text: str, what: str) -> int:
+    """Unix seconds as ASCII digits with at most six decimals, as microseconds; anything
+    else (signs, exponents, ``1_000``, other scripts' digits, nan) is refused in words."""
+    shown = text if len(text) <= 30 else text[:30] + "..."
+    if _UNIX.fullmatch(text) is None or not text.isascii():
+        raise InvalidArgumentError(
+            f"{what} must be Unix seconds (ASCII digits, at most six decimals), not {shown!r}"
+        )
+    whole, _, fraction = text.partition(".")
+    return int(whole) * 1_000_000 + int((fraction + "000000")[:6])
+
+
+def check_moment(us: int, what: str) -> int:
+    """A time a report's range may name: 1970 to 9999."""
+    if not 0 <= us <= LAST_SECOND * 1_000_000:
+        raise InvalidArgumentError(
+            f"{what} must be a time from 1970-01-01 to 9999-12-31 (Unix seconds 0 to {LAST_SECOND})"
+        )
+    return us
+
+
 MAX_OFFSET = 1_000_000
 WINDOWS = ("hour", "day")
 """The furthest page a cursor reaches (an offset into the report's rows)."""
@@ -61,8 +88,10 @@ class Report(Request):
             raise InvalidArgumentError(f"limit must be 1 to {LIMIT_MAX}, not {limit}")
         if not 0 <= cursor <= MAX_OFFSET:
             raise InvalidArgumentError(f"cursor must be 0 to {MAX_OFFSET}, not {cursor}")
-        self.until = until if until is not None else time.time_ns() // 1000
-        self.since = since if since is not None else self.until - DAY_US
+        self.until = check_moment(until if until is not None else time.time_ns() // 1000, "until")
+        self.since = check_moment(
+            since if since is not None else max(0, self.until - DAY_US), "since"
+        )
         if self.since >= self.until:
             raise InvalidArgumentError("since must be before until")
         self.limit = limit

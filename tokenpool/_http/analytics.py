@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 
-from .._commands.analytics import Report, Series
+from .._commands.analytics import Report, Series, check_moment, parse_unix_seconds
 from .._errors import InvalidArgumentError, TokenPoolError
+from .._model import to_us
 from .._store.analytics import LIMIT_MAX, REPORTS, Table
 from .routes import Authed
 from .schemas import ErrorCodes, api_error
@@ -34,10 +35,8 @@ def parse_time(value: str | None, what: str) -> int | None:
     """Microseconds since the Unix epoch from ISO 8601 or Unix seconds (``None`` stays)."""
     if value is None or value == "":
         return None
-    try:
-        return int(float(value) * 1_000_000)
-    except ValueError:
-        pass
+    if value[:1].isdigit() and value.isascii() and "-" not in value and ":" not in value:
+        return parse_unix_seconds(value, what)
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -46,7 +45,7 @@ def parse_time(value: str | None, what: str) -> int | None:
         ) from None
     if moment.utcoffset() is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1_000_000)
+    return check_moment(to_us(moment.astimezone(UTC)), what)
 
 
 @router.get(

@@ -119,6 +119,10 @@ SECURITY_HEADERS = [
 ]
 
 
+MAX_HEAD = 16 * 1024
+"""Bytes a request head (its target and headers) may have: 431 past it."""
+
+
 class BrowserGuard:
     """What any web page can make a browser send to a local port, refused (OWASP's
     CSRF and DNS-rebinding sheets):
@@ -143,11 +147,24 @@ class BrowserGuard:
             await self.app(scope, receive, send)
             return
         headers: dict[bytes, bytes] = {}
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        hosts = 0
         for name, value in scope.get("headers", ()):
             headers.setdefault(name, value)
+            size += len(name) + len(value) + 4
+            hosts += name == b"host"
         host = headers.get(b"host", b"").decode("latin-1")
         refusal = None
-        if self.allowed is not None and host_name(host) not in self.allowed:
+        if size > MAX_HEAD:
+            # Whatever the server parsed it with (h11's bound is on an incomplete head
+            # only, httptools has none): one rule for both, after the fact but before
+            # any work.
+            refusal = ("HEADTOOLARGE", f"a request head may have at most {MAX_HEAD} bytes")
+        elif hosts > 1:
+            # RFC 9112 §3.2: more than one Host is a 400; a proxy that routes on another
+            # one than this check reads would make the Host check moot.
+            refusal = ("BADFRAMING", "a request may have one Host header, not several")
+        elif self.allowed is not None and host_name(host) not in self.allowed:
             refusal = (
                 "BADHOST",
                 f"this server does not answer for the host {host[:100]!r}"

@@ -39,6 +39,7 @@ STATUS = {
     "BUSY": 429,
     "COMPACTED": 410,
     "TOOLARGE": 413,
+    "HEADTOOLARGE": 431,
     "BADFRAMING": 400,
     "SLOWBODY": 408,
     "NOTJSON": 415,
@@ -99,6 +100,10 @@ def plain_problem(item: Any) -> str:
     field = ".".join(loc[1:]) if loc and loc[0] in _PLACES else ".".join(loc)
     kind = str(item.get("type", ""))
     ctx = item.get("ctx") or {}
+    if kind == "json_invalid":  # its place is a character offset, not a field
+        where = f" at character {loc[1]}" if len(loc) > 1 and loc[1].isdigit() else ""
+        why = str(ctx.get("error", "")).lower()[:80]
+        return f"the body is not valid JSON{where}" + (f" ({why})" if why else "")
     if not field:  # the body as a whole
         if kind == "missing":
             return "the request needs a JSON body"

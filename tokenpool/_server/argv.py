@@ -41,7 +41,7 @@ from .._commands import (
     UserHistory,
     Validate,
 )
-from .._commands.analytics import Report, Series
+from .._commands.analytics import Report, Series, parse_unix_seconds
 from .._errors import InvalidArgumentError
 from .._settings import (
     BEFORE,
@@ -84,6 +84,8 @@ class Spec:
     args: tuple[Arg, ...] = ()
     write: bool = False
     pooled: bool = True  # False: POOL's subcommands name their pool themselves
+    complexity: str = "O(1) or O(log N); listings O(their length)"
+    slow: bool = False  # may take long (a store query): COMMAND does not flag it fast
 
 
 def _options(args: list[str], allowed: tuple[str, ...], usage: str) -> dict[str, str]:
@@ -136,25 +138,16 @@ _REPORT_USAGE = (
 )
 
 
-def _unix_us(value: str, what: str) -> int:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 <= seconds < 2**53 / 1_000_000:  # nan, inf, negatives and the far future
-        raise InvalidArgumentError(f"{what} must be Unix seconds, not {value[:30]!r}")
-    return round(seconds * 1_000_000)
-
-
 def _report(pool: str, args: list[str]) -> Request:
     opts = _options(args[1:], ("SINCE", "UNTIL", "LIMIT", "CURSOR", "SORT"), _REPORT_USAGE)
-    since = _unix_us(opts["SINCE"], "SINCE") if "SINCE" in opts else None
-    until = _unix_us(opts["UNTIL"], "UNTIL") if "UNTIL" in opts else None
+    since = parse_unix_seconds(opts["SINCE"], "SINCE") if "SINCE" in opts else None
+    until = parse_unix_seconds(opts["UNTIL"], "UNTIL") if "UNTIL" in opts else None
     numbers = {}
     for key, default in (("LIMIT", 100), ("CURSOR", 0)):
         raw = opts.get(key, str(default))
         if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
-            raise InvalidArgumentError(f"{key} must be a whole number, not {raw[:20]!r}")
+            shown = raw if len(raw) <= 20 else raw[:20] + "..."
+            raise InvalidArgumentError(f"{key} must be a whole number, not {shown!r}")
         numbers[key] = int(raw)
     return Report(
         pool, args[0].lower(), since, until, numbers["LIMIT"], numbers["CURSOR"], opts.get("SORT")
@@ -312,12 +305,14 @@ SPECS: tuple[Spec, ...] = (
         "A usage report over the pool's stored history, as JSON",
         (
             Arg("report"),
-            Arg("since", "integer", "SINCE", True),
-            Arg("until", "integer", "UNTIL", True),
+            Arg("since", "double", "SINCE", True),
+            Arg("until", "double", "UNTIL", True),
             Arg("count", "integer", "LIMIT", True),
             Arg("cursor", "integer", "CURSOR", True),
             Arg("order", "string", "SORT", True),
         ),
+        complexity="O(rows in the range) at worst; whole hours and days from the summary tables",
+        slow=True,
     ),
     Spec(
         "SERIES",
@@ -326,6 +321,8 @@ SPECS: tuple[Spec, ...] = (
         _series,
         "The pool's figures a second over the hour, or a minute over the day, as JSON",
         (Arg("window", "string", optional=True),),
+        complexity="O(points in the window): 3,600 or 1,440",
+        slow=True,
     ),
     Spec("STATS", 0, 0, lambda p, a: GetStats(p), "The pool's counters and its store's state"),
     Spec("DBSIZE", 0, 0, lambda p, a: GetStats(p), "The pool's number of tokens"),

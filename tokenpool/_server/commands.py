@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import __version__
 from .._resp import Error, Reply
 from . import argv as table
 from .session import CONNECTION
 
 
 def _flags(spec: table.Spec) -> Any:
-    return ["write", "denyoom"] if spec.write else ["readonly", "fast"]
+    if spec.write:
+        return ["write", "denyoom"]
+    return ["readonly"] if spec.slow else ["readonly", "fast"]
 
 
 def _key_spec(write: bool) -> dict[str, Any]:
@@ -107,9 +110,9 @@ def _docs() -> dict[str, dict[str, Reply]]:
         args: Any = [_arg(a) for a in spec.args]
         base: dict[str, Reply] = {
             "summary": spec.summary,
-            "since": "0.3.0",
+            "since": __version__,
             "group": "generic",
-            "complexity": "O(1) or O(log N); listings O(their length)",
+            "complexity": spec.complexity,
         }
         if spec.pooled:
             out[spec.name.lower()] = {

@@ -153,7 +153,8 @@ def reply_of(result: Any, command: str) -> Any:
             **stats_fields(result.stats),
         }
     if kind is Table:
-        table = {"columns": list(result.columns), "rows": [list(r) for r in result.rows]}
+        rows = [dict(zip(result.columns, r, strict=True)) for r in result.rows]
+        table = {"columns": list(result.columns), "rows": rows}
         return json.dumps({**table, "next_cursor": result.next_cursor}, default=str)
     if kind is dict and command.endswith("SERIES"):
         return json.dumps(result)
