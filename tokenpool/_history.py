@@ -44,7 +44,7 @@ def _pack(ended: EndRecord) -> bytes:
         len(lease_id) == 36
         and lease_id[8] == lease_id[13] == lease_id[18] == lease_id[23] == "-"
         and lease_id.count("-") == 4
-        and not any(c in lease_id for c in "ABCDEF")
+        and lease_id.islower()  # no A-F (an id of digits only is kept as text: harmless)
     ):
         try:
             raw = bytes.fromhex(lease_id.replace("-", ""))
