@@ -24,6 +24,7 @@ import tokenpool
 from tests.chaos.cluster import Cluster
 from tests.chaos.runs import _overlaps
 from tests.chaos.server import Process, free_port, start, stored_leases
+from tests.dbutil import query
 from tokenpool._cli import main
 from tokenpool._cluster.slots import SLOTS, key_slot
 
@@ -224,6 +225,16 @@ def test_a_killed_owner_is_taken_over_within_5_s_with_its_leases(pg_url: str) ->
                 client.pool(pool).hold("carol", renew_every=0.3) as held,
             ):
                 carol = held.lease
+                # The nodes write behind (async): a lease granted just before the kill may
+                # be in the documented window. Kill only once carol's grant is stored.
+                with trio.fail_after(20):
+                    while not await trio.to_thread.run_sync(
+                        query,
+                        pg_url,
+                        "SELECT 1 FROM token_assignments WHERE lease_id = ?",
+                        carol.id,
+                    ):
+                        await trio.sleep(0.05)
                 before = await client.pool(pool).lease_of("alice")  # routed to the owner
                 assert home.process is not None
                 home.process.kill()
