@@ -298,3 +298,37 @@ def test_https_through_workers(tmp_path: Path) -> None:
             lease = c.post("/api/tokens/activate", json={"user_id": "tls"})
             assert 200 == lease.status_code
             assert "tls" == lease.json()["data"]["user_id"]
+
+
+def test_a_reader_that_stops_reading_is_cut_off_past_the_idle_timeout() -> None:
+    """An event stream through a worker whose reader never reads: once its responses sit
+    unread past --idle-timeout, the worker cuts the connection (as nginx's send_timeout),
+    so the request ends and its fd and slot come back before shutdown."""
+    with workers("--size", "1", "--idle-timeout", "1") as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+
+        def http_clients() -> float:  # requests in progress, this scrape one of them
+            with httpx.Client(base_url=base, timeout=10) as api:
+                text = api.get("/metrics").text
+            return metric(text, "tokenpool_connected_clients", transport="http")
+
+        stuck = socket.create_connection(("127.0.0.1", server.http_port or 0))
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+        time.sleep(1.5)
+        assert http_clients() >= 2
+        r = redis.Redis(port=server.port)
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                pipe = r.pipeline(transaction=False)
+                for i in range(2_000):  # each evicts: an ended and a granted event
+                    pipe.execute_command("ACTIVATE", f"u{i}")
+                pipe.execute()
+                time.sleep(2.5)  # past --idle-timeout and the figures' age
+                if http_clients() <= 1:
+                    break
+            assert http_clients() <= 1, "the worker kept a reader that stopped reading"
+        finally:
+            r.close()
+            stuck.close()

@@ -103,6 +103,37 @@ class BoundedHttpTools(HttpToolsProtocol):
             if self._head > MAX_HEAD and not self.transport.is_closing():
                 self._refuse()
 
+    send_timeout = 30.0
+    """Seconds a reader may leave its responses unread (the transport's buffer over its
+    high-water mark) before the connection is cut: --idle-timeout, as nginx's
+    send_timeout. Without it, a stream whose reader stopped kept its connection, its
+    slot and its fd until shutdown."""
+    _stall_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.send_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        super().resume_writing()
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if not self.transport.is_closing():
+            self.transport.abort()  # connection_lost wakes whatever waits to write
+
+    def timeout_keep_alive_handler(self) -> None:
+        # A response its reader never read stays in the buffer, and close() waits to
+        # flush it, for ever: such a connection is cut instead.
+        if not self.transport.is_closing() and self.transport.get_write_buffer_size():
+            self.transport.abort()
+            return
+        super().timeout_keep_alive_handler()
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head = 0
@@ -119,9 +150,10 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        for timer in (self._head_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._stall_timer = None
         super().connection_lost(exc)
 
     def _too_slow(self) -> None:
@@ -198,6 +230,7 @@ async def _serve(config: dict[str, Any], sock: socket.socket) -> None:
         allowed_hosts=None if s["allowed_hosts"] is None else frozenset(s["allowed_hosts"]),
         idle_timeout=s["idle_timeout"],
     )
+    BoundedHttpTools.send_timeout = settings.idle_timeout
     app = HttpApp(settings, Latencies())
     # The app, its routes and the modules live as long as the process: out of the
     # collector's way, full collections stay short (as the server does after recovery).
