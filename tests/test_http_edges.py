@@ -67,7 +67,7 @@ def test_a_chunked_body_within_the_bound_is_read() -> None:
 
 def test_head_answers_on_the_probes_without_a_body() -> None:
     with serving("--dsn", "memory") as server:
-        for path in ("/healthz", "/readyz", "/metrics", "/"):
+        for path in ("/healthz", "/readyz", "/metrics", "/", "/docs", "/redoc"):
             request = f"HEAD {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
             received, _ = raw(server.http_port or 0, request.encode())
             head, _, body = received.partition(b"\r\n\r\n")

@@ -377,7 +377,7 @@ def _offline_docs(api: FastAPI) -> None:
     FastAPI's defaults load them from a CDN, and are blank on a machine with no network."""
     api.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @api.get("/docs", include_in_schema=False)
+    @api.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
     async def docs() -> Response:
         return get_swagger_ui_html(
             openapi_url="/openapi.json",
@@ -387,7 +387,7 @@ def _offline_docs(api: FastAPI) -> None:
             swagger_favicon_url="data:,",
         )
 
-    @api.get("/redoc", include_in_schema=False)
+    @api.api_route("/redoc", methods=["GET", "HEAD"], include_in_schema=False)
     async def redoc() -> Response:
         return get_redoc_html(
             openapi_url="/openapi.json",
