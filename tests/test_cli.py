@@ -358,3 +358,28 @@ def test_out_of_file_descriptors_a_client_is_refused_and_one_json_line_logged() 
     failed = [json.loads(line) for line in err.splitlines() if "accept_failed" in line]
     assert 1 == len(failed), err
     assert "EMFILE" == failed[0]["error"]
+
+
+def test_a_taken_port_is_said_before_the_store_is_touched(tmp_path: Path) -> None:
+    """The RESP port is asked for before recovery: a taken one costs no takeover of the
+    pools (no store process, no epoch bumped), and no HTTP port is bound meanwhile."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [
+                *(sys.executable, "-m", "tokenpool", "serve", "--port", str(port)),
+                *("--dsn", f"sqlite:///{tmp_path}/p.db", "--http-port", "0"),
+                *("--log-format", "json"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert 2 == out.returncode
+    events = [json.loads(line)["event"] for line in out.stderr.splitlines() if line.strip()]
+    assert "cannot_start" in events
+    assert "store_process_started" not in events, events
+    assert not (tmp_path / "p.db").exists()

@@ -40,6 +40,7 @@ from ._metrics import Latencies
 from ._pauses import Pauses
 from ._pool import open_pools
 from ._server import RespServer, RespSettings
+from ._server.server import check_port
 from ._settings import (
     BURST,
     CLUSTER_RENEW,
@@ -720,6 +721,7 @@ async def serve(config: Config) -> int:
 
             outer.start_soon(watch_signals)
             outer.start_soon(pauses.heartbeat)
+            await check_port(config.host, config.port)  # before the pools are taken over
             http_done = trio.Event()
             workers = None
             if http is not None and config.http_workers:

@@ -360,6 +360,15 @@ async def _listen(host: str, port: int) -> list[trio.SocketListener]:
         ) from None
 
 
+async def check_port(host: str, port: int) -> None:
+    """Raise ``_listen``'s error now if ``host:port`` cannot be listened on (the CLI asks
+    before it recovers the pools, which takes them over and bumps their epoch: a taken
+    port should cost nothing). The real listeners are opened later; port 0 is not asked."""
+    if port:
+        for listener in await _listen(host, port):
+            await listener.aclose()
+
+
 async def _listen_unix(path: str) -> trio.SocketListener:
     """A listener on a Unix socket at ``path`` (replacing a stale one)."""
     import socket as stdlib_socket
