@@ -144,6 +144,9 @@ HISTORY_LIMIT: Final = Range("limit", 1, 10_000)
 """History entries one page returns."""
 PAGE_COUNT: Final = Range("count", 1, 1_000)
 HTTP_WORKERS: Final = Range("http-workers", 0, 64)
+WORKER_USER: Final = "tokenpool-worker"
+"""The user HTTP workers authenticate as on the server's private socket (with the run's
+secret): the server and the workers both read it here."""
 """HTTP worker processes (0: HTTP is served in the server's own process)."""
 """Tokens one page of ``tokens_page`` (``TOKENS CURSOR``, ``SCAN``) returns."""
 TOKENS_MAX: Final = 10_000

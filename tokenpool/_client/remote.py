@@ -47,8 +47,23 @@ _POOL_OPTIONS = {
 }
 
 
-def _seconds(value: float) -> str:
+def seconds_arg(value: float) -> str:
+    """Seconds as a RESP argument (exact: the float's repr)."""
     return repr(float(value))
+
+
+def pool_options(values: dict[str, object]) -> list[str]:
+    """Pool settings (``PoolSettings.as_dict()`` or a part of it) as ``POOL CREATE`` /
+    ``ALTER`` options; ``max_lifetime`` None is RESP's 0, "no cap"."""
+    out: list[str] = []
+    for key, value in values.items():
+        if key == "max_lifetime" and value is None:
+            value = 0
+        if key == "size" or key == "when_full":
+            out += [_POOL_OPTIONS[key], str(value)]
+        else:
+            out += [_POOL_OPTIONS[key], seconds_arg(float(value))]  # type: ignore[arg-type]
+    return out
 
 
 def _raise(reply: Any) -> Any:
@@ -120,7 +135,7 @@ class Client:
     ) -> RemotePool:
         """Create a pool (``POOL CREATE``). Raises ``ExistsError`` unless ``exists_ok``,
         ``NoPermError`` without the admin user."""
-        args = ["POOL", "CREATE", check_name(name), *self._options(settings.as_dict())]
+        args = ["POOL", "CREATE", check_name(name), *pool_options(settings.as_dict())]
         (reply,) = await self._connections.call([args], safe=False)
         if isinstance(reply, TokenPoolError) and not (exists_ok and reply.code == "EXISTS"):
             raise reply
@@ -132,7 +147,7 @@ class Client:
         unknown = set(changes) - set(_POOL_OPTIONS)
         if unknown:
             raise InvalidArgumentError(f"unknown pool setting(s): {', '.join(sorted(unknown))}")
-        args = ["POOL", "ALTER", check_name(name), *self._options(changes)]
+        args = ["POOL", "ALTER", check_name(name), *pool_options(changes)]
         (reply,) = await self._connections.call([args], safe=False)
         _raise(reply)
         return await self.settings(name)
@@ -141,18 +156,6 @@ class Client:
         """Stop serving a pool (its leases end ``cleared``; the store keeps its history)."""
         (reply,) = await self._connections.call([("POOL", "DROP", check_name(name))], safe=False)
         _raise(reply)
-
-    @staticmethod
-    def _options(values: dict[str, object]) -> list[str]:
-        out: list[str] = []
-        for key, value in values.items():
-            if key == "max_lifetime" and value is None:
-                value = 0  # RESP's "no cap"
-            if key == "size" or key == "when_full":
-                out += [_POOL_OPTIONS[key], str(value)]
-            else:
-                out += [_POOL_OPTIONS[key], _seconds(float(value))]  # type: ignore[arg-type]
-        return out
 
 
 class RemotePool:
@@ -185,7 +188,7 @@ class RemotePool:
         returns the same lease."""
         if wait is None:
             return replies.lease(await self._one("TP.ACTIVATE", user_id))
-        reply = await self._one("TP.ACTIVATE", user_id, "WAIT", _seconds(wait), blocks=wait)
+        reply = await self._one("TP.ACTIVATE", user_id, "WAIT", seconds_arg(wait), blocks=wait)
         return replies.lease(reply)
 
     async def release(self, token_id: str, user_id: str | None = None) -> Usage:

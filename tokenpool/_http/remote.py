@@ -23,7 +23,7 @@ import anyio.abc
 
 from .._client.address import Address
 from .._client.connections import Connections
-from .._client.remote import RemotePool
+from .._client.remote import RemotePool, pool_options, seconds_arg
 from .._commands import (
     Activate,
     AlterPool,
@@ -47,31 +47,6 @@ from .._commands.analytics import Report, Series
 from .._errors import InvalidArgumentError, TokenPoolError, UnavailableError, UnreachableError
 from .backend import Events
 
-WORKER_USER = "tokenpool-worker"  # as _server/workers.py
-_OPTIONS = {
-    "size": "SIZE",
-    "ttl": "TTL",
-    "when_full": "WHEN-FULL",
-    "min_hold": "MIN-HOLD",
-    "max_lifetime": "MAX-LIFETIME",
-}
-
-
-def _seconds(value: float) -> str:
-    return repr(float(value))
-
-
-def _pool_options(values: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    for key, value in values.items():
-        if key == "max_lifetime" and value is None:
-            value = 0  # RESP's "no cap"
-        if key in ("size", "when_full"):
-            out += [_OPTIONS[key], str(value)]
-        else:
-            out += [_OPTIONS[key], _seconds(value)]
-    return out
-
 
 def argv_of(command: Command) -> tuple[list[str], bool]:
     """A typed request as the RESP command that builds it again, and whether sending it
@@ -79,7 +54,7 @@ def argv_of(command: Command) -> tuple[list[str], bool]:
     kind = type(command)
     if kind is Activate:
         c: Any = command
-        wait = [] if c.wait is None else ["WAIT", _seconds(c.wait)]
+        wait = [] if c.wait is None else ["WAIT", seconds_arg(c.wait)]
         return ["TP.ACTIVATE", c.pool, c.user_id, *wait], True
     c = command
     if kind is Renew:
@@ -111,9 +86,9 @@ def argv_of(command: Command) -> tuple[list[str], bool]:
     if kind is ListPools:
         return ["POOL", "LIST"], True
     if kind is CreatePool:
-        return ["POOL", "CREATE", c.pool, *_pool_options(c.settings.as_dict())], False
+        return ["POOL", "CREATE", c.pool, *pool_options(c.settings.as_dict())], False
     if kind is AlterPool:
-        return ["POOL", "ALTER", c.pool, *_pool_options(c.changes)], False
+        return ["POOL", "ALTER", c.pool, *pool_options(c.changes)], False
     if kind is DropPool:
         return ["POOL", "DROP", c.pool], False
     if kind is Series:

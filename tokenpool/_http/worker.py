@@ -38,9 +38,10 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .._metrics import Latencies
+from .._settings import WORKER_USER
 from .app import HttpApp, HttpSettings
 from .middleware import MAX_HEAD
-from .remote import WORKER_USER, RemoteBackend, open_remote_backend
+from .remote import RemoteBackend, open_remote_backend
 
 LINK_CONNECTIONS = 8  # to the server, pipelined (2 measured no better on 2 busy cores)
 REPORT_EVERY = 1.0

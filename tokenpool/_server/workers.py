@@ -31,11 +31,11 @@ from typing import Any
 from .._commands import Client, TokenList
 from .._errors import TokenPoolError
 from .._resp import OK, Error
+from .._settings import WORKER_USER
 from . import argv as table
 from .replies import error_reply
 from .session import CONNECTION, Action, Handler, Pending, Planner, Session
 
-WORKER_USER = "tokenpool-worker"
 VIA = "VIA"
 
 
