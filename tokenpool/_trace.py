@@ -120,25 +120,34 @@ def contexts(spans: list[Span]) -> list[SpanContext]:
 # -- batches ---------------------------------------------------------------------------
 
 
+def _done_span(
+    name: str,
+    links: list[SpanContext],
+    start_ns: int,
+    attributes: dict[str, Any],
+    end_ns: int | None = None,
+) -> SpanContext:
+    """A span of work already done (from ``start_ns``), linked to the spans it served."""
+    from opentelemetry.trace import Link
+
+    span = tracer().start_span(
+        name, links=[Link(c) for c in links], start_time=start_ns, attributes=attributes
+    )
+    span.end(end_time=end_ns)
+    return span.get_span_context()
+
+
 def actor_batch(
     pool: str, links: list[SpanContext], start_ns: int, requests: int, changes: int
 ) -> SpanContext:
     """The span of one actor batch (already done: it began at ``start_ns``), linked to
     the command spans it applied. Its context, for the store batch to link to."""
-    from opentelemetry.trace import Link
-
-    span = tracer().start_span(
-        "tokenpool.actor_batch",
-        links=[Link(c) for c in links],
-        start_time=start_ns,
-        attributes={
-            "tokenpool.pool": pool,
-            "tokenpool.requests": requests,
-            "tokenpool.changes": changes,
-        },
-    )
-    span.end()
-    return span.get_span_context()
+    attributes = {
+        "tokenpool.pool": pool,
+        "tokenpool.requests": requests,
+        "tokenpool.changes": changes,
+    }
+    return _done_span("tokenpool.actor_batch", links, start_ns, attributes)
 
 
 def store_batch(
@@ -152,18 +161,11 @@ def store_batch(
 ) -> None:
     """The span of one store transaction (timed by the store process), linked to the
     actor batches whose changes it committed."""
-    from opentelemetry.trace import Link
-
-    span = tracer().start_span(
-        "tokenpool.store_batch",
-        links=[Link(c) for c in links],
-        start_time=start_ns,
-        attributes={
-            "tokenpool.pool": pool,
-            "tokenpool.changes": changes,
-            "tokenpool.rows": rows,
-            "tokenpool.bytes": sent_bytes,
-            "tokenpool.commit_seconds": (end_ns - start_ns) / 1e9,
-        },
-    )
-    span.end(end_time=end_ns)
+    attributes = {
+        "tokenpool.pool": pool,
+        "tokenpool.changes": changes,
+        "tokenpool.rows": rows,
+        "tokenpool.bytes": sent_bytes,
+        "tokenpool.commit_seconds": (end_ns - start_ns) / 1e9,
+    }
+    _done_span("tokenpool.store_batch", links, start_ns, attributes, end_ns)
