@@ -13,8 +13,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from tests.chaos.server import free_port
@@ -103,25 +103,27 @@ def _seed() -> Iterator[int]:
             proc.wait(timeout=30)
 
 
-def run(quick: bool) -> list[Figure]:
-    seconds = 3.0 if quick else 10.0
-    rounds = 1 if quick else 3
+Systems = dict[str, Callable[[], AbstractContextManager[int]]]
+"""Each system: a context giving the HTTP port of a fresh server."""
+
+
+def interleaved(systems: Systems, rounds: int, seconds: float) -> dict[str, list[dict[str, float]]]:
+    """wrk against each system in turn, ``rounds`` times (a fresh server each run, warmed
+    up for a second): each system's runs, in order."""
     results: dict[str, list[dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        systems = {
-            "tokenpool http (sqlite)": lambda: _tokenpool(f"sqlite:///{tmp}/bench.db"),
-            "seed shape: one PostgreSQL transaction per request": _seed,
-        }
-        with pg_schema("httpbench") as schema:
-            systems["tokenpool http (postgresql)"] = lambda: _tokenpool(store_url(schema))
-            for _ in range(rounds):
-                for name, make in systems.items():
-                    with make() as port:
-                        wrk(port, 1.0)  # warm up: connections, caches, the first batches
-                        results.setdefault(name, []).append(wrk(port, seconds))
+    for _ in range(rounds):
+        for name, make in systems.items():
+            with make() as port:
+                wrk(port, 1.0)  # warm up: connections, caches, the first batches
+                results.setdefault(name, []).append(wrk(port, seconds))
+    return results
+
+
+def wrk_figures(results: dict[str, list[dict[str, float]]], section: str) -> list[Figure]:
+    """Requests a second, p99 and non-2xx of each system's runs."""
     figures: list[Figure] = []
     for name, runs in results.items():
-        params = {"section": "http", "system": name, "connections": CONNECTIONS}
+        params = {"section": section, "system": name, "connections": CONNECTIONS}
         for key, title, unit, metric in (
             ("rps", f"HTTP activate, {CONNECTIONS} connections", "requests/s", "rps"),
             ("p99_ms", "HTTP activate p99", "ms", "p99"),
@@ -136,3 +138,17 @@ def run(quick: bool) -> list[Figure]:
                 )
             )
     return figures
+
+
+def run(quick: bool) -> list[Figure]:
+    seconds = 3.0 if quick else 10.0
+    rounds = 1 if quick else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        systems: Systems = {
+            "tokenpool http (sqlite)": lambda: _tokenpool(f"sqlite:///{tmp}/bench.db"),
+            "seed shape: one PostgreSQL transaction per request": _seed,
+        }
+        with pg_schema("httpbench") as schema:
+            systems["tokenpool http (postgresql)"] = lambda: _tokenpool(store_url(schema))
+            results = interleaved(systems, rounds, seconds)
+    return wrk_figures(results, "http")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.chaos.server import free_port
@@ -20,7 +20,7 @@ from tests.chaos.server import free_port
 from ._measure import Figure
 from ._peers import pg_pool
 from ._services import pg_schema, store_url, tokenpool_server, wait_for_port
-from .http import CONNECTIONS, SIZE, wrk
+from .http import CONNECTIONS, SIZE, Systems, interleaved, wrk_figures
 
 SEED = "seed on uvicorn: 2 workers, psycopg_pool, one PostgreSQL transaction per request"
 
@@ -64,35 +64,16 @@ def _seed() -> Iterator[int]:
 def run(quick: bool) -> list[Figure]:
     seconds = 3.0 if quick else 10.0
     rounds = 1 if quick else 3
-    results: dict[str, list[dict[str, float]]] = {}
     with pg_schema("httpworkers") as schema:
         url = store_url(schema)
-        systems: dict[str, Callable[[], AbstractContextManager[int]]] = {
+        systems: Systems = {
             SEED: _seed,
             "tokenpool --http-workers 2 (postgresql)": lambda: _tokenpool(url, 2),
             "tokenpool --http-workers 0 (postgresql)": lambda: _tokenpool(url, 0),
         }
-        for _ in range(rounds):
-            for name, make in systems.items():
-                with make() as port:
-                    wrk(port, 1.0)  # warm up: connections, caches, the first batches
-                    results.setdefault(name, []).append(wrk(port, seconds))
-    figures: list[Figure] = []
+        results = interleaved(systems, rounds, seconds)
+    figures = wrk_figures(results, "httpworkers")
     for name, runs in results.items():
-        params = {"section": "httpworkers", "system": name, "connections": CONNECTIONS}
-        for key, title, unit, metric in (
-            ("rps", f"HTTP activate, {CONNECTIONS} connections", "requests/s", "rps"),
-            ("p99_ms", "HTTP activate p99", "ms", "p99"),
-            ("non_2xx", "HTTP activate non-2xx", "responses", "non_2xx"),
-        ):
-            figures.append(
-                Figure(
-                    f"{title}: {name}",
-                    unit,
-                    tuple(r[key] for r in runs),
-                    {**params, "metric": metric},
-                )
-            )
         if name != SEED:
             ratios = tuple(
                 mine["rps"] / seed["rps"] if seed["rps"] else float("nan")
@@ -103,7 +84,12 @@ def run(quick: bool) -> list[Figure]:
                     f"HTTP activate, {name} / the uvicorn seed",
                     "x",
                     ratios,
-                    {**params, "metric": "ratio_to_seed"},
+                    {
+                        "section": "httpworkers",
+                        "system": name,
+                        "connections": CONNECTIONS,
+                        "metric": "ratio_to_seed",
+                    },
                 )
             )
     return figures

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Any
 
 import psycopg
 from fastapi import FastAPI
@@ -26,6 +27,19 @@ TTL = "120 s"
 
 class ActivateIn(BaseModel):
     user_id: str
+
+
+def lease_json(row: Any) -> dict[str, Any]:
+    """The seed's reply to an activation, from ``activate()``'s row."""
+    return {
+        "data": {
+            "token_id": str(row[0]),
+            "user_id": row[1],
+            "id": str(row[2]),
+            "activated_at": row[3].isoformat(),
+            "expires_at": row[4].isoformat(),
+        }
+    }
 
 
 def make_app(connections: list[psycopg.AsyncConnection]) -> FastAPI:
@@ -48,17 +62,7 @@ def make_app(connections: list[psycopg.AsyncConnection]) -> FastAPI:
         finally:
             ready.put_nowait(conn)
         assert row is not None
-        return JSONResponse(
-            {
-                "data": {
-                    "token_id": str(row[0]),
-                    "user_id": row[1],
-                    "id": str(row[2]),
-                    "activated_at": row[3].isoformat(),
-                    "expires_at": row[4].isoformat(),
-                }
-            }
-        )
+        return JSONResponse(lease_json(row))
 
     return app
 

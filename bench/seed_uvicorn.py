@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from ._services import DSN
+from .seed_http import lease_json
 
 WORKERS = 2
 CONNECTIONS = 10  # per worker
@@ -66,17 +67,7 @@ def create_app() -> FastAPI:
             )
             row = await cursor.fetchone()
         assert row is not None
-        return JSONResponse(
-            {
-                "data": {
-                    "token_id": str(row[0]),
-                    "user_id": row[1],
-                    "id": str(row[2]),
-                    "activated_at": row[3].isoformat(),
-                    "expires_at": row[4].isoformat(),
-                }
-            }
-        )
+        return JSONResponse(lease_json(row))
 
     return app
 
