@@ -126,10 +126,6 @@ class HttpApp:
             group.start_soon(self._sampler.run)
             group.start_soon(keep_rolled_up, self._pools)
 
-    def sampler_now(self) -> int:
-        """The second the sampler is at (the series' newest)."""
-        return self._sampler.now()
-
     def statistics(self) -> HttpStatistics:
         c = self.commands
         remote = {} if self.remote_figures is None else self.remote_figures()
