@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import attrs
 
 from .._errors import InvalidArgumentError, UnavailableError
-from .._ids import uuid_text
+from .._ids import uuid_bytes, uuid_text
 from .._model import (
     ADD,
     CREATED,
@@ -117,7 +117,7 @@ class SlotTokens:
     def __init__(self, token_ids: Iterable[str] = ()) -> None:
         self._blob = bytearray()
         for token in token_ids:
-            self._blob += bytes.fromhex(token.replace("-", ""))
+            self._blob += uuid_bytes(token, "token_id")
 
     def __len__(self) -> int:
         return len(self._blob) // 16
