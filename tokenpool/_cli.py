@@ -753,6 +753,7 @@ async def serve(config: Config) -> int:
                 gc.freeze()
                 pools.observe_batches(pauses.actor_batch)
                 node = _cluster_node(config, pools) if clustered else None
+                peers = None if node is None else _peers(node)
                 server = RespServer(
                     pools,
                     settings,
@@ -761,6 +762,7 @@ async def serve(config: Config) -> int:
                     latencies=latencies,
                     cluster=node,
                 )
+                server.planner.peers = peers  # before the HTTP tier: it reaches them
                 if http is not None:
                     http.attach(server.commands, server)
                 served = trio.Event()
@@ -787,6 +789,8 @@ async def serve(config: Config) -> int:
                         nursery.start_soon(http.sample)  # the series of /api/.../series
                     if node is not None:
                         node.advertise(config.host, ports[0])
+                        assert peers is not None
+                        await nursery.start(peers.run)
                         await nursery.start(node.run)
                     await stop.wait()
                     if node is not None:
@@ -843,6 +847,12 @@ def _cluster_node(config: Config, pools: Any) -> Any:
         Directory(config.dsn, timeout=config.cluster_validity),
         declared=config.pools,
     )
+
+
+def _peers(node: Any) -> Any:
+    from ._cluster.peers import Peers
+
+    return Peers(node)
 
 
 async def _exit_after(log: Any, seconds: float, code: int) -> None:

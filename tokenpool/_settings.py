@@ -144,6 +144,9 @@ HISTORY_LIMIT: Final = Range("limit", 1, 10_000)
 """History entries one page returns."""
 PAGE_COUNT: Final = Range("count", 1, 1_000)
 HTTP_WORKERS: Final = Range("http-workers", 0, 64)
+NODE_USER: Final = "tokenpool-node"
+"""The user a cluster node authenticates as on another node's RESP port (with the
+cluster's secret, kept in its tables) to send ``VIA``."""
 WORKER_USER: Final = "tokenpool-worker"
 """The user HTTP workers authenticate as on the server's private socket (with the run's
 secret): the server and the workers both read it here."""

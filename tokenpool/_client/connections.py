@@ -109,7 +109,13 @@ class Connections:
                     with anyio.CancelScope(shield=True):
                         await stream.aclose()
                     raise
-        except (OSError, TimeoutError, ssl.SSLError, anyio.EndOfStream) as error:
+        except (
+            OSError,
+            TimeoutError,
+            ssl.SSLError,
+            anyio.EndOfStream,
+            anyio.BrokenResourceError,  # reset while greeting (the server just died)
+        ) as error:
             reason = str(error) or type(error).__name__
             raise UnreachableError(f"cannot connect to {address}: {reason}") from None
         if isinstance(reply, Exception):

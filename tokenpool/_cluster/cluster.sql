@@ -32,5 +32,13 @@ CREATE TABLE IF NOT EXISTS cluster_version (
 );
 INSERT INTO cluster_version VALUES (true, 0) ON CONFLICT DO NOTHING;
 
+-- The secret the nodes authenticate to each other with (AUTH tokenpool-node <secret>,
+-- to send VIA: an HTTP request for a pool another node serves), made once by the first
+-- node to join. Whoever can read these tables can already run a node.
+CREATE TABLE IF NOT EXISTS cluster_secret (
+    one             boolean PRIMARY KEY DEFAULT true CHECK (one),
+    secret          text NOT NULL CHECK (length(secret) >= 32)
+);
+
 INSERT INTO cluster_slots (slot)
     SELECT generate_series(0, 16383) WHERE NOT EXISTS (SELECT 1 FROM cluster_slots);

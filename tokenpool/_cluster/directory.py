@@ -17,6 +17,7 @@ stalling it. The rules it keeps, each in one transaction:
 
 from __future__ import annotations
 
+import secrets
 from importlib import resources
 from typing import Any
 
@@ -131,6 +132,20 @@ class Directory:
             conn.execute("UPDATE cluster_slots SET owner = NULL WHERE owner = %s", (node,))
             conn.execute("UPDATE cluster_version SET version = version + 1")
         return int(row[0])
+
+    def secret(self) -> str:
+        """The cluster's secret for node-to-node requests (made by the first to ask)."""
+        return str(self._call("secret", self._secret))
+
+    @staticmethod
+    def _secret(conn: psycopg.Connection[Any]) -> str:
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO cluster_secret (secret) VALUES (%s) ON CONFLICT DO NOTHING",
+                (secrets.token_hex(32),),
+            )
+            row = conn.execute("SELECT secret FROM cluster_secret").fetchone()
+        return str(row[0]) if row else ""
 
     def renew(
         self, node: str, incarnation: int, validity: float, known_version: int

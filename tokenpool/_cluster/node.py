@@ -112,6 +112,7 @@ class ClusterNode:
         self.version = -1
         self.top_epoch = 0
         self.draining = False
+        self.secret = ""  # what other nodes send VIA with (AUTH tokenpool-node <secret>)
         self.renewals = 0
         self.renew_failures = 0
         self._lock = trio.Lock()
@@ -226,6 +227,10 @@ class ClusterNode:
         assert isinstance(incarnation, int)
         self.incarnation = incarnation
         self.lease.renewed(sent)
+        if not self.secret:
+            secret = await self._db(self.directory.secret)
+            assert isinstance(secret, str)
+            self.secret = secret
         self.state = "live"
         self.version = -1
         log.info(

@@ -69,10 +69,12 @@ class CommandSettings:
 class Client:
     """One client as the command layer sees it: where it is, who it is."""
 
-    __slots__ = ("authed", "host", "peer", "transport", "user")
+    __slots__ = ("authed", "bearer", "host", "peer", "transport", "user")
 
     def __init__(self, peer: str, transport: str, settings: CommandSettings) -> None:
         self.peer = peer
+        # an HTTP client's password, kept for a request sent on to another node (VIA)
+        self.bearer: str | None = None
         self.host = peer.rsplit(":", 1)[0]
         self.transport = transport
         self.reset(settings)

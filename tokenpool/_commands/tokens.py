@@ -34,6 +34,14 @@ class TokenList(NamedTuple):
         return TokenInfo(self.names(item[0]), item[1])
 
 
+class SlotNames(dict[int, str]):
+    """A listing's slot->id map as a plain value (a listing sent to an HTTP worker or
+    another node: the pool's own lookup stays behind)."""
+
+    def __call__(self, slot: int) -> str:
+        return self[slot]
+
+
 class TokenIds(NamedTuple):
     """A page of token ids (SCAN)."""
 

@@ -106,7 +106,8 @@ class HttpApp:
         """Serve the pools of this process (``commands``, the RESP server's own)."""
         self.commands = commands
         self.resp = resp
-        self.backend = LocalBackend(commands)
+        peers = None if resp is None else resp.planner.peers
+        self.backend = LocalBackend(commands, peers)
         commands.pools.series = self.series  # what Series requests read, on any transport
 
     def attach_backend(self, backend: Backend) -> None:
@@ -211,6 +212,12 @@ class HttpApp:
     async def pool_names(self, client: Any) -> list[str]:
         try:
             return await self.ready_backend().pool_names(client)
+        except TokenPoolError as error:
+            raise self.refusal(error) from None
+
+    async def cluster(self) -> dict[str, Any]:
+        try:
+            return await self.ready_backend().cluster()
         except TokenPoolError as error:
             raise self.refusal(error) from None
 

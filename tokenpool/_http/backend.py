@@ -85,6 +85,10 @@ class Backend(Protocol):
 
     async def readiness(self) -> tuple[bool, dict[str, str]]: ...
 
+    async def cluster(self) -> dict[str, Any]:
+        """The cluster's members and this node's place (``{"enabled": false}`` alone)."""
+        ...
+
     async def metrics(self) -> bytes | None:
         """The server's Prometheus text, or None: render the app's own registry."""
         ...
@@ -105,10 +109,13 @@ class _LocalSource:
 
 
 class LocalBackend:
-    """The pools of this process, through its ``Commands`` (the RESP server's own)."""
+    """The pools of this process, through its ``Commands`` (the RESP server's own); in
+    a cluster, every node's pools: a pool another node serves is reached through
+    ``peers`` (``_cluster/peers.py``)."""
 
-    def __init__(self, commands: Commands) -> None:
+    def __init__(self, commands: Commands, peers: Any = None) -> None:
         self.commands = commands
+        self.peers = peers  # a cluster's other nodes (a Peers), or None
 
     @property
     def default_pool(self) -> str:
@@ -127,18 +134,43 @@ class LocalBackend:
                 raise NoAuthError(AUTH_REQUIRED)
             return client  # no password is needed to lease (at most an admin one is set)
         await self.commands.gate.authenticate(client, None, bearer)
+        client.bearer = bearer  # sent on with a request for another node's pool
         return client
 
     async def execute(self, command: Command, caller: Client) -> Any:
-        return await self.commands.execute(command, caller)
+        peers = self.peers
+        if peers is None:
+            return await self.commands.execute(command, caller)
+
+        async def here() -> Any:
+            return await self.commands.execute(command, caller)
+
+        return await peers.execute(command, caller, here)
 
     async def pool_names(self, caller: Client) -> list[str]:
-        return self.commands.pools.names()
+        mine = self.commands.pools.names()
+        if self.peers is None:
+            return mine
+        return list(await self.peers.pool_names(caller, mine))
 
-    async def events(self, pool: str, caller: Client) -> _LocalSource:
-        target = self.commands.pools.get(check_name(pool))
+    async def events(self, pool: str, caller: Client) -> EventSource:
+        name = check_name(pool)
+        if self.peers is not None:
+            owner = await self.peers.owner(name)
+            if owner is not None:
+                source: EventSource = await self.peers.events(name, owner, caller)
+                return source
+        target = self.commands.pools.get(name)
         self.commands.gate.spend(caller, None)
         return _LocalSource(target)
+
+    async def cluster(self) -> dict[str, Any]:
+        from .._server.cluster import cluster_json
+
+        peers = self.peers
+        if peers is None:
+            return cluster_json(None)
+        return cluster_json(peers.node, peers.forwarded)
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         reasons: dict[str, str] = {}

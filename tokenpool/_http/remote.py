@@ -11,9 +11,7 @@ when broken; an unreachable server is 503 ``UNAVAILABLE``.
 
 from __future__ import annotations
 
-import base64
 import json
-import pickle
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,93 +21,11 @@ import anyio.abc
 
 from .._client.address import Address
 from .._client.connections import Connections
-from .._client.remote import RemotePool, pool_options, seconds_arg
-from .._commands import (
-    Activate,
-    AlterPool,
-    Clear,
-    CreatePool,
-    DropPool,
-    GetPool,
-    GetStats,
-    History,
-    LeaseOf,
-    ListPools,
-    Release,
-    Renew,
-    Token,
-    Tokens,
-    UserHistory,
-    Validate,
-)
+from .._client.via import argv_of, result_of
+from .._cluster.peers import RemoteSource
+from .._commands import GetStats, ListPools
 from .._commands import Request as Command
-from .._commands.analytics import Report, Series
-from .._errors import InvalidArgumentError, TokenPoolError, UnavailableError, UnreachableError
-from .backend import Events
-
-
-def argv_of(command: Command) -> tuple[list[str], bool]:
-    """A typed request as the RESP command that builds it again, and whether sending it
-    twice means the same as once (the client library retries only those)."""
-    kind = type(command)
-    if kind is Activate:
-        c: Any = command
-        wait = [] if c.wait is None else ["WAIT", seconds_arg(c.wait)]
-        return ["TP.ACTIVATE", c.pool, c.user_id, *wait], True
-    c = command
-    if kind is Renew:
-        return ["TP.RENEW", c.pool, c.token_id, c.lease_id], True
-    if kind is Release:
-        user = [] if c.user_id is None else [c.user_id]
-        return ["TP.RELEASE", c.pool, c.token_id, *user], False
-    if kind is Validate:
-        return ["TP.VALIDATE", c.pool, c.token_id, c.lease_id], True
-    if kind is LeaseOf:
-        return ["TP.LEASE", c.pool, c.user_id], True
-    if kind is Clear:
-        return ["TP.CLEAR", c.pool], False
-    if kind is Token:
-        return ["TP.TOKEN", c.pool, c.token_id], True
-    if kind is Tokens:
-        if c.cursor is None:
-            return ["TP.TOKENS", c.pool], True
-        return ["TP.TOKENS", c.pool, "CURSOR", str(c.cursor), "COUNT", str(c.count)], True
-    if kind is History or kind is UserHistory:
-        name = "TP.HISTORY" if kind is History else "TP.USERHISTORY"
-        subject = c.token_id if kind is History else c.user_id
-        before = [] if c.before is None else ["BEFORE", str(c.before)]
-        return [name, c.pool, subject, "LIMIT", str(c.limit), *before], True
-    if kind is GetStats:
-        return ["TP.STATS", c.pool], True
-    if kind is GetPool:
-        return ["POOL", "INFO", c.pool], True
-    if kind is ListPools:
-        return ["POOL", "LIST"], True
-    if kind is CreatePool:
-        return ["POOL", "CREATE", c.pool, *pool_options(c.settings.as_dict())], False
-    if kind is AlterPool:
-        return ["POOL", "ALTER", c.pool, *pool_options(c.changes)], False
-    if kind is DropPool:
-        return ["POOL", "DROP", c.pool], False
-    if kind is Series:
-        return ["TP.SERIES", c.pool, c.window], True
-    if kind is Report:
-        sort = [] if c.sort is None else ["SORT", c.sort]
-        return [
-            "TP.REPORT",
-            c.pool,
-            c.kind,
-            "SINCE",
-            f"{c.since / 1_000_000:.6f}",
-            "UNTIL",
-            f"{c.until / 1_000_000:.6f}",
-            "LIMIT",
-            str(c.limit),
-            "CURSOR",
-            str(c.cursor),
-            *sort,
-        ], True
-    raise InvalidArgumentError(f"{kind.__name__} is not sent to the server by HTTP workers")
+from .._errors import TokenPoolError, UnavailableError, UnreachableError
 
 
 class _Caller:
@@ -120,26 +36,19 @@ class _Caller:
         self.bearer = bearer
 
 
-class _RemoteSource:
-    __slots__ = ("connections", "name", "revision")
-
-    def __init__(self, connections: Connections, name: str, revision: int) -> None:
-        self.connections = connections
-        self.name = name
-        self.revision = revision
-
-    @asynccontextmanager
-    async def watch(self, since: int | None) -> AsyncIterator[Events]:
-        pool = RemotePool(self.connections, self.name)
-        async with pool.watch(self.revision if since is None else since) as events:
-            yield events
-
-
 class RemoteBackend:
     """The server's pools through its workers' socket (``unix://`` URL with the secret)."""
 
-    def __init__(self, connections: Connections, default_pool: str, auth_delay: float) -> None:
+    def __init__(
+        self,
+        connections: Connections,
+        default_pool: str,
+        auth_delay: float,
+        task_group: anyio.abc.TaskGroup | None = None,
+    ) -> None:
         self._connections = connections
+        self._tg = task_group
+        self._owners: dict[str, Connections] = {}  # a cluster: pools' owners, for events
         self._default_pool = default_pool
         self._auth_delay = auth_delay
         # this worker's name and figures, sent with each scrape (set by the worker)
@@ -172,15 +81,43 @@ class RemoteBackend:
         argv, safe = argv_of(command)
         wait = getattr(command, "wait", None)
         reply = await self._call(["VIA", caller.peer, caller.bearer, *argv], safe=safe, blocks=wait)
-        return pickle.loads(base64.b64decode(reply))
+        return result_of(reply)
 
     async def pool_names(self, caller: _Caller) -> list[str]:
         names: list[str] = await self.execute(ListPools(), caller)
         return names
 
-    async def events(self, pool: str, caller: _Caller) -> _RemoteSource:
+    async def events(self, pool: str, caller: _Caller) -> RemoteSource:
         stats = await self.execute(GetStats(pool), caller)  # the pool exists; a request spent
-        return _RemoteSource(self._connections, pool, stats.revision)
+        return RemoteSource(await self._events_from(pool), pool, stats.revision)
+
+    async def aclose_owners(self) -> None:
+        for owner in self._owners.values():
+            await owner.aclose()
+        self._owners.clear()
+
+    async def _events_from(self, pool: str) -> Connections:
+        """Where ``pool``'s events are: the server, or (a cluster) the pool's owner,
+        reached as the server's node with the cluster's secret."""
+        route = await self._call(["WORKER", "ROUTE", pool], safe=True)
+        if not route or self._tg is None:
+            return self._connections
+        address, user, secret = (str(part) for part in route)
+        found = self._owners.get(address)
+        if found is None or found.address.password != secret:
+            host, _, port = address.rpartition(":")
+            found = self._owners[address] = Connections(
+                Address(host.strip("[]"), int(port), username=user, password=secret),
+                self._tg,
+                max_connections=2,
+                timeout=self._connections.timeout,
+                ssl_context=None,
+            )
+        return found
+
+    async def cluster(self) -> dict[str, Any]:
+        answer: dict[str, Any] = json.loads(await self._call(["WORKER", "CLUSTER"], safe=True))
+        return answer
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         try:
@@ -214,8 +151,10 @@ async def open_remote_backend(
         connections = Connections(
             address, tg, max_connections=max_connections, timeout=timeout, ssl_context=None
         )
+        backend = RemoteBackend(connections, default_pool, auth_delay, tg)
         try:
-            yield RemoteBackend(connections, default_pool, auth_delay)
+            yield backend
         finally:
             await connections.aclose()
+            await backend.aclose_owners()
             tg.cancel_scope.cancel()

@@ -395,6 +395,14 @@ async def drop_pool(pool: PoolPath, call: Authed) -> Response:
     return JSONResponse({"data": {"dropped": pool}})
 
 
+@pools_router.get("/cluster", responses={**ErrorCodes, 200: {"description": "the members"}})
+async def cluster_view(call: Authed) -> Response:
+    """The cluster (`--node-id`): its state, this node's lease and slots, and every
+    member with its address, state, health and slots. `{"enabled": false}` when the
+    server is not a cluster node."""
+    return JSONResponse({"data": await call.owner.cluster()})
+
+
 # -- operations --
 
 

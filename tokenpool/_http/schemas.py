@@ -33,6 +33,9 @@ STATUS = {
     "EXISTS": 409,
     "UNAVAILABLE": 503,
     "LOCKED": 503,
+    "TRYAGAIN": 503,  # a cluster's pool being taken over, past the wait for its owner
+    "CLUSTERDOWN": 503,
+    "UNREACHABLE": 503,
     "NOAUTH": 401,
     "WRONGPASS": 401,
     "NOPERM": 403,

@@ -328,9 +328,16 @@ class HttpWorkers:
 
         link = WorkerLink(self.plan.secret, readiness, metrics, self.figures.report)
         unix = attrs.evolve(settings, unix=self.plan.link, max_clients=100_000)
-        return RespServer(
-            server.pools, unix, commands=server.commands, latencies=Latencies(), worker=link
+        linked = RespServer(
+            server.pools,
+            unix,
+            commands=server.commands,
+            latencies=Latencies(),
+            worker=link,
+            cluster=server.planner.cluster,
         )
+        linked.planner.peers = server.planner.peers  # a cluster: other nodes' pools too
+        return linked
 
     async def run(self, stop: trio.Event) -> None:
         """Supervise the workers until ``stop``; then clean up."""

@@ -85,6 +85,45 @@ def info_fields(node: ClusterNode | None) -> dict[str, object]:
     return {"cluster_enabled": 0} if node is None else _fields(node)
 
 
+def cluster_json(node: ClusterNode | None, forwarded: int = 0) -> dict[str, object]:
+    """``GET /api/cluster`` and the dashboard's view: this node, and every member with
+    its address, state, health and slots (``{"enabled": false}`` without cluster mode)."""
+    if node is None:
+        return {"enabled": False}
+    fields = _fields(node)
+    return {
+        "enabled": True,
+        "state": fields["cluster_state"],
+        "node": {
+            "id": node.id,
+            "state": fields["tokenpool_node_state"],
+            "lease_valid": node.valid(),
+            "slots_owned": len(node.owned),
+            "slots_served": len(node.serving),
+            "pools_served": len(node.pools.names()),
+            "epoch": node.top_epoch,
+            "renewals": node.renewals,
+            "renew_failures": node.renew_failures,
+            "http_requests_forwarded": forwarded,
+        },
+        "slots_assigned": fields["cluster_slots_assigned"],
+        "slots_ok": fields["cluster_slots_ok"],
+        "members": [
+            {
+                "id": view.id,
+                "address": view.address,
+                "state": view.state,
+                "live": view.live,
+                "myself": view.myself,
+                "slots": sum(b - a + 1 for a, b in view.ranges),
+                "ranges": [list(run) for run in view.ranges],
+                "heartbeat_age": round(view.heartbeat_age, 3),
+            }
+            for view in node.nodes()
+        ],
+    }
+
+
 def _info(node: ClusterNode) -> str:
     return "".join(f"{k}:{v}\r\n" for k, v in _fields(node).items())
 

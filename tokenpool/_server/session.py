@@ -12,6 +12,7 @@ it: the pool is named in the command, or it is the server's default pool.
 from __future__ import annotations
 
 import fnmatch
+import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
@@ -28,6 +29,7 @@ from .._commands import (
 from .._errors import TokenPoolError
 from .._pool import PoolCore
 from .._resp import OK, Error, Reply, Simple
+from .._settings import NODE_USER
 from . import argv as table
 from .replies import error_reply
 
@@ -128,6 +130,7 @@ class Planner:
         self.info = info
         self.subscriber = subscriber  # the driver's pub/sub side (subscribe/unsubscribe)
         self.cluster: Any = None  # cluster mode: the ClusterNode that routes by slot
+        self.peers: Any = None  # cluster mode: the other nodes (VIA for the HTTP tier)
         self.count = 0
         self.errors = 0
         # The listener of the HTTP workers (``workers.py``): its own AUTH, VIA and WORKER.
@@ -352,6 +355,13 @@ def _echo(p: Planner, session: Session, args: list[str]) -> Any:
 @command("AUTH", 1, 2, "Authenticate: AUTH [default|admin] <password>")
 def _auth(p: Planner, session: Session, args: list[str]) -> Any:
     user, password = (args[0], args[1]) if len(args) == 2 else ("default", args[0])
+    node = p.cluster
+    if user == NODE_USER and node is not None and node.secret:
+        given = password.encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(given, node.secret.encode()):
+            session.client.authed = True
+            session.client.user = NODE_USER  # another node of the cluster: may send VIA
+            return OK
     if not p.gate.passwords:
         return Error(
             "ERR",

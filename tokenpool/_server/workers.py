@@ -21,20 +21,21 @@ the client library over this socket, with three commands only they may send:
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
-import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .._commands import Client, TokenList
-from .._errors import TokenPoolError
+from .._client.via import encode_result
+from .._commands import Client, ListPools, TokenList
+from .._commands.tokens import SlotNames
+from .._errors import MovedError, TokenPoolError
 from .._resp import OK, Error
-from .._settings import WORKER_USER
+from .._settings import NODE_USER, WORKER_USER
 from . import argv as table
+from .cluster import cluster_json
 from .replies import error_reply
-from .session import CONNECTION, Action, Handler, Pending, Planner, Session
+from .session import CONNECTION, Action, Handler, Pending, Planner, Session, command
 
 VIA = "VIA"
 
@@ -59,9 +60,9 @@ class WorkerLink:
 def via_reply(result: Any) -> bytes:
     """A neutral result as ``VIA``'s reply (a token listing's id lookup made plain)."""
     if type(result) is TokenList:
-        names = {slot: result.names(slot) for slot, _ in result.items}
-        result = TokenList(list(result.items), names.__getitem__, result.cursor)
-    return base64.b64encode(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        names = SlotNames({slot: result.names(slot) for slot, _ in result.items})
+        result = TokenList(list(result.items), names, result.cursor)
+    return encode_result(result)
 
 
 def _link(p: Planner) -> WorkerLink:
@@ -85,8 +86,9 @@ def _is_worker(session: Session) -> bool:
 
 
 def _via(p: Planner, session: Session, args: list[str]) -> Any:
-    if not _is_worker(session):
-        return Error("NOPERM", "VIA is for the server's own HTTP workers")
+    user = session.client.user
+    if user != WORKER_USER and user != NODE_USER:
+        return Error("NOPERM", "VIA is for the server's own HTTP workers and cluster nodes")
     peer, bearer, inner = args[0], args[1], args[2:]
     name = inner[0].upper()
     if name not in table.KEYED and name != "POOL":
@@ -97,6 +99,11 @@ def _via(p: Planner, session: Session, args: list[str]) -> Any:
             p.gate.check_password(client, None, bearer)
         except TokenPoolError as error:
             return error_reply(error)
+        client.bearer = bearer
+    if user == WORKER_USER and p.peers is not None:  # a cluster: the pool may be elsewhere
+        forwarded = _forwarded(p, inner, client)
+        if forwarded is not None:
+            return forwarded
     saved = session.client
     session.client = client
     try:
@@ -113,7 +120,37 @@ def _via(p: Planner, session: Session, args: list[str]) -> Any:
             return via_reply(await run())
 
         return Action(pickled)
-    return plan  # an error reply
+    return plan  # an error reply (MOVED included: another node sent it, and follows it)
+
+
+def _forwarded(p: Planner, inner: list[str], client: Client) -> Action | Error | None:
+    """A worker's request in a cluster: sent on to the pool's owner when this node does
+    not serve the pool (waiting out a failover), every node's pools for ``POOL LIST``;
+    None when it is this node's to plan."""
+    try:
+        request = table.build(inner[0].upper(), inner, p.default_pool)
+    except TokenPoolError as error:
+        return error_reply(error)
+    peers = p.peers
+    commands = p.commands
+    if type(request) is ListPools:
+
+        async def every_pool() -> Any:
+            mine = await commands.execute(request, client)
+            return via_reply(await peers.pool_names(client, mine))
+
+        return Action(every_pool)
+    pool = getattr(request, "pool", None)
+    if pool is None or p.cluster.route(pool) is None or request is None:
+        return None
+
+    async def elsewhere() -> Any:
+        async def here() -> Any:
+            return await commands.execute(request, client)
+
+        return via_reply(await peers.execute(request, client, here))
+
+    return Action(elsewhere)
 
 
 def _worker(p: Planner, session: Session, args: list[str]) -> Any:
@@ -140,6 +177,18 @@ def _worker(p: Planner, session: Session, args: list[str]) -> Any:
             return await link.metrics(fresh)
 
         return Action(metrics)
+    if sub == "ROUTE" and len(args) == 2:  # a cluster: where to follow a pool's events
+        node = p.cluster
+        if node is None or p.peers is None:
+            return None
+        route = node.route(args[1])
+        if route is None or not isinstance(route, MovedError):
+            return None  # served here (or nowhere yet: subscribe here, as before)
+        return [str(route).partition(" ")[2], NODE_USER, node.secret]
+    if sub == "CLUSTER" and len(args) == 1:
+        peers = p.peers
+        view = cluster_json(None) if peers is None else cluster_json(peers.node, peers.forwarded)
+        return json.dumps(view)
     if sub == "REPORT" and len(args) == 3:
         try:
             figures = json.loads(args[2])
@@ -147,12 +196,19 @@ def _worker(p: Planner, session: Session, args: list[str]) -> Any:
             return Error("ERR", "WORKER REPORT takes JSON")
         link.report(args[1][:64], figures)
         return OK
-    return Error("ERR", "WORKER READY | METRICS [<id> <json>] | REPORT <id> <json>")
+    return Error(
+        "ERR",
+        "WORKER READY | CLUSTER | ROUTE <pool> | METRICS [<id> <json>] | REPORT <id> <json>",
+    )
 
+
+command(VIA, 3, 64, "VIA <peer> <bearer> <command...>: a pool command for an HTTP client")(
+    _via  # on the RESP port too: another node of the cluster sends it (AUTH tokenpool-node)
+)
 
 WORKER_COMMANDS: dict[str, tuple[int, int, Handler, str]] = {
     **CONNECTION,
     "AUTH": (2, 2, _auth, "AUTH tokenpool-worker <secret>"),
     VIA: (3, 64, _via, "VIA <peer> <bearer> <command...>: a pool command for an HTTP client"),
-    "WORKER": (1, 3, _worker, "WORKER READY | METRICS | REPORT <id> <json>"),
+    "WORKER": (1, 3, _worker, "WORKER READY | CLUSTER | ROUTE <pool> | METRICS | REPORT"),
 }

@@ -1,0 +1,300 @@
+"""The HTTP tier of a cluster, with real processes: any node's HTTP API (in-process or
+its HTTP workers) serves every pool, whichever node owns it, by sending the request to
+the pool's owner (``VIA`` over the client library, authenticated with the cluster's
+secret); across an owner's death; ``GET /api/cluster`` shows the members. And what
+an outsider cannot do with that path."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.chaos.server import free_port
+from tests.dbutil import query
+from tests.test_cluster import Node, _stop, balanced, eventually, owner, text
+from tokenpool._client.via import encode_result, result_of
+from tokenpool._errors import UnreachableError
+from tokenpool._model import Lease
+
+
+@contextmanager
+def cluster(url: str, count: int, *args: str) -> Iterator[list[Node]]:
+    """``count`` nodes on one schema, each with an HTTP port of its own, once the slots
+    are spread evenly over them."""
+    nodes = [
+        Node(f"n{i}", url, "--http-port", str(free_port()), *args) for i in range(1, count + 1)
+    ]
+    with ExitStack() as stack:
+        for node in nodes:
+            node.start()
+            stack.callback(_stop, node)
+        eventually(lambda: balanced(nodes), 30, "slots spread evenly over the nodes")
+        yield nodes
+
+
+def held(node: Node, pool: str, user: str) -> str:
+    """The id of ``user``'s lease in ``pool``, asked of ``node`` over RESP."""
+    with node.client() as r:
+        reply = r.execute_command("TP.LEASE", pool, user)
+    if isinstance(reply, dict):
+        return text(reply[b"id"])
+    flat = [text(x) for x in reply]
+    return dict(zip(flat[::2], flat[1::2], strict=True))["id"]
+
+
+def activate(node: Node, pool: str, user: str) -> None:
+    with node.client() as r:
+        r.execute_command("TP.ACTIVATE", pool, user)
+
+
+def first_event_after(node: Node, pool: str, act: Callable[[], None]) -> list[dict[str, Any]]:
+    """The first event of ``pool``'s stream on ``node``'s HTTP, opened before ``act()``."""
+    seen: list[dict[str, Any]] = []
+
+    def follow() -> None:
+        with http(node) as reader, reader.stream("GET", f"/api/pools/{pool}/events") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    seen.append(json.loads(line[5:]))
+                    return
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    time.sleep(1.5)  # the stream is open (following the pool on its owner)
+    act()
+    thread.join(15)
+    return seen
+
+
+def http(node: Node) -> httpx.Client:
+    process = node.process
+    assert process is not None and process.http_port is not None
+    return httpx.Client(base_url=f"http://127.0.0.1:{process.http_port}", timeout=30)
+
+
+def names_owned(nodes: list[Node], count: int) -> list[str]:
+    """``count`` pool names spread over every node (by their slots' owners)."""
+    out: list[str] = []
+    by_node: dict[int, int] = {}
+    i = 0
+    while len(out) < count:
+        name = f"h{i}"
+        i += 1
+        port = owner(nodes, name).port
+        if by_node.get(port, 0) < count // len(nodes) + 1:
+            by_node[port] = by_node.get(port, 0) + 1
+            out.append(name)
+    return out
+
+
+def test_every_node_serves_every_pool_over_http(pg_url: str) -> None:
+    with cluster(pg_url, 3, "--durability", "sync") as nodes:
+        clients = [http(n) for n in nodes]
+        names = names_owned(nodes, 9)
+        assert len({owner(nodes, name).port for name in names}) == 3
+        for i, name in enumerate(names):  # created through any node: served by its owner
+            made = clients[i % 3].post("/api/pools", json={"name": name, "size": 2, "ttl": 600})
+            assert made.status_code == 200, made.text
+        for client in clients:
+            listed = {p["name"] for p in client.get("/api/pools").json()["data"]}
+            assert set(names) <= listed
+        for name in names:
+            home = owner(nodes, name)
+            granted = [
+                c.post(f"/api/pools/{name}/tokens/activate", json={"user_id": "alice"})
+                for c in clients
+            ]
+            assert [g.status_code for g in granted] == [200, 200, 200]
+            leases = [g.json()["data"] for g in granted]
+            assert len({(d["id"], d["token_id"], d["fence"]) for d in leases}) == 1  # one lease
+            assert held(home, name, "alice") == leases[0]["id"]  # the owner holds it
+            for c in clients:  # every read, and the pool's settings, from any node
+                got = c.get(f"/api/pools/{name}/users/alice/lease").json()["data"]
+                assert got["id"] == leases[0]["id"]
+                token = c.get(f"/api/pools/{name}/tokens/{got['token_id']}").json()["data"]
+                assert token["current_user_id"] == "alice"
+                assert c.get(f"/api/pools/{name}").json()["data"]["stats"]["active"] == 1
+        # a refusal on the owner comes back with its code and status
+        full = names[0]
+        for user in ("bob", "carol"):
+            clients[1].post(f"/api/pools/{full}/tokens/activate", json={"user_id": user})
+        released = clients[2].post(
+            f"/api/pools/{full}/tokens/00000000-0000-0000-0000-000000000000/release", json={}
+        )
+        assert released.status_code == 404
+        assert released.json()["error"]["code"] == "UNKNOWN"
+        # the cluster as every node sees it
+        for c in clients:
+            view = c.get("/api/cluster").json()["data"]
+            assert view["enabled"] is True and view["state"] == "ok"
+            assert {m["id"] for m in view["members"]} == {"n1", "n2", "n3"}
+            assert sum(m["slots"] for m in view["members"]) == 16384
+            assert all(m["live"] for m in view["members"])
+        assert (
+            sum(
+                c.get("/api/cluster").json()["data"]["node"]["http_requests_forwarded"]
+                for c in clients
+            )
+            > 0
+        )
+
+
+def test_events_of_another_node_s_pool_stream_over_http(pg_url: str) -> None:
+    with cluster(pg_url, 2) as nodes:
+        name = next(n for n in (f"e{i}" for i in range(100)) if owner(nodes, n) is nodes[1])
+        client = http(nodes[0])
+        assert (
+            client.post("/api/pools", json={"name": name, "size": 2, "ttl": 600}).status_code == 200
+        )
+        seen = first_event_after(nodes[0], name, lambda: activate(nodes[1], name, "dave"))
+        assert seen and seen[0]["kind"] == "granted" and seen[0]["user_id"] == "dave"
+
+
+def test_a_request_through_another_node_is_served_across_its_owner_s_death(
+    pg_url: str,
+) -> None:
+    with cluster(pg_url, 2, "--durability", "sync") as nodes:
+        name = next(n for n in (f"k{i}" for i in range(100)) if owner(nodes, n) is nodes[1])
+        client = http(nodes[0])
+        assert (
+            client.post("/api/pools", json={"name": name, "size": 2, "ttl": 600}).status_code == 200
+        )
+        granted = client.post(f"/api/pools/{name}/tokens/activate", json={"user_id": "erin"})
+        lease = granted.json()["data"]
+        os.kill(nodes[1].pid, signal.SIGKILL)
+        nodes[1].process.proc.wait()  # type: ignore[union-attr]
+        # asked at once: the request waits for the slot's next owner (this node)
+        again = client.get(f"/api/pools/{name}/users/erin/lease")
+        assert again.status_code == 200, again.text
+        assert (again.json()["data"]["id"], again.json()["data"]["fence"]) == (
+            lease["id"],
+            lease["fence"],
+        )
+        retried = client.post(f"/api/pools/{name}/tokens/activate", json={"user_id": "erin"})
+        assert retried.json()["data"]["id"] == lease["id"]  # the same lease, same pool
+
+
+def test_http_workers_reach_every_node_s_pools(pg_url: str) -> None:
+    with cluster(pg_url, 2, "--http-workers", "1") as nodes:
+        names = names_owned(nodes, 4)
+        client = http(nodes[0])
+        for name in names:
+            made = client.post("/api/pools", json={"name": name, "size": 2, "ttl": 600})
+            assert made.status_code == 200, made.text
+            granted = client.post(f"/api/pools/{name}/tokens/activate", json={"user_id": "fay"})
+            assert granted.status_code == 200, granted.text
+            assert held(owner(nodes, name), name, "fay") == granted.json()["data"]["id"]
+        listed = {p["name"] for p in client.get("/api/pools").json()["data"]}
+        assert set(names) <= listed
+        assert client.get("/api/cluster").json()["data"]["enabled"] is True
+        # events of a pool the worker's own server does not serve, followed on its owner
+        far = next(n for n in names if owner(nodes, n) is nodes[1])
+        seen = first_event_after(nodes[0], far, lambda: activate(nodes[1], far, "gus"))
+        assert seen and seen[0]["user_id"] == "gus"
+
+
+def test_only_a_node_with_the_cluster_s_secret_may_send_via(pg_url: str) -> None:
+    with cluster(pg_url, 2) as nodes:
+        name = next(n for n in (f"v{i}" for i in range(100)) if owner(nodes, n) is nodes[0])
+        via = ("VIA", "1.2.3.4:5", "", "TP.ACTIVATE", name, "x")
+        with nodes[0].client() as r:
+            r.execute_command("POOL", "CREATE", name, "SIZE", "2", "TTL", "600")
+            with pytest.raises(redis.exceptions.NoPermissionError, match="VIA is for"):
+                r.execute_command(*via)
+            with pytest.raises(redis.AuthenticationError):
+                r.execute_command("AUTH", "tokenpool-node", "not-the-secret")
+            with pytest.raises(redis.exceptions.NoPermissionError):  # still nobody
+                r.execute_command(*via)
+            assert r.execute_command("TP.LEASE", name, "x") is None  # nothing was granted
+            ((secret,),) = query(pg_url, "SELECT secret FROM cluster_secret")
+            assert len(secret) >= 32
+            assert r.execute_command("AUTH", "tokenpool-node", secret) in (b"OK", True)
+            result_of(r.execute_command(*via))  # the cluster's secret opens it
+            assert r.execute_command("TP.LEASE", name, "x") is not None
+
+
+def test_a_forged_via_reply_makes_nothing_run() -> None:
+    class Boom:
+        def __reduce__(self) -> Any:
+            return (os.system, ("touch /tmp/tokenpool-pwned",))
+
+    forged = base64.b64encode(pickle.dumps(Boom()))
+    with pytest.raises(UnreachableError, match="may not name"):
+        result_of(forged)
+    assert not os.path.exists("/tmp/tokenpool-pwned")
+    with pytest.raises(UnreachableError):
+        result_of(b"not base64 at all!")
+    # a class of the package whose making does work is refused too
+    from tokenpool._store.analytics import SqliteAnalyst
+
+    with pytest.raises(UnreachableError, match="SqliteAnalyst"):
+        result_of(base64.b64encode(pickle.dumps(SqliteAnalyst.__new__(SqliteAnalyst))))
+    # what a real reply carries comes back whole
+    now = datetime.now(UTC)
+    lease = Lease("l", "t", "u", 7, now, now)
+    assert result_of(encode_result([lease, None, {"a": (1, 2.5)}])) == [
+        lease,
+        None,
+        {"a": (1, 2.5)},
+    ]
+
+
+def test_the_dashboard_shows_the_cluster_and_every_node_s_pools(pg_url: str) -> None:
+    """A real chromium on one node's dashboard: the cluster's members, their health and
+    slots; a pool another node serves, drawn with its holder; a killed node shown failed."""
+    from tests.test_dashboard import CHROMIUM, _browser_or_skip
+
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with cluster(pg_url, 2) as nodes:
+        far = next(n for n in (f"d{i}" for i in range(100)) if owner(nodes, n) is nodes[1])
+        client = http(nodes[0])
+        assert (
+            client.post("/api/pools", json={"name": far, "size": 3, "ttl": 600}).status_code == 200
+        )
+        with nodes[1].client() as r:
+            r.execute_command("TP.ACTIVATE", far, "hana")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(str(client.base_url) + "/")
+                page.wait_for_selector('section.cluster tr[data-node="n2"]', timeout=15_000)
+                assert page.inner_text("section.cluster [data-state]") == "ok"
+                shown = {
+                    node: int(
+                        page.inner_text(f'section.cluster tr[data-node="{node}"] [data-slots]')
+                    )
+                    for node in ("n1", "n2")
+                }
+                assert shown == {"n1": 8192, "n2": 8192}
+                page.wait_for_function(
+                    "document.body.innerText.includes('hana')"
+                    f" && document.body.innerText.includes('{far}')",
+                    timeout=15_000,
+                )
+                os.kill(nodes[1].pid, signal.SIGSTOP)  # its lease runs out: failed, then taken over
+                try:
+                    page.wait_for_function(
+                        "document.querySelector('section.cluster tr[data-node=\"n2\"]')"
+                        ".innerText.includes('failed')",
+                        timeout=15_000,
+                    )
+                finally:
+                    os.kill(nodes[1].pid, signal.SIGCONT)
+            finally:
+                browser.close()

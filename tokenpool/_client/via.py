@@ -1,0 +1,179 @@
+"""``VIA``: a typed request sent to a server to run for someone else, and its result.
+
+Two kinds of callers send ``VIA <peer> <bearer> <command...>``: the server's own HTTP
+workers (over its private Unix socket) and, in a cluster, the other nodes (over the
+RESP port, authenticated with the cluster's secret), each on behalf of an HTTP client
+at ``peer``. The command is the typed request's RESP form (``argv_of``); the reply is
+the command layer's neutral result, pickled. It is decoded by ``result_of`` with an
+allow-list of the result types (the pickle documentation's "restricting globals"): a
+reply names only the library's value classes and plain containers, never a function
+or anything else a forged reply could make run.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import copyreg
+import enum
+import io
+import pickle
+from typing import Any
+
+import attrs
+
+from .._commands import (
+    Activate,
+    AlterPool,
+    Clear,
+    CreatePool,
+    DropPool,
+    GetPool,
+    GetStats,
+    History,
+    LeaseOf,
+    ListPools,
+    Release,
+    Renew,
+    Token,
+    Tokens,
+    UserHistory,
+    Validate,
+)
+from .._commands import Request as Command
+from .._commands.analytics import Report, Series
+from .._errors import InvalidArgumentError, TokenPoolError, UnreachableError
+from .remote import pool_options, seconds_arg
+
+
+def argv_of(command: Command) -> tuple[list[str], bool]:
+    """A typed request as the RESP command that builds it again, and whether sending it
+    twice means the same as once (the client library retries only those)."""
+    kind = type(command)
+    if kind is Activate:
+        c: Any = command
+        wait = [] if c.wait is None else ["WAIT", seconds_arg(c.wait)]
+        return ["TP.ACTIVATE", c.pool, c.user_id, *wait], True
+    c = command
+    if kind is Renew:
+        return ["TP.RENEW", c.pool, c.token_id, c.lease_id], True
+    if kind is Release:
+        user = [] if c.user_id is None else [c.user_id]
+        return ["TP.RELEASE", c.pool, c.token_id, *user], False
+    if kind is Validate:
+        return ["TP.VALIDATE", c.pool, c.token_id, c.lease_id], True
+    if kind is LeaseOf:
+        return ["TP.LEASE", c.pool, c.user_id], True
+    if kind is Clear:
+        return ["TP.CLEAR", c.pool], False
+    if kind is Token:
+        return ["TP.TOKEN", c.pool, c.token_id], True
+    if kind is Tokens:
+        if c.cursor is None:
+            return ["TP.TOKENS", c.pool], True
+        return ["TP.TOKENS", c.pool, "CURSOR", str(c.cursor), "COUNT", str(c.count)], True
+    if kind is History or kind is UserHistory:
+        name = "TP.HISTORY" if kind is History else "TP.USERHISTORY"
+        subject = c.token_id if kind is History else c.user_id
+        before = [] if c.before is None else ["BEFORE", str(c.before)]
+        return [name, c.pool, subject, "LIMIT", str(c.limit), *before], True
+    if kind is GetStats:
+        return ["TP.STATS", c.pool], True
+    if kind is GetPool:
+        return ["POOL", "INFO", c.pool], True
+    if kind is ListPools:
+        return ["POOL", "LIST"], True
+    if kind is CreatePool:
+        return ["POOL", "CREATE", c.pool, *pool_options(c.settings.as_dict())], False
+    if kind is AlterPool:
+        return ["POOL", "ALTER", c.pool, *pool_options(c.changes)], False
+    if kind is DropPool:
+        return ["POOL", "DROP", c.pool], False
+    if kind is Series:
+        return ["TP.SERIES", c.pool, c.window], True
+    if kind is Report:
+        sort = [] if c.sort is None else ["SORT", c.sort]
+        return [
+            "TP.REPORT",
+            c.pool,
+            c.kind,
+            "SINCE",
+            f"{c.since / 1_000_000:.6f}",
+            "UNTIL",
+            f"{c.until / 1_000_000:.6f}",
+            "LIMIT",
+            str(c.limit),
+            "CURSOR",
+            str(c.cursor),
+            *sort,
+        ], True
+    raise InvalidArgumentError(f"{kind.__name__} is not sent to the server by HTTP workers")
+
+
+_BUILTINS = frozenset(
+    {
+        "list",
+        "dict",
+        "tuple",
+        "set",
+        "frozenset",
+        "int",
+        "float",
+        "str",
+        "bytes",
+        "bytearray",
+        "bool",
+        "complex",
+        "range",
+        "slice",
+    }
+)
+_MODULES = frozenset({"uuid", "datetime", "array", "enum"})
+
+
+def _is_value(cls: type) -> bool:
+    """The package's value classes: records (attrs, named tuples), enums, lists and
+    maps, errors. Never a class whose making does work (a store, an analyst)."""
+    return attrs.has(cls) or issubclass(cls, (tuple, list, dict, enum.Enum, TokenPoolError))
+
+
+class _Results(pickle.Unpickler):
+    """Unpickles a neutral result: plain containers and the library's value classes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if "." not in name:
+            if module == "builtins" and name in _BUILTINS:
+                return getattr(builtins, name)
+            if module == "copyreg" and name == "_reconstructor":
+                return copyreg._reconstructor  # type: ignore[attr-defined]
+            if module == "array" and name == "_array_reconstructor":
+                return super().find_class(module, name)
+            if module in _MODULES or module.startswith("tokenpool."):
+                found = super().find_class(module, name)
+                if isinstance(found, type) and (module in _MODULES or _is_value(found)):
+                    return found
+        raise pickle.UnpicklingError(f"a VIA reply may not name {module}.{name}")
+
+
+def encode_result(result: Any) -> bytes:
+    """A neutral result as ``VIA``'s reply."""
+    return base64.b64encode(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def result_of(reply: Any) -> Any:
+    """``VIA``'s reply as the neutral result it carries. Raises ``UnreachableError``
+    for a reply that is not one (a forged or garbled one included): that server's
+    answers cannot be used."""
+    try:
+        data = base64.b64decode(reply, validate=True)
+        return _Results(io.BytesIO(data)).load()
+    except (
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        EOFError,
+        AttributeError,
+        ImportError,
+        IndexError,
+    ) as error:
+        raise UnreachableError(f"a VIA reply that is not a result: {error}") from None
