@@ -298,3 +298,43 @@ def test_the_dashboard_shows_the_cluster_and_every_node_s_pools(pg_url: str) -> 
                     os.kill(nodes[1].pid, signal.SIGCONT)
             finally:
                 browser.close()
+
+
+def test_waiters_on_another_node_s_pool_do_not_stall_other_requests(pg_url: str) -> None:
+    """Activations waiting on a full pool of another node hold a connection to it each:
+    they have connections of their own, so the other requests through that node still
+    answer at once (they shared eight, which twelve waiters took for 20 s)."""
+    with cluster(pg_url, 2) as nodes:
+        far = [n for n in (f"w{i}" for i in range(200)) if owner(nodes, n) is nodes[1]][:2]
+        full, other = far
+        client = http(nodes[0])
+        for name, policy in ((full, "wait"), (other, "evict")):
+            made = client.post(
+                "/api/pools", json={"name": name, "size": 1, "ttl": 600, "when_full": policy}
+            )
+            assert made.status_code == 200, made.text
+        activate(nodes[1], full, "holder")
+        answers: list[int] = []
+
+        def wait(i: int) -> None:
+            with http(nodes[0]) as c:
+                answers.append(
+                    c.post(
+                        f"/api/pools/{full}/tokens/activate",
+                        json={"user_id": f"waiter{i}", "wait": 20},
+                    ).status_code
+                )
+
+        threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(12)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)  # every waiter is waiting on node 2, through node 1
+        with httpx.Client(base_url=str(client.base_url), timeout=5) as quick:
+            for _ in range(3):
+                got = quick.post(f"/api/pools/{other}/tokens/activate", json={"user_id": "z"})
+                assert got.status_code == 200, got.text
+        with nodes[1].client() as r:
+            r.execute_command("TP.CLEAR", full)  # the waiters are granted one by one
+        for t in threads:
+            t.join(30)
+        assert answers.count(200) >= 1 and len(answers) == 12

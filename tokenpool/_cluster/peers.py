@@ -50,14 +50,24 @@ class Peers:
     """The other nodes, as this node's HTTP tier reaches them. ``run`` in a nursery."""
 
     def __init__(
-        self, node: ClusterNode, *, timeout: float = 10.0, max_connections: int = 8
+        self,
+        node: ClusterNode,
+        *,
+        timeout: float = 10.0,
+        max_connections: int = 8,
+        max_waiting: int = 256,
     ) -> None:
         self.node = node
         self.timeout = timeout
         self.max_connections = max_connections
+        self.max_waiting = max_waiting
         self.forwarded = 0  # requests sent to another node (a figure for INFO and tests)
         self._tg: anyio.abc.TaskGroup | None = None
         self._nodes: dict[str, Connections] = {}
+        # Activations that may wait (ACTIVATE ... WAIT) hold a connection each until
+        # answered: they get connections of their own, so waiters never starve the
+        # other requests' few pipelined ones.
+        self._waiting: dict[str, Connections] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the connections' task group until cancelled, then close them."""
@@ -69,19 +79,22 @@ class Peers:
             finally:
                 self._tg = None
                 with trio.CancelScope(shield=True):
-                    for connections in self._nodes.values():
+                    for connections in (*self._nodes.values(), *self._waiting.values()):
                         await connections.aclose()
                     self._nodes.clear()
+                    self._waiting.clear()
                 tg.cancel_scope.cancel()
 
-    def connections(self, address: str) -> Connections:
-        """The connections to the node at ``host:port`` (made on first use)."""
-        found = self._nodes.get(address)
+    def connections(self, address: str, *, waits: bool = False) -> Connections:
+        """The connections to the node at ``host:port`` (made on first use); ``waits``:
+        those of requests that may wait."""
+        table = self._waiting if waits else self._nodes
+        found = table.get(address)
         if found is None:
             if self._tg is None:
                 raise UnavailableError("this node is not serving (it is starting or stopping)")
             host, _, port = address.rpartition(":")
-            found = self._nodes[address] = Connections(
+            found = table[address] = Connections(
                 Address(
                     host=host.strip("[]"),
                     port=int(port),
@@ -89,7 +102,7 @@ class Peers:
                     password=self.node.secret,
                 ),
                 self._tg,
-                max_connections=self.max_connections,
+                max_connections=self.max_waiting if waits else self.max_connections,
                 timeout=self.timeout,
                 ssl_context=None,
             )
@@ -141,9 +154,10 @@ class Peers:
         argv, safe = argv_of(command)
         via = ["VIA", client.peer, client.bearer or "", *argv]
         self.forwarded += 1
+        blocks = getattr(command, "wait", None)
         try:
-            (reply,) = await self.connections(address).call(
-                [via], safe=safe, blocks=getattr(command, "wait", None)
+            (reply,) = await self.connections(address, waits=blocks is not None).call(
+                [via], safe=safe, blocks=blocks
             )
         except UnreachableError as error:
             raise UnavailableError(f"the pool's node is not reachable now ({error})") from None
