@@ -373,6 +373,20 @@ async def test_a_stalled_half_command_is_dropped_after_the_idle_timeout() -> Non
         await idle.aclose()
 
 
+async def test_a_half_command_after_a_reply_is_dropped_after_the_idle_timeout() -> None:
+    """A half command, then its rest with the start of another: the reply to the first
+    must not lift the deadline of the second (a reply resets the write's deadline)."""
+    async with running(idle_timeout=0.5) as (_server, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"*1\r\n$4\r\nPI")
+        await trio.sleep(0.2)  # the server saw the half command: its deadline is armed
+        await stream.send_all(b"NG\r\n*1\r\n$4\r\nPI")  # the rest, and half of another
+        assert b"+PONG\r\n" == await stream.receive_some(100)
+        with trio.fail_after(3):  # then nothing more: dropped within the idle timeout
+            assert b"" == await stream.receive_some(100)
+        await stream.aclose()
+
+
 async def test_max_clients() -> None:
     async with running(max_clients=2) as (_server, port):
         a = await trio.open_tcp_stream("127.0.0.1", port)

@@ -441,6 +441,8 @@ def encode(value: Reply, proto: int = 2) -> bytes:
     ``dict`` becomes a RESP3 map, or in RESP2 a flat array of field/value
     pairs (like HGETALL); ``None`` is RESP3 null, or a RESP2 nil bulk string.
     """
+    if type(value) is Simple:  # +OK, +PONG: the commonest replies of all
+        return b"+%b\r\n" % _line(value.text)
     out: list[bytes] = []
     _encode(value, proto, out)
     return b"".join(out)

@@ -658,14 +658,16 @@ class RespServer:
                 continue
             if self.closing:
                 return "shutdown"
-            scope = conn.scope
             if parser.in_command:
-                if started is None:
+                # A command started and is not all here: it must be within the deadline
+                # from its first byte (a reply sent meanwhile reset it: set it again;
+                # a command completed since: the stall counts from now).
+                if started is None or commands:
                     started = trio.current_time()
-                    scope.deadline = started + idle
-            else:
+                conn.scope.deadline = started + idle
+            elif started is not None:  # (setting a deadline costs: only when it changes)
                 started = None
-                scope.deadline = math.inf
+                conn.scope.deadline = math.inf
             conn.idle = True
             data = await stream.receive_some(READ_SIZE)
             conn.idle = False

@@ -340,11 +340,14 @@ def _punsubscribe(p: Planner, session: Session, args: list[str]) -> Any:
 # -- connection --------------------------------------------------------------------------
 
 
+PONG = Simple("PONG")
+
+
 @command("PING", 0, 1, "Ping the server")
 def _ping(p: Planner, session: Session, args: list[str]) -> Any:
     if session.subscribed and session.proto == 2:
         return ["pong", args[0] if args else ""]
-    return args[0] if args else Simple("PONG")
+    return args[0] if args else PONG
 
 
 @command("ECHO", 1, 1, "Echo a message")
