@@ -160,12 +160,20 @@ def encode_result(result: Any) -> bytes:
     return base64.b64encode(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def result_of(reply: Any) -> Any:
+def result_of(reply: Any, *, own_server: bool = False) -> Any:
     """``VIA``'s reply as the neutral result it carries. Raises ``UnreachableError``
     for a reply that is not one (a forged or garbled one included): that server's
-    answers cannot be used."""
+    answers cannot be used.
+
+    ``own_server``: the reply came from the HTTP worker's own parent, over the private
+    Unix socket only it and its workers can open (a directory of mode 0700, a per-run
+    secret): decoded at C speed, without the allow-list's Python calls (half the
+    decoding time of an activation's reply; this is the hot path of ``--http-workers``).
+    Another node's reply always goes through the allow-list."""
     try:
         data = base64.b64decode(reply, validate=True)
+        if own_server:
+            return pickle.loads(data)
         return _Results(io.BytesIO(data)).load()
     except (
         pickle.UnpicklingError,

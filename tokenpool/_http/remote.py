@@ -81,7 +81,7 @@ class RemoteBackend:
         argv, safe = argv_of(command)
         wait = getattr(command, "wait", None)
         reply = await self._call(["VIA", caller.peer, caller.bearer, *argv], safe=safe, blocks=wait)
-        return result_of(reply)
+        return result_of(reply, own_server=True)
 
     async def pool_names(self, caller: _Caller) -> list[str]:
         names: list[str] = await self.execute(ListPools(), caller)
