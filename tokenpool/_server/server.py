@@ -65,6 +65,7 @@ READ_SIZE = 64 * 1024
 WAIT_BUFFER = 1024 * 1024  # bytes a client may send while one of its commands waits
 MAX_SUBSCRIPTIONS = 1_000  # channels and patterns per connection (Redis has no bound)
 MAX_FOLLOWED = 1_000  # pools a connection's patterns follow at once (a task each)
+SLOT_CHECK = 0.5  # cluster mode: how often a channel waiting for its pool checks its slot
 ACCEPT_RETRY = 0.1  # seconds between accepts while out of file descriptors (as trio)
 FD_LOG_EVERY = 10.0  # seconds between log lines about it
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -252,10 +253,18 @@ class _Connection:
                 except TokenPoolError:
                     return
                 pools = self.server.pools
+                cluster = self.server.planner.cluster
                 while True:
                     while pool_name not in pools.names():
-                        await pools.changed()
+                        if cluster is not None and cluster.route(pool_name) is not None:
+                            await self._slot_left(name, scope)
+                            return
+                        with trio.move_on_after(math.inf if cluster is None else SLOT_CHECK):
+                            await pools.changed()
                     if await self._forward_pool(pool_name, since, name, None) != "closed":
+                        return
+                    if cluster is not None and cluster.route(pool_name) is not None:
+                        await self._slot_left(name, scope)
                         return
                     if pool_name in pools.names():
                         return  # its stream ended while it is still served: shutting down
@@ -263,6 +272,17 @@ class _Connection:
         finally:
             if table.get(name) is scope:
                 del table[name]
+
+    async def _slot_left(self, channel: str, scope: trio.CancelScope) -> None:
+        """Cluster mode: the channel's slot is no longer served here (given away, or the
+        lease ran out). As Redis 7 does for a shard channel whose slot moved, the
+        subscription ends with an ``unsubscribe`` push: the client subscribes again,
+        and is sent to the new owner (``MOVED``)."""
+        session = self.session
+        if session.channels.get(channel) is scope:
+            del session.channels[channel]
+        count = len(session.channels) + len(session.patterns)
+        await self.send(_encode_push(_Push(["unsubscribe", channel, count]), session.proto))
 
     async def _forward_pattern(self, pattern: str) -> None:
         import fnmatch
@@ -315,6 +335,24 @@ class _Connection:
         except TokenPoolError:
             return "closed"
         last = ""
+        current = pool.statistics().stats.revision
+        if since is not None and since > current:
+            # a revision this pool never reached: the server restarted without its
+            # history (memory store). Resuming would skip silently: say so, as for
+            # compacted events (the HTTP stream does the same).
+            await self._message(
+                channel,
+                pattern,
+                json.dumps(
+                    {
+                        "kind": "compacted",
+                        "oldest": current + 1,
+                        "message": f"revision {since} is ahead of this pool's {current}"
+                        " (the server restarted without its history)",
+                    }
+                ),
+            )
+            return "compacted"
         try:
             async with pool.watch(since) as events:
                 async for event in events:

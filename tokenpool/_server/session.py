@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from .. import __version__
+from .._cluster.slots import key_slot
 from .._commands import (
     MULTI_MAX,
     TX_COST,
@@ -304,13 +305,31 @@ def _exec(p: Planner, session: Session, args: list[str]) -> Any:
 
 @command("SUBSCRIBE", 1, 32, "Follow pools' events: events:<pool>[@<revision>]")
 def _subscribe(p: Planner, session: Session, args: list[str]) -> Any:
-    for channel in args:
-        parse_channel(channel)
+    pools = [parse_channel(channel)[0] for channel in args]
+    if p.cluster is not None:
+        refused = _route_channels(p.cluster, pools)
+        if refused is not None:
+            return refused
 
     async def run() -> Any:
         return await p.subscriber.subscribe(session, args, pattern=False)
 
     return Action(run)
+
+
+def _route_channels(cluster: Any, pools: list[str]) -> Error | None:
+    """Cluster mode: a pool's events come from its owner only, so ``SUBSCRIBE`` is
+    routed as Redis 7 routes ``SSUBSCRIBE``: its channels' pools in one slot
+    (``CROSSSLOT``), served here (else ``MOVED`` to the owner, ``TRYAGAIN``,
+    ``CLUSTERDOWN``). The node unsubscribes the channel when the slot leaves it."""
+    if len({key_slot(pool) for pool in pools}) > 1:
+        return Error(
+            "CROSSSLOT",
+            "Keys in request don't hash to the same slot: in cluster mode one SUBSCRIBE"
+            " names the pools of one slot",
+        )
+    elsewhere = cluster.route(pools[0])
+    return None if elsewhere is None else error_reply(elsewhere)
 
 
 @command("PSUBSCRIBE", 1, 32, "Follow the events of every pool matching a pattern")
