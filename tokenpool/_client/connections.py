@@ -197,10 +197,12 @@ class Connections:
             try:
                 replies = await target._call(commands, safe=safe, blocks=blocks)
             except UnreachableError:
+                if target is not self and pool is not None:
+                    # that node is gone or stalled: the first server learns who is next
+                    # (forgotten even when this call gives up, so the next asks there)
+                    self.forget(pool)
                 if target is self or not safe or anyio.current_time() + pause > deadline:
                     raise
-                if pool is not None:  # that node is gone: the first server learns who is next
-                    self._routes.pop(pool, None)
                 target = self
                 await anyio.sleep(pause)
                 pause = min(pause * 2, 0.5)
@@ -213,10 +215,9 @@ class Connections:
                     raise UnreachableError(
                         f"more than {MAX_REDIRECTS} MOVED in a row for pool {pool!r}"
                     )
-                node = _address_of(moved)
-                if pool is not None:
-                    self._routes[pool] = node
-                target = self._node(node)
+                target = (
+                    self.moved(pool, moved) if pool is not None else self._node(_address_of(moved))
+                )
                 continue
             if (
                 any(isinstance(r, TryAgainError | ClusterDownError) for r in replies)
@@ -230,6 +231,25 @@ class Connections:
                 redirects = 0
                 continue
             return replies
+
+    def node_of(self, pool: str) -> Connections:
+        """The connections to ``pool``'s node as last learnt (this server's if none)."""
+        route = self._routes.get(pool)
+        return self if route is None else self._node(route)
+
+    def moved(self, pool: str, moved: MovedError) -> Connections:
+        """Follow ``MOVED``: remember the named node as ``pool``'s, and return it."""
+        node = self._routes[pool] = _address_of(moved)
+        return self._node(node)
+
+    def forget(self, pool: str) -> None:
+        """``pool``'s node is gone or unsure: ask the first server (it learns who is next)."""
+        self._routes.pop(pool, None)
+
+    def known(self) -> list[Connections]:
+        """This server, then every other node met so far (by ``MOVED``): where to ask
+        for a pool's owner when the first server cannot be reached."""
+        return [self, *self._nodes.values()]
 
     def _node(self, node: tuple[str, int]) -> Connections:
         """The connections to another node of the cluster (made on first use)."""
