@@ -117,6 +117,7 @@ class ClusterNode:
         self.renew_failures = 0
         self._lock = trio.Lock()
         self._stopped = False
+        self._leaving = False
         pools.lease_of = self.lease_of
 
     # -- what the drivers and the pools ask -------------------------------------------
@@ -233,6 +234,11 @@ class ClusterNode:
             self.secret = secret
         self.state = "live"
         self.version = -1
+        if self.draining:  # joining again (the lease ran out) writes 'live': still drained
+            try:
+                await self._db(self.directory.set_state, self.id, incarnation, "draining")
+            except TokenPoolError as error:
+                log.warning("cluster_drain_state_failed", node=self.id, error=str(error))
         log.info(
             "cluster_joined",
             node=self.id,
@@ -413,8 +419,26 @@ class ClusterNode:
             if self.owned:
                 await self._give(set(self.owned))
 
+    async def undrain(self) -> None:
+        """Take a share of the slots again after ``drain`` (``CLUSTER UNDRAIN``): from
+        its next round the node is a taker as any live node, and the nodes over their
+        share give it slots, one step a round. Raises ``InvalidArgumentError`` while the
+        node leaves (SIGTERM), and the store's error when the state cannot be written
+        (the node then stays drained: the operator tries again)."""
+        async with self._lock:
+            if self._leaving:
+                raise InvalidArgumentError(
+                    f"node {self.id!r} is leaving the cluster (stopping): it cannot undrain"
+                )
+            if not self.draining:
+                return
+            await self._db(self.directory.set_state, self.id, self.incarnation, "live")
+            self.draining = False
+            log.info("cluster_undrained", node=self.id)
+
     async def leave(self) -> None:
         """Drain, then leave the cluster (a normal stop: SIGTERM)."""
+        self._leaving = True
         await self.drain()
         async with self._lock:
             self._stopped = True

@@ -182,18 +182,28 @@ def _cluster(p: Planner, session: Session, args: list[str]) -> Any:
         return _info(node)
     if sub == "MYID":
         return node.id
-    if sub == "DRAIN":
+    if sub in ("DRAIN", "UNDRAIN"):
         if p.gate.settings.admin_password is not None and session.client.user != "admin":
             return Error(
                 "NOPERM",
                 "this command needs the admin user: AUTH admin <password> (--admin-password)",
             )
+        change = node.drain if sub == "DRAIN" else node.undrain
 
         async def run() -> Any:
-            await node.drain()
+            await change()
             return OK
 
         return Action(run)
     return Error(
         "ERR", f"unknown subcommand or wrong number of arguments for 'CLUSTER|{args[0][:20]}'"
     )
+
+
+@command("ASKING", 0, 0, "Redis Cluster's ASKING: +OK (no slot is ever half-moved here)")
+def _asking(p: Planner, session: Session, args: list[str]) -> Any:
+    """Answered as Redis does, so a cluster client that sends it never breaks. Redis
+    lets the next command reach a slot being imported; slots here move whole (release,
+    then acquire), so there is never an importing slot: the next command is routed as
+    any other (``MOVED`` to the owner, ``TRYAGAIN`` while it recovers the pool)."""
+    return OFF if p.cluster is None else OK
