@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis
@@ -225,3 +226,55 @@ def test_asking_is_answered_ok_and_routes_nothing(pg_url: str) -> None:
             r.execute_command("ASKING")
     finally:
         server.stop()
+
+
+def test_a_watch_says_gap_when_a_memory_server_restarts_without_its_history() -> None:
+    """Not a cluster: a memory-only server restarted on its port starts its revisions
+    again, below the watcher's last one. The watcher, resuming, says ``gap`` (it used to
+    wait for revisions past its last, skipping what came before), then goes on. (Had the
+    new server passed the watcher's revision before the resume, revisions alone could
+    not tell: a memory store has no owner epoch.)"""
+    first = start("--dsn", "memory", "--size", "4", "--ttl", "60")
+    port = first.port
+    servers = [first]
+    seen: list[Event] = []
+
+    async def until(check: Callable[[], bool]) -> None:
+        with trio.fail_after(15):
+            while not check():
+                await trio.sleep(0.05)
+
+    async def main() -> None:
+        async with (
+            tokenpool.connect(f"tokenpool://127.0.0.1:{port}", timeout=10) as client,
+            client.pool().watch() as events,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def read() -> None:
+                async for event in events:
+                    seen.append(event)
+
+            nursery.start_soon(read)
+            await client.pool().activate("a")
+            await client.pool().activate("b")
+            await until(lambda: len(seen) == 2)
+            await trio.to_thread.run_sync(first.stop)
+            servers.append(await trio.to_thread.run_sync(start_on, port))
+            await until(lambda: len(seen) == 3)
+            await client.pool().activate("c")
+            await until(lambda: len(seen) == 4)
+            nursery.cancel_scope.cancel()
+
+    def start_on(port: int) -> Any:
+        return start("--dsn", "memory", "--size", "4", "--ttl", "60", port=port)
+
+    try:
+        trio.run(main)
+    finally:
+        for server in servers:
+            if server.proc.poll() is None:
+                server.stop()
+    assert ["a", "b", None, "c"] == [e.user_id for e in seen]
+    assert ["granted", "granted", "gap", "granted"] == [e.kind for e in seen]
+    assert seen[2].revision < seen[3].revision

@@ -114,6 +114,7 @@ class PoolStatistics:
     writer: WriterStatistics | None
     subscribers: int
     events_logged: int
+    oldest_event: int  # the oldest revision whose events a watch(since=...) can replay
 
 
 class _Op(Op):
@@ -268,6 +269,7 @@ class PoolCore:
             writer=None if self.writer is None else self.writer.statistics(),
             subscribers=events["subscribers"],
             events_logged=events["events_logged"],
+            oldest_event=events["oldest_revision"],
         )
 
     @property

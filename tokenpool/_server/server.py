@@ -335,18 +335,19 @@ class _Connection:
         except TokenPoolError:
             return "closed"
         last = ""
-        current = pool.statistics().stats.revision
+        figures = pool.statistics()
+        current = figures.stats.revision
         if since is not None and since > current:
             # a revision this pool never reached: the server restarted without its
             # history (memory store). Resuming would skip silently: say so, as for
-            # compacted events (the HTTP stream does the same).
+            # compacted events, naming the oldest event held (the client resumes there).
             await self._message(
                 channel,
                 pattern,
                 json.dumps(
                     {
                         "kind": "compacted",
-                        "oldest": current + 1,
+                        "oldest": figures.oldest_event,
                         "message": f"revision {since} is ahead of this pool's {current}"
                         " (the server restarted without its history)",
                     }
