@@ -245,7 +245,10 @@ class Event:
 
     ``kind`` is ``granted``, ``renewed`` or ``ended`` (with ``reason``), or
     ``overflow``: the subscriber read too slowly, ``missed`` events were
-    dropped and the stream ends after this one. ``revision`` is the revision
+    dropped and the stream ends after this one; or (the client library's
+    ``watch``, resuming) ``gap``: the events after the last one delivered, up
+    to ``revision``, could not be replayed (a restarted server, a pool that moved
+    to another node), and the stream goes on after it. ``revision`` is the revision
     that made the change (an activation that evicted gives its ``ended`` and
     ``granted`` events the same revision).
     """
