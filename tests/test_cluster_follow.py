@@ -5,6 +5,7 @@ Redis 7 routes ``SSUBSCRIBE``; ``CLUSTER UNDRAIN``; ``ASKING``."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 import trio
-from redis.exceptions import ClusterCrossSlotError, MovedError
+from redis.exceptions import ClusterCrossSlotError, MovedError, RedisClusterException
 
 import tokenpool
 from tests.chaos.server import start
@@ -170,6 +171,59 @@ def test_subscribe_is_routed_as_sharded_pub_sub(pg_url: str) -> None:
             gone = eventually(lambda: sub.get_message(timeout=1), 10, "the unsubscribe push")
             assert ("unsubscribe", f"events:{pool}") == (gone["type"], text(gone["channel"]))
             sub.close()
+
+
+def test_redis_py_cluster_follows_a_pool_s_shard_channel_through_a_drain(pg_url: str) -> None:
+    """SSUBSCRIBE events:{<pool>} (the hash tag puts the channel in the pool's slot):
+    redis-py's RedisCluster subscribes at the pool's owner and reads ``smessage``s; the
+    drained owner pushes ``sunsubscribe``, and once redis-py refreshes its slot map (the
+    next command's MOVED) it subscribes at the new owner, which delivers the next event.
+    A raw SSUBSCRIBE at a node that does not own the pool answers MOVED."""
+    with cluster(pg_url, 2) as nodes:
+        pool = "plotters"
+        channel = f"events:{{{pool}}}"
+        home, other = placed(nodes, pool, size=4)
+        assert key_slot(channel) == key_slot(pool)
+        with other.client() as r, pytest.raises(MovedError):
+            r.execute_command("SSUBSCRIBE", channel)
+        rc = redis.RedisCluster(host="127.0.0.1", port=other.port, socket_timeout=10)
+        sub = rc.pubsub()
+        try:
+            sub.ssubscribe(channel)
+
+            def next_of(kind: str) -> dict[str, object]:
+                def found() -> dict[str, object] | None:
+                    message = sub.get_sharded_message(timeout=0.5)
+                    return message if message and message["type"] == kind else None
+
+                return eventually(found, 20, kind)
+
+            next_of("ssubscribe")
+            rc.execute_command("TP.ACTIVATE", pool, "alice")
+            assert "alice" in text(next_of("smessage")["data"])
+            with home.client() as r:
+                assert b"OK" == r.execute_command("CLUSTER", "DRAIN")
+            next_of("sunsubscribe")
+            deadline = time.monotonic() + 20
+            while True:  # redis-py refreshes its slot map (MOVED, CLUSTERDOWN) as it goes
+                try:
+                    rc.execute_command("TP.ACTIVATE", pool, "bob")
+                    break
+                except (redis.RedisError, RedisClusterException):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            next_of("ssubscribe")  # at the new owner (before bob's grant, or after)
+            rc.execute_command("TP.ACTIVATE", pool, "carol")
+            users = []
+            while "carol" not in users:
+                message = next_of("smessage")
+                assert channel == text(message["channel"])
+                users.append(json.loads(text(message["data"]))["user_id"])
+            assert users in (["carol"], ["bob", "carol"])
+        finally:
+            sub.close()
+            rc.close()
 
 
 def test_undrain_takes_a_share_of_the_slots_again(pg_url: str) -> None:

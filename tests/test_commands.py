@@ -179,7 +179,7 @@ class _Sink:
     async def send(self, data: bytes) -> None:
         self.sent.append(data)
 
-    def follow(self, name: str, pattern: bool) -> trio.CancelScope:
+    def follow(self, name: str, pattern: bool, shard: bool = False) -> trio.CancelScope:
         return trio.CancelScope()
 
 

@@ -112,39 +112,56 @@ class _Subscriptions:
     def __init__(self, server: RespServer) -> None:
         self.server = server
 
-    async def subscribe(self, session: Session, names: list[str], *, pattern: bool) -> Any:
+    async def subscribe(
+        self, session: Session, names: list[str], *, pattern: bool, shard: bool = False
+    ) -> Any:
         conn = self.server.connection_of(session)
         replies: list[Any] = []
-        kind = "psubscribe" if pattern else "subscribe"
-        table = session.patterns if pattern else session.channels
-        held = len(session.channels) + len(session.patterns)
+        kind = "ssubscribe" if shard else "psubscribe" if pattern else "subscribe"
+        table = _table(session, pattern, shard)
+        held = len(session.channels) + len(session.patterns) + len(session.shards)
         if held + len({n for n in names if n not in table}) > MAX_SUBSCRIPTIONS:
             raise InvalidArgumentError(
                 f"a connection may hold at most {MAX_SUBSCRIPTIONS:,} channels and patterns"
                 f" (it holds {held:,}); none of these was subscribed"
             )
         for name in names:
-            table = session.patterns if pattern else session.channels
             if name not in table:
-                table[name] = conn.follow(name, pattern)
-            replies.append(_Push([kind, name, len(session.channels) + len(session.patterns)]))
+                table[name] = conn.follow(name, pattern, shard)
+            replies.append(_Push([kind, name, _count(session, shard)]))
         return _Many(replies)
 
     async def unsubscribe(
-        self, session: Session, names: list[str], *, pattern: bool, quiet: bool = False
+        self,
+        session: Session,
+        names: list[str],
+        *,
+        pattern: bool,
+        shard: bool = False,
+        quiet: bool = False,
     ) -> Any:
-        table = session.patterns if pattern else session.channels
-        kind = "punsubscribe" if pattern else "unsubscribe"
+        table = _table(session, pattern, shard)
+        kind = "sunsubscribe" if shard else "punsubscribe" if pattern else "unsubscribe"
         targets = names or list(table)
         replies: list[Any] = []
         for name in targets:
             scope = table.pop(name, None)
             if scope is not None:
                 scope.cancel()
-            replies.append(_Push([kind, name, len(session.channels) + len(session.patterns)]))
+            replies.append(_Push([kind, name, _count(session, shard)]))
         if not targets:
             replies.append(_Push([kind, None, 0]))
         return None if quiet else _Many(replies)
+
+
+def _table(session: Session, pattern: bool, shard: bool) -> dict[str, Any]:
+    """A connection's channels, patterns or shard channels (``SSUBSCRIBE``)."""
+    return session.shards if shard else session.patterns if pattern else session.channels
+
+
+def _count(session: Session, shard: bool) -> int:
+    """The count a (un)subscribe frame carries: Redis 7 counts shard channels apart."""
+    return len(session.shards) if shard else len(session.channels) + len(session.patterns)
 
 
 class _Push:
@@ -228,21 +245,23 @@ class _Connection:
         finally:
             scope.deadline = math.inf
 
-    def follow(self, name: str, pattern: bool) -> trio.CancelScope:
+    def follow(self, name: str, pattern: bool, shard: bool = False) -> trio.CancelScope:
         scope = trio.CancelScope()
         if self.lock is None:
             self.lock = trio.Lock()  # from now on the forwarders send too
         assert self.nursery is not None
-        self.nursery.start_soon(self._forward, name, pattern, scope)
+        self.nursery.start_soon(self._forward, name, pattern, scope, shard)
         return scope
 
-    async def _forward(self, name: str, pattern: bool, scope: trio.CancelScope) -> None:
+    async def _forward(
+        self, name: str, pattern: bool, scope: trio.CancelScope, shard: bool = False
+    ) -> None:
         """Deliver a channel's (or a pattern's) events as messages until unsubscribed.
 
         As in Redis, a subscription outlives its publisher: a channel of a pool not
         served yet (or dropped) delivers once the pool is (again). A subscription that
         ended (``overflow``, ``compacted``) is forgotten, so it can be made again."""
-        table = self.session.patterns if pattern else self.session.channels
+        table = _table(self.session, pattern, shard)
         try:
             with scope:
                 if pattern:
@@ -257,14 +276,14 @@ class _Connection:
                 while True:
                     while pool_name not in pools.names():
                         if cluster is not None and cluster.route(pool_name) is not None:
-                            await self._slot_left(name, scope)
+                            await self._slot_left(name, scope, shard)
                             return
                         with trio.move_on_after(math.inf if cluster is None else SLOT_CHECK):
                             await pools.changed()
-                    if await self._forward_pool(pool_name, since, name, None) != "closed":
+                    if await self._forward_pool(pool_name, since, name, None, shard) != "closed":
                         return
                     if cluster is not None and cluster.route(pool_name) is not None:
-                        await self._slot_left(name, scope)
+                        await self._slot_left(name, scope, shard)
                         return
                     if pool_name in pools.names():
                         return  # its stream ended while it is still served: shutting down
@@ -273,16 +292,23 @@ class _Connection:
             if table.get(name) is scope:
                 del table[name]
 
-    async def _slot_left(self, channel: str, scope: trio.CancelScope) -> None:
+    async def _slot_left(self, channel: str, scope: trio.CancelScope, shard: bool) -> None:
         """Cluster mode: the channel's slot is no longer served here (given away, or the
         lease ran out). As Redis 7 does for a shard channel whose slot moved, the
-        subscription ends with an ``unsubscribe`` push: the client subscribes again,
+        subscription ends with an ``(s)unsubscribe`` push: the client subscribes again,
         and is sent to the new owner (``MOVED``)."""
         session = self.session
-        if session.channels.get(channel) is scope:
-            del session.channels[channel]
-        count = len(session.channels) + len(session.patterns)
-        await self.send(_encode_push(_Push(["unsubscribe", channel, count]), session.proto))
+        table = _table(session, False, shard)
+        if table.get(channel) is scope:
+            del table[channel]
+        kind = "sunsubscribe" if shard else "unsubscribe"
+        push = _Push([kind, channel, _count(session, shard)])
+        try:
+            await self.send(_encode_push(push, session.proto))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            self.closed = True  # the client is gone (or too slow): as a message's send
+            with contextlib.suppress(Exception):
+                await self.stream.aclose()
 
     async def _forward_pattern(self, pattern: str) -> None:
         import fnmatch
@@ -326,7 +352,12 @@ class _Connection:
                 await pools.changed()
 
     async def _forward_pool(
-        self, pool_name: str, since: int | None, channel: str, pattern: str | None
+        self,
+        pool_name: str,
+        since: int | None,
+        channel: str,
+        pattern: str | None,
+        shard: bool = False,
     ) -> str:
         """Forward one pool's events; why it stopped: ``closed`` (the pool stopped
         serving), ``overflow``, ``compacted``, or ``gone`` (the client or the pool)."""
@@ -352,18 +383,20 @@ class _Connection:
                         " (the server restarted without its history)",
                     }
                 ),
+                shard,
             )
             return "compacted"
         try:
             async with pool.watch(since) as events:
                 async for event in events:
                     last = event.kind
-                    await self._message(channel, pattern, json.dumps(event.as_dict()))
+                    await self._message(channel, pattern, json.dumps(event.as_dict()), shard)
         except CompactedError as error:
             await self._message(
                 channel,
                 pattern,
                 json.dumps({"kind": "compacted", "oldest": error.oldest, "message": str(error)}),
+                shard,
             )
             return "compacted"
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
@@ -373,13 +406,14 @@ class _Connection:
             return "gone"
         return "overflow" if last == "overflow" else "closed"
 
-    async def _message(self, channel: str, pattern: str | None, payload: str) -> None:
+    async def _message(
+        self, channel: str, pattern: str | None, payload: str, shard: bool = False
+    ) -> None:
         proto = self.session.proto
-        items = (
-            ["message", channel, payload]
-            if pattern is None
-            else ["pmessage", pattern, channel, payload]
-        )
+        if pattern is not None:
+            items = ["pmessage", pattern, channel, payload]
+        else:
+            items = ["smessage" if shard else "message", channel, payload]
         await self.send(_encode_push(_Push(items), proto))
 
 

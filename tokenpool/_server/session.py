@@ -73,6 +73,7 @@ class Session:
         "patterns",
         "proto",
         "quit",
+        "shards",
     )
 
     def __init__(self, client_id: int, client: Client) -> None:
@@ -86,10 +87,11 @@ class Session:
         self.executing = False  # planning the commands of an EXEC
         self.channels: dict[str, Any] = {}
         self.patterns: dict[str, Any] = {}
+        self.shards: dict[str, Any] = {}  # SSUBSCRIBE's channels
 
     @property
     def subscribed(self) -> bool:
-        return bool(self.channels or self.patterns)
+        return bool(self.channels or self.patterns or self.shards)
 
     @property
     def peer(self) -> str:
@@ -98,9 +100,15 @@ class Session:
 
 Handler = Callable[["Planner", Session, list[str]], Any]
 CONNECTION: dict[str, tuple[int, int, Handler, str]] = {}
-SUBSCRIBED_OK = {"SUBSCRIBE", "PSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "PING", "QUIT", "RESET"}
+SUBSCRIBED_OK = {
+    *("SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE"),
+    *("PING", "QUIT", "RESET"),
+}
 NO_AUTH_OK = {"AUTH", "HELLO", "QUIT", "RESET"}  # as Redis: even PING needs AUTH
-NOT_IN_MULTI = {"POOL", "SUBSCRIBE", "PSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "AUTH", "HELLO"}
+NOT_IN_MULTI = {
+    *("POOL", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"),
+    *("UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE", "AUTH", "HELLO"),
+}
 
 
 def command(name: str, low: int, high: int, summary: str) -> Callable[[Handler], Handler]:
@@ -305,6 +313,18 @@ def _exec(p: Planner, session: Session, args: list[str]) -> Any:
 
 @command("SUBSCRIBE", 1, 32, "Follow pools' events: events:<pool>[@<revision>]")
 def _subscribe(p: Planner, session: Session, args: list[str]) -> Any:
+    return _channels(p, session, args, shard=False)
+
+
+@command("SSUBSCRIBE", 1, 32, "Follow pools' events as shard channels: events:{<pool>}")
+def _ssubscribe(p: Planner, session: Session, args: list[str]) -> Any:
+    """Redis 7's sharded pub/sub: ``events:{<pool>}[@<revision>]`` (the braces are
+    Redis's hash tag, so a cluster client computes the pool's slot from the channel and
+    subscribes at its owner); messages are ``smessage``."""
+    return _channels(p, session, args, shard=True)
+
+
+def _channels(p: Planner, session: Session, args: list[str], *, shard: bool) -> Any:
     pools = [parse_channel(channel)[0] for channel in args]
     if p.cluster is not None:
         refused = _route_channels(p.cluster, pools)
@@ -312,7 +332,7 @@ def _subscribe(p: Planner, session: Session, args: list[str]) -> Any:
             return refused
 
     async def run() -> Any:
-        return await p.subscriber.subscribe(session, args, pattern=False)
+        return await p.subscriber.subscribe(session, args, pattern=False, shard=shard)
 
     return Action(run)
 
@@ -344,6 +364,14 @@ def _psubscribe(p: Planner, session: Session, args: list[str]) -> Any:
 def _unsubscribe(p: Planner, session: Session, args: list[str]) -> Any:
     async def run() -> Any:
         return await p.subscriber.unsubscribe(session, args, pattern=False)
+
+    return Action(run)
+
+
+@command("SUNSUBSCRIBE", 0, 32, "Stop following shard channels")
+def _sunsubscribe(p: Planner, session: Session, args: list[str]) -> Any:
+    async def run() -> Any:
+        return await p.subscriber.unsubscribe(session, args, pattern=False, shard=True)
 
     return Action(run)
 
@@ -466,6 +494,7 @@ def _reset(p: Planner, session: Session, args: list[str]) -> Any:
         if session.subscribed:
             await p.subscriber.unsubscribe(session, [], pattern=False, quiet=True)
             await p.subscriber.unsubscribe(session, [], pattern=True, quiet=True)
+            await p.subscriber.unsubscribe(session, [], pattern=False, shard=True, quiet=True)
         return Simple("RESET")
 
     return Action(run)
