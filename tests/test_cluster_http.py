@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -250,6 +251,19 @@ def test_a_forged_via_reply_makes_nothing_run() -> None:
         None,
         {"a": (1, 2.5)},
     ]
+
+
+def test_a_forged_via_reply_imports_nothing_and_asks_for_no_memory() -> None:
+    # naming a module imports it: tokenpool.__main__ would run the CLI (SystemExit)
+    main = b"\x80\x04ctokenpool.__main__\nX\n."
+    with pytest.raises(UnreachableError, match="may not name tokenpool.__main__"):
+        result_of(base64.b64encode(main))
+    assert "tokenpool.__main__" not in sys.modules
+    # 40 bytes asking for bytearray(2**31 - 1), and the like
+    for name in (b"bytearray", b"bytes", b"range"):
+        bomb = b"\x80\x04cbuiltins\n" + name + b"\nJ\xff\xff\xff\x7f\x85R."
+        with pytest.raises(UnreachableError, match="may not name builtins"):
+            result_of(base64.b64encode(bomb))
 
 
 def test_the_dashboard_shows_the_cluster_and_every_node_s_pools(pg_url: str) -> None:

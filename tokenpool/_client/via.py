@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import base64
 import builtins
-import copyreg
 import enum
 import io
 import pickle
+import sys
 from typing import Any
 
 import attrs
@@ -110,25 +110,11 @@ def argv_of(command: Command) -> tuple[list[str], bool]:
     raise InvalidArgumentError(f"{kind.__name__} is not sent to the server by HTTP workers")
 
 
-_BUILTINS = frozenset(
-    {
-        "list",
-        "dict",
-        "tuple",
-        "set",
-        "frozenset",
-        "int",
-        "float",
-        "str",
-        "bytes",
-        "bytearray",
-        "bool",
-        "complex",
-        "range",
-        "slice",
-    }
-)
-_MODULES = frozenset({"uuid", "datetime", "array", "enum"})
+# Constructors that make no more than the reply holds (no bytes(n), bytearray(n) or
+# range: a few bytes of reply asking for gigabytes). Protocol 5 writes the plain
+# containers and bytes as opcodes, so a real reply names none of these anyway.
+_BUILTINS = frozenset({"list", "dict", "tuple", "set", "frozenset", "int", "float", "str", "bool"})
+_MODULES = frozenset({"uuid", "datetime", "array"})
 
 
 def _is_value(cls: type) -> bool:
@@ -138,19 +124,24 @@ def _is_value(cls: type) -> bool:
 
 
 class _Results(pickle.Unpickler):
-    """Unpickles a neutral result: plain containers and the library's value classes."""
+    """Unpickles a neutral result: plain containers and the library's value classes.
+
+    A name is looked up in the modules already loaded, never imported: importing a
+    module runs it (``tokenpool.__main__`` runs the CLI and raises ``SystemExit``)."""
 
     def find_class(self, module: str, name: str) -> Any:
         if "." not in name:
             if module == "builtins" and name in _BUILTINS:
                 return getattr(builtins, name)
-            if module == "copyreg" and name == "_reconstructor":
-                return copyreg._reconstructor  # type: ignore[attr-defined]
             if module == "array" and name == "_array_reconstructor":
                 return super().find_class(module, name)
             if module in _MODULES or module.startswith("tokenpool."):
-                found = super().find_class(module, name)
-                if isinstance(found, type) and (module in _MODULES or _is_value(found)):
+                found = getattr(sys.modules.get(module), name, None)
+                if (
+                    isinstance(found, type)
+                    and found.__module__ == module
+                    and (module in _MODULES or _is_value(found))
+                ):
                     return found
         raise pickle.UnpicklingError(f"a VIA reply may not name {module}.{name}")
 
