@@ -256,7 +256,7 @@ def test_a_forged_via_reply_makes_nothing_run() -> None:
 def test_a_forged_via_reply_imports_nothing_and_asks_for_no_memory() -> None:
     # naming a module imports it: tokenpool.__main__ would run the CLI (SystemExit)
     main = b"\x80\x04ctokenpool.__main__\nX\n."
-    with pytest.raises(UnreachableError, match="may not name tokenpool.__main__"):
+    with pytest.raises(UnreachableError, match=r"may not name tokenpool\.__main__"):
         result_of(base64.b64encode(main))
     assert "tokenpool.__main__" not in sys.modules
     # 40 bytes asking for bytearray(2**31 - 1), and the like
@@ -352,3 +352,29 @@ def test_waiters_on_another_node_s_pool_do_not_stall_other_requests(pg_url: str)
         for t in threads:
             t.join(30)
         assert answers.count(200) >= 1 and len(answers) == 12
+
+
+def test_a_waiter_through_a_worker_that_hangs_up_is_never_granted(pg_url: str) -> None:
+    """An HTTP worker's activation that waits on another node's pool: the worker's
+    server sends it on; when the HTTP client hangs up the wait is given up all the way
+    to the owner, and nothing is granted to nobody (as on the node's own pools)."""
+    with cluster(pg_url, 2, "--http-workers", "1") as nodes:
+        far = next(n for n in (f"g{i}" for i in range(200)) if owner(nodes, n) is nodes[1])
+        client = http(nodes[0])
+        made = client.post(
+            "/api/pools", json={"name": far, "size": 1, "ttl": 600, "when_full": "wait"}
+        )
+        assert made.status_code == 200, made.text
+        activate(nodes[1], far, "holder")
+        with (
+            httpx.Client(base_url=str(client.base_url), timeout=1.5) as impatient,
+            pytest.raises(httpx.ReadTimeout),
+        ):
+            impatient.post(
+                f"/api/pools/{far}/tokens/activate", json={"user_id": "gone", "wait": 20}
+            )
+        time.sleep(1.0)  # the hang-up has reached the owner
+        with nodes[1].client() as r:
+            r.execute_command("TP.CLEAR", far)
+            time.sleep(1.0)
+            assert r.execute_command("TP.LEASE", far, "gone") is None
