@@ -378,3 +378,33 @@ def test_a_waiter_through_a_worker_that_hangs_up_is_never_granted(pg_url: str) -
             r.execute_command("TP.CLEAR", far)
             time.sleep(1.0)
             assert r.execute_command("TP.LEASE", far, "gone") is None
+
+
+def test_a_node_stopping_answers_its_requests_sent_on_503_not_500(pg_url: str) -> None:
+    """SIGTERM to a node with an activation waiting on another node's pool: the
+    connections to the other nodes close, the activation (safe to repeat) is not sent
+    again through them, and its client is answered 503, not a 500."""
+    with cluster(pg_url, 2) as nodes:
+        far = next(n for n in (f"t{i}" for i in range(200)) if owner(nodes, n) is nodes[1])
+        with http(nodes[0]) as client:
+            made = client.post(
+                "/api/pools", json={"name": far, "size": 1, "ttl": 600, "when_full": "wait"}
+            )
+            assert made.status_code == 200, made.text
+        activate(nodes[1], far, "holder")
+        answers: list[httpx.Response] = []
+
+        def wait() -> None:
+            with http(nodes[0]) as c:
+                answers.append(
+                    c.post(f"/api/pools/{far}/tokens/activate", json={"user_id": "w", "wait": 20})
+                )
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        time.sleep(1.5)  # waiting on node 2, through node 1
+        process = nodes[0].process
+        assert process is not None
+        process.stop()
+        thread.join(15)
+        assert [a.status_code for a in answers] == [503], [a.text for a in answers]

@@ -144,7 +144,11 @@ class Peers:
             try:
                 return await self.send(address, command, client)
             except UnavailableError:
-                if not argv_of(command)[1] or trio.current_time() + pause > deadline:
+                if (
+                    self._tg is None  # stopping: no other node is reached again
+                    or not argv_of(command)[1]
+                    or trio.current_time() + pause > deadline
+                ):
                     raise
             await trio.sleep(pause)
             pause = min(pause * 2, 0.5)
