@@ -408,3 +408,27 @@ def test_a_node_stopping_answers_its_requests_sent_on_503_not_500(pg_url: str) -
         process.stop()
         thread.join(15)
         assert [a.status_code for a in answers] == [503], [a.text for a in answers]
+
+
+def test_a_request_through_another_node_is_served_across_its_owner_s_pause(
+    pg_url: str,
+) -> None:
+    """The pool's owner paused (SIGSTOP: its connections open but nothing answers):
+    once its lease runs out and its slot moves, the request waiting on it is asked of
+    the next owner, within the wait for an owner, rather than after the client
+    library's timeouts (10 s, twice) and a 503."""
+    with cluster(pg_url, 2) as nodes:
+        far = next(n for n in (f"s{i}" for i in range(200)) if owner(nodes, n) is nodes[1])
+        with http(nodes[0]) as client:
+            made = client.post("/api/pools", json={"name": far, "size": 2, "ttl": 600})
+            assert made.status_code == 200, made.text
+            assert client.get(f"/api/pools/{far}").status_code == 200  # connections open
+            os.kill(nodes[1].pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                got = client.get(f"/api/pools/{far}")
+                took = time.monotonic() - started
+            finally:
+                os.kill(nodes[1].pid, signal.SIGCONT)
+        assert got.status_code == 200, got.text
+        assert took < 8, took
