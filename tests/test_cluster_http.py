@@ -426,9 +426,23 @@ def test_a_request_through_another_node_is_served_across_its_owner_s_pause(
             os.kill(nodes[1].pid, signal.SIGSTOP)
             try:
                 started = time.monotonic()
+                listed = client.get("/api/pools")  # the paused node is left out, in time
+                listing = time.monotonic() - started
+                started = time.monotonic()
                 got = client.get(f"/api/pools/{far}")
                 took = time.monotonic() - started
             finally:
                 os.kill(nodes[1].pid, signal.SIGCONT)
+        assert listed.status_code == 200, listed.text
+        assert listing < 7, listing
         assert got.status_code == 200, got.text
         assert took < 8, took
+
+
+def test_another_node_s_refusal_of_a_listing_is_its_status_not_a_500(pg_url: str) -> None:
+    """GET /api/pools asks every node for its pools: one that refuses (its rate limit
+    for that client) is answered with its code (429), not a 500 out of a task group."""
+    with cluster(pg_url, 2, "--rate-limit", "3", "--rate-limit-burst", "30") as nodes:
+        with http(nodes[0]) as client:
+            codes = [client.get("/api/pools").status_code for _ in range(60)]
+        assert 500 not in codes and 429 in codes, codes

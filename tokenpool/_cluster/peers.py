@@ -207,19 +207,27 @@ class Peers:
         that does not answer is left out (its pools come back once they are served)."""
         names = set(mine)
         me = self.node.id
+        refused: list[TokenPoolError] = []  # raised here, not as a group out of the nursery
 
         async def ask(address: str) -> None:
             try:
-                names.update(await self.send(address, ListPools(), client))
+                with trio.move_on_after(WAIT_FOR_OWNER):  # a paused node answers nothing
+                    names.update(await self.send(address, ListPools(), client))
+                    return
+                reason = f"no answer within {WAIT_FOR_OWNER:g} s"
             except TokenPoolError as error:
                 if error.code in ("NOAUTH", "WRONGPASS", "NOPERM", "BUSY"):
-                    raise
-                log.info("cluster_list_skipped", node=address, reason=str(error)[:200])
+                    refused.append(error)
+                    return
+                reason = str(error)[:200]
+            log.info("cluster_list_skipped", node=address, reason=reason)
 
         async with trio.open_nursery() as nursery:
             for member in list(self.node.members.values()):
                 if member.id != me and member.live and member.address:
                     nursery.start_soon(ask, member.address)
+        if refused:
+            raise refused[0]
         return sorted(names)
 
     async def events(self, pool: str, address: str, client: Client) -> RemoteSource:
