@@ -266,6 +266,22 @@ def test_a_forged_via_reply_imports_nothing_and_asks_for_no_memory() -> None:
             result_of(base64.b64encode(bomb))
 
 
+def test_another_node_s_reply_may_not_set_a_class_s_attributes() -> None:
+    from tokenpool._server.session import Pending
+
+    # GLOBAL Pending; state (None, {"request": "forged"}); BUILD: setattr on the class
+    forged = (
+        b"\x80\x04ctokenpool._server.session\nPending\n"
+        b"N}X\x07\x00\x00\x00requestX\x06\x00\x00\x00forgeds\x86b."
+    )
+    with pytest.raises(UnreachableError, match="may not set a class's attributes"):
+        result_of(base64.b64encode(forged), remote=True)
+    assert Pending(1, 2, 3).request == 1  # every named tuple of the process unchanged
+    now = datetime.now(UTC)
+    whole = [Lease("l", "t", "u", 7, now, now), None, {"a": (1, 2.5)}]
+    assert result_of(encode_result(whole), remote=True) == whole
+
+
 def test_the_dashboard_shows_the_cluster_and_every_node_s_pools(pg_url: str) -> None:
     """A real chromium on one node's dashboard: the cluster's members, their health and
     slots; a pool another node serves, drawn with its holder; a killed node shown failed."""

@@ -18,7 +18,8 @@ import enum
 import io
 import pickle
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import attrs
 
@@ -146,18 +147,37 @@ class _Results(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a VIA reply may not name {module}.{name}")
 
 
+class _NodeResults(pickle._Unpickler):
+    """``_Results`` for a reply from another host (a node of the cluster): the same
+    names, and no ``BUILD`` on a class, which sets the class's attributes for the whole
+    process (a named tuple's fields, an enum's methods). Python's own unpickler: C's
+    ``BUILD`` cannot be checked; these replies cross a network anyway."""
+
+    find_class = _Results.find_class
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+
+    def _build(self) -> None:
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]
+        if isinstance(stack[-2], type):
+            raise pickle.UnpicklingError("a VIA reply may not set a class's attributes")
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _build
+
+
 def encode_result(result: Any) -> bytes:
     """A neutral result as ``VIA``'s reply."""
     return base64.b64encode(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def result_of(reply: Any) -> Any:
-    """``VIA``'s reply as the neutral result it carries. Raises ``UnreachableError``
-    for a reply that is not one (a forged or garbled one included): that server's
-    answers cannot be used."""
+def result_of(reply: Any, *, remote: bool = False) -> Any:
+    """``VIA``'s reply as the neutral result it carries (``remote``: from another host,
+    checked further). Raises ``UnreachableError`` for a reply that is not one (a forged
+    or garbled one included): that server's answers cannot be used."""
     try:
         data = base64.b64decode(reply, validate=True)
-        return _Results(io.BytesIO(data)).load()
+        kind = _NodeResults if remote else _Results
+        return kind(io.BytesIO(data)).load()
     except (
         pickle.UnpicklingError,
         ValueError,

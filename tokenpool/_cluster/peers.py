@@ -200,7 +200,7 @@ class Peers:
             raise UnavailableError(f"the pool's node is not reachable now ({error})") from None
         if isinstance(reply, TokenPoolError):
             raise reply
-        return result_of(reply)
+        return result_of(reply, remote=True)
 
     async def pool_names(self, client: Client, mine: list[str]) -> list[str]:
         """Every live node's pools, this node's (``mine``) with them, each once. A node
