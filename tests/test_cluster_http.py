@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -252,6 +253,35 @@ def test_a_forged_via_reply_makes_nothing_run() -> None:
     ]
 
 
+def test_a_forged_via_reply_imports_nothing_and_asks_for_no_memory() -> None:
+    # naming a module imports it: tokenpool.__main__ would run the CLI (SystemExit)
+    main = b"\x80\x04ctokenpool.__main__\nX\n."
+    with pytest.raises(UnreachableError, match=r"may not name tokenpool\.__main__"):
+        result_of(base64.b64encode(main))
+    assert "tokenpool.__main__" not in sys.modules
+    # 40 bytes asking for bytearray(2**31 - 1), and the like
+    for name in (b"bytearray", b"bytes", b"range"):
+        bomb = b"\x80\x04cbuiltins\n" + name + b"\nJ\xff\xff\xff\x7f\x85R."
+        with pytest.raises(UnreachableError, match="may not name builtins"):
+            result_of(base64.b64encode(bomb))
+
+
+def test_another_node_s_reply_may_not_set_a_class_s_attributes() -> None:
+    from tokenpool._server.session import Pending
+
+    # GLOBAL Pending; state (None, {"request": "forged"}); BUILD: setattr on the class
+    forged = (
+        b"\x80\x04ctokenpool._server.session\nPending\n"
+        b"N}X\x07\x00\x00\x00requestX\x06\x00\x00\x00forgeds\x86b."
+    )
+    with pytest.raises(UnreachableError, match="may not set a class's attributes"):
+        result_of(base64.b64encode(forged), remote=True)
+    assert Pending(1, 2, 3).request == 1  # every named tuple of the process unchanged
+    now = datetime.now(UTC)
+    whole = [Lease("l", "t", "u", 7, now, now), None, {"a": (1, 2.5)}]
+    assert result_of(encode_result(whole), remote=True) == whole
+
+
 def test_the_dashboard_shows_the_cluster_and_every_node_s_pools(pg_url: str) -> None:
     """A real chromium on one node's dashboard: the cluster's members, their health and
     slots; a pool another node serves, drawn with its holder; a killed node shown failed."""
@@ -338,3 +368,101 @@ def test_waiters_on_another_node_s_pool_do_not_stall_other_requests(pg_url: str)
         for t in threads:
             t.join(30)
         assert answers.count(200) >= 1 and len(answers) == 12
+
+
+def test_a_waiter_through_a_worker_that_hangs_up_is_never_granted(pg_url: str) -> None:
+    """An HTTP worker's activation that waits on another node's pool: the worker's
+    server sends it on; when the HTTP client hangs up the wait is given up all the way
+    to the owner, and nothing is granted to nobody (as on the node's own pools)."""
+    with cluster(pg_url, 2, "--http-workers", "1") as nodes:
+        far = next(n for n in (f"g{i}" for i in range(200)) if owner(nodes, n) is nodes[1])
+        client = http(nodes[0])
+        made = client.post(
+            "/api/pools", json={"name": far, "size": 1, "ttl": 600, "when_full": "wait"}
+        )
+        assert made.status_code == 200, made.text
+        activate(nodes[1], far, "holder")
+        with (
+            httpx.Client(base_url=str(client.base_url), timeout=1.5) as impatient,
+            pytest.raises(httpx.ReadTimeout),
+        ):
+            impatient.post(
+                f"/api/pools/{far}/tokens/activate", json={"user_id": "gone", "wait": 20}
+            )
+        time.sleep(1.0)  # the hang-up has reached the owner
+        with nodes[1].client() as r:
+            r.execute_command("TP.CLEAR", far)
+            time.sleep(1.0)
+            assert r.execute_command("TP.LEASE", far, "gone") is None
+
+
+def test_a_node_stopping_answers_its_requests_sent_on_503_not_500(pg_url: str) -> None:
+    """SIGTERM to a node with an activation waiting on another node's pool: the
+    connections to the other nodes close, the activation (safe to repeat) is not sent
+    again through them, and its client is answered 503, not a 500."""
+    with cluster(pg_url, 2) as nodes:
+        far = next(n for n in (f"t{i}" for i in range(200)) if owner(nodes, n) is nodes[1])
+        with http(nodes[0]) as client:
+            made = client.post(
+                "/api/pools", json={"name": far, "size": 1, "ttl": 600, "when_full": "wait"}
+            )
+            assert made.status_code == 200, made.text
+        activate(nodes[1], far, "holder")
+        answers: list[httpx.Response] = []
+
+        def wait() -> None:
+            with http(nodes[0]) as c:
+                answers.append(
+                    c.post(f"/api/pools/{far}/tokens/activate", json={"user_id": "w", "wait": 20})
+                )
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        time.sleep(1.5)  # waiting on node 2, through node 1
+        process = nodes[0].process
+        assert process is not None
+        process.stop()
+        thread.join(15)
+        assert [a.status_code for a in answers] == [503], [a.text for a in answers]
+
+
+def test_a_request_through_another_node_is_served_across_its_owner_s_pause(
+    pg_url: str,
+) -> None:
+    """The pool's owner paused (SIGSTOP: its connections open but nothing answers):
+    once its lease runs out and its slot moves, the request waiting on it is asked of
+    the next owner, within the wait for an owner, rather than after the client
+    library's timeouts (10 s, twice) and a 503."""
+    with cluster(pg_url, 2) as nodes:
+        far = next(n for n in (f"s{i}" for i in range(200)) if owner(nodes, n) is nodes[1])
+        with http(nodes[0]) as client:
+            made = client.post("/api/pools", json={"name": far, "size": 2, "ttl": 600})
+            assert made.status_code == 200, made.text
+            assert client.get(f"/api/pools/{far}").status_code == 200  # connections open
+            os.kill(nodes[1].pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                listed = client.get("/api/pools")  # the paused node is left out, in time
+                listing = time.monotonic() - started
+                started = time.monotonic()
+                got = client.get(f"/api/pools/{far}")
+                took = time.monotonic() - started
+            finally:
+                os.kill(nodes[1].pid, signal.SIGCONT)
+        assert listed.status_code == 200, listed.text
+        assert listing < 7, listing
+        assert got.status_code == 200, got.text
+        assert took < 8, took
+
+
+def test_another_node_s_refusal_of_a_listing_is_its_status_not_a_500(pg_url: str) -> None:
+    """GET /api/pools asks every node for its pools: one that refuses (its rate limit
+    for that client) is answered with its code (429), not a 500 out of a task group."""
+    with cluster(pg_url, 2, "--rate-limit", "1", "--rate-limit-burst", "500") as nodes:
+        codes: list[int] = []
+        with http(nodes[0]) as client:
+            while 429 not in codes and len(codes) < 2000:
+                got = client.get("/api/pools")
+                assert got.status_code in (200, 429), got.text
+                codes.append(got.status_code)
+        assert 429 in codes, codes

@@ -73,6 +73,7 @@ class Connections:
         self._opening = 0
         self._changed = anyio.Event()
         self.opened = 0  # connections made over the client's life (a figure for tests)
+        self.closed = False  # aclose() was called: no connection is opened again
 
     def _notify(self) -> None:
         self._changed.set()
@@ -125,7 +126,12 @@ class Connections:
 
     async def open_connection(self) -> Connection:
         """A new connection, authenticated, its reader running in the client's task group."""
+        if self.closed:  # (its task group may be gone: a retry racing a shutdown)
+            raise UnreachableError(f"{self.address}: closed")
         stream = await self.open_stream()
+        if self.closed:
+            await stream.aclose()
+            raise UnreachableError(f"{self.address}: closed")
         connection = Connection(stream, self.address, self.timeout, self._notify)
         self._tg.start_soon(connection.read_replies)
         self.opened += 1
@@ -319,6 +325,7 @@ class Connections:
             self.give_back(connection)
 
     async def aclose(self) -> None:
+        self.closed = True
         for connection in self._live:
             await connection.close()
         self._live = []

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import base64
 import builtins
-import copyreg
 import enum
 import io
 import pickle
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import attrs
 
@@ -110,25 +111,11 @@ def argv_of(command: Command) -> tuple[list[str], bool]:
     raise InvalidArgumentError(f"{kind.__name__} is not sent to the server by HTTP workers")
 
 
-_BUILTINS = frozenset(
-    {
-        "list",
-        "dict",
-        "tuple",
-        "set",
-        "frozenset",
-        "int",
-        "float",
-        "str",
-        "bytes",
-        "bytearray",
-        "bool",
-        "complex",
-        "range",
-        "slice",
-    }
-)
-_MODULES = frozenset({"uuid", "datetime", "array", "enum"})
+# Constructors that make no more than the reply holds (no bytes(n), bytearray(n) or
+# range: a few bytes of reply asking for gigabytes). Protocol 5 writes the plain
+# containers and bytes as opcodes, so a real reply names none of these anyway.
+_BUILTINS = frozenset({"list", "dict", "tuple", "set", "frozenset", "int", "float", "str", "bool"})
+_MODULES = frozenset({"uuid", "datetime", "array"})
 
 
 def _is_value(cls: type) -> bool:
@@ -138,21 +125,44 @@ def _is_value(cls: type) -> bool:
 
 
 class _Results(pickle.Unpickler):
-    """Unpickles a neutral result: plain containers and the library's value classes."""
+    """Unpickles a neutral result: plain containers and the library's value classes.
+
+    A name is looked up in the modules already loaded, never imported: importing a
+    module runs it (``tokenpool.__main__`` runs the CLI and raises ``SystemExit``)."""
 
     def find_class(self, module: str, name: str) -> Any:
         if "." not in name:
             if module == "builtins" and name in _BUILTINS:
                 return getattr(builtins, name)
-            if module == "copyreg" and name == "_reconstructor":
-                return copyreg._reconstructor  # type: ignore[attr-defined]
             if module == "array" and name == "_array_reconstructor":
                 return super().find_class(module, name)
             if module in _MODULES or module.startswith("tokenpool."):
-                found = super().find_class(module, name)
-                if isinstance(found, type) and (module in _MODULES or _is_value(found)):
+                found = getattr(sys.modules.get(module), name, None)
+                if (
+                    isinstance(found, type)
+                    and found.__module__ == module
+                    and (module in _MODULES or _is_value(found))
+                ):
                     return found
         raise pickle.UnpicklingError(f"a VIA reply may not name {module}.{name}")
+
+
+class _NodeResults(pickle._Unpickler):
+    """``_Results`` for a reply from another host (a node of the cluster): the same
+    names, and no ``BUILD`` on a class, which sets the class's attributes for the whole
+    process (a named tuple's fields, an enum's methods). Python's own unpickler: C's
+    ``BUILD`` cannot be checked; these replies cross a network anyway."""
+
+    find_class = _Results.find_class
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+
+    def _build(self) -> None:
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]
+        if isinstance(stack[-2], type):
+            raise pickle.UnpicklingError("a VIA reply may not set a class's attributes")
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _build
 
 
 def encode_result(result: Any) -> bytes:
@@ -160,21 +170,23 @@ def encode_result(result: Any) -> bytes:
     return base64.b64encode(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def result_of(reply: Any, *, own_server: bool = False) -> Any:
+def result_of(reply: Any, *, own_server: bool = False, remote: bool = False) -> Any:
     """``VIA``'s reply as the neutral result it carries. Raises ``UnreachableError``
     for a reply that is not one (a forged or garbled one included): that server's
     answers cannot be used.
 
-    ``own_server``: the reply came from the HTTP worker's own parent, over the private
-    Unix socket only it and its workers can open (a directory of mode 0700, a per-run
-    secret): decoded at C speed, without the allow-list's Python calls (half the
-    decoding time of an activation's reply; this is the hot path of ``--http-workers``).
-    Another node's reply always goes through the allow-list."""
+    ``remote``: from another node (another host), checked further (Python's unpickler,
+    no ``BUILD`` on a class). ``own_server``: the reply came from the HTTP worker's own
+    parent, over the private Unix socket only it and its workers can open (a directory
+    of mode 0700, a per-run secret): decoded at C speed, without the allow-list's
+    Python calls (half the decoding time of an activation's reply; this is the hot path
+    of ``--http-workers``)."""
     try:
         data = base64.b64decode(reply, validate=True)
         if own_server:
             return pickle.loads(data)
-        return _Results(io.BytesIO(data)).load()
+        kind = _NodeResults if remote else _Results
+        return kind(io.BytesIO(data)).load()
     except (
         pickle.UnpicklingError,
         ValueError,

@@ -45,6 +45,9 @@ WAIT_FOR_OWNER = 5.0
 """Seconds a request for a pool whose slot is being taken over waits for its owner
 (a failover takes at most the lease's validity, one renewal and the recovery)."""
 
+OWNER_CHECK = 0.25
+"""Seconds between looks at whether a request's node still owns the pool's slot."""
+
 
 class Peers:
     """The other nodes, as this node's HTTP tier reaches them. ``run`` in a nursery."""
@@ -142,12 +145,46 @@ class Peers:
             if address is None:
                 return await here()
             try:
-                return await self.send(address, command, client)
+                return await self._ask(address, pool, command, client)
             except UnavailableError:
-                if not argv_of(command)[1] or trio.current_time() + pause > deadline:
+                if (
+                    self._tg is None  # stopping: no other node is reached again
+                    or not argv_of(command)[1]
+                    or trio.current_time() + pause > deadline
+                ):
                     raise
             await trio.sleep(pause)
             pause = min(pause * 2, 0.5)
+
+    async def _ask(self, address: str, pool: str, command: Command, client: Client) -> Any:
+        """``send``; for a request safe to repeat that does not wait, given up as soon as
+        ``pool``'s slot no longer names that node: an owner paused past its lease answers
+        nothing (its connections time out only after ``timeout``, twice), and the slot's
+        next owner would answer now."""
+        tg = self._tg
+        if tg is None or not argv_of(command)[1] or getattr(command, "wait", None) is not None:
+            return await self.send(address, command, client)
+        done = trio.Event()
+        with trio.CancelScope() as attempt:
+            tg.start_soon(self._watch_owner, pool, address, attempt, done)
+            try:
+                return await self.send(address, command, client)
+            finally:
+                done.set()
+        raise UnavailableError(f"the pool's node at {address} stopped serving it while asked")
+
+    async def _watch_owner(
+        self, pool: str, address: str, attempt: trio.CancelScope, done: trio.Event
+    ) -> None:
+        while not done.is_set():
+            with trio.move_on_after(OWNER_CHECK):
+                await done.wait()
+            if done.is_set():
+                return
+            route = self.node.route(pool)
+            if not isinstance(route, MovedError) or str(route).partition(" ")[2] != address:
+                attempt.cancel()
+                return
 
     async def send(self, address: str, command: Command, client: Client) -> Any:
         """``command`` run by the node at ``address`` (following ``MOVED`` from there)."""
@@ -163,26 +200,34 @@ class Peers:
             raise UnavailableError(f"the pool's node is not reachable now ({error})") from None
         if isinstance(reply, TokenPoolError):
             raise reply
-        return result_of(reply)
+        return result_of(reply, remote=True)
 
     async def pool_names(self, client: Client, mine: list[str]) -> list[str]:
         """Every live node's pools, this node's (``mine``) with them, each once. A node
         that does not answer is left out (its pools come back once they are served)."""
         names = set(mine)
         me = self.node.id
+        refused: list[TokenPoolError] = []  # raised here, not as a group out of the nursery
 
         async def ask(address: str) -> None:
             try:
-                names.update(await self.send(address, ListPools(), client))
+                with trio.move_on_after(WAIT_FOR_OWNER):  # a paused node answers nothing
+                    names.update(await self.send(address, ListPools(), client))
+                    return
+                reason = f"no answer within {WAIT_FOR_OWNER:g} s"
             except TokenPoolError as error:
                 if error.code in ("NOAUTH", "WRONGPASS", "NOPERM", "BUSY"):
-                    raise
-                log.info("cluster_list_skipped", node=address, reason=str(error)[:200])
+                    refused.append(error)
+                    return
+                reason = str(error)[:200]
+            log.info("cluster_list_skipped", node=address, reason=reason)
 
         async with trio.open_nursery() as nursery:
             for member in list(self.node.members.values()):
                 if member.id != me and member.live and member.address:
                     nursery.start_soon(ask, member.address)
+        if refused:
+            raise refused[0]
         return sorted(names)
 
     async def events(self, pool: str, address: str, client: Client) -> RemoteSource:

@@ -27,6 +27,7 @@ import os
 import resource
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -790,10 +791,15 @@ class RespServer:
                     await self._run(conn, segment, core, cost)
                     segment, cost, core = [], 0, None
                 if kind is Action:
-                    try:
-                        reply = await plan.run()
-                    except TokenPoolError as error:
-                        reply = error_reply(error)
+                    if plan.waits:
+                        reply = await self._wait_action(conn, plan.run)
+                        if conn.hung_up:
+                            return
+                    else:
+                        try:
+                            reply = await plan.run()
+                        except TokenPoolError as error:
+                            reply = error_reply(error)
                     # in the protocol in force after it (HELLO 3 AUTH answers in RESP3)
                     await self._send_reply(conn, reply, session.proto, argv[0].upper())
                 else:
@@ -886,6 +892,20 @@ class RespServer:
                     await self._run(conn, segment, core, cost)
                 finally:
                     nursery.cancel_scope.cancel()
+
+    async def _wait_action(self, conn: _Connection, run: Callable[[], Awaitable[Any]]) -> Any:
+        """An Action that may wait (``_wait``'s rule): cancelled if the client hangs up."""
+        reply: Any = None
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as waiting:
+                nursery.start_soon(conn.watch_hangup, waiting)
+                try:
+                    reply = await run()
+                except TokenPoolError as error:
+                    reply = error_reply(error)
+                finally:
+                    nursery.cancel_scope.cancel()
+        return reply
 
     async def _reply(self, plan: Pending, result: Any) -> Any:
         """A pool request's result (or error) as its reply value."""

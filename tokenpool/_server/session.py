@@ -50,6 +50,9 @@ class Action(NamedTuple):
     """Work that runs alone, at its place in the pipeline (the batch before it goes first)."""
 
     run: Callable[[], Awaitable[Any]]
+    # it may wait (an activation with WAIT sent on to another node): given up, never
+    # granted, if the client hangs up meanwhile, as a waiting Pending is
+    waits: bool = False
 
 
 class TxPlan(NamedTuple):

@@ -150,7 +150,7 @@ def _forwarded(p: Planner, inner: list[str], client: Client) -> Action | Error |
 
         return via_reply(await peers.execute(request, client, here))
 
-    return Action(elsewhere)
+    return Action(elsewhere, bool(getattr(request, "waits", False)))
 
 
 def _worker(p: Planner, session: Session, args: list[str]) -> Any:
