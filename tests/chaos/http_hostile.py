@@ -295,7 +295,10 @@ async def stuck_streams(
 
     async def churn() -> None:
         nonlocal churned
-        client = await _Client.open(resp_port)
+        try:
+            client = await _Client.open(resp_port)
+        except OSError:
+            return  # refused: the run's own checks say so
         try:
             await trio.sleep(0.5)  # the streams subscribed
             with trio.move_on_after(hold - 0.5):
@@ -535,26 +538,29 @@ async def _fill(port: int, size: int) -> None:
         await client.aclose()
 
 
-async def _up(server: Process) -> bool:
-    """RESP answers a PING on a fresh connection and HTTP answers ``/healthz``."""
-    if server.proc.poll() is not None:
-        return False
+async def _up(server: Process, seconds: float = 10.0) -> bool:
+    """RESP answers a PING on a fresh connection and HTTP answers ``/healthz``, within
+    ``seconds`` of the attack's end (the attacker's connections may still be closing)."""
+    with trio.move_on_after(seconds):
+        while server.proc.poll() is None:
+            if await _resp_ping(server.port) and (
+                await _status(server.http_port or 0, _request("/healthz", "127.0.0.1"))
+            ).startswith("HTTP/1.1 200"):
+                return True
+            await trio.sleep(0.5)
+    return False
+
+
+async def _resp_ping(port: int) -> bool:
     try:
-        with trio.fail_after(10):
-            client = await _Client.open(server.port)
+        with trio.fail_after(5):
+            client = await _Client.open(port)
             try:
-                if await client.call("PING") != "PONG":
-                    return False
+                return bool(await client.call("PING") == "PONG")
             finally:
                 await client.aclose()
-    except (OSError, trio.TooSlowError):
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError):
         return False
-    for _ in range(20):  # HTTP may be at its connection cap a moment longer
-        line = await _status(server.http_port or 0, _request("/healthz", "127.0.0.1"))
-        if line.startswith("HTTP/1.1 200"):
-            return True
-        await trio.sleep(0.5)
-    return False
 
 
 def attacks_run(
@@ -589,6 +595,9 @@ def attacks_run(
         server = start(*args, open_files=open_files)
         try:
             summary, rows = _attack(server, sizes, size, hold, shutdown_timeout, together)
+        except BaseException:
+            print(f"  the server's last log lines: {server.log[-8:]}", flush=True)
+            raise
         finally:
             if server.proc.poll() is None:
                 server.kill()
@@ -624,35 +633,61 @@ class _Attacker:
         self.baseline_roles = self.memory.roles[-1]
 
     async def settle(self) -> None:
-        """Until the memory the last attack took is given back (at most 10 s)."""
-        with trio.move_on_after(10):
+        """Until the memory the last attack took is given back, or has stopped growing
+        for 2 s (at most 15 s)."""
+        peak, since = 0, time.monotonic()
+        with trio.move_on_after(15):
             while self.memory.samples[-1][1] > self.baseline + 10 * 2**20:
+                if self.memory.samples[-1][1] > peak:
+                    peak, since = self.memory.samples[-1][1], time.monotonic()
+                elif time.monotonic() - since > 2:
+                    return
                 await trio.sleep(0.2)
+
+    async def state(self, row: Measured) -> Any:
+        """The default pool's leases (``_fingerprint``), asked over RESP for up to 10 s; a
+        refusal all that time is an anomaly of the row (and the state counts as unknown)."""
+        refused: BaseException | None = None
+        with trio.move_on_after(10):
+            while True:
+                try:
+                    return await _fingerprint(self.port)
+                except (OSError, trio.BrokenResourceError) as error:
+                    refused = error
+                await trio.sleep(0.5)
+        row.anomalies.append(Anomaly("refused", f"RESP refused a new client: {refused}"))
+        return None
 
     async def pauses(self) -> dict[str, float]:
         """The server's own pauses so far (``INFO pauses``): count, total, longest."""
-        client = await _Client.open(self.port)
         try:
-            text = await client.call("INFO", "pauses")
-        finally:
-            await client.aclose()
+            with trio.fail_after(10):
+                client = await _Client.open(self.port)
+                try:
+                    text = await client.call("INFO", "pauses")
+                finally:
+                    await client.aclose()
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+            return {}
         fields = dict(line.split(":", 1) for line in str(text).splitlines() if ":" in line)
         return {k: float(v) for k, v in fields.items() if not k.endswith("histogram_ms")}
 
     async def measure(self, name: str, attack: Callable[[Measured], Awaitable[str]]) -> None:
         print(f"  attack: {name}", flush=True)
         row = Measured(name, self.sizes.describe(name))
-        await self.settle()
-        before, paused = await _fingerprint(self.port), await self.pauses()
+        before, paused = await self.state(row), await self.pauses()
         begun = time.time()
         row.facts = await attack(row)
+        row.up = await _up(self.server)
+        # What the attack left the server doing (requests it still answers, memory it
+        # gives back) counts too: the window ends once the memory settled (at most 10 s).
+        await self.settle()
         ended = time.time()
         self.windows.append((row, begun, ended, ended))
-        row.up = await _up(self.server)
         if not row.up:
             row.anomalies.append(Anomaly("crash", f"{name}: the server stopped serving"))
         else:
-            if before != await _fingerprint(self.port):
+            if before != await self.state(row):
                 row.state_changed = True
                 row.anomalies.append(Anomaly("state changed", f"{name}: the default pool changed"))
             row.facts += "; " + _pauses_between(paused, await self.pauses())
@@ -702,7 +737,7 @@ class _Attacker:
         print("  attack: all together, then SIGTERM", flush=True)
         row = Measured("all together, then SIGTERM", "all of the above")
         await self.settle()
-        before = await _fingerprint(self.port)
+        before = await self.state(row)
         begun = time.time()
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -720,7 +755,7 @@ class _Attacker:
             nursery.start_soon(cross)
             await trio.sleep(min(self.hold - 1, 3.0))  # every attack under way, streams stuck
             await crossed.wait()  # answered before the SIGTERM
-            if before != await _fingerprint(self.port):
+            if before != await self.state(row):
                 row.state_changed = True
                 row.anomalies.append(Anomaly("state changed", "the default pool changed"))
             stop.set()
@@ -769,6 +804,8 @@ def _pauses_between(before: dict[str, float], after: dict[str, float]) -> str:
     """What held the server's event loop meanwhile: each cause's pauses, their total,
     and the longest (when it is new)."""
     parts = []
+    if not before or not after:
+        return "server pauses: not known (RESP refused INFO)"
     for cause in ("gc", "actor", "loop"):
         count = after[f"{cause}_pauses"] - before[f"{cause}_pauses"]
         total = after[f"{cause}_pause_total_ms"] - before[f"{cause}_pause_total_ms"]
