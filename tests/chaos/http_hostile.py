@@ -415,7 +415,7 @@ async def cross_site(port: int, sizes: Sizes) -> tuple[str, list[str]]:
 # -- the run ----------------------------------------------------------------------------
 
 
-class _TreeMemory:
+class TreeMemory:
     """Samples the resident memory of a process and its descendants (the store process,
     the HTTP workers) every 0.1 s: ``(time.time(), bytes)``, and by role, to say which
     process grew."""
@@ -522,7 +522,7 @@ async def _fingerprint(port: int) -> tuple[int, list[tuple[str, str]]]:
     return revision, sorted((t["id"], t.get("current_user_id") or "") for t in tokens)
 
 
-async def _fill(port: int, size: int) -> None:
+async def fill(port: int, size: int) -> None:
     """Every token of the default pool held (long user ids: a large listing), and the
     ``churn`` pool of one token the event streams follow."""
     client = await _Client.open(port)
@@ -627,7 +627,7 @@ class _Attacker:
         self.port, self.http_port = server.port, server.http_port or 0
         self.rows: list[Measured] = []
         self.windows: list[tuple[Measured, float, float, float]] = []  # pings until, memory until
-        self.memory = _TreeMemory(server.pid)
+        self.memory = TreeMemory(server.pid)
         time.sleep(1)
         self.baseline = self.memory.samples[-1][1]  # what the server holds before any attack
         self.baseline_roles = self.memory.roles[-1]
@@ -818,7 +818,7 @@ def _pauses_between(before: dict[str, float], after: dict[str, float]) -> str:
 def _attack(
     server: Process, sizes: Sizes, size: int, hold: float, shutdown_timeout: float, together: bool
 ) -> tuple[dict[str, Any], list[Measured]]:
-    trio.run(_fill, server.port, size)
+    trio.run(fill, server.port, size)
     attacker = _Attacker(server, sizes, hold)
     probe, fresh = _Probe(server.port), _Probe(server.port, fresh=True)
 
