@@ -98,6 +98,7 @@ class Measured:
     worst_fresh_ping_ms: float = 0.0
     up: bool = True
     state_changed: bool = False
+    exit_s: float | None = None  # SIGTERM to exit, where the row sent one
     facts: str = ""
     anomalies: list[Anomaly] = attrs.Factory(list)
 
@@ -424,6 +425,9 @@ class TreeMemory:
         self.pid = pid
         self.samples: list[tuple[float, int]] = []
         self.roles: list[dict[str, int]] = []  # beside each sample
+        # The server's own CPU time and time spent runnable but waiting for a core (ns),
+        # beside each sample: a late PING on 2 shared cores is often the second.
+        self.sched: list[tuple[int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -463,9 +467,15 @@ class TreeMemory:
             for pid, role in roles.items():
                 with contextlib.suppress(OSError, RuntimeError):
                     by_role[role] = by_role.get(role, 0) + rss_bytes(pid)
+            try:
+                with open(f"/proc/{self.pid}/schedstat") as f:
+                    ran, waited = (int(n) for n in f.read().split()[:2])
+            except (OSError, ValueError):
+                ran = waited = 0
             if by_role:
                 self.samples.append((time.time(), sum(by_role.values())))
                 self.roles.append(by_role)
+                self.sched.append((ran, waited))
             self._stop.wait(0.1)
 
     def at(self, moment: float) -> int:
@@ -475,6 +485,18 @@ class TreeMemory:
 
     def peak(self, begun: float, ended: float) -> int:
         return max((b for t, b in self.samples if begun <= t <= ended), default=0)
+
+    def cpu(self, begun: float, ended: float) -> str:
+        """The server's CPU time and its wait for a core within the window."""
+        inside = [i for i, (t, _) in enumerate(self.samples) if begun <= t <= ended]
+        if len(inside) < 2:
+            return ""
+        (ran0, wait0), (ran1, wait1) = self.sched[inside[0]], self.sched[inside[-1]]
+        seconds = self.samples[inside[-1]][0] - self.samples[inside[0]][0]
+        return (
+            f"server on a core {(ran1 - ran0) / 1e6:.0f} ms and waiting for one"
+            f" {(wait1 - wait0) / 1e6:.0f} ms of {seconds * 1000:.0f} ms"
+        )
 
     def grew(self, begun: float, ended: float, baseline: dict[str, int]) -> str:
         """Which processes grew, at the window's peak, over ``baseline``."""
@@ -761,11 +783,12 @@ class _Attacker:
             stop.set()
             signalled, pings_until = time.monotonic(), time.time()
             self.server.proc.send_signal(signal.SIGTERM)
-            code = await trio.to_thread.run_sync(lambda: self.server.proc.wait(timeout=60))
+            code = await trio.to_thread.run_sync(lambda: self.server.wait(timeout=60))
             took = time.monotonic() - signalled
             nursery.cancel_scope.cancel()
         self.windows.append((row, begun, pings_until, time.time()))
         row.facts = f"SIGTERM: exit {code} after {took:.2f} s"
+        row.exit_s = took
         if took > shutdown_timeout:
             row.anomalies.append(
                 Anomaly(
@@ -775,7 +798,8 @@ class _Attacker:
                 )
             )
         if code != 0:
-            row.anomalies.append(Anomaly("unclean exit", f"exit {code} on SIGTERM"))
+            errors = [e for e in self.server.log if e.get("level") in ("error", "critical")]
+            row.anomalies.append(Anomaly("unclean exit", f"exit {code} on SIGTERM: {errors[-3:]}"))
         self.rows.append(row)
 
     def judge(self, timed: list[tuple[float, float]], fresh: list[tuple[float, float]]) -> None:
@@ -791,6 +815,7 @@ class _Attacker:
             carried = (self.memory.at(begun) - self.baseline) / 2**20
             if carried > 10:
                 row.facts += f"; {carried:.0f} MB still held from before it"
+            row.facts += f"; {self.memory.cpu(begun, pings_until)}"
             row.worst_ping_ms = _worst(timed, begun, pings_until) * 1000
             row.worst_fresh_ping_ms = _worst(fresh, begun, pings_until) * 1000
             if row.growth_mb > GOAL_GROWTH_MB:
