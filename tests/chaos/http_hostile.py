@@ -798,6 +798,7 @@ class _Attacker:
                 )
             )
         if code != 0:
+            print(f"  the server's last log lines: {self.server.log[-25:]}", flush=True)
             errors = [e for e in self.server.log if e.get("level") in ("error", "critical")]
             row.anomalies.append(Anomaly("unclean exit", f"exit {code} on SIGTERM: {errors[-3:]}"))
         self.rows.append(row)
