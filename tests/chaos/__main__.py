@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from . import lifecycle, nodes, runs
+from . import http_hostile, lifecycle, nodes, runs
 from .history import Workload
 
 RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
@@ -63,6 +63,9 @@ RUNS: dict[str, Callable[[argparse.Namespace], runs.Summary]] = {
         clear=max(5_000, min(50_000, a.operations // 4)),
     ),
     "clock": lambda a: runs.clock_run(_workload(a), dsn=a.dsn),
+    # issue 19's HTTP attacks at the sizes it measured them (in-process HTTP, workers)
+    "http-attacks": lambda a: http_hostile.attacks_run(dsn=a.dsn)[0],
+    "http-attacks-workers": lambda a: http_hostile.attacks_run(dsn=a.dsn, workers=2)[0],
     "cluster-sync": lambda a: nodes.cluster_run(
         a.clients, a.operations, dsn=a.dsn, durability="sync"
     ),

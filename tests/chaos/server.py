@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -84,14 +85,24 @@ def _drain(stream: IO[str], log: list[dict[str, Any]]) -> None:
 
 
 def start(
-    *args: str, port: int = 0, env: dict[str, str] | None = None, new_session: bool = False
+    *args: str,
+    port: int = 0,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+    open_files: int | None = None,
 ) -> Process:
     """``python -m tokenpool serve`` with ``args``; returns once it listens.
 
     HTTP is off unless ``args`` give ``--http-port`` (runs may start several servers).
     ``new_session``: in a process group of its own, to signal the whole group as
     systemd, ``timeout``, Docker and a shell do (``Process.signal_group``).
+    ``open_files``: its ``ulimit -n`` (soft and hard), as on a machine set so.
     """
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     if not any(a.startswith("--http-port") for a in args):
         args = (*args, "--http-port", "0")
     proc = subprocess.Popen(
@@ -104,6 +115,7 @@ def start(
         text=True,
         env={**os.environ, **(env or {})},
         start_new_session=new_session,
+        preexec_fn=limit if open_files is not None else None,
     )
     assert proc.stderr is not None
     log: list[dict[str, Any]] = []

@@ -3,8 +3,10 @@ request, errors as the documented shape), readiness, and the FastAPI app itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +43,40 @@ if TYPE_CHECKING:
     from .._server import RespServer
 
 log = get_logger("tokenpool.http")
+
+LARGE_REPLIES = 2
+"""Listings that may pass ``BIG_LISTING`` items one process fetches, builds and sends at
+once, each holding its slot from before it is fetched until its body is sent (RESP's
+``LARGE_REPLIES``): clients that ask and never read hold a slot each, not megabytes more
+each (issue 19: 300 unread ``GET /api/tokens`` took +700 MB). One that waits past
+--idle-timeout for a slot is 503."""
+
+
+class LargeSlot:
+    """One of the slots of ``LARGE_REPLIES``, held by one listing."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self.limiter = limiter
+        self.handed = False  # to its response, which gives it back once sent
+
+    def release(self) -> None:
+        self.limiter.release_on_behalf_of(self)
+
+
+class _Held(Response):
+    """A response that gives its listing's slot back once its body is sent (or its send
+    failed); and if it is never sent, when it is collected."""
+
+    def __init__(self, content: str, slot: LargeSlot) -> None:
+        super().__init__(content, media_type="application/json")
+        slot.handed = True
+        self._release = weakref.finalize(self, slot.release)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 @attrs.frozen
@@ -83,6 +119,7 @@ class HttpApp:
         self.subscriptions: set[Any] = set()
         self.closing = False
         self._heavy: anyio.CapacityLimiter | None = None  # made in the serving event loop
+        self._large: anyio.CapacityLimiter | None = None  # likewise
         self.requests = 0
         self.errors = 0
         self.series = SeriesBook()
@@ -244,10 +281,37 @@ class HttpApp:
             await anyio.lowlevel.checkpoint()
         return out
 
-    async def reply(self, body: dict[str, Any], size: int = 0) -> Response:
+    @contextlib.asynccontextmanager
+    async def large_listing(self, large: bool) -> AsyncIterator[LargeSlot | None]:
+        """For a listing that may be ``large`` (past ``BIG_LISTING`` items): one of
+        ``LARGE_REPLIES`` slots, from before it is fetched until its body is sent
+        (``reply(..., slot)`` hands it to the response). 503 past --idle-timeout."""
+        if not large:
+            yield None
+            return
+        if self._large is None:
+            self._large = anyio.CapacityLimiter(LARGE_REPLIES)
+        slot = LargeSlot(self._large)
+        with anyio.move_on_after(self.settings.idle_timeout):
+            await self._large.acquire_on_behalf_of(slot)
+        if slot not in self._large.statistics().borrowers:
+            raise ApiError(
+                "UNAVAILABLE", "too many large listings are being sent; retry", {"Retry-After": "1"}
+            )
+        try:
+            yield slot
+        finally:
+            if not slot.handed:
+                slot.release()
+
+    async def reply(
+        self, body: dict[str, Any], size: int = 0, slot: LargeSlot | None = None
+    ) -> Response:
         if size > BIG_LISTING:
             async with self._heavy_slots():
                 data = await anyio.to_thread.run_sync(json.dumps, body)
+            if slot is not None:
+                return _Held(data, slot)
             return Response(data, media_type="application/json")
         return JSONResponse(body)
 
@@ -325,10 +389,12 @@ class HttpApp:
 
     # -- the parts of routes ---------------------------------------------------------
 
-    async def page(self, key: str, value: str, page: Page) -> Response:
+    async def page(
+        self, key: str, value: str, page: Page, slot: LargeSlot | None = None
+    ) -> Response:
         usages = await self.listing(page, usage_json)
         body = {"data": {key: value, "usages": usages, "next_before": page.next_before}}
-        return await self.reply(body, len(usages))
+        return await self.reply(body, len(usages), slot)
 
     async def waiting(self, command: Activate, client: Any, request: Request) -> Any:
         """An activation that may wait: give the wait up (never granted, in this

@@ -43,6 +43,7 @@ from .._settings import (
 from .events import EventStream
 from .replies import active_usage, lease_json, pool_json, token_json, usage_json
 from .schemas import (
+    BIG_LISTING,
     POOL_PATTERN,
     USER_PATTERN,
     UUID_PATTERN,
@@ -237,11 +238,12 @@ async def tokens(
     if count is not None and start is None:
         start = 0  # a count asks for a page: the first one
     count = 100 if count is None else count
-    listed: TokenList = await call.owner.execute(Tokens(call.pool, start, count), call.client)
-    info = listed.info
-    items = await call.owner.listing(listed.items, lambda item: token_json(info(item)))
-    following = None if not listed.cursor else str(listed.cursor)
-    return await call.owner.reply({"data": items, "next_cursor": following}, len(items))
+    async with call.owner.large_listing(start is None or count > BIG_LISTING) as slot:
+        listed: TokenList = await call.owner.execute(Tokens(call.pool, start, count), call.client)
+        info = listed.info
+        items = await call.owner.listing(listed.items, lambda item: token_json(info(item)))
+        following = None if not listed.cursor else str(listed.cursor)
+        return await call.owner.reply({"data": items, "next_cursor": following}, len(items), slot)
 
 
 @router.api_route(
@@ -267,8 +269,9 @@ async def history(
     before: Before = None,
 ) -> Response:
     """The token's ended leases, newest first, a page at a time."""
-    page = await call.owner.execute(History(call.pool, token_id, limit, before), call.client)
-    return await call.owner.page("token_id", token_id, page)
+    async with call.owner.large_listing(limit > BIG_LISTING) as slot:
+        page = await call.owner.execute(History(call.pool, token_id, limit, before), call.client)
+        return await call.owner.page("token_id", token_id, page, slot)
 
 
 # -- users --
@@ -297,8 +300,9 @@ async def user_history(
     before: Before = None,
 ) -> Response:
     """The user's ended leases, newest first, a page at a time."""
-    page = await call.owner.execute(UserHistory(call.pool, user_id, limit, before), call.client)
-    return await call.owner.page("user_id", user_id, page)
+    async with call.owner.large_listing(limit > BIG_LISTING) as slot:
+        page = await call.owner.execute(UserHistory(call.pool, user_id, limit, before), call.client)
+        return await call.owner.page("user_id", user_id, page, slot)
 
 
 # -- events --

@@ -28,6 +28,28 @@ def http1_only() -> None:
     setattr(H11Protocol, "_check_protocol", serve_http1)  # noqa: B010
 
 
+def contain_connection_errors() -> None:
+    """A connection's own error ends that connection, logged, never the server.
+    hypercorn's connection task lets anything but ``OSError`` through to its listener's
+    nursery, which ends every connection and the pools' process with it (exit 1): seen
+    under issue 19's attacks, when the error response to a stalled request raced the
+    connection's close on the same stream (``trio.BusyResourceError``)."""
+    from hypercorn.trio.tcp_server import TCPServer
+
+    run = TCPServer.run
+    if getattr(run, "contained", False):
+        return
+
+    async def contained(self: TCPServer) -> None:
+        try:
+            await run(self)
+        except Exception as error:  # trio.Cancelled is a BaseException: it goes through
+            log.warning("http_connection_failed", error=repr(error))
+
+    contained.contained = True  # type: ignore[attr-defined]
+    setattr(TCPServer, "run", contained)  # noqa: B010
+
+
 async def serve_http(
     app: HttpApp,
     *,
@@ -65,6 +87,7 @@ async def serve_http(
     config.include_server_header = False
     config.alpn_protocols = ["http/1.1"]
     http1_only()
+    contain_connection_errors()
     if s.certfile and s.keyfile:
         config.certfile = s.certfile
         config.keyfile = s.keyfile
