@@ -27,7 +27,8 @@ from tests.chaos.server import free_port
 from tests.dbutil import query
 from tests.test_cluster import Node, _stop, balanced, eventually, owner, text
 from tokenpool._client.via import encode_result, result_of
-from tokenpool._errors import UnreachableError
+from tokenpool._cluster.peers import Followed
+from tokenpool._errors import UnavailableError, UnreachableError
 from tokenpool._model import Lease
 
 
@@ -224,7 +225,27 @@ def test_only_a_node_with_the_cluster_s_secret_may_send_via(pg_url: str) -> None
             assert len(secret) >= 32
             assert r.execute_command("AUTH", "tokenpool-node", secret) in (b"OK", True)
             result_of(r.execute_command(*via))  # the cluster's secret opens it
+            # ...and nothing else: a node's session is no password for the pools
+            for command in (
+                ("TP.LEASE", name, "x"),
+                ("POOL", "DROP", name),
+                ("CONFIG", "GET", "*"),
+            ):
+                with pytest.raises(redis.exceptions.NoPermissionError, match="cluster node"):
+                    r.execute_command(*command)
+            assert r.execute_command("PING") in (b"PONG", True)
+        with nodes[0].client() as r:
             assert r.execute_command("TP.LEASE", name, "x") is not None
+
+
+def test_event_streams_followed_on_one_node_are_bounded() -> None:
+    follows = Followed(limit=2)
+    with follows.held("a:1"), follows.held("a:1"):
+        with pytest.raises(UnavailableError, match="2 event streams"):
+            follows.check("a:1")
+        follows.check("b:1")  # another node has its own bound
+    follows.check("a:1")  # given back when the streams end
+    assert follows.open == {}
 
 
 def test_a_forged_via_reply_makes_nothing_run() -> None:

@@ -17,8 +17,8 @@ is not safe to repeat is never sent twice.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -64,7 +64,8 @@ class Peers:
         self.timeout = timeout
         self.max_connections = max_connections
         self.max_waiting = max_waiting
-        self.forwarded = 0  # requests sent to another node (a figure for INFO and tests)
+        self.forwarded = 0  # requests sent to another node (a figure for /api/cluster and tests)
+        self.follows = Followed()  # event streams followed on each other node
         self._tg: anyio.abc.TaskGroup | None = None
         self._nodes: dict[str, Connections] = {}
         # Activations that may wait (ACTIVATE ... WAIT) hold a connection each until
@@ -232,23 +233,70 @@ class Peers:
 
     async def events(self, pool: str, address: str, client: Client) -> RemoteSource:
         """The events of ``pool`` from its owner at ``address`` (a request spent there)."""
+        self.follows.check(address)
         stats = await self.send(address, GetStats(pool), client)
-        return RemoteSource(self.connections(address), pool, stats.revision)
+        return RemoteSource(self.connections(address), pool, stats.revision, self.follows, address)
+
+
+MAX_FOLLOWED = 256
+"""Event streams one process follows on one other server at most: each is a connection
+to it, and that server's connections are its clients' too (``--max-clients``)."""
+
+
+class Followed:
+    """The event streams a process follows on other servers, counted per server."""
+
+    def __init__(self, limit: int = MAX_FOLLOWED) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def check(self, address: str) -> None:
+        """Raises ``UnavailableError`` (503) when ``address`` has ``limit`` streams."""
+        count = self.open.get(address, 0)
+        if count >= self.limit:
+            raise UnavailableError(
+                f"{count} event streams are followed on another node already (the most"
+                " one process follows on one node): try again later"
+            )
+
+    @contextmanager
+    def held(self, address: str) -> Iterator[None]:
+        self.open[address] = self.open.get(address, 0) + 1
+        try:
+            yield
+        finally:
+            left = self.open[address] - 1
+            if left:
+                self.open[address] = left
+            else:
+                del self.open[address]
 
 
 class RemoteSource:
     """A pool's events followed on another server, through the client library's
-    ``watch`` (an HTTP worker's server, or the pool's owner in a cluster)."""
+    ``watch`` (an HTTP worker's server, or the pool's owner in a cluster); counted in
+    ``followed`` under ``key`` (that server) while it runs."""
 
-    __slots__ = ("connections", "name", "revision")
+    __slots__ = ("connections", "followed", "key", "name", "revision")
 
-    def __init__(self, connections: Connections, name: str, revision: int) -> None:
+    def __init__(
+        self,
+        connections: Connections,
+        name: str,
+        revision: int,
+        followed: Followed | None = None,
+        key: str = "",
+    ) -> None:
         self.connections = connections
         self.name = name
         self.revision = revision
+        self.followed = followed
+        self.key = key
 
     @asynccontextmanager
     async def watch(self, since: int | None) -> AsyncIterator[Any]:
         pool = RemotePool(self.connections, self.name)
-        async with pool.watch(self.revision if since is None else since) as events:
-            yield events
+        counted = nullcontext() if self.followed is None else self.followed.held(self.key)
+        with counted:
+            async with pool.watch(self.revision if since is None else since) as events:
+                yield events

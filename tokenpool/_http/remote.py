@@ -22,7 +22,7 @@ import anyio.abc
 from .._client.address import Address
 from .._client.connections import Connections
 from .._client.via import argv_of, result_of
-from .._cluster.peers import RemoteSource
+from .._cluster.peers import Followed, RemoteSource
 from .._commands import GetStats, ListPools
 from .._commands import Request as Command
 from .._errors import TokenPoolError, UnavailableError, UnreachableError
@@ -49,6 +49,7 @@ class RemoteBackend:
         self._connections = connections
         self._tg = task_group
         self._owners: dict[str, Connections] = {}  # a cluster: pools' owners, for events
+        self._follows = Followed()
         self._default_pool = default_pool
         self._auth_delay = auth_delay
         # this worker's name and figures, sent with each scrape (set by the worker)
@@ -89,7 +90,12 @@ class RemoteBackend:
 
     async def events(self, pool: str, caller: _Caller) -> RemoteSource:
         stats = await self.execute(GetStats(pool), caller)  # the pool exists; a request spent
-        return RemoteSource(await self._events_from(pool), pool, stats.revision)
+        connections = await self._events_from(pool)
+        if connections is self._connections:
+            return RemoteSource(connections, pool, stats.revision)
+        key = f"{connections.address.host}:{connections.address.port}"
+        self._follows.check(key)  # another node: a connection to it per stream, bounded
+        return RemoteSource(connections, pool, stats.revision, self._follows, key)
 
     async def aclose_owners(self) -> None:
         for owner in self._owners.values():

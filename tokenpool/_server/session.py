@@ -107,6 +107,21 @@ SUBSCRIBED_OK = {
     *("SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE"),
     *("PING", "QUIT", "RESET"),
 }
+NODE_COMMANDS = frozenset(
+    {
+        "VIA",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "SSUBSCRIBE",
+        "SUNSUBSCRIBE",
+        "PING",
+        "QUIT",
+        "RESET",
+        "AUTH",
+    }
+)
+"""What a session authenticated as another node (``AUTH tokenpool-node <secret>``) may
+send: the cluster's secret opens VIA and the event streams it follows, not the pools."""
 NO_AUTH_OK = {"AUTH", "HELLO", "QUIT", "RESET"}  # as Redis: even PING needs AUTH
 NOT_IN_MULTI = {
     *("POOL", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"),
@@ -158,6 +173,11 @@ class Planner:
     def plan(self, argv: list[str], session: Session) -> Any:
         self.count += 1
         name = argv[0].upper()
+        if session.client.user == NODE_USER and name not in NODE_COMMANDS:
+            return Error(
+                "NOPERM",
+                "a cluster node's connection sends VIA and follows events, nothing else",
+            )
         try:
             request = table.build(name, argv, self.default_pool)
         except TokenPoolError as error:
@@ -415,6 +435,8 @@ def _auth(p: Planner, session: Session, args: list[str]) -> Any:
             session.client.authed = True
             session.client.user = NODE_USER  # another node of the cluster: may send VIA
             return OK
+        if not p.gate.passwords:  # (with passwords: counted as any failed one, below)
+            return Error("WRONGPASS", "invalid username-password pair or user is disabled.")
     if not p.gate.passwords:
         return Error(
             "ERR",
