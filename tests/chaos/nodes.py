@@ -29,6 +29,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from tokenpool._cluster.slots import SLOTS, key_slot
 from . import owners
 from .checker import Anomaly, StoredLease
 from .history import Operation
-from .runs import Summary, _Memory, _summary, store
+from .runs import ROOT, Summary, _Memory, _summary, store
 from .server import Process, free_port, start, stored_leases
 
 POOLS = 30
@@ -85,9 +86,10 @@ class _Node:
         return dict(line.split(":", 1) for line in text.split() if ":" in line)
 
 
-def _until(check: Callable[[], bool], seconds: float) -> float | None:
-    """Seconds until ``check()`` held (errors count as not yet), or None past ``seconds``."""
-    began = time.monotonic()
+def _until(check: Callable[[], bool], seconds: float, since: float | None = None) -> float | None:
+    """Seconds until ``check()`` held (errors count as not yet), or None past ``seconds``;
+    counted from ``since`` (``time.monotonic()``, the same clock in every process) or now."""
+    began = time.monotonic() if since is None else since
     while time.monotonic() - began < seconds:
         try:
             if check():
@@ -98,15 +100,17 @@ def _until(check: Callable[[], bool], seconds: float) -> float | None:
     return None
 
 
-def _all_served(nodes: list[_Node], pools: list[str]) -> bool:
+def _all_served(ports: list[int], pools: list[str]) -> bool:
     """Every pool answers ``TP.LEASE`` on the node CLUSTER SLOTS names (a live node's)."""
     ranges = None
-    for node in nodes:  # the first that answers with a valid lease (not a paused one)
+    for port in ports:  # the first that answers with a valid lease (not a paused one)
         try:
-            if node.running() and node.info()["tokenpool_lease_valid"] == "1":
-                with _probe(node.port) as r:
+            with _probe(port) as r:
+                raw = r.execute_command("CLUSTER", "INFO")
+                text = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if "tokenpool_lease_valid:1" in text.split():
                     ranges = r.execute_command("CLUSTER", "SLOTS")
-                break
+                    break
         except (redis.RedisError, OSError):
             continue
     if ranges is None:
@@ -119,6 +123,22 @@ def _all_served(nodes: list[_Node], pools: list[str]) -> bool:
         with _probe(port) as r:
             r.execute_command("TP.LEASE", pool, "probe")
     return True
+
+
+def _served(ports: list[int], pools: list[str], since: float, seconds: float = 30) -> float | None:
+    """Seconds from ``since`` (a fault) until every pool is served again
+    (``_all_served``), or None past ``seconds``: timed in a process of its own, so that
+    the clients' threads, which hold this process's GIL, do not slow the probe down."""
+    where = ",".join(map(str, ports))
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.chaos.nodes", str(since), str(seconds), where, *pools],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout.strip()
+    return None if out == "None" else float(out)
 
 
 def _probe(port: int) -> redis.Redis:
@@ -422,12 +442,12 @@ def _run(
         assert first.process is not None
         faults.append((first.name, time.time(), time.monotonic()))
         first.process.kill()
-        facts["kill"] = _until(lambda: _all_served(nodes, pools), 30)
+        facts["kill"] = _served([n.port for n in nodes], pools, faults[-1][2])
         assert paused.process is not None
         faults.append((paused.name, time.time(), time.monotonic()))
         os.kill(paused.process.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        facts["pause"] = _until(lambda: _all_served([drained], pools), 30)
+        facts["pause"] = _served([drained.port], pools, stopped)
         time.sleep(max(0.0, pause - (time.monotonic() - stopped)))
         os.kill(paused.process.pid, signal.SIGCONT)
         first.start()
@@ -439,7 +459,7 @@ def _run(
             facts["spread"] = _spread(nodes)
         with redis.Redis(port=drained.port, socket_timeout=30) as r:
             r.execute_command("CLUSTER", "DRAIN")
-        facts["drain"] = _until(lambda: _all_served(nodes, pools), 30)
+        facts["drain"] = _served([n.port for n in nodes], pools, time.monotonic())
         time.sleep(1)
     finally:
         stop.set()
@@ -564,3 +584,9 @@ def _s(facts: dict[str, Any], key: str) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+if __name__ == "__main__":  # ``_served``'s probe: since, seconds, ports, pools
+    _ports = [int(p) for p in sys.argv[3].split(",")]
+    _since, _seconds = float(sys.argv[1]), float(sys.argv[2])
+    print(_until(lambda: _all_served(_ports, sys.argv[4:]), _seconds, _since))
