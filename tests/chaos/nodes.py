@@ -23,6 +23,7 @@ fault; the slots spread evenly again after the restart.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import random
@@ -125,20 +126,40 @@ def _all_served(ports: list[int], pools: list[str]) -> bool:
     return True
 
 
-def _served(ports: list[int], pools: list[str], since: float, seconds: float = 30) -> float | None:
-    """Seconds from ``since`` (a fault) until every pool is served again
-    (``_all_served``), or None past ``seconds``: timed in a process of its own, so that
-    the clients' threads, which hold this process's GIL, do not slow the probe down."""
-    where = ",".join(map(str, ports))
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.chaos.nodes", str(since), str(seconds), where, *pools],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-        check=True,
-    ).stdout.strip()
-    return None if out == "None" else float(out)
+class _ServedProbe:
+    """Times how long after a fault every pool is served again (``_all_served``), in a
+    process of its own, started (and its imports done) before the faults: the clients'
+    threads hold this process's GIL and would slow a probe here down."""
+
+    def __init__(self, pools: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.chaos.nodes", *pools],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def served(self, ports: list[int], since: float, seconds: float = 30) -> float | None:
+        """Seconds from ``since`` (``time.monotonic()`` of the fault: one clock for every
+        process) until every pool answered on its owner, or None past ``seconds``."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{since} {seconds} {','.join(map(str, ports))}\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        return None if answer in ("None", "") else float(answer)
+
+    def close(self) -> None:
+        self.proc.communicate(timeout=30)
+
+
+def _probe_main(pools: list[str]) -> None:
+    """The probe process: a line ``since seconds port,port...`` in, the seconds out."""
+    for line in sys.stdin:
+        since, seconds, where = line.split()
+        ports = [int(p) for p in where.split(",")]
+        check = functools.partial(_all_served, ports, pools)
+        print(_until(check, float(seconds), float(since)), flush=True)
 
 
 def _probe(port: int) -> redis.Redis:
@@ -283,6 +304,7 @@ def _run(
     tokens: dict[str, list[str]] = {}
     start: dict[str, int] = {}
     threads: list[threading.Thread] = []
+    probe = _ServedProbe(pools)
     for node in nodes:
         node.start()
         assert node.process is not None
@@ -442,12 +464,12 @@ def _run(
         assert first.process is not None
         faults.append((first.name, time.time(), time.monotonic()))
         first.process.kill()
-        facts["kill"] = _served([n.port for n in nodes], pools, faults[-1][2])
+        facts["kill"] = probe.served([n.port for n in nodes], faults[-1][2])
         assert paused.process is not None
         faults.append((paused.name, time.time(), time.monotonic()))
         os.kill(paused.process.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        facts["pause"] = _served([drained.port], pools, stopped)
+        facts["pause"] = probe.served([drained.port], stopped)
         time.sleep(max(0.0, pause - (time.monotonic() - stopped)))
         os.kill(paused.process.pid, signal.SIGCONT)
         first.start()
@@ -459,10 +481,11 @@ def _run(
             facts["spread"] = _spread(nodes)
         with redis.Redis(port=drained.port, socket_timeout=30) as r:
             r.execute_command("CLUSTER", "DRAIN")
-        facts["drain"] = _served([n.port for n in nodes], pools, time.monotonic())
+        facts["drain"] = probe.served([n.port for n in nodes], time.monotonic())
         time.sleep(1)
     finally:
         stop.set()
+        probe.close()
         for t in threads:
             t.join(timeout=30)
         for node in nodes:
@@ -503,8 +526,8 @@ def _run(
         f" even again in {_s(facts, 'rebalanced')}; n3 drained: served in"
         f" {_s(facts, 'drain')}; {answered:,} of {len(history):,} calls answered, checked"
         f" across {report.takeovers} owner changes ({report.mutations:,} changes,"
-        f" {report.reads:,} reads and refusals; {report.lost_applied} of"
-        f" {report.lost:,} unanswered sends took effect)"
+        f" {report.reads:,} reads and refusals; {report.lost} calls unanswered and"
+        f" {report.resends:,} maybe sent twice, {report.lost_applied} such sends took effect)"
         + (
             f"; {len(report.window_lost)} acknowledged changes lost in the killed and paused"
             f" owners' windows (oldest {oldest * 1000:.0f} ms before the fault),"
@@ -586,7 +609,5 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-if __name__ == "__main__":  # ``_served``'s probe: since, seconds, ports, pools
-    _ports = [int(p) for p in sys.argv[3].split(",")]
-    _since, _seconds = float(sys.argv[1]), float(sys.argv[2])
-    print(_until(lambda: _all_served(_ports, sys.argv[4:]), _seconds, _since))
+if __name__ == "__main__":  # ``_ServedProbe``'s process
+    _probe_main(sys.argv[1:])

@@ -87,8 +87,9 @@ class Report:
     operations: int = 0
     mutations: int = 0  # changes replayed from replies
     reads: int = 0  # reads and refusals checked
-    lost: int = 0  # calls whose outcome the client never learnt (lost sends included)
-    lost_applied: int = 0  # of those, how many the store or a reply shows took effect
+    lost: int = 0  # calls whose outcome the client never learnt
+    resends: int = 0  # answered calls the client may have sent twice (one more send each)
+    lost_applied: int = 0  # of those sends, how many the store or a reply shows took effect
     takeovers: int = 0  # owner epochs after a pool's first, over all pools
     window_lost: list[str] = attrs.Factory(list)  # acknowledged, lost in a lossy window
     window_ages: list[float] = attrs.Factory(list)  # seconds from acknowledgement to fault
@@ -208,6 +209,7 @@ class _PoolCheck:
                 send = attrs.evolve(op, completed=None, ok=False, value=None, revision=None)
                 self.lost.append(send)
                 self.sent_by[id(send)] = op.completed or 0.0
+                self.report.resends += 1
             if _noop(op) or not op.ok or op.revision is None:
                 self.reads.append(op)
                 continue
@@ -227,7 +229,7 @@ class _PoolCheck:
             self.mutations[op.revision] = op
         self.report.mutations += len(self.mutations)
         self.report.reads += len(self.reads)
-        self.report.lost += len(self.lost)
+        self.report.lost += len(self.lost) - len(self.sent_by)
 
     def _times(self) -> None:
         """The real-time indexes: what completed before a time, what began after one."""
