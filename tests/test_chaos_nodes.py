@@ -6,6 +6,8 @@ a real recorded run with the bug injected."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from typing import Any
 
 import attrs
@@ -48,7 +50,9 @@ def test_a_sync_cluster_run_is_explained_across_owners(sync_run: Any) -> None:
     assert report.mutations > 500 and report.reads > 500
     assert [] == report.window_lost and 0 == report.unverifiable
     answered = {op.client for op in recording.history if not op.lost}
-    assert {nodes.LIBRARY, nodes.CLI} <= answered  # the library and redis-cli -c took part
+    assert nodes.LIBRARY in answered  # the client library took part
+    if shutil.which("redis-cli") or os.environ.get("CI") == "true":
+        assert nodes.CLI in answered  # and redis-cli -c (make test installs it)
 
 
 def test_an_async_cluster_run_loses_only_in_the_killed_and_paused_windows(
