@@ -150,7 +150,11 @@ class _ServedProbe:
         return None if answer in ("None", "") else float(answer)
 
     def close(self) -> None:
-        self.proc.communicate(timeout=30)
+        try:
+            self.proc.communicate(timeout=35)  # it ends once a measure under way ends
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _probe_main(pools: list[str]) -> None:
@@ -305,17 +309,15 @@ def _run(
     start: dict[str, int] = {}
     threads: list[threading.Thread] = []
     probe = _ServedProbe(pools)
-    for node in nodes:
-        node.start()
-        assert node.process is not None
-        memories.append(_Memory(node.process.pid))
-        processes.append((node.name, node.process))
     try:
+        for node in nodes:
+            node.start()
+            assert node.process is not None
+            memories.append(_Memory(node.process.pid))
+            processes.append((node.name, node.process))
         if _until(lambda: _balanced(nodes), 60) is None:
             anomalies.append(Anomaly("setup", "the slots did not spread over three nodes"))
-        seed: Any = redis.RedisCluster(
-            host="127.0.0.1", port=nodes[0].port, socket_timeout=10, decode_responses=True
-        )
+        seed = _seed(nodes[0].port)
         for pool in pools:
             seed.execute_command("POOL", "CREATE", pool, "SIZE", 4, "TTL", TTL)
             tokens[pool] = [_fields(t)["id"] for t in seed.execute_command("TP.TOKENS", pool)]
@@ -485,7 +487,6 @@ def _run(
         time.sleep(1)
     finally:
         stop.set()
-        probe.close()
         for t in threads:
             t.join(timeout=30)
         for node in nodes:
@@ -493,6 +494,7 @@ def _run(
                 assert node.process is not None
                 os.kill(node.process.pid, signal.SIGCONT)
                 node.process.stop()
+        probe.close()
     rss = max(m.stop() for m in memories)
     for fault in ("kill", "pause", "drain"):
         took = facts.get(fault)
@@ -547,6 +549,21 @@ def _run(
     summary.detail += _takeover(nodes[1:], faults[0][1] if faults else 0.0)
     summary.detail += report.window_lost[:5]
     return summary, recording
+
+
+def _seed(port: int, tries: int = 5) -> Any:
+    """A RedisCluster client for the setup (tried again while the slot map settles: a
+    first try once met a node not yet reachable)."""
+    for attempt in range(tries):
+        try:
+            return redis.RedisCluster(
+                host="127.0.0.1", port=port, socket_timeout=10, decode_responses=True
+            )
+        except (redis.RedisError, RedisClusterException, OSError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(1)
+    return None
 
 
 def _lossy(
