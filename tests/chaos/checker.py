@@ -56,6 +56,7 @@ class StoredLease:
     reason: str | None  # None while active
     started_at: datetime | None = attrs.field(default=None, eq=False)
     ended_at: datetime | None = attrs.field(default=None, eq=False)
+    ended_revision: int | None = attrs.field(default=None, eq=False)  # the revision that ended it
 
 
 @attrs.define

@@ -50,6 +50,9 @@ class Operation:
     value: Any = None  # the reply (a dict for field/value replies), or the error code
     error: str = ""  # the whole error line, for the report
     revision: int | None = None  # carried by a successful mutating reply
+    pool: str = "default"
+    node: str = ""  # the node that answered, when the client can tell (cluster runs)
+    repeats: bool = False  # the client may have sent it more than once (its own retries)
 
     @property
     def lost(self) -> bool:

@@ -158,7 +158,7 @@ def stored_leases(dsn: str, pool: str = "default") -> list[StoredLease]:
         f" WHERE pool_id = {pool_id} AND lease_id IS NOT NULL"
     )
     ended = (
-        "SELECT lease_id, token_id, user_id, expiration_reason, {start}, {end}, fence"
+        "SELECT lease_id, token_id, user_id, expiration_reason, {start}, {end}, fence, revision"
         f" FROM usage_history WHERE pool_id = {pool_id}"
     )
     if dsn.startswith("sqlite:///"):
@@ -184,8 +184,8 @@ def stored_leases(dsn: str, pool: str = "default") -> list[StoredLease]:
     return [
         StoredLease(str(i), str(t), u, int(f), None, _when(at)) for i, t, u, f, at in rows_a
     ] + [
-        StoredLease(str(i), str(t), u, int(f), str(r), _when(s), _when(e))
-        for i, t, u, r, s, e, f in rows_e
+        StoredLease(str(i), str(t), u, int(f), str(r), _when(s), _when(e), int(rev))
+        for i, t, u, r, s, e, f, rev in rows_e
     ]
 
 
