@@ -43,8 +43,17 @@ def cluster(url: str, count: int, *args: str) -> Iterator[list[Node]]:
         for node in nodes:
             node.start()
             stack.callback(_stop, node)
+        stack.callback(_close_clients)
         eventually(lambda: balanced(nodes), 30, "slots spread evenly over the nodes")
         yield nodes
+
+
+_clients: list[httpx.Client] = []
+
+
+def _close_clients() -> None:
+    while _clients:
+        _clients.pop().close()
 
 
 def held(node: Node, pool: str, user: str) -> str:
@@ -84,7 +93,9 @@ def first_event_after(node: Node, pool: str, act: Callable[[], None]) -> list[di
 def http(node: Node) -> httpx.Client:
     process = node.process
     assert process is not None and process.http_port is not None
-    return httpx.Client(base_url=f"http://127.0.0.1:{process.http_port}", timeout=30)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{process.http_port}", timeout=30)
+    _clients.append(client)  # closed with the cluster
+    return client
 
 
 def names_owned(nodes: list[Node], count: int) -> list[str]:
@@ -176,8 +187,8 @@ def test_a_request_through_another_node_is_served_across_its_owner_s_death(
         )
         granted = client.post(f"/api/pools/{name}/tokens/activate", json={"user_id": "erin"})
         lease = granted.json()["data"]
-        os.kill(nodes[1].pid, signal.SIGKILL)
-        nodes[1].process.proc.wait()  # type: ignore[union-attr]
+        assert nodes[1].process is not None
+        nodes[1].process.kill()  # SIGKILL
         # asked at once: the request waits for the slot's next owner (this node)
         again = client.get(f"/api/pools/{name}/users/erin/lease")
         assert again.status_code == 200, again.text

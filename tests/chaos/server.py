@@ -163,7 +163,8 @@ def stored_leases(dsn: str, pool: str = "default") -> list[StoredLease]:
     )
     if dsn.startswith("sqlite:///"):
         path = dsn.removeprefix("sqlite:///")
-        with sqlite3.connect(path) as conn:
+        with sqlite3.connect(path, isolation_level=None) as conn:
+            conn.execute("BEGIN")  # one snapshot: a lease ended between the reads is not both
             rows_a = conn.execute(active.format(p="?", at="assigned_us"), (pool,)).fetchall()
             rows_e = conn.execute(
                 ended.format(p="?", start="started_us", end="ended_us"), (pool,)
@@ -174,6 +175,9 @@ def stored_leases(dsn: str, pool: str = "default") -> list[StoredLease]:
         schema = query.pop("schema", "tokenpool")
         plain = urlunsplit(parts._replace(query=urlencode(query)))
         with psycopg.connect(plain) as conn:
+            # One snapshot for both reads: a lease that ended between them would be read
+            # as active and as ended, a "double holder" with itself.
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.execute(f'SET search_path TO "{schema}"'.encode())
             rows_a = conn.execute(
                 active.format(p="%s", at="assigned_at").encode(), (pool,)
