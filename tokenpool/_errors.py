@@ -85,6 +85,11 @@ class MovedError(TokenPoolError):
 
     code = "MOVED"
 
+    @property
+    def address(self) -> str:
+        """The ``<host>:<port>`` the message names."""
+        return str(self).partition(" ")[2]
+
 
 class TryAgainError(TokenPoolError):
     """(cluster) This node is taking the pool's slot over and is not serving it yet."""

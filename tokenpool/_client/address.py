@@ -23,6 +23,13 @@ _TLS: Final = ("tokenpools", "rediss")
 _UNIX: Final = "unix"
 
 
+def host_port(address: str) -> tuple[str, int]:
+    """A node's ``<host>:<port>`` (``[v6]:port`` too) as (host, port). Raises
+    ``ValueError`` when the port is not a number."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 @attrs.frozen
 class Address:
     """A server's address and how to greet it."""
@@ -69,6 +76,12 @@ class Address:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password is not None else None,
         )
+
+    @classmethod
+    def of_node(cls, address: str, username: str, password: str) -> Address:
+        """Another node of a cluster at ``<host>:<port>``, greeted as ``username``."""
+        host, port = host_port(address)
+        return cls(host=host, port=port, username=username, password=password)
 
     def auth(self) -> tuple[str, ...] | None:
         """The ``AUTH`` command to send first, or ``None``."""

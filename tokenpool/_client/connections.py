@@ -45,7 +45,7 @@ from .._errors import (
     UnreachableError,
 )
 from .._resp import encode_command
-from .address import Address
+from .address import Address, host_port
 from .connection import Connection, Slot
 from .replies import error_of
 
@@ -355,10 +355,8 @@ def _pool_of(commands: Sequence[Sequence[str]]) -> str | None:
 
 def _address_of(moved: MovedError) -> tuple[str, int]:
     """``MOVED <slot> <host>:<port>``'s node."""
-    _slot, _, address = str(moved).partition(" ")
-    host, _, port = address.rpartition(":")
     try:
-        return host.strip("[]"), int(port)
+        return host_port(moved.address)
     except ValueError:
         raise UnreachableError(f"a MOVED reply names no address: {str(moved)[:80]!r}") from None
 

@@ -97,14 +97,8 @@ class Peers:
         if found is None:
             if self._tg is None:
                 raise UnavailableError("this node is not serving (it is starting or stopping)")
-            host, _, port = address.rpartition(":")
             found = table[address] = Connections(
-                Address(
-                    host=host.strip("[]"),
-                    port=int(port),
-                    username=NODE_USER,
-                    password=self.node.secret,
-                ),
+                Address.of_node(address, NODE_USER, self.node.secret),
                 self._tg,
                 max_connections=self.max_waiting if waits else self.max_connections,
                 timeout=self.timeout,
@@ -123,7 +117,7 @@ class Peers:
             if route is None:
                 return None
             if isinstance(route, MovedError):
-                return str(route).partition(" ")[2]
+                return route.address
             if trio.current_time() + pause > deadline:
                 raise route
             await trio.sleep(pause)
@@ -139,6 +133,8 @@ class Peers:
         pool = getattr(command, "pool", None)
         if pool is None:
             return await here()
+        argv, safe = argv_of(command)
+        blocks = getattr(command, "wait", None)
         deadline = trio.current_time() + WAIT_FOR_OWNER
         pause = 0.05
         while True:
@@ -146,30 +142,38 @@ class Peers:
             if address is None:
                 return await here()
             try:
-                return await self._ask(address, pool, command, client)
+                return await self._ask(address, pool, argv, safe, blocks, client)
             except UnavailableError:
                 if (
                     self._tg is None  # stopping: no other node is reached again
-                    or not argv_of(command)[1]
+                    or not safe
                     or trio.current_time() + pause > deadline
                 ):
                     raise
             await trio.sleep(pause)
             pause = min(pause * 2, 0.5)
 
-    async def _ask(self, address: str, pool: str, command: Command, client: Client) -> Any:
-        """``send``; for a request safe to repeat that does not wait, given up as soon as
+    async def _ask(
+        self,
+        address: str,
+        pool: str,
+        argv: list[str],
+        safe: bool,
+        blocks: float | None,
+        client: Client,
+    ) -> Any:
+        """``_send``; for a request safe to repeat that does not wait, given up as soon as
         ``pool``'s slot no longer names that node: an owner paused past its lease answers
         nothing (its connections time out only after ``timeout``, twice), and the slot's
         next owner would answer now."""
         tg = self._tg
-        if tg is None or not argv_of(command)[1] or getattr(command, "wait", None) is not None:
-            return await self.send(address, command, client)
+        if tg is None or not safe or blocks is not None:
+            return await self._send(address, argv, safe, blocks, client)
         done = trio.Event()
         with trio.CancelScope() as attempt:
             tg.start_soon(self._watch_owner, pool, address, attempt, done)
             try:
-                return await self.send(address, command, client)
+                return await self._send(address, argv, safe, blocks, client)
             finally:
                 done.set()
         raise UnavailableError(f"the pool's node at {address} stopped serving it while asked")
@@ -183,16 +187,20 @@ class Peers:
             if done.is_set():
                 return
             route = self.node.route(pool)
-            if not isinstance(route, MovedError) or str(route).partition(" ")[2] != address:
+            if not isinstance(route, MovedError) or route.address != address:
                 attempt.cancel()
                 return
 
     async def send(self, address: str, command: Command, client: Client) -> Any:
         """``command`` run by the node at ``address`` (following ``MOVED`` from there)."""
         argv, safe = argv_of(command)
+        return await self._send(address, argv, safe, getattr(command, "wait", None), client)
+
+    async def _send(
+        self, address: str, argv: list[str], safe: bool, blocks: float | None, client: Client
+    ) -> Any:
         via = ["VIA", client.peer, client.bearer or "", *argv]
         self.forwarded += 1
-        blocks = getattr(command, "wait", None)
         try:
             (reply,) = await self.connections(address, waits=blocks is not None).call(
                 [via], safe=safe, blocks=blocks

@@ -167,10 +167,7 @@ class LocalBackend:
     async def cluster(self) -> dict[str, Any]:
         from .._server.cluster import cluster_json
 
-        peers = self.peers
-        if peers is None:
-            return cluster_json(None)
-        return cluster_json(peers.node, peers.forwarded)
+        return cluster_json(self.peers)
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         reasons: dict[str, str] = {}

@@ -111,9 +111,8 @@ class RemoteBackend:
         address, user, secret = (str(part) for part in route)
         found = self._owners.get(address)
         if found is None or found.address.password != secret:
-            host, _, port = address.rpartition(":")
             found = self._owners[address] = Connections(
-                Address(host.strip("[]"), int(port), username=user, password=secret),
+                Address.of_node(address, user, secret),
                 self._tg,
                 max_connections=2,
                 timeout=self._connections.timeout,

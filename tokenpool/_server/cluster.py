@@ -7,19 +7,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .._client.address import host_port
 from .._cluster.slots import SLOTS, key_slot
 from .._resp import OK, Error
 from .session import Action, Planner, Session, command
 
 if TYPE_CHECKING:
     from .._cluster.node import ClusterNode, NodeView
+    from .._cluster.peers import Peers
 
 OFF = Error("ERR", "This instance has cluster support disabled (start it with --node-id)")
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _slots(node: ClusterNode) -> list[Any]:
@@ -28,7 +25,7 @@ def _slots(node: ClusterNode) -> list[Any]:
     node that cannot answer is retried on the map read after the takeover."""
     out: list[Any] = []
     for view in node.nodes():
-        host, port = _host_port(view.address)
+        host, port = host_port(view.address)
         for first, last in view.ranges:
             out.append([first, last, [host, port, view.id]])
     out.sort(key=lambda entry: entry[0])
@@ -38,7 +35,7 @@ def _slots(node: ClusterNode) -> list[Any]:
 def _shards(node: ClusterNode) -> list[Any]:
     out: list[Any] = []
     for view in node.nodes():
-        host, port = _host_port(view.address)
+        host, port = host_port(view.address)
         out.append(
             {
                 "slots": [bound for run in view.ranges for bound in run],
@@ -69,7 +66,7 @@ def _flags(view: NodeView) -> str:
 def _nodes(node: ClusterNode) -> str:
     lines = []
     for view in node.nodes():
-        host, port = _host_port(view.address)
+        host, port = host_port(view.address)
         epoch = node.top_epoch if view.myself else 0
         ranges = " ".join(str(a) if a == b else f"{a}-{b}" for a, b in view.ranges)
         link = "connected" if view.live else "disconnected"
@@ -85,11 +82,13 @@ def info_fields(node: ClusterNode | None) -> dict[str, object]:
     return {"cluster_enabled": 0} if node is None else _fields(node)
 
 
-def cluster_json(node: ClusterNode | None, forwarded: int = 0) -> dict[str, object]:
+def cluster_json(peers: Peers | None) -> dict[str, object]:
     """``GET /api/cluster`` and the dashboard's view: this node, and every member with
-    its address, state, health and slots (``{"enabled": false}`` without cluster mode)."""
-    if node is None:
+    its address, state, health and slots (``{"enabled": false}`` without cluster mode:
+    no ``peers``)."""
+    if peers is None:
         return {"enabled": False}
+    node = peers.node
     fields = _fields(node)
     return {
         "enabled": True,
@@ -104,7 +103,7 @@ def cluster_json(node: ClusterNode | None, forwarded: int = 0) -> dict[str, obje
             "epoch": node.top_epoch,
             "renewals": node.renewals,
             "renew_failures": node.renew_failures,
-            "http_requests_forwarded": forwarded,
+            "http_requests_forwarded": peers.forwarded,
         },
         "slots_assigned": fields["cluster_slots_assigned"],
         "slots_ok": fields["cluster_slots_ok"],

@@ -184,11 +184,9 @@ def _worker(p: Planner, session: Session, args: list[str]) -> Any:
         route = node.route(args[1])
         if route is None or not isinstance(route, MovedError):
             return None  # served here (or nowhere yet: subscribe here, as before)
-        return [str(route).partition(" ")[2], NODE_USER, node.secret]
+        return [route.address, NODE_USER, node.secret]
     if sub == "CLUSTER" and len(args) == 1:
-        peers = p.peers
-        view = cluster_json(None) if peers is None else cluster_json(peers.node, peers.forwarded)
-        return json.dumps(view)
+        return json.dumps(cluster_json(p.peers))
     if sub == "REPORT" and len(args) == 3:
         try:
             figures = json.loads(args[2])
