@@ -58,7 +58,10 @@ def test_the_log_keeps_what_a_dict_keeps(steps: list[tuple[str, int, object]]) -
         else:
             oldest = sorted(model)[:n]
             gone = [model.pop(r) for r in oldest]
-            assert log.drop_oldest(n) == [(e[REV], e[SLOT], e[USER]) for e in gone]
+            revs, slots, users = log.drop_oldest(n)
+            assert list(zip(revs, slots, users, strict=True)) == [
+                (e[REV], e[SLOT], e[USER]) for e in gone
+            ]
         assert len(log) == len(model)
         for r, ended in model.items():
             assert log.get(r) == ended
@@ -69,7 +72,25 @@ def test_the_log_keeps_what_a_dict_keeps(steps: list[tuple[str, int, object]]) -
 
 def test_a_pool_lease_costs_its_stated_bytes() -> None:
     log = EndedLog()
-    log.append((END, str(uuid.uuid4()), 3, "alice", 7, 1, 2, 9, "expired"))
-    packed = log._entries[0]
-    assert len(packed) + 33 + 8 + 8 == ENTRY_BYTES + len("alice")
-    assert log.get(9)[REV] == 9
+    for rev in range(1, 1001):
+        log.append((END, str(uuid.uuid4()), 3, "alice", 7, 1, 2, rev, "expired"))
+    log.drop_oldest(0)  # moves every entry into the columns
+    columns = [getattr(log, name) for name in log.__slots__]
+    stored = sum(len(c) * getattr(c, "itemsize", 1) for c in columns if hasattr(c, "__len__"))
+    assert not log._pending and not log._odd
+    assert stored == 1000 * (ENTRY_BYTES + len("alice"))
+    assert log.get(999)[REV] == 999
+
+
+def test_a_batch_of_canonical_ids_with_one_odd_id_keeps_each_as_it_was() -> None:
+    log = EndedLog()
+    ids = [str(uuid.uuid4()) for _ in range(600)]
+    ids[300] = ids[300].upper()
+    ids[301] = "not-a-uuid"
+    for rev, lease_id in enumerate(ids, 1):
+        log.append((END, lease_id, rev % 7, f"user{rev}", rev, 1, 2, rev, "evicted"))
+    assert [log.get(rev)[1] for rev in range(1, 601)] == ids
+    revs, slots, users = log.drop_oldest(302)
+    assert revs == list(range(1, 303)) and users[-1] == "user302" and slots[-1] == 302 % 7
+    assert not log._odd
+    assert [log.get(rev)[1] for rev in range(303, 601)] == ids[302:]

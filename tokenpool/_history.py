@@ -1,129 +1,216 @@
-"""The ended leases a pool keeps in memory: packed, oldest first, found by revision.
+"""The ended leases a pool keeps in memory: in columns, oldest first, found by revision.
 
 A pool keeps its newest ``history_memory`` (100,000 by default) ended leases so that
 history pages and event replays need no store. Kept as tuples in a dict keyed by
 revision they cost about 400 bytes each and every full collection of the cyclic
-collector walked all of them; here each is one ``bytes`` object in a list, its revision
-in a parallel ``array('q')`` (sorted: revisions only grow), found by bisection:
+collector walked all of them. Here they are columns of numbers (``array``), one value
+per entry, the entry's position found by bisection on the revisions (sorted: revisions
+only grow):
 
-- a bytes object of 33 bytes of header plus the packed lease: 31 bytes of numbers, the
-  lease id as its 16 raw UUID bytes, the user id's UTF-8 (``ENTRY_BYTES`` + the user id);
-- 8 bytes of list pointer and 8 of revision.
+- revision, fence, start, stop: 8 bytes each; slot: 4; reason: 1;
+- the lease id as its 16 raw UUID bytes (anything but canonical UUID text, which the
+  pool itself never makes, is kept aside as text, exactly as it was);
+- the user id's UTF-8 in one blob, with its 8-byte offset (``ENTRY_BYTES`` + the user id).
 
-The per-token and per-user indexes (``PoolState``) add 8 bytes each. Nothing here is
-tracked by the collector: bytes, arrays and a list of bytes are not walked (the list is,
-but it is one object whose items need no visit beyond a type check).
+Nothing here is tracked by the cyclic collector except a short list of the newest
+records (``_BATCH``), which are moved into the columns a batch at a time: transposed by
+``zip`` and the lease ids converted by one ``bytes.fromhex`` over the batch, so the
+cost per ended lease on the hot path is one ``list.append``. Dropping the oldest is
+amortised O(1): a start offset moves, and the columns are compacted when half is dropped.
 """
 
 from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from struct import Struct
+from itertools import accumulate
+from operator import itemgetter
 from typing import Final
 
 from ._ids import uuid_text
-from ._model import END, FENCE, ID, REASON, REV, SLOT, START, STOP, USER, EndRecord, Reason
+from ._model import END, REV, EndRecord, Reason
 
-_HEAD = Struct("=qqqiBH")  # fence, start, stop, slot, reason, id length (0: 16 raw bytes)
 _REASONS = tuple(reason.value for reason in Reason)
 _REASON_CODE = {reason: code for code, reason in enumerate(_REASONS)}
-_RAW_ID = 0
+_BATCH: Final = 256  # newest records kept as tuples before they go into the columns
+_REV_OF = itemgetter(REV)
 
-ENTRY_BYTES: Final = 33 + _HEAD.size + 16 + 8 + 8
-"""What one entry costs beyond its user id's bytes (for the README and INFO): the bytes
-object's header, the packed numbers, the raw lease id, the list slot, the revision."""
-
-
-def _pack(ended: EndRecord) -> bytes:
-    lease_id: str = ended[ID]
-    raw = b""
-    # Canonical UUID text (what the pool makes and the stores give back) is kept as its
-    # 16 bytes; anything else as its text, so it reads back exactly as it was.
-    if (
-        len(lease_id) == 36
-        and lease_id[8] == lease_id[13] == lease_id[18] == lease_id[23] == "-"
-        and lease_id.count("-") == 4
-        and lease_id.islower()  # no A-F (an id of digits only is kept as text: harmless)
-    ):
-        try:
-            raw = bytes.fromhex(lease_id.replace("-", ""))
-        except ValueError:
-            raw = b""
-    body = raw if raw else lease_id.encode()
-    return (
-        _HEAD.pack(
-            ended[FENCE],
-            ended[START],
-            ended[STOP],
-            ended[SLOT],
-            _REASON_CODE[ended[REASON]],
-            _RAW_ID if raw else len(body),
-        )
-        + body
-        + ended[USER].encode()
-    )
+ENTRY_BYTES: Final = 8 * 4 + 4 + 1 + 16 + 8
+"""What one entry costs beyond its user id's UTF-8 (for the README and INFO): revision,
+fence, start and stop, the slot, the reason, the raw lease id, the user's offset."""
 
 
-def _unpack(rev: int, packed: bytes) -> EndRecord:
-    fence, start, stop, slot, reason, id_length = _HEAD.unpack_from(packed)
-    at = _HEAD.size
-    if id_length == _RAW_ID:
-        lease_id = uuid_text(packed[at : at + 16])
-        at += 16
-    else:
-        lease_id = packed[at : at + id_length].decode()
-        at += id_length
-    user = packed[at:].decode()
-    return (END, lease_id, slot, user, fence, start, stop, rev, _REASONS[reason])
+def _canonical(lease_id: str) -> bool:
+    """Lowercase 8-4-4-4-12 hex: what the pool makes, kept as 16 raw bytes."""
+    if len(lease_id) != 36 or lease_id != lease_id.lower() or lease_id.count("-") != 4:
+        return False
+    if not lease_id[8] == lease_id[13] == lease_id[18] == lease_id[23] == "-":
+        return False
+    return len(_hex(lease_id)) == 16
 
 
-def _slot_user(packed: bytes) -> tuple[int, str]:
-    slot, id_length = _SLOT_AND_ID.unpack_from(packed, 24)
-    at = _HEAD.size + (16 if id_length == _RAW_ID else id_length)
-    return slot, packed[at:].decode()
-
-
-_SLOT_AND_ID = Struct("=i1xH")  # the head's slot, (reason), id length: from byte 24
+def _hex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text.replace("-", ""))
+    except ValueError:
+        return b""
 
 
 class EndedLog:
     """Ended leases in revision order, the oldest dropped first (amortised O(1))."""
 
-    __slots__ = ("_entries", "_first", "_revs")
+    __slots__ = (
+        "_base",
+        "_blob",
+        "_blob_base",
+        "_fences",
+        "_first",
+        "_odd",
+        "_pending",
+        "_raw",
+        "_reasons",
+        "_revs",
+        "_slots",
+        "_starts",
+        "_stops",
+        "_user_at",
+    )
 
     def __init__(self) -> None:
-        self._entries: list[bytes] = []
         self._revs = array("q")
+        self._fences = array("q")
+        self._starts = array("q")
+        self._stops = array("q")
+        self._slots = array("i")
+        self._reasons = bytearray()
+        self._raw = bytearray()  # 16 bytes of lease id per entry
+        self._odd: dict[int, str] = {}  # entry number -> a lease id kept as text
+        self._blob = bytearray()  # the users' UTF-8, one after the other
+        self._user_at = array("q")  # where each entry's user starts (offset since creation)
+        self._blob_base = 0  # the offset of _blob[0] since creation
         self._first = 0  # entries before this one are forgotten, not yet compacted
+        self._base = 0  # how many entries compactions removed (entry number of index 0)
+        self._pending: list[EndRecord] = []  # the newest, not yet in the columns
 
     def __len__(self) -> int:
-        return len(self._revs) - self._first
+        return len(self._revs) - self._first + len(self._pending)
 
     def append(self, ended: EndRecord) -> None:
         """Keep an ended lease; its revision must be above every one kept."""
-        self._entries.append(_pack(ended))
-        self._revs.append(ended[REV])
+        pending = self._pending
+        pending.append(ended)
+        if len(pending) >= _BATCH:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Move the pending records into the columns, a column at a time."""
+        pending = self._pending
+        if not pending:
+            return
+        _, ids, slots, users, fences, starts, stops, revs, reasons = zip(*pending, strict=True)
+        self._revs.extend(revs)
+        self._fences.extend(fences)
+        self._starts.extend(starts)
+        self._stops.extend(stops)
+        self._slots.extend(slots)
+        self._reasons.extend(map(_REASON_CODE.__getitem__, reasons))
+        encoded = [user.encode() for user in users]
+        at = self._blob_base + len(self._blob)
+        self._user_at.extend(accumulate(map(len, encoded[:-1]), initial=at))
+        self._blob += b"".join(encoded)
+        joined = "".join(ids)
+        n = len(ids)
+        raw = b""
+        # One check and one conversion for the whole batch when every id is canonical
+        # (each 36 long with its 4 dashes in place, lowercase hex): the common case.
+        if (
+            len(joined) == 36 * n
+            and joined.count("-") == 4 * n
+            and all(joined[i::36].count("-") == n for i in (8, 13, 18, 23))
+            and joined == joined.lower()
+        ):
+            raw = _hex(joined)
+        if len(raw) == 16 * n:
+            self._raw += raw
+        else:
+            number = self._base + len(self._revs) - n
+            for i, lease_id in enumerate(ids):
+                if _canonical(lease_id):
+                    self._raw += _hex(lease_id)
+                else:
+                    self._raw += bytes(16)
+                    self._odd[number + i] = lease_id
+        pending.clear()
 
     def get(self, rev: int) -> EndRecord:
         """The ended lease of that revision (it must be kept)."""
-        i = bisect_left(self._revs, rev, self._first)
-        if i == len(self._revs) or self._revs[i] != rev:
+        pending = self._pending
+        if pending and rev >= pending[0][REV]:
+            i = bisect_left(pending, rev, key=_REV_OF)
+            if i < len(pending) and pending[i][REV] == rev:
+                return pending[i]
             raise KeyError(rev)
-        return _unpack(rev, self._entries[i])
+        revs = self._revs
+        i = bisect_left(revs, rev, self._first)
+        if i == len(revs) or revs[i] != rev:
+            raise KeyError(rev)
+        lease_id = self._odd.get(self._base + i) if self._odd else None
+        if lease_id is None:
+            lease_id = uuid_text(bytes(self._raw[16 * i : 16 * i + 16]))
+        return (
+            END,
+            lease_id,
+            self._slots[i],
+            self._user(i),
+            self._fences[i],
+            self._starts[i],
+            self._stops[i],
+            rev,
+            _REASONS[self._reasons[i]],
+        )
 
-    def drop_oldest(self, count: int) -> list[tuple[int, int, str]]:
-        """Forget the ``count`` oldest entries; returns their (revision, slot, user),
+    def _user(self, i: int) -> str:
+        at, base = self._user_at, self._blob_base
+        end = at[i + 1] - base if i + 1 < len(at) else len(self._blob)
+        return self._blob[at[i] - base : end].decode()
+
+    def drop_oldest(self, count: int) -> tuple[list[int], list[int], list[str]]:
+        """Forget the ``count`` oldest entries; returns their revisions, slots and users,
         oldest first (what the indexes need; the rest is not decoded)."""
+        self._settle()
         start = self._first
         stop = min(start + count, len(self._revs))
-        revs, entries = self._revs, self._entries
-        dropped = [(revs[i], *_slot_user(entries[i])) for i in range(start, stop)]
-        for i in range(start, stop):
-            entries[i] = b""  # the bytes go now; the slots go at the next compaction
+        if stop <= start:
+            return [], [], []
+        revs = self._revs[start:stop].tolist()
+        slots = self._slots[start:stop].tolist()
+        at = self._user_at
+        base = self._blob_base
+        ends = [*at[start + 1 : stop + 1].tolist(), base + len(self._blob)][: stop - start]
+        blob = self._blob
+        users = [
+            blob[a - base : b - base].decode()
+            for a, b in zip(at[start:stop].tolist(), ends, strict=True)
+        ]
+        if self._odd:
+            for number in range(self._base + start, self._base + stop):
+                self._odd.pop(number, None)
         self._first = stop
-        if stop > len(revs) // 2:
-            del entries[:stop]
-            del revs[:stop]
-            self._first = 0
-        return dropped
+        if stop > len(self._revs) // 2:
+            self._compact()
+        return revs, slots, users
+
+    def _compact(self) -> None:
+        cut = self._first
+        end_of_cut = (
+            self._user_at[cut] if cut < len(self._user_at) else (self._blob_base + len(self._blob))
+        )
+        del self._blob[: end_of_cut - self._blob_base]
+        self._blob_base = end_of_cut
+        for column in (self._revs, self._fences, self._starts, self._stops, self._slots):
+            del column[:cut]
+        del self._user_at[:cut]
+        del self._reasons[:cut]
+        del self._raw[: 16 * cut]
+        self._base += cut
+        self._first = 0

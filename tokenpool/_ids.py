@@ -14,15 +14,18 @@ from ._errors import InvalidArgumentError
 
 USER_ID_MAX_BYTES = 128
 
-_BATCH = 4096
+_BATCH = 256
 
 
 class IdSource:
-    """Mints random (version 4) UUID strings from ``os.urandom``, 4,096 at a time.
+    """Mints random (version 4) UUID strings from ``os.urandom``, 256 at a time.
 
     ``str(uuid.uuid4())`` makes a system call and several objects per id
-    (about 2 µs); every activation mints one, so ids are cut from one large
-    read of the same kernel randomness instead (about 0.6 µs each).
+    (about 2 µs); every activation mints one, so ids are cut from one read of
+    the same kernel randomness instead, and laid out for the whole batch at once:
+    each of the 32 hex digits of every id is copied by one strided slice, the
+    batch decoded once and split at commas (about 0.2 µs an id). A batch is
+    small so that refilling it is never a pause (4,096 took 4.5 ms).
     """
 
     __slots__ = ("_ready",)
@@ -33,17 +36,35 @@ class IdSource:
     def __call__(self) -> str:
         ready = self._ready
         if not ready:
-            h = os.urandom(16 * _BATCH).hex()
-            # RFC 9562: version nibble 4, variant bits 10.
-            ready += [
-                f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
-                f"{_VARIANT[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
-                for i in range(0, 32 * _BATCH, 32)
-            ]
+            ready += mint(_BATCH)
         return ready.pop()
 
 
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+# Where each hex digit of the 16 random bytes goes in ``xxxxxxxx-xxxx-4xxx-Vxxx-xxxxxxxxxxxx,``
+# (hex digit 12 is replaced by the version, 4; digit 16 by the variant, 8 to b).
+_LAYOUT = (
+    [(i, i) for i in range(8)]
+    + [(i, i + 1) for i in range(8, 12)]
+    + [(i, i + 2) for i in range(13, 16)]
+    + [(i, i + 3) for i in range(17, 20)]
+    + [(i, i + 4) for i in range(20, 32)]
+)
+_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
+_STRIDE = 37  # 36 characters and a comma
+
+
+def mint(n: int) -> list[str]:
+    """``n`` random version 4 UUIDs (RFC 9562: version nibble 4, variant bits 10)."""
+    digits = os.urandom(16 * n).hex().encode()
+    out = bytearray(b"-" * (_STRIDE * n))
+    out[36::_STRIDE] = b"," * n
+    for src, dst in _LAYOUT:
+        out[dst::_STRIDE] = digits[src::32]
+    out[14::_STRIDE] = b"4" * n
+    out[19::_STRIDE] = digits[16::32].translate(_VARIANT)
+    del out[-1]
+    return out.decode().split(",")
+
 
 new_id = IdSource()
 
