@@ -63,6 +63,7 @@ bench-tools:
 	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	  command -v pgbench >/dev/null || missing="$$missing postgresql"; \
 	  command -v wrk >/dev/null || missing="$$missing wrk"; \
+	  command -v valgrind >/dev/null || missing="$$missing valgrind"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	      apt-get update -qq && apt-get install -y -qq $$missing >/dev/null || \

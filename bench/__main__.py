@@ -24,6 +24,7 @@ from . import (
     embedded,
     http,
     httpworkers,
+    instructions,
     memory,
     openloop,
     persistence,
@@ -50,6 +51,7 @@ SECTIONS: dict[str, Callable[[bool], list[Figure]]] = {
     "httpworkers": httpworkers.run,
     "stores": stores.run,
     "revisions": revisions.run,
+    "instructions": instructions.run,
 }
 NEEDS = {
     "compare": ("redis-benchmark", "redis-server", "pgbench"),
@@ -61,6 +63,7 @@ NEEDS = {
     "http": ("wrk",),
     "httpworkers": ("wrk",),
     "revisions": ("redis-benchmark", "wrk", "git"),
+    "instructions": ("redis-benchmark", "valgrind", "callgrind_control", "git"),
 }
 HEADLINE = {"compare", "scaling"}
 

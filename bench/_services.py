@@ -36,12 +36,16 @@ class Server:
 
 
 @contextmanager
-def tokenpool_server(*args: str, cwd: str | None = None) -> Iterator[Server]:
+def tokenpool_server(
+    *args: str, cwd: str | None = None, wrap: tuple[str, ...] = ()
+) -> Iterator[Server]:
     """``python -m tokenpool serve`` on a free port, stopped with SIGTERM afterwards.
 
-    ``cwd``: run the ``tokenpool`` of that checkout (another version, same interpreter)."""
+    ``cwd``: run the ``tokenpool`` of that checkout (another version, same interpreter);
+    ``wrap``: a command the server runs under (valgrind)."""
     proc = subprocess.Popen(
         [
+            *wrap,
             sys.executable,
             "-m",
             "tokenpool",

@@ -43,7 +43,7 @@ from __future__ import annotations
 import heapq
 from array import array
 from bisect import bisect_left
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import compress
 from struct import Struct
@@ -170,6 +170,11 @@ class PoolState:
         self._leases: OrderedDict[int, LeaseRecord] = OrderedDict()
         self._by_user: dict[str, LeaseRecord] = {}
         # (expires_us, fence, slot, lease_id): live only while that lease is current.
+        # Nearly every deadline comes after all the others (the TTL is one for the
+        # pool and time only grows): those go to a queue, in order, pushed and popped
+        # in O(1); only one earlier than the queue's last (a shorter TTL set since, a
+        # renewal capped by max-lifetime) goes to a heap. The next is the lesser head.
+        self._due: deque[tuple[int, int, int, str]] = deque()
         self._deadlines: list[tuple[int, int, int, str]] = []
         # Ended leases (bounded, packed: see ``_history``), oldest first; and per slot
         # and per user the revisions of theirs, packed in a bytearray. Bytes,
@@ -236,9 +241,15 @@ class PoolState:
             self._expires = now + self.ttl_us
         else:
             now = self._now
+        due = self._due
         deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            expires_at, _fence, slot, lease_id = heapq.heappop(deadlines)
+        while True:
+            if due and due[0][0] <= now and not (deadlines and deadlines[0] < due[0]):
+                expires_at, _fence, slot, lease_id = due.popleft()
+            elif deadlines and deadlines[0][0] <= now:
+                expires_at, _fence, slot, lease_id = heapq.heappop(deadlines)
+            else:
+                break
             lease = self._leases.get(slot)
             if lease is not None and lease[ID] == lease_id and lease[STOP] == expires_at:
                 self.expirations += 1
@@ -259,8 +270,15 @@ class PoolState:
 
     def next_deadline(self) -> int | None:
         """When the next lease expires or wait runs out (``None`` if neither): the actor's timer."""
+        due = self._due
         deadlines = self._deadlines
         leases = self._leases
+        while due:
+            expires_at, _fence, slot, lease_id = due[0]
+            lease = leases.get(slot)
+            if lease is not None and lease[ID] == lease_id and lease[STOP] == expires_at:
+                break
+            due.popleft()
         while deadlines:
             expires_at, _fence, slot, lease_id = deadlines[0]
             lease = leases.get(slot)
@@ -270,7 +288,9 @@ class PoolState:
         waits = self._wait_deadlines
         while waits and not waits[0][2].active:
             heapq.heappop(waits)
-        first = deadlines[0][0] if deadlines else None
+        first = due[0][0] if due else None
+        if deadlines and (first is None or deadlines[0][0] < first):
+            first = deadlines[0][0]
         if waits and (first is None or waits[0][0] < first):
             return waits[0][0]
         return first
@@ -482,7 +502,9 @@ class PoolState:
         if now > self._now:
             self._now = now
             self._expires = now + self.ttl_us
-            if self._deadlines and self._deadlines[0][0] <= now:
+            if (self._due and self._due[0][0] <= now) or (
+                self._deadlines and self._deadlines[0][0] <= now
+            ):
                 self._tick(now)
         else:
             now = self._now
@@ -535,9 +557,13 @@ class PoolState:
         lease: LeaseRecord = (GRANT, lease_id, slot, user_id, fence, now, expires, fence)
         leases[slot] = lease
         self._by_user[user_id] = lease
-        deadlines = self._deadlines
-        heapq.heappush(deadlines, (expires, fence, slot, lease_id))
-        if len(deadlines) > 2 * len(leases) + 64:
+        due = self._due
+        entry = (expires, fence, slot, lease_id)
+        if not due or entry > due[-1]:
+            due.append(entry)
+        else:
+            heapq.heappush(self._deadlines, entry)
+        if len(due) + len(self._deadlines) > 2 * len(leases) + 64:
             self._compact_deadlines()
         self.changes.append(lease)
         return lease
@@ -797,16 +823,22 @@ class PoolState:
         self._push_deadline(lease)
 
     def _push_deadline(self, lease: LeaseRecord) -> None:
-        deadlines = self._deadlines
-        heapq.heappush(deadlines, (lease[STOP], lease[FENCE], lease[SLOT], lease[ID]))
-        if len(deadlines) > 2 * len(self._leases) + 64:
+        entry = (lease[STOP], lease[FENCE], lease[SLOT], lease[ID])
+        due = self._due
+        if not due or entry > due[-1]:  # a renewal keeps its fence: order by both
+            due.append(entry)
+        else:
+            heapq.heappush(self._deadlines, entry)
+        if len(due) + len(self._deadlines) > 2 * len(self._leases) + 64:
             self._compact_deadlines()
 
     def _compact_deadlines(self) -> None:
         # Stale entries (ended or renewed leases) outnumber live ones: rebuild
-        # from the live leases, O(n) once per n pushes.
-        self._deadlines = [(x[STOP], x[FENCE], x[SLOT], x[ID]) for x in self._leases.values()]
-        heapq.heapify(self._deadlines)
+        # from the live leases, O(n log n) once per n pushes, all in the queue.
+        self._due = deque(
+            sorted([(x[STOP], x[FENCE], x[SLOT], x[ID]) for x in self._leases.values()])
+        )
+        self._deadlines = []
 
     def _end(self, lease: LeaseRecord, ended_at: int, reason: str) -> EndRecord:
         slot = lease[SLOT]
@@ -923,7 +955,7 @@ class PoolState:
     def statistics(self) -> dict[str, Any]:
         """Sizes of the internal structures (for tests and ``INFO``)."""
         return {
-            "deadlines": len(self._deadlines),
+            "deadlines": len(self._due) + len(self._deadlines),
             "history_in_memory": len(self._ended),
             "history_floor": self.history_floor,
             "waiters_queued": len(self._waiters),
