@@ -575,3 +575,21 @@ def test_memory_history_is_bounded_for_the_whole_pool() -> None:
     for i in range(5_000):
         state.activate(f"u{i}", T0_US)
     assert state.statistics()["history_in_memory"] <= 100 + 100 // 8 + 1
+
+
+def test_the_per_token_and_per_user_indexes_forget_what_the_history_forgets() -> None:
+    # Every activation evicts and every user is new: each index must hold exactly the
+    # entries the history keeps, never a user or a revision it has forgotten.
+    state = make(size=50, history_memory=1_000)
+    for i in range(50_000):
+        state.activate(f"u{i}", T0_US + i)
+    kept = state.statistics()["history_in_memory"]
+    assert kept <= 1_000 + 1_000 // 8
+    assert sum(len(v) for v in state._user_history.values()) // 8 == kept
+    assert sum(len(v) for v in state._by_slot.values()) // 8 == kept
+    assert len(state._user_history) == kept  # one lease per user, none forgotten kept
+    # A user whose lease was forgotten gets no page from memory, only the store's bound.
+    page, store_before = state.user_history("u0")
+    assert page == [] and store_before == state.history_floor
+    newest = state.user_history(f"u{50_000 - 51}")[0]
+    assert [e[USER] for e in newest] == [f"u{50_000 - 51}"]
