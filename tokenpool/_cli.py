@@ -753,9 +753,10 @@ async def serve(config: Config) -> int:
                 gc.freeze()
                 # A young collection runs when tracked objects made outnumber those freed
                 # by the threshold. Python's 700 is crossed all the time by the requests
-                # in flight (50 clients at pipeline 16 hold 800 of them, each a few
-                # objects): 2,465 collections, 8% of the server's time, for 400,000
-                # activations; at 5,000, 40 collections (60 ms), none over 5 ms.
+                # in flight (each a few objects; 50 clients at pipeline 16 hold 800
+                # requests, 500 clients 8,000). 600,000 activations, 500 clients: 4,081
+                # collections took 3.3 s at 700; 27 took 0.16 s at 10,000 (50 clients:
+                # 19 of 40 ms in all, none over 5 ms).
                 gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
                 pools.observe_batches(pauses.actor_batch)
                 node = _cluster_node(config, pools) if clustered else None
@@ -870,10 +871,10 @@ async def _exit_after(log: Any, seconds: float, code: int) -> None:
 
 
 HURRY_SECONDS = 1.0
-YOUNG_COLLECTION_THRESHOLD = 5_000
-"""The server's threshold of young collections (Python's default: 700): see ``serve``."""
 """After a second SIGTERM/SIGINT, the most the store process is given to write what it
 holds (what is left is counted as not written, and the exit status says so)."""
+YOUNG_COLLECTION_THRESHOLD = 10_000
+"""The server's threshold of young collections (Python's default: 700): see ``serve``."""
 
 
 async def _wait_bounded(event: trio.Event, hurry: trio.Event, seconds: float) -> None:
