@@ -358,6 +358,13 @@ async def test_http_on_the_resp_port_is_refused_without_harm() -> None:
         reply = await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", read_until_close=True)
         assert reply.startswith(b"-ERR unknown command 'GET'")
         assert b"+PONG\r\n" == await raw(port, b"PING\r\n")
+        # A cross-protocol POST (a form aimed at the port) ends at its first line, before
+        # the command its body smuggles runs, and the connection is closed.
+        form = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nFLUSH\r\n"
+        reply = await raw(port, form, read_until_close=True)
+        assert reply.endswith(b"-ERR Protocol error: an HTTP request on the RESP port\r\n")
+        assert b"FLUSH" not in reply
+        assert b"+PONG\r\n" == await raw(port, b"PING\r\n")
 
 
 async def test_a_stalled_half_command_is_dropped_after_the_idle_timeout() -> None:

@@ -758,17 +758,6 @@ class RespServer:
         core: PoolCore | None = None
         cost = 0
         for argv in commands:
-            if argv[0].upper() in ("POST", "HOST:"):
-                # An HTTP request on the RESP port (a browser, or a cross-protocol
-                # attack): refuse it and close, as Redis does.
-                if segment:
-                    await self._run(conn, segment, core, cost)
-                log.warning("http_request_refused", client=session.client_id, peer=session.peer)
-                await conn.send(
-                    encode(Error("ERR", "Protocol error: an HTTP request on the RESP port"))
-                )
-                session.quit = True
-                return
             plan = plan_of(argv, session)
             kind = type(plan)
             if kind is Pending:
@@ -806,6 +795,20 @@ class RespServer:
                     await self._transaction(conn, plan, session.proto)
             else:
                 if type(plan) is Error:
+                    if argv[0].upper() in ("POST", "HOST:"):
+                        # An HTTP request on the RESP port (a browser, or a cross-protocol
+                        # attack; no command has those names): refuse it and close, as
+                        # Redis does.
+                        if segment:
+                            await self._run(conn, segment, core, cost)
+                        log.warning(
+                            "http_request_refused", client=session.client_id, peer=session.peer
+                        )
+                        await conn.send(
+                            encode(Error("ERR", "Protocol error: an HTTP request on the RESP port"))
+                        )
+                        session.quit = True
+                        return
                     self.planner.errors += 1
                 segment.append((encode(plan, session.proto), 0))
             if session.quit:
