@@ -63,14 +63,12 @@ class PoolRequest(Request):
     revised: ClassVar[bool] = False
     prepares: ClassVar[bool] = False  # ``prepare`` has checks to make (most have none)
     completes: ClassVar[bool] = False  # ``complete`` must run after the batch (a store read)
+    waits: bool = False
+    """Whether it may wait (for a token): a driver ends its batch with it. A field, not a
+    property: every request of a pipeline reads it (``Activate`` keeps its own)."""
 
     def __init__(self, pool: str) -> None:
         self.pool = pool
-
-    @property
-    def waits(self) -> bool:
-        """Whether it may wait (for a token): a driver ends its batch with it."""
-        return False
 
     def prepare(self, core: PoolCore) -> None:
         """Checks that need the pool, before any work (a listing too large to answer)."""

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 
 _new = tuple.__new__  # a named tuple without NamedTuple.__new__'s Python frame
+_bare = object.__new__  # an object of a class with __slots__, its fields set after
 
 
 class Granted(NamedTuple):
@@ -44,7 +45,7 @@ class Activate(PoolRequest):
     """Lease a token of ``pool`` to ``user_id`` (the one the user holds, if any);
     ``wait``: seconds a full ``wait`` pool may make the caller wait (None or 0: none)."""
 
-    __slots__ = ("user_id", "wait")
+    __slots__ = ("user_id", "wait", "waits")
     name = "activate"
     revised = True
 
@@ -52,13 +53,18 @@ class Activate(PoolRequest):
         self.pool = pool
         self.user_id = user_id
         self.wait = wait or None
+        self.waits = self.wait is not None
 
-    @property
-    def waits(self) -> bool:
-        return self.wait is not None
+    def no_wait(self) -> None:
+        """Inside MULTI nobody waits: a full ``wait`` pool refuses at once."""
+        self.wait = None
+        self.waits = False
 
     def op(self) -> ops.Op:
-        return ops.Activate(self.user_id, self.wait)
+        op = _bare(ops.Activate)  # the hot path: no __init__ frame
+        op.user_id = self.user_id
+        op.wait = self.wait
+        return op
 
     def result(self, core: PoolCore, raw: LeaseRecord, revision: int) -> Granted:
         return _new(Granted, (raw, core.names(raw[SLOT]), revision))  # the hot path

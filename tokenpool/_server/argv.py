@@ -59,6 +59,7 @@ from .._settings import (
 )
 
 PREFIX = "TP."
+_bare = object.__new__  # an object of a class with __slots__, its fields set after
 
 
 @attrs.frozen
@@ -101,8 +102,13 @@ def _options(args: list[str], allowed: tuple[str, ...], usage: str) -> dict[str,
 
 
 def _activate(pool: str, args: list[str]) -> Request:
-    if len(args) == 1:  # the hot path
-        return Activate(pool, args[0])
+    if len(args) == 1:  # the hot path: Activate(pool, args[0]) without its __init__ frame
+        request = _bare(Activate)
+        request.pool = pool
+        request.user_id = args[0]
+        request.wait = None
+        request.waits = False
+        return request
     opts = _options(args[1:], ("WAIT",), "ACTIVATE <user_id> [WAIT <seconds>]")
     return Activate(pool, args[0], WAIT.parse(opts["WAIT"]))
 

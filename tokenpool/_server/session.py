@@ -216,8 +216,8 @@ class Planner:
                 request.prepare(core)
         except TokenPoolError as error:
             return self._refused(error)
-        if session.executing and getattr(request, "wait", None) is not None:
-            request.wait = None  # type: ignore[attr-defined]  # no waiting inside MULTI
+        if session.executing and request.waits:
+            request.no_wait()  # type: ignore[attr-defined]  # no waiting inside MULTI
         return _new(Pending, (request, core, name))
 
     def _refused(self, error: TokenPoolError) -> Error:
