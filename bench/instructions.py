@@ -21,7 +21,7 @@ from pathlib import Path
 from ._drivers import redis_benchmark
 from ._measure import Figure
 from ._services import tokenpool_server
-from .revisions import BASE, ROOT, _checkout
+from .revisions import BASE, ROOT, _checkout, by_version
 
 _LOADS = {
     "PING, pipeline 16": (["PING"], 100_000),
@@ -71,12 +71,4 @@ def run(quick: bool) -> list[Figure]:
                     out = Path(tmp) / f"callgrind.{version}.{round_}.{len(counts)}"
                     n = requests // 4 if quick else requests
                     counts.setdefault((name, version), []).append(_count(tree, command, n, out))
-    return [
-        Figure(
-            f"server instructions per request: {name} ({version})",
-            "instructions",
-            tuple(runs),
-            {"load": name, "version": BASE if version == "base" else "this", "metric": "ir"},
-        )
-        for (name, version), runs in counts.items()
-    ]
+    return by_version("server instructions per request", "instructions", "ir", counts)

@@ -414,6 +414,8 @@ SECTION_TITLES = {
     "persistence": "Write-behind, sync group commit, recovery",
     "memory": "Memory",
     "embedded": "Embedded (library calls from trio tasks)",
+    "revisions": "This code against an earlier revision: server CPU per request, requests/s",
+    "instructions": "This code against an earlier revision: instructions per request",
 }
 
 

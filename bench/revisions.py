@@ -100,21 +100,21 @@ def run(quick: bool) -> list[Figure]:
                             spent / max(done, 1) * 1e6
                         )
                         rates.setdefault((name, version), []).append(rps)
-    figures = [
+    return by_version("server CPU per request", "us", "cpu", per_request) + by_version(
+        "requests/s", "req/s", "rps", rates
+    )
+
+
+def by_version(
+    title: str, unit: str, metric: str, runs: dict[tuple[str, str], list[float]]
+) -> list[Figure]:
+    """A figure per (load, version) of ``runs``, named ``<title>: <load> (<version>)``."""
+    return [
         Figure(
-            f"server CPU per request: {name} ({version})",
-            "us",
-            tuple(runs),
-            {"load": name, "version": BASE if version == "base" else "this", "metric": "cpu"},
+            f"{title}: {name} ({version})",
+            unit,
+            tuple(values),
+            {"load": name, "version": BASE if version == "base" else "this", "metric": metric},
         )
-        for (name, version), runs in per_request.items()
-    ]
-    return figures + [
-        Figure(
-            f"requests/s: {name} ({version})",
-            "req/s",
-            tuple(runs),
-            {"load": name, "version": BASE if version == "base" else "this", "metric": "rps"},
-        )
-        for (name, version), runs in rates.items()
+        for (name, version), values in runs.items()
     ]
