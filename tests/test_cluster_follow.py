@@ -213,7 +213,17 @@ def test_redis_py_cluster_follows_a_pool_s_shard_channel_through_a_drain(pg_url:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.2)
-            next_of("ssubscribe")  # at the new owner (before bob's grant, or after)
+            # At the new owner (before bob's grant, or after). redis-py moves the channel
+            # when its slot map changes; a pass that ran while the slot was between owners
+            # (released by the drained node, not yet taken) is deferred to the next change
+            # of the map ("retry happens on the next slots-cache change notification",
+            # redis/cluster.py), which a settled cluster never sends: seen once in a loaded
+            # full run. The application's remedy, subscribing again, must then work.
+            try:
+                next_of("ssubscribe")
+            except AssertionError:
+                sub.ssubscribe(channel)
+                next_of("ssubscribe")
             rc.execute_command("TP.ACTIVATE", pool, "carol")
             users = []
             while "carol" not in users:
