@@ -319,6 +319,7 @@ def test_a_reader_that_stops_reading_is_cut_off_past_the_idle_timeout() -> None:
         assert http_clients() >= 2
         r = redis.Redis(port=server.port)
         deadline = time.monotonic() + 60
+        seen = http_clients()
         try:
             while time.monotonic() < deadline:
                 pipe = r.pipeline(transaction=False)
@@ -326,9 +327,10 @@ def test_a_reader_that_stops_reading_is_cut_off_past_the_idle_timeout() -> None:
                     pipe.execute_command("ACTIVATE", f"u{i}")
                 pipe.execute()
                 time.sleep(2.5)  # past --idle-timeout and the figures' age
-                if http_clients() <= 1:
+                seen = http_clients()  # judged once: a second scrape's figures may lag
+                if seen <= 1:
                     break
-            assert http_clients() <= 1, "the worker kept a reader that stopped reading"
+            assert seen <= 1, "the worker kept a reader that stopped reading"
         finally:
             r.close()
             stuck.close()
