@@ -261,3 +261,20 @@ def test_any_arguments_get_a_documented_reply_and_a_refusal_changes_nothing(
     cmds: list[list[str]],
 ) -> None:
     trio.run(run_commands, cmds)
+
+
+def test_the_hot_path_builds_activate_and_its_op_as_their_init_does() -> None:
+    """RESP's ACTIVATE and its op are made without ``__init__`` (a Python frame less each):
+    every field must still be set as ``__init__`` sets it (an unset slot fails here)."""
+    from tokenpool import _ops
+    from tokenpool._commands.leases import Activate
+    from tokenpool._server.argv import build
+
+    fast = build("ACTIVATE", ["ACTIVATE", "alice"], "wt")
+    assert fast == Activate("wt", "alice")
+    assert fast._fields() == Activate("wt", "alice")._fields()
+    assert build("TP.ACTIVATE", ["TP.ACTIVATE", "wt", "alice"], "default") == fast
+    op = fast.op()
+    slow = _ops.Activate("alice", None)
+    assert type(op) is type(slow)
+    assert [getattr(op, n) for n in slow.__slots__] == [getattr(slow, n) for n in slow.__slots__]

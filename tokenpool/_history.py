@@ -49,20 +49,24 @@ def _packer(code: str, n: int) -> Callable[..., bytes]:
     return Struct(f"{n}{code}").pack
 
 
-def _canonical(lease_id: str) -> bool:
-    """Lowercase 8-4-4-4-12 hex: what the pool makes, kept as 16 raw bytes."""
-    if len(lease_id) != 36 or lease_id != lease_id.lower() or lease_id.count("-") != 4:
-        return False
-    if not lease_id[8] == lease_id[13] == lease_id[18] == lease_id[23] == "-":
-        return False
-    return len(_hex(lease_id)) == 16
-
-
-def _hex(text: str) -> bytes:
+def _raw_ids(ids: tuple[str, ...]) -> bytes:
+    """The 16 raw bytes of each id, if every one is canonical UUID text (lowercase
+    8-4-4-4-12 hex, what the pool makes), else ``b""``. One check and one conversion
+    for a whole batch: the common case; a single id is a batch of one."""
+    joined = "".join(ids)
+    n = len(ids)
+    if (
+        len(joined) != 36 * n
+        or joined.count("-") != 4 * n
+        or not all(joined[i::36].count("-") == n for i in (8, 13, 18, 23))
+        or joined != joined.lower()
+    ):
+        return b""
     try:
-        return bytes.fromhex(text.replace("-", ""))
+        raw = bytes.fromhex(joined.replace("-", ""))
     except ValueError:
         return b""
+    return raw if len(raw) == 16 * n else b""
 
 
 class EndedLog:
@@ -129,28 +133,17 @@ class EndedLog:
         at = self._blob_base + len(self._blob)
         self._user_at.extend(accumulate(map(len, encoded[:-1]), initial=at))
         self._blob += b"".join(encoded)
-        joined = "".join(ids)
-        n = len(ids)
-        raw = b""
-        # One check and one conversion for the whole batch when every id is canonical
-        # (each 36 long with its 4 dashes in place, lowercase hex): the common case.
-        if (
-            len(joined) == 36 * n
-            and joined.count("-") == 4 * n
-            and all(joined[i::36].count("-") == n for i in (8, 13, 18, 23))
-            and joined == joined.lower()
-        ):
-            raw = _hex(joined)
-        if len(raw) == 16 * n:
+        raw = _raw_ids(ids)
+        if raw:
             self._raw += raw
-        else:
-            number = self._base + len(self._revs) - n
+        else:  # some id is not canonical: it is kept aside as text, exactly as it was
+            number = self._base + len(self._revs) - len(ids)
             for i, lease_id in enumerate(ids):
-                if _canonical(lease_id):
-                    self._raw += _hex(lease_id)
-                else:
-                    self._raw += bytes(16)
+                one = _raw_ids((lease_id,))
+                if not one:
+                    one = bytes(16)
                     self._odd[number + i] = lease_id
+                self._raw += one
         pending.clear()
 
     def get(self, rev: int) -> EndRecord:

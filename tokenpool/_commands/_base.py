@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from .._pool import PoolCore, Pools
     from .connection import Client
 
+bare = object.__new__
+"""An object of a ``__slots__`` class without its ``__init__`` frame, its fields set by the
+caller: the hot path's requests and ops (a test holds each such site to ``__init__``)."""
+
 SMALL_COST = 256
 """Estimated reply bytes of a request that lists nothing."""
 ITEM_COST = 320

@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from .. import _ops as ops
 from .._model import SLOT, EndRecord, LeaseRecord
 from .._ops import END_STEP
-from ._base import PoolRequest
+from ._base import PoolRequest, bare
 
 if TYPE_CHECKING:
     from .._pool import PoolCore
 
 
 _new = tuple.__new__  # a named tuple without NamedTuple.__new__'s Python frame
-_bare = object.__new__  # an object of a class with __slots__, its fields set after
 
 
 class Granted(NamedTuple):
@@ -61,7 +60,7 @@ class Activate(PoolRequest):
         self.waits = False
 
     def op(self) -> ops.Op:
-        op = _bare(ops.Activate)  # the hot path: no __init__ frame
+        op = bare(ops.Activate)  # the hot path: no __init__ frame
         op.user_id = self.user_id
         op.wait = self.wait
         return op

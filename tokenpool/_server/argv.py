@@ -41,6 +41,7 @@ from .._commands import (
     UserHistory,
     Validate,
 )
+from .._commands._base import bare
 from .._commands.analytics import Report, Series, parse_unix_seconds
 from .._errors import InvalidArgumentError
 from .._settings import (
@@ -59,7 +60,6 @@ from .._settings import (
 )
 
 PREFIX = "TP."
-_bare = object.__new__  # an object of a class with __slots__, its fields set after
 
 
 @attrs.frozen
@@ -103,7 +103,7 @@ def _options(args: list[str], allowed: tuple[str, ...], usage: str) -> dict[str,
 
 def _activate(pool: str, args: list[str]) -> Request:
     if len(args) == 1:  # the hot path: Activate(pool, args[0]) without its __init__ frame
-        request = _bare(Activate)
+        request = bare(Activate)
         request.pool = pool
         request.user_id = args[0]
         request.wait = None
