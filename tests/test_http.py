@@ -526,3 +526,55 @@ def test_the_plain_activation_answers_as_the_route_does() -> None:
             "/api/pools/nosuch/tokens/activate", json={"user_id": "a"}, headers=auth
         )
         assert (404, "UNKNOWN") == error_of(unknown)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_large_listing_is_streamed_as_the_whole_listing(workers: str) -> None:
+    """Past ``BIG_LISTING`` items a listing is encoded and sent a slice at a time: the
+    bytes are the compact JSON of the whole listing (as a small one's), user ids that
+    JSON escapes included, and it lists what the pages list."""
+    size = 1_300
+    with (
+        serving("--dsn", "memory", "--size", str(size), "--http-workers", workers) as server,
+        httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as client,
+    ):
+        users = [f'u{n}"\\é{n}' for n in range(size)]
+        with redis.Redis(port=server.port) as r:
+            pipe = r.pipeline(transaction=False)
+            for user in users:
+                pipe.execute_command("ACTIVATE", user)
+            pipe.execute()
+            r.execute_command("POOL", "CREATE", "one", "SIZE", "1", "TTL", "600")
+            pipe = r.pipeline(transaction=False)
+            for user in users:  # a pool of one: each activation ends the one before
+                pipe.execute_command("TP.ACTIVATE", "one", user)
+            pipe.execute()
+        whole = client.get("/api/tokens")
+        assert 200 == whole.status_code
+        assert "content-length" not in whole.headers  # streamed
+        listed = whole.json()
+        assert (
+            whole.content == json.dumps(listed, ensure_ascii=False, separators=(",", ":")).encode()
+        )
+        assert None is listed["next_cursor"]
+        assert sorted(users) == sorted(t["current_user_id"] for t in listed["data"])
+        paged: list[Any] = []
+        cursor = "0"
+        while cursor is not None:
+            page = client.get("/api/tokens", params={"cursor": cursor, "count": 500}).json()
+            paged += page["data"]
+            cursor = page["next_cursor"]
+        assert paged == listed["data"]
+
+        token = client.get("/api/pools/one/tokens").json()["data"][0]["id"]
+        history = client.get(f"/api/pools/one/tokens/{token}/history", params={"limit": 5_000})
+        assert 200 == history.status_code
+        ended = history.json()["data"]
+        assert (
+            history.content
+            == json.dumps(history.json(), ensure_ascii=False, separators=(",", ":")).encode()
+        )
+        assert token == ended["token_id"]
+        assert list(reversed(users[:-1])) == [u["user_id"] for u in ended["usages"]]
+        short = client.get(f"/api/pools/one/tokens/{token}/history", params={"limit": 10})
+        assert short.json()["data"]["usages"] == ended["usages"][:10]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ import attrs
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -63,20 +63,34 @@ class LargeSlot:
         self.limiter.release_on_behalf_of(self)
 
 
-class _Held(Response):
-    """A response that gives its listing's slot back once its body is sent (or its send
-    failed); and if it is never sent, when it is collected."""
+class _Streamed(StreamingResponse):
+    """A large listing's JSON, encoded and sent a slice at a time: a client that stops
+    reading holds its slot and the compact listing, not the listing as dicts and
+    megabytes of JSON (issue 19: a worker kept +40 MB of heap after building them
+    whole). The slot is given back once the body is sent (or its send failed), and if
+    it is never sent, when the response is collected."""
 
-    def __init__(self, content: str, slot: LargeSlot) -> None:
-        super().__init__(content, media_type="application/json")
-        slot.handed = True
-        self._release = weakref.finalize(self, slot.release)
+    def __init__(self, chunks: AsyncIterator[str], slot: LargeSlot | None) -> None:
+        super().__init__(chunks, media_type="application/json")
+        self._release: Callable[[], Any] = lambda: None
+        if slot is not None:
+            slot.handed = True
+            self._release = weakref.finalize(self, slot.release)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._release()
+
+
+def _json(value: Any) -> str:
+    """JSON as a small reply's (``JSONResponse``): compact, UTF-8."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+_ITEMS = "\x00items\x00"  # where a listing's items go in its body (a user value never
+# holds NUL: ids are printable)
 
 
 @attrs.frozen
@@ -269,23 +283,42 @@ class HttpApp:
             self._heavy = anyio.CapacityLimiter(2)
         return self._heavy
 
-    async def listing(self, items: Any, format: Callable[[Any], Any]) -> list[Any]:
-        """Format a long listing a slice at a time (others run between the slices)."""
-        if len(items) <= SLICE:
-            return [format(i) for i in items]
-        out: list[Any] = []
+    async def listed(
+        self,
+        items: Sequence[Any],
+        format: Callable[[Any], Any],
+        body: Callable[[Any], dict[str, Any]],
+        slot: LargeSlot | None = None,
+    ) -> Response:
+        """A listing's reply: ``body(items as JSON values)``. Up to ``BIG_LISTING`` items
+        at once; past it, streamed, each slice formatted and encoded on its turn (others
+        run between the slices, at most two processes' worth at once)."""
+        if len(items) <= BIG_LISTING:
+            out: list[Any] = []
+            for start in range(0, len(items), SLICE):
+                if start:
+                    await anyio.lowlevel.checkpoint()
+                out += [format(i) for i in items[start : start + SLICE]]
+            return JSONResponse(body(out))
+        before, after = _json(body(_ITEMS)).split(_json(_ITEMS))
+        return _Streamed(self._slices(items, format, before, after), slot)
+
+    async def _slices(
+        self, items: Sequence[Any], format: Callable[[Any], Any], before: str, after: str
+    ) -> AsyncIterator[str]:
         heavy = self._heavy_slots()
+        yield before + "["
         for start in range(0, len(items), SLICE):
             async with heavy:
-                out += [format(i) for i in items[start : start + SLICE]]
-            await anyio.lowlevel.checkpoint()
-        return out
+                chunk = _json([format(i) for i in items[start : start + SLICE]])[1:-1]
+            yield chunk if not start else "," + chunk
+        yield "]" + after
 
     @contextlib.asynccontextmanager
     async def large_listing(self, large: bool) -> AsyncIterator[LargeSlot | None]:
         """For a listing that may be ``large`` (past ``BIG_LISTING`` items): one of
         ``LARGE_REPLIES`` slots, from before it is fetched until its body is sent
-        (``reply(..., slot)`` hands it to the response). 503 past --idle-timeout."""
+        (``listed(..., slot)`` hands it to the response). 503 past --idle-timeout."""
         if not large:
             yield None
             return
@@ -304,14 +337,11 @@ class HttpApp:
             if not slot.handed:
                 slot.release()
 
-    async def reply(
-        self, body: dict[str, Any], size: int = 0, slot: LargeSlot | None = None
-    ) -> Response:
+    async def reply(self, body: dict[str, Any], size: int = 0) -> Response:
+        """A reply of about ``size`` values: past ``BIG_LISTING``, encoded in a thread."""
         if size > BIG_LISTING:
             async with self._heavy_slots():
                 data = await anyio.to_thread.run_sync(json.dumps, body)
-            if slot is not None:
-                return _Held(data, slot)
             return Response(data, media_type="application/json")
         return JSONResponse(body)
 
@@ -392,9 +422,14 @@ class HttpApp:
     async def page(
         self, key: str, value: str, page: Page, slot: LargeSlot | None = None
     ) -> Response:
-        usages = await self.listing(page, usage_json)
-        body = {"data": {key: value, "usages": usages, "next_before": page.next_before}}
-        return await self.reply(body, len(usages), slot)
+        return await self.listed(
+            page,
+            usage_json,
+            lambda usages: {
+                "data": {key: value, "usages": usages, "next_before": page.next_before}
+            },
+            slot,
+        )
 
     async def waiting(self, command: Activate, client: Any, request: Request) -> Any:
         """An activation that may wait: give the wait up (never granted, in this

@@ -241,9 +241,13 @@ async def tokens(
     async with call.owner.large_listing(start is None or count > BIG_LISTING) as slot:
         listed: TokenList = await call.owner.execute(Tokens(call.pool, start, count), call.client)
         info = listed.info
-        items = await call.owner.listing(listed.items, lambda item: token_json(info(item)))
         following = None if not listed.cursor else str(listed.cursor)
-        return await call.owner.reply({"data": items, "next_cursor": following}, len(items), slot)
+        return await call.owner.listed(
+            listed.items,
+            lambda item: token_json(info(item)),
+            lambda items: {"data": items, "next_cursor": following},
+            slot,
+        )
 
 
 @router.api_route(
