@@ -21,6 +21,8 @@ import pytest
 import redis
 import trio
 import trustme
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -1083,3 +1085,23 @@ async def test_subscriptions_per_connection_are_bounded() -> None:
             data = await read_until(stream, b"\r\n")
         assert data.startswith(b"-") and b"at most 1,000" in data, data
         await stream.aclose()
+
+
+@given(
+    channel=st.text(min_size=1, max_size=20),
+    pattern=st.none() | st.text(min_size=1, max_size=20),
+    shard=st.booleans(),
+    proto=st.sampled_from([2, 3]),
+    payloads=st.lists(st.text(max_size=40), min_size=1, max_size=5),
+)
+def test_a_batch_of_messages_is_each_message_s_frame(
+    channel: str, pattern: str | None, shard: bool, proto: int, payloads: list[str]
+) -> None:
+    """The forwarder's batched frames (a head made once, a payload each) are the bytes
+    of each message encoded alone."""
+    from tokenpool._server.server import _encode_push, _framed, _message_head, _Push
+
+    head = _message_head(channel, pattern, shard and pattern is None, proto)
+    kind = ["pmessage", pattern] if pattern is not None else ["smessage" if shard else "message"]
+    alone = [_encode_push(_Push([*kind, channel, p]), proto) for p in payloads]
+    assert alone == [_framed(head, p.encode()) for p in payloads]

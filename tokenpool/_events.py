@@ -18,6 +18,7 @@ Rules (etcd's watch, Redis's pub/sub buffer limits):
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,7 @@ from ._model import (
 )
 
 KINDS = {GRANT: "granted", RENEW: "renewed", END: "ended"}
+PAYLOADS = 4_096  # events whose JSON a pool keeps for its subscribers
 
 
 def event_of(record: Record, pool: str, names: Callable[[int], str]) -> Event:
@@ -129,11 +131,34 @@ class Subscription:
     async def __anext__(self) -> Event:
         """The next event (an iterator class, not an async generator: breaking out of an
         ``async for`` must not leave a generator for the garbage collector to finalise)."""
+        got = await self._next()
+        if isinstance(got, Event):
+            return got
+        hub = self._hub
+        return event_of(got, hub.pool, hub.names)
+
+    async def next_payloads(self, most: int) -> list[bytes]:
+        """The next events as their JSON (``Event.as_dict``), UTF-8: the first awaited
+        as ``__anext__`` does, then up to ``most`` in all of those already here. Each
+        event's JSON is made once for the pool, however many subscribers send it (a
+        server fanning one pool out to hundreds of connections). Raises
+        ``StopAsyncIteration`` at the end, as ``__anext__``."""
+        got = await self._next()
+        if isinstance(got, Event):
+            return [json.dumps(got.as_dict()).encode()]
+        payload = self._hub.payload
+        out = [payload(got)]
+        current = self._current
+        while current and len(out) < most:
+            out.append(payload(current.popleft()))
+        return out
+
+    async def _next(self) -> Record | Event:
+        """The next event's record, or the ``overflow`` event that ends the stream."""
         hub = self._hub
         while True:
             if self._current:
-                record = self._current.popleft()
-                return event_of(record, hub.pool, hub.names)
+                return self._current.popleft()
             if self._batches:
                 batch = self._batches.popleft()
                 self._buffered -= len(batch)
@@ -173,6 +198,20 @@ class EventHub:
         self._log: deque[Record] = deque(maxlen=capacity)
         self._floor = start + 1  # the oldest revision whose events are all in the log
         self._subscribers: set[Subscription] = set()
+        self._payloads: dict[tuple[int, int, str], bytes] = {}  # the newest events' JSON
+
+    def payload(self, record: Record) -> bytes:
+        """An event's JSON, made once for every subscriber that sends it: the newest
+        ``PAYLOADS`` are kept (subscribers that keep up share them)."""
+        key = (record[REV], record[KIND], record[ID])  # an eviction's two share a revision
+        made = self._payloads.get(key)
+        if made is None:
+            made = json.dumps(event_of(record, self.pool, self.names).as_dict()).encode()
+            payloads = self._payloads
+            if len(payloads) >= PAYLOADS:
+                del payloads[next(iter(payloads))]  # the oldest (insertion order)
+            payloads[key] = made
+        return made
 
     def publish(self, records: list[Record]) -> None:
         log = self._log

@@ -188,6 +188,26 @@ def _encode_push(push: _Push, proto: int) -> bytes:
     return b">" + body[1:] if proto == 3 else body
 
 
+MESSAGES_PER_WRITE = 32
+"""Events a forwarder sends in one write when they are already there: a syscall, a lock
+and a deadline for 32, not each (300 connections following one busy pool took 79% of
+the server's time, half of it in sends), while one forwarder's turn of the loop stays
+short (about 50 µs): a loop with hundreds of them still answers a PING at once."""
+
+
+def _message_head(channel: str, pattern: str | None, shard: bool, proto: int) -> bytes:
+    """A pub/sub message's frame up to its payload (``_encode_push`` of its items)."""
+    if pattern is not None:
+        items = ["pmessage", pattern, channel, ""]
+    else:
+        items = ["smessage" if shard else "message", channel, ""]
+    return _encode_push(_Push(items), proto)[: -len(b"$0\r\n\r\n")]
+
+
+def _framed(head: bytes, payload: bytes) -> bytes:
+    return b"%b$%d\r\n%b\r\n" % (head, len(payload), payload)
+
+
 class _Connection:
     """One client: its session, its send lock, its pub/sub forwarders."""
 
@@ -366,7 +386,6 @@ class _Connection:
             pool = self.server.pools.get(pool_name)
         except TokenPoolError:
             return "closed"
-        last = ""
         figures = pool.statistics()
         current = figures.stats.revision
         if since is not None and since > current:
@@ -389,9 +408,15 @@ class _Connection:
             return "compacted"
         try:
             async with pool.watch(since) as events:
-                async for event in events:
-                    last = event.kind
-                    await self._message(channel, pattern, json.dumps(event.as_dict()), shard)
+                while True:
+                    try:
+                        payloads = await events.next_payloads(MESSAGES_PER_WRITE)
+                    except StopAsyncIteration:
+                        break
+                    head = _message_head(channel, pattern, shard, self.session.proto)
+                    await self.send(b"".join(_framed(head, p) for p in payloads))
+                if events.overflowed:
+                    return "overflow"
         except CompactedError as error:
             await self._message(
                 channel,
@@ -405,7 +430,7 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await self.stream.aclose()
             return "gone"
-        return "overflow" if last == "overflow" else "closed"
+        return "closed"
 
     async def _message(
         self, channel: str, pattern: str | None, payload: str, shard: bool = False
