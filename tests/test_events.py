@@ -56,7 +56,12 @@ async def test_payloads_are_each_event_s_json_made_once_for_every_subscriber() -
     ``Event`` values, each one's JSON shared by the subscribers (an eviction's two events
     share a revision and have a JSON each); the stream ends with its ``overflow``."""
     async with tokenpool.open_pool(size=3) as pool:
-        async with pool.watch() as first, pool.watch() as second, pool.watch() as values:
+        async with (
+            pool.watch() as first,
+            pool.watch() as second,
+            pool.watch() as third,
+            pool.watch() as values,
+        ):
             for user in ("a", "b", "c", "d"):  # d evicts a
                 await pool.activate(user)
             await pool.clear()
@@ -65,11 +70,15 @@ async def test_payloads_are_each_event_s_json_made_once_for_every_subscriber() -
                 expected.append(json.dumps(event.as_dict()).encode())
                 if len(expected) == 8:  # 4 granted, 1 evicted, 3 cleared
                     break
-            got = [p for p in await first.next_payloads(3)]
+            alone = await third.next_payloads(8, 0)  # none made yet: the first only
+            assert 1 == len(alone)
+            got = [p for p in await first.next_payloads(3, 3)]
             while len(got) < 8:
-                got += await first.next_payloads(3)
-            other = [p for _ in range(8) for p in await second.next_payloads(1)]
-        assert expected == got == other
+                got += await first.next_payloads(3, 3)
+            other = [p for _ in range(8) for p in await second.next_payloads(1, 0)]
+            while len(alone) < 8:  # made by now: a batch's rest at once
+                alone += await third.next_payloads(8, 0)
+        assert expected == got == other == alone
         assert all(a is b for a, b in zip(got, other, strict=True))  # made once
         evicted, granted = (json.loads(p) for p in got[3:5])
         assert evicted["revision"] == granted["revision"]
@@ -87,5 +96,5 @@ async def test_payloads_are_each_event_s_json_made_once_for_every_subscriber() -
             tail = []
             with pytest.raises(StopAsyncIteration):
                 while True:
-                    tail += await slow.next_payloads(32)
+                    tail += await slow.next_payloads(32, 32)
         assert "overflow" == json.loads(tail[-1])["kind"]

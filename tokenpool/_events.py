@@ -137,20 +137,29 @@ class Subscription:
         hub = self._hub
         return event_of(got, hub.pool, hub.names)
 
-    async def next_payloads(self, most: int) -> list[bytes]:
+    async def next_payloads(self, most: int, make: int) -> list[bytes]:
         """The next events as their JSON (``Event.as_dict``), UTF-8: the first awaited
-        as ``__anext__`` does, then up to ``most`` in all of those already here. Each
-        event's JSON is made once for the pool, however many subscribers send it (a
-        server fanning one pool out to hundreds of connections). Raises
-        ``StopAsyncIteration`` at the end, as ``__anext__``."""
+        as ``__anext__`` does, then up to ``most`` in all of those already here, of
+        which at most ``make`` not made yet (a call's cost stays small: a subscriber far
+        behind the others finds few made). Each event's JSON is made once for the
+        pool, however many subscribers send it (a server fanning one pool out to
+        hundreds of connections). Raises ``StopAsyncIteration`` at the end, as
+        ``__anext__``."""
         got = await self._next()
         if isinstance(got, Event):
             return [json.dumps(got.as_dict()).encode()]
-        payload = self._hub.payload
-        out = [payload(got)]
+        hub = self._hub
+        out = [hub.payload(got)]
         current = self._current
         while current and len(out) < most:
-            out.append(payload(current.popleft()))
+            made = hub.made(current[0])
+            if made is None:
+                if not make:
+                    break
+                make -= 1
+                made = hub.payload(current[0])
+            current.popleft()
+            out.append(made)
         return out
 
     async def _next(self) -> Record | Event:
@@ -200,9 +209,13 @@ class EventHub:
         self._subscribers: set[Subscription] = set()
         self._payloads: dict[tuple[int, int, str], bytes] = {}  # the newest events' JSON
 
+    def made(self, record: Record) -> bytes | None:
+        """The event's JSON if it was made (and is still kept), else None."""
+        return self._payloads.get((record[REV], record[KIND], record[ID]))
+
     def payload(self, record: Record) -> bytes:
         """An event's JSON, made once for every subscriber that sends it: the newest
-        ``PAYLOADS`` are kept (subscribers that keep up share them)."""
+        ``PAYLOADS`` made are kept (subscribers that keep up share them)."""
         key = (record[REV], record[KIND], record[ID])  # an eviction's two share a revision
         made = self._payloads.get(key)
         if made is None:
