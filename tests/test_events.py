@@ -5,10 +5,17 @@ end in test_server.py (SUBSCRIBE) and test_http.py (Server-Sent Events)."""
 from __future__ import annotations
 
 import json
+from collections import deque
+from typing import Any
 
 import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tokenpool
+from tokenpool._model import is_lease_event, record_revision
+from tokenpool._settings import PoolSettings
 
 
 async def test_watch_delivers_every_change_with_its_revision() -> None:
@@ -98,3 +105,74 @@ async def test_payloads_are_each_event_s_json_made_once_for_every_subscriber() -
                 while True:
                     tail += await slow.next_payloads(32, 32)
         assert "overflow" == json.loads(tail[-1])["kind"]
+
+
+def _replay_by_walking(log: list[Any], since: int, buffer: int) -> list[int] | int:
+    """The replay as the first version walked it, record by record from the newest: the
+    revisions replayed, or the ``oldest`` of the ``CompactedError``."""
+    replay = []
+    for record in reversed(log):
+        revision = record_revision(record)
+        if revision <= since:
+            break
+        if is_lease_event(record):
+            replay.append(revision)
+            if len(replay) > buffer:
+                return revision + 1
+    return list(reversed(replay))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    steps=st.lists(
+        st.sampled_from(["activate"] * 4 + ["renew", "release", "add", "clear"]), max_size=60
+    ),
+    since_back=st.integers(0, 40),
+    buffer=st.integers(1, 8),
+    capacity=st.integers(20, 200),
+)
+def test_a_replay_is_what_walking_the_log_gives(
+    steps: list[str], since_back: int, buffer: int, capacity: int
+) -> None:
+    """Subscribing from a revision replays exactly the lease events after it, or names
+    the same oldest revision as walking the log record by record would (tokens added
+    and a clear among them: records of other kinds and ends that share a revision)."""
+
+    async def main() -> None:
+        async with tokenpool.open_pool(size=2) as pool:
+            pool._core.hub.capacity = capacity  # a short log: compaction is reached
+            pool._core.hub._log = deque(maxlen=capacity)
+            for n, step in enumerate(steps):
+                if step == "activate":
+                    await pool.activate(f"u{n % 5}")
+                elif step == "renew":
+                    for token in await pool.tokens():
+                        if token.lease_id is not None:
+                            await pool.renew(token.id, token.lease_id)
+                            break
+                elif step == "release":
+                    for token in await pool.tokens():
+                        if token.lease_id is not None:
+                            await pool.release(token.id, token.current_user_id)
+                            break
+                elif step == "add":  # a token added: a record of another kind
+                    values = pool.settings.as_dict()
+                    values["size"] += 1
+                    await pool._core.configure(PoolSettings.make(**values))
+                elif step == "clear":
+                    await pool.clear()
+            hub = pool._core.hub
+            since = max(0, pool.statistics().stats.revision - since_back)
+            if since + 1 < hub.oldest:
+                return  # older than the log: the first check, not the walk
+            expected = _replay_by_walking(list(hub._log), since, buffer)
+            try:
+                async with pool.watch(since, buffer=buffer) as events:
+                    got: list[int] | int = []
+                    while events.next_revision() is not None:
+                        got.append((await events.__anext__()).revision)
+            except tokenpool.CompactedError as error:
+                got = error.oldest
+            assert expected == got
+
+    trio.run(main)
