@@ -22,7 +22,7 @@ import bisect
 import json
 from collections import deque
 from collections.abc import Callable
-from itertools import compress, islice
+from itertools import islice
 from operator import itemgetter
 from typing import Any
 
@@ -44,14 +44,13 @@ from ._model import (
     USER,
     Event,
     Record,
-    is_lease_event,
     record_revision,
     to_datetime,
 )
 
 KINDS = {GRANT: "granted", RENEW: "renewed", END: "ended"}
 PAYLOADS = 4_096  # events whose JSON a pool keeps for its subscribers
-_KIND = itemgetter(KIND)
+_REV = itemgetter(REV)
 
 
 def event_of(record: Record, pool: str, names: Callable[[int], str]) -> Event:
@@ -231,16 +230,18 @@ class EventHub:
         return made
 
     def publish(self, records: list[Record]) -> None:
-        log = self._log
-        log.extend(records)
-        if len(log) == self.capacity:
-            self._floor = record_revision(log[0]) + 1
-        if not self._subscribers:
+        """Log a batch's lease events (only those: what watchers are told, each at its
+        ``REV``, so a resume finds its place by bisection) and hand them to every
+        subscriber, filtered once per batch, not per subscriber."""
+        events = [r for r in records if r[KIND] <= END]
+        if not events:
             return
-        events = [r for r in records if is_lease_event(r)]  # once per batch, not per subscriber
-        if events:
-            for subscriber in self._subscribers:
-                subscriber.push(events)
+        log = self._log
+        log.extend(events)
+        if len(log) == self.capacity:
+            self._floor = log[0][REV] + 1
+        for subscriber in self._subscribers:
+            subscriber.push(events)
 
     @property
     def oldest(self) -> int:
@@ -261,17 +262,14 @@ class EventHub:
                     " the history for what came before)",
                     self._floor,
                 )
-            # The replay counts against the buffer: from the newest back, at most
-            # ``buffer`` + 1 lease events, taken by C iterators (a subscriber resuming
-            # far behind costs the loop tens of µs, not a Python step per record:
-            # hundreds of them resuming at once held it for 80 ms).
+            # The replay counts against the buffer. The log holds lease events alone, in
+            # revision order: where the replay starts is a bisection, whether it fits
+            # one index (hundreds of subscribers resuming far behind at once held the
+            # loop for 80 ms when each walked the log record by record).
             log = self._log
-            after = len(log) - bisect.bisect_right(log, since, key=record_revision)
-            kinds = map(_KIND, islice(reversed(log), after))
-            newest = compress(islice(reversed(log), after), map(END.__ge__, kinds))
-            replay: list[Record] = list(islice(newest, buffer + 1))
-            if len(replay) > buffer:
-                revision = record_revision(replay[-1])
+            after = len(log) - bisect.bisect_right(log, since, key=_REV)
+            if after > buffer:
+                revision = log[-(buffer + 1)][REV]
                 raise CompactedError(
                     f"more than {buffer:,} events came after revision {since}: a"
                     f" subscriber replays at most {buffer:,} (subscribe with"
@@ -279,6 +277,7 @@ class EventHub:
                     " came before)",
                     revision + 1,
                 )
+            replay: list[Record] = list(islice(reversed(log), after))
             if replay:
                 replay.reverse()
                 subscription.push(replay)
