@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
@@ -22,12 +23,16 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.chaos.server import free_port
 from tests.dbutil import query
 from tests.test_cluster import Node, _stop, balanced, eventually, owner, text
 from tokenpool._client.via import encode_result, result_of
 from tokenpool._cluster.peers import Followed
+from tokenpool._commands.tokens import ChunkedItems, TokenChunks, TokenList
 from tokenpool._errors import UnavailableError, UnreachableError
 from tokenpool._model import Lease
 
@@ -498,3 +503,63 @@ def test_another_node_s_refusal_of_a_listing_is_its_status_not_a_500(pg_url: str
                 assert got.status_code in (200, 429), got.text
                 codes.append(got.status_code)
         assert 429 in codes, codes
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    length=st.integers(0, 40),
+    size=st.integers(1, 9),
+    index=st.integers(-45, 45),
+    start=st.none() | st.integers(-45, 45),
+    stop=st.none() | st.integers(-45, 45),
+    step=st.none() | st.sampled_from([1, 2, -1]),
+)
+def test_chunked_items_read_as_the_list_they_carry(
+    length: int, size: int, index: int, start: int | None, stop: int | None, step: int | None
+) -> None:
+    """A listing's pairs in chunks of ``size``, decoded as read: length, iteration,
+    an index and any slice are a plain list's."""
+    pairs = [
+        (f"t{n}", None if n % 3 else (n, f"l{n}", 1, f"u{n}", 2, 3, 4, 0)) for n in range(length)
+    ]
+    chunks = [pickle.dumps(pairs[i : i + size]) for i in range(0, length, size)]
+    items = ChunkedItems(TokenChunks(chunks, length, size), pickle.loads)
+    assert len(pairs) == len(items)
+    assert pairs == list(items)
+    assert pairs[start:stop:step] == items[start:stop:step]
+    if -length <= index < length:
+        assert pairs[index] == items[index]
+    else:
+        with pytest.raises(IndexError):
+            items[index]
+
+
+def test_a_token_listing_crosses_via_in_chunks_and_reads_back_whole() -> None:
+    """The server pickles a listing of 2,500 tokens a chunk per turn of its loop; its own
+    worker reads it a chunk at a time, another node decodes and checks it at once, and a
+    chunk naming what a reply may not is refused as a whole reply is."""
+    from tokenpool._server.workers import CHUNK, via_reply
+
+    ids = {slot: str(uuid.UUID(int=slot)) for slot in range(2_500)}
+    pairs = [
+        (slot, None if slot % 2 else (slot, f"l{slot}", 1, "u", 2, 3, slot, 0)) for slot in ids
+    ]
+    listed = TokenList(pairs, ids.__getitem__, 7)
+    reply = trio.run(via_reply, listed)
+    expected = [listed.info(item) for item in listed.items]
+    for trusted, remote in ((True, False), (False, False), (False, True)):
+        got = result_of(reply, own_server=trusted, remote=remote)
+        assert (type(got.items) is ChunkedItems) == trusted
+        assert expected == [got.info(item) for item in got.items]
+        assert 7 == got.cursor
+    wire = pickle.loads(base64.b64decode(reply))
+    assert [CHUNK, CHUNK, 500] == [len(pickle.loads(c)) for c in wire.items.chunks]
+
+    class Boom:
+        def __reduce__(self) -> Any:
+            return (os.system, ("touch /tmp/tokenpool-pwned",))
+
+    forged = TokenList(TokenChunks([pickle.dumps([("t", Boom())])], 1, CHUNK), str, None)
+    with pytest.raises(UnreachableError, match="may not name"):
+        result_of(encode_result(forged), remote=True)
+    assert not os.path.exists("/tmp/tokenpool-pwned")

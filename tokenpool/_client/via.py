@@ -37,12 +37,14 @@ from .._commands import (
     Release,
     Renew,
     Token,
+    TokenList,
     Tokens,
     UserHistory,
     Validate,
 )
 from .._commands import Request as Command
 from .._commands.analytics import Report, Series
+from .._commands.tokens import ChunkedItems, TokenChunks
 from .._errors import InvalidArgumentError, TokenPoolError, UnreachableError
 from .remote import pool_options, seconds_arg
 
@@ -184,9 +186,22 @@ def result_of(reply: Any, *, own_server: bool = False, remote: bool = False) -> 
     try:
         data = base64.b64decode(reply, validate=True)
         if own_server:
-            return pickle.loads(data)
-        kind = _NodeResults if remote else _Results
-        return kind(io.BytesIO(data)).load()
+            result = pickle.loads(data)
+            loads: Callable[[bytes], Any] = pickle.loads
+        else:
+            kind = _NodeResults if remote else _Results
+            result = kind(io.BytesIO(data)).load()
+
+            def loads(chunk: bytes) -> Any:
+                return kind(io.BytesIO(chunk)).load()
+
+        if type(result) is TokenList and type(result.items) is TokenChunks:
+            # A listing's pairs, pickled a chunk at a time: from the worker's own server
+            # decoded a slice at a time as it is formatted; from anywhere else, all of
+            # it now, with the same checks, so a bad chunk is this reply's error.
+            items: Any = ChunkedItems(result.items, loads)
+            result = TokenList(items if own_server else list(items), str, result.cursor)
+        return result
     except (
         pickle.UnpicklingError,
         ValueError,

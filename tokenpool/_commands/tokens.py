@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 from .. import _ops as ops
 from .._model import LeaseRecord
@@ -24,22 +24,73 @@ class TokenInfo(NamedTuple):
 
 class TokenList(NamedTuple):
     """Tokens as (slot, lease) pairs with the slot->id map, formatted by the driver a
-    slice at a time; ``cursor``: the next page's (0 after the last), None when unpaged."""
+    slice at a time; ``cursor``: the next page's (0 after the last), None when unpaged.
+    Sent to a worker: (token id, lease) pairs with ``names`` ``str``, the pairs as
+    ``TokenChunks`` on the wire and ``ChunkedItems`` once received."""
 
-    items: Sequence[tuple[int, LeaseRecord | None]]
-    names: Callable[[int], str]
+    items: Sequence[Any]  # (slot or token id, lease or None) pairs, or TokenChunks
+    names: Callable[[Any], str]
     cursor: int | None
 
-    def info(self, item: tuple[int, LeaseRecord | None]) -> TokenInfo:
+    def info(self, item: tuple[Any, LeaseRecord | None]) -> TokenInfo:
         return TokenInfo(self.names(item[0]), item[1])
 
 
-class SlotNames(dict[int, str]):
-    """A listing's slot->id map as a plain value (a listing sent to an HTTP worker or
-    another node: the pool's own lookup stays behind)."""
+class TokenChunks(NamedTuple):
+    """A token listing on its way to an HTTP worker (or from another node): its
+    (token id, lease) pairs pickled ``size`` at a time (``TokenList.items``, with
+    ``names`` ``str``). The server pickles it a chunk per turn of its loop (10,000 pairs
+    at once held the loop 25 ms), and a worker keeps these bytes, not 10,000 tuples,
+    until it formats each slice (``ChunkedItems``)."""
 
-    def __call__(self, slot: int) -> str:
-        return self[slot]
+    chunks: list[bytes]
+    length: int
+    size: int
+
+
+class ChunkedItems(Sequence[tuple[str, "LeaseRecord | None"]]):
+    """``TokenChunks`` as the items of a listing: ``len``, slices and iteration decode
+    (``loads``) only the chunks they reach, the last one kept for the next slice."""
+
+    def __init__(self, wire: TokenChunks, loads: Callable[[bytes], Any]) -> None:
+        self._wire = wire
+        self._loads = loads
+        self._at = -1
+        self._decoded: list[tuple[str, LeaseRecord | None]] = []
+
+    def __len__(self) -> int:
+        return self._wire.length
+
+    def _chunk(self, n: int) -> list[tuple[str, LeaseRecord | None]]:
+        if n != self._at:
+            self._decoded, self._at = self._loads(self._wire.chunks[n]), n
+        return self._decoded
+
+    def __iter__(self) -> Iterator[tuple[str, LeaseRecord | None]]:
+        for n in range(len(self._wire.chunks)):
+            yield from self._chunk(n)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, LeaseRecord | None]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[str, LeaseRecord | None]]: ...
+
+    def __getitem__(
+        self, index: int | slice
+    ) -> tuple[str, LeaseRecord | None] | list[tuple[str, LeaseRecord | None]]:
+        size = self._wire.size
+        if isinstance(index, int):
+            at = range(len(self))[index]  # IndexError past the end, as a list's
+            return self._chunk(at // size)[at % size]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            return list(self)[index]
+        out: list[tuple[str, LeaseRecord | None]] = []
+        for n in range(start // size, (stop - 1) // size + 1 if stop > start else 0):
+            chunk = self._chunk(n)
+            out += chunk[max(start - n * size, 0) : stop - n * size]
+        return out
 
 
 class TokenIds(NamedTuple):

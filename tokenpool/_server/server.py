@@ -950,7 +950,7 @@ class RespServer:
             self.planner.errors += 1
             return error_reply(error)
         if plan.command == VIA:
-            return via_reply(result)
+            return await via_reply(result)
         return reply_of(result, plan.command)
 
     async def _transaction(self, conn: _Connection, tx: TxPlan, proto: int) -> None:

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import hmac
 import json
+import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from .._client.via import encode_result
 from .._commands import Client, ListPools, TokenList
-from .._commands.tokens import SlotNames
+from .._commands.tokens import TokenChunks
 from .._errors import MovedError, TokenPoolError
 from .._resp import OK, Error
 from .._settings import NODE_USER, WORKER_USER
@@ -57,11 +60,21 @@ class WorkerLink:
         self.report = report
 
 
-def via_reply(result: Any) -> bytes:
-    """A neutral result as ``VIA``'s reply (a token listing's id lookup made plain)."""
+CHUNK = 1_000  # pairs of a token listing pickled per turn of the loop (about 1 ms)
+
+
+async def via_reply(result: Any) -> bytes:
+    """A neutral result as ``VIA``'s reply: a token listing's pairs with their token ids
+    (the pool's own lookup stays behind), pickled a chunk per turn of the loop."""
     if type(result) is TokenList:
-        names = SlotNames({slot: result.names(slot) for slot, _ in result.items})
-        result = TokenList(list(result.items), names, result.cursor)
+        items, names = result.items, result.names
+        chunks = []
+        for start in range(0, len(items), CHUNK):
+            if start:
+                await trio.lowlevel.checkpoint()
+            pairs = [(names(slot), lease) for slot, lease in items[start : start + CHUNK]]
+            chunks.append(pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL))
+        result = TokenList(TokenChunks(chunks, len(items), CHUNK), str, result.cursor)
     return encode_result(result)
 
 
@@ -117,7 +130,7 @@ def _via(p: Planner, session: Session, args: list[str]) -> Any:
         run = plan.run
 
         async def pickled() -> Any:
-            return via_reply(await run())
+            return await via_reply(await run())
 
         return Action(pickled)
     return plan  # an error reply (MOVED included: another node sent it, and follows it)
@@ -137,7 +150,7 @@ def _forwarded(p: Planner, inner: list[str], client: Client) -> Action | Error |
 
         async def every_pool() -> Any:
             mine = await commands.execute(request, client)
-            return via_reply(await peers.pool_names(client, mine))
+            return await via_reply(await peers.pool_names(client, mine))
 
         return Action(every_pool)
     pool = getattr(request, "pool", None)
@@ -148,7 +161,7 @@ def _forwarded(p: Planner, inner: list[str], client: Client) -> Action | Error |
         async def here() -> Any:
             return await commands.execute(request, client)
 
-        return via_reply(await peers.execute(request, client, here))
+        return await via_reply(await peers.execute(request, client, here))
 
     return Action(elsewhere, bool(getattr(request, "waits", False)))
 
