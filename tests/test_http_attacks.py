@@ -52,7 +52,7 @@ NEVER |= {"unclean exit", "memory"}
 
 def test_every_http_attack_in_a_short_run(pg_server: str) -> None:
     """Every attack of issue 19 (smaller), one after another then together with SIGTERM,
-    against the default in-process HTTP on PostgreSQL: the server stays up, grows at most
+    against in-process HTTP (`--http-workers 0`) on PostgreSQL: the server stays up, grows at most
     100 MB, changes nothing, and exits within --shutdown-timeout."""
     summary, rows = http_hostile.attacks_run(dsn=pg_server, sizes=http_hostile.Sizes.short())
     assert [] == [a.detail for r in rows for a in r.anomalies if a.kind in NEVER]

@@ -338,3 +338,19 @@ def test_a_reader_that_stops_reading_is_cut_off_past_the_idle_timeout() -> None:
         finally:
             r.close()
             stuck.close()
+
+
+def test_serve_answers_http_from_workers_by_default() -> None:
+    """With no ``--http-workers``, HTTP is served by worker processes, one per core this
+    process may use (at most 4); RESP and HTTP both answer."""
+    port = free_port()
+    server = chaos_server.start("--dsn", "memory", "--http-port", str(port), http_default=True)
+    try:
+        expected = min(len(os.sched_getaffinity(server.pid)), 4)
+        wait_for(lambda: len(worker_pids(server)) == expected)
+        lease = httpx.post(f"http://127.0.0.1:{port}/api/tokens/activate", json={"user_id": "a"})
+        assert 200 == lease.status_code
+        with redis.Redis(port=server.port) as r:
+            assert r.execute_command("LEASE", "a")
+    finally:
+        server.stop()

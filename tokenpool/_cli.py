@@ -227,6 +227,20 @@ class Option:
         return self.env or (f"TOKENPOOL_{self.dest.upper()}",)
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+DEFAULT_HTTP_WORKERS = min(_usable_cores(), 4)
+"""HTTP in worker processes by default: in the pools' own process and thread, HTTP
+parsing, its objects' collections and its attacks delay every RESP reply (issue 19's
+attacks: another client's PING waited up to 157 ms in-process, under 40 ms with
+workers); a worker per core this process may use, at most 4 (about 70 MB each)."""
+
+
 OPTIONS = [
     Option("host", _host, "127.0.0.1", "address to bind (a non-loopback one needs a password)"),
     Option("port", _ranged(PORT), 7379, "RESP port (0 picks a free one)"),
@@ -242,9 +256,9 @@ OPTIONS = [
     Option(
         "http-workers",
         _ranged(HTTP_WORKERS),
-        0,
+        DEFAULT_HTTP_WORKERS,
         "HTTP worker processes (uvicorn) reaching the pools over a private socket"
-        " (0: HTTP in this process)",
+        " (0: HTTP in this process; default: the cores this process may use, at most 4)",
     ),
     Option("size", _ranged(SIZE), 100, "tokens in the pool 'default'"),
     Option("ttl", _ranged(TTL), 120.0, "seconds a lease lasts"),

@@ -90,6 +90,7 @@ def start(
     env: dict[str, str] | None = None,
     new_session: bool = False,
     open_files: int | None = None,
+    http_default: bool = False,
 ) -> Process:
     """``python -m tokenpool serve`` with ``args``; returns once it listens.
 
@@ -97,6 +98,8 @@ def start(
     ``new_session``: in a process group of its own, to signal the whole group as
     systemd, ``timeout``, Docker and a shell do (``Process.signal_group``).
     ``open_files``: its ``ulimit -n`` (soft and hard), as on a machine set so.
+    ``http_default``: HTTP as ``serve`` does by default (worker processes), not in the
+    server's process, when ``args`` name no ``--http-workers``.
     """
 
     def limit() -> None:
@@ -105,6 +108,13 @@ def start(
 
     if not any(a.startswith("--http-port") for a in args):
         args = (*args, "--http-port", "0")
+    environ = {**os.environ, **(env or {})}
+    if not http_default and "TOKENPOOL_HTTP_WORKERS" not in environ:
+        # In-process HTTP unless a test (or TOKENPOOL_HTTP_WORKERS=2 make test, for every
+        # HTTP test through workers) names the workers: the suite starts hundreds of
+        # short-lived servers on shared cores. The default (workers) is tested by name:
+        # tests/test_http_workers.py, the attack runs.
+        environ["TOKENPOOL_HTTP_WORKERS"] = "0"
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "tokenpool", "serve", "--port", str(port)),
@@ -113,7 +123,7 @@ def start(
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, **(env or {})},
+        env=environ,
         start_new_session=new_session,
         preexec_fn=limit if open_files is not None else None,
     )
