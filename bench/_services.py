@@ -37,12 +37,16 @@ class Server:
 
 @contextmanager
 def tokenpool_server(
-    *args: str, cwd: str | None = None, wrap: tuple[str, ...] = ()
+    *args: str,
+    cwd: str | None = None,
+    wrap: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """``python -m tokenpool serve`` on a free port, stopped with SIGTERM afterwards.
 
     ``cwd``: run the ``tokenpool`` of that checkout (another version, same interpreter);
-    ``wrap``: a command the server runs under (valgrind)."""
+    ``wrap``: a command the server runs under (valgrind); ``env``: added to the
+    environment (a setting every version takes, as ``TOKENPOOL_HTTP_WORKERS``)."""
     proc = subprocess.Popen(
         [
             *wrap,
@@ -63,6 +67,7 @@ def tokenpool_server(
         stdout=subprocess.DEVNULL,
         text=True,
         cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stderr is not None
     port = 0

@@ -71,7 +71,8 @@ def wrk(port: int, seconds: float) -> dict[str, float]:
 @contextmanager
 def _tokenpool(store: str) -> Iterator[int]:
     port = free_port()
-    with tokenpool_server("--http-port", str(port), "--dsn", store, "--size", str(SIZE)):
+    args = ("--http-port", str(port), "--dsn", store, "--size", str(SIZE))
+    with tokenpool_server(*args, "--http-workers", "0"):  # in-process: --only httpworkers
         wait_for_port(port, 20.0)
         yield port
 

@@ -90,7 +90,10 @@ def run(quick: bool) -> list[Figure]:
             for version, tree in trees.items():
                 http_port = free_port()
                 args = ("--dsn", "memory", "--size", "10000", "--http-port", str(http_port))
-                with tokenpool_server(*args, cwd=tree) as server:
+                # HTTP in the server's process in both versions (this one's default
+                # is worker processes; the variable is ignored by versions before it)
+                in_process = {"TOKENPOOL_HTTP_WORKERS": "0"}
+                with tokenpool_server(*args, cwd=tree, env=in_process) as server:
                     wait_for_port(http_port, 20.0)
                     for name, (load, _kind) in loads.items():
                         before = cpu_seconds(server.pid)
