@@ -80,9 +80,8 @@ def test_activate_through_workers_then_a_killed_worker_is_replaced_and_resp_neve
         before = worker_pids(server)
         assert 2 == len(before)
         for pid in before.values():  # the pools first when both want a core
-            assert os.getpriority(os.PRIO_PROCESS, server.pid) + 5 == os.getpriority(
-                os.PRIO_PROCESS, pid
-            )
+            expected = min(os.getpriority(os.PRIO_PROCESS, server.pid) + 5, 19)  # the kernel's cap
+            assert expected == os.getpriority(os.PRIO_PROCESS, pid)
         victim_name, victim = sorted(before.items())[0]
         r = redis.Redis(port=server.port, socket_timeout=5)
         os.kill(victim, signal.SIGKILL)

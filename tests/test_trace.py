@@ -144,9 +144,11 @@ def test_an_endpoint_without_the_sdk_names_the_extra(monkeypatch: pytest.MonkeyP
         _trace.configure("http://127.0.0.1:4318")
 
 
-def test_a_server_with_an_otlp_endpoint_exports_its_spans() -> None:
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_server_with_an_otlp_endpoint_exports_its_spans(workers: str) -> None:
     """A real server process, ``--otlp-endpoint`` at a collector of our own: an HTTP
-    activation's spans arrive as OTLP/HTTP protobuf at ``/v1/traces`` by shutdown."""
+    activation's spans arrive as OTLP/HTTP protobuf at ``/v1/traces`` by shutdown, the
+    HTTP span from the worker that answered it (the default) or from the server."""
     import http.server
     import threading
 
@@ -174,7 +176,8 @@ def test_a_server_with_an_otlp_endpoint_exports_its_spans() -> None:
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     try:
         endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
-        with serving("--dsn", "memory", "--otlp-endpoint", endpoint) as server:
+        args = ("--dsn", "memory", "--otlp-endpoint", endpoint, "--http-workers", workers)
+        with serving(*args) as server:
             reply = httpx.post(
                 f"http://127.0.0.1:{server.http_port}/api/tokens/activate",
                 json={"user_id": "dora"},

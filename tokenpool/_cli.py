@@ -956,6 +956,7 @@ async def _start_http_workers(
             max_clients=config.max_clients,
             log_level=config.log_level,
             log_format=config.log_format,
+            otlp_endpoint=config.otlp_endpoint,
         )
     except OSError as failure:
         if failure.errno == errno.EADDRINUSE:

@@ -1,8 +1,8 @@
 """Live events: a bounded log of each pool's changes and the subscribers that follow it.
 
-The actor calls ``publish`` with each batch's change records: one C-level
-``deque.extend`` for the log and one list append per subscriber, nothing
-per record, so watching costs the actor almost nothing. Records become
+The actor calls ``publish`` with each batch's change records: one filter of the
+batch for its lease events, one C-level ``deque.extend`` for the log and one list
+append per subscriber, so watching costs the actor almost nothing. Records become
 ``Event`` values in the subscriber's own task, as it reads.
 
 Rules (etcd's watch, Redis's pub/sub buffer limits):
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from itertools import islice
 from operator import itemgetter
@@ -142,11 +142,11 @@ class Subscription:
 
     async def next_payloads(self, most: int, make: int) -> list[bytes]:
         """The next events as their JSON (``Event.as_dict``), UTF-8: the first awaited
-        as ``__anext__`` does, then up to ``most`` in all of those already here, of
-        which at most ``make`` not made yet (a call's cost stays small: a subscriber far
-        behind the others finds few made). Each event's JSON is made once for the
-        pool, however many subscribers send it (a server fanning one pool out to
-        hundreds of connections). Raises ``StopAsyncIteration`` at the end, as
+        as ``__anext__`` does (made if need be), then up to ``most`` in all of those
+        already here, of which at most ``make`` more not made yet (a call's cost stays
+        small: a subscriber far behind the others finds few made). Each event's JSON
+        is made once for the pool, however many subscribers send it (a server fanning
+        one pool out to hundreds of connections). Raises ``StopAsyncIteration`` at the end, as
         ``__anext__``."""
         got = await self._next()
         if isinstance(got, Event):
@@ -192,7 +192,7 @@ class Subscription:
 
 
 class EventHub:
-    """The event log of one pool (the newest ``capacity`` records) and its subscribers."""
+    """The event log of one pool (its newest ``capacity`` lease events) and its subscribers."""
 
     def __init__(
         self,
@@ -210,7 +210,7 @@ class EventHub:
         self._log: deque[Record] = deque(maxlen=capacity)
         self._floor = start + 1  # the oldest revision whose events are all in the log
         self._subscribers: set[Subscription] = set()
-        self._payloads: dict[tuple[int, int, str], bytes] = {}  # the newest events' JSON
+        self._payloads: OrderedDict[tuple[int, int, str], bytes] = OrderedDict()
 
     def made(self, record: Record) -> bytes | None:
         """The event's JSON if it was made (and is still kept), else None."""
@@ -225,7 +225,7 @@ class EventHub:
             made = json.dumps(event_of(record, self.pool, self.names).as_dict()).encode()
             payloads = self._payloads
             if len(payloads) >= PAYLOADS:
-                del payloads[next(iter(payloads))]  # the oldest (insertion order)
+                payloads.popitem(last=False)  # the oldest made
             payloads[key] = made
         return made
 
@@ -286,6 +286,8 @@ class EventHub:
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
+        if not self._subscribers:
+            self._payloads.clear()  # kept for subscribers only (up to about 2 MB)
 
     def close(self) -> None:
         for subscriber in list(self._subscribers):

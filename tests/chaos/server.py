@@ -109,7 +109,9 @@ def start(
     if not any(a.startswith("--http-port") for a in args):
         args = (*args, "--http-port", "0")
     environ = {**os.environ, **(env or {})}
-    if not http_default and "TOKENPOOL_HTTP_WORKERS" not in environ:
+    if http_default:
+        environ.pop("TOKENPOOL_HTTP_WORKERS", None)  # serve's own default, whatever the suite's
+    elif "TOKENPOOL_HTTP_WORKERS" not in environ:
         # In-process HTTP unless a test (or TOKENPOOL_HTTP_WORKERS=2 make test, for every
         # HTTP test through workers) names the workers: the suite starts hundreds of
         # short-lived servers on shared cores. The default (workers) is tested by name:

@@ -114,6 +114,7 @@ class WorkerPlan:
     grace: float
     log_level: str
     log_format: str
+    otlp_endpoint: str | None = None  # the workers export their HTTP spans there too
 
 
 def bind_http(host: str, port: int) -> socket.socket:
@@ -199,6 +200,7 @@ async def _run_worker(
         "limit_concurrency": plan.limit_concurrency,
         "log_level": plan.log_level,
         "log_format": plan.log_format,
+        "otlp_endpoint": plan.otlp_endpoint,
     }
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "tokenpool._http.worker"],
@@ -280,6 +282,7 @@ class HttpWorkers:
         max_clients: int,
         log_level: str,
         log_format: str,
+        otlp_endpoint: str | None = None,
     ) -> None:
         s = app.settings
         self.sock = bind_http(s.host, s.port)
@@ -306,6 +309,7 @@ class HttpWorkers:
             grace=grace,
             log_level=log_level,
             log_format=log_format,
+            otlp_endpoint=otlp_endpoint,
         )
         self.ready = trio.Event()  # every worker accepts connections
         log.info("http_listening", host=s.host, port=self.port, workers=count)

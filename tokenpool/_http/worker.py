@@ -37,6 +37,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .. import _trace
 from .._metrics import Latencies
 from .._settings import WORKER_USER
 from .app import HttpApp, HttpSettings
@@ -305,9 +306,15 @@ def main() -> int:
     configure_logging(config["log_level"], config["log_format"])
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     sock = socket.socket(fileno=config["fd"])
+    if config.get("otlp_endpoint"):
+        _trace.configure(config["otlp_endpoint"])  # the HTTP spans (the server checked it)
     import uvloop
 
-    uvloop.run(_serve(config, sock))
+    try:
+        uvloop.run(_serve(config, sock))
+    finally:
+        if _trace.on:
+            _trace.disable()  # exports what is left
     return 0
 
 

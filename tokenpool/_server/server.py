@@ -191,11 +191,11 @@ def _encode_push(push: _Push, proto: int) -> bytes:
 MESSAGES_PER_WRITE = 16
 MESSAGES_MADE = 2
 """Events a forwarder sends in one write when they are already there (of which at most
-``MESSAGES_MADE`` whose JSON no other forwarder made yet): a syscall, a lock and a
-deadline for 16, not each (300 connections following one busy pool took 79% of the
-server's time, half of it in sends), while one forwarder's turn of the loop stays short
-(under 100 µs): a loop turn runs every forwarder with events waiting, and it must still
-answer a PING within milliseconds with hundreds of them."""
+``MESSAGES_MADE`` + 1 whose JSON no other forwarder made yet: the first is always made):
+a syscall, a lock and a deadline for 16, not each (300 connections following one busy
+pool took 79% of the server's time, half of it in sends), while one forwarder's turn of
+the loop stays short (under 100 µs): a loop turn runs every forwarder with events
+waiting, and it must still answer a PING within milliseconds with hundreds of them."""
 
 
 def _message_head(channel: str, pattern: str | None, shard: bool, proto: int) -> bytes:
