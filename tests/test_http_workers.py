@@ -353,3 +353,22 @@ def test_serve_answers_http_from_workers_by_default() -> None:
             assert r.execute_command("LEASE", "a")
     finally:
         server.stop()
+
+
+def test_healthz_through_a_worker_says_whether_the_server_answers() -> None:
+    """A worker's ``/healthz`` asks its server: 200 while the server's loop answers, 503
+    with the reason while the server is stopped (SIGSTOP: a wedged server), 200 again
+    once it runs."""
+    with workers() as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        assert 200 == httpx.get(f"{base}/healthz").status_code
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            down = httpx.get(f"{base}/healthz", timeout=10)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert 503 == down.status_code
+        assert "down" == down.json()["status"]
+        assert "did not answer a PING" in down.json()["reason"]
+        wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, timeout=10)
+        assert 200 == httpx.head(f"{base}/healthz").status_code

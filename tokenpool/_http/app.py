@@ -457,6 +457,12 @@ class HttpApp:
             raise ApiError("UNAVAILABLE", "the client hung up while waiting")
         return result[0]
 
+    async def liveness(self) -> str | None:
+        """None while the server's loop answers, else why not (``/healthz``)."""
+        if self.backend is None:
+            return None  # this process's loop answered; recovery is /readyz's business
+        return await self.backend.alive()
+
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         if self.backend is None or not self.backend.attached:
             return False, {"server": "recovering the pools from the store"}

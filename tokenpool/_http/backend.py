@@ -85,6 +85,10 @@ class Backend(Protocol):
 
     async def readiness(self) -> tuple[bool, dict[str, str]]: ...
 
+    async def alive(self) -> str | None:
+        """None while the server's event loop answers, else why not."""
+        ...
+
     async def cluster(self) -> dict[str, Any]:
         """The cluster's members and this node's place (``{"enabled": false}`` alone)."""
         ...
@@ -168,6 +172,9 @@ class LocalBackend:
         from .._server.cluster import cluster_json
 
         return cluster_json(self.peers)
+
+    async def alive(self) -> str | None:
+        return None  # the server's own loop is answering this request
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         reasons: dict[str, str] = {}

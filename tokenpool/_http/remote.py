@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import anyio
@@ -34,6 +34,11 @@ class _Caller:
     def __init__(self, peer: str, bearer: str) -> None:
         self.peer = peer
         self.bearer = bearer
+
+
+ALIVE_WAIT = 0.8
+"""Seconds a worker's ``/healthz`` waits for its server's ``PING`` (under the 1 s a
+Kubernetes probe waits by default): past it, 503, as a wedged server is not healthy."""
 
 
 class RemoteBackend:
@@ -123,6 +128,16 @@ class RemoteBackend:
     async def cluster(self) -> dict[str, Any]:
         answer: dict[str, Any] = json.loads(await self._call(["WORKER", "CLUSTER"], safe=True))
         return answer
+
+    async def alive(self) -> str | None:
+        """Wedged, not starting: a link not served yet (the pools still recovering) or
+        no longer (stopping) is a live server's; one that takes the PING and does not
+        answer it in time is not. A dead server ends its workers (their stdin closes)."""
+        with anyio.move_on_after(ALIVE_WAIT):
+            with suppress(UnavailableError):
+                await self._call(["PING"], safe=True)
+            return None
+        return f"the server did not answer a PING within {ALIVE_WAIT:g} s"
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         try:

@@ -414,10 +414,21 @@ async def cluster_view(call: Authed) -> Response:
 # -- operations --
 
 
-@operations.get("/healthz", responses={200: {"description": "the process answers"}})
-async def healthz() -> Response:
-    """The process is up and its event loop answers."""
-    return JSONResponse({"status": "ok"})
+@operations.get(
+    "/healthz",
+    responses={
+        200: {"description": "the server answers"},
+        503: {"description": "a worker answers, its server does not"},
+    },
+)
+async def healthz(owner: Owner) -> Response:
+    """The server's event loop answers: in-process, this answer is its loop's; through a
+    worker, the worker asks the server (a `PING` over its link) and says 503 when no
+    answer comes within 0.8 s, so a probe never vouches for a wedged server."""
+    why = await owner.liveness()
+    if why is None:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "down", "reason": why}, status_code=503)
 
 
 @operations.get(
