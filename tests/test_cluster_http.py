@@ -563,3 +563,24 @@ def test_a_token_listing_crosses_via_in_chunks_and_reads_back_whole() -> None:
     with pytest.raises(UnreachableError, match="may not name"):
         result_of(encode_result(forged), remote=True)
     assert not os.path.exists("/tmp/tokenpool-pwned")
+
+
+def test_a_long_history_page_crosses_via_in_chunks_and_reads_back_whole() -> None:
+    """A history page of 2,500 usages is pickled a chunk per turn of the server's loop
+    and read back as the same page (its cursor too), by every kind of reader; a short
+    page crosses as it is."""
+    from tokenpool._commands.history import PageChunks
+    from tokenpool._model import Page, Usage
+    from tokenpool._server.workers import CHUNK, via_reply
+
+    now = datetime.now(UTC)
+    usages = [Usage(f"l{n}", "t", f"u{n}", now, now, "evicted", n + 1, n) for n in range(2_500)]
+    for page in (Page(usages, 42), Page(usages[:10], None)):
+        reply = trio.run(via_reply, page)
+        wire = pickle.loads(base64.b64decode(reply))
+        assert (type(wire) is PageChunks) == (len(page) > CHUNK)
+        for trusted, remote in ((True, False), (False, False), (False, True)):
+            got = result_of(reply, own_server=trusted, remote=remote)
+            assert type(got) is Page
+            assert list(page) == list(got)
+            assert page.next_before == got.next_before

@@ -44,8 +44,10 @@ from .._commands import (
 )
 from .._commands import Request as Command
 from .._commands.analytics import Report, Series
+from .._commands.history import PageChunks
 from .._commands.tokens import ChunkedItems, TokenChunks
 from .._errors import InvalidArgumentError, TokenPoolError, UnreachableError
+from .._model import Page
 from .remote import pool_options, seconds_arg
 
 
@@ -201,6 +203,8 @@ def result_of(reply: Any, *, own_server: bool = False, remote: bool = False) -> 
             # it now, with the same checks, so a bad chunk is this reply's error.
             items: Any = ChunkedItems(result.items, loads)
             result = TokenList(items if own_server else list(items), str, result.cursor)
+        elif type(result) is PageChunks:
+            result = Page([u for chunk in result.chunks for u in loads(chunk)], result.next_before)
         return result
     except (
         pickle.UnpicklingError,

@@ -31,8 +31,10 @@ import trio
 
 from .._client.via import encode_result
 from .._commands import Client, ListPools, TokenList
+from .._commands.history import PageChunks
 from .._commands.tokens import TokenChunks
 from .._errors import MovedError, TokenPoolError
+from .._model import Page
 from .._resp import OK, Error
 from .._settings import NODE_USER, WORKER_USER
 from . import argv as table
@@ -65,7 +67,8 @@ CHUNK = 1_000  # pairs of a token listing pickled per turn of the loop (about 1 
 
 async def via_reply(result: Any) -> bytes:
     """A neutral result as ``VIA``'s reply: a token listing's pairs with their token ids
-    (the pool's own lookup stays behind), pickled a chunk per turn of the loop."""
+    (the pool's own lookup stays behind) and a long history page, pickled a chunk per
+    turn of the loop."""
     if type(result) is TokenList:
         items, names = result.items, result.names
         chunks = []
@@ -75,6 +78,13 @@ async def via_reply(result: Any) -> bytes:
             pairs = [(names(slot), lease) for slot, lease in items[start : start + CHUNK]]
             chunks.append(pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL))
         result = TokenList(TokenChunks(chunks, len(items), CHUNK), str, result.cursor)
+    elif type(result) is Page and len(result) > CHUNK:
+        chunks = []
+        for start in range(0, len(result), CHUNK):
+            if start:
+                await trio.lowlevel.checkpoint()
+            chunks.append(pickle.dumps(result[start : start + CHUNK], pickle.HIGHEST_PROTOCOL))
+        result = PageChunks(chunks, result.next_before)
     return encode_result(result)
 
 
