@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import redis
 import trio
@@ -1105,3 +1106,37 @@ def test_a_batch_of_messages_is_each_message_s_frame(
     kind = ["pmessage", pattern] if pattern is not None else ["smessage" if shard else "message"]
     alone = [_encode_push(_Push([*kind, channel, p]), proto) for p in payloads]
     assert alone == [_framed(head, p.encode()) for p in payloads]
+
+
+async def test_a_subscriber_that_stops_reading_gets_its_events_in_order_then_overflow() -> None:
+    """A RESP subscriber that reads nothing while 15,000 activations (29,999 events) pass:
+    what it reads afterwards is the events in revision order, in batched writes, then one
+    ``overflow`` message naming how many it missed; nothing follows on that channel."""
+    async with running(size=1) as (server, port):
+        pool = server.pools.get("default")
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"SUBSCRIBE events:default\r\n")
+        with trio.fail_after(5):
+            data = await read_until(stream, b"subscribe")
+        for start in range(0, 15_000, 1_000):  # 2,000 events a batch: the forwarder lags
+            await pool.activate_many([f"u{n}" for n in range(start, start + 1_000)])
+        parser = hiredis.Reader()
+        parser.feed(data)
+        got: list[dict[str, Any]] = []
+        with trio.fail_after(30):
+            while not got or got[-1]["kind"] != "overflow":
+                frame = parser.gets()
+                if frame is False:
+                    parser.feed(await stream.receive_some(65536))
+                elif frame[0] == b"message":
+                    got.append(json.loads(frame[2]))
+        with trio.move_on_after(0.5):
+            parser.feed(await stream.receive_some(65536))
+        assert parser.gets() is False  # nothing after the overflow
+        await stream.aclose()
+    events, last = got[:-1], got[-1]
+    assert events and last["missed"] > 0
+    assert len(events) + last["missed"] == 2 * 15_000 - 1  # the first evicts no one
+    revisions = [e["revision"] for e in events]
+    assert revisions == sorted(revisions)
+    assert [e["kind"] for e in events[:2]] == ["granted", "ended"]  # u0, then u1 evicts it
