@@ -222,6 +222,14 @@ def test_http_workers_reach_every_node_s_pools(pg_url: str) -> None:
         far = next(n for n in names if owner(nodes, n) is nodes[1])
         seen = first_event_after(nodes[0], far, lambda: activate(nodes[1], far, "gus"))
         assert seen and seen[0]["user_id"] == "gus"
+        # that pool's listing and a token's history: the owner's chunks, decoded and checked
+        # by the node in between, chunked again for its worker
+        tokens = client.get(f"/api/pools/{far}/tokens").json()["data"]
+        assert 2 == len(tokens)
+        assert {"fay", "gus"} == {t["current_user_id"] for t in tokens}
+        token = tokens[0]["id"]
+        page = client.get(f"/api/pools/{far}/tokens/{token}/history", params={"limit": 2_000})
+        assert 200 == page.status_code and token == page.json()["data"]["token_id"]
 
 
 def test_only_a_node_with_the_cluster_s_secret_may_send_via(pg_url: str) -> None:
