@@ -372,3 +372,31 @@ def test_healthz_through_a_worker_says_whether_the_server_answers() -> None:
         assert "did not answer a PING" in down.json()["reason"]
         wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, timeout=10)
         assert 200 == httpx.head(f"{base}/healthz").status_code
+
+
+def test_a_streamed_listing_gives_its_slot_back_when_its_reader_hangs_up() -> None:
+    """A worker has 2 slots for large listings: readers that take a streamed listing's
+    first bytes and hang up give theirs back at once (the third, fourth... listing is
+    200 without waiting for --idle-timeout)."""
+    port = free_port()
+    server = chaos_server.start(
+        *("--dsn", "memory", "--size", "2000", "--http-port", str(port)),
+        *("--http-workers", "1", "--idle-timeout", "30"),
+    )
+    try:
+        with redis.Redis(port=server.port) as r:
+            pipe = r.pipeline(transaction=False)
+            for n in range(2_000):
+                pipe.execute_command("ACTIVATE", f"user-{n}")
+            pipe.execute()
+        request = b"GET /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        for _ in range(6):  # three times the slots
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request)
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        began = time.monotonic()
+        whole = httpx.get(f"http://127.0.0.1:{port}/api/tokens", timeout=30)
+        assert 200 == whole.status_code and 2_000 == len(whole.json()["data"])
+        assert time.monotonic() - began < 10  # not a slot's wait for --idle-timeout (30 s)
+    finally:
+        server.stop()
