@@ -51,6 +51,12 @@ from ._model import (
 KINDS = {GRANT: "granted", RENEW: "renewed", END: "ended"}
 PAYLOADS = 4_096  # events whose JSON a pool keeps for its subscribers
 _REV = itemgetter(REV)
+_KEY = itemgetter(REV, KIND, ID)  # an event's, for its JSON (an eviction's two share REV)
+
+
+def _encoded(event: Event) -> bytes:
+    """An event's JSON, as a subscriber is sent it."""
+    return json.dumps(event.as_dict()).encode()
 
 
 def event_of(record: Record, pool: str, names: Callable[[int], str]) -> Event:
@@ -150,7 +156,7 @@ class Subscription:
         ``__anext__``."""
         got = await self._next()
         if isinstance(got, Event):
-            return [json.dumps(got.as_dict()).encode()]
+            return [_encoded(got)]
         hub = self._hub
         out = [hub.payload(got)]
         current = self._current
@@ -214,15 +220,15 @@ class EventHub:
 
     def made(self, record: Record) -> bytes | None:
         """The event's JSON if it was made (and is still kept), else None."""
-        return self._payloads.get((record[REV], record[KIND], record[ID]))
+        return self._payloads.get(_KEY(record))
 
     def payload(self, record: Record) -> bytes:
         """An event's JSON, made once for every subscriber that sends it: the newest
         ``PAYLOADS`` made are kept (subscribers that keep up share them)."""
-        key = (record[REV], record[KIND], record[ID])  # an eviction's two share a revision
+        key = _KEY(record)
         made = self._payloads.get(key)
         if made is None:
-            made = json.dumps(event_of(record, self.pool, self.names).as_dict()).encode()
+            made = _encoded(event_of(record, self.pool, self.names))
             payloads = self._payloads
             if len(payloads) >= PAYLOADS:
                 payloads.popitem(last=False)  # the oldest made

@@ -438,12 +438,8 @@ class _Connection:
     async def _message(
         self, channel: str, pattern: str | None, payload: str, shard: bool = False
     ) -> None:
-        proto = self.session.proto
-        if pattern is not None:
-            items = ["pmessage", pattern, channel, payload]
-        else:
-            items = ["smessage" if shard else "message", channel, payload]
-        await self.send(_encode_push(_Push(items), proto))
+        head = _message_head(channel, pattern, shard, self.session.proto)
+        await self.send(_framed(head, payload.encode()))
 
 
 async def _listen(host: str, port: int) -> list[trio.SocketListener]:

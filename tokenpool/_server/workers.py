@@ -65,26 +65,29 @@ class WorkerLink:
 CHUNK = 1_000  # pairs of a token listing pickled per turn of the loop (about 1 ms)
 
 
+async def _pickled(length: int, piece: Callable[[int, int], list[Any]]) -> list[bytes]:
+    """``piece(start, stop)`` pickled ``CHUNK`` items at a time, one chunk per turn."""
+    chunks = []
+    for start in range(0, length, CHUNK):
+        if start:
+            await trio.lowlevel.checkpoint()
+        chunks.append(pickle.dumps(piece(start, start + CHUNK), pickle.HIGHEST_PROTOCOL))
+    return chunks
+
+
 async def via_reply(result: Any) -> bytes:
     """A neutral result as ``VIA``'s reply: a token listing's pairs with their token ids
     (the pool's own lookup stays behind) and a long history page, pickled a chunk per
     turn of the loop."""
     if type(result) is TokenList:
         items, names = result.items, result.names
-        chunks = []
-        for start in range(0, len(items), CHUNK):
-            if start:
-                await trio.lowlevel.checkpoint()
-            pairs = [(names(slot), lease) for slot, lease in items[start : start + CHUNK]]
-            chunks.append(pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL))
+        chunks = await _pickled(
+            len(items), lambda a, b: [(names(slot), lease) for slot, lease in items[a:b]]
+        )
         result = TokenList(TokenChunks(chunks, len(items), CHUNK), str, result.cursor)
     elif type(result) is Page and len(result) > CHUNK:
-        chunks = []
-        for start in range(0, len(result), CHUNK):
-            if start:
-                await trio.lowlevel.checkpoint()
-            chunks.append(pickle.dumps(result[start : start + CHUNK], pickle.HIGHEST_PROTOCOL))
-        result = PageChunks(chunks, result.next_before)
+        page = result
+        result = PageChunks(await _pickled(len(page), lambda a, b: page[a:b]), page.next_before)
     return encode_result(result)
 
 
