@@ -43,6 +43,7 @@ from tokenpool import (
     UnreachableError,
     Usage,
 )
+from tokenpool._client import connection as connection_module
 
 
 @pytest.fixture(params=["trio", "asyncio"])
@@ -392,6 +393,72 @@ def test_cancelled_calls_never_get_or_give_another_reply(backend: str) -> None:
 
     with running("--dsn", "memory", "--size", "400") as process:
         anyio.run(main, process.port, backend=backend)
+
+
+def test_concurrent_calls_share_a_connection_and_its_writes(backend: str) -> None:
+    """Calls made together join one connection (under its depth) rather than opening
+    idle ones, and what they queue in one turn goes out in fewer writes than calls; each
+    still gets its own reply."""
+
+    async def main(port: int) -> None:
+        async with tokenpool.connect(url(port), max_connections=8) as client:
+            pool = client.pool()
+            got: dict[str, Lease] = {}
+
+            async def activate(user: str) -> None:
+                got[user] = await pool.activate(user)
+
+            for _ in range(3):
+                async with anyio.create_task_group() as tg:
+                    for i in range(50):
+                        tg.start_soon(activate, f"u{i}")
+            assert 50 == len(got) and all(u == lease.user_id for u, lease in got.items())
+            figures = client.statistics()
+            assert 1 == figures.opened
+            assert 150 <= figures.requests  # (connecting asked for nothing: no password)
+            assert figures.writes < figures.requests / 5, figures
+
+    with running("--dsn", "memory", "--size", "100") as process:
+        anyio.run(main, process.port, backend=backend)
+
+
+def test_a_caller_waits_while_its_connection_queue_is_full(
+    backend: str, server: Process, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes queued on a connection are bounded: to a stopped server (the socket
+    buffers fill), callers past the bound wait in line without queueing; once it
+    resumes, every caller gets its replies."""
+    monkeypatch.setattr(connection_module, "MAX_QUEUED", 4096)
+    callers, users = 100, 1000  # 15 MB in writes of 150 KB: past the kernel's buffers
+
+    async def main() -> None:
+        async with tokenpool.connect(url(server), max_connections=1, timeout=60) as client:
+            pool = client.pool()
+            await pool.activate("warm")
+            done: list[int] = []
+
+            async def activate(i: int) -> None:
+                leases = await pool.activate_many([f"{'u' * 120}{i}.{j}" for j in range(users)])
+                assert all(isinstance(lease, Lease) for lease in leases)
+                done.append(i)
+
+            with stopped([server.pid]):
+                async with anyio.create_task_group() as tg:
+                    for i in range(callers):
+                        tg.start_soon(activate, i)
+                    writes = -1
+                    with anyio.fail_after(20):
+                        while writes != (writes := client.statistics().writes) or not writes:
+                            await anyio.sleep(0.5)  # until the writer is blocked
+                    (connection,) = client._connections._live
+                    queued = connection._queued_bytes
+                    assert 0 < queued <= 4096 + 200 * users, queued
+                    assert client.statistics().requests < callers * users  # the rest wait
+                    assert not done
+                    os.kill(server.pid, signal.SIGCONT)
+            assert callers == len(done)
+
+    run(backend, main)
 
 
 def test_no_connection_within_timeout(backend: str) -> None:

