@@ -26,6 +26,7 @@ The rules it keeps, so a reply never reaches the wrong caller:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import ssl
 from collections import deque
@@ -47,12 +48,12 @@ MAX_QUEUED = 1 << 20
 class Slot:
     """Where one reply lands: ``value`` (a reply, or the ``UnreachableError`` that
     ended the connection) once ``done`` is set; due by ``deadline`` (the clock of
-    ``anyio.current_time``), after ``wait`` seconds."""
+    ``anyio.current_time``), ``wait`` seconds after it was queued."""
 
     __slots__ = ("deadline", "done", "value", "wait")
 
-    def __init__(self, wait: float, deadline: float) -> None:
-        self.done = anyio.Event()
+    def __init__(self, done: Any, wait: float, deadline: float) -> None:
+        self.done = done  # the event loop's own event (``native``)
         self.value: Any = None
         self.wait = wait
         self.deadline = deadline
@@ -60,6 +61,21 @@ class Slot:
     def set(self, value: Any) -> None:
         self.value = value
         self.done.set()
+
+
+def native() -> tuple[Callable[[], Any], Callable[[], float]]:
+    """The running event loop's own event class and clock (``anyio.current_time``'s).
+
+    A request makes an event and reads the clock: anyio's, which ask which event loop
+    runs each time, cost 4 µs of the request's 10 on asyncio; the loop's own cost less
+    than 1. Both wait and cancel as anyio's do (anyio cancels by the loop's own means)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no asyncio loop: anyio's other backend, trio
+        import trio
+
+        return trio.Event, trio.current_time
+    return asyncio.Event, loop.time
 
 
 class Tally:
@@ -85,6 +101,7 @@ class Connection:
     ) -> None:
         self._stream = stream
         self._tally = tally or Tally()
+        self._event, self._now = native()
         self._address = address
         self._timeout = timeout
         self._on_change = on_change
@@ -161,8 +178,9 @@ class Connection:
                     await self._room.wait()
         if self.broken is not None:
             raise self.broken
-        deadline = anyio.current_time() + wait if math.isfinite(wait) else math.inf
-        slots = [Slot(wait, deadline) for _ in commands]
+        deadline = self._now() + wait if math.isfinite(wait) else math.inf
+        event = self._event
+        slots = [Slot(event(), wait, deadline) for _ in commands]
         self._pending.extend(slots)
         self._tally.requests += len(slots)
         self._queued.append(payload)
@@ -210,7 +228,7 @@ class Connection:
                 delay = self._timeout
                 if self._pending:
                     head = self._pending[0]
-                    left = head.deadline - anyio.current_time()
+                    left = head.deadline - self._now()
                     if left <= 0:
                         self.fail(f"no reply within {head.wait:g} s")
                         return

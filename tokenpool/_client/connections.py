@@ -50,7 +50,7 @@ from .._errors import (
 )
 from .._resp import encode_command
 from .address import Address, host_port
-from .connection import Connection, Slot, Tally
+from .connection import Connection, Slot, Tally, native
 from .replies import error_of
 
 
@@ -78,6 +78,7 @@ class Connections:
         self._changed = anyio.Event()
         self.opened = 0  # connections made over the client's life (a figure for tests)
         self.tally = Tally()  # their writes and requests
+        self._now = native()[1]
         self.closed = False  # aclose() was called: no connection is opened again
 
     def _notify(self) -> None:
@@ -212,7 +213,8 @@ class Connections:
         pool = _pool_of(commands)
         route = self._routes.get(pool) if pool is not None else None
         target = self if route is None else self._node(route)
-        deadline = anyio.current_time() + self.timeout
+        now = self._now
+        deadline = now() + self.timeout
         pause = 0.05
         redirects = 0
         while True:
@@ -223,7 +225,7 @@ class Connections:
                     # that node is gone or stalled: the first server learns who is next
                     # (forgotten even when this call gives up, so the next asks there)
                     self.forget(pool)
-                if target is self or not safe or anyio.current_time() + pause > deadline:
+                if target is self or not safe or now() + pause > deadline:
                     raise
                 target = self
                 await anyio.sleep(pause)
@@ -243,7 +245,7 @@ class Connections:
                 continue
             if (
                 any(isinstance(r, TryAgainError | ClusterDownError) for r in replies)
-                and anyio.current_time() + pause < deadline
+                and now() + pause < deadline
             ):
                 if pool is not None and any(isinstance(r, ClusterDownError) for r in replies):
                     self._routes.pop(pool, None)
