@@ -44,7 +44,7 @@ from .app import HttpApp, HttpSettings
 from .middleware import MAX_HEAD, SECURITY_HEADERS, slow_body
 from .remote import RemoteBackend, open_remote_backend
 
-LINK_CONNECTIONS = 8  # to the server: requests share the busiest (under 64 in flight); waits take their own
+LINK_CONNECTIONS = 8  # to the server: requests share the busiest; waits take their own
 REPORT_EVERY = 1.0
 
 
