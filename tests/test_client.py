@@ -461,6 +461,41 @@ def test_a_caller_waits_while_its_connection_queue_is_full(
     run(backend, main)
 
 
+def test_a_call_never_queues_behind_a_waiting_activation(backend: str) -> None:
+    """A call whose reply empties a connection just as an ``ACTIVATE ... WAIT`` takes it
+    to itself does not give that connection back: the next call never joins the
+    blocked pipeline (where it would wait as long as the WAIT), it waits at most
+    ``timeout`` for a connection of its own."""
+
+    async def main(port: int) -> None:
+        async with tokenpool.connect(url(port), max_connections=1, timeout=0.5) as client:
+            pool = client.pool()
+            await pool.activate("holder")
+            for attempt in range(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_reads, pool, "holder")  # in flight: C is not idle
+                    tg.start_soon(_waits, pool, f"waiter{attempt}")  # takes C when idle
+                    await anyio.sleep(0.2)
+                    started = anyio.current_time()
+                    with contextlib.suppress(UnreachableError):
+                        await pool.lease_of("holder")
+                    assert anyio.current_time() - started < 1.5
+                    tg.cancel_scope.cancel()
+
+    with running("--dsn", "memory", "--size", "1", "--when-full", "wait") as process:
+        anyio.run(main, process.port, backend=backend)
+
+
+async def _reads(pool: tokenpool.RemotePool, user: str) -> None:
+    with contextlib.suppress(UnreachableError):  # (no connection while the WAIT holds it)
+        await pool.lease_of(user)
+
+
+async def _waits(pool: tokenpool.RemotePool, user: str) -> None:
+    with contextlib.suppress(UnreachableError):
+        await pool.activate(user, wait=30)
+
+
 def test_no_connection_within_timeout(backend: str) -> None:
     """A server that does not answer: UnreachableError after timeout, not a hang."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import time
@@ -400,3 +401,68 @@ def test_a_streamed_listing_gives_its_slot_back_when_its_reader_hangs_up() -> No
         assert time.monotonic() - began < 10  # not a slot's wait for --idle-timeout (30 s)
     finally:
         server.stop()
+
+
+def _responses(sock: socket.socket, until: float) -> list[bytes]:
+    """The status lines of the responses read from ``sock`` until it closes or ``until``."""
+    data = b""
+    sock.settimeout(0.2)
+    while time.monotonic() < until:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", data)
+
+
+def test_a_pipelined_request_s_body_is_timed_from_its_own_turn() -> None:
+    """A request pipelined behind another, its body never sent: the first is answered
+    first (its own 200, never a 408 meant for the other), then the second gets 408 within
+    --idle-timeout of its turn and the connection closes."""
+    with (
+        workers("--idle-timeout", "1") as server,
+        socket.create_connection(("127.0.0.1", server.http_port or 0), timeout=10) as sock,
+    ):
+        first = b'{"user_id": "alice"}'
+        sock.sendall(
+            b"POST /api/tokens/activate HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+            b"POST /api/tokens/activate HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 20\r\n\r\n" % (len(first), first)
+        )
+        started = time.monotonic()
+        statuses = _responses(sock, started + 6)
+        elapsed = time.monotonic() - started
+    assert [b"HTTP/1.1 200 OK", b"HTTP/1.1 408 Request Timeout"] == statuses
+    assert elapsed < 4, elapsed
+
+
+def test_a_pipelined_request_s_body_deadline_starts_when_the_one_before_is_answered() -> None:
+    """The request before takes longer than --idle-timeout (an activation waiting for a
+    token); the pipelined one's body comes within --idle-timeout of its turn: both are
+    answered, in order, with no 408."""
+    with workers("--idle-timeout", "1", "--size", "1", "--when-full", "wait") as server:
+        port = server.http_port or 0
+        base = f"http://127.0.0.1:{port}"
+        held = httpx.post(f"{base}/api/tokens/activate", json={"user_id": "holder"}).json()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            slow = b'{"user_id": "bob", "wait": 5}'
+            second = b'{"user_id": "bob"}'  # (the lease bob holds by then)
+            sock.sendall(
+                b"POST /api/tokens/activate HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                b"POST /api/tokens/activate HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                % (len(slow), slow, len(second))
+            )
+            time.sleep(1.5)  # the first waits; the second's body is not sent yet
+            token = held["data"]["token_id"]
+            released = httpx.post(f"{base}/api/tokens/{token}/release", json={"user_id": "holder"})
+            assert 200 == released.status_code, released.text
+            time.sleep(0.3)
+            sock.sendall(second)
+            statuses = _responses(sock, time.monotonic() + 3)
+    assert [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"] == statuses

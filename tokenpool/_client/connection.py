@@ -36,6 +36,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import hiredis
+import sniffio
 
 from .._errors import UnreachableError
 from .._resp import encode_command
@@ -63,19 +64,26 @@ class Slot:
         self.done.set()
 
 
+def _deadline(slot: Slot) -> float:
+    return slot.deadline
+
+
+class UnsentError(UnreachableError):
+    """The connection broke before a request's bytes were handed to it: the server never
+    saw the request, so any request may be sent again (``_NotSent``)."""
+
+
 def native() -> tuple[Callable[[], Any], Callable[[], float]]:
     """The running event loop's own event class and clock (``anyio.current_time``'s).
 
     A request makes an event and reads the clock: anyio's, which ask which event loop
     runs each time, cost 4 µs of the request's 10 on asyncio; the loop's own cost less
     than 1. Both wait and cancel as anyio's do (anyio cancels by the loop's own means)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # no asyncio loop: anyio's other backend, trio
+    if sniffio.current_async_library() == "trio":  # (trio's guest mode in asyncio too)
         import trio
 
         return trio.Event, trio.current_time
-    return asyncio.Event, loop.time
+    return asyncio.Event, asyncio.get_running_loop().time
 
 
 class Tally:
@@ -109,6 +117,7 @@ class Connection:
         self._pending: deque[Slot] = deque()
         self._queued: list[bytes] = []  # requests not written yet, in order
         self._queued_bytes = 0
+        self._queued_slots = 0  # the slots of the requests queued, the newest in the FIFO
         self._wake = anyio.Event()  # set when the writer has something to write
         self._room: anyio.Event | None = None  # set when a full buffer is taken
         self._line = anyio.Lock()  # the callers waiting for room, in order
@@ -152,6 +161,10 @@ class Connection:
         stops and closes the stream. Idempotent."""
         if self.broken is None:
             self.broken = UnreachableError(f"{self._address}: {reason}")
+        unsent = UnsentError(str(self.broken))
+        while self._queued_slots:  # the newest slots: their bytes never left the queue
+            self._pending.pop().set(unsent)
+            self._queued_slots -= 1
         while self._pending:
             self._pending.popleft().set(self.broken)
         self._queued.clear()
@@ -170,18 +183,25 @@ class Connection:
         payload = b"".join(encode_command(*c) for c in commands)
         if self._queued_bytes >= MAX_QUEUED:
             # Past the bound, callers wait in line (a fair lock): only the first waits
-            # for the writer to take the buffer, so a take wakes one caller, not all.
-            async with self._line:
-                while self._queued_bytes >= MAX_QUEUED and self.broken is None:
-                    if self._room is None:
-                        self._room = anyio.Event()
-                    await self._room.wait()
+            # for the writer to take the buffer, so a take wakes one caller, not all;
+            # each for at most ``timeout`` (nothing of its request is queued yet).
+            with anyio.move_on_after(self._timeout):
+                async with self._line:
+                    while self._queued_bytes >= MAX_QUEUED and self.broken is None:
+                        if self._room is None:
+                            self._room = anyio.Event()
+                        await self._room.wait()
+            if self._queued_bytes >= MAX_QUEUED and self.broken is None:
+                raise UnsentError(
+                    f"{self._address}: no room to queue a request within {self._timeout:g} s"
+                )
         if self.broken is not None:
             raise self.broken
         deadline = self._now() + wait if math.isfinite(wait) else math.inf
         event = self._event
         slots = [Slot(event(), wait, deadline) for _ in commands]
         self._pending.extend(slots)
+        self._queued_slots += len(slots)
         self._tally.requests += len(slots)
         self._queued.append(payload)
         self._queued_bytes += len(payload)
@@ -200,6 +220,7 @@ class Connection:
                     data = b"".join(self._queued) if len(self._queued) > 1 else self._queued[0]
                     self._queued.clear()
                     self._queued_bytes = 0
+                    self._queued_slots = 0  # handed to the stream (whatever comes of it)
                     if self._room is not None:
                         self._room.set()
                         self._room = None
@@ -227,10 +248,12 @@ class Connection:
             while True:
                 delay = self._timeout
                 if self._pending:
-                    head = self._pending[0]
-                    left = head.deadline - self._now()
+                    # the earliest deadline, not the oldest slot's: a request behind one
+                    # that blocks (ACTIVATE ... WAIT) is due long before it
+                    due = min(self._pending, key=_deadline)
+                    left = due.deadline - self._now()
                     if left <= 0:
-                        self.fail(f"no reply within {head.wait:g} s")
+                        self.fail(f"no reply within {due.wait:g} s")
                         return
                     delay = min(delay, left)
                 await anyio.sleep(delay)

@@ -50,7 +50,7 @@ from .._errors import (
 )
 from .._resp import encode_command
 from .address import Address, host_port
-from .connection import Connection, Slot, Tally, native
+from .connection import Connection, Slot, Tally, UnsentError, native
 from .replies import error_of
 
 
@@ -332,6 +332,8 @@ class Connections:
                 raise _NotSent(error) from None
             try:
                 return [await _reply(slot) for slot in slots]
+            except UnsentError as error:  # broken before its bytes were written
+                raise _NotSent(error) from None
             except anyio.get_cancelled_exc_class():
                 if blocks is not None:
                     # a caller that gives up a wait (ACTIVATE ... WAIT) hangs up: the server
@@ -339,7 +341,8 @@ class Connections:
                     connection.fail("the caller gave up waiting")
                 raise
         finally:
-            self.give_back(connection)
+            if blocks is not None:  # only the taker of a connection to itself gives it back
+                self.give_back(connection)
 
     async def aclose(self) -> None:
         self.closed = True

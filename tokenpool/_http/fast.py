@@ -90,6 +90,7 @@ class FastActivate:
             peer = f"{client[0]}:{client[1]}" if client else "?"
             caller = await owner.caller(peer, bearer)  # type: ignore[arg-type]
             granted = await owner.execute(Activate(pool, user), caller)
+            body = _json({"data": lease_json(granted)}).encode()
         except ApiError as error:
             owner.errors += 1
             response = error_response(error.code, error.message, error.headers)
@@ -104,7 +105,6 @@ class FastActivate:
         else:
             # JSONResponse's bytes (compact, UTF-8, its two headers in its order),
             # written without making one (a tenth of a worker's time per request)
-            body = _json({"data": lease_json(granted)}).encode()
             await send(
                 {
                     "type": "http.response.start",

@@ -137,9 +137,11 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().timeout_keep_alive_handler()
 
     body_timeout = 30.0
-    """Seconds a request's body may take from the end of its head (--idle-timeout): 408
+    """Seconds a request's body may take once the app starts on it (--idle-timeout): 408
     and the connection closed past it, as the app's ``Outer`` answers in-process (here
-    a timer on the connection instead of a cancel scope around every request)."""
+    one timer on the connection instead of a cancel scope around every request). Only
+    the request being answered has one: a pipelined request waits, unread, for the one
+    before it, and gets its timer when its turn comes."""
     _body_timer: asyncio.TimerHandle | None = None
 
     def on_headers_complete(self) -> None:
@@ -148,26 +150,35 @@ class BoundedHttpTools(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        self._body_timer = self.loop.call_later(self.body_timeout, self._body_too_slow)
         super().on_headers_complete()
         cycle = getattr(self, "cycle", None)
         if cycle is not None and not isinstance(cycle.transport, _Coalesced):
             cycle.transport = _Coalesced(cycle.transport, self.loop)
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if cycle.more_body:  # its body is not all here yet
+            self._stop_body_timer()
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_too_slow, cycle)
+        super()._start_asgi_task(cycle, app)
+
     def on_message_complete(self) -> None:
+        # The request being answered's body is all here (a pipelined request's message
+        # completes only after that one's did: its timer is stopped already).
+        self._stop_body_timer()
+        super().on_message_complete()
+
+    def _stop_body_timer(self) -> None:
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
-        super().on_message_complete()
 
-    def _body_too_slow(self) -> None:
+    def _body_too_slow(self, cycle: Any) -> None:
         self._body_timer = None
-        self._answer(b"408 Request Timeout", *slow_body(self.body_timeout))
+        if cycle.more_body and not cycle.response_started:
+            self._answer(b"408 Request Timeout", *slow_body(self.body_timeout))
 
     def on_response_complete(self) -> None:
-        if self._body_timer is not None:  # answered before its body was read (413)
-            self._body_timer.cancel()
-            self._body_timer = None
+        self._stop_body_timer()  # answered (413 before reading its body, say)
         self._in_head = True
         super().on_response_complete()
 
@@ -199,7 +210,8 @@ class BoundedHttpTools(HttpToolsProtocol):
     def _answer(self, status: bytes, code: str, message: str) -> None:
         if self.transport.is_closing():
             return
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        error = {"error": {"code": code, "message": message}}  # as the app's (compact)
+        body = json.dumps(error, ensure_ascii=False, separators=(",", ":")).encode()
         framing = b"".join(b"%b: %b\r\n" % header for header in SECURITY_HEADERS)
         self.transport.write(
             b"HTTP/1.1 %b\r\ncontent-type: application/json\r\n%b"
