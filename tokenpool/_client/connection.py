@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -106,8 +107,10 @@ class Connection:
         timeout: float,
         on_change: Callable[[], None],
         tally: Tally | None = None,
+        raw_socket: socket.socket | None = None,
     ) -> None:
         self._stream = stream
+        self._socket = raw_socket  # the stream's own socket (never under TLS), or None
         self._tally = tally or Tally()
         self._event, self._now = native()
         self._address = address
@@ -118,7 +121,7 @@ class Connection:
         self._queued: list[bytes] = []  # requests not written yet, in order
         self._queued_bytes = 0
         self._queued_slots = 0  # the slots of the requests queued, the newest in the FIFO
-        self._wake = anyio.Event()  # set when the writer has something to write
+        self._wake = self._event()  # set when the writer has something to write
         self._room: anyio.Event | None = None  # set when a full buffer is taken
         self._line = anyio.Lock()  # the callers waiting for room, in order
         self._scope = anyio.CancelScope()
@@ -215,7 +218,7 @@ class Connection:
         with self._writer_scope:
             while True:
                 await self._wake.wait()
-                self._wake = anyio.Event()
+                self._wake = self._event()
                 while self._queued:
                     data = b"".join(self._queued) if len(self._queued) > 1 else self._queued[0]
                     self._queued.clear()
@@ -225,6 +228,23 @@ class Connection:
                         self._room.set()
                         self._room = None
                     self._tally.writes += 1
+                    if self._socket is not None:
+                        # What the kernel takes now, written at once: no turn of the
+                        # loop and no timer for a write that does not wait (nearly all).
+                        try:
+                            sent = self._socket.send(data)
+                        except (BlockingIOError, InterruptedError):
+                            sent = 0
+                        except OSError as error:
+                            self.fail(f"a write failed: {error}")
+                            return
+                        if sent == len(data):
+                            continue
+                        data = data[sent:]
+                        # The rest goes through the stream, which may keep some of it in
+                        # a buffer of its own (asyncio's transports do): from now on every
+                        # write does, so no later bytes pass earlier ones.
+                        self._socket = None
                     with anyio.move_on_after(self._timeout) as scope:
                         try:
                             await self._stream.send(data)

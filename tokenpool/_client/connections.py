@@ -32,6 +32,7 @@ or the ``POOL`` changes: their outcome is then unknown, and the caller is told s
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -138,7 +139,10 @@ class Connections:
         if self.closed:
             await stream.aclose()
             raise UnreachableError(f"{self.address}: closed")
-        connection = Connection(stream, self.address, self.timeout, self._notify, self.tally)
+        raw = None if self.address.tls else stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        if not isinstance(raw, socket.socket):  # (asyncio's TCP: a transport's, not ours)
+            raw = None
+        connection = Connection(stream, self.address, self.timeout, self._notify, self.tally, raw)
         self._tg.start_soon(connection.read_replies)
         self._tg.start_soon(connection.write_requests)
         self._tg.start_soon(connection.watch_replies)
