@@ -29,9 +29,11 @@ from hypothesis import strategies as st
 
 from tests.chaos.server import free_port
 from tests.dbutil import query
+from tests.strategies import valid_user_ids
 from tests.test_cluster import Node, _stop, balanced, eventually, owner, text
 from tokenpool._client.via import encode_result, result_of
 from tokenpool._cluster.peers import Followed
+from tokenpool._commands.leases import Granted
 from tokenpool._commands.tokens import ChunkedItems, TokenChunks, TokenList
 from tokenpool._errors import UnavailableError, UnreachableError
 from tokenpool._model import Lease
@@ -592,3 +594,46 @@ def test_a_long_history_page_crosses_via_in_chunks_and_reads_back_whole() -> Non
             assert type(got) is Page
             assert list(page) == list(got)
             assert page.next_before == got.next_before
+
+
+@given(
+    kind=st.integers(0, 9),
+    slot=st.integers(0, 2**31),
+    user=valid_user_ids,
+    fence=st.integers(0, 2**62),
+    start=st.integers(-(2**62), 2**62),
+    ttl=st.integers(0, 2**40),
+    revision=st.none() | st.integers(0, 2**62),
+    remote=st.booleans(),
+)
+def test_a_granted_lease_crosses_via_as_a_line_and_back(
+    kind: int,
+    slot: int,
+    user: str,
+    fence: int,
+    start: int,
+    ttl: int,
+    revision: int | None,
+    remote: bool,
+) -> None:
+    """An activation's result (the hot path of HTTP workers) is a line of its fields, not
+    a pickle, and reads back equal, from the worker's own server and from a node."""
+    lease = (kind, str(uuid.uuid4()), slot, user, fence, start, start + ttl, fence)
+    granted = Granted(lease, str(uuid.uuid4()), revision)
+    line = encode_result(granted)
+    assert not line.startswith(b"gAS")  # not a pickle
+    assert granted == result_of(line, own_server=not remote, remote=remote)
+    assert granted == result_of(line.decode())  # as hiredis gives it
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "G\x1f1\x1fl\x1f2",
+        "G\x1fx\x1fl\x1f2\x1f3\x1f4\x1f5\x1f6\x1ft\x1f\x1fu",
+        "G\x1f" + "\x1f" * 10,
+    ],
+)
+def test_a_malformed_granted_line_is_refused(line: str) -> None:
+    with pytest.raises(UnreachableError, match="not a result"):
+        result_of(line, remote=True)

@@ -45,6 +45,7 @@ from .._commands import (
 from .._commands import Request as Command
 from .._commands.analytics import Report, Series
 from .._commands.history import PageChunks
+from .._commands.leases import Granted
 from .._commands.tokens import ChunkedItems, TokenChunks
 from .._errors import InvalidArgumentError, TokenPoolError, UnreachableError
 from .._model import Page
@@ -169,9 +170,36 @@ class _NodeResults(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = _build
 
 
+_GRANTED = "G\x1f"
+"""A granted lease's reply starts so (a pickle's base64 starts ``gAS``), its fields
+joined by the unit separator, which no field holds (ids and numbers; a user id has no
+control character, and comes last, so even one would stay in it)."""
+_GRANTED_BYTES = _GRANTED.encode()
+
+
 def encode_result(result: Any) -> bytes:
-    """A neutral result as ``VIA``'s reply."""
+    """A neutral result as ``VIA``'s reply: an activation's (the hot path of HTTP
+    workers) as a line of its fields, everything else pickled. The line costs a fifth
+    of the pickle's time to make, and to read."""
+    if type(result) is Granted:
+        kind, lease_id, slot, user_id, fence, start, stop, fence2 = result.lease
+        revision = "" if result.revision is None else result.revision
+        return (
+            f"{_GRANTED}{kind}\x1f{lease_id}\x1f{slot}\x1f{fence}\x1f{start}\x1f{stop}"
+            f"\x1f{fence2}\x1f{result.token_id}\x1f{revision}\x1f{user_id}"
+        ).encode()
     return base64.b64encode(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _granted(reply: str) -> Granted:
+    """``encode_result``'s line of a granted lease, read back (ValueError if malformed)."""
+    parts = reply.split("\x1f", 10)
+    if len(parts) != 11:
+        raise ValueError(f"a granted lease of {len(parts)} fields, not 11")
+    _, kind, lease_id, slot, fence, start, stop, fence2, token_id, revision, user_id = parts
+    numbers = int(kind), int(slot), int(fence), int(start), int(stop), int(fence2)
+    lease = (numbers[0], lease_id, numbers[1], user_id, *numbers[2:])
+    return Granted(lease, token_id, int(revision) if revision else None)
 
 
 def result_of(reply: Any, *, own_server: bool = False, remote: bool = False) -> Any:
@@ -186,6 +214,10 @@ def result_of(reply: Any, *, own_server: bool = False, remote: bool = False) -> 
     Python calls (half the decoding time of an activation's reply; this is the hot path
     of ``--http-workers``)."""
     try:
+        if type(reply) is bytes and reply.startswith(_GRANTED_BYTES):
+            reply = reply.decode()
+        if type(reply) is str and reply.startswith(_GRANTED):
+            return _granted(reply)
         data = base64.b64decode(reply, validate=True)
         if own_server:
             result = pickle.loads(data)
