@@ -116,8 +116,9 @@ def iso(us: int | None) -> str:
     """ISO-8601 UTC with microseconds and a ``Z``; ``""`` for no time.
 
     Each reply of a lease formats two times, nearly always in seconds already seen
-    (now, and now plus the TTL): the text up to the second is kept for the last
-    ``_ISO_KEPT`` seconds, a fifth of the cost of formatting a datetime each time."""
+    (now, and now plus the TTL): the text up to the second is kept for up to
+    ``_ISO_KEPT`` seconds (all dropped when full), a fifth of the cost of formatting a
+    datetime each time."""
     if us is None:
         return ""
     seconds, micro = divmod(us, 1_000_000)

@@ -15,7 +15,7 @@ The rules it keeps, so a reply never reaches the wrong caller:
 - **The buffer is bounded** (``MAX_QUEUED`` bytes): past it, callers wait in line for
   the writer before queueing (nothing of their request is queued while they wait).
 - **A reply overdue breaks the connection**: one watchdog task per connection watches
-  the oldest slot's deadline (a timer per caller cost more than the request).
+  the earliest deadline of its slots (a timer per caller cost more than the request).
 - **A caller cancelled while its reply is on the way** only abandons its slot: the
   reader still takes that reply off the stream and drops it, so the next caller reads
   its own. (A request the server already applied stays applied: see the client's
@@ -260,7 +260,7 @@ class Connection:
                         return
 
     async def watch_replies(self) -> None:
-        """The watchdog task: the connection breaks when its oldest reply is overdue
+        """The watchdog task: the connection breaks when a reply it awaits is overdue
         (the server is stalled or gone). One task per connection, waking at most once a
         ``timeout`` while idle, instead of a timer around every caller's wait (anyio's
         cancel scope cost an HTTP worker 12 µs a request on asyncio)."""

@@ -183,14 +183,13 @@ class Connections:
         free = [c for c in self._live if not c.exclusive]
         if exclusive:
             best = next((c for c in free if c.load == 0), None)
-        else:
-            shallow = [c for c in free if c.load < PIPELINE_DEPTH]
-            best = max(shallow, key=_load, default=None)
-            full = len(self._live) + self._opening >= self.max_connections
-            if best is None and full:
-                best = min(free, key=_load, default=None)
-        if best is not None:
-            best.exclusive = exclusive
+            if best is not None:
+                best.exclusive = True
+            return best
+        shallow = [c for c in free if c.load < PIPELINE_DEPTH]
+        best = max(shallow, key=_load, default=None)
+        if best is None and len(self._live) + self._opening >= self.max_connections:
+            best = min(free, key=_load, default=None)
         return best
 
     def give_back(self, connection: Connection) -> None:
