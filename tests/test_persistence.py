@@ -168,6 +168,34 @@ async def test_flush_waits_for_the_commit(store_url: str) -> None:
         assert 0 == (await pool.stats()).backlog
 
 
+async def test_async_changes_gather_for_the_flush_interval(store_url: str) -> None:
+    # Changes made in separate turns within one flush interval go to the store process
+    # together and are committed in one transaction, not one per turn.
+    async with tokenpool.open_pool(size=50, store=store_url, flush_interval=0.5) as pool:
+        await pool.activate("first")  # the link was idle: sent at once
+        await pool.flush()
+        before = pool.statistics().writer
+        assert before is not None
+        for n in range(20):
+            await pool.activate(f"user-{n}")
+            await trio.sleep(0.005)  # each in a turn (and a frame, ungathered) of its own
+        await pool.flush()
+        after = pool.statistics().writer
+        assert after is not None
+        assert after.changes_written - before.changes_written >= 20
+        assert after.batches - before.batches <= 2
+        assert 21 == len(query(store_url, ACTIVE))
+
+
+async def test_a_flush_is_not_held_back_by_the_gathering(store_url: str) -> None:
+    async with tokenpool.open_pool(size=2, store=store_url, flush_interval=1.0) as pool:
+        await pool.activate("alice")  # sent at once; the next changes would gather for 1 s
+        lease = await pool.activate("bob")
+        with trio.fail_after(0.6):
+            await pool.flush()
+        assert lease.id in [row[0] for row in query(store_url, ACTIVE)]
+
+
 async def test_resize_grows_and_shrinks_across_restarts(store_url: str) -> None:
     async with tokenpool.open_pool(size=2, store=store_url, clock=Clock(T0)) as pool:
         first = [t.id for t in await pool.tokens()]

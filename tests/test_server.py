@@ -10,10 +10,11 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -591,6 +592,51 @@ async def test_a_flood_of_large_replies_never_stalls_another_client() -> None:
         await other.aclose()
     assert received > 1_000_000  # the flood was being served meanwhile
     assert worst < 0.1, f"a PING waited {worst * 1000:.0f} ms behind the flood"
+
+
+async def test_a_client_that_keeps_its_pipe_full_never_stalls_another() -> None:
+    """A connection's bytes are read at once when they are there already (no wait, no
+    stream layers), yet the loop still gets its turns: a client whose pipe is never empty
+    (PINGs sent and replies drained by threads) does not hold another client up."""
+    async with running(size=10) as (_server, port):
+        stop = threading.Event()
+        answered = 0
+        flood = socket.create_connection(("127.0.0.1", port))
+        flood.settimeout(10)
+
+        def send() -> None:
+            with suppress(OSError):  # the socket is shut down at the end
+                while not stop.is_set():
+                    flood.sendall(b"PING\r\n" * 64)
+
+        def drain() -> None:
+            nonlocal answered
+            with suppress(OSError):
+                while not stop.is_set():
+                    answered += flood.recv(1 << 20).count(b"+PONG")
+
+        threads = [threading.Thread(target=send), threading.Thread(target=drain)]
+        for thread in threads:
+            thread.start()
+        try:
+            await trio.sleep(0.2)
+            other = await trio.open_tcp_stream("127.0.0.1", port)
+            worst = 0.0
+            for _ in range(20):
+                started = trio.current_time()
+                await other.send_all(b"PING\r\n")
+                assert b"+PONG\r\n" == await other.receive_some(100)
+                worst = max(worst, trio.current_time() - started)
+                await trio.sleep(0.01)
+            await other.aclose()
+        finally:
+            stop.set()
+            flood.shutdown(socket.SHUT_RDWR)
+            for thread in threads:
+                await trio.to_thread.run_sync(thread.join)
+            flood.close()
+    assert answered > 10_000  # the flood was being served meanwhile
+    assert worst < 0.1, f"a PING waited {worst * 1000:.0f} ms behind a full pipe"
 
 
 async def test_a_transaction_is_bounded_before_it_runs() -> None:

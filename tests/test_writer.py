@@ -18,7 +18,7 @@ class QuietLink:
     def __init__(self) -> None:
         self.wakes = 0
 
-    def wake(self) -> None:
+    def wake(self, now: bool = False) -> None:
         self.wakes += 1
 
     def now_us(self) -> int:

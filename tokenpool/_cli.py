@@ -45,6 +45,7 @@ from ._settings import (
     BURST,
     CLUSTER_RENEW,
     CLUSTER_VALIDITY,
+    DEFAULT_FLUSH_INTERVAL,
     FLUSH_INTERVAL,
     HISTORY_MEMORY,
     HTTP_WORKERS,
@@ -271,7 +272,10 @@ OPTIONS = [
     Option("dsn", _store, DEFAULT_STORE, "store: postgresql://..., sqlite:///file.db or 'memory'"),
     Option("durability", _choice("async", "sync"), "async", "async (answer at once) or sync"),
     Option(
-        "flush-interval", _ranged(FLUSH_INTERVAL), 0.002, "async: seconds changes gather per commit"
+        "flush-interval",
+        _ranged(FLUSH_INTERVAL),
+        DEFAULT_FLUSH_INTERVAL,
+        "async: seconds changes gather per commit",
     ),
     Option("write-timeout", _ranged(WRITE_TIMEOUT), 5.0, "seconds one store write may take"),
     Option(

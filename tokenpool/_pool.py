@@ -62,6 +62,7 @@ from ._ops import (
 )
 from ._settings import (
     CURSOR,
+    DEFAULT_FLUSH_INTERVAL,
     FLUSH_INTERVAL,
     HISTORY_LIMIT,
     HISTORY_MEMORY,
@@ -1024,7 +1025,7 @@ async def open_pools(
     clock: Clock | None = None,
     queue_size: int = 4096,
     max_backlog: int = 100_000,
-    flush_interval: float = 0.002,
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     write_timeout: float = 5.0,
     shutdown_timeout: float = 10.0,
     lock_wait: float = 5.0,
@@ -1089,7 +1090,7 @@ async def open_pool(
     clock: Clock | None = None,
     queue_size: int = 4096,
     max_backlog: int = 100_000,
-    flush_interval: float = 0.002,
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     write_timeout: float = 5.0,
     shutdown_timeout: float = 10.0,
     lock_wait: float = 5.0,

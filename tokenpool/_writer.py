@@ -75,7 +75,7 @@ class Link(Protocol):
     """What a writer needs of its store link: a nudge when there is something to send,
     and the wall clock it stamps commits with."""
 
-    def wake(self) -> None: ...
+    def wake(self, now: bool = False) -> None: ...
 
     def now_us(self) -> int: ...
 
@@ -405,6 +405,8 @@ class Writer:
         Raises ``UnavailableError`` if the pool no longer owns the store.
         """
         target = self._seq
+        if self._entries:
+            self._link.wake(now=True)  # not held back for the gathering of later changes
         while self._entries and self._entries[0].seq <= target:
             if self.state.lost:
                 raise UnavailableError(self.refusal())

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import resource
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -217,6 +218,16 @@ class _Connection:
     def __init__(self, server: RespServer, stream: trio.abc.Stream, session: Session) -> None:
         self.server = server
         self.stream = stream
+        # A plain TCP or Unix connection's own socket: a reply that fits in the kernel's
+        # buffer is written to it directly, and a read tried on it before waiting, with
+        # none of the stream's per-call layers (error translation, conflict detection,
+        # a timer set and cleared per write: together about a fifth of a lone request's
+        # CPU). TLS goes through the stream always.
+        self.raw: socket.socket | None = (
+            stream.socket._sock  # type: ignore[attr-defined]
+            if type(stream) is trio.SocketStream
+            else None
+        )
         self.session = session
         # One cancel scope for the connection's life, its deadline moved rather than a
         # scope made per read and per write (they cost a pipeline of one a third of its
@@ -249,6 +260,27 @@ class _Connection:
             self.fed = True
         await trio.sleep_forever()
 
+    async def receive(self) -> bytes | bytearray:
+        """The next bytes from the client (``b""`` at its end). What is there already is
+        read at once, then the loop is given a turn (as the stream would, so a client that
+        keeps its pipe full never holds the others up); otherwise it waits to read."""
+        raw = self.raw
+        if raw is None:
+            return await self.stream.receive_some(READ_SIZE)
+        waited = False
+        while True:
+            try:
+                data = raw.recv(READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
+                waited = True
+                continue
+            except OSError as error:
+                raise trio.BrokenResourceError(f"socket error: {error}") from error
+            if not waited:
+                await trio.lowlevel.checkpoint()
+            return data
+
     def parser_buffered(self) -> int:
         slow = self.parser._slow
         return slow.buffered + len(self.parser._buf)
@@ -262,6 +294,15 @@ class _Connection:
                 await self._send(data)
 
     async def _send(self, data: bytes) -> None:
+        raw = self.raw
+        if raw is not None:
+            try:
+                sent = raw.send(data)
+            except OSError:  # would block, or broken: the stream waits, or says which
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         scope = self.scope
         scope.deadline = trio.current_time() + self._idle_timeout
         try:
@@ -712,7 +753,6 @@ class RespServer:
         parser = conn.parser
         started: float | None = None  # when the incomplete command's first byte came (trio time)
         idle = self.settings.idle_timeout
-        stream = conn.stream
         while True:
             commands: list[list[str]] = []
             problem: ProtocolError | None = None
@@ -767,7 +807,7 @@ class RespServer:
                 started = None
                 conn.scope.deadline = math.inf
             conn.idle = True
-            data = await stream.receive_some(READ_SIZE)
+            data = await conn.receive()
             conn.idle = False
             if not data:
                 return "client closed"

@@ -122,7 +122,6 @@ class StoreProcess:
     def __init__(self, channel: Channel, config: dict[str, Any]) -> None:
         self.channel = channel
         self.write_timeout = float(config["write_timeout"])
-        self.flush_interval = float(config["flush_interval"])
         self.shutdown_timeout = float(config["shutdown_timeout"])
         self.retry_cap = float(config.get("retry_cap", 5.0))
         self.store: Store = open_store(
@@ -153,12 +152,11 @@ class StoreProcess:
                 self.closing_since = time.monotonic()
             if self.closing_since is not None and not pending:
                 return
+            # Changes come already gathered (the server sends an async store's changes
+            # at most once per ``flush_interval``): write what is here at once.
             timeout = 0.0 if pending else None
             for message in self.channel.receive(timeout):
                 self.handle(message)
-            if self.flush_interval and any(s.pending for s in self.sinks.values()):
-                for message in self.channel.receive(self.flush_interval):
-                    self.handle(message)
             self.write_all()
 
     def handle(self, message: tuple[Any, ...]) -> None:

@@ -87,6 +87,7 @@ class StoreLink:
         self._unawaited: set[int] = set()  # requests whose reply nobody waits for
         self._outbox: deque[tuple[Any, ...]] = deque()
         self._wakeup = trio.Event()
+        self._urgent = trio.Event()  # a request, a close or a death: send without gathering
         self._stall_wakeup = trio.Event()
         self._stall_idle = False  # the stall watcher has no deadline: wake it on news
         self._stream: trio.SocketStream | None = None
@@ -126,7 +127,6 @@ class StoreLink:
                 {
                     "url": self.url,
                     "durability": self.durability,
-                    "flush_interval": self.flush_interval,
                     "write_timeout": self.write_timeout,
                     "shutdown_timeout": self.shutdown_timeout,
                     "lock_wait": self.lock_wait,
@@ -167,6 +167,7 @@ class StoreLink:
         submitted after it died (logged once as ``changes_not_written``).
         """
         self._closing = True
+        self._urgent.set()
         deadline = min(trio.current_time() + self.shutdown_timeout, self._hurry_at)
         with trio.CancelScope(deadline=deadline) as scope:
             self._close_scope = scope
@@ -205,10 +206,14 @@ class StoreLink:
         if self._close_scope is not None:
             self._close_scope.deadline = min(self._close_scope.deadline, self._hurry_at)
 
-    def wake(self) -> None:
-        """Something is queued to send: let the sender run (cheap when already woken)."""
+    def wake(self, now: bool = False) -> None:
+        """Something is queued to send: let the sender run (cheap when already woken).
+        A request, a close, a death or a flush (``now``) is sent without waiting for
+        the changes after it to gather."""
         if not self._wakeup.is_set():
             self._wakeup.set()
+        if (now or self._outbox or self._dead) and not self._urgent.is_set():
+            self._urgent.set()
         if self._stall_idle:  # changes submitted to an empty backlog: they may stall
             self._rewatch()
 
@@ -381,6 +386,15 @@ class StoreLink:
                     with trio.move_on_after(5):  # it has nothing left to write
                         await self._process.wait()
                     return
+                if self.flush_interval and not self._closing:
+                    # async: let the next changes gather for ``flush_interval`` and go
+                    # as one frame (one wakeup of the store process, one transaction)
+                    # rather than one frame per actor turn. A request, a close or a
+                    # death cuts the wait short.
+                    with trio.move_on_after(self.flush_interval):
+                        await self._urgent.wait()
+                if self._urgent.is_set():
+                    self._urgent = trio.Event()
                 continue
             if self._dead:
                 return
