@@ -4,6 +4,7 @@ test_durability.py and test_persistence.py; the actor's sync replies in test_act
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -43,6 +44,19 @@ async def test_a_writer_stalls_a_second_past_write_timeout_not_before(
     await trio.sleep_until(submitted + 3.0)
     w.check_stalled()
     assert (LinkState.RETRYING, None) == (w.state, w.stall_deadline())
+
+
+async def test_the_gathering_of_an_async_store_is_not_a_stall(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The link may hold a change back for the flush interval before it sends it.
+    w = Writer(QuietLink(), 1, "p", max_backlog=100, write_timeout=0.1, committed=0, gather=1.0)
+    submitted = trio.current_time()
+    w.submit([], {}, 0, 1)
+    assert pytest.approx(submitted + 2.1) == w.stall_deadline()
+    await trio.sleep_until(submitted + 2.0)
+    w.check_stalled()
+    assert LinkState.UP is w.state
 
 
 async def test_an_acknowledgement_moves_the_stall_deadline_later(

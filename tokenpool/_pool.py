@@ -749,6 +749,7 @@ class Pools:
             name,
             max_backlog=c.max_backlog,
             write_timeout=c.write_timeout,
+            gather=c.flush_interval if c.durability == "async" else 0.0,
             committed=base,
             # sync callers are told of a refusal; async ones were answered already
             hold_after_refusal=REFUSAL_HOLD if c.durability == "async" else 0.0,

@@ -110,8 +110,12 @@ class Writer:
         committed: int,
         hold_after_refusal: float = 0.0,
         vouch_from: float = 0.0,
+        gather: float = 0.0,
     ) -> None:
         self._link = link
+        # how long the link may hold a change back to send it with the next ones (an
+        # async store's ``flush_interval``): not a stall
+        self.gather = gather
         # time.monotonic() before which this pool vouches for nothing: a predecessor that
         # did not release the store may still vouch until then (OWNERSHIP_VALIDITY)
         self.vouch_from = vouch_from
@@ -346,7 +350,8 @@ class Writer:
 
     def stall_deadline(self) -> float | None:
         """The trio time from which ``check_stalled`` finds this writer stalled (a second
-        past ``write_timeout`` without an acknowledgement while changes wait), or ``None``
+        past ``write_timeout``, and the gathering, without an acknowledgement while changes
+        wait), or ``None``
         while it cannot stall (nothing pending, or the link is not up).
 
         An acknowledgement only moves it later; it appears when changes are submitted to
@@ -354,7 +359,8 @@ class Writer:
         """
         if not self._entries or self.state is not LinkState.UP:
             return None
-        return max(self._last_ack, self._entries[0].submitted) + self.write_timeout + 1
+        waited = max(self._last_ack, self._entries[0].submitted)
+        return waited + self.gather + self.write_timeout + 1
 
     def check_stalled(self) -> None:
         """No acknowledgement for longer than a write may take: the store hangs (a
@@ -366,7 +372,7 @@ class Writer:
             log.warning(
                 "store_link_stalled",
                 pool=self.name,
-                seconds=round(now - deadline + self.write_timeout + 1, 3),
+                seconds=round(now - deadline + self.gather + self.write_timeout + 1, 3),
                 backlog=self.backlog,
                 note="no write has committed for longer than write_timeout",
             )
