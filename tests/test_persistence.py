@@ -480,6 +480,24 @@ async def test_history_is_one_snapshot_even_when_the_store_has_caught_up(store_u
         assert [f"u{i}" for i in range(4, -1, -1)] == [u.user_id for u in page]
 
 
+async def test_a_history_read_from_the_store_is_not_held_back_by_the_gathering(
+    store_url: str,
+) -> None:
+    # The older entries are still gathering (for up to 1 s, longer than a write may
+    # take): the read sends them at once rather than timing out on them.
+    async with tokenpool.open_pool(
+        size=1, store=store_url, history_memory=2, flush_interval=1.0, write_timeout=0.3
+    ) as pool:
+        await pool.activate("u0")  # sent at once; what follows gathers
+        for i in range(1, 6):
+            await pool.activate(f"u{i}")
+        token = (await pool.tokens())[0].id
+        core = pool._core
+        (memory_part,) = await core.call([GetHistory(token, 10)])
+        page = await core.complete_history(memory_part, token, None, 10)  # type: ignore[arg-type]
+        assert [f"u{i}" for i in range(4, -1, -1)] == [u.user_id for u in page]
+
+
 async def test_the_library_prints_nothing_unless_logging_is_configured(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

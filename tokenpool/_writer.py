@@ -397,6 +397,8 @@ class Writer:
 
     async def wait_committed(self, revision: int, timeout: float) -> bool:
         """Wait until every change up to ``revision`` is committed; False on timeout/failure."""
+        if self.committed < revision and self._entries:
+            self._link.wake(now=True)  # not held back for the gathering of later changes
         with trio.move_on_after(timeout):
             while self.committed < revision and self._entries:
                 if self.state.lost:

@@ -223,11 +223,8 @@ class _Connection:
         # none of the stream's per-call layers (error translation, conflict detection,
         # a timer set and cleared per write: together about a fifth of a lone request's
         # CPU). TLS goes through the stream always.
-        self.raw: socket.socket | None = (
-            stream.socket._sock  # type: ignore[attr-defined]
-            if type(stream) is trio.SocketStream
-            else None
-        )
+        raw = getattr(stream.socket, "_sock", None) if type(stream) is trio.SocketStream else None
+        self.raw: socket.socket | None = raw if isinstance(raw, socket.socket) else None
         self.session = session
         # One cancel scope for the connection's life, its deadline moved rather than a
         # scope made per read and per write (they cost a pipeline of one a third of its
@@ -277,8 +274,8 @@ class _Connection:
                 continue
             except OSError as error:
                 raise trio.BrokenResourceError(f"socket error: {error}") from error
-            if not waited:
-                await trio.lowlevel.checkpoint()
+            if not waited:  # (shielded: a cancel now must not drop bytes already read)
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
     def parser_buffered(self) -> int:
@@ -294,7 +291,10 @@ class _Connection:
                 await self._send(data)
 
     async def _send(self, data: bytes) -> None:
+        # Only one task sends at a time (the forwarders and the loop share ``lock``, made
+        # before the first forwarder starts): the direct write has no conflict detector.
         raw = self.raw
+        rest: bytes | memoryview = data
         if raw is not None:
             try:
                 sent = raw.send(data)
@@ -302,11 +302,11 @@ class _Connection:
                 sent = 0
             if sent == len(data):
                 return
-            data = data[sent:]
+            rest = memoryview(data)[sent:]
         scope = self.scope
         scope.deadline = trio.current_time() + self._idle_timeout
         try:
-            await self.stream.send_all(data)
+            await self.stream.send_all(rest)
         finally:
             scope.deadline = math.inf
 

@@ -153,7 +153,8 @@ class StoreProcess:
             if self.closing_since is not None and not pending:
                 return
             # Changes come already gathered (the server sends an async store's changes
-            # at most once per ``flush_interval``): write what is here at once.
+            # once per ``flush_interval``, sooner only with a request, a flush or a
+            # close): write what is here at once.
             timeout = 0.0 if pending else None
             for message in self.channel.receive(timeout):
                 self.handle(message)

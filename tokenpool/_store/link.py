@@ -366,6 +366,8 @@ class StoreLink:
         assert self._stream is not None
         stream = self._stream
         while True:
+            if self._urgent.is_set():  # what set it is in this frame: only later news counts
+                self._urgent = trio.Event()
             frames: list[tuple[Any, ...]] = []
             while self._outbox:
                 frames.append(self._outbox.popleft())
@@ -393,8 +395,6 @@ class StoreLink:
                     # death cuts the wait short.
                     with trio.move_on_after(self.flush_interval):
                         await self._urgent.wait()
-                if self._urgent.is_set():
-                    self._urgent = trio.Event()
                 continue
             if self._dead:
                 return
