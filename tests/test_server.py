@@ -757,6 +757,42 @@ def test_secrets_never_show_in_config_or_info() -> None:
     assert "hunter2" not in redact("host=db password=hunter2 user=x")
 
 
+def test_a_store_falling_behind_slows_activations_before_refusing_them(tmp_path: Path) -> None:
+    """A write stall: past half of ``max_backlog`` the server delays activations (longer
+    as the backlog grows), counted in INFO; a full backlog is still refused at once."""
+    args = ("--dsn", f"sqlite:///{tmp_path}/stall.db", "--size", "100", "--max-backlog", "20")
+    with chaos_server.running(*args) as server:
+        client = redis.Redis(port=server.port)
+        client.execute_command("ACTIVATE", "warm")
+        while int(client.info("persistence")["backlog"]):
+            time.sleep(0.01)
+        store = server.store_pid
+        assert store is not None
+        os.kill(store, signal.SIGSTOP)  # the store stops taking writes: the backlog grows
+        try:
+            took: list[float] = []
+            refusal = ""
+            for i in range(40):
+                began = time.monotonic()
+                try:
+                    client.execute_command("ACTIVATE", f"user-{i}")
+                except redis.ResponseError as error:
+                    refusal = str(error)
+                    break
+                took.append(time.monotonic() - began)
+            info = client.info("persistence")
+        finally:
+            os.kill(store, signal.SIGCONT)
+        assert refusal.startswith("UNAVAILABLE"), refusal
+        stalls, stalled = int(info["write_stalls"]), float(info["write_stall_seconds"])
+        # backlog 11 to 19 is stalled, 10 to 90 ms each (a refusal for lost ownership may
+        # come first: the store process also stopped proving it owns the store)
+        assert 3 <= stalls <= 9 and stalled >= 0.02, info
+        assert max(took[:9]) < 0.05 <= max(took[10:]), took
+        assert sum(took[10:]) >= stalled * 0.9
+        assert 0 == server.stop()
+
+
 def test_a_store_password_never_shows_in_config_info_or_the_log(pg_url: str) -> None:
     """End to end: a real server on PostgreSQL (trust auth takes any password) given a
     DSN with a password in both places a URL can hold one."""

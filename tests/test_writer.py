@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tokenpool._model import GRANT, LeaseRecord
 from tokenpool._store import LinkState
-from tokenpool._writer import Writer
+from tokenpool._writer import MAX_STALL, Writer
 
 
 class QuietLink:
@@ -88,6 +90,28 @@ async def test_a_backlog_at_max_backlog_is_full_until_acknowledged() -> None:
     assert first is not None
     w.acknowledged(first, 60)
     assert (40, False, 60) == (w.backlog, w.full(), w.committed)
+
+
+@given(st.lists(st.integers(1, 30), max_size=12))
+def test_a_write_stall_grows_with_the_backlog_past_half_and_stops_when_full(
+    sizes: list[int],
+) -> None:
+    async def main() -> tuple[Writer, list[tuple[int, float]]]:
+        w = writer()  # max_backlog=100
+        seen = []
+        for size in sizes:
+            w.submit(grants(size), {}, 0, 1)
+            seen.append((w.backlog, w.stall()))
+        return w, seen
+
+    w, seen = trio.run(main)
+    for backlog, delay in seen:
+        if backlog <= 50 or backlog >= 100:
+            assert 0.0 == delay  # none below half; none once full (refused at once)
+        else:
+            assert delay == pytest.approx(MAX_STALL * (backlog - 50) / 50)
+    stalled = [d for _, d in seen if d]
+    assert (len(stalled), pytest.approx(sum(stalled))) == (w.stalls, w.stall_seconds)
 
 
 async def test_an_async_refusal_holds_activations_until_a_write_commits(

@@ -241,6 +241,16 @@ class TokenpoolCollector(Collector):
         batches = CounterMetricFamily(
             "tokenpool_batches_written", "Transactions committed to the store.", labels=["pool"]
         )
+        stalls = CounterMetricFamily(
+            "tokenpool_write_stalls",
+            "Activation batches the RESP server delayed while the store fell behind.",
+            labels=["pool"],
+        )
+        stall_seconds = CounterMetricFamily(
+            "tokenpool_write_stall_seconds",
+            "Seconds activations were delayed while the store fell behind.",
+            labels=["pool"],
+        )
         lost = CounterMetricFamily(
             "tokenpool_changes_lost",
             "Changes the store refused for good or that could not be written.",
@@ -274,6 +284,8 @@ class TokenpoolCollector(Collector):
             written.add_metric([name], writer.changes_written)
             batches.add_metric([name], writer.batches)
             lost.add_metric([name], writer.rejected + writer.lost)
+            stalls.add_metric([name], writer.stalls)
+            stall_seconds.add_metric([name], writer.stall_seconds)
         yield tokens
         yield size
         yield waiting
@@ -286,6 +298,8 @@ class TokenpoolCollector(Collector):
         yield written
         yield batches
         yield lost
+        yield stalls
+        yield stall_seconds
         yield subscribers
 
     def _server_metrics(self) -> Iterator[Metric]:

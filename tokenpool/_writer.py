@@ -44,6 +44,11 @@ log = get_logger("tokenpool.writer")
 
 LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 """Upper bounds (seconds) of the write-lag histogram (submitted to committed, per batch)."""
+SLOW_DOWN = 0.5
+"""Of ``max_backlog``: past it the RESP server delays activations a little (a write stall,
+as RocksDB slows writes before it stops them), so a load the store cannot keep up with
+is slowed to the store's pace instead of running into the full backlog's refusals."""
+MAX_STALL = 0.1  # seconds: the delay just short of a full backlog (none once full: refused)
 HIGH_WATER = 0.5  # of max_backlog: log once when crossed, once when drained below LOW_WATER
 LOW_WATER = 0.1
 
@@ -69,6 +74,8 @@ class WriterStatistics:
     batch_p50: float  # changes per committed batch, median of the recent ones
     rejected: int
     lost: int
+    stalls: int  # activation batches delayed because the backlog was past SLOW_DOWN
+    stall_seconds: float  # the time they were delayed in all
 
 
 class Link(Protocol):
@@ -152,12 +159,31 @@ class Writer:
         self.changes_written = 0
         self.rejected = 0
         self.lost = 0
+        self.stalls = 0
+        self.stall_seconds = 0.0
         self._high = False
         self._progress = trio.Event()
         self._last_ack = 0.0
         self._sent: deque[tuple[int, int]] = deque()  # (last seq, frame bytes), tracing on
 
     # -- the actor's side (no await) --------------------------------------------
+
+    def slowing(self) -> bool:
+        """Whether the backlog is past ``SLOW_DOWN`` (cheap: asked before every batch)."""
+        return self.backlog > SLOW_DOWN * self.max_backlog
+
+    def stall(self) -> float:
+        """Seconds to delay the next activations: none up to ``SLOW_DOWN`` of the backlog,
+        then growing with it to ``MAX_STALL`` just short of full, and none once full (the
+        actor refuses at once, as before). Counted as a stall."""
+        most = self.max_backlog
+        mark = SLOW_DOWN * most
+        if self.backlog <= mark or self.backlog >= most:
+            return 0.0
+        delay = MAX_STALL * (self.backlog - mark) / (most - mark)
+        self.stalls += 1
+        self.stall_seconds += delay
+        return delay
 
     def full(self) -> bool:
         return (
@@ -465,4 +491,6 @@ class Writer:
             batch_p50=float(sizes[len(sizes) // 2]) if sizes else 0.0,
             rejected=self.rejected,
             lost=self.lost,
+            stalls=self.stalls,
+            stall_seconds=self.stall_seconds,
         )

@@ -36,6 +36,7 @@ import trio
 
 from .. import __version__
 from .._commands import (
+    Activate,
     Commands,
     CommandSettings,
     GetStats,
@@ -896,6 +897,14 @@ class RespServer:
         """
         heavy = cost > HEAVY_COST
         pending = [p for p, _ in segment if type(p) is Pending]
+        writer = None if core is None else core.writer
+        if (
+            writer is not None
+            and writer.slowing()  # the store is falling behind: slow to its pace
+            and any(type(p.request) is Activate for p in pending)
+            and (delay := writer.stall())
+        ):
+            await trio.sleep(delay)
         results = iter(await self._ask(pending, core, heavy))
         out: list[bytes] = []
         for plan, proto in segment:
@@ -1136,6 +1145,8 @@ def _writer_fields(core: PoolCore | None) -> dict[str, object]:
         "changes_written": writer.changes_written,
         "changes_refused_by_store": writer.rejected,
         "changes_lost": writer.lost,
+        "write_stalls": writer.stalls,
+        "write_stall_seconds": f"{writer.stall_seconds:.3f}",
     }
 
 
