@@ -177,9 +177,9 @@ class Writer:
         then growing with it to ``MAX_STALL`` just short of full, and none once full (the
         actor refuses at once, as before). Counted as a stall."""
         most = self.max_backlog
-        mark = SLOW_DOWN * most
-        if self.backlog <= mark or self.backlog >= most:
+        if not self.slowing() or self.backlog >= most:
             return 0.0
+        mark = SLOW_DOWN * most
         delay = MAX_STALL * (self.backlog - mark) / (most - mark)
         self.stalls += 1
         self.stall_seconds += delay
@@ -376,9 +376,8 @@ class Writer:
 
     def stall_deadline(self) -> float | None:
         """The trio time from which ``check_stalled`` finds this writer stalled (a second
-        past ``write_timeout``, and the gathering, without an acknowledgement while changes
-        wait), or ``None``
-        while it cannot stall (nothing pending, or the link is not up).
+        past ``write_timeout`` and the gathering without an acknowledgement while changes
+        wait), or ``None`` while it cannot stall (nothing pending, or the link is not up).
 
         An acknowledgement only moves it later; it appears when changes are submitted to
         an empty backlog, or when the link comes back up.
