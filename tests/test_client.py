@@ -368,6 +368,63 @@ def test_a_release_is_not_retried(backend: str, server: Process) -> None:
     run(backend, main)
 
 
+def test_a_release_the_next_owner_lacks_is_not_reported_as_another_leases_end(
+    backend: str, tmp_path: Path
+) -> None:
+    """An async store's loss window, for real: a RELEASE is answered while the store
+    process is stopped, then the server and its store are SIGKILLed and the server starts
+    again from the file. The history the client reads for the release's ``Usage`` lacks
+    it and holds an older release of the same token: the client must raise
+    ``UnreachableError`` (the release may be lost), not report the older lease's end as
+    this one's."""
+    args = ("--dsn", f"sqlite:///{tmp_path / 'pool.db'}", "--size", "1", "--ttl", "600")
+    servers = [start(*args)]
+
+    async def main() -> None:
+        async with tokenpool.connect(url(servers[0]), max_connections=1) as client:
+            pool = client.pool()
+            first = await pool.activate("alice")
+            ended = await pool.release(first.token_id, "alice")
+            assert first.id == ended.id
+            with anyio.fail_after(10):
+                while (await pool.stats()).backlog:  # until the store kept alice's lease
+                    await anyio.sleep(0.01)
+            (store,) = children(servers[0].pid)
+            os.kill(store, signal.SIGSTOP)
+            second = await pool.activate("bob")
+            assert first.token_id == second.token_id
+            read = pool.history
+
+            async def crash_first(
+                token_id: str, limit: int = 100, before: int | None = None
+            ) -> Page:
+                os.kill(store, signal.SIGKILL)  # it never wrote bob's lease or its release
+                servers[0].kill()
+                servers.append(start(*args, port=servers[0].port))
+                return await read(token_id, limit, before)
+
+            pool.history = crash_first  # type: ignore[method-assign]
+            with pytest.raises(UnreachableError, match="history lacks it"):
+                await pool.release(second.token_id, "bob")
+            del pool.history
+            # The new server never saw bob's lease: alice's release is the newest end.
+            assert [first.id] == [u.id for u in await pool.history(first.token_id)]
+            with anyio.fail_after(10):  # (it vouches once the old owner's 2 s ran out)
+                while True:
+                    try:
+                        assert None is await pool.lease_of("bob")
+                        break
+                    except UnavailableError:
+                        await anyio.sleep(0.2)
+
+    try:
+        run(backend, main)
+    finally:
+        for server in servers:
+            if server.proc.poll() is None:
+                server.stop()
+
+
 def test_cancelled_calls_never_get_or_give_another_reply(backend: str) -> None:
     """Callers cancelled at random moments while their replies are on the way: every
     caller that completes gets its own user's lease, over one pipelined connection."""

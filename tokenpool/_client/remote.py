@@ -17,8 +17,8 @@ from typing import Any, Literal
 import anyio
 import attrs
 
-from .._errors import InvalidArgumentError, TokenPoolError, lone_error
-from .._model import Lease, Page, Stats, TokenStatus, Usage
+from .._errors import InvalidArgumentError, TokenPoolError, UnreachableError, lone_error
+from .._model import Lease, Page, Reason, Stats, TokenStatus, Usage
 from .._ops import (
     Activate,
     Clear,
@@ -203,7 +203,10 @@ class RemotePool:
 
     async def release(self, token_id: str, user_id: str | None = None) -> Usage:
         """End the token's lease (``released``) and return its ``Usage``. Never retried:
-        after a broken connection ``UnreachableError`` means it may or may not have run."""
+        after a broken connection ``UnreachableError`` means it may or may not have run.
+        ``UnreachableError`` too when the server answered but the pool changed owner
+        before an ``async`` store kept the release (the new owner's history lacks it):
+        the release may be lost, within the store's documented loss window."""
         args = (token_id,) if user_id is None else (token_id, user_id)
         revision = int(await self._one("TP.RELEASE", *args, safe=False))
         return await self._usage_at(token_id, revision)
@@ -211,10 +214,18 @@ class RemotePool:
     async def _usage_at(self, token_id: str, revision: int) -> Usage:
         # RELEASE answers the pool's revision after it: the end's own, or the grant's
         # that followed it in the same step (a wait pool hands the token on). Either
-        # way the newest entry of the token's history up to it is the lease it ended.
+        # way the newest entry of the token's history up to it is the lease it ended,
+        # and it ended at that revision or the one before. An older entry means the
+        # history lacks the release: the pool changed owner (a failover, a restart)
+        # before an async store kept it, and the owner now serving the pool never
+        # saw it. Returning the older entry would report another lease's end.
         page = await self.history(token_id, limit=1, before=revision + 1)
-        if not page:
-            raise TokenPoolError(f"the history of {token_id} lacks revision {revision}")
+        if not page or page[0].revision < revision - 1 or page[0].reason != Reason.RELEASED:
+            raise UnreachableError(
+                f"the release of token {token_id} was answered (revision {revision}) but"
+                " the pool's history lacks it: the pool changed owner before its store"
+                " kept the release, which may be lost; check the token's lease"
+            )
         return page[0]
 
     async def renew(self, token_id: str, lease_id: str) -> Lease:
