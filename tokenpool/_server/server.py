@@ -340,13 +340,18 @@ class _Connection:
                 pools = self.server.pools
                 cluster = self.server.planner.cluster
                 while True:
+                    new = False  # served only since the subscription: from its start
                     while pool_name not in pools.names():
+                        new = True
                         if cluster is not None and cluster.route(pool_name) is not None:
                             await self._slot_left(name, scope, shard)
                             return
                         with trio.move_on_after(math.inf if cluster is None else SLOT_CHECK):
                             await pools.changed()
-                    if await self._forward_pool(pool_name, since, name, None, shard) != "closed":
+                    why = await self._forward_pool(
+                        pool_name, since, name, None, shard, from_start=new and since is None
+                    )
+                    if why != "closed":
                         return
                     if cluster is not None and cluster.route(pool_name) is not None:
                         await self._slot_left(name, scope, shard)
@@ -381,11 +386,12 @@ class _Connection:
 
         pools = self.server.pools
         seen: set[str] = set()
+        first = True  # the pools served when the pattern was subscribed: from now on
 
-        async def follow(pool_name: str, channel: str) -> None:
+        async def follow(pool_name: str, channel: str, new: bool) -> None:
             self.followed += 1
             try:
-                why = await self._forward_pool(pool_name, None, channel, pattern)
+                why = await self._forward_pool(pool_name, None, channel, pattern, from_start=new)
             finally:
                 self.followed -= 1
             if why == "closed" and pool_name not in pools.names():
@@ -414,7 +420,8 @@ class _Connection:
                             )
                             await trio.sleep_forever()
                         seen.add(pool_name)
-                        nursery.start_soon(follow, pool_name, channel)
+                        nursery.start_soon(follow, pool_name, channel, not first)
+                first = False
                 await pools.changed()
 
     async def _forward_pool(
@@ -424,15 +431,25 @@ class _Connection:
         channel: str,
         pattern: str | None,
         shard: bool = False,
+        *,
+        from_start: bool = False,
     ) -> str:
         """Forward one pool's events; why it stopped: ``closed`` (the pool stopped
-        serving), ``overflow``, ``compacted``, or ``gone`` (the client or the pool)."""
+        serving), ``overflow``, ``compacted``, or ``gone`` (the client or the pool).
+
+        ``from_start``: the pool came to be served after the subscription was made, so
+        every event it has made belongs to the subscriber (as Redis delivers every
+        message published after SUBSCRIBE): replay them all, not only those after the
+        moment this task got to run, which a command sent right after ``POOL CREATE``
+        can beat."""
         try:
             pool = self.server.pools.get(pool_name)
         except TokenPoolError:
             return "closed"
         figures = pool.statistics()
         current = figures.stats.revision
+        if from_start:
+            since = figures.oldest_event - 1
         if since is not None and since > current:
             # a revision this pool never reached: the server restarted without its
             # history (memory store). Resuming would skip silently: say so, as for
