@@ -37,7 +37,7 @@ from tokenpool._model import (
 )
 from tokenpool._settings import PoolSettings
 from tokenpool._state import PoolState
-from tokenpool._store import Batch, SlotTokens, open_store
+from tokenpool._store import OWNERSHIP_VALIDITY, Batch, SlotTokens, open_store
 
 from .dbutil import query
 from .strategies import CountingIds
@@ -175,6 +175,20 @@ async def settle(pool: tokenpool.Pool, seconds: float = 30) -> None:
             await trio.sleep(0.02)
 
 
+async def activate_once_served(
+    pool: tokenpool.Pool, user: str, seconds: float, poll: float
+) -> None:
+    """Activate ``user`` as soon as the pool serves activations again (``Unavailable``
+    until then), within ``seconds``."""
+    with trio.fail_after(seconds):
+        while True:
+            try:
+                await pool.activate(user)
+                return
+            except tokenpool.UnavailableError:
+                await trio.sleep(poll)
+
+
 async def assert_store_matches(pool: tokenpool.Pool, url: str) -> None:
     """The store holds every ended lease exactly once and exactly the active leases."""
     await settle(pool)
@@ -307,13 +321,7 @@ async def test_sync_mode_answers_unavailable_while_the_database_hangs(
         finally:
             await trio.to_thread.run_sync(pg_cluster.resume)
         assert waited < 1 + 1 + 0.5  # write_timeout + client slack: never a hang
-        with trio.fail_after(30):
-            while True:
-                try:
-                    await pool.activate("after")
-                    break
-                except tokenpool.UnavailableError:
-                    await trio.sleep(0.1)
+        await activate_once_served(pool, "after", seconds=30, poll=0.1)
         await assert_store_matches(pool, cluster_url)
 
 
@@ -556,3 +564,53 @@ def test_the_store_process_backs_off_fully_while_the_server_keeps_sending(tmp_pa
         ours.close()
         theirs.close()
     assert waited >= 0.2  # the jitter takes at most half off
+
+
+def _store_processes() -> list[int]:
+    """This test process's store processes (``python -m tokenpool._store.child``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent == os.getpid() and b"tokenpool._store.child" in cmdline:
+                found.append(int(entry))
+    return found
+
+
+async def test_ownership_is_proved_again_long_before_a_backlog_drains(tmp_path: Path) -> None:
+    """A store process working through a backlog of many transactions answers the
+    server's ownership proofs between two of them, not after the last: the 60 s
+    sustained run was refused (``UNAVAILABLE``: no proof within 2 s) while its store was
+    only busy. Here the store process is stopped until the pool stops vouching, with
+    about six transactions' worth of changes waiting; once it runs again, the pool must
+    vouch again while most of that backlog still waits."""
+    async with tokenpool.open_pool(
+        size=10, store=f"sqlite:///{tmp_path}/p.db", max_backlog=1_000_000
+    ) as pool:
+        await pool.activate("before")
+        await settle(pool)
+        (child,) = _store_processes()
+        os.kill(child, signal.SIGSTOP)
+        try:
+            for start in range(0, 60_000, 1000):  # evicting: 120,000 changes
+                await pool.activate_many([f"u{i}" for i in range(start, start + 1000)])
+            with trio.fail_after(10):  # the last proof runs out
+                while True:
+                    try:
+                        await pool.activate("probe")
+                    except tokenpool.UnavailableError:
+                        break
+                    await trio.sleep(0.05)
+            await trio.sleep(OWNERSHIP_VALIDITY)  # every proof asked so far is stale
+            waiting = (await pool.stats()).backlog
+            assert waiting > 100_000
+        finally:
+            os.kill(child, signal.SIGCONT)
+        await activate_once_served(pool, "probe", seconds=60, poll=0.01)
+        assert (await pool.stats()).backlog > waiting // 2
+        await settle(pool, seconds=60)

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import random
-import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -47,7 +47,7 @@ from . import (
     StoreError,
     open_store,
 )
-from .frames import FrameDecoder, encode
+from .frames import FrameDecoder, FrameError, encode
 
 MAX_BATCH_RECORDS = 20_000
 """The most change records one transaction carries: after an outage the backlog is
@@ -73,12 +73,49 @@ def _timing(began: int, batch: Batch) -> tuple[int, int, int]:
 
 
 class Channel:
-    """Frames (``frames.py``) over a blocking socket."""
+    """Frames (``frames.py``) over a blocking socket, read by a thread of their own.
+
+    Why a thread: the process reads only between two transactions, and a socket buffer
+    holds about 200 KB. Read from the writing loop, a busy store took in one buffer per
+    transaction, so the server's frames (and an ownership proof behind them) waited in
+    the server for as many transactions as they filled buffers: a proof came back after
+    the server's validity ran out. The reader takes in whatever arrives as it arrives
+    (how much can be in flight is bounded by the server's ``max_backlog``), so the loop
+    finds every message that came, the proofs among them, after each transaction.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._decoder = FrameDecoder()
         self.closed = False
+        self._inbox: list[Any] = []
+        self._eof = False
+        self._error: FrameError | None = None
+        self._arrived = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="store-channel", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        decoder = FrameDecoder()
+        arrived = self._arrived
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except OSError:
+                chunk = b""
+            try:
+                messages = decoder.feed(chunk) if chunk else []
+            except FrameError as error:
+                with arrived:
+                    self._error = error
+                    arrived.notify()
+                return
+            if messages or not chunk:
+                with arrived:
+                    self._inbox += messages
+                    self._eof = not chunk
+                    arrived.notify()
+            if not chunk:
+                return
 
     def send(self, message: object) -> None:
         try:
@@ -87,23 +124,18 @@ class Channel:
             self.closed = True
 
     def receive(self, timeout: float | None) -> list[Any]:
-        """Every whole message that arrives within ``timeout`` (``None``: wait for one).
-
-        Sets ``closed`` at end of file; raises ``FrameError`` on a corrupt stream.
-        """
-        out: list[Any] = []
-        wait = timeout
-        while not self.closed:
-            ready, _, _ = select.select([self.sock], [], [], wait)
-            if not ready:
-                break
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
+        """Every whole message that arrived, waiting up to ``timeout`` for one (``None``:
+        until one comes). Sets ``closed`` at end of file once every message before it
+        was taken; raises ``FrameError`` on a corrupt stream."""
+        with self._arrived:
+            self._arrived.wait_for(
+                lambda: self._inbox or self._eof or self._error is not None, timeout
+            )
+            out, self._inbox = self._inbox, []
+            if self._error is not None and not out:
+                raise self._error
+            if self._eof:
                 self.closed = True
-                break
-            out += self._decoder.feed(chunk)
-            if out:
-                wait = 0  # take what else is already there, then go and write it
         return out
 
 
@@ -134,6 +166,7 @@ class StoreProcess:
         self.sinks: dict[int, PoolSink] = {}
         self.link = LinkState.UP
         self.closing_since: float | None = None
+        self.deferred: list[tuple[Any, ...]] = []  # read between two transactions
 
     def log(self, level: str, event: str, **fields: object) -> None:
         self.channel.send(("log", level, event, fields))
@@ -147,7 +180,7 @@ class StoreProcess:
 
     def run(self) -> None:
         while True:
-            pending = any(s.pending for s in self.sinks.values())
+            pending = bool(self.deferred) or any(s.pending for s in self.sinks.values())
             if self.channel.closed and self.closing_since is None:
                 self.closing_since = time.monotonic()
             if self.closing_since is not None and not pending:
@@ -156,9 +189,26 @@ class StoreProcess:
             # once per ``flush_interval``, sooner only with a request, a flush or a
             # close): write what is here at once.
             timeout = 0.0 if pending else None
-            for message in self.channel.receive(timeout):
+            messages, self.deferred = self.deferred + self.channel.receive(timeout), []
+            for message in messages:
                 self.handle(message)
             self.write_all()
+
+    def between_transactions(self) -> None:
+        """Read what arrived while a transaction ran, and answer an ownership proof at
+        once; the rest waits for the loop, in order.
+
+        Why: a backlog is written in several transactions (``MAX_BATCH_RECORDS`` each,
+        up to half a second apiece on SQLite under a sustained load). A proof queued
+        behind all of them came back after the server's ``OWNERSHIP_VALIDITY`` had run
+        out, and the server refused every change (``UNAVAILABLE``) while its store was
+        merely busy. A proof may pass writes (it says who owns the store now, whatever
+        is queued), never a request that opens, drops or hands over a pool."""
+        for message in self.channel.receive(0):
+            if message[0] == "prove" and all(m[0] == "write" for m in self.deferred):
+                self.handle(message)
+            else:
+                self.deferred.append(message)
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -262,13 +312,15 @@ class StoreProcess:
             self.channel.send(
                 ("ack", sink.key, entries[-1][0], batch.records, *_timing(began, batch))
             )
+            self.between_transactions()
 
     def back_off(self, delay: float) -> None:
         """Wait ``delay`` (jittered) before a retry, taking in what arrives meanwhile: a
         busy server sends all the time, and that must not cut the wait short."""
         until = time.monotonic() + delay * random.uniform(0.5, 1.0)
         while (left := until - time.monotonic()) > 0 and not self.channel.closed:
-            for message in self.channel.receive(left):
+            messages, self.deferred = self.deferred + self.channel.receive(left), []
+            for message in messages:
                 self.handle(message)
         if self.channel.closed and self.closing_since is None:
             self.closing_since = time.monotonic()

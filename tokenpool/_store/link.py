@@ -48,6 +48,8 @@ from .._log import get_logger
 from . import OWNERSHIP_INTERVAL, OWNERSHIP_VALIDITY, LinkState, Snapshot, redact
 from .frames import FrameDecoder, FrameError, encode
 
+PROOFS_IN_FLIGHT = 3  # ownership proofs asked and not yet answered, at most
+
 if TYPE_CHECKING:
     from .._writer import Writer
 
@@ -289,10 +291,29 @@ class StoreLink:
         self._proved(sent)
 
     async def _keep_proving(self) -> None:
-        while not self._dead:
-            await trio.sleep(OWNERSHIP_INTERVAL)
-            if self.writers and not self._closing:
+        """Ask for a proof every ``OWNERSHIP_INTERVAL``, on a fixed beat: a proof slow
+        to come back (the store process busy with a long transaction) must not push the
+        next one later. Asked one after another, two answers of half a second each let
+        ``OWNERSHIP_VALIDITY`` run out between them, and the server refused changes while
+        its store was only busy. At most ``PROOFS_IN_FLIGHT`` wait at once (a stopped
+        store process answers none; each gives up after ``lock_wait + write_timeout``)."""
+        in_flight = 0
+
+        async def one() -> None:
+            nonlocal in_flight
+            try:
                 await self.prove()
+            finally:
+                in_flight -= 1
+
+        async with trio.open_nursery() as nursery:
+            beat = trio.current_time()
+            while not self._dead:
+                beat = max(beat + OWNERSHIP_INTERVAL, trio.current_time())
+                await trio.sleep_until(beat)
+                if self.writers and not self._closing and in_flight < PROOFS_IN_FLIGHT:
+                    in_flight += 1
+                    nursery.start_soon(one)
 
     async def open_pool(
         self, name: str, settings: dict[str, Any], create: bool
