@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 from .._errors import TokenPoolError
@@ -47,7 +48,7 @@ from . import (
     StoreError,
     open_store,
 )
-from .frames import FrameDecoder, FrameError, encode
+from .frames import FrameDecoder, encode
 
 MAX_BATCH_RECORDS = 20_000
 """The most change records one transaction carries: after an outage the backlog is
@@ -89,7 +90,7 @@ class Channel:
         self.closed = False
         self._inbox: list[Any] = []
         self._eof = False
-        self._error: FrameError | None = None
+        self._error: BaseException | None = None  # raised by ``receive``, in the loop's thread
         self._arrived = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="store-channel", daemon=True)
         self._reader.start()
@@ -104,7 +105,7 @@ class Channel:
                 chunk = b""
             try:
                 messages = decoder.feed(chunk) if chunk else []
-            except FrameError as error:
+            except BaseException as error:  # a corrupt frame, one that will not unpickle
                 with arrived:
                     self._error = error
                     arrived.notify()
@@ -126,7 +127,9 @@ class Channel:
     def receive(self, timeout: float | None) -> list[Any]:
         """Every whole message that arrived, waiting up to ``timeout`` for one (``None``:
         until one comes). Sets ``closed`` at end of file once every message before it
-        was taken; raises ``FrameError`` on a corrupt stream."""
+        was taken; raises what decoding raised (``FrameError`` on a corrupt stream, a
+        pickle error on a frame that does not load) once the messages before it were
+        taken, so the process exits as it did when it read the socket itself."""
         with self._arrived:
             self._arrived.wait_for(
                 lambda: self._inbox or self._eof or self._error is not None, timeout
@@ -166,7 +169,11 @@ class StoreProcess:
         self.sinks: dict[int, PoolSink] = {}
         self.link = LinkState.UP
         self.closing_since: float | None = None
-        self.deferred: list[tuple[Any, ...]] = []  # read between two transactions
+        # Every message read and not yet handled, oldest first. ONE queue, whoever reads
+        # (the loop, a back-off, between two transactions) and whoever handles (a
+        # back-off handles what an outer caller had not reached yet): per pool, writes
+        # are handled in the order they came.
+        self.queue: deque[tuple[Any, ...]] = deque()
 
     def log(self, level: str, event: str, **fields: object) -> None:
         self.channel.send(("log", level, event, fields))
@@ -180,7 +187,7 @@ class StoreProcess:
 
     def run(self) -> None:
         while True:
-            pending = bool(self.deferred) or any(s.pending for s in self.sinks.values())
+            pending = bool(self.queue) or any(s.pending for s in self.sinks.values())
             if self.channel.closed and self.closing_since is None:
                 self.closing_since = time.monotonic()
             if self.closing_since is not None and not pending:
@@ -188,27 +195,30 @@ class StoreProcess:
             # Changes come already gathered (the server sends an async store's changes
             # once per ``flush_interval``, sooner only with a request, a flush or a
             # close): write what is here at once.
-            timeout = 0.0 if pending else None
-            messages, self.deferred = self.deferred + self.channel.receive(timeout), []
-            for message in messages:
-                self.handle(message)
+            self.queue.extend(self.channel.receive(0.0 if pending else None))
+            self.handle_queued()
             self.write_all()
 
+    def handle_queued(self) -> None:
+        queue = self.queue
+        while queue:
+            self.handle(queue.popleft())
+
     def between_transactions(self) -> None:
-        """Read what arrived while a transaction ran, and answer an ownership proof at
-        once; the rest waits for the loop, in order.
+        """Take in what arrived while a transaction ran, and answer an ownership proof
+        at once; the rest waits in the queue, in order.
 
         Why: a backlog is written in several transactions (``MAX_BATCH_RECORDS`` each,
         up to half a second apiece on SQLite under a sustained load). A proof queued
         behind all of them came back after the server's ``OWNERSHIP_VALIDITY`` had run
         out, and the server refused every change (``UNAVAILABLE``) while its store was
-        merely busy. A proof may pass writes (it says who owns the store now, whatever
-        is queued), never a request that opens, drops or hands over a pool."""
+        merely busy. A proof says who owns the store now, whatever is queued: it may
+        pass anything (a pool opened, dropped or handed over later is not in it)."""
         for message in self.channel.receive(0):
-            if message[0] == "prove" and all(m[0] == "write" for m in self.deferred):
+            if message[0] == "prove":
                 self.handle(message)
             else:
-                self.deferred.append(message)
+                self.queue.append(message)
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -319,9 +329,8 @@ class StoreProcess:
         busy server sends all the time, and that must not cut the wait short."""
         until = time.monotonic() + delay * random.uniform(0.5, 1.0)
         while (left := until - time.monotonic()) > 0 and not self.channel.closed:
-            messages, self.deferred = self.deferred + self.channel.receive(left), []
-            for message in messages:
-                self.handle(message)
+            self.queue.extend(self.channel.receive(0.0 if self.queue else left))
+            self.handle_queued()
         if self.channel.closed and self.closing_since is None:
             self.closing_since = time.monotonic()
 

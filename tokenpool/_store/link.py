@@ -281,14 +281,21 @@ class StoreLink:
         self.proof_error = ""
 
     async def prove(self) -> None:
-        """Ask the store process to show it still owns the store; renew ``owns()``."""
-        sent = time.monotonic()  # the proof vouches from when it was asked, not answered
-        try:
-            await self._request("prove", 0)
-        except TokenPoolError as error:
-            self.proof_error = str(error)
-            return
-        self._proved(sent)
+        """Ask the store process to show it still owns the store; renew ``owns()``.
+
+        A proof answered too late to vouch (the store process was stopped, or busy) is
+        asked again at once, so ownership comes back as soon as the store process
+        answers, not a beat later while a backlog it could vouch beside drains."""
+        while True:
+            sent = time.monotonic()  # the proof vouches from when it was asked, not answered
+            try:
+                await self._request("prove", 0)
+            except TokenPoolError as error:
+                self.proof_error = str(error)
+                return
+            self._proved(sent)
+            if self.owns() or self._closing or self._dead:
+                return
 
     async def _keep_proving(self) -> None:
         """Ask for a proof every ``OWNERSHIP_INTERVAL``, on a fixed beat: a proof slow
