@@ -23,7 +23,7 @@ import anyio.abc
 import pytest
 
 import tokenpool
-from tests.chaos.server import Process, running, start
+from tests.chaos.server import Process, children, running, start
 from tokenpool import (
     Event,
     ExistsError,
@@ -64,20 +64,6 @@ def url(server: Process | int) -> str:
 
 def run(backend: str, main: Callable[[], Awaitable[Any]]) -> Any:
     return anyio.run(main, backend=backend)
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (the server's store process)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 
 import tokenpool
 from tests.chaos.cluster import Cluster
+from tests.chaos.server import children
 from tokenpool._model import (
     END,
     FENCE,
@@ -568,18 +569,11 @@ def test_the_store_process_backs_off_fully_while_the_server_keeps_sending(tmp_pa
 
 def _store_processes() -> list[int]:
     """This test process's store processes (``python -m tokenpool._store.child``)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == os.getpid() and b"tokenpool._store.child" in cmdline:
-                found.append(int(entry))
-    return found
+    return [
+        pid
+        for pid in children(os.getpid())
+        if b"tokenpool._store.child" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
 
 
 async def test_ownership_is_proved_again_long_before_a_backlog_drains(tmp_path: Path) -> None:
