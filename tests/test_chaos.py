@@ -97,10 +97,19 @@ def test_a_double_grant_is_caught(recorded: dict[str, Any]) -> None:
 def test_evicting_the_newest_lease_is_caught(recorded: dict[str, Any]) -> None:
     run = copy.deepcopy(recorded)
     grants = _grants(run)
-    # Pool of 4: from the 5th grant on, a grant with no free token evicts the oldest.
-    # Claim the token of the newest lease instead (the grant just before).
-    victim = grants[40]
-    victim.value["token_id"] = grants[39].value["token_id"]
+    ends = sorted(op.revision for op in _ordered(run) if op.kind in ("release", "clear") and op.ok)
+    # Pool of 4 and no lease ends between four grants and the next: each of the four took
+    # a free token or the pool was already full, so the pool is full at the fifth, which
+    # must evict the oldest lease. Claim the token of the newest (the grant just before).
+    # A fixed pair would not do: a release between them frees the newest lease's token,
+    # and then taking it is right (CI met one such history).
+    victim, newest = next(
+        (grants[i], grants[i - 1])
+        for i in range(40, len(grants))
+        if grants[i].value["token_id"] != grants[i - 1].value["token_id"]
+        and not any(grants[i - 4].revision < r < grants[i].revision for r in ends)  # type: ignore[operator]
+    )
+    victim.value["token_id"] = newest.value["token_id"]
     assert "wrong grant" in _check(run)
 
 
