@@ -1073,6 +1073,52 @@ async def test_a_subscription_outlives_its_pool_as_in_redis() -> None:
         await in_thread(scenario)
 
 
+async def test_a_slow_subscriber_follows_a_pool_dropped_and_created_again() -> None:
+    """A subscriber still being sent a dropped pool's events when a pool of that name is
+    created anew: its channel and its pattern both deliver the new pool's events. (The
+    forwarder, busy sending the old pool's backlog, once took the new pool for a server
+    shutdown: the channel's subscription ended without a word and the pattern never
+    followed the new pool.)"""
+    async with running(size=1) as (server, port):
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the reader is slow
+        await sock.connect(("127.0.0.1", port))
+        async with trio.SocketStream(sock) as slow:
+            await slow.send_all(b"SUBSCRIBE events:later\r\nPSUBSCRIBE events:lat*\r\n")
+            with trio.fail_after(5):
+                data = await read_until(slow, b"events:lat*")
+            assert b"+OK" in await raw(port, b"POOL CREATE later SIZE 1 TTL 60\r\n")
+            for start in range(0, 2_000, 500):  # ~4,000 events waiting for the slow reader
+                await server.pools.get("later").activate_many(
+                    [f"u{n}" for n in range(start, start + 500)]
+                )
+            admin = await trio.open_tcp_stream("127.0.0.1", port)
+            await admin.send_all(
+                encode_command("POOL", "DROP", "later")
+                + encode_command("POOL", "CREATE", "later", "SIZE", "1", "TTL", "60")
+                + encode_command("TP.ACTIVATE", "later", "marker")
+            )
+            with trio.fail_after(5):
+                await read_until(admin, b"marker")
+            await admin.aclose()
+            parser = hiredis.Reader()
+            parser.feed(data)
+            marked: set[bytes] = set()
+            with trio.fail_after(10):
+                while len(marked) < 2:
+                    frame = parser.gets()
+                    if frame is False:
+                        chunk = await slow.receive_some(65536)
+                        assert chunk, "the server closed the subscriber's connection"
+                        parser.feed(chunk)
+                    elif frame[0] in (b"message", b"pmessage"):
+                        event = json.loads(frame[-1])
+                        assert event["kind"] not in ("overflow", "compacted"), event
+                        if event.get("user_id") == "marker":
+                            marked.add(frame[0])
+    assert {b"message", b"pmessage"} == marked
+
+
 async def test_a_subscribed_resp2_connection_may_send_only_pubsub_commands() -> None:
     async with running(size=1) as (_server, port):
         reply = await raw(port, b"SUBSCRIBE events:default\r\nACTIVATE a\r\nPING\r\n")

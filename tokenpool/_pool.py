@@ -624,6 +624,10 @@ class Pools:
             raise UnknownPoolError(f"no pool {str(name)[:64]!r} is served here")
         return pool
 
+    def find(self, name: str) -> Pool | None:
+        """The pool called ``name``, or None if none is served by that name."""
+        return self._pools.get(name)
+
     def core(self, name: str) -> PoolCore:
         """The served pool behind ``get(name)`` (for the command layer)."""
         return self.get(name)._core

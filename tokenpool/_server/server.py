@@ -49,7 +49,7 @@ from .._log import get_logger
 from .._metrics import Latencies
 from .._model import COUNTERS, Stats, iso, to_us
 from .._pauses import info_fields
-from .._pool import PoolCore, Pools
+from .._pool import Pool, PoolCore, Pools
 from .._resp import NEED_DATA, Error, ProtocolError, RequestParser, encode
 from . import argv as table
 from .cluster import info_fields as cluster_info  # (the module registers CLUSTER)
@@ -339,16 +339,16 @@ class _Connection:
                     return
                 pools = self.server.pools
                 cluster = self.server.planner.cluster
+                new = False  # served only since the subscription: from its start
                 while True:
-                    new = False  # served only since the subscription: from its start
-                    while pool_name not in pools.names():
+                    while pool_name not in pools:
                         new = True
                         if cluster is not None and cluster.route(pool_name) is not None:
                             await self._slot_left(name, scope, shard)
                             return
                         with trio.move_on_after(math.inf if cluster is None else SLOT_CHECK):
                             await pools.changed()
-                    why = await self._forward_pool(
+                    why, followed = await self._forward_pool(
                         pool_name, since, name, None, shard, from_start=new and since is None
                     )
                     if why != "closed":
@@ -356,9 +356,13 @@ class _Connection:
                     if cluster is not None and cluster.route(pool_name) is not None:
                         await self._slot_left(name, scope, shard)
                         return
-                    if pool_name in pools.names():
+                    served = pools.find(pool_name)
+                    if served is not None and served is followed:
                         return  # its stream ended while it is still served: shutting down
-                    since = None  # the pool was dropped: follow it when it is served again
+                    # Dropped: the next pool of that name is followed from its first event,
+                    # whether it comes later or came already (created anew while this task
+                    # was still sending the old one's backlog to a slow reader).
+                    since, new = None, True
         finally:
             if table.get(name) is scope:
                 del table[name]
@@ -391,11 +395,21 @@ class _Connection:
         async def follow(pool_name: str, channel: str, new: bool) -> None:
             self.followed += 1
             try:
-                why = await self._forward_pool(pool_name, None, channel, pattern, from_start=new)
+                while True:
+                    why, followed = await self._forward_pool(
+                        pool_name, None, channel, pattern, from_start=new
+                    )
+                    if why != "closed":
+                        return
+                    served = pools.find(pool_name)
+                    if served is None:
+                        seen.discard(pool_name)  # dropped: follow it again if it comes back
+                        return
+                    if served is followed:
+                        return  # its stream ended while it is still served: shutting down
+                    new = True  # dropped and created anew meanwhile: follow the new one
             finally:
                 self.followed -= 1
-            if why == "closed" and pool_name not in pools.names():
-                seen.discard(pool_name)  # dropped: follow it again if it comes back
 
         async with trio.open_nursery() as nursery:
             while True:
@@ -433,9 +447,10 @@ class _Connection:
         shard: bool = False,
         *,
         from_start: bool = False,
-    ) -> str:
+    ) -> tuple[str, Pool | None]:
         """Forward one pool's events; why it stopped: ``closed`` (the pool stopped
-        serving), ``overflow``, ``compacted``, or ``gone`` (the client or the pool).
+        serving), ``overflow``, ``compacted``, or ``gone`` (the client or the pool), and
+        the pool followed (None if none was served by that name).
 
         ``from_start``: the pool came to be served after the subscription was made, so
         every event it has made belongs to the subscriber (as Redis delivers every
@@ -445,7 +460,7 @@ class _Connection:
         try:
             pool = self.server.pools.get(pool_name)
         except TokenPoolError:
-            return "closed"
+            return "closed", None
         figures = pool.statistics()
         current = figures.stats.revision
         if from_start:
@@ -467,7 +482,7 @@ class _Connection:
                 ),
                 shard,
             )
-            return "compacted"
+            return "compacted", pool
         try:
             async with pool.watch(since) as events:
                 while True:
@@ -478,7 +493,7 @@ class _Connection:
                     head = _message_head(channel, pattern, shard, self.session.proto)
                     await self.send(b"".join(_framed(head, p) for p in payloads))
                 if events.overflowed:
-                    return "overflow"
+                    return "overflow", pool
         except CompactedError as error:
             await self._message(
                 channel,
@@ -486,13 +501,13 @@ class _Connection:
                 json.dumps({"kind": "compacted", "oldest": error.oldest, "message": str(error)}),
                 shard,
             )
-            return "compacted"
+            return "compacted", pool
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             self.closed = True
             with contextlib.suppress(Exception):
                 await self.stream.aclose()
-            return "gone"
-        return "closed"
+            return "gone", pool
+        return "closed", pool
 
     async def _message(
         self, channel: str, pattern: str | None, payload: str, shard: bool = False
