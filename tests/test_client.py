@@ -33,8 +33,10 @@ from tokenpool import (
     LeaseLostError,
     NotActiveError,
     NotHolderError,
+    NotKeptError,
     Page,
     PoolSettings,
+    Release,
     Stats,
     TokenStatus,
     UnavailableError,
@@ -409,6 +411,27 @@ def test_a_release_the_next_owner_lacks_is_not_reported_as_another_leases_end(
         for server in servers:
             if server.proc.poll() is None:
                 server.stop()
+
+
+def test_a_release_a_memory_only_history_let_go_is_not_called_lost(backend: str) -> None:
+    """No store, a history of one ended lease: two releases in one write each run, but
+    the first's ``Usage`` is gone from memory by the time the client reads it. That is
+    ``NotKeptError`` (the release ran), not ``UnreachableError`` ("may be lost"), which
+    only an owner change behind an async store can cause."""
+
+    async def main(port: int) -> None:
+        async with tokenpool.connect(url(port)) as client:
+            pool = client.pool()
+            a, b = await pool.activate("a"), await pool.activate("b")
+            first, second = await pool.batch([Release(a.token_id, "a"), Release(b.token_id, "b")])
+            assert isinstance(first, NotKeptError), first
+            assert "ran" in str(first) and "history_memory" in str(first)
+            assert isinstance(second, Usage) and b.id == second.id
+            stats = await pool.stats()
+            assert (2, 0) == (stats.releases, stats.active)  # both ran
+
+    with running("--dsn", "memory", "--size", "4", "--ttl", "60", "--history-memory", "1") as s:
+        run(backend, lambda: main(s.port))
 
 
 def test_cancelled_calls_never_get_or_give_another_reply(backend: str) -> None:

@@ -17,7 +17,13 @@ from typing import Any, Literal
 import anyio
 import attrs
 
-from .._errors import InvalidArgumentError, TokenPoolError, UnreachableError, lone_error
+from .._errors import (
+    InvalidArgumentError,
+    NotKeptError,
+    TokenPoolError,
+    UnreachableError,
+    lone_error,
+)
 from .._model import Lease, Page, Reason, Stats, TokenStatus, Usage
 from .._ops import (
     Activate,
@@ -221,6 +227,14 @@ class RemotePool:
         # saw it. Returning the older entry would report another lease's end.
         page = await self.history(token_id, limit=1, before=revision + 1)
         if not page or page[0].revision < revision - 1 or page[0].reason != Reason.RELEASED:
+            if (await self.stats()).store == "memory":
+                # No store, so no owner change could lose it: the release ran, and the
+                # pool's bounded history in memory (history_memory) has let it go.
+                raise NotKeptError(
+                    f"the release of token {token_id} ran (revision {revision}) but this"
+                    " memory-only pool's history no longer holds it: it keeps the newest"
+                    " history_memory ended leases"
+                )
             raise UnreachableError(
                 f"the release of token {token_id} was answered (revision {revision}) but"
                 " the pool's history lacks it: the pool changed owner before its store"
