@@ -1119,6 +1119,56 @@ async def test_a_slow_subscriber_follows_a_pool_dropped_and_created_again() -> N
     assert {b"message", b"pmessage"} == marked
 
 
+@pytest.mark.parametrize(
+    ("subscribe", "end", "confirmation"),
+    [
+        ("SUBSCRIBE events:default", "UNSUBSCRIBE", [b"unsubscribe", b"events:default", 0]),
+        ("PSUBSCRIBE events:d*", "PUNSUBSCRIBE", [b"punsubscribe", b"events:d*", 0]),
+        ("SUBSCRIBE events:default", "RESET", b"RESET"),
+    ],
+)
+async def test_unsubscribing_a_subscriber_that_is_behind_never_cuts_a_message(
+    subscribe: str, end: str, confirmation: Any
+) -> None:
+    """A subscriber thousands of events behind (the server blocked writing a batch of
+    messages to it) unsubscribes: what it reads is whole messages, then the confirmation,
+    then the PING's answer. Cancelling the forwarder in the middle of its write once
+    left half a message on the wire, and every reply after it was read as its rest."""
+    async with running(size=1) as (server, port):
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the reader is slow
+        await sock.connect(("127.0.0.1", port))
+        async with trio.SocketStream(sock) as slow:
+            await slow.send_all(subscribe.encode() + b"\r\n")
+            with trio.fail_after(5):
+                data = await read_until(slow, b"subscribe")
+            for start in range(0, 3_000, 500):  # ~6,000 events the reader does not read
+                await server.pools.get("default").activate_many(
+                    [f"u{n}" for n in range(start, start + 500)]
+                )
+            await trio.sleep(0.3)  # the forwarder fills the socket's buffers and blocks
+            await slow.send_all(end.encode() + b"\r\nPING\r\n")
+            parser = hiredis.Reader()
+            parser.feed(data)
+            frames: list[Any] = []
+            with trio.fail_after(10):
+                while b"PONG" not in frames:
+                    frame = parser.gets()
+                    if frame is False:
+                        chunk = await slow.receive_some(65536)
+                        assert chunk, "the server closed the connection"
+                        parser.feed(chunk)
+                    else:
+                        frames.append(frame)
+    messages = [f for f in frames if isinstance(f, list) and f[0] in (b"message", b"pmessage")]
+    assert messages  # (thousands more were waiting: they are dropped with the subscription)
+    for message in messages:
+        assert json.loads(message[-1])["kind"] in ("granted", "ended")  # each one whole
+    at = frames.index(confirmation)
+    assert frames[at + 1 :] == [b"PONG"]  # nothing of the subscription after it
+    assert frames[: at + 1] == [frames[0], *messages, confirmation]
+
+
 async def test_a_subscribed_resp2_connection_may_send_only_pubsub_commands() -> None:
     async with running(size=1) as (_server, port):
         reply = await raw(port, b"SUBSCRIBE events:default\r\nACTIVATE a\r\nPING\r\n")
@@ -1241,7 +1291,8 @@ def test_a_batch_of_messages_is_each_message_s_frame(
 async def test_a_subscriber_that_stops_reading_gets_its_events_in_order_then_overflow() -> None:
     """A RESP subscriber that reads nothing while 15,000 activations (29,999 events) pass:
     what it reads afterwards is the events in revision order, in batched writes, then one
-    ``overflow`` message naming how many it missed; nothing follows on that channel."""
+    ``overflow`` message naming how many it missed, then the ``unsubscribe`` push that
+    ends the subscription; nothing follows on that channel."""
     async with running(size=1) as (server, port):
         pool = server.pools.get("default")
         stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -1262,7 +1313,14 @@ async def test_a_subscriber_that_stops_reading_gets_its_events_in_order_then_ove
                     got.append(json.loads(frame[2]))
         with trio.move_on_after(0.5):
             parser.feed(await stream.receive_some(65536))
-        assert parser.gets() is False  # nothing after the overflow
+        # The subscription ended: one unsubscribe push says so (redis-py then drops the
+        # channel and leaves subscribed mode), and nothing else follows.
+        assert [b"unsubscribe", b"events:default", 0] == parser.gets()
+        assert parser.gets() is False
+        await stream.send_all(b"PING\r\n")  # no longer subscribed: a plain answer
+        with trio.fail_after(5):
+            parser.feed(await read_until(stream, b"PONG"))
+        assert b"PONG" == parser.gets()
         await stream.aclose()
     events, last = got[:-1], got[-1]
     assert events and last["missed"] > 0

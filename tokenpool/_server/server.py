@@ -143,6 +143,7 @@ class _Subscriptions:
         shard: bool = False,
         quiet: bool = False,
     ) -> Any:
+        conn = self.server.connection_of(session)
         table = _table(session, pattern, shard)
         kind = "sunsubscribe" if shard else "punsubscribe" if pattern else "unsubscribe"
         targets = names or list(table)
@@ -150,7 +151,7 @@ class _Subscriptions:
         for name in targets:
             scope = table.pop(name, None)
             if scope is not None:
-                scope.cancel()
+                conn.stop(scope)
             replies.append(_Push([kind, name, _count(session, shard)]))
         if not targets:
             replies.append(_Push([kind, None, 0]))
@@ -239,6 +240,8 @@ class _Connection:
         self.hung_up = False  # the client closed its side while a command waited
         self.fed = False  # bytes were parsed while a command waited: run them before reading
         self.followed = 0  # pools its patterns follow (a forwarder task each)
+        self._sending: trio.CancelScope | None = None  # the subscription writing a frame now
+        self._stop_after_send = False
         self._idle_timeout = server.settings.idle_timeout
 
     async def watch_hangup(self, scope: trio.CancelScope) -> None:
@@ -283,13 +286,35 @@ class _Connection:
         slow = self.parser._slow
         return slow.buffered + len(self.parser._buf)
 
-    async def send(self, data: bytes) -> None:
-        """Send; a write blocked past ``idle_timeout`` drops the connection (slow reader)."""
+    async def send(self, data: bytes, subscription: trio.CancelScope | None = None) -> None:
+        """Send; a write blocked past ``idle_timeout`` drops the connection (slow reader).
+
+        ``subscription``: the cancel scope of the pub/sub forwarder sending (its frames
+        are messages). An UNSUBSCRIBE or RESET ends it with ``stop``, which waits for
+        the end of a frame being written: cut in the middle, the frame would leave the
+        client's parser reading the next replies as the rest of that message."""
         if self.lock is None:
             await self._send(data)
-        else:
-            async with self.lock:
+            return
+        async with self.lock:
+            if subscription is None:
                 await self._send(data)
+                return
+            self._sending = subscription
+            try:
+                await self._send(data)
+            finally:
+                self._sending = None
+                if self._stop_after_send:
+                    self._stop_after_send = False
+                    subscription.cancel()
+
+    def stop(self, subscription: trio.CancelScope) -> None:
+        """End a pub/sub forwarder: at once, or after the frame it is writing."""
+        if subscription is self._sending:
+            self._stop_after_send = True
+        else:
+            subscription.cancel()
 
     async def _send(self, data: bytes) -> None:
         # Only one task sends at a time (the forwarders and the loop share ``lock``, made
@@ -331,7 +356,7 @@ class _Connection:
         try:
             with scope:
                 if pattern:
-                    await self._forward_pattern(name)
+                    await self._forward_pattern(name, scope)
                     return
                 try:
                     pool_name, since = parse_channel(name)
@@ -344,17 +369,26 @@ class _Connection:
                     while pool_name not in pools:
                         new = True
                         if cluster is not None and cluster.route(pool_name) is not None:
-                            await self._slot_left(name, scope, shard)
+                            await self._end_subscription(name, scope, shard)
                             return
                         with trio.move_on_after(math.inf if cluster is None else SLOT_CHECK):
                             await pools.changed()
                     why, followed = await self._forward_pool(
-                        pool_name, since, name, None, shard, from_start=new and since is None
+                        pool_name,
+                        since,
+                        name,
+                        None,
+                        scope,
+                        shard,
+                        from_start=new and since is None,
                     )
+                    if why in ("overflow", "compacted"):
+                        await self._end_subscription(name, scope, shard)
+                        return
                     if why != "closed":
                         return
                     if cluster is not None and cluster.route(pool_name) is not None:
-                        await self._slot_left(name, scope, shard)
+                        await self._end_subscription(name, scope, shard)
                         return
                     served = pools.find(pool_name)
                     if served is not None and served is followed:
@@ -367,11 +401,14 @@ class _Connection:
             if table.get(name) is scope:
                 del table[name]
 
-    async def _slot_left(self, channel: str, scope: trio.CancelScope, shard: bool) -> None:
-        """Cluster mode: the channel's slot is no longer served here (given away, or the
-        lease ran out). As Redis 7 does for a shard channel whose slot moved, the
-        subscription ends with an ``(s)unsubscribe`` push: the client subscribes again,
-        and is sent to the new owner (``MOVED``)."""
+    async def _end_subscription(self, channel: str, scope: trio.CancelScope, shard: bool) -> None:
+        """The server ends a channel's subscription: it overflowed, its replay was
+        compacted (the message saying so went first), or, in cluster mode, the channel's
+        slot is no longer served here (given away, or the lease ran out). As Redis 7 does
+        for a shard channel whose slot moved, an ``(s)unsubscribe`` push says so, so the
+        client's view of what it is subscribed to stays true (redis-py drops the channel,
+        and leaves subscribed mode after the last one). It may subscribe again; in a
+        cluster it is sent to the new owner (``MOVED``)."""
         session = self.session
         table = _table(session, False, shard)
         if table.get(channel) is scope:
@@ -385,7 +422,7 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await self.stream.aclose()
 
-    async def _forward_pattern(self, pattern: str) -> None:
+    async def _forward_pattern(self, pattern: str, scope: trio.CancelScope) -> None:
         import fnmatch
 
         pools = self.server.pools
@@ -397,7 +434,7 @@ class _Connection:
             try:
                 while True:
                     why, followed = await self._forward_pool(
-                        pool_name, None, channel, pattern, from_start=new
+                        pool_name, None, channel, pattern, scope, from_start=new
                     )
                     if why != "closed":
                         return
@@ -423,6 +460,7 @@ class _Connection:
                             await self._message(
                                 channel,
                                 pattern,
+                                scope,
                                 json.dumps(
                                     {
                                         "kind": "overflow",
@@ -444,6 +482,7 @@ class _Connection:
         since: int | None,
         channel: str,
         pattern: str | None,
+        subscription: trio.CancelScope,
         shard: bool = False,
         *,
         from_start: bool = False,
@@ -472,6 +511,7 @@ class _Connection:
             await self._message(
                 channel,
                 pattern,
+                subscription,
                 json.dumps(
                     {
                         "kind": "compacted",
@@ -491,13 +531,14 @@ class _Connection:
                     except StopAsyncIteration:
                         break
                     head = _message_head(channel, pattern, shard, self.session.proto)
-                    await self.send(b"".join(_framed(head, p) for p in payloads))
+                    await self.send(b"".join(_framed(head, p) for p in payloads), subscription)
                 if events.overflowed:
                     return "overflow", pool
         except CompactedError as error:
             await self._message(
                 channel,
                 pattern,
+                subscription,
                 json.dumps({"kind": "compacted", "oldest": error.oldest, "message": str(error)}),
                 shard,
             )
@@ -510,10 +551,15 @@ class _Connection:
         return "closed", pool
 
     async def _message(
-        self, channel: str, pattern: str | None, payload: str, shard: bool = False
+        self,
+        channel: str,
+        pattern: str | None,
+        subscription: trio.CancelScope,
+        payload: str,
+        shard: bool = False,
     ) -> None:
         head = _message_head(channel, pattern, shard, self.session.proto)
-        await self.send(_framed(head, payload.encode()))
+        await self.send(_framed(head, payload.encode()), subscription)
 
 
 async def _listen(host: str, port: int) -> list[trio.SocketListener]:
