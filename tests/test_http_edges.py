@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import pytest
 
 from tests.test_http import api, error_of, metric, read_events, serving
 
@@ -209,14 +210,22 @@ def test_a_last_event_id_that_is_not_a_revision_is_422() -> None:
 # -- 11. resuming past the server's revision ------------------------------------------------
 
 
-def test_resuming_past_a_restarted_memory_server_says_compacted() -> None:
+@pytest.mark.parametrize("offset", [-1_000_000, 50])
+def test_resuming_past_a_restarted_memory_server_says_compacted(offset: int) -> None:
+    """A memory-only server keeps no events across a restart. A revision of the server
+    before it (below this one's first: its revisions start at the wall clock's
+    microseconds), or one ahead of it (the clock was set back), is answered
+    ``compacted`` with the oldest revision to resume from, never replayed as if it
+    were a place in this server's history."""
     with api() as client:
         current = client.post("/api/tokens/activate", json={"user_id": "a"}).json()["data"]
-        with client.stream("GET", "/api/events", headers={"last-event-id": "50"}) as stream:
+        since = str(current["revision"] + offset)
+        with client.stream("GET", "/api/events", headers={"last-event-id": since}) as stream:
             (message,) = read_events(stream, 1)
         assert "compacted" == message.get("event")
-        # resume after the server's current revision, as a compacted stream says
-        assert current["revision"] + 1 == message["data"]["oldest"]
+        # below: resume from the oldest event held (this server's first); ahead: after
+        # the server's current revision
+        assert current["revision"] + (offset > 0) == message["data"]["oldest"]
 
 
 # -- 12. bounds ----------------------------------------------------------------------------------

@@ -364,3 +364,29 @@ async def test_a_replay_counts_against_the_subscriber_buffer() -> None:
                 if len(got) == 10:
                     break
         assert [f"u{n}" for n in range(20, 30)] == got
+
+
+async def test_a_memory_pool_created_again_continues_above_the_dropped_ones_revisions(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """No store: a pool dropped and created again under its name starts its revisions
+    above the old pool's (as a stored pool's epoch does), so a watch resuming from the
+    old pool's revision is told its events are gone (``CompactedError``) instead of
+    being taken for a place in the new pool's history. The same holds across restarts:
+    a memory pool's first revision is the wall clock's microseconds. (A clock fixed at
+    the start, which does not move here: only the dropped pool's revision can lift the
+    new one's.)"""
+    settings = tokenpool.PoolSettings(size=2, ttl=60)
+    async with tokenpool.open_pools(declared={"p": settings}, clock=Clock(T0)) as pools:
+        old = pools.get("p")
+        for user in ("a", "b", "c", "d", "e"):
+            await old.activate(user)
+        reached = old.statistics().stats.revision
+        await pools.drop("p")
+        new = await pools.create("p", settings)
+        assert new.statistics().stats.revision >= reached
+        lease = await new.activate("x")
+        assert lease.fence > reached
+        with pytest.raises(tokenpool.CompactedError):
+            async with new.watch(since=reached - 2):
+                pass

@@ -566,6 +566,9 @@ class Pools:
         self._analyst: Analyst | None = None
         self._lock = trio.Lock()
         self._changed = trio.Event()
+        # Memory store: the revision each dropped pool reached, by name, so a pool
+        # created again under that name starts above it (see ``_memory_start``).
+        self._reached: dict[str, int] = {}
         self.lost = 0  # changes not written at shutdown
         # The per-second and per-minute figures of the pools (``_series.SeriesBook``), while
         # something samples them (the HTTP side of ``tokenpool serve``); None otherwise.
@@ -715,7 +718,11 @@ class Pools:
         clock = self._clock.fork() if self._clock is not None else Clock()
         if link is None:
             clock.start()
-            state = PoolState(settings, history_memory=c.history_memory)
+            state = PoolState(
+                settings,
+                history_memory=c.history_memory,
+                revision=max(clock.now_us(), self._reached.get(name, 0)),
+            )
             state.resize(min(settings.size, GROW_STEP) if grow else settings.size, clock.now_us())
             state.changes = []
             return await self._serve(name, settings, state, clock, None, None)
@@ -879,6 +886,8 @@ class Pools:
 
     async def _stop(self, name: str) -> None:
         pool = self._pools.pop(name)
+        if self._link is None:
+            self._reached[name] = pool._core.actor.state.revision
         pool._core.actor.close()
         pool._core.hub.close()
         await self._done.pop(name).wait()
