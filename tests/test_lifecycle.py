@@ -253,3 +253,28 @@ def test_a_client_that_stops_reading_does_not_hold_shutdown_and_a_second_signal_
     assert took < 5, f"shutdown took {took:.1f} s"
     assert any(e.get("event") == "signal_again" for e in server.log)
     assert 0 == code
+
+
+def test_an_altered_default_pool_keeps_its_settings_across_a_restart(tmp_path: Path) -> None:
+    """``tokenpool serve`` with no setting of its pool given: the defaults only create
+    it. A ``POOL ALTER`` acknowledged before a stop is what the pool has after the
+    restart (it used to be resized back to the defaults); a setting given on the
+    command line still wins."""
+    url = f"sqlite:///{tmp_path / 'pool.db'}"
+
+    def size_after_start(*args: str) -> int:
+        with serving("--dsn", url, *args) as server:
+            r = client(server)
+            size = int(r.execute_command("TP.STATS", "default")["size"])
+            assert {"size": str(size)} == r.config_get("size")  # what it has, not the default
+            assert 0 == server.stop()
+        return size
+
+    with serving("--dsn", url) as server:
+        r = client(server)
+        assert 100 == int(r.execute_command("TP.STATS", "default")["size"])
+        assert "OK" == r.execute_command("POOL", "ALTER", "default", "SIZE", "2", "TTL", "30")
+        assert 0 == server.stop()
+    assert 2 == size_after_start()
+    assert 3 == size_after_start("--size", "3")
+    assert 3 == size_after_start()

@@ -376,6 +376,10 @@ class Config:
     values: dict[str, Any]
     pools: dict[str, PoolSettings]
     warnings: list[str]
+    # Whether any setting of the ``--name`` pool was given (flags, environment, the
+    # file). If none was, its settings are only the defaults for creating it: a store
+    # that holds the pool keeps the settings it has (a POOL ALTER survives a restart).
+    default_given: bool = True
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -488,6 +492,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         for o in ("size", "ttl", "when_full", "min_hold", "max_lifetime")
     )
     name = values["name"]
+    default_given = name in pools or flags_given
     if name not in pools or flags_given:
         base = pools.get(name, PoolSettings())
         changes = {
@@ -505,7 +510,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         }
         pools[name] = PoolSettings.make(**changes)
         pools = {name: pools[name], **{k: v for k, v in pools.items() if k != name}}
-    return Config(values, pools, warnings)
+    return Config(values, pools, warnings, default_given)
 
 
 def _toml_kind(value: object) -> str:
@@ -760,10 +765,16 @@ async def serve(config: Config) -> int:
                 write_timeout=config.write_timeout,
                 shutdown_timeout=config.shutdown_timeout,
                 # cluster mode: a node serves the pools of the slots it takes, later
-                declared=None if clustered else config.pools,
+                declared=None if clustered else _declared(config),
                 restore=not clustered,
             ) as pools:
                 served_pools.append(pools)
+                if not clustered and config.name not in pools:  # new, with the defaults
+                    await pools.create(config.name, config.pools[config.name])
+                if config.name in pools:  # CONFIG GET: what it has (the store's, if kept)
+                    live = pools.get(config.name).settings
+                    shown.update(size=str(live.size), ttl=f"{live.ttl:g}")
+                    shown["when-full"] = live.when_full
                 if hurry.is_set():
                     pools.hurry(HURRY_SECONDS)
                 # Everything made so far (modules, pools, tokens) lives as long as the
@@ -872,6 +883,16 @@ def _cluster_node(config: Config, pools: Any) -> Any:
         Directory(config.dsn, timeout=config.cluster_validity),
         declared=config.pools,
     )
+
+
+def _declared(config: Config) -> dict[str, PoolSettings]:
+    """The pools served with the settings the configuration gives them (changed in the
+    store if they differ): the ``--name`` pool only if a setting of it was given."""
+    return {
+        name: settings
+        for name, settings in config.pools.items()
+        if name != config.name or config.default_given
+    }
 
 
 def _peers(node: Any) -> Any:
