@@ -566,9 +566,10 @@ class Pools:
         self._analyst: Analyst | None = None
         self._lock = trio.Lock()
         self._changed = trio.Event()
-        # Memory store: the revision each dropped pool reached, by name, so a pool
-        # created again under that name starts above it (see ``_memory_start``).
-        self._reached: dict[str, int] = {}
+        # Memory store: the highest revision a dropped pool reached, so a pool created
+        # later (under that name or any: one number, however many pools come and go)
+        # starts above it, even when the clock has not moved past it.
+        self._reached = 0
         self.lost = 0  # changes not written at shutdown
         # The per-second and per-minute figures of the pools (``_series.SeriesBook``), while
         # something samples them (the HTTP side of ``tokenpool serve``); None otherwise.
@@ -721,7 +722,7 @@ class Pools:
             state = PoolState(
                 settings,
                 history_memory=c.history_memory,
-                revision=max(clock.now_us(), self._reached.get(name, 0)),
+                revision=max(clock.now_us(), self._reached),
             )
             state.resize(min(settings.size, GROW_STEP) if grow else settings.size, clock.now_us())
             state.changes = []
@@ -887,7 +888,7 @@ class Pools:
     async def _stop(self, name: str) -> None:
         pool = self._pools.pop(name)
         if self._link is None:
-            self._reached[name] = pool._core.actor.state.revision
+            self._reached = max(self._reached, pool._core.actor.state.revision)
         pool._core.actor.close()
         pool._core.hub.close()
         await self._done.pop(name).wait()
