@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 from .. import _ops as ops
+from .._glob import check_pattern, matcher
 from .._model import LeaseRecord
 from .._settings import TOKENS_MAX, check_listing
 from ._base import ITEM_COST, PoolRequest
@@ -157,7 +157,7 @@ class Scan(PoolRequest):
         self.pool = pool
         self.cursor = cursor
         self.count = count
-        self.match = match
+        self.match = None if match is None else check_pattern(match, "MATCH")
 
     @property
     def cost(self) -> int:  # type: ignore[override]
@@ -171,5 +171,6 @@ class Scan(PoolRequest):
         names = core.names
         ids = [names(slot) for slot, _ in pairs]
         if self.match is not None:
-            ids = [i for i in ids if fnmatch.fnmatchcase(i, self.match)]
+            matches = matcher(self.match)
+            ids = [i for i in ids if matches(i)]
         return TokenIds(cursor, ids)

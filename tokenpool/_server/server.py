@@ -45,6 +45,7 @@ from .._commands import (
     run_batch,
 )
 from .._errors import CompactedError, InvalidArgumentError, TokenPoolError, lone_error
+from .._glob import matcher
 from .._log import get_logger
 from .._metrics import Latencies
 from .._model import COUNTERS, Stats, iso, to_us
@@ -423,9 +424,8 @@ class _Connection:
                 await self.stream.aclose()
 
     async def _forward_pattern(self, pattern: str, scope: trio.CancelScope) -> None:
-        import fnmatch
-
         pools = self.server.pools
+        matches = matcher(pattern)  # (checked by PSUBSCRIBE)
         seen: set[str] = set()
         first = True  # the pools served when the pattern was subscribed: from now on
 
@@ -452,7 +452,7 @@ class _Connection:
             while True:
                 for pool_name in pools.names():
                     channel = f"events:{pool_name}"
-                    if pool_name not in seen and fnmatch.fnmatchcase(channel, pattern):
+                    if pool_name not in seen and matches(channel):
                         if self.followed >= MAX_FOLLOWED:
                             # A task and a buffer per pool followed: bounded per connection.
                             # Say so once and stop following more (as an overflow ends a

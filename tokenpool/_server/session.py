@@ -11,7 +11,6 @@ it: the pool is named in the command, or it is the server's default pool.
 
 from __future__ import annotations
 
-import fnmatch
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
@@ -28,6 +27,7 @@ from .._commands import (
     parse_channel,
 )
 from .._errors import TokenPoolError
+from .._glob import check_pattern, matcher
 from .._pool import PoolCore
 from .._resp import OK, Error, Reply, Simple
 from .._settings import NODE_USER
@@ -377,6 +377,9 @@ def _route_channels(cluster: Any, pools: list[str]) -> Error | None:
 
 @command("PSUBSCRIBE", 1, 32, "Follow the events of every pool matching a pattern")
 def _psubscribe(p: Planner, session: Session, args: list[str]) -> Any:
+    for pattern in args:
+        check_pattern(pattern, "a PSUBSCRIBE pattern")
+
     async def run() -> Any:
         return await p.subscriber.subscribe(session, args, pattern=True)
 
@@ -563,8 +566,8 @@ def _info(p: Planner, session: Session, args: list[str]) -> Any:
 def _config(p: Planner, session: Session, args: list[str]) -> Any:
     sub = args[0].upper()
     if sub == "GET" and len(args) == 2:
-        pattern = args[1].lower()
-        return {k: v for k, v in p.config.items() if fnmatch.fnmatchcase(k, pattern)}
+        matches = matcher(args[1].lower())
+        return {k: v for k, v in p.config.items() if matches(k)}
     if sub == "SET":
         return Error(
             "ERR", "CONFIG SET is not supported: restart tokenpool serve with new settings"
