@@ -851,6 +851,50 @@ async def test_multi_exec_is_one_atomic_batch_as_redis_py_sends_it() -> None:
         assert reply == b"+OK\r\n+QUEUED\r\n+OK\r\n$-1\r\n"
 
 
+async def test_any_command_refused_while_queuing_aborts_the_transaction() -> None:
+    """Not only a wrong arity: a bad argument, a command the user may not run, each
+    refused while queuing makes EXEC answer EXECABORT, and nothing queued runs (an
+    ACTIVATE queued before them was granted). INFO inside MULTI is answered at EXEC
+    (it once closed the connection); RESET inside MULTI discards the transaction."""
+    async with running(size=3, admin_password="root") as (_server, port):
+
+        def scenario() -> None:
+            r = client(port)
+            for bad in (
+                ("TP.ACTIVATE", "default", "b1", "WAIT", "-1"),  # an argument out of range
+                ("TP.ACTIVATE", "default", "b2", "WAIT"),  # an option without its value
+                ("TP.CLEAR", "default"),  # NOPERM: not the admin
+            ):
+                pipe = r.pipeline()  # MULTI ... EXEC
+                pipe.execute_command("TP.ACTIVATE", "default", "queued")
+                pipe.execute_command(*bad)
+                with pytest.raises(redis.ResponseError):  # (redis-py names the first error)
+                    pipe.execute()
+                assert r.execute_command("TP.LEASE", "default", "queued") is None, bad
+            pipe = r.pipeline()
+            pipe.execute_command("INFO", "server")
+            pipe.execute_command("TP.ACTIVATE", "default", "x")
+            info, lease = pipe.execute()
+            assert "tokenpool_version" in str(info) or "redis_version" in str(info)
+            assert "x" == as_dict(lease)["user_id"]
+
+        await in_thread(scenario)
+        reply = await raw(
+            port,
+            b"MULTI\r\nTP.ACTIVATE default y\r\nRESET\r\nEXEC\r\nTP.LEASE default y\r\nQUIT\r\n",
+            read_until_close=True,
+        )
+        assert b"+OK\r\n+QUEUED\r\n+RESET\r\n-ERR EXEC without MULTI\r\n$-1\r\n+OK\r\n" == reply
+        reply = await raw(
+            port,
+            b"MULTI\r\nTP.ACTIVATE default z\r\nTP.CLEAR default\r\nEXEC\r\nQUIT\r\n",
+            read_until_close=True,
+        )
+        assert reply.startswith(b"+OK\r\n+QUEUED\r\n-NOPERM ") and reply.endswith(
+            b"-EXECABORT Transaction discarded because of previous errors.\r\n+OK\r\n"
+        )
+
+
 async def test_commands_without_a_pool_use_the_flags_pool_and_reset_ends_admin() -> None:
     async with running(size=2, name="gpu", admin_password="root") as (_server, port):
 

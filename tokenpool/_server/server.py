@@ -1085,6 +1085,11 @@ class RespServer:
         for plan in tx.plans:
             if type(plan) is Pending:
                 replies.append(await self._reply(plan, next(results)))
+            elif type(plan) is Action:  # a connection command that runs alone (INFO)
+                try:
+                    replies.append(await plan.run())
+                except TokenPoolError as error:
+                    replies.append(error_reply(error))
             else:
                 replies.append(plan)
         # One array reply; its listings are encoded slice by slice with checkpoints, as

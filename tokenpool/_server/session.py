@@ -178,19 +178,21 @@ class Planner:
                 "NOPERM",
                 "a cluster node's connection sends VIA and follows events, nothing else",
             )
+        queueing = session.multi is not None and not session.executing
         try:
             request = table.build(name, argv, self.default_pool)
         except TokenPoolError as error:
-            if isinstance(error, table.ArityError):
-                session.multi_failed = session.multi is not None and not session.executing
+            # As Redis: any command refused while queuing (arity, an argument, a
+            # permission, MOVED) makes EXEC answer EXECABORT, so nothing queued runs.
+            session.multi_failed |= queueing
             return self._refused(error)
         if request is None:
             return self._connection_command(name, argv, session)
         client = session.client
-        queueing = session.multi is not None and not session.executing
         try:
             self.gate.admit(client, request, counted=not session.executing)
         except TokenPoolError as error:
+            session.multi_failed |= queueing
             return self._refused(error)
         if session.subscribed and session.proto == 2:
             return self._subscribed_only(argv)
@@ -200,6 +202,7 @@ class Planner:
             if pool is not None:
                 elsewhere = cluster.route(pool)
                 if elsewhere is not None:
+                    session.multi_failed |= queueing
                     return self._refused(elsewhere)
         if queueing:
             return self._queue(name, argv, session, request)
@@ -258,8 +261,10 @@ class Planner:
             try:
                 self.gate.admit(session.client, None, counted=not session.executing)
             except TokenPoolError as error:
+                session.multi_failed |= queueing
                 return self._refused(error)
-        if queueing and name not in ("EXEC", "DISCARD", "MULTI", "QUIT"):
+        # RESET runs at once inside MULTI too, and discards the transaction (as Redis).
+        if queueing and name not in ("EXEC", "DISCARD", "MULTI", "QUIT", "RESET"):
             return self._queue(name, argv, session, None)
         if session.subscribed and session.proto == 2 and name not in SUBSCRIBED_OK:
             return self._subscribed_only(argv)
