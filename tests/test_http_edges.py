@@ -351,3 +351,15 @@ def test_a_body_that_is_not_json_is_said_so_in_words() -> None:
             assert (422, "INVALID") == error_of(response)
             message = response.json()["error"]["message"]
             assert message.startswith("the body is not valid JSON at character"), message
+
+
+def test_a_body_nested_past_the_parsers_depth_is_refused_not_a_server_error() -> None:
+    """2 KB of nested arrays blew Python's JSON parser's recursion in the fast path in
+    front of FastAPI: a 500 with an empty body. It is the same 422 as any bad body."""
+    body = b'{"user_id": "deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with api() as client:
+        response = client.post(
+            "/api/tokens/activate", content=body, headers={"content-type": "application/json"}
+        )
+        assert (422, "INVALID") == error_of(response)
+        assert 200 == client.post("/api/tokens/activate", json={"user_id": "a"}).status_code
