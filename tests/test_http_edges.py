@@ -363,3 +363,15 @@ def test_a_body_nested_past_the_parsers_depth_is_refused_not_a_server_error() ->
         )
         assert (422, "INVALID") == error_of(response)
         assert 200 == client.post("/api/tokens/activate", json={"user_id": "a"}).status_code
+
+
+def test_a_path_that_is_not_utf8_is_refused_not_read_as_another_user() -> None:
+    """``%ff`` in a path was decoded to U+FFFD, so ``/api/users/%ff/lease`` read the
+    lease of the user called "\\ufffd". As RESP refuses an argument that is not UTF-8,
+    such a path is 422; the user "\\ufffd" itself, sent as its UTF-8, is still served."""
+    with api() as client:
+        lease = client.post("/api/tokens/activate", json={"user_id": "\ufffd"}).json()["data"]
+        assert (422, "INVALID") == error_of(client.get("/api/users/%ff/lease"))
+        assert (422, "INVALID") == error_of(client.get("/api/users/%fe%fd/history"))
+        mine = client.get("/api/users/%EF%BF%BD/lease")
+        assert 200 == mine.status_code and lease["id"] == mine.json()["data"]["id"]

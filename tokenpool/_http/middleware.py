@@ -4,6 +4,7 @@ in flight counted, each request timed under its route's name."""
 from __future__ import annotations
 
 import time
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -50,7 +51,12 @@ class Outer:
             elif name == b"transfer-encoding":
                 chunked = True
         refusal = None
-        if chunked and length is not None:
+        if "\ufffd" in scope["path"] and not _utf8_path(scope):
+            # The server decodes a path's %XX bytes with errors="replace": %ff would name
+            # the user "\ufffd" (another user's data). RESP refuses bytes that are not
+            # UTF-8; so does this.
+            refusal = ("INVALID", "the request's path is not valid UTF-8 once %-decoded")
+        elif chunked and length is not None:
             refusal = (
                 "BADFRAMING",
                 "a request may not have both Content-Length and Transfer-Encoding",
@@ -89,6 +95,18 @@ class Outer:
         with anyio.move_on_after(self.body_timeout):
             return await _read_body(receive)
         return slow_body(self.body_timeout)
+
+
+def _utf8_path(scope: Scope) -> bool:
+    """Whether the raw path's %-decoded bytes are UTF-8 (a U+FFFD then was sent as such)."""
+    raw = scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        return True  # (nothing to tell by: as the server decoded it)
+    try:
+        urllib.parse.unquote_to_bytes(raw.split(b"?", 1)[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _read_body(receive: Receive) -> bytes | tuple[str, str] | None:
