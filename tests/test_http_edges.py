@@ -375,3 +375,26 @@ def test_a_path_that_is_not_utf8_is_refused_not_read_as_another_user() -> None:
         assert (422, "INVALID") == error_of(client.get("/api/users/%fe%fd/history"))
         mine = client.get("/api/users/%EF%BF%BD/lease")
         assert 200 == mine.status_code and lease["id"] == mine.json()["data"]["id"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"size": "1_000", "ttl": 60},
+        {"size": " 4", "ttl": 60},
+        {"size": True, "ttl": 60},
+        {"size": 4, "ttl": True},
+        {"size": 4, "ttl": "1_0"},
+        {"size": 4, "ttl": 60, "min_hold": "1e1"},
+    ],
+)
+def test_numbers_in_a_body_are_json_numbers(bad: dict[str, object]) -> None:
+    """Pydantic's lax mode made "1_000", " 4", "1e1" and true numbers; every other way
+    in (flags, environment, the file, RESP) refuses them: so does a body now."""
+    with api() as client:
+        assert (422, "INVALID") == error_of(client.post("/api/pools", json={"name": "p", **bad}))
+        assert 404 == client.get("/api/pools/p").status_code  # nothing was made
+        refused = client.post("/api/tokens/activate", json={"user_id": "w", "wait": "1_0"})
+        assert (422, "INVALID") == error_of(refused)
+        made = client.post("/api/pools", json={"name": "p", "size": 4, "ttl": 60.5})
+        assert made.status_code in (200, 201), made.text

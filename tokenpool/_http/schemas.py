@@ -271,6 +271,11 @@ ErrorCodes: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Numbers in a body are JSON numbers (``strict``): pydantic's lax mode took "1_000", " 4",
+# "1e1" and true for numbers, which every other way in (flags, environment, the file,
+# RESP) refuses, as the settings' rule says (ASCII digits only, in text).
+
+
 class ActivateIn(_Model):
     user_id: str = Field(
         description="who takes a token: at most 128 bytes of UTF-8, no space or control character",
@@ -280,6 +285,7 @@ class ActivateIn(_Model):
     )
     wait: float | None = Field(
         None,
+        strict=True,
         ge=WAIT.low,
         le=WAIT.high,
         allow_inf_nan=False,
@@ -306,20 +312,24 @@ _NO_CAP = "seconds; 0 or null: no cap"
 
 class PoolIn(_Model):
     name: str = Field(pattern=POOL_PATTERN)
-    size: int = Field(ge=SIZE.low, le=SIZE.high)
-    ttl: float = Field(ge=TTL.low, le=TTL.high, allow_inf_nan=False)
+    size: int = Field(ge=SIZE.low, le=SIZE.high, strict=True)
+    ttl: float = Field(ge=TTL.low, le=TTL.high, allow_inf_nan=False, strict=True)
     when_full: WhenFull = WhenFull.EVICT
-    min_hold: float = Field(0.0, ge=MIN_HOLD.low, le=MIN_HOLD.high, allow_inf_nan=False)
+    min_hold: float = Field(
+        0.0, ge=MIN_HOLD.low, le=MIN_HOLD.high, allow_inf_nan=False, strict=True
+    )
     max_lifetime: float | None = Field(
-        None, ge=0, le=MAX_LIFETIME.high, allow_inf_nan=False, description=_NO_CAP
+        None, ge=0, le=MAX_LIFETIME.high, allow_inf_nan=False, strict=True, description=_NO_CAP
     )
 
 
 class PoolChange(_Model):
-    size: int | None = Field(None, ge=SIZE.low, le=SIZE.high)
-    ttl: float | None = Field(None, ge=TTL.low, le=TTL.high, allow_inf_nan=False)
+    size: int | None = Field(None, ge=SIZE.low, le=SIZE.high, strict=True)
+    ttl: float | None = Field(None, ge=TTL.low, le=TTL.high, allow_inf_nan=False, strict=True)
     when_full: WhenFull | None = None
-    min_hold: float | None = Field(None, ge=MIN_HOLD.low, le=MIN_HOLD.high, allow_inf_nan=False)
+    min_hold: float | None = Field(
+        None, ge=MIN_HOLD.low, le=MIN_HOLD.high, allow_inf_nan=False, strict=True
+    )
     max_lifetime: float | None = Field(
-        None, ge=0, le=MAX_LIFETIME.high, allow_inf_nan=False, description=_NO_CAP
+        None, ge=0, le=MAX_LIFETIME.high, allow_inf_nan=False, strict=True, description=_NO_CAP
     )
