@@ -383,3 +383,13 @@ def test_a_taken_port_is_said_before_the_store_is_touched(tmp_path: Path) -> Non
     assert "cannot_start" in events
     assert "store_process_started" not in events, events
     assert not (tmp_path / "p.db").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "0.0001", "abc", "inf"])
+def test_a_bad_rate_is_named_as_a_rate_not_as_seconds(value: str) -> None:
+    args = build_parser().parse_args(["serve", f"--rate-limit={value}"])
+    with pytest.raises(InvalidArgumentError) as caught:
+        load_config(args, {})
+    message = str(caught.value)
+    assert "--rate-limit must be 0 (off) or a number a second" in message
+    assert "seconds" not in message and value in message

@@ -166,12 +166,20 @@ def _store(value: Any, what: str) -> str | None:
 
 
 def _rate(value: Any, what: str) -> float:
-    if isinstance(value, str):
-        rate = parse_seconds(value.strip(), what, 0.0, 1e9)
-    else:
-        rate = check_seconds(value, what, 0.0, 1e9)
-    if 0 < rate < 0.001:
-        raise InvalidArgumentError(f"{what} must be 0 (off) or from 0.001 to 1e9, not {rate:g}")
+    """A rate a second: 0 (off), or from 0.001 to 1e9 (the message says a rate, not the
+    seconds the number parser it borrows would name)."""
+    try:
+        if isinstance(value, str):
+            rate = parse_seconds(value.strip(), what, 0.0, 1e9)
+        else:
+            rate = check_seconds(value, what, 0.0, 1e9)
+    except InvalidArgumentError:
+        rate = -1.0
+    if rate < 0 or 0 < rate < 0.001:
+        shown = repr(value)[:40]
+        raise InvalidArgumentError(
+            f"{what} must be 0 (off) or a number a second from 0.001 to 1e9, not {shown}"
+        )
     return rate
 
 

@@ -153,7 +153,9 @@ def _report(pool: str, args: list[str]) -> Request:
         raw = opts.get(key, str(default))
         if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
             shown = raw if len(raw) <= 20 else raw[:20] + "..."
-            raise InvalidArgumentError(f"{key} must be a whole number, not {shown!r}")
+            raise InvalidArgumentError(
+                f"{key} must be a whole number from 0 to 999,999,999, not {shown!r}"
+            )
         numbers[key] = int(raw)
     return Report(
         pool, args[0].lower(), since, until, numbers["LIMIT"], numbers["CURSOR"], opts.get("SORT")
