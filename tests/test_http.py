@@ -223,7 +223,9 @@ def test_bearer_password_guards_every_api_call() -> None:
             200
             == client.post("/api/tokens/activate", json={"user_id": "a"}, headers=user).status_code
         )
-        assert (403, "NOPERM") == error_of(client.post("/api/tokens/clear", headers=user))
+        refused = client.post("/api/tokens/clear", headers=user)
+        assert (403, "NOPERM") == error_of(refused)
+        assert "Authorization: Bearer <admin password>" in refused.json()["error"]["message"]
         assert 200 == client.post("/api/tokens/clear", headers=admin).status_code
         assert 200 == client.get("/healthz").status_code  # probes need no password
         assert 200 == client.get("/metrics").status_code

@@ -178,7 +178,8 @@ class Gate:
             and client.user != "admin"
         ):
             raise NoPermError(
-                "this command needs the admin user: AUTH admin <password> (--admin-password)"
+                "this command needs the admin user (--admin-password): over RESP AUTH admin"
+                " <password>, over HTTP Authorization: Bearer <admin password>"
             )
         if counted:
             self.spend(client, request)
