@@ -393,3 +393,29 @@ def test_a_bad_rate_is_named_as_a_rate_not_as_seconds(value: str) -> None:
     message = str(caught.value)
     assert "--rate-limit must be 0 (off) or a number a second" in message
     assert "seconds" not in message and value in message
+
+
+def test_the_http_servers_own_errors_are_json_lines_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """uvicorn logs an unexpected error of the app ("Exception in ASGI application", a
+    traceback) on its own logger: a worker wrote it as plain text past the JSON lines."""
+    import logging
+
+    from tokenpool._cli import configure_logging
+
+    loggers = [logging.getLogger(n) for n in ("tokenpool", "uvicorn", "hypercorn")]
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    try:
+        configure_logging("info", "json")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+        lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    finally:
+        for lg, (handlers, propagate, level) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
+            lg.setLevel(level)
+    (line,) = lines  # one JSON line, the traceback inside it
+    record = json.loads(line)
+    assert "Exception in ASGI application" == record["event"]
+    assert "RuntimeError: boom" in record["exception"]

@@ -568,6 +568,13 @@ def configure_logging(level: str, fmt: str) -> None:
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)] + [handler]
     root.setLevel(getattr(logging, level.upper()))
     root.propagate = False
+    # The HTTP servers' own lines (uvicorn's "Exception in ASGI application" with its
+    # traceback, in a worker) go through the same handler: JSON too, never Python's
+    # plain-text last resort.
+    for name in ("uvicorn", "hypercorn"):
+        server = logging.getLogger(name)
+        server.handlers = [handler]
+        server.propagate = False
 
 
 def _allowed_hosts(config: Config) -> frozenset[str] | None:
