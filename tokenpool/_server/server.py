@@ -562,6 +562,15 @@ class _Connection:
         await self.send(_framed(head, payload.encode()), subscription)
 
 
+async def _acted(action: Action) -> Any:
+    """What an Action answers: its reply, or its refusal's (never the connection's end),
+    in a pipeline and inside EXEC alike."""
+    try:
+        return await action.run()
+    except TokenPoolError as error:
+        return error_reply(error)
+
+
 async def _listen(host: str, port: int) -> list[trio.SocketListener]:
     """The listeners, or one clear ``InvalidArgumentError`` naming the port (a library
     user gets the same sentence as the command line, not a bare ``OSError``)."""
@@ -928,10 +937,7 @@ class RespServer:
                         if conn.hung_up:
                             return
                     else:
-                        try:
-                            reply = await plan.run()
-                        except TokenPoolError as error:
-                            reply = error_reply(error)
+                        reply = await _acted(plan)
                     # in the protocol in force after it (HELLO 3 AUTH answers in RESP3)
                     await self._send_reply(conn, reply, session.proto, argv[0].upper())
                 else:
@@ -1086,10 +1092,7 @@ class RespServer:
             if type(plan) is Pending:
                 replies.append(await self._reply(plan, next(results)))
             elif type(plan) is Action:  # a connection command that runs alone (INFO)
-                try:
-                    replies.append(await plan.run())
-                except TokenPoolError as error:
-                    replies.append(error_reply(error))
+                replies.append(await _acted(plan))
             else:
                 replies.append(plan)
         # One array reply; its listings are encoded slice by slice with checkpoints, as
