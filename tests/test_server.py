@@ -211,6 +211,38 @@ async def test_errors_name_what_was_wrong_and_keep_the_connection(
         await in_thread(scenario)
 
 
+async def test_a_wrong_subcommand_is_redis_err_and_names_what_was_wrong() -> None:
+    """Redis answers ERR to an unknown subcommand or a wrong count in every family; a
+    client name is printable ASCII without spaces (it would split a line listing
+    clients); COMMAND LIST FILTERBY filters."""
+    async with running() as (_server, port):
+        for command in (b"POOL DROP", b"POOL INFO a b", b"POOL NOSUCH", b"CLIENT NOSUCH"):
+            reply = await raw(port, command + b"\r\n")
+            assert reply.startswith(b"-ERR unknown subcommand or wrong number"), (command, reply)
+
+        def scenario() -> None:
+            r = client(port)
+            for name in ("a b", "a\nb", "caf\u00e9", "x" * 129):
+                with pytest.raises(redis.ResponseError, match=r"[Cc]lient name"):
+                    r.client_setname(name)
+                with pytest.raises(redis.ResponseError, match=r"[Cc]lient name"):
+                    r.execute_command("HELLO", "2", "SETNAME", name)
+            assert r.client_getname() is None  # nothing refused was kept
+            assert r.client_setname("worker-7:" + "x" * 119)
+            assert "worker-7:" + "x" * 119 == r.client_getname()
+            listed = r.command_list(pattern="tp.*")
+            assert listed and all(name.startswith("tp.") for name in listed)
+            assert "tp.activate" in listed and "ping" not in listed
+            assert [] == r.command_list(module="json")
+            assert len(r.command_list()) > len(listed)
+
+        # (raw: redis-py's reply callback would parse COMMAND's error as a list)
+        reply = await raw(port, b"COMMAND LIST FILTERBY NAME x\r\n")
+        assert reply.startswith(b"-ERR COMMAND LIST FILTERBY takes MODULE, ACLCAT or PATTERN")
+
+        await in_thread(scenario)
+
+
 async def test_holder_errors() -> None:
     async with running(size=1) as (_server, port):
 

@@ -218,7 +218,7 @@ def _pool(_: str, args: list[str]) -> Request:
             "POOL USE is gone: a command means the same on every connection. Name the pool"
             " in the command (TP.ACTIVATE <pool> <user_id>, TP.RELEASE <pool> ...)"
         )
-    raise InvalidArgumentError(
+    raise ArityError(  # Redis's ERR, as every other subcommand's family answers
         f"unknown subcommand or wrong number of arguments for 'POOL|{args[0][:20]}';"
         " try CREATE, ALTER, LIST, INFO, DROP"
     )

@@ -470,8 +470,10 @@ def _hello(p: Planner, session: Session, args: list[str]) -> Any:
             auth = (rest[1], rest[2])
             rest = rest[3:]
         elif option == "SETNAME" and len(rest) >= 2:
-            name = rest[1][:128]
+            name = rest[1]
             rest = rest[2:]
+            if (wrong := _bad_client_name(name)) is not None:
+                return wrong
         else:
             return Error("ERR", f"syntax error in HELLO option '{rest[0][:40]}'")
 
@@ -538,11 +540,30 @@ def _select(p: Planner, session: Session, args: list[str]) -> Any:
     return OK if args[0] == "0" else Error("ERR", "DB index is out of range")
 
 
+MAX_CLIENT_NAME = 128
+
+
+def _bad_client_name(name: str) -> Error | None:
+    """Why a connection's name is refused, or None: Redis's rule (printable ASCII, no
+    space), so a name never splits a line that lists clients, and a bound of our own,
+    refused rather than cut so the name read back is the name given."""
+    if len(name) > MAX_CLIENT_NAME:
+        return Error(
+            "ERR",
+            f"a client name is at most {MAX_CLIENT_NAME} characters; this one has {len(name)}",
+        )
+    if not all("!" <= c <= "~" for c in name):
+        return Error("ERR", "Client names cannot contain spaces, newlines or special characters.")
+    return None
+
+
 @command("CLIENT", 1, 8, "CLIENT SETNAME, GETNAME, ID, SETINFO")
 def _client(p: Planner, session: Session, args: list[str]) -> Any:
     sub = args[0].upper()
     if sub == "SETNAME" and len(args) == 2:
-        session.name = args[1][:128]
+        if (wrong := _bad_client_name(args[1])) is not None:
+            return wrong
+        session.name = args[1]
         return OK
     if sub == "GETNAME":
         return session.name or None
@@ -593,8 +614,18 @@ def _command(p: Planner, session: Session, args: list[str]) -> Any:
         return command_info(None)
     if sub == "COUNT":
         return len(command_names())
-    if sub == "LIST":
+    if sub == "LIST" and len(args) == 1:
         return command_names()
+    if sub == "LIST" and len(args) == 4 and args[1].upper() == "FILTERBY":
+        kind, value = args[2].upper(), args[3]
+        if kind == "PATTERN":
+            matches = matcher(value.lower())
+            return [name for name in command_names() if matches(str(name))]
+        if kind in ("MODULE", "ACLCAT"):  # no modules, and COMMAND INFO lists no category
+            return []
+        return Error(
+            "ERR", f"COMMAND LIST FILTERBY takes MODULE, ACLCAT or PATTERN, not {kind[:20]!r}"
+        )
     if sub == "INFO":
         return command_info(args[1:] or None)
     if sub == "DOCS":
