@@ -270,3 +270,110 @@ def test_reports_and_series_on_resp_and_through_http_workers(
             assert 60 == day["step"] and set(series["values"]) == set(day["values"])
             assert (404, "UNKNOWN") == error_of(api.get("/api/pools/nope/series"))
         client.close()
+
+
+async def test_usage_reports_wait_their_turn_within_bounds(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The analyst has one connection: reports run one at a time. A report waits for
+    its turn behind at most REPORTS_WAITING others and at most REPORT_WAIT seconds,
+    refused at once past either bound, never queued without end."""
+    import tokenpool._pool as pool_module
+    from tokenpool._errors import UnavailableError
+
+    monkeypatch.setattr(pool_module, "REPORT_WAIT", 0.5)
+    async with tokenpool.open_pools(
+        f"sqlite:///{tmp_path}/r.db", declared={"p": tokenpool.PoolSettings(size=2, ttl=60)}
+    ) as pools:
+        await pools.get("p").activate("ann")
+        await pools.get("p").flush()
+        outcomes: list[str] = []
+        held = trio.Event()
+        done = trio.Event()
+
+        async def hold() -> None:  # the server's own roll-up, say: it has the turn
+            async with pools.report_turn(bounded=False):
+                held.set()
+                await done.wait()
+
+        async def report() -> None:
+            try:
+                async with pools.report_turn():
+                    outcomes.append("ran")
+            except UnavailableError as error:
+                outcomes.append(str(error))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold)
+            await held.wait()
+            for _ in range(pool_module.REPORTS_WAITING):
+                nursery.start_soon(report)
+            while pools._reports_waiting < pool_module.REPORTS_WAITING:
+                await trio.sleep(0.01)
+            started = trio.current_time()
+            await report()  # one too many: refused at once, without waiting
+            assert trio.current_time() - started < 0.4
+            assert 1 == len(outcomes) and "8 usage reports are waiting" in outcomes[0]
+            while len(outcomes) < 1 + pool_module.REPORTS_WAITING:
+                await trio.sleep(0.05)
+            assert all("waited 0.5 s" in o for o in outcomes[1:]), outcomes
+            assert 0 == pools._reports_waiting
+            done.set()
+        # The turn is free again: a report runs, and answers right.
+        from tokenpool._commands import CommandSettings
+        from tokenpool._commands.connection import Client
+
+        client = Client("127.0.0.1:1", "resp", CommandSettings(password=None))
+        table = await Report("p", "summary", since=0).run(pools, client)
+        assert 1 == len(table.rows)
+
+
+def test_a_slow_report_through_a_worker_holds_no_other_request(pg_url: str) -> None:
+    """A worker's link answers a connection's requests in order: a report that runs for
+    seconds takes a connection to itself, so /healthz, an activation and a read sent
+    meanwhile through the same worker are answered at once, not after it (the report
+    is held here by a lock on the history table, as a long report would hold it)."""
+    import threading
+    from urllib.parse import parse_qs, urlsplit
+
+    import psycopg
+
+    schema = parse_qs(urlsplit(pg_url).query)["schema"][0]
+    dsn = pg_url.split("?")[0]
+    table = f'"{schema}".token_usage_history'
+    with serving("--dsn", pg_url, "--size", "4", "--http-workers", "1") as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        with httpx.Client(base_url=base, timeout=10) as api:
+            assert 200 == api.post("/api/tokens/activate", json={"user_id": "ann"}).status_code
+        statuses: list[int] = []
+
+        def report() -> None:
+            with httpx.Client(base_url=base, timeout=60) as mine:
+                response = mine.get("/api/analytics/summary", params={"since": "0"})
+                statuses.append(response.status_code)
+
+        with psycopg.connect(dsn) as lock, psycopg.connect(dsn, autocommit=True) as look:
+            lock.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            reports = [threading.Thread(target=report) for _ in range(3)]
+            for thread in reports:
+                thread.start()
+            deadline = time.monotonic() + 20
+            waiting = (
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                f" AND relation = '{table}'::regclass"
+            )
+            while not look.execute(waiting).fetchone()[0]:  # type: ignore[index]
+                # (until a report runs, blocked on the lock)
+                assert time.monotonic() < deadline, "no report reached the store"
+                time.sleep(0.05)
+            time.sleep(0.2)  # and the other two are queued behind it
+            with httpx.Client(base_url=base, timeout=5) as other:
+                assert 200 == other.get("/healthz").status_code
+                activated = other.post("/api/tokens/activate", json={"user_id": "ben"})
+                assert 200 == activated.status_code
+                assert 200 == other.get("/api/pools/default").status_code
+                assert [] == statuses  # the reports are still held
+            lock.rollback()  # the lock goes: the reports run, one after another
+        for thread in reports:
+            thread.join(60)
+        assert [200, 200, 200] == statuses

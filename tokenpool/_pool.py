@@ -91,7 +91,7 @@ from ._store import (
     check_store_url,
     open_reader,
 )
-from ._store.analytics import Analyst, open_analyst
+from ._store.analytics import REPORT_TIMEOUT, Analyst, open_analyst
 from ._store.link import StoreLink
 from ._writer import Writer, WriterStatistics
 
@@ -549,6 +549,21 @@ class _StoreConfig:
     history_memory: int
 
 
+REPORTS_WAITING = 8
+"""Usage reports that may wait for their turn on a server (``Pools.report_turn``)."""
+REPORT_WAIT = REPORT_TIMEOUT
+"""Seconds a usage report may wait for its turn: with the report's own deadline, a
+report is answered within twice ``REPORT_TIMEOUT``, run or refused."""
+
+
+def report_waited() -> UnavailableError:
+    """The refusal of a usage report that waited ``REPORT_WAIT`` for its turn."""
+    return UnavailableError(
+        f"this usage report waited {REPORT_WAIT:g} s for the reports before it"
+        " (reports run one at a time): try again later, or narrow the range"
+    )
+
+
 class Pools:
     """The named pools of one process, on one store. Made by ``open_pools``."""
 
@@ -564,6 +579,8 @@ class Pools:
         self._link: StoreLink | None = None
         self._reader: Reader | None = None
         self._analyst: Analyst | None = None
+        self._report_turn = trio.Lock()  # FIFO: the analyst's one connection, in turn
+        self._reports_waiting = 0
         self._lock = trio.Lock()
         self._changed = trio.Event()
         # Memory store: the highest revision a dropped pool reached, so a pool created
@@ -616,6 +633,41 @@ class Pools:
         if self._analyst is None:
             self._analyst = open_analyst(self.store)
         return self._analyst
+
+    @asynccontextmanager
+    async def report_turn(self, *, bounded: bool = True) -> AsyncIterator[Analyst]:
+        """The analyst, to one user at a time, in the order asked.
+
+        The analyst has one connection and one thread: reports, roll-ups and backfills
+        run one after another. Cost before work: a report (``bounded``) waits for its
+        turn at most ``REPORT_WAIT`` seconds and behind at most ``REPORTS_WAITING``
+        others, in the event loop (no thread held); past either bound it is refused at
+        once (``UnavailableError``), so whoever asks for many reports gets refusals,
+        not a queue that grows and answers minutes late. The server's own roll-ups and
+        backfills wait their turn unbounded."""
+        analyst = self.analyst()
+        if not bounded:
+            async with self._report_turn:
+                yield analyst
+            return
+        if self._reports_waiting >= REPORTS_WAITING:
+            raise UnavailableError(
+                f"{self._reports_waiting} usage reports are waiting for their turn (reports"
+                " run one at a time; this is the most that may wait): try again in a few"
+                " seconds"
+            )
+        self._reports_waiting += 1
+        try:
+            with trio.move_on_after(REPORT_WAIT) as waiting:
+                await self._report_turn.acquire()
+        finally:
+            self._reports_waiting -= 1
+        if waiting.cancelled_caught:
+            raise report_waited()
+        try:
+            yield analyst
+        finally:
+            self._report_turn.release()
 
     def names(self) -> list[str]:
         """The names of the pools served, in creation order."""

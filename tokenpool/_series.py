@@ -401,20 +401,20 @@ def store_backfill(pools: Pools) -> Backfill:
     """A pool's past rebuilt from its store's history (its last hour and day)."""
 
     async def backfill(name: str, now: int) -> tuple[Rows, Rows]:
-        analyst = pools.analyst()
         stats = pools.core(name).stats_now()
         out = []
         for step, periods in ((1, HOUR), (60, DAY)):
             last = now // step
             first = last - periods + 1
-            timeline = await trio.to_thread.run_sync(
-                analyst.timeline,
-                name,
-                first * step * 1_000_000,
-                (last + 1) * step * 1_000_000,
-                step,
-                abandon_on_cancel=True,
-            )
+            async with pools.report_turn(bounded=False) as analyst:
+                timeline = await trio.to_thread.run_sync(
+                    analyst.timeline,
+                    name,
+                    first * step * 1_000_000,
+                    (last + 1) * step * 1_000_000,
+                    step,
+                    abandon_on_cancel=True,
+                )
             out.append(rebuilt(timeline, first, last, step, stats.active, stats.size))
         return out[0], out[1]
 

@@ -103,18 +103,18 @@ class Report(Request):
 
     async def run(self, pools: Pools, client: Client) -> Table:
         pools.get(self.pool)  # UnknownPoolError for a pool not served here
-        analyst = pools.analyst()
-        return await trio.to_thread.run_sync(
-            analyst.report,
-            self.pool,
-            self.kind,
-            self.sort,
-            self.since,
-            self.until,
-            self.limit,
-            self.cursor,
-            abandon_on_cancel=True,
-        )
+        async with pools.report_turn() as analyst:
+            return await trio.to_thread.run_sync(
+                analyst.report,
+                self.pool,
+                self.kind,
+                self.sort,
+                self.since,
+                self.until,
+                self.limit,
+                self.cursor,
+                abandon_on_cancel=True,
+            )
 
 
 class Series(Request):
@@ -160,12 +160,12 @@ async def keep_rolled_up(pools: Callable[[], Pools | None]) -> None:
     while True:
         served = pools()
         if served is not None and served.store is not None:
-            analyst = served.analyst()
             for name in served.names():
                 try:
-                    await trio.to_thread.run_sync(
-                        analyst.roll, name, ROLL_BUDGET, abandon_on_cancel=True
-                    )
+                    async with served.report_turn(bounded=False) as analyst:
+                        await trio.to_thread.run_sync(
+                            analyst.roll, name, ROLL_BUDGET, abandon_on_cancel=True
+                        )
                 except TokenPoolError as error:
                     log.warning("analytics_rollup_failed", pool=name, error=str(error))
         await trio.sleep(ROLL_EVERY)

@@ -25,7 +25,16 @@ from .._client.via import argv_of, result_of
 from .._cluster.peers import Followed, RemoteSource
 from .._commands import GetStats, ListPools
 from .._commands import Request as Command
+from .._commands.analytics import Report
 from .._errors import TokenPoolError, UnavailableError, UnreachableError
+from .._pool import REPORT_WAIT, report_waited
+from .._store.analytics import REPORT_TIMEOUT
+
+REPORTS_AT_ONCE = 2
+"""A worker's usage reports in flight at once. Each takes a link connection to itself
+(the server answers a connection's requests in order: a report of seconds would hold
+every request pipelined behind it, ``/healthz``'s ``PING`` included), so this bound
+leaves the other link connections to everything else."""
 
 
 class _Caller:
@@ -57,6 +66,7 @@ class RemoteBackend:
         self._follows = Followed()
         self._default_pool = default_pool
         self._auth_delay = auth_delay
+        self._reports = anyio.Semaphore(REPORTS_AT_ONCE)
         # this worker's name and figures, sent with each scrape (set by the worker)
         self.worker = ""
         self.figures: Callable[[], dict[str, Any]] | None = None
@@ -85,6 +95,20 @@ class RemoteBackend:
 
     async def execute(self, command: Command, caller: _Caller) -> Any:
         argv, safe = argv_of(command)
+        if isinstance(command, Report):  # slow: a connection to itself, in a bounded few
+            with anyio.move_on_after(REPORT_WAIT) as waiting:
+                await self._reports.acquire()
+            if waiting.cancelled_caught:
+                raise report_waited()
+            try:
+                reply = await self._call(
+                    ["VIA", caller.peer, caller.bearer, *argv],
+                    safe=safe,
+                    blocks=REPORT_WAIT + REPORT_TIMEOUT,
+                )
+            finally:
+                self._reports.release()
+            return result_of(reply, own_server=True)
         wait = getattr(command, "wait", None)
         reply = await self._call(["VIA", caller.peer, caller.bearer, *argv], safe=safe, blocks=wait)
         return result_of(reply, own_server=True)
