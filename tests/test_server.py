@@ -540,6 +540,18 @@ def test_redis_cli(tmp_path: Path) -> None:
             ["redis-cli", "-p", str(port), "ACTIVATE", "x"], capture_output=True, text=True
         )
         assert "NOAUTH" in wrong.stdout + wrong.stderr
+        # Commands on its standard input, as typed at its prompt: redis-cli first reads
+        # COMMAND DOCS for its hints, and aborts if a flag is not a simple string.
+        for extra in ([], ["-c"]):
+            typed = subprocess.run(
+                [*cli, *extra],
+                input="PING\nTP.ACTIVATE default dave\nTP.LEASE default dave\n",
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert 0 == typed.returncode, typed.stderr
+            assert "PONG" in typed.stdout and typed.stdout.count("dave") == 2, typed.stdout
     finally:
         assert 0 == stop_server(proc)
 

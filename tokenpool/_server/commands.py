@@ -7,21 +7,27 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from .._resp import Error, Reply
+from .._resp import Error, Reply, Simple
 from . import argv as table
 from .session import CONNECTION
 
 
+def _status(*words: str) -> list[Reply]:
+    """Flags as Redis sends them: simple strings (``+write``), not bulk strings.
+    redis-cli asserts it: given bulk strings it aborts as it starts (``COMMAND DOCS``)."""
+    return [Simple(word) for word in words]
+
+
 def _flags(spec: table.Spec) -> Any:
     if spec.write:
-        return ["write", "denyoom"]
-    return ["readonly"] if spec.slow else ["readonly", "fast"]
+        return _status("write", "denyoom")
+    return _status("readonly") if spec.slow else _status("readonly", "fast")
 
 
 def _key_spec(write: bool) -> dict[str, Any]:
     return {
         "notes": "the pool",
-        "flags": ["RW", "UPDATE"] if write else ["RO", "ACCESS"],
+        "flags": _status("RW", "UPDATE") if write else _status("RO", "ACCESS"),
         "begin_search": {"type": "index", "spec": {"index": 1}},
         "find_keys": {"type": "range", "spec": {"lastkey": 0, "keystep": 1, "limit": 0}},
     }
@@ -64,7 +70,7 @@ def _entries() -> dict[str, list[Reply]]:
             out[spec.name.lower()] = [
                 spec.name.lower(),
                 -2,
-                ["write", "movablekeys"],
+                _status("write", "movablekeys"),
                 0,
                 0,
                 0,
@@ -75,9 +81,9 @@ def _entries() -> dict[str, list[Reply]]:
             ]
     for name, (low, high, _, _summary) in CONNECTION.items():
         arity = -(low + 1) if high > low else low + 1
-        flags: Any = ["noscript", "loading", "stale", "fast"]
+        flags: Any = _status("noscript", "loading", "stale", "fast")
         if name in ("AUTH", "HELLO", "QUIT", "RESET"):
-            flags.append("no_auth")
+            flags.append(Simple("no_auth"))
         out[name.lower()] = [name.lower(), arity, flags, 0, 0, 0, [], [], [], []]
     return dict(sorted(out.items()))
 
@@ -100,7 +106,7 @@ def _arg(arg: table.Arg) -> dict[str, Reply]:
     if arg.token:
         out["token"] = arg.token
     if arg.optional:
-        out["flags"] = ["optional"]
+        out["flags"] = _status("optional")
     return out
 
 
