@@ -158,6 +158,17 @@ class Directory:
         )
         return result
 
+    def extend(self, node: str, incarnation: int, validity: float) -> bool:
+        """Renew the node's lease only (no members, no map: cheap, for the middle of
+        long work). False: the lease had expired."""
+        return bool(self._call("extend", self._extend_alone, node, incarnation, validity))
+
+    def _extend_alone(
+        self, conn: psycopg.Connection[Any], node: str, incarnation: int, v: float
+    ) -> bool:
+        with conn.transaction():
+            return self._extend(conn, node, incarnation, v)
+
     def _renew(
         self, conn: psycopg.Connection[Any], node: str, incarnation: int, v: float, known: int
     ) -> Renewal | None:

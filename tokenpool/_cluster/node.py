@@ -9,7 +9,11 @@ The rules it keeps:
   transport and for the library.
 - A slot it takes is served only once its pools are recovered from the store (as at a
   restart: expired leases ended at their ``expires_at``; fences continue above every
-  stored one, since each new owner bumps the pool's owner epoch).
+  stored one, since each new owner bumps the pool's owner epoch). Slots are recovered
+  and served a few at a time (``SERVE_STEP`` pools), the lease renewed between steps
+  when due: taking thousands of pools (a lone survivor takes every pool) takes longer
+  than a lease, and a lease left to lapse meanwhile lost every slot, the node's own
+  included, over and over (found by an outside probe at 3,000 pools).
 - A slot it gives up stops being served, its pools written and released, and only
   then is released in the database: a slot moves by release, then acquire.
 - When its lease is found expired (a pause, a lost database), it closes every pool
@@ -26,6 +30,7 @@ through ``Directory`` in a worker thread, on a connection of its own.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -55,6 +60,10 @@ log = get_logger("tokenpool.cluster")
 GIVE_STEP = 1024
 """Slots a node over its share gives up per round (each released only after its pools
 are written and released)."""
+SERVE_STEP = 64
+"""Pools recovered between two checks that the lease needs renewing (``_serve``, and
+pools released in ``_give``): at a few ms a pool, a step is well within a renewal
+period."""
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -115,6 +124,7 @@ class ClusterNode:
         self.secret = ""  # what other nodes send VIA with (AUTH tokenpool-node <secret>)
         self.renewals = 0
         self.renew_failures = 0
+        self._renewed_at = -math.inf  # when the last renewal that committed was sent
         self._lock = trio.Lock()
         self._stopped = False
         self._leaving = False
@@ -227,7 +237,7 @@ class ClusterNode:
             break
         assert isinstance(incarnation, int)
         self.incarnation = incarnation
-        self.lease.renewed(sent)
+        self._renewed(sent)
         if not self.secret:
             secret = await self._db(self.directory.secret)
             assert isinstance(secret, str)
@@ -277,7 +287,7 @@ class ClusterNode:
             await self._join(wait=s.validity + 1.0)
             return
         assert isinstance(renewal, Renewal)
-        self.lease.renewed(sent)
+        self._renewed(sent)
         self.renewals += 1
         self._learn(renewal)
         lost = self.serving - set(self.owned)
@@ -333,7 +343,7 @@ class ClusterNode:
         if taken is None:
             return  # the lease expired: the next round finds out and joins again
         assert isinstance(taken, dict)
-        self.lease.renewed(sent)
+        self._renewed(sent)
         for slot, epoch in taken.items():
             self.owned[slot] = epoch
             self.owners[slot] = self.id
@@ -343,8 +353,35 @@ class ClusterNode:
             log.info("cluster_slots_taken", node=self.id, slots=len(taken), asked=len(wanted))
             await self._serve(set(taken))
 
+    def _renewed(self, sent: float) -> None:
+        self.lease.renewed(sent)
+        self._renewed_at = max(self._renewed_at, sent)
+
+    async def _keep_lease(self) -> bool:
+        """In the middle of long work: renew the lease if a renewal is due (lease only,
+        the map is read next round). False when the lease is lost, or could not be
+        renewed and has run out: the work stops there, and the next round finds out."""
+        if time.monotonic() - self._renewed_at < self.settings.renew:
+            return True
+        sent = time.monotonic()
+        try:
+            extended = await self._db(
+                self.directory.extend, self.id, self.incarnation, self.settings.validity
+            )
+        except TokenPoolError as error:
+            self.renew_failures += 1
+            log.warning("cluster_renew_failed", node=self.id, error=str(error))
+            return self.valid()
+        if not extended:
+            return False
+        self._renewed(sent)
+        self.renewals += 1
+        return True
+
     async def _serve(self, slots: set[int]) -> None:
-        """Open the pools of ``slots`` (recovered from the store), then serve them."""
+        """Open the pools of ``slots`` (recovered from the store), then serve them: a
+        step of slots at a time, each served as soon as its pools are open, the lease
+        kept between steps."""
         started = trio.current_time()
         try:
             # A pool of these slots still open here is stale (created while its slot was
@@ -358,11 +395,24 @@ class ClusterNode:
             for name, settings in self.declared.items():
                 if slot_of(name) in slots:
                     await self.pools.create(name, settings, exists_ok=True)
-            await self.pools.restore_all(names)
+            by_slot: dict[int, list[str]] = {slot: [] for slot in slots}
+            for name in names:
+                by_slot[slot_of(name)].append(name)
+            order = sorted(slots, key=lambda slot: len(by_slot[slot]))  # empty ones first
+            step: list[str] = []
+            ready: set[int] = set()
+            for i, slot in enumerate(order):
+                step += by_slot[slot]
+                ready.add(slot)
+                if len(step) >= SERVE_STEP or i == len(order) - 1:
+                    if not await self._keep_lease():
+                        return  # lost meanwhile: the next round finds out, joins again
+                    await self.pools.restore_all(step)
+                    self.serving |= ready & set(self.owned)
+                    step, ready = [], set()
         except TokenPoolError as error:
             log.warning("cluster_serve_failed", node=self.id, slots=len(slots), error=str(error))
             return  # tried again next round
-        self.serving |= slots & set(self.owned)
         pools = [n for n in self.pools.names() if slot_of(n) in slots]
         log.info(
             "cluster_slots_served",
@@ -376,9 +426,10 @@ class ClusterNode:
         """Stop serving ``slots``, write and release their pools, then (``release``)
         release the slots in the database."""
         self.serving -= slots
-        for name in self.pools.names():
-            if slot_of(name) in slots:
-                await self.pools.release(name)
+        for done, name in enumerate([n for n in self.pools.names() if slot_of(n) in slots]):
+            if done % SERVE_STEP == SERVE_STEP - 1:
+                await self._keep_lease()  # (lost: no pool of these is served any more)
+            await self.pools.release(name)
         if release:
             try:
                 await self._db(self.directory.release, self.id, self.incarnation, sorted(slots))
