@@ -106,6 +106,35 @@ def test_a_report_checks_its_arguments_where_it_is_made() -> None:
     with pytest.raises(InvalidArgumentError, match="limit"):
         Report("p", "users", limit=0)
     assert "leases" == Report("p", "users").sort
+    # The last microsecond of 9999 is a time a range may name; the next one is not.
+    last = to_us(datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC))
+    assert last == Report("p", "users", since=0, until=last).until
+    with pytest.raises(InvalidArgumentError, match="9999-12-31"):
+        Report("p", "users", since=0, until=last + 1)
+
+
+def test_resp_names_each_number_of_a_report_with_its_own_range() -> None:
+    """TP.REPORT's LIMIT and CURSOR are refused with the range each takes (the same as
+    HTTP's), not one range for both."""
+    from tokenpool._commands.analytics import MAX_OFFSET
+    from tokenpool._server.argv import build
+    from tokenpool._store.analytics import LIMIT_MAX
+
+    def report(*args: str) -> Report:
+        request = build("TP.REPORT", ["TP.REPORT", "p", "users", *args], "default")
+        assert isinstance(request, Report)
+        return request
+
+    for bad in ("-1", "0", str(LIMIT_MAX + 1), "x", "9" * 30):
+        with pytest.raises(InvalidArgumentError, match=f"LIMIT must be .* from 1 to {LIMIT_MAX:,}"):
+            report("LIMIT", bad)
+    for bad in ("-1", str(MAX_OFFSET + 1), "9" * 30):
+        with pytest.raises(InvalidArgumentError, match=f"CURSOR .* from 0 to {MAX_OFFSET:,}"):
+            report("CURSOR", bad)
+    assert (LIMIT_MAX, MAX_OFFSET) == (
+        report("LIMIT", str(LIMIT_MAX)).limit,
+        report("CURSOR", str(MAX_OFFSET)).cursor,
+    )
 
 
 def test_an_empty_summary_says_zero_leases_and_no_percentiles() -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 import trio
+from redis.cluster import LoadBalancingStrategy
 from redis.exceptions import ClusterDownError, MovedError, RedisClusterException, TryAgainError
 
 import tokenpool
@@ -155,6 +156,21 @@ def test_three_nodes_route_every_pool_to_its_owner(pg_url: str) -> None:
                 )
         finally:
             rc.close()
+        # A client reading from replicas sends READONLY on each connection: accepted (there
+        # are none, so its reads go to the owners).
+        replicas = redis.RedisCluster(
+            host="127.0.0.1",
+            port=nodes[1].port,
+            socket_timeout=10,
+            load_balancing_strategy=LoadBalancingStrategy.ROUND_ROBIN_REPLICAS,
+        )
+        try:
+            assert all(
+                "1" == text(replicas.execute_command("TP.VALIDATE", p, t["token_id"], t["id"]))
+                for p, t in leases.items()
+            )
+        finally:
+            replicas.close()
         served = {
             n.name: [text(p) for p in n.client().execute_command("POOL", "LIST")] for n in nodes
         }
@@ -414,6 +430,9 @@ def test_cluster_commands_say_cluster_mode_is_off_without_a_node_id(tmp_path: An
             for sub in ("INFO", "SLOTS", "NODES", "MYID"):
                 with pytest.raises(redis.ResponseError, match="cluster support disabled"):
                     r.execute_command("CLUSTER", sub)
+            for command in ("READONLY", "READWRITE"):
+                with pytest.raises(redis.ResponseError, match="cluster support disabled"):
+                    r.execute_command(command)
             assert r.execute_command("TP.ACTIVATE", "default", "alice")
             assert {"cluster_enabled": 0} == r.info("cluster")
             assert "standalone" == r.info("server")["redis_mode"]

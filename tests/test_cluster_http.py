@@ -244,12 +244,16 @@ def test_only_a_node_with_the_cluster_s_secret_may_send_via(pg_url: str) -> None
                 r.execute_command(*via)
             with pytest.raises(redis.AuthenticationError):
                 r.execute_command("AUTH", "tokenpool-node", "not-the-secret")
+            # HELLO's AUTH is AUTH: the same refusal (it was an ERR about passwords)
+            with pytest.raises(redis.AuthenticationError):
+                r.execute_command("HELLO", "2", "AUTH", "tokenpool-node", "not-the-secret")
             with pytest.raises(redis.exceptions.NoPermissionError):  # still nobody
                 r.execute_command(*via)
             assert r.execute_command("TP.LEASE", name, "x") is None  # nothing was granted
             ((secret,),) = query(pg_url, "SELECT secret FROM cluster_secret")
             assert len(secret) >= 32
-            assert r.execute_command("AUTH", "tokenpool-node", secret) in (b"OK", True)
+            hello = r.execute_command("HELLO", "2", "AUTH", "tokenpool-node", secret)
+            assert b"tokenpool" in hello  # HELLO's AUTH takes the node's secret too
             result_of(r.execute_command(*via))  # the cluster's secret opens it
             # ...and nothing else: a node's session is no password for the pools
             for command in (

@@ -466,3 +466,22 @@ def test_a_pipelined_request_s_body_deadline_starts_when_the_one_before_is_answe
             sock.sendall(second)
             statuses = _responses(sock, time.monotonic() + 3)
     assert [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"] == statuses
+
+
+async def test_an_unreachable_server_is_503_without_the_private_sockets_path(
+    tmp_path: Path,
+) -> None:
+    """While the server is down (a restart), a worker answers 503 UNAVAILABLE saying so,
+    without the path of the private socket it reaches the server through."""
+    from tokenpool._commands import ListPools
+    from tokenpool._errors import UnavailableError
+    from tokenpool._http.remote import open_remote_backend
+
+    path = f"{tmp_path}/private-workers.sock"
+    async with open_remote_backend(f"unix://tokenpool-worker:pw@{path}", "default") as backend:
+        caller = await backend.caller("127.0.0.1:5", None)
+        with pytest.raises(UnavailableError) as raised:
+            await backend.execute(ListPools(), caller)
+    message = str(raised.value)
+    assert "not reachable now" in message and "retry shortly" in message
+    assert "private-workers" not in message and str(tmp_path) not in message

@@ -48,7 +48,7 @@ def parse_unix_seconds(text: str, what: str) -> int:
 
 def check_moment(us: int, what: str) -> int:
     """A time a report's range may name: 1970 to 9999."""
-    if not 0 <= us <= LAST_SECOND * 1_000_000:
+    if not 0 <= us < (LAST_SECOND + 1) * 1_000_000:  # (9999-12-31T23:59:59.999999 too)
         raise InvalidArgumentError(
             f"{what} must be a time from 1970-01-01 to 9999-12-31 (Unix seconds 0 to {LAST_SECOND})"
         )
@@ -56,8 +56,8 @@ def check_moment(us: int, what: str) -> int:
 
 
 MAX_OFFSET = 1_000_000
-WINDOWS = ("hour", "day")
 """The furthest page a cursor reaches (an offset into the report's rows)."""
+WINDOWS = ("hour", "day")
 
 
 class Report(Request):

@@ -12,7 +12,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 
-from .._commands.analytics import Report, Series, check_moment, parse_unix_seconds
+from .._commands.analytics import (
+    MAX_OFFSET,
+    Report,
+    Series,
+    check_moment,
+    parse_unix_seconds,
+)
 from .._errors import InvalidArgumentError, TokenPoolError
 from .._model import to_us
 from .._store.analytics import LIMIT_MAX, REPORTS, Table
@@ -87,7 +93,7 @@ async def analytics(
     since: When = None,
     until: When = None,
     limit: Annotated[int, Query(ge=1, le=LIMIT_MAX)] = 100,
-    cursor: Annotated[int, Query(ge=0, le=1_000_000, description="the next_cursor")] = 0,
+    cursor: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="the next_cursor")] = 0,
     sort: Annotated[str | None, Query(max_length=20)] = None,
     format: Annotated[Literal["json", "csv"], Query()] = "json",
 ) -> Response:

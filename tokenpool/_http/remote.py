@@ -86,7 +86,13 @@ class RemoteBackend:
         try:
             (reply,) = await self._connections.call([argv], safe=safe, blocks=blocks)
         except UnreachableError as error:
-            raise UnavailableError(f"the server is not reachable now ({error})") from None
+            # The reason without the link's address: a private socket's path is none of
+            # an HTTP client's business (it showed in every 503 during a restart).
+            reason = str(error).replace(str(self._connections.address), "the server")
+            raise UnavailableError(
+                f"the server is not reachable now (starting, restarting or stopping: {reason});"
+                " retry shortly"
+            ) from None
         if isinstance(reply, TokenPoolError):
             if reply.code == "WRONGPASS":
                 await anyio.sleep(self._auth_delay)  # the server answered at once

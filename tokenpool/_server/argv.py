@@ -42,7 +42,7 @@ from .._commands import (
     Validate,
 )
 from .._commands._base import bare
-from .._commands.analytics import Report, Series, parse_unix_seconds
+from .._commands.analytics import MAX_OFFSET, Report, Series, parse_unix_seconds
 from .._errors import InvalidArgumentError
 from .._settings import (
     BEFORE,
@@ -58,6 +58,7 @@ from .._settings import (
     check_max_lifetime,
     check_name,
 )
+from .._store.analytics import LIMIT_MAX
 
 PREFIX = "TP."
 
@@ -149,12 +150,12 @@ def _report(pool: str, args: list[str]) -> Request:
     since = parse_unix_seconds(opts["SINCE"], "SINCE") if "SINCE" in opts else None
     until = parse_unix_seconds(opts["UNTIL"], "UNTIL") if "UNTIL" in opts else None
     numbers = {}
-    for key, default in (("LIMIT", 100), ("CURSOR", 0)):
+    for key, default, low, high in (("LIMIT", 100, 1, LIMIT_MAX), ("CURSOR", 0, 0, MAX_OFFSET)):
         raw = opts.get(key, str(default))
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and low <= int(raw) <= high):
             shown = raw if len(raw) <= 20 else raw[:20] + "..."
             raise InvalidArgumentError(
-                f"{key} must be a whole number from 0 to 999,999,999, not {shown!r}"
+                f"{key} must be a whole number from {low} to {high:,}, not {shown!r}"
             )
         numbers[key] = int(raw)
     return Report(

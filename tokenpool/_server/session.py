@@ -500,11 +500,16 @@ def _hello(p: Planner, session: Session, args: list[str]) -> Any:
 
     if auth is None:
         return answer()
-    user, password = auth
+    # The same checks as AUTH's (a node's secret, WRONGPASS, no password configured).
+    authed = _auth(p, session, list(auth))
+    if isinstance(authed, Error):
+        return authed
+    if not isinstance(authed, Action):  # OK: another node's secret
+        return answer()
 
     async def run() -> Reply:
         try:
-            await p.gate.authenticate(session.client, user, password)
+            await authed.run()
         except TokenPoolError as error:
             return error_reply(error)
         return answer()
