@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
+import psycopg
 import pytest
 import trio
 from hypothesis import given, settings
@@ -664,3 +665,40 @@ def test_one_pools_writes_are_handled_in_the_order_they_came(tmp_path: Path) -> 
         process.close()
         ours.close()
         theirs.close()
+
+
+def test_a_pool_taken_again_after_it_was_lost_is_owned_again(pg_url: str) -> None:
+    """Cluster mode: node A's session is cut while another node takes pool p over, so A
+    counts p as lost. Once the other releases it and A takes p again (a new epoch), p
+    is A's again: proved, and written. (The loss was kept: A's new ownership was fenced
+    at once, for good, and the node, renewing its lease, served nothing; found by an
+    outside probe.)"""
+    a = open_store(pg_url, write_timeout=5, durability="async", take_over=True)
+    b = open_store(pg_url, write_timeout=5, durability="async", take_over=True)
+    state = PoolState(PoolSettings(size=2, ttl=60))
+    now = 1_767_225_600_000_000
+    try:
+        first = a.open_pool("p", state.settings.as_dict(), True)
+        assert {} == a.prove()
+        backend = a._connection().info.backend_pid  # type: ignore[attr-defined]
+        with psycopg.connect(pg_url.split("?")[0], autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        b.open_pools(["p"])  # the other node takes p while A is cut off
+        from tokenpool._store import StoreError
+
+        with pytest.raises(StoreError):
+            a.prove()  # the cut is found
+        assert first.pool_id in a.prove()  # A reconnects: p's lock is B's now
+        b.release_pool(first.pool_id)
+        (again,) = a.open_pools(["p"])  # A takes p once more
+        assert again.epoch > first.epoch
+        assert {} == a.prove()
+        state.resize(2, now)
+        state.activate("ann", now)
+        batch = Batch()
+        batch.add(state.changes, state.counters(), now)
+        tokens = SlotTokens(token for _, token, _ in sorted(state.slots()))
+        a.write(again.pool_id, batch, tokens, False)  # not FencedError
+    finally:
+        a.close()
+        b.close()

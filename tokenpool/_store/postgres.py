@@ -383,6 +383,7 @@ class PostgresStore:
         unclean = row is not None and not row[1] and row[2] is not None
         snapshot = self._snapshot(got, tokens, leases, unclean, made)
         self._pools[pool_id] = (name, snapshot.epoch)
+        self._lost.pop(pool_id, None)  # owned again, a new epoch: an earlier loss is over
         return snapshot
 
     def _lock_or_wait(self, conn: psycopg.Connection[Any], name: str) -> None:
@@ -452,6 +453,7 @@ class PostgresStore:
             raise
         for snapshot, name in zip(snapshots, names, strict=True):
             self._pools[snapshot.pool_id] = (name, snapshot.epoch)
+            self._lost.pop(snapshot.pool_id, None)  # (as in open_pool)
         return snapshots
 
     def _load_many(self, conn: psycopg.Connection[Any], names: list[str]) -> list[Snapshot]:
