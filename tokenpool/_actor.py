@@ -86,8 +86,12 @@ class Request:
         self.actor = actor
 
     def finish(self) -> None:
-        """Mark answered and wake the caller if it is parked."""
-        self.state = DONE
+        """Mark answered and wake the caller if it is parked. An abandoned request stays
+        abandoned: its caller was cancelled after it was applied and, once it runs,
+        undoes what it was granted (the answer came between the cancellation and that
+        run: marked done, the caller would undo nothing, a lease held by nobody)."""
+        if self.state != ABANDONED:
+            self.state = DONE
         task = self.task
         if task is not None:
             self.task = None
