@@ -274,7 +274,7 @@ async def test_cancelled_just_as_its_commit_comes_still_releases_the_lease() -> 
             await nursery.start(actor.run)
             scope = trio.CancelScope()
 
-            async def impatient(scope: trio.CancelScope = scope) -> None:
+            async def impatient(scope: trio.CancelScope = scope, actor: Actor = actor) -> None:
                 with scope:
                     await actor.call([Activate("impatient")])
 

@@ -88,9 +88,13 @@ def test_parse_seconds_refuses_what_is_not_a_finite_ascii_number_in_range(text: 
         TTL.parse(text)
 
 
-@pytest.mark.parametrize("value", [True, float("nan"), float("inf"), "1", 0.0005, None])
+@pytest.mark.parametrize(
+    "value", [True, float("nan"), float("inf"), "1", 0.0005, None, 10**400, -(10**400)]
+)
 def test_check_seconds_refuses_bools_non_finite_text_and_out_of_range(value: object) -> None:
-    with pytest.raises(InvalidArgumentError, match="ttl"):
+    # (an int too large for a float included: refused as out of range, not OverflowError;
+    # the range is written as people read it, not 3.15576e+08)
+    with pytest.raises(InvalidArgumentError, match=r"ttl .* from 0\.001 to 315,576,000,"):
         TTL.check(value)
 
 
@@ -140,6 +144,14 @@ def test_pool_settings_make_names_the_bad_value(values: dict[str, object], named
 def test_pool_settings_are_checked_on_construction_too() -> None:
     with pytest.raises(InvalidArgumentError, match="size"):
         PoolSettings(size=0)
+    # checked before any conversion: float() would take these
+    for bad in ({"ttl": "5"}, {"ttl": " 7 "}, {"ttl": True}, {"min_hold": "3"}):
+        with pytest.raises(InvalidArgumentError, match=r"ttl|min-hold"):
+            PoolSettings(**bad)  # type: ignore[arg-type]
+    # a policy in any case is the policy (it was kept as given, and matched none)
+    assert ("evict", "reject", "wait") == tuple(
+        PoolSettings(when_full=w).when_full for w in ("EVICT", "Reject", "wAIT")
+    )
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, None), (0, None), (0.0, None), (5, 5.0)])

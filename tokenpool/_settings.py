@@ -83,13 +83,19 @@ def check_seconds(value: object, what: str, low: float, high: float) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not math.isfinite(value)
+        or (isinstance(value, float) and not math.isfinite(value))  # (an int is finite)
         or not low <= value <= high
     ):
         raise InvalidArgumentError(
-            f"{what} must be a number of seconds from {low:g} to {high:g}, not {_shown(value)}"
+            f"{what} must be a number of seconds from {_plain(low)} to {_plain(high)},"
+            f" not {_shown(value)}"
         )
     return float(value)
+
+
+def _plain(number: float) -> str:
+    """A bound as people read it: ``0.001``, ``315,576,000`` (not ``3.15576e+08``)."""
+    return f"{number:,.3f}".rstrip("0").rstrip(".")
 
 
 def check_name(value: object, what: str = "pool name") -> str:
@@ -143,22 +149,22 @@ WAIT: Final = Range("wait", 0.0, MAX_SECONDS, seconds=True)
 HISTORY_LIMIT: Final = Range("limit", 1, 10_000)
 """History entries one page returns."""
 PAGE_COUNT: Final = Range("count", 1, 1_000)
+"""Tokens one page of ``tokens_page`` (``TOKENS CURSOR``, ``SCAN``) returns."""
 HTTP_WORKERS: Final = Range("http-workers", 0, 64)
+"""HTTP worker processes (0: HTTP is served in the server's own process)."""
 NODE_USER: Final = "tokenpool-node"
 """The user a cluster node authenticates as on another node's RESP port (with the
 cluster's secret, kept in its tables) to send ``VIA``."""
 WORKER_USER: Final = "tokenpool-worker"
 """The user HTTP workers authenticate as on the server's private socket (with the run's
 secret): the server and the workers both read it here."""
-"""HTTP worker processes (0: HTTP is served in the server's own process)."""
-"""Tokens one page of ``tokens_page`` (``TOKENS CURSOR``, ``SCAN``) returns."""
 TOKENS_MAX: Final = 10_000
+"""The most tokens one unpaged listing (``tokens()``, ``TOKENS``) returns."""
 CLUSTER_VALIDITY: Final = Range("cluster-validity", 1.0, 600.0, seconds=True)
 """Seconds a node's lease on its hash slots lasts from each renewal (cluster mode)."""
 CLUSTER_RENEW: Final = Range("cluster-renew", 0.1, 200.0, seconds=True)
 """Seconds between a node's renewals: at most a third of the validity, so two renewals
 in a row may fail before the lease runs out."""
-"""The most tokens one unpaged listing (``tokens()``, ``TOKENS``) returns."""
 
 
 def check_listing(size: int) -> int:
@@ -205,17 +211,16 @@ def _size(_: object, __: object, value: int) -> None:
     SIZE.check(value)
 
 
-def _ttl(_: object, __: object, value: float) -> None:
-    TTL.check(value)
+def _ttl(value: object) -> float:
+    return float(TTL.check(value))
 
 
-def _when_full(_: object, __: object, value: str) -> None:
-    if value not in WHEN_FULL:
-        check_choice(value, "when-full", WHEN_FULL)
+def _when_full(value: object) -> str:
+    return check_choice(value, "when-full", WHEN_FULL)
 
 
-def _min_hold(_: object, __: object, value: float) -> None:
-    MIN_HOLD.check(value)
+def _min_hold(value: object) -> float:
+    return float(MIN_HOLD.check(value))
 
 
 def _max_lifetime(_: object, __: object, value: float | None) -> None:
@@ -237,10 +242,12 @@ class PoolSettings:
       ``activated_at + max_lifetime``; ``None`` for no cap.
     """
 
+    # Checked before any conversion: float("5") or float(True) would pass a string or a
+    # bool that every other way in refuses, and "EVICT" kept as given matched no policy.
     size: int = attrs.field(default=100, validator=_size)
-    ttl: float = attrs.field(default=120.0, converter=float, validator=_ttl)
-    when_full: str = attrs.field(default="evict", validator=_when_full)
-    min_hold: float = attrs.field(default=0.0, converter=float, validator=_min_hold)
+    ttl: float = attrs.field(default=120.0, converter=_ttl)
+    when_full: str = attrs.field(default="evict", converter=_when_full)
+    min_hold: float = attrs.field(default=0.0, converter=_min_hold)
     max_lifetime: float | None = attrs.field(default=None, validator=_max_lifetime)
 
     @classmethod
