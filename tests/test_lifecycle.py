@@ -278,3 +278,15 @@ def test_an_altered_default_pool_keeps_its_settings_across_a_restart(tmp_path: P
     assert 2 == size_after_start()
     assert 3 == size_after_start("--size", "3")
     assert 3 == size_after_start()
+    # One setting given declares the pool: the others go back to their defaults, and the
+    # log says what changed (it said nothing).
+    with serving("--dsn", url, "--ttl", "60") as server:
+        r = client(server)
+        assert 100 == int(r.execute_command("TP.STATS", "default")["size"])
+        assert 0 == server.stop()
+    (changed,) = [e for e in server.log if e.get("event") == "pool_settings_changed"]
+    assert (3, 100, 60.0) == (
+        changed["stored"]["size"],
+        changed["now"]["size"],
+        changed["now"]["ttl"],
+    )

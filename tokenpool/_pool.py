@@ -788,6 +788,15 @@ class Pools:
         await writer.flush()  # commit what recovery changed, then serve
         writer.committed = state.revision
         if not stored and not snapshot.created and snapshot.settings != settings.as_dict():
+            # Declared settings win over the stored ones: said, since a restart with one
+            # flag changed resets the others to their defaults (a shrink ends leases).
+            log.warning(
+                "pool_settings_changed",
+                pool=name,
+                stored=snapshot.settings,
+                now=settings.as_dict(),
+                note="the settings given at start replace the stored ones",
+            )
             await link.save_settings(key, settings.as_dict())
         return await self._serve(name, settings, state, clock, writer, link)
 
