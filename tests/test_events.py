@@ -46,6 +46,15 @@ async def test_watch_since_replays_and_names_the_oldest_when_compacted() -> None
             async with pool.watch(since=0):
                 pass
         assert a.fence - 1 <= raised.value.oldest <= a.fence
+        # A revision ahead of the pool's is refused as the server refuses it: the events
+        # at or below it would otherwise be replayed as if after it.
+        current = (await pool.stats()).revision
+        with pytest.raises(tokenpool.CompactedError, match="ahead") as ahead:
+            async with pool.watch(since=current + 1000):
+                pass
+        assert current + 1 == ahead.value.oldest
+        async with pool.watch(since=current):  # the current revision itself is fine
+            pass
 
 
 async def test_a_slow_watcher_overflows_and_never_slows_the_pool() -> None:

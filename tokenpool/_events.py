@@ -261,6 +261,13 @@ class EventHub:
         """
         subscription = Subscription(self, buffer)
         if since is not None:
+            current = self.revision()
+            if since > current:  # as the server answers it: no event can be "after" it
+                raise CompactedError(
+                    f"revision {since} is ahead of this pool's {current} (a revision of"
+                    " another pool, or of this one before a memory-only restart)",
+                    current + 1,
+                )
             if since + 1 < self._floor:
                 raise CompactedError(
                     f"events after revision {since} are compacted; the oldest still held is"
