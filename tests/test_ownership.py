@@ -151,3 +151,32 @@ def test_a_paused_store_process_stops_vouching_and_resumes(tmp_path: Path) -> No
             os.kill(child, signal.SIGCONT)
         time.sleep(OWNERSHIP_INTERVAL + 0.5)
         assert 1 == r.execute_command("VALIDATE", alice["token_id"], alice["id"])
+
+
+def test_a_sqlite_file_with_a_second_hard_link_is_refused(tmp_path: Path) -> None:
+    """SQLite keeps its write-ahead log beside the name a file is opened by: after a
+    crash, a server started on a hard link missed the leases still in the log (fences
+    went back) and a later start on the first name replayed them over newer ones (an
+    outside probe). A file with two names is refused, by either name, and served again
+    once the other name is gone."""
+    import trio
+
+    import tokenpool
+
+    first = tmp_path / "a" / "pool.db"
+    link = tmp_path / "b" / "hard.db"
+
+    async def lease_of_ann(path: Path) -> object:
+        async with tokenpool.open_pool(size=2, store=f"sqlite:///{path}") as pool:
+            if await pool.lease_of("ann") is None:
+                await pool.activate("ann")
+            return await pool.lease_of("ann")
+
+    lease = trio.run(lease_of_ann, first)
+    link.parent.mkdir()
+    os.link(first, link)
+    for name in (link, first):
+        with pytest.raises(tokenpool.PoolLockedError, match="2 names"):
+            trio.run(lease_of_ann, name)
+    os.unlink(link)
+    assert lease == trio.run(lease_of_ann, first)

@@ -42,7 +42,11 @@ if TYPE_CHECKING:
 log = get_logger("tokenpool.actor")
 
 SHUTTING_DOWN = "the server is shutting down; retry on another server or after it restarts"
-_NOT_IN_TIME = "the store did not commit in time; the change is kept and will be written"
+_NOT_IN_TIME = (
+    "the store did not commit this change in time: a lease it granted is given back at"
+    " once (its history says released); a release, renewal or clear stays made and is"
+    " written when the store is back"
+)
 MAX_BATCH = 1024
 """The most requests the actor applies before it hands changes on and replies."""
 BATCH_COST = 2048

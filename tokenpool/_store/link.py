@@ -273,7 +273,10 @@ class StoreLink:
         elif self.proof_error:
             why = self.proof_error[:200]
         else:
-            why = f"no proof within {OWNERSHIP_VALIDITY:g} s (is the store process stopped?)"
+            why = (
+                f"no proof within {OWNERSHIP_VALIDITY:g} s (the store process is stopped,"
+                " or the store blocks it: another process's lock, a stalled connection)"
+            )
         return f"cannot show it still owns the store {self.shown}: {why}"
 
     def _proved(self, sent: float) -> None:

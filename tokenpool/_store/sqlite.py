@@ -6,11 +6,14 @@ checked by every batch.
 
 Ownership follows the file, not its name: the store process holds an
 exclusive ``flock`` on the database file itself, so a second server that
-reaches the same file through a symlink, a hard link or another relative
-path is refused (two processes writing one file through two names would
-also give it two WAL files). The kernel releases the lock when the process
-dies. Before every batch the store checks that its path still names the file
-it locked, so a database replaced or deleted under it stops it at once.
+reaches the same file through a symlink or another relative path is
+refused (two processes writing one file through two names would also give it
+two WAL files), and a file with a second hard link is refused at once: SQLite
+keeps the WAL beside the name used, so after a crash another name misses the
+changes still in it, and the first name later replays them over newer ones.
+The kernel releases the lock when the process dies. Before every batch the
+store checks that its path still names the file it locked, so a database
+replaced or deleted under it stops it at once.
 """
 
 from __future__ import annotations
@@ -181,6 +184,18 @@ class SqliteStore:
                         " (through this path or another link to it); stop it first"
                     ) from None
                 time.sleep(0.05)
+        links = os.fstat(fd).st_nlink
+        if links > 1:
+            # SQLite keeps the write-ahead log beside the NAME it opens: opened by another
+            # name after a crash, the file misses the committed changes still in the log
+            # (fences go back, leases vanish), and a later open by the first name replays
+            # them over newer ones. One name only.
+            os.close(fd)
+            raise PoolLockedError(
+                f"the SQLite file {path} has {links} names (hard links): SQLite keeps its"
+                " write-ahead log beside the name used, so another name may miss or replay"
+                " committed changes; remove the other links (keep the name it was used by)"
+            )
         self._lock_fd = fd
         try:
             conn = _connect(path, self.write_timeout, self.synchronous)
