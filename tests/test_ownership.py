@@ -180,3 +180,33 @@ def test_a_sqlite_file_with_a_second_hard_link_is_refused(tmp_path: Path) -> Non
             trio.run(lease_of_ann, name)
     os.unlink(link)
     assert lease == trio.run(lease_of_ann, first)
+
+
+def test_a_database_in_a_directory_it_cannot_write_names_the_directory(tmp_path: Path) -> None:
+    """An existing file whose directory cannot be written opens, but SQLite cannot make
+    its -wal file: the refusal says so (it said only "unable to open database file")."""
+    import subprocess
+
+    import trio
+
+    import tokenpool
+    from tokenpool._store import StoreError
+
+    folder = tmp_path / "fixed"
+    folder.mkdir()
+    path = folder / "pool.db"
+
+    async def activate() -> None:
+        async with tokenpool.open_pool(size=2, store=f"sqlite:///{path}") as pool:
+            await pool.activate("ann")
+
+    trio.run(activate)
+    for leftover in folder.glob("pool.db-*"):
+        leftover.unlink()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (a root user ignores a read-only mode)")
+    try:
+        with pytest.raises(StoreError, match="is its directory writable"):
+            trio.run(activate)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)

@@ -209,7 +209,10 @@ class SqliteStore:
             conn.executescript(resources.files(__package__).joinpath("sqlite.sql").read_text())
         except sqlite3.Error as error:
             self._release()
-            raise StoreError(f"cannot open the SQLite file {path}: {error}") from error
+            hint = ""
+            if "unable to open" in str(error):  # the file opened: its WAL or SHM did not
+                hint = " (is its directory writable? SQLite makes its -wal and -shm files there)"
+            raise StoreError(f"cannot open the SQLite file {path}: {error}{hint}") from error
         except StoreError:
             self._release()
             raise
