@@ -128,11 +128,17 @@ def test_pools_come_from_a_toml_file(tmp_path: Path) -> None:
     config.write_text(
         '[server]\nport = 0\ndsn = "memory"\n\n'
         "[pools.default]\nsize = 4\nttl = 30\n\n"
-        '[pools.gpu]\nsize = 2\nttl = 3600\nwhen_full = "wait"\nmin_hold = 60\n'
+        '[pools.gpu]\nsize = 2\nttl = 3600\nwhen_full = "wait"\nmin_hold = 60\n\n'
+        "[pools.capped]\nsize = 1\nttl = 60\nmax_lifetime = 600\n\n"
+        "[pools.uncapped]\nsize = 1\nttl = 60\nmax_lifetime = 0\n"  # 0: none, as the flag
     )
     args = build_parser().parse_args(["serve", "--config", str(config)])
     loaded = load_config(args, {})
-    assert ["default", "gpu"] == list(loaded.pools)
+    assert ["default", "gpu", "capped", "uncapped"] == list(loaded.pools)
+    assert (600.0, None) == (
+        loaded.pools["capped"].max_lifetime,
+        loaded.pools["uncapped"].max_lifetime,
+    )
     assert (4, 30.0) == (loaded.pools["default"].size, loaded.pools["default"].ttl)
     assert ("wait", 60.0) == (loaded.pools["gpu"].when_full, loaded.pools["gpu"].min_hold)
     args = build_parser().parse_args(["serve", "--config", str(config), "--size", "9"])

@@ -11,6 +11,7 @@ on a real server.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import signal
@@ -805,3 +806,20 @@ def test_urls() -> None:
     for bad in ("http://h", "tokenpool://", "tokenpool://h:99999", "tokenpool://h/gpu"):
         with pytest.raises(InvalidArgumentError):
             Address.parse(bad)
+
+
+def test_the_client_s_seconds_are_numbers_checked_where_given() -> None:
+    """``timeout`` and ``renew_every`` are numbers of seconds within their ranges: a
+    string was a TypeError, and an infinite renew_every never renewed."""
+
+    async def scenario() -> None:
+        for timeout in ("5", 0, math.inf, True):
+            with pytest.raises(tokenpool.InvalidArgumentError, match="timeout"):
+                async with tokenpool.connect("tokenpool://127.0.0.1:1", timeout=timeout):
+                    pass
+        async with tokenpool.connect("tokenpool://127.0.0.1:1") as client:
+            for every in ("1", 0, math.inf, math.nan):
+                with pytest.raises(tokenpool.InvalidArgumentError, match="renew_every"):
+                    client.pool("p").hold("ann", renew_every=every)
+
+    anyio.run(scenario, backend="trio")

@@ -64,6 +64,7 @@ from ._settings import (
     PoolSettings,
     Range,
     check_choice,
+    check_max_lifetime,
     check_name,
     check_seconds,
     host_name,
@@ -492,7 +493,10 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         if not isinstance(table, dict):
             raise InvalidArgumentError(f"[pools.{name}] in {path} must be a table")
         try:
-            pools[name] = PoolSettings.make(**{k.replace("-", "_"): v for k, v in table.items()})
+            given = {k.replace("-", "_"): v for k, v in table.items()}
+            if "max_lifetime" in given:  # 0 for none, as the flag (TOML has no null)
+                given["max_lifetime"] = check_max_lifetime(given["max_lifetime"])
+            pools[name] = PoolSettings.make(**given)
         except InvalidArgumentError as error:
             raise InvalidArgumentError(f"[pools.{name}] in {path}: {error}") from None
     flags_given = any(

@@ -37,7 +37,7 @@ from .._ops import (
     Renew,
     Validate,
 )
-from .._settings import PoolSettings, check_name
+from .._settings import MAX_SECONDS, PoolSettings, check_name, check_seconds
 from . import replies
 from .address import Address
 from .connections import Connections
@@ -397,8 +397,8 @@ class RemotePool:
         """
         if on_lost not in ("cancel", "notify"):
             raise InvalidArgumentError(f"on_lost is 'cancel' or 'notify', not {on_lost!r}")
-        if renew_every is not None and not renew_every > 0:
-            raise InvalidArgumentError(f"renew_every must be positive, not {renew_every!r}")
+        if renew_every is not None:  # (a number of seconds: not a string, not inf)
+            renew_every = check_seconds(renew_every, "renew_every", 0.001, MAX_SECONDS)
         return hold(self, user_id, wait, renew_every, on_lost, self._connections.timeout)
 
 
@@ -422,8 +422,7 @@ async def connect(
     address = Address.parse(url)
     if not isinstance(max_connections, int) or not 1 <= max_connections <= 10_000:
         raise InvalidArgumentError(f"max_connections must be 1 to 10,000, not {max_connections!r}")
-    if not 0 < timeout <= 3600:
-        raise InvalidArgumentError(f"timeout must be 0 to 3600 s, not {timeout!r}")
+    timeout = check_seconds(timeout, "timeout", 0.001, 3600)  # (a number: not a string)
     try:
         async with anyio.create_task_group() as tg:
             connections = Connections(
