@@ -61,9 +61,8 @@ GIVE_STEP = 1024
 """Slots a node over its share gives up per round (each released only after its pools
 are written and released)."""
 SERVE_STEP = 64
-"""Pools recovered between two checks that the lease needs renewing (``_serve``, and
-pools released in ``_give``): at a few ms a pool, a step is well within a renewal
-period."""
+"""Pools recovered between two checks that the lease needs renewing (``_serve``): at a
+few ms a pool, a step is well within a renewal period."""
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -408,7 +407,7 @@ class ClusterNode:
                     if not await self._keep_lease():
                         return  # lost meanwhile: the next round finds out, joins again
                     await self.pools.restore_all(step)
-                    self.serving |= ready & set(self.owned)
+                    self.serving |= {s for s in ready if s in self.owned}
                     step, ready = [], set()
         except TokenPoolError as error:
             log.warning("cluster_serve_failed", node=self.id, slots=len(slots), error=str(error))
@@ -426,9 +425,8 @@ class ClusterNode:
         """Stop serving ``slots``, write and release their pools, then (``release``)
         release the slots in the database."""
         self.serving -= slots
-        for done, name in enumerate([n for n in self.pools.names() if slot_of(n) in slots]):
-            if done % SERVE_STEP == SERVE_STEP - 1:
-                await self._keep_lease()  # (lost: no pool of these is served any more)
+        for name in [n for n in self.pools.names() if slot_of(n) in slots]:
+            await self._keep_lease()  # renews only when due (lost: none of these is served)
             await self.pools.release(name)
         if release:
             try:

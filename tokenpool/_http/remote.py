@@ -101,23 +101,26 @@ class RemoteBackend:
 
     async def execute(self, command: Command, caller: _Caller) -> Any:
         argv, safe = argv_of(command)
+        via = ["VIA", caller.peer, caller.bearer, *argv]
         if isinstance(command, Report):  # slow: a connection to itself, in a bounded few
-            with anyio.move_on_after(REPORT_WAIT) as waiting:
-                await self._reports.acquire()
-            if waiting.cancelled_caught:
-                raise report_waited()
-            try:
-                reply = await self._call(
-                    ["VIA", caller.peer, caller.bearer, *argv],
-                    safe=safe,
-                    blocks=REPORT_WAIT + REPORT_TIMEOUT,
-                )
-            finally:
-                self._reports.release()
-            return result_of(reply, own_server=True)
-        wait = getattr(command, "wait", None)
-        reply = await self._call(["VIA", caller.peer, caller.bearer, *argv], safe=safe, blocks=wait)
+            async with self._report_slot():
+                reply = await self._call(via, safe=safe, blocks=REPORT_WAIT + REPORT_TIMEOUT)
+        else:
+            reply = await self._call(via, safe=safe, blocks=getattr(command, "wait", None))
         return result_of(reply, own_server=True)
+
+    @asynccontextmanager
+    async def _report_slot(self) -> AsyncIterator[None]:
+        """One of this worker's ``REPORTS_AT_ONCE`` report slots, waited for at most
+        ``REPORT_WAIT`` (then the server's refusal of a report that waited too long)."""
+        with anyio.move_on_after(REPORT_WAIT) as waiting:
+            await self._reports.acquire()
+        if waiting.cancelled_caught:
+            raise report_waited()
+        try:
+            yield
+        finally:
+            self._reports.release()
 
     async def pool_names(self, caller: _Caller) -> list[str]:
         names: list[str] = await self.execute(ListPools(), caller)

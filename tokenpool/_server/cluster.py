@@ -160,14 +160,10 @@ def _fields(node: ClusterNode) -> dict[str, object]:
 
 
 @command("READONLY", 0, 0, "Cluster mode: accepted (no replicas: reads go to the owner)")
-def _readonly(p: Planner, session: Session, args: list[str]) -> Any:
-    # redis-py's RedisCluster(read_from_replicas=True) sends it on every connection; with
-    # no replica listed in CLUSTER SLOTS, its reads go to the owner as before.
-    return OFF if p.cluster is None else OK
-
-
 @command("READWRITE", 0, 0, "Cluster mode: accepted (undoes READONLY)")
-def _readwrite(p: Planner, session: Session, args: list[str]) -> Any:
+def _readonly(p: Planner, session: Session, args: list[str]) -> Any:
+    # redis-py reading from replicas sends READONLY on every connection; with no replica
+    # listed in CLUSTER SLOTS, its reads go to the owner as before.
     return OFF if p.cluster is None else OK
 
 
