@@ -206,6 +206,9 @@ class ClusterNode:
         """Join, then keep the node's place until ``leave``. Raises ``PoolLockedError``
         when another live process holds this node id (past one validity of waiting)."""
         try:
+            # The store process first: started on the first take instead, its start (a
+            # second or more on a busy machine) ran on the lease of that take.
+            await self.pools._start_link()
             await self._join(wait=self.settings.validity + 1.0)
             task_status.started()
             while not self._stopped:
