@@ -4,6 +4,8 @@ test_durability.py and test_persistence.py; the actor's sync replies in test_act
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
@@ -11,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenpool._model import GRANT, LeaseRecord
-from tokenpool._store import LinkState
+from tokenpool._store import MAX_BATCH_RECORDS, LinkState
 from tokenpool._writer import MAX_STALL, Writer
 
 
@@ -134,3 +136,28 @@ async def test_an_async_refusal_holds_activations_until_a_write_commits(
     assert later is not None
     w.acknowledged(later, 2)
     assert not w.full()
+
+
+@given(st.lists(st.integers(min_value=0, max_value=3 * MAX_BATCH_RECORDS // 2), max_size=12))
+async def test_unsent_batches_go_in_bounded_frames_in_order_with_their_own_counters(
+    sizes: list[int],
+) -> None:
+    # A backlog gathered while the store process was stopped went as ONE frame, written
+    # as one transaction: ownership proofs waited for all of it. A frame holds at most
+    # MAX_BATCH_RECORDS changes unless one batch alone is larger; it carries the counters
+    # and clock of its own last batch (never later ones its records do not reach).
+    w = Writer(QuietLink(), 1, "p", max_backlog=10**9, write_timeout=2.0, committed=0)
+    for seq, size in enumerate(sizes, 1):
+        w.submit([("r", seq)] * size, {"activations": seq}, 1000 * seq, seq)  # type: ignore[list-item]
+    frames = w.take_all_unsent()
+    assert not w.has_unsent and w.take_unsent() is None
+    batches = [batch for frame in frames for batch in frame[3]]
+    assert batches == [[("r", seq)] * size for seq, size in enumerate(sizes, 1)]
+    for kind, key, last_seq, chunks, counters, clock_us in frames:
+        assert (kind, key) == ("write", 1)
+        assert chunks[-1] == [] or chunks[-1][0] == ("r", last_seq)
+        assert (counters, clock_us) == ({"activations": last_seq}, 1000 * last_seq)
+        size = sum(map(len, chunks))
+        assert size <= MAX_BATCH_RECORDS or len(chunks) == 1
+    for before, after in itertools.pairwise(frames):  # each frame as full as can be
+        assert sum(map(len, before[3])) + len(after[3][0]) > MAX_BATCH_RECORDS

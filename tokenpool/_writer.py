@@ -38,7 +38,7 @@ from . import _trace
 from ._errors import UnavailableError
 from ._log import get_logger
 from ._model import Record
-from ._store import LinkState
+from ._store import MAX_BATCH_RECORDS, LinkState
 
 log = get_logger("tokenpool.writer")
 
@@ -92,15 +92,27 @@ class Link(Protocol):
 
 
 class _Entry:
-    __slots__ = ("last_rev", "records", "seq", "size", "submitted", "trace")
+    __slots__ = ("clock_us", "counters", "last_rev", "records", "seq", "size", "submitted", "trace")
 
-    def __init__(self, seq: int, records: list[Record], submitted: float, last_rev: int) -> None:
+    def __init__(
+        self,
+        seq: int,
+        records: list[Record],
+        submitted: float,
+        last_rev: int,
+        counters: dict[str, int],
+        clock_us: int,
+    ) -> None:
         self.trace: Any = None  # the span context of the actor batch that submitted it
         self.seq = seq
         self.records = records
         self.size = len(records)
         self.submitted = submitted
         self.last_rev = last_rev
+        # the pool's counters and clock as of this batch: a frame that ends here carries
+        # them, never later ones its records do not reach
+        self.counters = counters
+        self.clock_us = clock_us
 
 
 class Writer:
@@ -140,8 +152,7 @@ class Writer:
         self.max_backlog = max_backlog
         self.write_timeout = write_timeout
         self._entries: deque[_Entry] = deque()  # unacknowledged, oldest first
-        self._unsent: list[_Entry] = []
-        self._counters: dict[str, int] = {}
+        self._unsent: deque[_Entry] = deque()
         self._clock_us = 0
         self._seq = 0
         self.backlog = 0
@@ -248,11 +259,10 @@ class Writer:
             self.lost += len(records)
             return None
         self._seq += 1
-        entry = _Entry(self._seq, records, trio.current_time(), last_rev)
+        self._clock_us = max(self._clock_us, clock_us)
+        entry = _Entry(self._seq, records, trio.current_time(), last_rev, counters, self._clock_us)
         self._entries.append(entry)
         self._unsent.append(entry)
-        self._counters = counters
-        self._clock_us = max(self._clock_us, clock_us)
         self.backlog += entry.size
         if not self._high and self.backlog >= HIGH_WATER * self.max_backlog:
             self._high = True
@@ -279,19 +289,40 @@ class Writer:
 
     # -- the link's side --------------------------------------------------------
 
+    @property
+    def has_unsent(self) -> bool:
+        return bool(self._unsent)
+
     def take_unsent(self) -> tuple[Any, ...] | None:
-        """The frame for everything submitted since the last one, or ``None``."""
-        if not self._unsent:
+        """The frame for the oldest batches not sent yet, or ``None``: up to
+        ``MAX_BATCH_RECORDS`` changes (always one batch at least), so a backlog that
+        gathered while the store process was stopped goes as several frames, which the
+        store process writes as as many transactions, answering proofs between them."""
+        unsent = self._unsent
+        if not unsent:
             return None
-        entries, self._unsent = self._unsent, []
+        entries = [unsent.popleft()]
+        size = entries[0].size
+        while unsent and size + unsent[0].size <= MAX_BATCH_RECORDS:
+            entry = unsent.popleft()
+            size += entry.size
+            entries.append(entry)
+        last = entries[-1]
         return (
             "write",
             self.key,
-            entries[-1].seq,
+            last.seq,
             [e.records for e in entries],
-            self._counters,
-            self._clock_us,
+            last.counters,
+            last.clock_us,
         )
+
+    def take_all_unsent(self) -> list[tuple[Any, ...]]:
+        """Every frame not sent yet, oldest first (before a request that must follow them)."""
+        frames = []
+        while (frame := self.take_unsent()) is not None:
+            frames.append(frame)
+        return frames
 
     def traced(self, seq: int, context: Any) -> None:
         """The span context of the actor batch that submitted ``seq`` (tracing on)."""
@@ -450,7 +481,7 @@ class Writer:
         lost = sum(e.size for e in self._entries)
         self.gave_up = True
         self._entries.clear()
-        self._unsent = []
+        self._unsent.clear()
         self.backlog = 0
         self.lost += lost
         self._wake()

@@ -54,6 +54,12 @@ nothing that vouches for a lease until a proof succeeds again. A new owner that 
 its predecessor did not release the store (``Snapshot.unclean``) vouches for nothing
 until this long after it took over, so the two validities never overlap."""
 
+MAX_BATCH_RECORDS = 20_000
+"""The most change records one transaction carries, and one write frame the server
+sends: after an outage the backlog is written in transactions of bounded size (each
+within the write timeout, with ownership proofs answered between them), never as one
+that grows on every retry and never fits, or that holds a proof past its validity."""
+
 MIN_TIME_US = -62_135_596_800_000_000
 """0001-01-01T00:00:00Z in microseconds since the Unix epoch: Python's first datetime."""
 MAX_TIME_US = 253_402_300_799_999_999

@@ -39,6 +39,7 @@ from typing import Any
 from .._errors import TokenPoolError
 from .._model import ADD, KIND, Record, added_tokens
 from . import (
+    MAX_BATCH_RECORDS,
     Batch,
     FencedError,
     LinkState,
@@ -49,11 +50,6 @@ from . import (
     open_store,
 )
 from .frames import FrameDecoder, encode
-
-MAX_BATCH_RECORDS = 20_000
-"""The most change records one transaction carries: after an outage the backlog is
-written in transactions of bounded size (each within the write timeout), never as one
-that grows on every retry and never fits."""
 
 
 def _head(entries: list[Any], limit: int) -> list[Any]:

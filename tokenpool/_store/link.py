@@ -235,9 +235,7 @@ class StoreLink:
         request = self._next_request
         event = self._reply_events[request] = trio.Event()
         for writer in self.writers.values():  # what was submitted before goes first
-            frame = writer.take_unsent()
-            if frame is not None:
-                self._outbox.append(frame)
+            self._outbox.extend(writer.take_all_unsent())
         self._outbox.append((kind, request, *args))
         self.wake()
         seconds = self.lock_wait + self.write_timeout
@@ -383,9 +381,7 @@ class StoreLink:
         if self._dead:
             return
         if writer is not None:
-            frame = writer.take_unsent()  # what it submitted goes first
-            if frame is not None:
-                self._outbox.append(frame)
+            self._outbox.extend(writer.take_all_unsent())  # what it submitted goes first
         self._next_request += 1
         self._unawaited.add(self._next_request)
         self._outbox.append(("release", self._next_request, key))
@@ -402,10 +398,12 @@ class StoreLink:
             frames: list[tuple[Any, ...]] = []
             while self._outbox:
                 frames.append(self._outbox.popleft())
+            more = False  # a writer has more than one frame's worth: send it without a pause
             for writer in self.writers.values():
                 frame = writer.take_unsent()
                 if frame is not None:
                     frames.append(frame)
+                    more = more or writer.has_unsent
                     if _trace.on:  # the bytes of the frame, for the store batch's span
                         writer.sent(frame[2], len(encode((frame,))))
             if frames:
@@ -419,7 +417,7 @@ class StoreLink:
                     with trio.move_on_after(5):  # it has nothing left to write
                         await self._process.wait()
                     return
-                if self.flush_interval and not self._closing:
+                if self.flush_interval and not self._closing and not more:
                     # async: let the next changes gather for ``flush_interval`` and go
                     # as one frame (one wakeup of the store process, one transaction)
                     # rather than one frame per actor turn. A request, a close or a
