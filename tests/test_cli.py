@@ -152,6 +152,10 @@ def test_pools_come_from_a_toml_file(tmp_path: Path) -> None:
         ("[pools.gpu]\nsize = 1\nttl = 1\ncolour = 'red'\n", "colour"),
         ("[pools.'a/b']\nsize = 1\nttl = 1\n", "pool name"),
         ("[server]\nport = 'x'\n", "port"),
+        ("[server]\nport = '19010'\n", "port in"),  # a number as text: as a pool table does
+        ("[server]\nrate-limit = '5'\n", "must be a number, not a string"),
+        ("[server]\nallow-insecure-bind = 'yes'\n", "a TOML boolean"),
+        ("[server]\ncluster-renew = 0.5\n", "--cluster-renew needs --node-id"),
         ("[server]\nwarp = 9\n", "warp"),
         ("not toml at all = = =", "TOML"),
     ],
@@ -162,6 +166,24 @@ def test_a_bad_config_file_is_one_clear_error(tmp_path: Path, text: str, message
     out = run("--config", str(config), "--dsn", "memory")
     assert 2 == out.returncode
     assert message in out.stderr and 1 == len(out.stderr.strip().splitlines()), out.stderr
+
+
+@pytest.mark.parametrize("flag", ["--cluster-renew", "--cluster-validity"])
+def test_a_cluster_setting_without_cluster_mode_is_refused(flag: str) -> None:
+    out = run(flag, "6", "--dsn", "memory")
+    assert 2 == out.returncode
+    assert f"{flag} needs --node-id" in out.stderr, out.stderr
+
+
+def test_a_config_files_numbers_and_flags_are_taken_as_toml_types(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text("[server]\nport = 19010\nrate-limit = 2.5\nallow-insecure-bind = true\n")
+    values = load_config(build_parser().parse_args(["serve", "--config", str(config)]), {}).values
+    assert (19010, 2.5, True) == (
+        values["port"],
+        values["rate_limit"],
+        values["allow_insecure_bind"],
+    )
 
 
 def test_a_port_in_use_is_named(tmp_path: Path) -> None:

@@ -78,6 +78,10 @@ if TYPE_CHECKING:
 DEFAULT_STORE = "sqlite:///data/tokenpool.db"
 
 
+_NUMBER_CHECKS: set[Callable[[Any, str], Any]] = set()
+"""The checks of options that are numbers: a config file gives them as TOML numbers."""
+
+
 def _ranged(limits: Range, none_ok: bool = False) -> Callable[[Any, str], Any]:
     """An option checked with its setting's one range (text from the command line or
     the environment, a number from the TOML file); ``none_ok``: none, 0 or empty is None."""
@@ -93,6 +97,7 @@ def _ranged(limits: Range, none_ok: bool = False) -> Callable[[Any, str], Any]:
             return limits.parse(value.strip(), what)
         return limits.check(value, what)
 
+    _NUMBER_CHECKS.add(check)
     return check
 
 
@@ -235,6 +240,20 @@ class Option:
     @property
     def envs(self) -> tuple[str, ...]:
         return self.env or (f"TOKENPOOL_{self.dest.upper()}",)
+
+    def check_in_file(self, value: Any, where: str) -> None:
+        """A config file's value has a TOML type: a number option takes a number and a
+        flag a boolean, as a ``[pools.NAME]`` table does (text is the command line's
+        and the environment's form; ``port = "19010"`` was taken)."""
+        if self.flag and not isinstance(value, bool):
+            raise InvalidArgumentError(
+                f"{where} must be true or false (a TOML boolean), not {_toml_kind(value)}"
+            )
+        if (self.check in _NUMBER_CHECKS or self.check is _rate) and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+        ):
+            raise InvalidArgumentError(f"{where} must be a number, not {_toml_kind(value)}")
+        self.check(value, where)
 
 
 def _usable_cores() -> int:
@@ -429,7 +448,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                 raise InvalidArgumentError(f"--config {path}: unknown [server] option {key!r}")
             where = f"{key} in {path}"
             try:  # every value in the file is checked, even one the command line overrides
-                BY_DEST[key].check(in_file, where)
+                BY_DEST[key].check_in_file(in_file, where)
             except InvalidArgumentError as error:
                 if where in str(error):
                     raise
@@ -485,8 +504,15 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
                 f"--cluster-renew {values['cluster_renew']:g} must be at most a third of"
                 f" --cluster-validity {values['cluster_validity']:g}"
             )
-    elif values["advertise"] is not None:
-        raise InvalidArgumentError("--advertise needs --node-id (cluster mode)")
+    else:  # a cluster setting without cluster mode would be ignored without a word
+        cluster = [
+            d for d in ("cluster_validity", "cluster_renew") if _given(args, environ, file, d)
+        ]
+        if values["advertise"] is not None:
+            cluster.insert(0, "advertise")
+        if cluster:
+            flag = cluster[0].replace("_", "-")
+            raise InvalidArgumentError(f"--{flag} needs --node-id (cluster mode)")
     pools: dict[str, PoolSettings] = {}
     for name, table in file_pools.items():
         check_name(name, f"pool name {name!r} in {path}")
