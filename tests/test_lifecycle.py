@@ -133,6 +133,30 @@ def test_a_store_process_killed_with_changes_unwritten_makes_shutdown_count_them
     assert 1 == code
 
 
+def test_changes_a_second_signal_gives_up_on_are_reported_with_the_time_waited(
+    tmp_path: Path,
+) -> None:
+    """A second SIGTERM cuts the wait for a stopped store short: the changes it never
+    wrote are reported with the seconds shutdown really waited and why it stopped (the
+    line named the configured --shutdown-timeout, 30 s, after a wait of under one)."""
+    url = f"sqlite:///{tmp_path}/pool.db"
+    args = ("--dsn", url, "--durability", "async", "--size", "50", "--ttl", "600")
+    with serving(*args, "--shutdown-timeout", "30") as server:
+        r = client(server)
+        assert server.store_pid is not None
+        os.kill(server.store_pid, signal.SIGSTOP)  # what is acknowledged now is not written
+        for i in range(20):
+            r.execute_command("ACTIVATE", f"u{i}")
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=30)
+    (lost,) = [e for e in server.log if e.get("event") == "changes_not_written"]
+    assert lost["changes"] >= 20 and lost["seconds"] < 10 and 30 == lost["shutdown_timeout"]
+    assert "second signal" in lost["note"]
+    assert 1 == code
+
+
 def test_a_dead_store_process_is_noticed_and_changes_are_refused(tmp_path: Path) -> None:
     """Issue 18, item 3: after the store process died, CLEAR is refused (not answered
     with leases ended that a restart would bring back); the exit status says it died."""

@@ -170,7 +170,8 @@ class StoreLink:
         """
         self._closing = True
         self._urgent.set()
-        deadline = min(trio.current_time() + self.shutdown_timeout, self._hurry_at)
+        began = trio.current_time()
+        deadline = min(began + self.shutdown_timeout, self._hurry_at)
         with trio.CancelScope(deadline=deadline) as scope:
             self._close_scope = scope
             for writer in list(self.writers.values()):
@@ -184,6 +185,8 @@ class StoreLink:
         if lost:
             if self._dead:
                 note = "the store process exited before it wrote them"
+            elif scope.cancelled_caught and self._hurry_at <= scope.deadline:
+                note = "the store did not take them before a second signal cut shutdown short"
             elif scope.cancelled_caught:
                 note = "the store did not take them before the shutdown timeout"
             else:
@@ -192,7 +195,8 @@ class StoreLink:
                 "changes_not_written",
                 store=self.shown,
                 changes=lost,
-                seconds=round(self.shutdown_timeout, 3),
+                seconds=round(trio.current_time() - began, 3),  # waited for the store
+                shutdown_timeout=self.shutdown_timeout,
                 note=note,
             )
         process = self._process
