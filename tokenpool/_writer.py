@@ -520,7 +520,9 @@ class Writer:
             changes_written=self.changes_written,
             batch_p50=float(sizes[len(sizes) // 2]) if sizes else 0.0,
             rejected=self.rejected,
-            lost=self.lost,
+            # a failed or fenced link writes nothing more: its backlog is lost already
+            # (shutdown counts it so), not only once shutdown comes
+            lost=self.lost + (self.backlog if self.state.lost else 0),
             stalls=self.stalls,
             stall_seconds=self.stall_seconds,
         )
