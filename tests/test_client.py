@@ -637,6 +637,26 @@ def test_watch_resumes_after_a_reconnect(backend: str, server: Process) -> None:
     run(backend, main)
 
 
+def test_watch_ends_when_its_pool_is_dropped(backend: str, server: Process) -> None:
+    """As the embedded library's: the pool's leases end (``cleared``), then the stream
+    does (it waited for good: the server's subscription outlives its pool)."""
+
+    async def main() -> None:
+        async with tokenpool.connect(url(server)) as client:
+            pool = await client.create("gone", PoolSettings(size=2, ttl=60))
+            async with pool.watch() as events:
+                await pool.activate("a")
+                seen = []
+                with anyio.fail_after(5):
+                    async for event in events:
+                        seen.append((event.kind, event.reason))
+                        if len(seen) == 1:
+                            await client.drop("gone")
+            assert [("granted", None), ("ended", "cleared")] == seen
+
+    run(backend, main)
+
+
 def test_watch_says_gap_after_a_memory_only_server_restarts(backend: str) -> None:
     """A memory-only server killed and started again keeps no events: a watch that
     resumes there gets one ``gap`` event, then every event of the new server, none

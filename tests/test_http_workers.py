@@ -238,6 +238,31 @@ def test_events_stream_through_a_worker() -> None:
         ]
 
 
+def test_an_event_stream_through_a_worker_ends_when_its_pool_is_dropped() -> None:
+    """As in-process: the stream of a dropped pool ends (through a worker it stayed open
+    for good, its RESP subscription outliving the pool, and delivered a pool created
+    again under the name as if it were the same)."""
+    with workers() as server:
+        r = redis.Redis(port=server.port, socket_timeout=10)
+        r.execute_command("POOL", "CREATE", "gone", "SIZE", "2", "TTL", "60")
+        base = f"http://127.0.0.1:{server.http_port}"
+        with (
+            httpx.Client(base_url=base, timeout=10) as client,
+            client.stream("GET", "/api/pools/gone/events") as stream,
+        ):
+            client.post("/api/pools/gone/tokens/activate", json={"user_id": "a"})
+            lines = stream.iter_lines()
+            while not next(lines).startswith("data:"):  # the grant: the stream follows
+                pass
+            r.execute_command("POOL", "DROP", "gone")
+            began = time.monotonic()
+            rest = list(lines)  # to the end of the response (the client's timeout: 10 s)
+            took = time.monotonic() - began
+        assert took < 5, f"the stream ended {took:.1f} s after the drop"
+        kinds = [line for line in rest if line.startswith("data:")]
+        assert 1 == len(kinds) and '"ended"' in kinds[0], rest  # the drop's clear, then the end
+
+
 @pytest.mark.parametrize("size", [17 * 1024])
 def test_a_request_head_past_16_kib_is_refused(size: int) -> None:
     with workers() as server, socket.create_connection(("127.0.0.1", server.http_port or 0)) as s:

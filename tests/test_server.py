@@ -1152,9 +1152,12 @@ async def test_a_subscription_outlives_its_pool_as_in_redis() -> None:
                 assert [round_] == granted(channel, "message"), round_
                 assert [round_] == granted(pattern, "pmessage"), round_
                 r.execute_command("POOL", "DROP", "later")
-                for sub in (channel, pattern):  # the drop's "ended" (cleared) events
-                    while sub.get_message(timeout=0.3):
-                        pass
+                for sub in (channel, pattern):  # the drop's "ended" (cleared) event, then
+                    got = []  # one message saying the pool was dropped, and its last revision
+                    while message := sub.get_message(timeout=0.3):
+                        got.append(json.loads(message["data"]))
+                    assert ["ended", "dropped"] == [e["kind"] for e in got], got
+                    assert ("later", got[0]["revision"]) == (got[1]["pool"], got[1]["revision"])
             channel.close()
             pattern.close()
 

@@ -56,7 +56,8 @@ if TYPE_CHECKING:
 
 class EventStream:
     """The events of one pool: ``async for event in stream``. Ends after an
-    ``overflow`` event (the server dropped the subscription: watch again). A ``gap``
+    ``overflow`` event (the server dropped the subscription: watch again), and when the
+    pool is dropped (the server's ``dropped`` message, not delivered). A ``gap``
     event says events up to its ``revision`` could not be replayed (see the module)."""
 
     def __init__(
@@ -120,6 +121,9 @@ class EventStream:
         if event.kind == "overflow":
             self._ended = True
             return event
+        if event.kind == "dropped":  # the pool was dropped: the stream ends, as the library's
+            self._ended = True
+            return None
         if event.revision < self._last or (
             event.revision == self._last and event.kind in self._seen_at_last
         ):

@@ -334,7 +334,8 @@ async def events(
     """The pool's changes as Server-Sent Events (`granted`, `renewed`, `ended`), each
     with its revision as `id`: a reconnecting EventSource resumes after the last
     one it saw (`Last-Event-ID`), or gets an `event: compacted` naming the oldest
-    revision still held. A reader too slow gets `event: overflow` and the end."""
+    revision still held. A reader too slow gets `event: overflow` and the end; the
+    stream of a pool that is dropped ends after its `cleared` events."""
     if last_event_id:
         since = int(REVISION.parse(last_event_id.strip(), "Last-Event-ID"))
     if call.owner.streams >= call.owner.settings.max_streams or call.owner.closing:

@@ -394,6 +394,8 @@ class _Connection:
                     served = pools.find(pool_name)
                     if served is not None and served is followed:
                         return  # its stream ended while it is still served: shutting down
+                    if followed is not None:
+                        await self._dropped(name, None, scope, followed, shard)
                     # Dropped: the next pool of that name is followed from its first event,
                     # whether it comes later or came already (created anew while this task
                     # was still sending the old one's backlog to a slow reader).
@@ -439,11 +441,13 @@ class _Connection:
                     if why != "closed":
                         return
                     served = pools.find(pool_name)
+                    if served is not None and served is followed:
+                        return  # its stream ended while it is still served: shutting down
+                    if followed is not None:
+                        await self._dropped(channel, pattern, scope, followed)
                     if served is None:
                         seen.discard(pool_name)  # dropped: follow it again if it comes back
                         return
-                    if served is followed:
-                        return  # its stream ended while it is still served: shutting down
                     new = True  # dropped and created anew meanwhile: follow the new one
             finally:
                 self.followed -= 1
@@ -549,6 +553,25 @@ class _Connection:
                 await self.stream.aclose()
             return "gone", pool
         return "closed", pool
+
+    async def _dropped(
+        self,
+        channel: str,
+        pattern: str | None,
+        subscription: trio.CancelScope,
+        pool: Pool,
+        shard: bool = False,
+    ) -> None:
+        """The pool followed was dropped: say so on its channel, with the last revision it
+        made. The subscription stays (as in Redis, it outlives its publisher: a pool made
+        again under that name is followed from its first event); the client library's
+        ``watch`` ends here, as the embedded library's does."""
+        payload = {
+            "kind": "dropped",
+            "pool": pool.name,
+            "revision": pool.statistics().stats.revision,
+        }
+        await self._message(channel, pattern, subscription, json.dumps(payload), shard)
 
     async def _message(
         self,
