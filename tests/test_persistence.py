@@ -587,3 +587,44 @@ async def test_a_small_disk_filled_by_the_wal_takes_writes_again(small_disk: Pat
     async with tokenpool.open_pool(size=1, store=store) as pool:
         assert ended == (await pool.stats()).evictions
     assert [(ended,)] == query(store, "SELECT count(*) FROM token_usage_history")
+
+
+async def test_a_pool_revived_much_smaller_shrinks_a_step_at_a_time(store_url: str) -> None:
+    """A dropped pool created again under its name with far fewer tokens (it is revived:
+    its tokens are kept forever) retires the rest a step at a time once it is served,
+    as ``POOL ALTER`` does. Recovery retired all of them in one write: a million tokens
+    were one statement past the write timeout, retried for good, the store stalled for
+    every pool, and again after each restart."""
+    import logging
+
+    from tokenpool._ops import END_STEP
+
+    class Recorded(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens: list[int] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg == "pool_recovered":
+                self.tokens.append(record.__dict__["tokens"])
+
+    big = 2 * END_STEP + 7
+    recorded = Recorded()
+    logger = logging.getLogger("tokenpool")
+    async with tokenpool.open_pools(store=store_url) as pools:
+        await pools.create("d", tokenpool.PoolSettings(size=big, ttl=60))
+        await pools.get("d").activate("a")
+        await pools.drop("d")
+        logger.addHandler(recorded)
+        logger.setLevel(logging.INFO)
+        try:
+            pool = await pools.create("d", tokenpool.PoolSettings(size=1, ttl=60))
+        finally:
+            logger.removeHandler(recorded)
+            logger.setLevel(logging.NOTSET)
+        assert [big - END_STEP] == recorded.tokens  # one step at recovery (without the fix: 1)
+        assert 1 == (await pool.stats()).size
+    async with tokenpool.open_pools(store=store_url) as pools:  # the store says so too
+        pool = pools.get("d")
+        assert pool is await pools.restore("d")  # served already: not opened twice
+        assert (1, 1) == ((await pool.stats()).size, len(await pool.tokens()))

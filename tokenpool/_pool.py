@@ -308,6 +308,12 @@ class PoolCore:
         if self.link is not None and self.writer is not None:
             await self.link.save_settings(self.writer.key, settings.as_dict())
 
+    async def reach_size(self) -> None:
+        """Grow or shrink to the settings' size, a step at a time (a pool is opened at
+        most a step away from the size it had: ``_recovered``)."""
+        if self.size != self.settings.size:
+            await self.configure(self.settings)
+
     async def _between_steps(self) -> None:
         """Between two steps of a long change: others get a turn, and what the step
         changed is committed first so the backlog stays bounded."""
@@ -725,14 +731,19 @@ class Pools:
                     return self._pools[name]
                 raise ExistsError(f"pool {name!r} already exists")
             pool = await self._open(name, settings, create=True, stored=False, grow=True)
-        if pool._core.size < settings.size:
-            await pool._core.configure(settings)  # grown a step at a time, others served between
+        await pool._core.reach_size()
         return pool
 
     async def restore(self, name: str) -> Pool:
-        """Serve the store's pool ``name`` with the settings it has there."""
+        """Serve the store's pool ``name`` with the settings it has there (the pool
+        served already if it is: opened twice, it had two actors, and the second took the
+        first's ownership for a predecessor's that was never released)."""
         async with self._lock:
-            return await self._open(name, PoolSettings(), create=False, stored=True)
+            if name in self._pools:
+                return self._pools[name]
+            pool = await self._open(name, PoolSettings(), create=False, stored=True)
+        await pool._core.reach_size()
+        return pool
 
     async def restore_all(self, names: Sequence[str]) -> list[Pool]:
         """Serve the store's pools ``names`` (those not served yet) with their stored
@@ -759,13 +770,16 @@ class Pools:
                     writer.committed = state.revision
                 for name, settings, state, clock, writer in recovered:
                     served.append(await self._serve(name, settings, state, clock, writer, link))
+        for pool in served:  # one left mid-resize (a stop, a crash) finishes it, in steps
+            await pool._core.reach_size()
         return served
 
     async def _open(
         self, name: str, settings: PoolSettings, *, create: bool, stored: bool, grow: bool = False
     ) -> Pool:
-        """``grow``: at run time, start with at most GROW_STEP new tokens (the caller grows
-        the pool to its size afterwards, a step at a time)."""
+        """``grow``: a memory-only pool starts with at most GROW_STEP new tokens (the
+        caller grows it to its size afterwards, a step at a time); a stored pool always
+        starts at most a step away from the size it had (``_recovered``)."""
         c = self._config
         link = await self._start_link()
         clock = self._clock.fork() if self._clock is not None else Clock()
@@ -782,9 +796,7 @@ class Pools:
         key, snapshot = await link.open_pool(name, settings.as_dict(), create)
         if stored:
             settings = PoolSettings.make(**snapshot.settings)
-        state, writer = self._recover(
-            link, name, settings, key, snapshot, clock, GROW_STEP if grow else None
-        )
+        state, writer = self._recover(link, name, settings, key, snapshot, clock)
         await writer.flush()  # commit what recovery changed, then serve
         writer.committed = state.revision
         if not stored and not snapshot.created and snapshot.settings != settings.as_dict():
@@ -808,14 +820,11 @@ class Pools:
         key: int,
         snapshot: Snapshot,
         clock: Clock,
-        grow_step: int | None = None,
     ) -> tuple[PoolState, Writer]:
         """Rebuild a pool from its snapshot and give it a writer holding what recovery
         changed (submitted, not yet committed: the caller waits for that)."""
         c = self._config
-        state, base = _recovered(
-            snapshot, settings, c.history_memory, clock, name, link.shown, grow_step
-        )
+        state, base = _recovered(snapshot, settings, c.history_memory, clock, name, link.shown)
         writer = Writer(
             link,
             key,
@@ -1018,12 +1027,12 @@ def _recovered(
     clock: Clock,
     name: str,
     store: str,
-    grow_step: int | None = None,
 ) -> tuple[PoolState, int]:
     """Rebuild a pool from its snapshot; the changes recovery made are left in ``changes``.
 
-    Returns the state and the revision everything in the store is at. ``grow_step``:
-    add at most that many tokens now (the caller grows the rest, a step at a time).
+    Returns the state and the revision everything in the store is at. The state is at
+    most a step (GROW_STEP, END_STEP) from its settings' size: the caller reaches the
+    size a step at a time once the pool is served (``PoolCore.reach_size``).
     """
     started = trio.current_time()
     clock.start(floor=snapshot.clock_us + 1 if snapshot.clock_us else 0)
@@ -1053,10 +1062,13 @@ def _recovered(
     state.advance(now)  # leases that expired while we were down
     expired = leases - state.active
     if snapshot.created or settings != stored or state.size != settings.size:
-        first = settings
-        if grow_step is not None and settings.size > state.size + grow_step:
-            first = attrs.evolve(settings, size=state.size + grow_step)
-        state.configure(first, now)
+        # Cost before work: at most one step of tokens added or retired now (one bounded
+        # write); the caller reaches the size a step at a time once the pool is served.
+        # Retiring a million tokens of a pool revived smaller was one statement past the
+        # write timeout, retried for good: the store stalled for every pool, and again
+        # after each restart.
+        size = max(min(settings.size, state.size + GROW_STEP), state.size - END_STEP)
+        state.configure(attrs.evolve(settings, size=size), now)
     log.info(
         "pool_recovered",
         pool=name,
