@@ -766,7 +766,9 @@ async def serve(config: Config) -> int:
     grace = min(config.idle_timeout, config.shutdown_timeout)
     with (
         pauses.watching_gc(),
-        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+        # SIGHUP too: the terminal of a server started by hand was closed; a stop like
+        # the others (its default action killed the server as a crash would)
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
     ):
         async with trio.open_nursery() as outer:
 

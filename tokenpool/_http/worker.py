@@ -5,7 +5,7 @@ Started by the server's supervisor (``supervisor.py``) as ``python -m
 tokenpool._http.worker``, with the listening HTTP socket inherited and one JSON line
 of settings on standard input. It lives inside its parent's lifecycle:
 
-- it ignores SIGINT and SIGTERM (the group's signals are the parent's to act on);
+- it ignores SIGINT, SIGTERM and SIGHUP (the group's signals are the parent's to act on);
 - when its standard input ends (the parent closes it to stop the worker, or the
   parent died and the kernel closed it) it stops: event streams end, no new
   connection is accepted, requests in flight get ``graceful`` seconds;
@@ -332,6 +332,7 @@ about a third of the weight of a +0 one: the workers still use every idle cycle)
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.nice(NICENESS)
     line = sys.stdin.buffer.readline()
     if not line:

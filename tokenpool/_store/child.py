@@ -15,7 +15,7 @@ Rules it keeps:
 - A write the database refuses for good (a constraint, a bad value) is split
   into the server's batches and retried one by one; a batch that is still
   refused is reported loudly and dropped, so it never blocks what follows.
-- It lives inside the server's lifecycle: it ignores SIGINT and SIGTERM (a
+- It lives inside the server's lifecycle: it ignores SIGINT, SIGTERM and SIGHUP (a
   Ctrl-C or a stop sent to the whole process group is the server's to act
   on; it is also started in a session of its own), and when the server says
   ``close`` or goes away (end of file on the socket) it writes what reached
@@ -399,6 +399,7 @@ def main(argv: list[str]) -> int:
     # The signals meant for the group are the server's: it tells us when to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[1]))
     channel = Channel(sock)
     hello = channel.receive(None)
