@@ -172,6 +172,32 @@ def test_changes_a_second_signal_gives_up_on_are_reported_with_the_time_waited(
     assert 1 == code
 
 
+@pytest.mark.parametrize("second", [None, signal.SIGINT])
+def test_a_stopped_store_process_with_nothing_to_write_holds_shutdown_no_longer_than_its_bound(
+    tmp_path: Path, second: int | None
+) -> None:
+    """A store process that does not exit (stopped, wedged) with nothing left to write
+    is given --shutdown-timeout at most, and a second signal cuts that to a second: the
+    server waited 5 s for it after sending close, then up to --shutdown-timeout + 2 more
+    (12 s for a stop Docker gives 10), whatever the signals said."""
+    url = f"sqlite:///{tmp_path}/pool.db"
+    with serving("--dsn", url, "--shutdown-timeout", "3") as server:
+        client(server).execute_command("ACTIVATE", "written")
+        assert server.store_pid is not None
+        time.sleep(0.3)  # written: nothing pending
+        os.kill(server.store_pid, signal.SIGSTOP)
+        begun = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        if second is not None:
+            time.sleep(0.5)
+            server.proc.send_signal(second)
+        code = server.wait(timeout=30)
+        took = time.monotonic() - begun
+    assert took < (2.5 if second else 4.5), f"shutdown took {took:.1f} s"
+    assert 0 == code  # nothing acknowledged was lost
+    assert {"written"} == active_users(url)
+
+
 def test_a_dead_store_process_is_noticed_and_changes_are_refused(tmp_path: Path) -> None:
     """Issue 18, item 3: after the store process died, CLEAR is refused (not answered
     with leases ended that a restart would bring back); the exit status says it died."""

@@ -48,6 +48,9 @@ from .._log import get_logger
 from . import OWNERSHIP_INTERVAL, OWNERSHIP_VALIDITY, LinkState, Snapshot, redact
 from .frames import FrameDecoder, FrameError, encode
 
+EXIT_GRACE = 0.5
+"""Seconds the store process is given to exit after close, even at the shutdown's end:
+it releases its pools, so the next owner need not wait out this one's validity."""
 PROOFS_IN_FLIGHT = 3  # ownership proofs asked and not yet answered, at most
 
 if TYPE_CHECKING:
@@ -98,6 +101,8 @@ class StoreLink:
         self._dead = False
         self.died = False  # it exited before the server told it to: shutdown exits non-zero
         self._close_scope: trio.CancelScope | None = None
+        self._exit_by = math.inf  # closing: the moment the store process must have exited by
+        self._exit_scope: trio.CancelScope | None = None  # the wait for it to exit
         self._hurry_at = math.inf  # a second signal: the latest moment close may wait to
         self._lost_dropped = 0  # changes lost by writers of pools dropped since
         self.state = LinkState.UP
@@ -148,12 +153,20 @@ class StoreLink:
             with trio.CancelScope(shield=True):
                 await self._reap()
 
+    async def _wait_exit(self, deadline: float) -> None:
+        """Wait for the store process to exit, until ``deadline`` (which a second signal
+        brings closer: ``hurry``)."""
+        assert self._process is not None
+        with trio.CancelScope(deadline=min(deadline, self._hurry_at)) as scope:
+            self._exit_scope = scope
+            await self._process.wait()
+        self._exit_scope = None
+
     async def _reap(self) -> None:
         process = self._process
         if process is None:
             return
-        with trio.move_on_after(self.shutdown_timeout + 2):
-            await process.wait()
+        await self._wait_exit(min(self._exit_by, trio.current_time() + self.shutdown_timeout + 2))
         if process.returncode is None:
             log.error("store_process_killed", store=self.shown, pid=process.pid)
             process.kill()
@@ -178,6 +191,10 @@ class StoreLink:
                 with contextlib.suppress(TokenPoolError):
                     await writer.flush()
         self._close_scope = None
+        # Whatever was written, the process is given no longer than the shutdown to exit
+        # (it waited up to 12 s for a stopped one with nothing to write, and a second
+        # signal did not shorten that)
+        self._exit_by = max(deadline, trio.current_time() + EXIT_GRACE)
         for writer in self.writers.values():
             if writer.backlog:
                 writer.give_up()
@@ -209,8 +226,10 @@ class StoreLink:
     def hurry(self, seconds: float) -> None:
         """Shorten shutdown (a second signal): ``close`` waits at most ``seconds`` more."""
         self._hurry_at = min(self._hurry_at, trio.current_time() + seconds)
-        if self._close_scope is not None:
-            self._close_scope.deadline = min(self._close_scope.deadline, self._hurry_at)
+        self._exit_by = min(self._exit_by, self._hurry_at)
+        for scope in (self._close_scope, self._exit_scope):
+            if scope is not None:
+                scope.deadline = min(scope.deadline, self._hurry_at)
 
     def wake(self, now: bool = False) -> None:
         """Something is queued to send: let the sender run (cheap when already woken).
@@ -416,10 +435,7 @@ class StoreLink:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return
                 if frames[-1][0] == "close":
-                    # Wait for the process to write what it has and exit.
-                    assert self._process is not None
-                    with trio.move_on_after(5):  # it has nothing left to write
-                        await self._process.wait()
+                    await self._wait_exit(self._exit_by)  # it writes what it has, and exits
                     return
                 if self.flush_interval and not self._closing and not more:
                     # async: let the next changes gather for ``flush_interval`` and go
