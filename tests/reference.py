@@ -101,6 +101,9 @@ class NaivePool:
             )
             self.leases.append(lease)
             self.woken.append((ticket, lease))
+            for other in [w for w in self.waiters if w[1] == user]:  # the user's other waits
+                self.waiters.remove(other)
+                self.woken.append((other[0], lease))
             return
         self.free.append(token_id)
 

@@ -393,6 +393,27 @@ def test_wait_pool_grants_the_first_waiter_when_a_token_frees() -> None:
     assert 1 == state.waiting
 
 
+def test_every_wait_of_a_user_is_answered_with_the_lease_one_of_them_gets() -> None:
+    # A user waiting twice (a retry, HTTP and RESP): the other waits got nothing until a
+    # token freed for each, or FULL at their deadline while the user held a lease.
+    state = make(size=1, when_full="wait")
+    a = state.activate("a", T0_US)
+    first, other, second, gone = object(), object(), object(), object()
+    for ticket, user in ((first, "same"), (other, "other"), (second, "same"), (gone, "same")):
+        assert WAITING is state.activate_or_wait(user, T0_US, ticket, 30.0)
+    assert state.cancel_wait(gone)
+    state.release(state.token_text(a[SLOT]), "a", T0_US + S)
+    woken = dict(state.woken)
+    assert {first, second} == set(woken) and woken[first] is woken[second]
+    assert ("same", a[SLOT]) == (woken[first][USER], woken[first][SLOT])
+    assert 1 == state.waiting  # "other" still waits: the next token freed is theirs
+    state.woken = []
+    state.release(state.token_text(a[SLOT]), "same", T0_US + 2 * S)
+    ((ticket, lease),) = state.woken
+    assert (other, "other") == (ticket, lease[USER])
+    assert 0 == state.waiting
+
+
 def test_a_wait_that_runs_out_gets_full_and_a_cancelled_one_nothing() -> None:
     state = make(size=1, when_full="wait")
     state.activate("a", T0_US)

@@ -191,6 +191,7 @@ class PoolState:
         self._waiters: OrderedDict[object, Waiter] = OrderedDict()
         self._wait_deadlines: list[tuple[int, int, Waiter]] = []  # compacted as _deadlines
         self._wait_seq = 0
+        self._waiting_users: dict[str, int] = {}  # queued waiters per user id
         self.waiting = 0
         self.wait_grants = 0  # grants made to a queued caller, and their total wait
         self.waited_us = 0
@@ -587,6 +588,7 @@ class PoolState:
         until = now + max(1, round(wait * _US))
         waiter = Waiter(ticket, user_id, until, now)
         self._waiters[ticket] = waiter
+        self._waiting_users[user_id] = self._waiting_users.get(user_id, 0) + 1
         self._wait_seq += 1
         waits = self._wait_deadlines
         heapq.heappush(waits, (until, self._wait_seq, waiter))
@@ -603,6 +605,7 @@ class PoolState:
             return False
         waiter.active = False
         self.waiting -= 1
+        self._unqueued(waiter.user_id)
         if len(self._wait_deadlines) > 2 * len(self._waiters) + 64:
             self._compact_waits()
         return True
@@ -712,6 +715,7 @@ class PoolState:
             waiter.active = False
         self._waiters.clear()
         self._wait_deadlines.clear()
+        self._waiting_users.clear()
         self.waiting = 0
         return tickets
 
@@ -866,6 +870,7 @@ class PoolState:
             _ticket, waiter = waiters.popitem(last=False)
             waiter.active = False
             self.waiting -= 1
+            self._unqueued(waiter.user_id)
             held = self._by_user.get(waiter.user_id)
             if held is not None:  # granted to an earlier waiter of the same user
                 self.woken.append((waiter.ticket, held))
@@ -891,8 +896,31 @@ class PoolState:
             self.woken.append((waiter.ticket, lease))
             self.wait_grants += 1
             self.waited_us += now - waiter.since
+            if waiter.user_id in self._waiting_users:
+                self._wake_same_user(lease)
             return
         self._push_free(slot)
+
+    def _unqueued(self, user_id: str) -> None:
+        left = self._waiting_users[user_id] - 1
+        if left:
+            self._waiting_users[user_id] = left
+        else:
+            del self._waiting_users[user_id]
+
+    def _wake_same_user(self, lease: LeaseRecord) -> None:
+        """The user of ``lease`` waits more than once (a client's retry, HTTP and RESP):
+        every other wait of theirs is answered with it now, as an activation of a user
+        who holds a lease is. They waited on until a token freed for each, or timed
+        out ``FULL`` while the user held one (outside probe). A walk of the queue, only
+        when a user waits twice."""
+        user_id = lease[USER]
+        for ticket, waiter in [(t, w) for t, w in self._waiters.items() if w.user_id == user_id]:
+            del self._waiters[ticket]
+            waiter.active = False
+            self.waiting -= 1
+            self.woken.append((ticket, lease))
+        del self._waiting_users[user_id]
 
     def _compact_waits(self) -> None:
         # Entries of waiters gone (granted, cancelled) outnumber live ones: rebuild.
@@ -904,6 +932,7 @@ class PoolState:
         self._waiters.pop(waiter.ticket, None)
         waiter.active = False
         self.waiting -= 1
+        self._unqueued(waiter.user_id)
         self.refusals += 1
         self.woken.append((waiter.ticket, FullError(f"every token of the pool is held: {why}")))
 
