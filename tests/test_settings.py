@@ -98,6 +98,13 @@ def test_check_seconds_refuses_bools_non_finite_text_and_out_of_range(value: obj
         TTL.check(value)
 
 
+@pytest.mark.parametrize("text", ["nan", "inf", "1e309", "x", ""])
+def test_parse_seconds_writes_its_range_as_people_read_it(text: str) -> None:
+    # (text that is not a finite number named the range 0.001 to 3.15576e+08)
+    with pytest.raises(InvalidArgumentError, match=r"ttl .* from 0\.001 to 315,576,000,"):
+        TTL.parse(text, "ttl")
+
+
 def test_parse_int_and_parse_seconds_take_their_bounds_inclusive() -> None:
     assert (1, 10, -5) == (
         parse_int("1", "n", 1, 10),

@@ -73,7 +73,8 @@ def parse_seconds(text: str, what: str, low: float, high: float) -> float:
     """``text`` as a finite number of seconds from ``low`` to ``high``."""
     if not isinstance(text, str) or not _FLOAT.fullmatch(text):
         raise InvalidArgumentError(
-            f"{what} must be a number of seconds from {low:g} to {high:g}, not {_shown(text)}"
+            f"{what} must be a number of seconds from {_plain(low)} to {_plain(high)},"
+            f" not {_shown(text)}"
         )
     return check_seconds(float(text), what, low, high)
 
