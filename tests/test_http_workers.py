@@ -11,10 +11,12 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -129,6 +131,89 @@ def test_a_stopped_worker_is_replaced() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         assert 200 == httpx.get(f"http://127.0.0.1:{server.http_port}/healthz").status_code
+
+
+class StartStopping:
+    """``tokenpool serve`` with 2 HTTP workers, the first ``stop`` of them SIGSTOPped as
+    soon as each is started (still importing: before it can accept or report); its
+    JSON log lines in ``events``, read by a thread."""
+
+    def __init__(self, stop: int) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tokenpool", "serve", "--port", str(free_port())),
+                *("--http-port", str(free_port()), "--http-workers", "2", "--dsn", "memory"),
+                *("--log-format", "json"),
+            ],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        self.events: list[dict[str, Any]] = []
+        self.stopped: list[dict[str, Any]] = []
+        self._stop = stop
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        import json
+
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            event = json.loads(line)
+            if event.get("event") == "http_worker_started" and len(self.stopped) < self._stop:
+                os.kill(int(event["pid"]), signal.SIGSTOP)
+                self.stopped.append(event)
+            self.events.append(event)
+
+    def said(self, kind: str, worker: object = None) -> int:
+        return sum(
+            e.get("event") == kind and worker in (None, e.get("worker")) for e in list(self.events)
+        )
+
+    def close(self) -> None:
+        for event in self.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(event["pid"]), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        self.proc.wait(timeout=30)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+def test_a_worker_stopped_before_its_first_report_is_replaced() -> None:
+    """A worker reports once the pools are served: one stopped before that was taken
+    for one still waiting for them, for good, and HTTP ran on fewer workers without a
+    word. Once the others report, it has HUNG_AFTER to report too. The server's start
+    waits for one worker, not for all (it waited 30 s for the stopped one)."""
+    server = StartStopping(1)
+    try:
+        wait_for(lambda: server.said("listening"), timeout=20)
+        wait_for(lambda: server.said("http_worker_hung", server.stopped[0]["worker"]))
+        wait_for(lambda: server.said("http_worker_started") >= 3)  # and replaced
+    finally:
+        server.close()
+
+
+def test_a_stop_signal_while_the_workers_start_is_acted_on() -> None:
+    """SIGTERM while the server waits for its workers to start (both wedged): the wait
+    ends, the server stops within its grace. It waited the 30 s out, started, logged
+    ``listening`` after ``shutting_down``, then stopped (outside probe: 40 s)."""
+    server = StartStopping(2)
+    try:
+        wait_for(lambda: len(server.stopped) == 2)
+        time.sleep(0.5)
+        begun = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=60)
+        took = time.monotonic() - begun
+    finally:
+        server.close()
+    assert took < 15, f"stopped {took:.1f} s after SIGTERM"
+    assert 0 == server.proc.returncode
 
 
 def test_sigterm_to_the_group_stops_server_and_workers_cleanly() -> None:

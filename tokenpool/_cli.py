@@ -796,7 +796,7 @@ async def serve(config: Config) -> int:
             workers = None
             if http is not None and config.http_workers:
                 workers = await _start_http_workers(
-                    outer, http, config, grace, http_stop, http_done
+                    outer, http, config, grace, http_stop, http_done, stop
                 )
             elif http is not None:
                 await _start_http(outer, http, http_stop, http_done)
@@ -1013,9 +1013,11 @@ async def _start_http_workers(
     grace: float,
     stop: trio.Event,
     done: trio.Event,
+    signalled: trio.Event,
 ) -> Any:
     """Bind the HTTP port and start ``--http-workers`` processes on it (they answer 503
-    until the pools are recovered and the link to them is served)."""
+    until the pools are recovered and the link to them is served). Waits for the first
+    to accept, at most 30 s, and not once a stop signal came."""
     from ._http.supervisor import HttpWorkers
 
     s = app.settings
@@ -1046,8 +1048,8 @@ async def _start_http_workers(
             done.set()
 
     nursery.start_soon(run)
-    with trio.move_on_after(30):  # as in-process HTTP: serving before the pools recover
-        await workers.ready.wait()
+    # as in-process HTTP: serving before the pools recover
+    await _wait_bounded(workers.ready, signalled, 30)
     return workers
 
 

@@ -60,6 +60,7 @@ class WorkerFigures:
     def __init__(self) -> None:
         self._latest: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, float] = {}  # a worker's latest report, trio time
+        self.first_seen: float | None = None  # the first report of any worker: pools served
         self._gone: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._gone_latencies: dict[tuple[str, str], list[float]] = {}
 
@@ -67,6 +68,8 @@ class WorkerFigures:
         if len(self._latest) < 1024 or worker in self._latest:
             self._latest[worker] = figures
             self.seen[worker] = trio.current_time()
+            if self.first_seen is None:
+                self.first_seen = self.seen[worker]
 
     def retire(self, worker: str) -> None:
         self.seen.pop(worker, None)
@@ -140,16 +143,20 @@ async def supervise_workers(
     ready: trio.Event | None = None,
 ) -> None:
     """Run ``plan.count`` workers on ``sock`` until ``stop``; then stop them within the
-    grace (killing what is left). ``ready`` is set once each has started the first
-    time. Returns when every worker has exited."""
-    started = [trio.Event() for _ in range(plan.count)]
-    async with trio.open_nursery() as nursery:
-        for slot in range(plan.count):
-            nursery.start_soon(_keep_worker, plan, sock, figures, stop, slot, started[slot])
-        for event in started:
-            await event.wait()
+    grace (killing what is left). ``ready`` is set once one has started (or been given
+    up on): HTTP is answered from then on; a worker stopped or wedged at its start held
+    the server's start for 30 s. Returns when every worker has exited."""
+
+    async def first(event: trio.Event) -> None:
+        await event.wait()
         if ready is not None:
             ready.set()
+
+    async with trio.open_nursery() as nursery:
+        for slot in range(plan.count):
+            started = trio.Event()
+            nursery.start_soon(_keep_worker, plan, sock, figures, stop, slot, started)
+            nursery.start_soon(first, started)
 
 
 async def _keep_worker(
@@ -212,6 +219,7 @@ async def _run_worker(
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await process.stdin.send_all(json.dumps(config).encode() + b"\n")  # else: it died
     log.info("http_worker_started", worker=name, pid=process.pid)
+    began = trio.current_time()
     try:
         async with trio.open_nursery() as nursery:
 
@@ -240,10 +248,14 @@ async def _run_worker(
 
             async def watch_hung() -> None:
                 # a worker that reported once and then stopped reporting (stopped,
-                # wedged) is replaced; one that never reported waits for the pools
+                # wedged) is replaced; so is one that never reported once the others
+                # do (the pools are served): it was never noticed, and HTTP ran on
+                # fewer workers without a word (outside probe)
                 while True:
                     await trio.sleep(1.0)
                     seen = figures.seen.get(name)
+                    if seen is None and figures.first_seen is not None:
+                        seen = max(began, figures.first_seen)
                     if seen is not None and trio.current_time() - seen > HUNG_AFTER:
                         log.warning("http_worker_hung", worker=name, silent_for=HUNG_AFTER)
                         with contextlib.suppress(ProcessLookupError):
@@ -311,7 +323,7 @@ class HttpWorkers:
             log_format=log_format,
             otlp_endpoint=otlp_endpoint,
         )
-        self.ready = trio.Event()  # every worker accepts connections
+        self.ready = trio.Event()  # a worker accepts connections
         log.info("http_listening", host=s.host, port=self.port, workers=count)
 
     def link_server(self, server: RespServer, settings: RespSettings) -> RespServer:
