@@ -355,3 +355,17 @@ def test_an_altered_default_pool_keeps_its_settings_across_a_restart(tmp_path: P
         changed["now"]["size"],
         changed["now"]["ttl"],
     )
+
+
+def test_pools_past_max_tokens_are_refused_over_resp() -> None:
+    """--max-tokens bounds what clients may create (the default 20,000,000): one clear
+    refusal naming it, nothing made; the configured pool counts too."""
+    with serving("--dsn", "memory", "--size", "100", "--max-tokens", "1000") as server:
+        r = client(server)
+        with pytest.raises(redis.ResponseError, match=r"INVALID .*1,100 tokens .*max-tokens"):
+            r.execute_command("POOL", "CREATE", "big", "SIZE", "1000", "TTL", "60")
+        assert "big" not in r.execute_command("POOL", "LIST")
+        r.execute_command("POOL", "CREATE", "fits", "SIZE", "900", "TTL", "60")
+        with pytest.raises(redis.ResponseError, match="max-tokens"):
+            r.execute_command("POOL", "ALTER", "fits", "SIZE", "901")
+        assert 0 == server.stop()

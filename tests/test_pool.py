@@ -390,3 +390,26 @@ async def test_a_memory_pool_created_again_continues_above_the_dropped_ones_revi
         with pytest.raises(tokenpool.CompactedError):
             async with new.watch(since=reached - 2):
                 pass
+
+
+async def test_the_tokens_of_every_pool_together_are_bounded_by_max_tokens() -> None:
+    """``max_tokens`` (the server's --max-tokens) bounds what ``create`` and ``alter``
+    may add (an outside probe made pools of millions of tokens until memory ran out):
+    refused whole, nothing made; a pool dropped or shrunk gives its tokens back."""
+    settings = tokenpool.PoolSettings
+    async with tokenpool.open_pools(max_tokens=100) as pools:
+        await pools.create("a", settings(size=60))
+        with pytest.raises(tokenpool.InvalidArgumentError, match=r"110 tokens .* max-tokens"):
+            await pools.create("b", settings(size=50))
+        assert "b" not in pools
+        await pools.create("b", settings(size=40))
+        with pytest.raises(tokenpool.InvalidArgumentError, match="max-tokens of 100"):
+            await pools.alter("a", size=61)
+        assert 60 == (await pools.get("a").stats()).size
+        await pools.alter("b", size=10)  # shrinking is never refused
+        await pools.alter("a", size=90)
+        await pools.drop("b")
+        await pools.create("c", settings(size=10))
+    with pytest.raises(tokenpool.InvalidArgumentError, match="max_tokens"):
+        async with tokenpool.open_pools(max_tokens=0):
+            pass

@@ -46,6 +46,7 @@ from ._settings import (
     CLUSTER_RENEW,
     CLUSTER_VALIDITY,
     DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_MAX_TOKENS,
     FLUSH_INTERVAL,
     HISTORY_MEMORY,
     HTTP_WORKERS,
@@ -54,6 +55,7 @@ from ._settings import (
     MAX_BACKLOG,
     MAX_CLIENTS,
     MAX_LIFETIME,
+    MAX_TOKENS,
     MIN_HOLD,
     PORT,
     SHUTDOWN_TIMEOUT,
@@ -310,6 +312,12 @@ OPTIONS = [
         "shutdown-timeout", _ranged(SHUTDOWN_TIMEOUT), 10.0, "seconds shutdown waits for the store"
     ),
     Option("max-backlog", _ranged(MAX_BACKLOG), 100_000, "unwritten changes before refusing"),
+    Option(
+        "max-tokens",
+        _ranged(MAX_TOKENS),
+        DEFAULT_MAX_TOKENS,
+        "tokens of every pool served together; POOL CREATE/ALTER past it are refused",
+    ),
     Option(
         "history-memory", _ranged(HISTORY_MEMORY), 100_000, "ended leases kept in memory per pool"
     ),
@@ -814,6 +822,7 @@ async def serve(config: Config) -> int:
                 # cluster mode: a node serves the pools of the slots it takes, later
                 declared=None if clustered else _declared(config),
                 restore=not clustered,
+                max_tokens=config.max_tokens,
             ) as pools:
                 served_pools.append(pools)
                 if not clustered and config.name not in pools:  # new, with the defaults

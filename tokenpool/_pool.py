@@ -68,6 +68,7 @@ from ._settings import (
     HISTORY_MEMORY,
     LOCK_WAIT,
     MAX_BACKLOG,
+    MAX_TOKENS,
     PAGE_COUNT,
     QUEUE_SIZE,
     REVISION,
@@ -594,6 +595,10 @@ class Pools:
         # starts above it, even when the clock has not moved past it.
         self._reached = 0
         self.lost = 0  # changes not written at shutdown
+        # The most tokens the pools served here may have together (None: no bound), and
+        # the size each pool is being resized to (a resize goes a step at a time).
+        self.max_tokens: int | None = None
+        self._targets: dict[str, int] = {}
         # The per-second and per-minute figures of the pools (``_series.SeriesBook``), while
         # something samples them (the HTTP side of ``tokenpool serve``); None otherwise.
         self.series: Any = None
@@ -730,6 +735,7 @@ class Pools:
                 if exists_ok:
                     return self._pools[name]
                 raise ExistsError(f"pool {name!r} already exists")
+            self._check_tokens(name, settings.size)
             pool = await self._open(name, settings, create=True, stored=False, grow=True)
         await pool._core.reach_size()
         return pool
@@ -915,8 +921,27 @@ class Pools:
                 raise InvalidArgumentError(f"unknown pool setting {key!r}")
             values[key] = value
         settings = PoolSettings.make(**values)
+        async with self._lock:
+            if settings.size > self._target(name, pool):
+                self._check_tokens(name, settings.size)
+            self._targets[name] = settings.size
         await pool._core.configure(settings)
         return settings
+
+    def _target(self, name: str, pool: Pool) -> int:
+        return self._targets.get(name, pool._core.settings.size)
+
+    def _check_tokens(self, name: str, size: int) -> None:
+        """Refuse a pool (or a size) that would take the tokens served past ``max_tokens``."""
+        if self.max_tokens is None:
+            return
+        others = sum(self._target(n, p) for n, p in self._pools.items() if n != name)
+        if others + size > self.max_tokens:
+            raise InvalidArgumentError(
+                f"pool {name!r} of {size:,} tokens would make {others + size:,} tokens served"
+                f" in all, past the server's max-tokens of {self.max_tokens:,} (the tokens of"
+                " every pool served together; drop or shrink a pool, or raise --max-tokens)"
+            )
 
     async def drop(self, name: str) -> int:
         """Stop serving a pool: end every lease (``cleared``) and every wait, keep its
@@ -957,6 +982,7 @@ class Pools:
 
     async def _stop(self, name: str) -> None:
         pool = self._pools.pop(name)
+        self._targets.pop(name, None)
         if self._link is None:
             self._reached = max(self._reached, pool._core.actor.state.revision)
         pool._core.actor.close()
@@ -1119,6 +1145,7 @@ async def open_pools(
     lock_wait: float = 5.0,
     declared: dict[str, PoolSettings] | None = None,
     restore: bool = True,
+    max_tokens: int | None = None,
 ) -> AsyncIterator[Pools]:
     """Serve named pools on one store; stop them all on exit.
 
@@ -1126,7 +1153,9 @@ async def open_pools(
     for memory only. ``declared`` pools are served with those settings (created
     when missing, changed when they differ); with ``restore``, every other pool
     the store holds (and was not dropped) is served again with its stored
-    settings; ``create`` serves more.
+    settings; ``create`` serves more. ``max_tokens``: the most tokens the pools may
+    have together; a ``create`` or ``alter`` past it raises ``InvalidArgumentError``
+    (pools restored from the store are served whatever their sizes).
     On exit every pool stops taking requests, answers those queued, and the
     store process writes what is queued (at most ``shutdown_timeout`` seconds).
     Raises ``InvalidArgumentError`` for a bad setting, ``PoolLockedError`` when
@@ -1144,9 +1173,11 @@ async def open_pools(
         lock_wait,
     )
     store = check_store_url(store)
+    cap = None if max_tokens is None else MAX_TOKENS.check(max_tokens)
     try:
         async with trio.open_nursery() as nursery:
             pools = Pools(nursery, store, config, clock)
+            pools.max_tokens = cap
             try:
                 for name, settings in (declared or {}).items():
                     await pools.create(name, settings)

@@ -185,6 +185,12 @@ REVISION: Final = Range("revision", 0, 2**63 - 1)
 HISTORY_MEMORY: Final = Range("history_memory", 1, 10_000_000)
 QUEUE_SIZE: Final = Range("queue_size", 1, 1_000_000)
 MAX_BACKLOG: Final = Range("max_backlog", 1, 10_000_000)
+MAX_TOKENS: Final = Range("max_tokens", 1, 10**9)
+DEFAULT_MAX_TOKENS: Final = 20_000_000
+"""The server's default bound on the tokens of every pool it serves together (about
+1.1 GB at 57 bytes a token): one pool of the largest size and room beside it. Without
+it any client could create pools until memory ran out (an outside probe: +217 MB per
+5,000,000 tokens, with no bound on how many pools)."""
 FLUSH_INTERVAL: Final = Range("flush_interval", 0.0, 1.0, seconds=True)
 DEFAULT_FLUSH_INTERVAL: Final = 0.01
 """An async store's changes gather this long before they go to the store process: one
