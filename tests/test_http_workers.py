@@ -595,3 +595,35 @@ async def test_an_unreachable_server_is_503_without_the_private_sockets_path(
     message = str(raised.value)
     assert "not reachable now" in message and "retry shortly" in message
     assert "private-workers" not in message and str(tmp_path) not in message
+
+
+def test_a_start_removes_the_private_directories_of_servers_killed_before() -> None:
+    """A server killed with SIGKILL leaves its private directory (no cleanup runs); the
+    next start removes those of processes gone, and only those: a live process's, one
+    holding anything else, and a link are left alone."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as root:
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        stale = Path(root, f"tokenpool-{gone.pid}-x1")
+        alive = Path(root, f"tokenpool-{os.getpid()}-x2")
+        other = Path(root, f"tokenpool-{gone.pid}-x3")
+        for made in (stale, alive, other):
+            made.mkdir()
+            (made / "workers.sock").touch()
+        (other / "notes.txt").touch()
+        Path(root, f"tokenpool-{gone.pid}-x4").symlink_to(other)
+        env = {**os.environ, "TMPDIR": root}
+        server = chaos_server.start(
+            "--dsn", "memory", "--http-port", str(free_port()), "--http-workers", "1", env=env
+        )
+        try:
+            assert not stale.exists()
+        finally:
+            assert 0 == server.stop()  # (its own directory removed: a clean stop)
+        left = {p.name for p in Path(root).iterdir()}
+        assert {alive.name, other.name, f"tokenpool-{gone.pid}-x4"} == left
+        assert (other / "notes.txt").exists() and (other / "workers.sock").exists()

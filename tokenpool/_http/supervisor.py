@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -280,6 +281,38 @@ async def _run_worker(
     return code
 
 
+def _sweep_stale_dirs() -> None:
+    """Remove the private directories of servers of this user that are gone (killed
+    with SIGKILL: an outside probe found one left in /tmp after each unclean death, and
+    a crash loop without PrivateTmp would fill it). Only ``tokenpool-<pid>-*`` holding
+    nothing but the workers' socket, of a process that no longer exists."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "tokenpool" or not parts[1].isdigit():
+            continue
+        path = os.path.join(root, name)
+        try:
+            found = os.lstat(path)  # never a link: what it points at is not ours to remove
+            if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+                continue
+            if set(os.listdir(path)) - {"workers.sock"}:
+                continue
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                for entry in os.listdir(path):
+                    os.unlink(os.path.join(path, entry))
+                os.rmdir(path)
+                log.info("stale_directory_removed", path=path)
+        except (OSError, ValueError, OverflowError):
+            continue
+
+
 class HttpWorkers:
     """The HTTP port served by worker processes: the socket (bound at once, so a port in
     use is told at start), the private link, the supervisor, the figures."""
@@ -299,7 +332,10 @@ class HttpWorkers:
         s = app.settings
         self.sock = bind_http(s.host, s.port)
         self.port = self.sock.getsockname()[1]
-        self._dir = tempfile.mkdtemp(prefix="tokenpool-")  # 0700: this user's only
+        _sweep_stale_dirs()
+        # 0700: this user's only; named by this process, so a later start can tell one
+        # left by a server killed with SIGKILL (no cleanup runs then) from a live one's
+        self._dir = tempfile.mkdtemp(prefix=f"tokenpool-{os.getpid()}-")
         self.figures = WorkerFigures()
         app.remote_figures = self.figures.totals
         app.latencies.remote = self.figures.latencies
