@@ -628,3 +628,19 @@ async def test_a_pool_revived_much_smaller_shrinks_a_step_at_a_time(store_url: s
         pool = pools.get("d")
         assert pool is await pools.restore("d")  # served already: not opened twice
         assert (1, 1) == ((await pool.stats()).size, len(await pool.tokens()))
+
+
+async def test_a_token_retired_by_a_shrink_keeps_its_history(store_url: str) -> None:
+    """Its history stays readable by token id while the pool is served, as it is by user
+    (it answered ``UnknownToken``; outside probe). A restart loads the live tokens only:
+    then the retired token's history is read by user (``user_history``)."""
+    async with tokenpool.open_pools(store=store_url) as pools:
+        pool = await pools.create("gpu", tokenpool.PoolSettings(size=3, ttl=60))
+        lease = await pool.activate("dave")
+        await pool.release(lease.token_id, "dave")  # freed last: retired first
+        await pools.alter("gpu", size=1)
+        assert lease.token_id not in {t.id for t in await pool.tokens()}
+        assert [lease.id] == [u.id for u in await pool.history(lease.token_id)]
+    async with tokenpool.open_pools(store=store_url) as pools:  # from the store
+        pool = pools.get("gpu")
+        assert [lease.id] == [u.id for u in await pool.user_history("dave")]

@@ -307,8 +307,9 @@ class PoolState:
     def size(self) -> int:
         return self._live
 
-    def slot_of(self, token_id: object) -> int:
-        """The slot of a live token. Raises ``InvalidArgumentError``, ``UnknownTokenError``."""
+    def slot_of(self, token_id: object, *, retired: bool = False) -> int:
+        """The slot of a live token (or, with ``retired``, of one the pool had: its
+        history stays readable). Raises ``InvalidArgumentError``, ``UnknownTokenError``."""
         raw = uuid_bytes(token_id, "token_id")
         key = int.from_bytes(raw[:8])
         keys = self._keys
@@ -316,7 +317,7 @@ class PoolState:
         blob = self._blob
         while i < len(keys) and keys[i] == key:
             slot = self._key_slots[i]
-            if blob[16 * slot : 16 * slot + 16] == raw and not self._retired[slot]:
+            if blob[16 * slot : 16 * slot + 16] == raw and (retired or not self._retired[slot]):
                 return slot
             i += 1
         raise UnknownTokenError(f"no token {uuid_text(raw)} in this pool")
@@ -763,7 +764,7 @@ class PoolState:
         store must be read (0 when memory has answered for everything).
         """
         HISTORY_LIMIT.check(limit)
-        slot = self.slot_of(token_id)
+        slot = self.slot_of(token_id, retired=True)  # a token retired by a shrink too
         return self._page(self._by_slot.get(slot), limit, before)
 
     def user_history(
