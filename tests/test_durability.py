@@ -719,3 +719,24 @@ def test_a_pool_taken_again_after_it_was_lost_is_owned_again(pg_url: str) -> Non
     finally:
         a.close()
         b.close()
+
+
+async def test_a_library_pool_says_at_close_how_many_acknowledged_changes_were_lost(
+    tmp_path: Path,
+) -> None:
+    """The server's exit status tells the truth; the library's ``Pool.lost`` does: the
+    async changes a killed store process never wrote, counted at close (the library
+    prints nothing, and a caller had no way to learn of them; outside probe)."""
+    async with tokenpool.open_pool(size=100, store=f"sqlite:///{tmp_path}/p.db") as pool:
+        await pool.activate("written")
+        await settle(pool)
+        (child,) = _store_processes()
+        os.kill(child, signal.SIGSTOP)
+        for n in range(20):
+            await pool.activate(f"u{n}")  # acknowledged, never written
+        os.kill(child, signal.SIGKILL)
+        assert 0 == pool.lost  # counted at close
+    assert pool.lost >= 20
+    async with tokenpool.open_pool(size=100, store=f"sqlite:///{tmp_path}/p.db") as pool:
+        assert 0 == pool.lost
+    assert 0 == pool.lost  # nothing lost this time

@@ -362,6 +362,10 @@ class Pool:
         self._core = core
         self._one = core.one
         self._names = core.names
+        # Changes acknowledged (async) that the store never wrote, counted when the
+        # pool closed (``open_pool``'s exit; ``Pools.lost`` for ``open_pools``): a store
+        # process that died, a shutdown past ``shutdown_timeout``. 0: all were written.
+        self.lost = 0
 
     @property
     def name(self) -> str:
@@ -1233,18 +1237,24 @@ async def open_pool(
         size=size, ttl=ttl, when_full=when_full, min_hold=min_hold, max_lifetime=max_lifetime
     )
     check_name(name)
-    async with open_pools(
-        store,
-        durability=durability,
-        history_memory=history_memory,
-        clock=clock,
-        queue_size=queue_size,
-        max_backlog=max_backlog,
-        flush_interval=flush_interval,
-        write_timeout=write_timeout,
-        shutdown_timeout=shutdown_timeout,
-        lock_wait=lock_wait,
-        declared={name: settings},
-        restore=False,
-    ) as pools:
-        yield pools.get(name)
+    served: tuple[Pools, Pool] | None = None
+    try:
+        async with open_pools(
+            store,
+            durability=durability,
+            history_memory=history_memory,
+            clock=clock,
+            queue_size=queue_size,
+            max_backlog=max_backlog,
+            flush_interval=flush_interval,
+            write_timeout=write_timeout,
+            shutdown_timeout=shutdown_timeout,
+            lock_wait=lock_wait,
+            declared={name: settings},
+            restore=False,
+        ) as pools:
+            served = pools, pools.get(name)
+            yield served[1]
+    finally:
+        if served is not None:  # what the close counted: the library's exit status
+            served[1].lost = served[0].lost
