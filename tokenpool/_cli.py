@@ -1025,8 +1025,8 @@ async def _start_http_workers(
     signalled: trio.Event,
 ) -> Any:
     """Bind the HTTP port and start ``--http-workers`` processes on it (they answer 503
-    until the pools are recovered and the link to them is served). Waits for the first
-    to accept, at most 30 s, and not once a stop signal came."""
+    until the pools are recovered and the link to them is served). Waits for them to
+    accept (``supervise_workers``), at most 30 s, and not once a stop signal came."""
     from ._http.supervisor import HttpWorkers
 
     s = app.settings

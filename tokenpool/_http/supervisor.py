@@ -51,6 +51,7 @@ HEALTHY_AFTER = 10.0  # seconds a worker lives before the backoff starts over
 KILL_AFTER = 1.0  # seconds past the grace before a worker still running is killed
 HUNG_AFTER = 10.0  # seconds without a report (one a second) before a worker is replaced
 STARTUP_WAIT = 30.0  # seconds the server waits for its workers to accept, at start
+READY_SPREAD = 5.0  # seconds the start waits for the other workers once one accepts
 _COUNTERS = ("requests", "errors")
 _GAUGES = ("in_flight", "streams")
 
@@ -144,20 +145,33 @@ async def supervise_workers(
     ready: trio.Event | None = None,
 ) -> None:
     """Run ``plan.count`` workers on ``sock`` until ``stop``; then stop them within the
-    grace (killing what is left). ``ready`` is set once one has started (or been given
-    up on): HTTP is answered from then on; a worker stopped or wedged at its start held
-    the server's start for 30 s. Returns when every worker has exited."""
-
-    async def first(event: trio.Event) -> None:
-        await event.wait()
-        if ready is not None:
-            ready.set()
-
+    grace (killing what is left). ``ready`` is set once every worker has started (or
+    been given up on), or READY_SPREAD after the first did: a worker stopped or wedged
+    at its start held the server's start for 30 s. Returns when every worker has exited."""
+    started = [trio.Event() for _ in range(plan.count)]
     async with trio.open_nursery() as nursery:
         for slot in range(plan.count):
-            started = trio.Event()
-            nursery.start_soon(_keep_worker, plan, sock, figures, stop, slot, started)
-            nursery.start_soon(first, started)
+            nursery.start_soon(_keep_worker, plan, sock, figures, stop, slot, started[slot])
+        if ready is not None:
+            nursery.start_soon(_ready_when_started, started, ready)
+
+
+async def _ready_when_started(started: list[trio.Event], ready: trio.Event) -> None:
+    first = trio.Event()
+
+    async def one(event: trio.Event) -> None:
+        await event.wait()
+        first.set()
+
+    async with trio.open_nursery() as nursery:
+        for event in started:
+            nursery.start_soon(one, event)
+        await first.wait()
+        with trio.move_on_after(READY_SPREAD):  # the others, started together, soon after
+            for event in started:
+                await event.wait()
+        nursery.cancel_scope.cancel()
+    ready.set()
 
 
 async def _keep_worker(
@@ -359,7 +373,7 @@ class HttpWorkers:
             log_format=log_format,
             otlp_endpoint=otlp_endpoint,
         )
-        self.ready = trio.Event()  # a worker accepts connections
+        self.ready = trio.Event()  # the workers accept connections (see supervise_workers)
         log.info("http_listening", host=s.host, port=self.port, workers=count)
 
     def link_server(self, server: RespServer, settings: RespSettings) -> RespServer:
