@@ -191,6 +191,9 @@ def _rate(value: Any, what: str) -> float:
     return rate
 
 
+_NUMBER_CHECKS.add(_rate)
+
+
 def _hosts(value: Any, what: str) -> frozenset[str]:
     """``a,b,c`` (names or addresses, any case) or ``*`` for any Host header."""
     text = _text(value, what).strip()
@@ -251,7 +254,7 @@ class Option:
             raise InvalidArgumentError(
                 f"{where} must be true or false (a TOML boolean), not {_toml_kind(value)}"
             )
-        if (self.check in _NUMBER_CHECKS or self.check is _rate) and (
+        if self.check in _NUMBER_CHECKS and (
             isinstance(value, bool) or not isinstance(value, int | float)
         ):
             raise InvalidArgumentError(f"{where} must be a number, not {_toml_kind(value)}")

@@ -226,7 +226,6 @@ class StoreLink:
     def hurry(self, seconds: float) -> None:
         """Shorten shutdown (a second signal): ``close`` waits at most ``seconds`` more."""
         self._hurry_at = min(self._hurry_at, trio.current_time() + seconds)
-        self._exit_by = min(self._exit_by, self._hurry_at)
         for scope in (self._close_scope, self._exit_scope):
             if scope is not None:
                 scope.deadline = min(scope.deadline, self._hurry_at)
